@@ -1,0 +1,359 @@
+//! Node configuration: what to watch, what to intercept, where to keep
+//! state. YAML, strict (unknown fields are errors), validated before any
+//! kernel state is touched so a bad file never half-applies.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The example configuration shipped in `policies/`, embedded so that
+/// `sluice run` works with no file at all.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../policies/sluice.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid configuration {origin}: field `{field}`: {message}")]
+    Invalid {
+        origin: String,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where sled keeps records. `--state-dir` overrides it.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Control API socket (root only). Default `/run/sluice/control.sock`.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    pub watch: WatchConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub targets: Vec<Target>,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSelector>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Port the redirected connections arrive on (loopback only).
+    #[serde(default = "default_proxy_port")]
+    pub port: u16,
+    #[serde(default = "default_listen_v4")]
+    pub listen_v4: Ipv4Addr,
+    #[serde(default = "default_listen_v6")]
+    pub listen_v6: Ipv6Addr,
+    /// Seconds to wait for the upstream TCP handshake.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            port: default_proxy_port(),
+            listen_v4: default_listen_v4(),
+            listen_v6: default_listen_v6(),
+            connect_timeout_secs: default_connect_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchConfig {
+    /// cgroup v2 directories whose processes are intercepted (the CI
+    /// runner service's subtree), relative to the cgroup2 mount or absolute.
+    pub cgroups: Vec<WatchedCgroup>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchedCgroup {
+    pub path: PathBuf,
+    /// Create the directory if it does not exist (demo and tests).
+    #[serde(default)]
+    pub create: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// How often target host names are resolved again (system resolver).
+    #[serde(default = "default_refresh")]
+    pub refresh_secs: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            refresh_secs: default_refresh(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub name: String,
+    /// DNS names, resolved with the system resolver and kept fresh.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Literal addresses or CIDR prefixes.
+    #[serde(default)]
+    pub addresses: Vec<AddrOrNet>,
+    /// Destination ports; empty means every port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+/// `10.0.0.5`, `2001:db8::1` or `10.1.0.0/16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AddrOrNet(pub IpNet);
+
+impl TryFrom<String> for AddrOrNet {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if let Ok(net) = s.parse::<IpNet>() {
+            return Ok(Self(net.trunc()));
+        }
+        s.parse::<IpAddr>()
+            .map(|a| Self(IpNet::from(a)))
+            .map_err(|_| format!("`{s}` is neither an IP address nor a CIDR prefix"))
+    }
+}
+
+impl From<AddrOrNet> for String {
+    fn from(a: AddrOrNet) -> String {
+        a.0.to_string()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSelector {
+    pub name: String,
+    /// Glob over the cgroup path (as in /proc/PID/cgroup), e.g.
+    /// `/system.slice/actions.runner.*`.
+    pub cgroup: String,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sluice")
+}
+pub fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/sluice/control.sock")
+}
+fn default_proxy_port() -> u16 {
+    15001
+}
+fn default_listen_v4() -> Ipv4Addr {
+    Ipv4Addr::LOCALHOST
+}
+fn default_listen_v6() -> Ipv6Addr {
+    Ipv6Addr::LOCALHOST
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_refresh() -> u64 {
+    30
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                Self::parse(&text, &p.display().to_string())
+            }
+            None => Self::parse(EMBEDDED_DEFAULT, "(embedded default)"),
+        }
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |field: String, message: String| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            field,
+            message,
+        };
+        if self.proxy.port == 0 {
+            return Err(bad("proxy.port".into(), "must not be 0".into()));
+        }
+        if !self.proxy.listen_v4.is_loopback() {
+            return Err(bad(
+                "proxy.listen_v4".into(),
+                "must be a loopback address: the proxy only serves this host".into(),
+            ));
+        }
+        if !self.proxy.listen_v6.is_loopback() {
+            return Err(bad("proxy.listen_v6".into(), "must be ::1".into()));
+        }
+        if self.watch.cgroups.is_empty() {
+            return Err(bad(
+                "watch.cgroups".into(),
+                "names no cgroup: nothing would be intercepted".into(),
+            ));
+        }
+        for (i, c) in self.watch.cgroups.iter().enumerate() {
+            if c.path.as_os_str().is_empty()
+                || c.path.components().any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(bad(
+                    format!("watch.cgroups[{i}].path"),
+                    "must be a cgroup directory without `..`".into(),
+                ));
+            }
+        }
+        if self.dns.refresh_secs == 0 {
+            return Err(bad("dns.refresh_secs".into(), "must be at least 1".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            if t.name.trim().is_empty() {
+                return Err(bad(format!("targets[{i}].name"), "must not be empty".into()));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(bad(
+                    format!("targets[{i}].name"),
+                    format!("`{}` is used by another target", t.name),
+                ));
+            }
+            if t.hosts.is_empty() && t.addresses.is_empty() {
+                return Err(bad(
+                    format!("targets[{i}]"),
+                    format!("target `{}` has neither hosts nor addresses", t.name),
+                ));
+            }
+            for (j, h) in t.hosts.iter().enumerate() {
+                if !valid_hostname(h) {
+                    return Err(bad(
+                        format!("targets[{i}].hosts[{j}]"),
+                        format!("`{h}` is not a valid DNS name"),
+                    ));
+                }
+            }
+            for (j, p) in t.ports.iter().enumerate() {
+                if *p == 0 {
+                    return Err(bad(
+                        format!("targets[{i}].ports[{j}]"),
+                        "port 0 is not a port; leave `ports` empty for every port".into(),
+                    ));
+                }
+            }
+            for (j, a) in t.addresses.iter().enumerate() {
+                let ip = a.0.addr();
+                if ip.is_loopback() || ip.is_unspecified() {
+                    return Err(bad(
+                        format!("targets[{i}].addresses[{j}]"),
+                        format!("`{}` would redirect the proxy's own address space", a.0),
+                    ));
+                }
+            }
+        }
+        for (i, w) in self.workloads.iter().enumerate() {
+            if let Err(e) = glob::Pattern::new(&w.cgroup) {
+                return Err(bad(format!("workloads[{i}].cgroup"), e.to_string()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "watch:\n  cgroups:\n    - path: ci\n";
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let cfg = Config::load(None).expect("embedded default must parse");
+        assert!(!cfg.targets.is_empty());
+    }
+
+    #[test]
+    fn cidr_and_addresses_parse() {
+        let text = format!(
+            "{MINIMAL}targets:\n  - name: db\n    addresses: [\"10.1.2.3\", \"10.9.0.0/16\", \"2001:db8::/32\"]\n    ports: [5432]\n"
+        );
+        let cfg = Config::parse(&text, "t").unwrap();
+        let a = &cfg.targets[0].addresses;
+        assert_eq!(a[0].0.to_string(), "10.1.2.3/32");
+        assert_eq!(a[1].0.to_string(), "10.9.0.0/16");
+        assert_eq!(a[2].0.prefix_len(), 32);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "t").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = err(&format!(
+            "{MINIMAL}targets:\n  - name: db\n    addresses: [\"10.1.2.300\"]\n"
+        ));
+        assert!(e.contains("targets[0].addresses[0]"), "{e}");
+        assert!(e.contains("10.1.2.300"), "{e}");
+
+        let e = err(&format!("{MINIMAL}targets:\n  - name: x\n    hosts: [\"bad host\"]\n"));
+        assert!(e.contains("targets[0].hosts[0]"), "{e}");
+
+        let e = err(&format!("{MINIMAL}targets:\n  - name: x\n    ports: [443]\n"));
+        assert!(e.contains("targets[0]") && e.contains("neither hosts nor addresses"), "{e}");
+
+        let e = err(&format!("{MINIMAL}proxy:\n  port: 0\n"));
+        assert!(e.contains("proxy.port"), "{e}");
+
+        let e = err(&format!("{MINIMAL}bogus: 1\n"));
+        assert!(e.contains("bogus"), "{e}");
+
+        let e = err("targets: []\n");
+        assert!(e.contains("watch"), "{e}");
+
+        let e = err(&format!("{MINIMAL}targets:\n  - name: x\n    addresses: [\"127.0.0.1\"]\n"));
+        assert!(e.contains("targets[0].addresses[0]"), "{e}");
+    }
+}

@@ -1,0 +1,255 @@
+//! Local control API: newline-delimited JSON over a Unix socket. The socket
+//! is mode 0600 and each caller is checked with SO_PEERCRED (root only), so
+//! a build job cannot read records or change the node.
+use std::{
+    path::{Path, PathBuf},
+    sync::{atomic::Ordering, Arc},
+    time::Instant,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{info, warn};
+
+use crate::{
+    proxy::Proxy,
+    record::{ConnectionRecord, Filter},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot reach the node at {path} (is `sluice run` running?): {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control protocol: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Remote(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    SessionsList { filter: Filter },
+    SessionsShow { id: u64 },
+    Verify,
+}
+
+impl Request {
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::SessionsList { .. } => "sessions_list",
+            Request::SessionsShow { .. } => "sessions_show",
+            Request::Verify => "verify",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(Status),
+    Sessions { sessions: Vec<ConnectionRecord> },
+    Session { session: Box<ConnectionRecord> },
+    Verified { events: u64 },
+    Broken { first_break: String },
+    Error { message: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub watched_cgroups: Vec<String>,
+    pub listen: Vec<String>,
+    pub target_entries: Vec<String>,
+    pub connections_accepted: u64,
+    pub connections_forwarded: u64,
+    pub connections_refused: u64,
+    pub connections_active: u64,
+    pub upstream_failures: u64,
+    pub record_errors: u64,
+    pub records_stored: usize,
+    pub kernel_redirected: u64,
+    pub kernel_udp_refused: u64,
+    pub kernel_foreign_netns_refused: u64,
+}
+
+pub struct ControlServer {
+    pub proxy: Arc<Proxy>,
+    pub started: Instant,
+}
+
+/// Binds the socket with mode 0600, replacing a stale one.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    let err = |source| ControlError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    // Create it private from the start: no window with a wider mode.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    listener.map_err(err)
+}
+
+impl ControlServer {
+    pub async fn serve(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.handle(stream).await });
+                }
+                Err(e) => {
+                    warn!(error = %e, "control accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, stream: UnixStream) {
+        let uid = match stream.peer_cred() {
+            Ok(c) => c.uid(),
+            Err(e) => {
+                warn!(error = %e, "control caller credentials unavailable; closing");
+                return;
+            }
+        };
+        let (r, mut w) = stream.into_split();
+        let mut lines = BufReader::new(r).lines();
+        if uid != 0 {
+            warn!(uid, "control request from non-root caller refused");
+            let _ = write(&mut w, &Response::Error {
+                message: format!("permission denied: uid {uid} is not root"),
+            })
+            .await;
+            return;
+        }
+        while let Ok(Some(line)) = lines.next_line().await {
+            let resp = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => {
+                    info!(uid, op = req.name(), "control request");
+                    self.dispatch(req)
+                }
+                Err(e) => Response::Error {
+                    message: format!("malformed request: {e}"),
+                },
+            };
+            if write(&mut w, &resp).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn dispatch(&self, req: Request) -> Response {
+        let p = &self.proxy;
+        match req {
+            Request::Status => {
+                let k = p.redirector.kernel_stats();
+                let c = &p.counters;
+                Response::Status(Status {
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    pid: std::process::id(),
+                    uptime_secs: self.started.elapsed().as_secs(),
+                    watched_cgroups: p
+                        .redirector
+                        .cgroups
+                        .iter()
+                        .map(|c| c.display().to_string())
+                        .collect(),
+                    listen: p.listen.iter().map(|l| l.to_string()).collect(),
+                    target_entries: p
+                        .redirector
+                        .installed()
+                        .iter()
+                        .map(|e| {
+                            let name = p.target_names.get(e.target_id as usize).map_or("?", |s| s);
+                            let port = if e.port == 0 { "*".to_string() } else { e.port.to_string() };
+                            format!("{name} {} port {port}", e.net)
+                        })
+                        .collect(),
+                    connections_accepted: c.accepted.load(Ordering::Relaxed),
+                    connections_forwarded: c.forwarded.load(Ordering::Relaxed),
+                    connections_refused: c.refused.load(Ordering::Relaxed),
+                    connections_active: c.active.load(Ordering::Relaxed),
+                    upstream_failures: c.upstream_failed.load(Ordering::Relaxed),
+                    record_errors: c.record_errors.load(Ordering::Relaxed),
+                    records_stored: p.store.count(),
+                    kernel_redirected: k.first().copied().unwrap_or_default(),
+                    kernel_udp_refused: k.get(1).copied().unwrap_or_default(),
+                    kernel_foreign_netns_refused: k.get(2).copied().unwrap_or_default(),
+                })
+            }
+            Request::SessionsList { filter } => match p.store.list(&filter) {
+                Ok(sessions) => Response::Sessions { sessions },
+                Err(e) => Response::Error { message: e.to_string() },
+            },
+            Request::SessionsShow { id } => match p.store.get(id) {
+                Ok(s) => Response::Session { session: Box::new(s) },
+                Err(e) => Response::Error { message: e.to_string() },
+            },
+            Request::Verify => match p.store.verify() {
+                Ok(Ok(events)) => Response::Verified { events },
+                Ok(Err(first_break)) => Response::Broken { first_break },
+                Err(e) => Response::Error { message: e.to_string() },
+            },
+        }
+    }
+}
+
+async fn write(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(resp).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+/// One request, one response: what the CLI does.
+pub async fn call(path: &Path, req: &Request) -> Result<Response, ControlError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    w.write_all(&line)
+        .await
+        .map_err(|e| ControlError::Protocol(e.to_string()))?;
+    let mut lines = BufReader::new(r).lines();
+    let reply = lines
+        .next_line()
+        .await
+        .map_err(|e| ControlError::Protocol(e.to_string()))?
+        .ok_or_else(|| ControlError::Protocol("node closed the connection".into()))?;
+    let resp: Response =
+        serde_json::from_str(&reply).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    if let Response::Error { message } = resp {
+        return Err(ControlError::Remote(message));
+    }
+    Ok(resp)
+}

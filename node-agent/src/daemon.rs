@@ -1,0 +1,129 @@
+//! `sluice run`: wires configuration, kernel programs, proxy, records and
+//! control API together, in the order that makes the node safe to use the
+//! moment it says it is ready.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use tracing::{info, warn};
+
+use crate::{
+    addr::ProxyAddr,
+    config::Config,
+    control::{self, ControlServer},
+    identity::IdentityResolver,
+    proxy::{self, Counters, Proxy},
+    record::RecordStore,
+    redirect::{self, Redirector},
+    targets,
+};
+
+pub struct RunOptions {
+    pub config: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+}
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let cfg = Config::load(opts.config.as_deref())?;
+    let state_dir = opts.state_dir.unwrap_or_else(|| cfg.state_dir.clone());
+    let socket = opts.socket.unwrap_or_else(|| cfg.control_socket.clone());
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    restrict(&state_dir);
+
+    // Records first: nothing is intercepted unless it can be recorded.
+    let store = Arc::new(
+        RecordStore::open(&state_dir)
+            .with_context(|| format!("opening records in {}", state_dir.display()))?,
+    );
+
+    let root = redirect::cgroup2_root()?;
+    let cgroups = cfg
+        .watch
+        .cgroups
+        .iter()
+        .map(|c| redirect::watched_cgroup(&root, &c.path, c.create))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    // Listen before attaching, so the first redirected connect finds us.
+    let v4 = SocketAddr::new(cfg.proxy.listen_v4.into(), cfg.proxy.port);
+    let v6 = SocketAddr::new(cfg.proxy.listen_v6.into(), cfg.proxy.port);
+    let mut listeners = vec![(v4, proxy::bind(v4).await?)];
+    match proxy::bind(v6).await {
+        Ok(l) => listeners.push((v6, l)),
+        Err(e) => warn!(error = %e, "IPv6 loopback unavailable; IPv6 targets cannot be intercepted"),
+    }
+
+    let redirector = Arc::new(Redirector::load(
+        &cgroups,
+        cfg.proxy.listen_v4,
+        cfg.proxy.listen_v6,
+        cfg.proxy.port,
+    )?);
+    targets::install_static(&redirector, &cfg.targets)?;
+
+    let proxy = Arc::new(Proxy {
+        redirector: redirector.clone(),
+        identities: IdentityResolver::new(root, &cfg.workloads),
+        store: store.clone(),
+        target_names: cfg.targets.iter().map(|t| t.name.clone()).collect(),
+        listen: listeners.iter().map(|(a, _)| ProxyAddr(*a)).collect(),
+        connect_timeout: Duration::from_secs(cfg.proxy.connect_timeout_secs),
+        counters: Counters::default(),
+    });
+    for (_, l) in listeners {
+        tokio::spawn(proxy.clone().serve(l));
+    }
+    tokio::spawn(targets::maintain(
+        redirector.clone(),
+        Arc::new(cfg.targets.clone()),
+        Duration::from_secs(cfg.dns.refresh_secs),
+    ));
+
+    let control_listener = control::bind(&socket)?;
+    let server = Arc::new(ControlServer {
+        proxy: proxy.clone(),
+        started: Instant::now(),
+    });
+    tokio::spawn(server.serve(control_listener));
+
+    info!(
+        cgroups = ?cgroups,
+        port = cfg.proxy.port,
+        state_dir = %state_dir.display(),
+        socket = %socket.display(),
+        "sluice ready"
+    );
+
+    shutdown_signal().await;
+    info!("shutting down");
+    store.flush().await?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// State holds evidence: readable by root only.
+fn restrict(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,280 @@
+//! `sluice`: the node daemon (`sluice run`) and the operator CLI that talks
+//! to it over the control socket.
+mod addr;
+mod config;
+mod control;
+mod daemon;
+mod identity;
+mod proxy;
+mod record;
+mod redirect;
+mod targets;
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use crate::{
+    control::{Request, Response},
+    record::{ConnectionRecord, Filter, Outcome},
+};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Transparent data-path security node for CI runners")]
+struct Cli {
+    /// Control socket of the running node.
+    #[arg(long, global = true, env = "SLUICE_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node: attach the kernel programs and serve the proxy.
+    Run {
+        /// Configuration file (default: the embedded example).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Directory for records (overrides the configuration).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Show the running node's state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recorded sessions.
+    Sessions {
+        #[command(subcommand)]
+        cmd: SessionsCmd,
+    },
+    /// Check the record store's hash chain.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate a configuration file (default: the embedded example).
+    Check { file: Option<PathBuf> },
+    /// Print the embedded default configuration.
+    Default,
+}
+
+#[derive(Subcommand)]
+enum SessionsCmd {
+    /// List sessions, newest first.
+    List {
+        /// Identity id, workload name, or part of the repository / cgroup.
+        #[arg(long)]
+        identity: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        /// RFC 3339 time or a duration back from now ("15m", "2h").
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one session in full (JSON).
+    Show { id: u64 },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, skipping a cause its parent already quotes
+/// (our error types include their source in their message).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let socket = cli.socket.clone();
+    let sock = || socket.clone().unwrap_or_else(config::default_control_socket);
+    match cli.cmd {
+        Cmd::Run { config, state_dir } => {
+            daemon::run(daemon::RunOptions {
+                config,
+                state_dir,
+                socket,
+            })
+            .await?;
+        }
+        Cmd::Config { cmd: ConfigCmd::Check { file } } => {
+            let cfg = config::Config::load(file.as_deref())?;
+            println!(
+                "configuration ok: {} target(s), {} watched cgroup(s), {} workload selector(s)",
+                cfg.targets.len(),
+                cfg.watch.cgroups.len(),
+                cfg.workloads.len()
+            );
+        }
+        Cmd::Config { cmd: ConfigCmd::Default } => print!("{}", config::EMBEDDED_DEFAULT),
+        Cmd::Status { json } => {
+            let Response::Status(s) = control::call(&sock(), &Request::Status).await? else {
+                bail!("unexpected reply to status");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("sluice {} (pid {}), up {}s", s.version, s.pid, s.uptime_secs);
+                println!("watching:   {}", s.watched_cgroups.join(", "));
+                println!("listening:  {}", s.listen.join(", "));
+                println!("targets:    {} entr(ies)", s.target_entries.len());
+                for t in &s.target_entries {
+                    println!("  {t}");
+                }
+                println!(
+                    "connections: {} accepted, {} forwarded, {} refused, {} active, {} upstream failures",
+                    s.connections_accepted,
+                    s.connections_forwarded,
+                    s.connections_refused,
+                    s.connections_active,
+                    s.upstream_failures
+                );
+                println!(
+                    "kernel:     {} redirected, {} UDP refused, {} foreign-netns refused",
+                    s.kernel_redirected, s.kernel_udp_refused, s.kernel_foreign_netns_refused
+                );
+                println!("records:    {} stored, {} errors", s.records_stored, s.record_errors);
+            }
+        }
+        Cmd::Sessions { cmd: SessionsCmd::List { identity, target, since, until, limit, json } } => {
+            let filter = Filter {
+                identity,
+                target,
+                since_ms: since.as_deref().map(parse_time).transpose()?,
+                until_ms: until.as_deref().map(parse_time).transpose()?,
+                limit: Some(limit),
+            };
+            let Response::Sessions { sessions } =
+                control::call(&sock(), &Request::SessionsList { filter }).await?
+            else {
+                bail!("unexpected reply to sessions list");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sessions)?);
+            } else {
+                print_sessions(&sessions);
+            }
+        }
+        Cmd::Sessions { cmd: SessionsCmd::Show { id } } => {
+            let Response::Session { session } =
+                control::call(&sock(), &Request::SessionsShow { id }).await?
+            else {
+                bail!("unexpected reply to sessions show");
+            };
+            println!("{}", serde_json::to_string_pretty(&session)?);
+        }
+        Cmd::Verify => match control::call(&sock(), &Request::Verify).await? {
+            Response::Verified { events } => println!("ok: {events} events, chain intact"),
+            Response::Broken { first_break } => {
+                println!("BROKEN: {first_break}");
+                return Ok(ExitCode::from(2));
+            }
+            _ => bail!("unexpected reply to verify"),
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// RFC 3339, or a duration back from now.
+fn parse_time(s: &str) -> anyhow::Result<u64> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        let t = SystemTime::now()
+            .checked_sub(d)
+            .context("duration reaches before the epoch")?;
+        return Ok(t.duration_since(UNIX_EPOCH)?.as_millis() as u64);
+    }
+    let t = humantime::parse_rfc3339_weak(s)
+        .with_context(|| format!("`{s}` is neither an RFC 3339 time nor a duration"))?;
+    Ok(t.duration_since(UNIX_EPOCH)?.as_millis() as u64)
+}
+
+fn fmt_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn print_sessions(sessions: &[ConnectionRecord]) {
+    println!(
+        "{:>8}  {:<24}  {:<20}  {:<14}  {:<22}  {:>7}  {:<16}  {:>9} {:>9}  OUTCOME",
+        "ID", "STARTED", "IDENTITY", "TARGET", "DESTINATION", "PID", "COMM", "UP", "DOWN"
+    );
+    for s in sessions {
+        let who = s
+            .identity
+            .ci
+            .as_ref()
+            .and_then(|c| c.repository.clone())
+            .unwrap_or_else(|| s.identity.id.clone());
+        let outcome = match &s.outcome {
+            Outcome::Open => "open".to_string(),
+            Outcome::Closed => "closed".to_string(),
+            Outcome::Interrupted => "interrupted".to_string(),
+            Outcome::Refused { reason } => format!("refused: {reason}"),
+            Outcome::UpstreamFailed { error } => format!("upstream failed: {error}"),
+            Outcome::Failed { error } => format!("failed: {error}"),
+        };
+        println!(
+            "{:>8}  {:<24}  {:<20}  {:<14}  {:<22}  {:>7}  {:<16}  {:>9} {:>9}  {}",
+            s.id,
+            fmt_ms(s.started_at_ms),
+            who,
+            s.target.as_deref().unwrap_or("-"),
+            s.original_dst.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+            s.process.tgid,
+            s.process.comm,
+            s.bytes_up,
+            s.bytes_down,
+            outcome
+        );
+    }
+}

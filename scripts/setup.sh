@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Idempotent machine set-up for building and testing Sluice.
+# Installs: Debian packages (hyperscan, bpftool, postgres, iproute2, curl),
+# the nightly rust-src component, and bpf-linker built against the nightly's
+# own LLVM (see shared/TOOLCHAIN.md). Fast when everything is already there.
+set -euo pipefail
+
+need_apt=()
+for pkg in libhyperscan-dev bpftool iproute2 curl python3 pkg-config clang postgresql; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+  echo "setup: installing Debian packages: ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+  echo "setup: adding rust-src to the nightly toolchain"
+  rustup component add rust-src --toolchain nightly
+fi
+
+if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version >/dev/null 2>&1; then
+  echo "setup: building bpf-linker against the nightly's LLVM"
+  sysroot="$(rustc +nightly --print sysroot)"
+  lib="$(cd "$sysroot/lib" && ls libLLVM.so.* | head -n1)"
+  prefix="${CARGO_HOME:-$HOME/.cargo}/llvm-nightly-prefix"
+  mkdir -p "$prefix/lib"
+  ln -sf "$sysroot/lib/$lib" "$prefix/lib/libLLVM.so"
+  ln -sf "$sysroot/lib/$lib" "$prefix/lib/$lib"
+  LLVM_PREFIX="$prefix" cargo +nightly install bpf-linker --locked \
+    --no-default-features --features llvm-22
+fi
+echo "setup: ok"

@@ -1,0 +1,128 @@
+//! Types shared by the kernel programs (`node-ebpf`) and the agent
+//! (`node-agent`). Every type here is `#[repr(C)]`, `Copy` and padding-free
+//! so it can live in a BPF map and be read byte for byte from userspace.
+#![no_std]
+
+/// Address family tags stored in map keys and values (Linux values).
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Key of the target LPM tries. The port comes first with a full-length
+/// prefix so that an entry matches one port exactly (port 0 = any port) and
+/// the address part is matched by its CIDR prefix.
+/// `prefix_len` of an LPM key = 16 + address prefix bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetKeyV4 {
+    /// Port in network byte order.
+    pub port: [u8; 2],
+    pub addr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetKeyV6 {
+    pub port: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// Value of a target entry: which configured target it belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetValue {
+    /// Index of the target in the agent's configuration.
+    pub target_id: u32,
+    pub flags: u32,
+}
+
+/// Where the kernel must send redirected connections, and which network
+/// namespace the proxy lives in (connections from another netns cannot
+/// reach it and are refused instead of being rewritten to their own
+/// loopback).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// IPv4 listen address, network byte order as stored in sockaddr.
+    pub addr4: [u8; 4],
+    /// IPv6 listen address.
+    pub addr6: [u8; 16],
+    /// Listen port, network byte order.
+    pub port: [u8; 2],
+    pub enabled: u8,
+    pub _pad: u8,
+    /// `bpf_get_netns_cookie` of the proxy's namespace.
+    pub netns_cookie: u64,
+}
+
+/// What the kernel knew about a redirected connection when the client
+/// called `connect()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// Original destination address; IPv4 in the first 4 bytes.
+    pub dst_addr: [u8; 16],
+    /// Original destination port, host byte order.
+    pub dst_port: u16,
+    /// AF_INET or AF_INET6 of the original destination (v4-mapped = AF_INET).
+    pub family: u16,
+    pub target_id: u32,
+    /// Thread id (kernel pid) and process id (kernel tgid).
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub cookie: u64,
+    pub comm: [u8; 16],
+}
+
+/// Key of the origin-by-client-address map: the client's local address and
+/// port as the proxy sees them in `accept()`'s peer address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientKey {
+    /// IPv4 in the first 4 bytes (v4-mapped clients are stored as IPv4).
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Counters exported by the kernel programs (index into a per-CPU array).
+pub mod stat {
+    pub const REDIRECTED: u32 = 0;
+    pub const UDP_REFUSED: u32 = 1;
+    pub const FOREIGN_NETNS_REFUSED: u32 = 2;
+    pub const REKEYED: u32 = 3;
+    pub const CLOSED: u32 = 4;
+    pub const COUNT: u32 = 5;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C), Copy, contain only integers and byte arrays,
+    // and have no implicit padding (checked by the size tests below).
+    unsafe impl aya::Pod for super::TargetKeyV4 {}
+    unsafe impl aya::Pod for super::TargetKeyV6 {}
+    unsafe impl aya::Pod for super::TargetValue {}
+    unsafe impl aya::Pod for super::ProxyConfig {}
+    unsafe impl aya::Pod for super::Origin {}
+    unsafe impl aya::Pod for super::ClientKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<TargetKeyV4>(), 6);
+        assert_eq!(size_of::<TargetKeyV6>(), 18);
+        assert_eq!(size_of::<TargetValue>(), 8);
+        assert_eq!(size_of::<ProxyConfig>(), 4 + 16 + 2 + 2 + 8);
+        assert_eq!(size_of::<Origin>(), 16 + 2 + 2 + 4 * 5 + 8 + 8 + 16);
+        assert_eq!(size_of::<ClientKey>(), 24);
+    }
+}
