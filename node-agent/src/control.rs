@@ -142,9 +142,12 @@ impl ControlServer {
         let mut lines = BufReader::new(r).lines();
         if uid != 0 {
             warn!(uid, "control request from non-root caller refused");
-            let _ = write(&mut w, &Response::Error {
-                message: format!("permission denied: uid {uid} is not root"),
-            })
+            let _ = write(
+                &mut w,
+                &Response::Error {
+                    message: format!("permission denied: uid {uid} is not root"),
+                },
+            )
             .await;
             return;
         }
@@ -187,7 +190,11 @@ impl ControlServer {
                         .iter()
                         .map(|e| {
                             let name = p.target_names.get(e.target_id as usize).map_or("?", |s| s);
-                            let port = if e.port == 0 { "*".to_string() } else { e.port.to_string() };
+                            let port = if e.port == 0 {
+                                "*".to_string()
+                            } else {
+                                e.port.to_string()
+                            };
                             format!("{name} {} port {port}", e.net)
                         })
                         .collect(),
@@ -205,16 +212,24 @@ impl ControlServer {
             }
             Request::SessionsList { filter } => match p.store.list(&filter) {
                 Ok(sessions) => Response::Sessions { sessions },
-                Err(e) => Response::Error { message: e.to_string() },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
             },
             Request::SessionsShow { id } => match p.store.get(id) {
-                Ok(s) => Response::Session { session: Box::new(s) },
-                Err(e) => Response::Error { message: e.to_string() },
+                Ok(s) => Response::Session {
+                    session: Box::new(s),
+                },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
             },
             Request::Verify => match p.store.verify() {
                 Ok(Ok(events)) => Response::Verified { events },
                 Ok(Err(first_break)) => Response::Broken { first_break },
-                Err(e) => Response::Error { message: e.to_string() },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
             },
         }
     }

@@ -56,7 +56,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut listeners = vec![(v4, proxy::bind(v4).await?)];
     match proxy::bind(v6).await {
         Ok(l) => listeners.push((v6, l)),
-        Err(e) => warn!(error = %e, "IPv6 loopback unavailable; IPv6 targets cannot be intercepted"),
+        Err(e) => {
+            warn!(error = %e, "IPv6 loopback unavailable; IPv6 targets cannot be intercepted")
+        }
     }
 
     let redirector = Arc::new(Redirector::load(

@@ -225,7 +225,10 @@ pub fn ci_from_environ(env: &[u8]) -> Option<CiJob> {
         .split(|&b| b == 0)
         .filter_map(|kv| {
             let eq = kv.iter().position(|&b| b == b'=')?;
-            Some((&kv[..eq], String::from_utf8_lossy(&kv[eq + 1..]).into_owned()))
+            Some((
+                &kv[..eq],
+                String::from_utf8_lossy(&kv[eq + 1..]).into_owned(),
+            ))
         })
         .collect();
     let get = |k: &str| vars.get(k.as_bytes()).filter(|v| !v.is_empty()).cloned();
@@ -342,9 +345,15 @@ mod tests {
             run_id: Some("2".into()),
             ..a.clone()
         };
-        assert_eq!(stable_id(Some(&a), None, 0), stable_id(Some(&a), Some("/x"), 5));
+        assert_eq!(
+            stable_id(Some(&a), None, 0),
+            stable_id(Some(&a), Some("/x"), 5)
+        );
         assert_ne!(stable_id(Some(&a), None, 0), stable_id(Some(&b), None, 0));
-        assert_ne!(stable_id(None, Some("/a"), 0), stable_id(None, Some("/b"), 0));
+        assert_ne!(
+            stable_id(None, Some("/a"), 0),
+            stable_id(None, Some("/b"), 0)
+        );
         assert!(stable_id(None, None, 0).starts_with("wl-"));
     }
 

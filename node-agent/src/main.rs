@@ -25,7 +25,11 @@ use crate::{
 };
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Transparent data-path security node for CI runners")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Transparent data-path security node for CI runners"
+)]
 struct Cli {
     /// Control socket of the running node.
     #[arg(long, global = true, env = "SLUICE_SOCKET")]
@@ -103,7 +107,10 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -138,7 +145,11 @@ fn chain(e: &anyhow::Error) -> String {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let socket = cli.socket.clone();
-    let sock = || socket.clone().unwrap_or_else(config::default_control_socket);
+    let sock = || {
+        socket
+            .clone()
+            .unwrap_or_else(config::default_control_socket)
+    };
     match cli.cmd {
         Cmd::Run { config, state_dir } => {
             daemon::run(daemon::RunOptions {
@@ -148,7 +159,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })
             .await?;
         }
-        Cmd::Config { cmd: ConfigCmd::Check { file } } => {
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => {
             let cfg = config::Config::load(file.as_deref())?;
             println!(
                 "configuration ok: {} target(s), {} watched cgroup(s), {} workload selector(s)",
@@ -157,7 +170,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.workloads.len()
             );
         }
-        Cmd::Config { cmd: ConfigCmd::Default } => print!("{}", config::EMBEDDED_DEFAULT),
+        Cmd::Config {
+            cmd: ConfigCmd::Default,
+        } => print!("{}", config::EMBEDDED_DEFAULT),
         Cmd::Status { json } => {
             let Response::Status(s) = control::call(&sock(), &Request::Status).await? else {
                 bail!("unexpected reply to status");
@@ -165,7 +180,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("sluice {} (pid {}), up {}s", s.version, s.pid, s.uptime_secs);
+                println!(
+                    "sluice {} (pid {}), up {}s",
+                    s.version, s.pid, s.uptime_secs
+                );
                 println!("watching:   {}", s.watched_cgroups.join(", "));
                 println!("listening:  {}", s.listen.join(", "));
                 println!("targets:    {} entr(ies)", s.target_entries.len());
@@ -184,10 +202,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     "kernel:     {} redirected, {} UDP refused, {} foreign-netns refused",
                     s.kernel_redirected, s.kernel_udp_refused, s.kernel_foreign_netns_refused
                 );
-                println!("records:    {} stored, {} errors", s.records_stored, s.record_errors);
+                println!(
+                    "records:    {} stored, {} errors",
+                    s.records_stored, s.record_errors
+                );
             }
         }
-        Cmd::Sessions { cmd: SessionsCmd::List { identity, target, since, until, limit, json } } => {
+        Cmd::Sessions {
+            cmd:
+                SessionsCmd::List {
+                    identity,
+                    target,
+                    since,
+                    until,
+                    limit,
+                    json,
+                },
+        } => {
             let filter = Filter {
                 identity,
                 target,
@@ -206,7 +237,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_sessions(&sessions);
             }
         }
-        Cmd::Sessions { cmd: SessionsCmd::Show { id } } => {
+        Cmd::Sessions {
+            cmd: SessionsCmd::Show { id },
+        } => {
             let Response::Session { session } =
                 control::call(&sock(), &Request::SessionsShow { id }).await?
             else {
@@ -269,7 +302,9 @@ fn print_sessions(sessions: &[ConnectionRecord]) {
             fmt_ms(s.started_at_ms),
             who,
             s.target.as_deref().unwrap_or("-"),
-            s.original_dst.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+            s.original_dst
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "-".into()),
             s.process.tgid,
             s.process.comm,
             s.bytes_up,

@@ -94,7 +94,9 @@ impl Filter {
             let i = &r.identity;
             let hit = i.id == *id
                 || i.workload.as_deref() == Some(id)
-                || i.cgroup_path.as_deref().is_some_and(|p| p.contains(id.as_str()))
+                || i.cgroup_path
+                    .as_deref()
+                    .is_some_and(|p| p.contains(id.as_str()))
                 || i.ci
                     .as_ref()
                     .and_then(|c| c.repository.as_deref())
@@ -138,7 +140,14 @@ pub fn now_ms() -> u64 {
 
 fn event_hash(prev: &str, seq: u64, at_ms: u64, connection: u64, kind: &str, body: &str) -> String {
     let mut h = Sha256::new();
-    for part in [prev.as_bytes(), &seq.to_be_bytes(), &at_ms.to_be_bytes(), &connection.to_be_bytes(), kind.as_bytes(), body.as_bytes()] {
+    for part in [
+        prev.as_bytes(),
+        &seq.to_be_bytes(),
+        &at_ms.to_be_bytes(),
+        &connection.to_be_bytes(),
+        kind.as_bytes(),
+        body.as_bytes(),
+    ] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
@@ -155,10 +164,11 @@ impl RecordStore {
         let events = db.open_tree("events")?;
         let head = match events.last()? {
             Some((k, v)) => {
-                let ev: Event = serde_json::from_slice(&v).map_err(|source| RecordError::Corrupt {
-                    key: format!("events/{}", key_u64(&k)),
-                    source,
-                })?;
+                let ev: Event =
+                    serde_json::from_slice(&v).map_err(|source| RecordError::Corrupt {
+                        key: format!("events/{}", key_u64(&k)),
+                        source,
+                    })?;
                 (ev.seq + 1, ev.hash)
             }
             None => (0, GENESIS.to_owned()),
@@ -195,14 +205,17 @@ impl RecordStore {
 
     /// Session ids count up from 1 and continue after a restart.
     pub fn next_id(&self) -> Result<u64, RecordError> {
-        Ok(self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        Ok(self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Stores the record's current state and appends it to the chain.
     pub fn put(&self, r: &ConnectionRecord, kind: &str) -> Result<(), RecordError> {
         let body = serde_json::to_string(r).map_err(RecordError::Encode)?;
         self.append(r.id, kind, &body)?;
-        self.connections.insert(r.id.to_be_bytes(), body.as_bytes())?;
+        self.connections
+            .insert(r.id.to_be_bytes(), body.as_bytes())?;
         Ok(())
     }
 
@@ -279,14 +292,19 @@ impl RecordStore {
             let (k, v) = item?;
             let seq = key_u64(&k);
             if seq != expected_seq {
-                return Ok(Err(format!("event {expected_seq} is missing (next present is {seq})")));
+                return Ok(Err(format!(
+                    "event {expected_seq} is missing (next present is {seq})"
+                )));
             }
             let ev: Event = match serde_json::from_slice(&v) {
                 Ok(ev) => ev,
                 Err(e) => return Ok(Err(format!("event {seq} does not parse: {e}"))),
             };
             if ev.prev != prev {
-                return Ok(Err(format!("event {seq} does not follow event {}", seq.wrapping_sub(1))));
+                return Ok(Err(format!(
+                    "event {seq} does not follow event {}",
+                    seq.wrapping_sub(1)
+                )));
             }
             let body = serde_json::to_string(&ev.body).map_err(RecordError::Encode)?;
             let hash = event_hash(&ev.prev, ev.seq, ev.at_ms, ev.connection, &ev.kind, &body);
@@ -353,8 +371,17 @@ mod tests {
         assert_eq!(s.get(id).unwrap().bytes_up, 10);
         let all = s.list(&Filter::default()).unwrap();
         assert_eq!(all.len(), 2);
-        assert_eq!(all[0].outcome, Outcome::Interrupted, "open at stop = interrupted");
-        let only_a = s.list(&Filter { target: Some("a".into()), ..Default::default() }).unwrap();
+        assert_eq!(
+            all[0].outcome,
+            Outcome::Interrupted,
+            "open at stop = interrupted"
+        );
+        let only_a = s
+            .list(&Filter {
+                target: Some("a".into()),
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!(only_a.len(), 1);
         assert_eq!(s.verify().unwrap(), Ok(4));
     }
@@ -370,7 +397,9 @@ mod tests {
         assert_eq!(s.verify().unwrap(), Ok(3));
         let k = 1u64.to_be_bytes();
         let orig = s.events.get(k).unwrap().unwrap();
-        let tampered = String::from_utf8(orig.to_vec()).unwrap().replace("10.0.0.1", "10.0.0.2");
+        let tampered = String::from_utf8(orig.to_vec())
+            .unwrap()
+            .replace("10.0.0.1", "10.0.0.2");
         s.events.insert(k, tampered.as_bytes()).unwrap();
         let e = s.verify().unwrap().unwrap_err();
         assert!(e.contains("event 1"), "{e}");

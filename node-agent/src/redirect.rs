@@ -36,7 +36,9 @@ const SOCK_ADDR_PROGRAMS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
-    #[error("loading the eBPF programs failed (needs root: CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON): {0}")]
+    #[error(
+        "loading the eBPF programs failed (needs root: CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON): {0}"
+    )]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program `{name}`: {source}")]
     Program {
@@ -224,7 +226,8 @@ impl Redirector {
                 let mut a = self.addrs_v4.lock().unwrap_or_else(|e| e.into_inner());
                 if insert {
                     t.insert(&key, value, 0).map_err(map_err("TARGETS_V4"))?;
-                    a.insert(&akey, value, 0).map_err(map_err("TARGET_ADDRS_V4"))?;
+                    a.insert(&akey, value, 0)
+                        .map_err(map_err("TARGET_ADDRS_V4"))?;
                 } else {
                     // Ignore "not found": another entry may share the key.
                     let _ = t.remove(&key);
@@ -239,7 +242,8 @@ impl Redirector {
                 let mut a = self.addrs_v6.lock().unwrap_or_else(|e| e.into_inner());
                 if insert {
                     t.insert(&key, value, 0).map_err(map_err("TARGETS_V6"))?;
-                    a.insert(&akey, value, 0).map_err(map_err("TARGET_ADDRS_V6"))?;
+                    a.insert(&akey, value, 0)
+                        .map_err(map_err("TARGET_ADDRS_V6"))?;
                 } else {
                     let _ = t.remove(&key);
                     let _ = a.remove(&akey);
@@ -330,7 +334,10 @@ pub fn cgroup2_root() -> Result<PathBuf, RedirectError> {
         if let Some(mp) = pre.split_whitespace().nth(4) {
             let mp = PathBuf::from(mp);
             // Prefer the shortest mount point (the host's, not a nested one).
-            if found.as_ref().is_none_or(|f| mp.as_os_str().len() < f.as_os_str().len()) {
+            if found
+                .as_ref()
+                .is_none_or(|f| mp.as_os_str().len() < f.as_os_str().len())
+            {
                 found = Some(mp);
             }
         }

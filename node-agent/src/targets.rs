@@ -26,10 +26,18 @@ fn static_entries(targets: &[Target]) -> BTreeSet<TargetEntry> {
 
 fn push(out: &mut BTreeSet<TargetEntry>, net: IpNet, t: &Target, target_id: u32) {
     if t.ports.is_empty() {
-        out.insert(TargetEntry { net, port: 0, target_id });
+        out.insert(TargetEntry {
+            net,
+            port: 0,
+            target_id,
+        });
     }
     for &port in &t.ports {
-        out.insert(TargetEntry { net, port, target_id });
+        out.insert(TargetEntry {
+            net,
+            port,
+            target_id,
+        });
     }
 }
 
@@ -84,6 +92,9 @@ pub async fn maintain(redirector: Arc<Redirector>, targets: Arc<Vec<Target>>, re
 
 /// Installs the literal part of the target set synchronously, before the
 /// node reports ready.
-pub fn install_static(redirector: &Redirector, targets: &[Target]) -> Result<(), crate::redirect::RedirectError> {
+pub fn install_static(
+    redirector: &Redirector,
+    targets: &[Target],
+) -> Result<(), crate::redirect::RedirectError> {
     redirector.sync(&static_entries(targets))
 }

@@ -7,8 +7,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, generated::bpf_get_netns_cookie,
-        generated::bpf_get_socket_cookie,
+        bpf_get_current_uid_gid, generated::bpf_get_netns_cookie, generated::bpf_get_socket_cookie,
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
@@ -16,8 +15,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use sluice_common::{
-    stat, ClientKey, Origin, ProxyConfig, TargetKeyV4, TargetKeyV6, TargetValue, AF_INET,
-    AF_INET6,
+    stat, ClientKey, Origin, ProxyConfig, TargetKeyV4, TargetKeyV6, TargetValue, AF_INET, AF_INET6,
 };
 
 const ALLOW: i32 = 1;
@@ -71,7 +69,13 @@ fn proxy() -> Option<ProxyConfig> {
 
 #[inline(always)]
 fn target_v4(addr: [u8; 4], port_be: [u8; 2]) -> Option<TargetValue> {
-    let key = Key::new(PORT_BITS + 32, TargetKeyV4 { port: port_be, addr });
+    let key = Key::new(
+        PORT_BITS + 32,
+        TargetKeyV4 {
+            port: port_be,
+            addr,
+        },
+    );
     if let Some(v) = TARGETS_V4.get(&key) {
         return Some(*v);
     }
@@ -81,7 +85,13 @@ fn target_v4(addr: [u8; 4], port_be: [u8; 2]) -> Option<TargetValue> {
 
 #[inline(always)]
 fn target_v6(addr: [u8; 16], port_be: [u8; 2]) -> Option<TargetValue> {
-    let key = Key::new(PORT_BITS + 128, TargetKeyV6 { port: port_be, addr });
+    let key = Key::new(
+        PORT_BITS + 128,
+        TargetKeyV6 {
+            port: port_be,
+            addr,
+        },
+    );
     if let Some(v) = TARGETS_V6.get(&key) {
         return Some(*v);
     }
@@ -128,7 +138,12 @@ unsafe fn write_user_ip6(sa: *mut bpf_sock_addr, words: [u32; 4]) {
 #[inline(always)]
 fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
     let mut b = [0u8; 16];
-    let (a, c, d, e) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+    let (a, c, d, e) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
     b[0..4].copy_from_slice(&a);
     b[4..8].copy_from_slice(&c);
     b[8..12].copy_from_slice(&d);
@@ -147,7 +162,13 @@ fn v4_mapped(w: &[u32; 4]) -> Option<u32> {
 }
 
 #[inline(always)]
-fn new_origin(dst_addr: [u8; 16], dst_port: u16, family: u16, target_id: u32, cookie: u64) -> Origin {
+fn new_origin(
+    dst_addr: [u8; 16],
+    dst_port: u16,
+    family: u16,
+    target_id: u32,
+    cookie: u64,
+) -> Origin {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
@@ -205,7 +226,13 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let mut dst = [0u8; 16];
     dst[0..4].copy_from_slice(&addr);
-    let origin = new_origin(dst, u16::from_be_bytes(port_be), AF_INET, target.target_id, cookie);
+    let origin = new_origin(
+        dst,
+        u16::from_be_bytes(port_be),
+        AF_INET,
+        target.target_id,
+        cookie,
+    );
     if ORIGIN_BY_COOKIE.insert(&cookie, &origin, 0).is_err() {
         return REFUSE;
     }
@@ -278,7 +305,13 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
             (bytes, AF_INET6, proxy6)
         }
     };
-    let origin = new_origin(dst, u16::from_be_bytes(port_be), family, target.target_id, cookie);
+    let origin = new_origin(
+        dst,
+        u16::from_be_bytes(port_be),
+        family,
+        target.target_id,
+        cookie,
+    );
     if ORIGIN_BY_COOKIE.insert(&cookie, &origin, 0).is_err() {
         return REFUSE;
     }
@@ -366,15 +399,30 @@ fn client_key(ctx: &SockOpsContext) -> ClientKey {
     if ctx.family() == AF_INET as u32 {
         let mut addr = [0u8; 16];
         addr[0..4].copy_from_slice(&ctx.local_ip4().to_ne_bytes());
-        return ClientKey { addr, port, family: AF_INET, _pad: 0 };
+        return ClientKey {
+            addr,
+            port,
+            family: AF_INET,
+            _pad: 0,
+        };
     }
     let words = ctx.local_ip6();
     if let Some(v4) = v4_mapped(&words) {
         let mut addr = [0u8; 16];
         addr[0..4].copy_from_slice(&v4.to_ne_bytes());
-        return ClientKey { addr, port, family: AF_INET, _pad: 0 };
+        return ClientKey {
+            addr,
+            port,
+            family: AF_INET,
+            _pad: 0,
+        };
     }
-    ClientKey { addr: words_to_bytes(words), port, family: AF_INET6, _pad: 0 }
+    ClientKey {
+        addr: words_to_bytes(words),
+        port,
+        family: AF_INET6,
+        _pad: 0,
+    }
 }
 
 #[sock_ops]

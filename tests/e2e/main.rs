@@ -1,1 +1,6 @@
-
+//! End-to-end tests: the real `sluice` binary, the real kernel (root,
+//! cgroup v2, network namespaces) and real clients. Every test builds its
+//! own cgroup, its own namespace holding a fake remote server, and its own
+//! node. They need root and fail loudly without it; they never skip.
+mod foundation;
+mod harness;

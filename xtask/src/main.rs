@@ -1,1 +1,99 @@
-fn main(){}
+//! Project automation. `cargo xtask <command>`:
+//!
+//! * `setup`  install what building and testing need (idempotent)
+//! * `build`  setup, then a release build of the node
+//! * `test`   setup, then fmt check, clippy, and every test (needs root)
+//! * `run`    setup, build, and run the node on its embedded defaults
+//! * `bench`  setup, build, and the passthrough benchmark (needs root)
+//!
+//! Std only, so that it builds in seconds on a fresh machine.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{exit, Command},
+};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn run(cmd: &mut Command) {
+    eprintln!("xtask: {cmd:?}");
+    match cmd.status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => {
+            eprintln!("xtask: command failed ({s})");
+            exit(s.code().unwrap_or(1));
+        }
+        Err(e) => {
+            eprintln!("xtask: cannot run command: {e}");
+            exit(1);
+        }
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn setup() {
+    run(Command::new("bash").arg(root().join("scripts/setup.sh")));
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn main() {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let rest = &args.get(1..).unwrap_or_default();
+    match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("build") => {
+            setup();
+            run(cargo().args(["build", "--release"]));
+        }
+        Some("test") => {
+            if !is_root() {
+                eprintln!("xtask test: the end-to-end suite needs root (eBPF, cgroups, netns); run as root");
+                exit(1);
+            }
+            setup();
+            run(cargo().args(["fmt", "--all", "--check"]));
+            run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]));
+            run(cargo().args(["test"]).args(rest.iter()));
+        }
+        Some("run") => {
+            setup();
+            run(cargo().args(["build", "--release"]));
+            let mut c = Command::new(root().join("target/release/sluice"));
+            c.arg("run")
+                .arg("--state-dir")
+                .arg(root().join(".sluice-state"));
+            c.args(rest.iter());
+            run(&mut c);
+        }
+        Some("bench") => {
+            setup();
+            run(cargo().args(["build", "--release"]));
+            run(Command::new("python3")
+                .arg(root().join("xtask/bench/passthrough.py"))
+                .arg("--sluice")
+                .arg(root().join("target/release/sluice"))
+                .args(rest.iter()));
+        }
+        _ => {
+            eprintln!("usage: cargo xtask <setup|build|test|run|bench> [args]");
+            exit(2);
+        }
+    }
+}

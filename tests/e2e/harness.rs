@@ -1,0 +1,442 @@
+//! Test environment: a network namespace with a fake remote service, a
+//! watched cgroup, and a running node. Everything is removed on drop.
+use std::{
+    io::Write,
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Once,
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
+pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+pub const HTTP_PORT: u16 = 8080;
+pub const UDP_PORT: u16 = 5353;
+
+static NEXT: AtomicU32 = AtomicU32::new(1);
+static CLEAN: Once = Once::new();
+
+/// Panics (never skips) when the test cannot do its job for real.
+pub fn require_root() {
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the end-to-end tests need root (eBPF, cgroups, network namespaces); run them as root, e.g. via `cargo xtask test`"
+    );
+}
+
+pub fn sh(cmd: &str) -> Output {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawn sh");
+    out
+}
+
+pub fn must(cmd: &str) {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn cgroup2_root() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut best: Option<PathBuf> = None;
+    for line in info.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        if post.split_whitespace().next() == Some("cgroup2") {
+            let mp = PathBuf::from(pre.split_whitespace().nth(4).unwrap());
+            if best
+                .as_ref()
+                .is_none_or(|b| mp.as_os_str().len() < b.as_os_str().len())
+            {
+                best = Some(mp);
+            }
+        }
+    }
+    best.expect("cgroup2 must be mounted")
+}
+
+/// Removes what a crashed earlier run may have left behind.
+fn clean_stale() {
+    CLEAN.call_once(|| {
+        let _ = sh("for n in $(ip netns list | awk '/^se2e-/{print $1}'); do ip netns del $n; done");
+        let _ = sh("for l in $(ip -o link | awk -F': ' '/se2e/{print $2}' | cut -d@ -f1); do ip link del $l; done");
+        let root = cgroup2_root();
+        if let Ok(rd) = std::fs::read_dir(&root) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with("se2e-") {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+    });
+}
+
+/// A network namespace standing in for a remote host, reachable over a
+/// veth pair: `remote` (a target) and `other` (never a target) both live in
+/// it and serve the same fake service.
+pub struct Remote {
+    pub ns: String,
+    pub host_if: String,
+    pub host_ip: String,
+    pub remote: String,
+    pub other: String,
+    pub log: PathBuf,
+    server: Child,
+}
+
+impl Remote {
+    pub fn new(idx: u32, dir: &Path) -> Self {
+        let ns = format!("se2e-{idx}");
+        let host_if = format!("se2e{idx}h");
+        let peer_if = format!("se2e{idx}r");
+        let net = format!("10.210.{idx}");
+        must(&format!("ip netns add {ns}"));
+        must(&format!(
+            "ip link add {host_if} type veth peer name {peer_if}"
+        ));
+        must(&format!("ip link set {peer_if} netns {ns}"));
+        must(&format!(
+            "ip addr add {net}.1/24 dev {host_if} && ip link set {host_if} up"
+        ));
+        must(&format!(
+            "ip netns exec {ns} sh -c 'ip link set lo up && ip addr add {net}.2/24 dev {peer_if} && ip addr add {net}.3/24 dev {peer_if} && ip link set {peer_if} up'"
+        ));
+        let log = dir.join("remote.log");
+        std::fs::write(&log, "").unwrap();
+        let server = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3"])
+            .arg(format!("{FIXTURES}/fake_remote.py"))
+            .args(["--bind", &format!("{net}.2"), "--bind", &format!("{net}.3")])
+            .args([
+                "--port",
+                &HTTP_PORT.to_string(),
+                "--udp-port",
+                &UDP_PORT.to_string(),
+            ])
+            .arg("--log")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start fake remote");
+        let r = Remote {
+            ns,
+            host_if,
+            host_ip: format!("{net}.1"),
+            remote: format!("{net}.2"),
+            other: format!("{net}.3"),
+            log,
+            server,
+        };
+        wait_for(&format!("fake remote on {}:{HTTP_PORT}", r.remote), || {
+            TcpStream::connect((r.remote.as_str(), HTTP_PORT)).is_ok()
+                && TcpStream::connect((r.other.as_str(), HTTP_PORT)).is_ok()
+        });
+        // Those readiness probes are not part of any test's evidence.
+        std::fs::write(&r.log, "").unwrap();
+        r
+    }
+
+    /// Lines the fake remote logged (requests and UDP datagrams).
+    pub fn entries(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = sh(&format!("ip netns del {}", self.ns));
+        let _ = sh(&format!("ip link del {} 2>/dev/null", self.host_if));
+    }
+}
+
+/// A cgroup watched by the node under test.
+pub struct Cgroup {
+    pub rel: String,
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(idx: u32) -> Self {
+        let rel = format!("se2e-{idx}");
+        let path = cgroup2_root().join(&rel);
+        std::fs::create_dir_all(&path).expect("create cgroup");
+        Cgroup { rel, path }
+    }
+
+    /// Runs `program args` inside the cgroup (the shell moves itself in,
+    /// then execs, so the program and its children start there).
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && echo \"PID=$$\" >&2 && exec \"$@\"",
+                self.path.display()
+            ))
+            .arg("sh")
+            .arg(program)
+            .args(args);
+        c
+    }
+
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program, args).output().expect("run in cgroup")
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.split_whitespace() {
+                let _ = sh(&format!("kill -9 {pid}"));
+            }
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A running `sluice run`.
+pub struct Node {
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub port: u16,
+    child: Child,
+}
+
+impl Node {
+    pub fn start(dir: &Path, config: &str) -> Self {
+        let cfg_path = dir.join("sluice.yaml");
+        std::fs::write(&cfg_path, config).unwrap();
+        let socket = dir.join("control.sock");
+        let log = dir.join("sluice.log");
+        let port = config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("port: "))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(15001);
+        let child = Command::new(SLUICE)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env("SLUICE_LOG", "info,sluice=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start sluice");
+        let mut node = Node {
+            socket,
+            log,
+            port,
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = node.child.try_wait() {
+                panic!("sluice exited early ({status}):\n{}", node.log_text());
+            }
+            if node.cli(&["status"]).status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sluice not ready in 30s:\n{}",
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        node
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(SLUICE)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run sluice cli")
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "sluice {args:?} failed: {}\nnode log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        serde_json::from_slice(&out.stdout).expect("json from sluice cli")
+    }
+
+    pub fn sessions(&self) -> Vec<Value> {
+        match self.cli_json(&["sessions", "list", "--json", "--limit", "100000"]) {
+            Value::Array(a) => a,
+            other => panic!("sessions list is not an array: {other}"),
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        self.cli_json(&["status", "--json"])
+    }
+
+    /// Waits until `n` sessions are closed (records are written at close).
+    pub fn wait_sessions(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.sessions();
+            let done = s
+                .iter()
+                .filter(|s| s["outcome"]["status"] != "open")
+                .count();
+            if done >= n {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} finished sessions, have {done}: {s:#?}\nnode log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Everything one test needs. Field order is drop order: the node goes
+/// first (detaching its programs), then the cgroup, then the remote.
+pub struct Env {
+    pub node: Node,
+    pub cgroup: Cgroup,
+    pub remote: Remote,
+    /// Keeps the node's state directory alive for the test's duration.
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// Target: the remote's `.2` address on the HTTP port.
+    pub fn new() -> Self {
+        Self::with_targets(|r| {
+            format!(
+                "  - name: fake-remote\n    addresses: [\"{}\"]\n    ports: [{HTTP_PORT}]\n",
+                r.remote
+            )
+        })
+    }
+
+    pub fn with_targets(targets: impl Fn(&Remote) -> String) -> Self {
+        require_root();
+        clean_stale();
+        let idx = NEXT.fetch_add(1, Ordering::Relaxed) + 10;
+        assert!(idx < 250, "too many test environments");
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Remote::new(idx, dir.path());
+        let cgroup = Cgroup::new(idx);
+        let config = format!(
+            "proxy:\n  port: {}\nwatch:\n  cgroups:\n    - path: {}\ntargets:\n{}workloads:\n  - name: e2e-jobs\n    cgroup: \"/se2e-*\"\n",
+            16000 + idx,
+            cgroup.rel,
+            targets(&remote)
+        );
+        let node = Node::start(dir.path(), &config);
+        Env {
+            node,
+            cgroup,
+            remote,
+            _dir: dir,
+        }
+    }
+
+    /// Runs the Python test client in the watched cgroup; returns its JSON.
+    pub fn client(&self, args: &[&str]) -> Value {
+        let script = format!("{FIXTURES}/client.py");
+        let mut full = vec![script.as_str()];
+        full.extend_from_slice(args);
+        let out = self.cgroup.run("python3", &full);
+        parse_json_output(&out, &self.node)
+    }
+}
+
+pub fn parse_json_output(out: &Output, node: &Node) -> Value {
+    assert!(
+        out.status.success(),
+        "client failed: {}\n{}\nnode log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        node.log_text()
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client output is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The `PID=` line the cgroup wrapper prints before exec.
+pub fn wrapper_pid(out: &Output) -> u32 {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find_map(|l| l.strip_prefix("PID="))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("wrapper printed its pid")
+}
+
+pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn write_file(path: &Path, text: &str) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Passthrough benchmark: connect latency and bulk throughput through
+Sluice's redirect + splice path against a direct connection to the same
+server, side by side in one run. Reports ratios (via / direct).
+
+Everything runs on this host: the server lives in a network namespace this
+script creates (10.213.0.2), the client runs either outside (direct) or
+inside (via Sluice) a cgroup the node watches. Needs root.
+"""
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+NS = "sluice-bench"
+HOST_IF, PEER_IF = "sbench0", "sbench1"
+HOST_IP, REMOTE_IP = "10.213.0.1", "10.213.0.2"
+PING_PORT, BULK_PORT = 9000, 9001
+
+
+def sh(cmd, check=True):
+    return subprocess.run(cmd, shell=True, check=check, capture_output=True, text=True)
+
+
+def cgroup2_root():
+    best = None
+    for line in open("/proc/self/mountinfo"):
+        pre, _, post = line.partition(" - ")
+        if post.split()[0] == "cgroup2":
+            mp = pre.split()[4]
+            if best is None or len(mp) < len(best):
+                best = mp
+    return best
+
+
+# ---------------------------------------------------------------- server
+def serve():
+    def ping_conn(c):
+        with c:
+            while True:
+                b = c.recv(1)
+                if not b:
+                    return
+                c.sendall(b)
+
+    def bulk_conn(c):
+        with c:
+            n = int.from_bytes(c.recv(8), "big")
+            chunk = b"x" * (1 << 20)
+            while n > 0:
+                k = min(n, len(chunk))
+                c.sendall(chunk[:k])
+                n -= k
+
+    def listen(port, handler):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((REMOTE_IP, port))
+        s.listen(1024)
+        while True:
+            c, _ = s.accept()
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=handler, args=(c,), daemon=True).start()
+
+    threading.Thread(target=listen, args=(PING_PORT, ping_conn), daemon=True).start()
+    listen(BULK_PORT, bulk_conn)
+
+
+# ---------------------------------------------------------------- client
+def client(n_connects, bulk_bytes, bulk_rounds):
+    lat = []
+    for _ in range(n_connects):
+        t0 = time.perf_counter()
+        s = socket.create_connection((REMOTE_IP, PING_PORT))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"p")
+        s.recv(1)
+        lat.append(time.perf_counter() - t0)
+        s.close()
+    rates = []
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    for _ in range(bulk_rounds):
+        s = socket.create_connection((REMOTE_IP, BULK_PORT))
+        t0 = time.perf_counter()
+        s.sendall(bulk_bytes.to_bytes(8, "big"))
+        got = 0
+        while got < bulk_bytes:
+            k = s.recv_into(view)
+            if not k:
+                break
+            got += k
+        dt = time.perf_counter() - t0
+        s.close()
+        if got != bulk_bytes:
+            sys.exit("short read: %d of %d" % (got, bulk_bytes))
+        rates.append(got / dt / 1e6)
+    lat.sort()
+    print(json.dumps({
+        "connect_p50_us": lat[len(lat) // 2] * 1e6,
+        "connect_p99_us": lat[int(len(lat) * 0.99) - 1] * 1e6,
+        "connect_mean_us": statistics.mean(lat) * 1e6,
+        "bulk_mb_s": statistics.median(rates),
+    }))
+
+
+# ---------------------------------------------------------------- driver
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sluice", required=True)
+    ap.add_argument("--connects", type=int, default=2000)
+    ap.add_argument("--bulk-mb", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root (eBPF, cgroups, network namespaces)")
+
+    me = os.path.abspath(__file__)
+    sh("ip netns del %s" % NS, check=False)
+    sh("ip link del %s" % HOST_IF, check=False)
+    sh("ip netns add %s" % NS)
+    sh("ip link add %s type veth peer name %s" % (HOST_IF, PEER_IF))
+    sh("ip link set %s netns %s" % (PEER_IF, NS))
+    sh("ip addr add %s/24 dev %s && ip link set %s up" % (HOST_IP, HOST_IF, HOST_IF))
+    sh("ip netns exec %s sh -c 'ip link set lo up && ip addr add %s/24 dev %s && ip link set %s up'"
+       % (NS, REMOTE_IP, PEER_IF, PEER_IF))
+    server = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, me, "--serve"])
+    cg = os.path.join(cgroup2_root(), "sluice-bench")
+    os.makedirs(cg, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="sluice-bench-")
+    cfg = os.path.join(tmp, "bench.yaml")
+    with open(cfg, "w") as f:
+        f.write("proxy:\n  port: 15999\nwatch:\n  cgroups: [{path: sluice-bench}]\n"
+                "targets:\n  - name: bench\n    addresses: [\"%s\"]\n    ports: [%d, %d]\n"
+                % (REMOTE_IP, PING_PORT, BULK_PORT))
+    sock = os.path.join(tmp, "control.sock")
+    node = subprocess.Popen([a.sluice, "--socket", sock, "run", "--config", cfg,
+                             "--state-dir", os.path.join(tmp, "state")],
+                            stderr=open(os.path.join(tmp, "sluice.log"), "w"),
+                            env=dict(os.environ, SLUICE_LOG="warn"))
+    try:
+        for _ in range(200):
+            if subprocess.run([a.sluice, "--socket", sock, "status"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            sys.exit("sluice did not start; see %s/sluice.log" % tmp)
+        args = [sys.executable, me, "--client", str(a.connects), str(a.bulk_mb << 20), str(a.rounds)]
+        # Interleave runs so that machine noise hits both sides alike.
+        results = {"direct": [], "sluice": []}
+        for _ in range(2):
+            d = subprocess.run(args, capture_output=True, text=True, check=True)
+            results["direct"].append(json.loads(d.stdout))
+            v = subprocess.run(["sh", "-c", 'echo $$ > %s/cgroup.procs && exec "$@"' % cg, "sh"] + args,
+                               capture_output=True, text=True, check=True)
+            results["sluice"].append(json.loads(v.stdout))
+        st = json.loads(subprocess.run([a.sluice, "--socket", sock, "status", "--json"],
+                                       capture_output=True, text=True, check=True).stdout)
+        expected = 2 * (a.connects + a.rounds)
+        if st["connections_forwarded"] < expected:
+            sys.exit("only %d of %d connections went through sluice" % (st["connections_forwarded"], expected))
+
+        def best(side, key, lower_is_better):
+            vals = [r[key] for r in results[side]]
+            return min(vals) if lower_is_better else max(vals)
+
+        print("\nSluice passthrough benchmark (%d connects x2, %d MiB x %d x2; best of runs)"
+              % (a.connects, a.bulk_mb, a.rounds))
+        print("%-22s %12s %12s %8s" % ("metric", "direct", "via sluice", "ratio"))
+        for key, lower in [("connect_p50_us", True), ("connect_p99_us", True),
+                           ("connect_mean_us", True), ("bulk_mb_s", False)]:
+            dv, sv = best("direct", key, lower), best("sluice", key, lower)
+            print("%-22s %12.1f %12.1f %8.2f" % (key, dv, sv, sv / dv))
+        print("(latency ratio >1 = slower through Sluice; throughput ratio <1 = less throughput)")
+        print("connections through sluice: %d" % st["connections_forwarded"])
+    finally:
+        node.terminate()
+        node.wait()
+        server.kill()
+        sh("ip netns del %s" % NS, check=False)
+        sh("ip link del %s" % HOST_IF, check=False)
+        try:
+            os.rmdir(cg)
+        except OSError:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve()
+    elif len(sys.argv) > 1 and sys.argv[1] == "--client":
+        client(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()
