@@ -48,6 +48,54 @@ pub struct Config {
     pub targets: Vec<Target>,
     #[serde(default)]
     pub workloads: Vec<WorkloadSelector>,
+    #[serde(default)]
+    pub tls: TlsSettings,
+    #[serde(default)]
+    pub records: RecordSettings,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM files of extra roots trusted for upstream servers (on top of
+    /// the system store). There is no way to switch verification off.
+    #[serde(default)]
+    pub extra_upstream_roots: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordSettings {
+    /// Bytes of each request and response body kept in the record; the
+    /// rest is counted and marked truncated.
+    #[serde(default = "default_body_cap")]
+    pub body_cap_bytes: usize,
+}
+
+impl Default for RecordSettings {
+    fn default() -> Self {
+        Self {
+            body_cap_bytes: default_body_cap(),
+        }
+    }
+}
+
+fn default_body_cap() -> usize {
+    64 * 1024
+}
+
+/// How a target's connections are handled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// Plain TCP: spliced and recorded as a connection.
+    #[default]
+    None,
+    /// TLS terminated with the node's CA when the SNI is a target name;
+    /// other names are spliced.
+    Intercept,
+    /// TLS spliced untouched (SNI recorded).
+    Passthrough,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +170,34 @@ pub struct Target {
     /// Destination ports; empty means every port.
     #[serde(default)]
     pub ports: Vec<u16>,
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// Extra names matched against the TLS SNI but not resolved (for
+    /// targets given by address). `*.example.com` matches subdomains.
+    #[serde(default)]
+    pub sni: Vec<String>,
+}
+
+impl Target {
+    /// Names this target is intercepted under.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.hosts.iter().chain(self.sni.iter())
+    }
+}
+
+impl Config {
+    /// Every name some target intercepts TLS for (the CA's constraints).
+    pub fn intercept_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .targets
+            .iter()
+            .filter(|t| t.tls == TlsMode::Intercept)
+            .flat_map(|t| t.names().cloned())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
 }
 
 /// `10.0.0.5`, `2001:db8::1` or `10.1.0.0/16`.
@@ -268,6 +344,20 @@ impl Config {
                     ));
                 }
             }
+            for (j, n) in t.sni.iter().enumerate() {
+                if !valid_hostname(n.strip_prefix("*.").unwrap_or(n)) {
+                    return Err(bad(
+                        format!("targets[{i}].sni[{j}]"),
+                        format!("`{n}` is not a valid DNS name or wildcard"),
+                    ));
+                }
+            }
+            if t.tls == TlsMode::Intercept && t.hosts.is_empty() && t.sni.is_empty() {
+                return Err(bad(
+                    format!("targets[{i}].tls"),
+                    "`intercept` needs names to intercept: set `hosts` or `sni`".into(),
+                ));
+            }
             for (j, p) in t.ports.iter().enumerate() {
                 if *p == 0 {
                     return Err(bad(
@@ -285,6 +375,12 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.records.body_cap_bytes > 64 * 1024 * 1024 {
+            return Err(bad(
+                "records.body_cap_bytes".into(),
+                "at most 64 MiB per body".into(),
+            ));
         }
         for (i, w) in self.workloads.iter().enumerate() {
             if let Err(e) = glob::Pattern::new(&w.cgroup) {

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::{
     proxy::Proxy,
-    record::{ConnectionRecord, Filter},
+    record::{ConnectionRecord, Exchange, Filter},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +43,7 @@ pub enum Request {
     Status,
     SessionsList { filter: Filter },
     SessionsShow { id: u64 },
-    Verify,
+    Verify { session: Option<u64> },
 }
 
 impl Request {
@@ -52,7 +52,7 @@ impl Request {
             Request::Status => "status",
             Request::SessionsList { .. } => "sessions_list",
             Request::SessionsShow { .. } => "sessions_show",
-            Request::Verify => "verify",
+            Request::Verify { .. } => "verify",
         }
     }
 }
@@ -61,11 +61,22 @@ impl Request {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Status(Status),
-    Sessions { sessions: Vec<ConnectionRecord> },
-    Session { session: Box<ConnectionRecord> },
-    Verified { events: u64 },
-    Broken { first_break: String },
-    Error { message: String },
+    Sessions {
+        sessions: Vec<ConnectionRecord>,
+    },
+    Session {
+        session: Box<ConnectionRecord>,
+        exchanges: Vec<Exchange>,
+    },
+    Verified {
+        events: u64,
+    },
+    Broken {
+        first_break: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -216,15 +227,16 @@ impl ControlServer {
                     message: e.to_string(),
                 },
             },
-            Request::SessionsShow { id } => match p.store.get(id) {
-                Ok(s) => Response::Session {
+            Request::SessionsShow { id } => match (p.store.get(id), p.store.exchanges(id)) {
+                (Ok(s), Ok(exchanges)) => Response::Session {
                     session: Box::new(s),
+                    exchanges,
                 },
-                Err(e) => Response::Error {
+                (Err(e), _) | (_, Err(e)) => Response::Error {
                     message: e.to_string(),
                 },
             },
-            Request::Verify => match p.store.verify() {
+            Request::Verify { session } => match p.store.verify(session) {
                 Ok(Ok(events)) => Response::Verified { events },
                 Ok(Err(first_break)) => Response::Broken { first_break },
                 Err(e) => Response::Error {

@@ -3,7 +3,7 @@
 //! moment it says it is ready.
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -13,13 +13,14 @@ use tracing::{info, warn};
 
 use crate::{
     addr::ProxyAddr,
-    config::Config,
+    config::{Config, TlsMode},
     control::{self, ControlServer},
     identity::IdentityResolver,
     proxy::{self, Counters, Proxy},
     record::RecordStore,
     redirect::{self, Redirector},
     targets,
+    tls::{Ca, TlsContext},
 };
 
 pub struct RunOptions {
@@ -69,11 +70,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     )?);
     targets::install_static(&redirector, &cfg.targets)?;
 
+    let tls = tls_context(&cfg, &state_dir)?;
+
     let proxy = Arc::new(Proxy {
         redirector: redirector.clone(),
         identities: IdentityResolver::new(root, &cfg.workloads),
         store: store.clone(),
         target_names: cfg.targets.iter().map(|t| t.name.clone()).collect(),
+        target_modes: cfg.targets.iter().map(|t| t.tls).collect(),
+        intercept_names: cfg
+            .targets
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.tls == TlsMode::Intercept)
+            .map(|(i, t)| (i as u32, t.names().cloned().collect()))
+            .collect(),
+        tls,
+        body_cap: cfg.records.body_cap_bytes,
         listen: listeners.iter().map(|(a, _)| ProxyAddr(*a)).collect(),
         connect_timeout: Duration::from_secs(cfg.proxy.connect_timeout_secs),
         counters: Counters::default(),
@@ -107,6 +120,26 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     store.flush().await?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// The CA (created on first start, constrained to the intercepted names)
+/// and the upstream trust roots; none when nothing is intercepted.
+fn tls_context(cfg: &Config, state_dir: &Path) -> anyhow::Result<Option<Arc<TlsContext>>> {
+    let names = cfg.intercept_names();
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let ca = Arc::new(Ca::init(&state_dir.join("ca"), &names, false)?);
+    for n in &names {
+        if !ca.permits(n.trim_start_matches("*.")) {
+            warn!(name = %n, "target name is outside the CA's name constraints; it will not be intercepted until `sluice ca init --force`");
+        }
+    }
+    info!(fingerprint = %ca.fingerprint(), permitted = ?ca.permitted(), "node CA loaded");
+    Ok(Some(Arc::new(TlsContext::new(
+        ca,
+        &cfg.tls.extra_upstream_roots,
+    )?)))
 }
 
 /// State holds evidence: readable by root only.

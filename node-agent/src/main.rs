@@ -4,11 +4,14 @@ mod addr;
 mod config;
 mod control;
 mod daemon;
+mod export;
+mod http;
 mod identity;
 mod proxy;
 mod record;
 mod redirect;
 mod targets;
+mod tls;
 
 use std::{
     path::PathBuf,
@@ -64,8 +67,54 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SessionsCmd,
     },
-    /// Check the record store's hash chain.
-    Verify,
+    /// Check the record store's hash chain (whole store or one session).
+    Verify {
+        #[arg(long)]
+        session: Option<u64>,
+    },
+    /// The node's internal CA.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create the CA (constrained to the configuration's target names).
+    Init {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Replace an existing CA (rotation).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print subject, constraints, fingerprint and validity.
+    Show {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Print the certificate PEM.
+        #[arg(long)]
+        pem: bool,
+    },
+    /// Add the CA to the host's system trust store (Debian).
+    Install {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Remove it from the system trust store.
+    Uninstall {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -95,8 +144,22 @@ enum SessionsCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show one session in full (JSON).
+    /// Show one session and its exchanges in full (JSON).
     Show { id: u64 },
+    /// Replay a session's exchanges, in order, as a readable timeline.
+    Replay { id: u64 },
+    /// Export a session as evidence.
+    Export {
+        id: u64,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Har,
 }
 
 fn main() -> ExitCode {
@@ -240,23 +303,156 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Sessions {
             cmd: SessionsCmd::Show { id },
         } => {
-            let Response::Session { session } =
-                control::call(&sock(), &Request::SessionsShow { id }).await?
-            else {
-                bail!("unexpected reply to sessions show");
-            };
-            println!("{}", serde_json::to_string_pretty(&session)?);
+            let (session, exchanges) = fetch_session(&sock(), id).await?;
+            let mut v = serde_json::to_value(&session)?;
+            v["exchanges"] = serde_json::to_value(&exchanges)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        Cmd::Verify => match control::call(&sock(), &Request::Verify).await? {
-            Response::Verified { events } => println!("ok: {events} events, chain intact"),
-            Response::Broken { first_break } => {
-                println!("BROKEN: {first_break}");
-                return Ok(ExitCode::from(2));
+        Cmd::Sessions {
+            cmd: SessionsCmd::Replay { id },
+        } => {
+            let (session, exchanges) = fetch_session(&sock(), id).await?;
+            print!("{}", export::replay(&session, &exchanges));
+        }
+        Cmd::Sessions {
+            cmd: SessionsCmd::Export { id, format },
+        } => {
+            let (session, exchanges) = fetch_session(&sock(), id).await?;
+            match format {
+                ExportFormat::Jsonl => print!("{}", export::jsonl(&session, &exchanges)?),
+                ExportFormat::Har => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&export::har(&session, &exchanges))?
+                ),
             }
-            _ => bail!("unexpected reply to verify"),
-        },
+        }
+        Cmd::Ca { cmd } => return ca_command(cmd),
+        Cmd::Verify { session } => {
+            match control::call(&sock(), &Request::Verify { session }).await? {
+                Response::Verified { events } => println!("ok: {events} events, chain intact"),
+                Response::Broken { first_break } => {
+                    println!("BROKEN: {first_break}");
+                    return Ok(ExitCode::from(2));
+                }
+                _ => bail!("unexpected reply to verify"),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn fetch_session(
+    socket: &std::path::Path,
+    id: u64,
+) -> anyhow::Result<(ConnectionRecord, Vec<record::Exchange>)> {
+    match control::call(socket, &Request::SessionsShow { id }).await? {
+        Response::Session { session, exchanges } => Ok((*session, exchanges)),
+        _ => bail!("unexpected reply to sessions show"),
+    }
+}
+
+fn ca_dir(
+    config: Option<&std::path::Path>,
+    state_dir: Option<PathBuf>,
+) -> anyhow::Result<(config::Config, PathBuf)> {
+    let cfg = config::Config::load(config)?;
+    let dir = state_dir
+        .unwrap_or_else(|| cfg.state_dir.clone())
+        .join("ca");
+    Ok((cfg, dir))
+}
+
+fn ca_command(cmd: CaCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        CaCmd::Init {
+            config,
+            state_dir,
+            force,
+        } => {
+            let (cfg, dir) = ca_dir(config.as_deref(), state_dir)?;
+            let existed = tls::ca::cert_path(&dir).exists();
+            let ca = tls::Ca::init(&dir, &cfg.intercept_names(), force)?;
+            if existed && !force {
+                println!(
+                    "CA already exists (use --force to rotate): {}",
+                    dir.display()
+                );
+            } else {
+                println!("created CA in {}", dir.display());
+            }
+            println!("permitted names: {}", ca.permitted().join(", "));
+            println!("sha256 fingerprint: {}", ca.fingerprint());
+        }
+        CaCmd::Show {
+            config,
+            state_dir,
+            pem,
+        } => {
+            let (_, dir) = ca_dir(config.as_deref(), state_dir)?;
+            let ca = tls::Ca::load(&dir)?;
+            if pem {
+                print!("{}", ca.cert_pem());
+                return Ok(ExitCode::SUCCESS);
+            }
+            for (k, v) in tls::ca::describe(ca.cert_der()).map_err(anyhow::Error::msg)? {
+                println!("{k:>20}: {v}");
+            }
+            println!(
+                "{:>20}: {}",
+                "certificate",
+                tls::ca::cert_path(&dir).display()
+            );
+        }
+        CaCmd::Install { config, state_dir } => {
+            let (_, dir) = ca_dir(config.as_deref(), state_dir)?;
+            let ca = tls::Ca::load(&dir)?;
+            let dest = tls::ca::system_store_path(&ca.fingerprint());
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&dest, ca.cert_pem())
+                .with_context(|| format!("writing {}", dest.display()))?;
+            update_ca_certificates()?;
+            println!("installed {} into the system trust store", dest.display());
+            println!("runtimes with their own trust store:");
+            println!("  Node.js:        NODE_EXTRA_CA_CERTS={}", dest.display());
+            println!("  Python certifi: REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt (or SSL_CERT_FILE)");
+            println!(
+                "  Java:           keytool -importcert -noprompt -cacerts -storepass changeit -alias sluice -file {}",
+                dest.display()
+            );
+        }
+        CaCmd::Uninstall { config, state_dir } => {
+            let (_, dir) = ca_dir(config.as_deref(), state_dir)?;
+            let ca = tls::Ca::load(&dir)?;
+            let dest = tls::ca::system_store_path(&ca.fingerprint());
+            match std::fs::remove_file(&dest) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    println!("not installed ({} absent)", dest.display());
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(e) => return Err(e).with_context(|| format!("removing {}", dest.display())),
+            }
+            update_ca_certificates()?;
+            println!("removed {} from the system trust store", dest.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn update_ca_certificates() -> anyhow::Result<()> {
+    let out = std::process::Command::new("update-ca-certificates")
+        .arg("--fresh")
+        .output()
+        .context("running update-ca-certificates (package ca-certificates)")?;
+    if !out.status.success() {
+        bail!(
+            "update-ca-certificates failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// RFC 3339, or a duration back from now.

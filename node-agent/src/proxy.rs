@@ -11,15 +11,25 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::{
     addr::{ClientAddr, OrigDstAddr, ProxyAddr},
+    config::TlsMode,
+    http::{self, HttpSession},
     identity::{IdentityResolver, ProcessInfo, WorkloadIdentity},
-    record::{now_ms, ConnectionRecord, Outcome, RecordStore},
+    record::{now_ms, ConnectionRecord, Outcome, RecordStore, TlsInfo},
     redirect::Redirector,
+    tls::{hello, proxyable_alpn, TlsContext},
 };
+
+/// How long a client may take to send its ClientHello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -45,6 +55,11 @@ pub struct Proxy {
     pub identities: IdentityResolver,
     pub store: Arc<RecordStore>,
     pub target_names: Vec<String>,
+    pub target_modes: Vec<TlsMode>,
+    /// (target id, names) for SNI matching.
+    pub intercept_names: Vec<(u32, Vec<String>)>,
+    pub tls: Option<Arc<TlsContext>>,
+    pub body_cap: usize,
     pub listen: Vec<ProxyAddr>,
     pub connect_timeout: Duration,
     pub counters: Counters,
@@ -114,6 +129,7 @@ impl Proxy {
                 outcome: Outcome::Refused {
                     reason: "no redirect origin (not redirected by Sluice)".into(),
                 },
+                tls: None,
             };
             self.record(&r, "connection.refused");
             refuse(client);
@@ -128,7 +144,7 @@ impl Proxy {
     async fn forward(
         &self,
         id: u64,
-        mut client: TcpStream,
+        client: TcpStream,
         peer: ClientAddr,
         dst: OrigDstAddr,
         origin: sluice_common::Origin,
@@ -157,6 +173,7 @@ impl Proxy {
                 bytes_up: 0,
                 bytes_down: 0,
                 outcome: Outcome::Open,
+                tls: None,
             };
             if loops {
                 r.outcome = Outcome::Refused {
@@ -192,7 +209,7 @@ impl Proxy {
         };
         info!(%peer, %dst, pid = r.process.tgid, comm = %r.process.comm, "intercepted");
 
-        let mut upstream = match upstream {
+        let upstream = match upstream {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return self.upstream_failed(r, client, e.to_string()).await,
             Err(_) => {
@@ -205,27 +222,165 @@ impl Proxy {
         let _ = client.set_nodelay(true);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         self.counters.active.fetch_add(1, Ordering::Relaxed);
-        // 64 KiB each way: the 8 KiB default costs a third of bulk throughput.
-        let result =
-            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 1 << 16, 1 << 16)
-                .await;
+        let bytes = Arc::new(ByteCounts::default());
+        let client = Counted {
+            inner: client,
+            counts: bytes.clone(),
+        };
+        let mode = self
+            .target_modes
+            .get(origin.target_id as usize)
+            .copied()
+            .unwrap_or_default();
+        r.outcome = match mode {
+            TlsMode::None => splice(client, upstream, &[]).await,
+            TlsMode::Intercept | TlsMode::Passthrough => {
+                self.tls_path(&mut r, client, upstream, mode, origin.target_id)
+                    .await
+            }
+        };
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
         r.ended_at_ms = Some(now_ms());
-        match result {
-            Ok((up, down)) => {
-                r.bytes_up = up;
-                r.bytes_down = down;
-                r.outcome = Outcome::Closed;
-            }
-            Err(e) => {
-                r.outcome = Outcome::Failed {
-                    error: e.to_string(),
-                };
-            }
-        }
-        debug!(up = r.bytes_up, down = r.bytes_down, "closed");
+        r.bytes_up = bytes.up.load(Ordering::Relaxed);
+        r.bytes_down = bytes.down.load(Ordering::Relaxed);
+        debug!(up = r.bytes_up, down = r.bytes_down, outcome = ?r.outcome, "closed");
         self.record(&r, "connection.close");
         let _ = self.store.flush().await;
+    }
+
+    fn intercepts(&self, target_id: u32, sni: &str) -> bool {
+        self.intercept_names
+            .iter()
+            .filter(|(id, _)| *id == target_id)
+            .flat_map(|(_, names)| names)
+            .any(|n| match n.strip_prefix("*.") {
+                Some(base) => sni.ends_with(&format!(".{base}")),
+                None => n.eq_ignore_ascii_case(sni),
+            })
+    }
+
+    async fn tls_path(
+        &self,
+        r: &mut ConnectionRecord,
+        mut client: Counted<TcpStream>,
+        upstream: TcpStream,
+        mode: TlsMode,
+        target_id: u32,
+    ) -> Outcome {
+        let (hello, prefix) = match tokio::time::timeout(
+            HELLO_TIMEOUT,
+            hello::read_client_hello(&mut client),
+        )
+        .await
+        {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                // Fail closed: a TLS target that does not speak TLS
+                // is not forwarded.
+                warn!(error = %e, "refusing connection to a TLS target");
+                refuse(client.inner);
+                return Outcome::Refused {
+                    reason: e.to_string(),
+                };
+            }
+            Err(_) => {
+                refuse(client.inner);
+                return Outcome::Refused {
+                    reason: "no TLS ClientHello within 10s".into(),
+                };
+            }
+        };
+        let sni = hello.sni.clone();
+        let intercept = mode == TlsMode::Intercept
+            && self.tls.is_some()
+            && sni
+                .as_deref()
+                .is_some_and(|s| self.intercepts(target_id, s));
+        r.tls = Some(TlsInfo {
+            sni: sni.clone(),
+            mode: if intercept { "intercepted" } else { "spliced" }.into(),
+            alpn: None,
+        });
+        let (Some(tls), Some(sni), true) = (self.tls.clone(), sni, intercept) else {
+            info!(sni = ?r.tls.as_ref().and_then(|t| t.sni.clone()), "TLS spliced (not an intercepted name)");
+            return splice(client, upstream, &prefix).await;
+        };
+        let alpn = proxyable_alpn(&hello.alpn);
+        let up = match tls.connect_upstream(upstream, &sni, &alpn).await {
+            Ok(s) => s,
+            Err(e) => {
+                let message = format!("upstream TLS with {sni} failed: {e}");
+                warn!(%sni, error = %e, "upstream TLS failed; answering the client with 502");
+                // Tell the client in its own protocol what went wrong.
+                let h1 = alpn.is_empty() || alpn.iter().any(|p| p == b"http/1.1");
+                let proto: Option<&[u8]> = if h1 && !alpn.is_empty() {
+                    Some(b"http/1.1")
+                } else if h1 {
+                    None
+                } else {
+                    Some(b"h2")
+                };
+                if let Ok(cfg) = tls.server_config(&sni, proto) {
+                    let accept = TlsAcceptor::from(cfg).accept(hello::Rewind::new(prefix, client));
+                    if let Ok(Ok(down)) = tokio::time::timeout(HELLO_TIMEOUT, accept).await {
+                        http::serve_error(down, !h1, message.clone()).await;
+                    }
+                }
+                return Outcome::UpstreamFailed { error: message };
+            }
+        };
+        let negotiated = up.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        if let Some(t) = r.tls.as_mut() {
+            t.alpn = negotiated
+                .as_deref()
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+        }
+        let cfg = match tls.server_config(&sni, negotiated.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%sni, error = %e, "cannot serve this name; refusing");
+                refuse(client.inner);
+                return Outcome::Refused {
+                    reason: e.to_string(),
+                };
+            }
+        };
+        let down = match tokio::time::timeout(
+            HELLO_TIMEOUT,
+            TlsAcceptor::from(cfg).accept(hello::Rewind::new(prefix, client)),
+        )
+        .await
+        {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                // Typically: the client does not trust the node's CA.
+                warn!(%sni, error = %e, "client TLS handshake failed");
+                return Outcome::Failed {
+                    error: format!("client TLS handshake: {e}"),
+                };
+            }
+            Err(_) => {
+                return Outcome::Failed {
+                    error: "client TLS handshake timed out".into(),
+                }
+            }
+        };
+        let session = Arc::new(HttpSession {
+            session: r.id,
+            workload: r.identity.id.clone(),
+            authority: sni.clone(),
+            store: self.store.clone(),
+            body_cap: self.body_cap,
+            next_seq: Default::default(),
+        });
+        let h2 = negotiated.as_deref() == Some(b"h2");
+        info!(%sni, h2, "TLS intercepted");
+        match http::serve(down, up, h2, session).await {
+            Ok(()) => Outcome::Closed,
+            Err(e) => Outcome::Failed {
+                error: e.to_string(),
+            },
+        }
     }
 
     async fn upstream_failed(&self, mut r: ConnectionRecord, client: TcpStream, error: String) {
@@ -238,6 +393,83 @@ impl Proxy {
         self.record(&r, "connection.close");
         let _ = self.store.flush().await;
         refuse(client);
+    }
+}
+
+async fn splice(mut client: Counted<TcpStream>, mut upstream: TcpStream, prefix: &[u8]) -> Outcome {
+    if !prefix.is_empty() {
+        if let Err(e) = upstream.write_all(prefix).await {
+            return Outcome::Failed {
+                error: e.to_string(),
+            };
+        }
+        client
+            .counts
+            .up
+            .fetch_add(prefix.len() as u64, Ordering::Relaxed);
+    }
+    // 64 KiB each way: the 8 KiB default costs a third of bulk throughput.
+    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 1 << 16, 1 << 16)
+        .await
+    {
+        Ok(_) => Outcome::Closed,
+        Err(e) => Outcome::Failed {
+            error: e.to_string(),
+        },
+    }
+}
+
+#[derive(Default)]
+struct ByteCounts {
+    /// Read from the client (client to upstream).
+    up: AtomicU64,
+    /// Written to the client.
+    down: AtomicU64,
+}
+
+/// The client stream, counting bytes each way whichever path it takes.
+struct Counted<S> {
+    inner: S,
+    counts: Arc<ByteCounts>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.counts.up.fetch_add(n as u64, Ordering::Relaxed);
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let res = std::pin::Pin::new(&mut self.inner).poll_write(cx, b);
+        if let std::task::Poll::Ready(Ok(n)) = &res {
+            self.counts.down.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        res
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -62,6 +62,91 @@ pub struct ConnectionRecord {
     /// Upstream to client.
     pub bytes_down: u64,
     pub outcome: Outcome,
+    /// Set for TLS targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsInfo {
+    pub sni: Option<String>,
+    /// `intercepted` or `spliced`.
+    pub mode: String,
+    pub alpn: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+}
+
+/// A captured body: the first `cap` bytes, as text when it is UTF-8 and
+/// base64 otherwise, with its full size and whether it was cut.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BodyRecord {
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base64: Option<String>,
+    pub truncated: bool,
+    pub complete: bool,
+}
+
+impl BodyRecord {
+    pub fn set_bytes(&mut self, bytes: Vec<u8>) {
+        use base64::Engine;
+        if bytes.is_empty() {
+            return;
+        }
+        match String::from_utf8(bytes) {
+            Ok(t) => self.text = Some(t),
+            Err(e) => {
+                self.base64 = Some(base64::engine::general_purpose::STANDARD.encode(e.into_bytes()))
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        use base64::Engine;
+        if let Some(t) = &self.text {
+            return t.as_bytes().to_vec();
+        }
+        self.base64
+            .as_deref()
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// One HTTP request and its response.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Exchange {
+    pub session: u64,
+    pub seq: u32,
+    pub workload: String,
+    pub started_at_ms: u64,
+    pub method: String,
+    pub authority: String,
+    pub path: String,
+    pub http_version: String,
+    pub request_headers: Vec<Header>,
+    pub request_body: BodyRecord,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_trailers: Vec<Header>,
+    pub status: Option<u16>,
+    pub response_headers: Vec<Header>,
+    pub response_body: BodyRecord,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub response_trailers: Vec<Header>,
+    /// Time to the response head.
+    pub ttfb_ms: Option<f64>,
+    pub duration_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One link of the hash chain.
@@ -123,6 +208,7 @@ impl Filter {
 pub struct RecordStore {
     db: sled::Db,
     connections: sled::Tree,
+    exchanges: sled::Tree,
     events: sled::Tree,
     /// Serialises appends so that each event sees the true previous hash.
     head: Mutex<(u64, String)>,
@@ -161,6 +247,7 @@ impl RecordStore {
             .flush_every_ms(Some(200))
             .open()?;
         let connections = db.open_tree("connections")?;
+        let exchanges = db.open_tree("exchanges")?;
         let events = db.open_tree("events")?;
         let head = match events.last()? {
             Some((k, v)) => {
@@ -177,6 +264,7 @@ impl RecordStore {
         let store = Self {
             db,
             connections,
+            exchanges,
             events,
             head: Mutex::new(head),
             next_id: std::sync::atomic::AtomicU64::new(last_id + 1),
@@ -217,6 +305,30 @@ impl RecordStore {
         self.connections
             .insert(r.id.to_be_bytes(), body.as_bytes())?;
         Ok(())
+    }
+
+    /// Stores a finished exchange and appends it to the chain.
+    pub fn put_exchange(&self, ex: &Exchange) -> Result<(), RecordError> {
+        let body = serde_json::to_string(ex).map_err(RecordError::Encode)?;
+        self.append(ex.session, "exchange", &body)?;
+        self.exchanges
+            .insert(exchange_key(ex.session, ex.seq), body.as_bytes())?;
+        Ok(())
+    }
+
+    /// A session's exchanges, in order.
+    pub fn exchanges(&self, session: u64) -> Result<Vec<Exchange>, RecordError> {
+        let mut out = Vec::new();
+        for item in self.exchanges.scan_prefix(session.to_be_bytes()) {
+            let (k, v) = item?;
+            out.push(
+                serde_json::from_slice(&v).map_err(|source| RecordError::Corrupt {
+                    key: format!("exchanges/{}", hex::encode(&k)),
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
     }
 
     fn append(&self, connection: u64, kind: &str, body: &str) -> Result<(), RecordError> {
@@ -283,11 +395,15 @@ impl RecordStore {
         self.connections.len()
     }
 
-    /// Walks the whole chain; returns the number of events or the first
-    /// broken link.
-    pub fn verify(&self) -> Result<Result<u64, String>, RecordError> {
+    /// Walks the whole chain, then checks that every stored record (or, with
+    /// `session`, that session's records) is exactly what the chain says.
+    /// Returns the number of events, or the first broken link.
+    pub fn verify(&self, session: Option<u64>) -> Result<Result<u64, String>, RecordError> {
         let mut prev = GENESIS.to_owned();
         let mut expected_seq = 0u64;
+        // Latest chained body per connection, and every chained exchange.
+        let mut last_conn: std::collections::HashMap<u64, String> = Default::default();
+        let mut chained_ex: std::collections::HashMap<Vec<u8>, String> = Default::default();
         for item in self.events.iter() {
             let (k, v) = item?;
             let seq = key_u64(&k);
@@ -309,13 +425,98 @@ impl RecordStore {
             let body = serde_json::to_string(&ev.body).map_err(RecordError::Encode)?;
             let hash = event_hash(&ev.prev, ev.seq, ev.at_ms, ev.connection, &ev.kind, &body);
             if hash != ev.hash || ev.seq != seq {
-                return Ok(Err(format!("event {seq} was altered (hash mismatch)")));
+                return Ok(Err(format!(
+                    "event {seq} (session {}) was altered (hash mismatch)",
+                    ev.connection
+                )));
+            }
+            if ev.kind == "exchange" {
+                let exseq = ev
+                    .body
+                    .get("seq")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(u64::MAX) as u32;
+                chained_ex.insert(exchange_key(ev.connection, exseq).to_vec(), body);
+            } else {
+                last_conn.insert(ev.connection, body);
             }
             prev = ev.hash;
             expected_seq += 1;
         }
+        let canonical = |v: &[u8]| -> Option<String> {
+            serde_json::from_slice::<serde_json::Value>(v)
+                .ok()
+                .and_then(|v| serde_json::to_string(&v).ok())
+        };
+        let conns: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match session
+        {
+            Some(id) => Box::new(
+                self.connections
+                    .get(id.to_be_bytes())?
+                    .map(|v| Ok((sled::IVec::from(&id.to_be_bytes()[..]), v)))
+                    .into_iter(),
+            ),
+            None => Box::new(self.connections.iter()),
+        };
+        for item in conns {
+            let (k, v) = item?;
+            let id = key_u64(&k);
+            if last_conn.get(&id) != canonical(&v).as_ref() {
+                return Ok(Err(format!(
+                    "session {id}: stored record differs from its chained events"
+                )));
+            }
+        }
+        let exs: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match session {
+            Some(id) => Box::new(self.exchanges.scan_prefix(id.to_be_bytes())),
+            None => Box::new(self.exchanges.iter()),
+        };
+        let mut stored_ex = 0usize;
+        for item in exs {
+            let (k, v) = item?;
+            stored_ex += 1;
+            if chained_ex.get(k.as_ref()) != canonical(&v).as_ref() {
+                let (sid, seq) = split_exchange_key(&k);
+                return Ok(Err(format!(
+                    "session {sid} exchange {seq}: stored record differs from its chained event"
+                )));
+            }
+        }
+        let chained_in_scope = chained_ex
+            .keys()
+            .filter(|k| session.is_none_or(|id| k.starts_with(&id.to_be_bytes())))
+            .count();
+        if chained_in_scope != stored_ex {
+            return Ok(Err(format!(
+                "{} exchange record(s) deleted from the store",
+                chained_in_scope.saturating_sub(stored_ex)
+            )));
+        }
+        if let Some(id) = session {
+            if !last_conn.contains_key(&id) {
+                return Ok(Err(format!("session {id} has no events")));
+            }
+        }
         Ok(Ok(expected_seq))
     }
+
+}
+
+fn exchange_key(session: u64, seq: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&session.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn split_exchange_key(k: &[u8]) -> (u64, u32) {
+    let sid = key_u64(&k[..8.min(k.len())]);
+    let seq = if k.len() >= 12 {
+        u32::from_be_bytes([k[8], k[9], k[10], k[11]])
+    } else {
+        0
+    };
+    (sid, seq)
 }
 
 fn key_u64(k: &[u8]) -> u64 {
@@ -345,6 +546,7 @@ mod tests {
             bytes_up: 0,
             bytes_down: 0,
             outcome: Outcome::Open,
+            tls: None,
         }
     }
 
@@ -383,7 +585,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(only_a.len(), 1);
-        assert_eq!(s.verify().unwrap(), Ok(4));
+        assert_eq!(s.verify(None).unwrap(), Ok(4));
     }
 
     #[test]
@@ -394,19 +596,65 @@ mod tests {
             let r = rec(&s, "a");
             s.put(&r, "connection.open").unwrap();
         }
-        assert_eq!(s.verify().unwrap(), Ok(3));
+        assert_eq!(s.verify(None).unwrap(), Ok(3));
         let k = 1u64.to_be_bytes();
         let orig = s.events.get(k).unwrap().unwrap();
         let tampered = String::from_utf8(orig.to_vec())
             .unwrap()
             .replace("10.0.0.1", "10.0.0.2");
         s.events.insert(k, tampered.as_bytes()).unwrap();
-        let e = s.verify().unwrap().unwrap_err();
+        let e = s.verify(None).unwrap().unwrap_err();
         assert!(e.contains("event 1"), "{e}");
         s.events.insert(k, orig).unwrap();
-        assert_eq!(s.verify().unwrap(), Ok(3));
+        assert_eq!(s.verify(None).unwrap(), Ok(3));
         s.events.remove(k).unwrap();
-        let e = s.verify().unwrap().unwrap_err();
+        let e = s.verify(None).unwrap().unwrap_err();
         assert!(e.contains("event 1 is missing"), "{e}");
+    }
+
+    #[test]
+    fn altered_views_are_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RecordStore::open(dir.path()).unwrap();
+        let r = rec(&s, "a");
+        s.put(&r, "connection.open").unwrap();
+        let ex = Exchange {
+            session: r.id,
+            seq: 0,
+            workload: "wl-1".into(),
+            started_at_ms: 1,
+            method: "GET".into(),
+            authority: "x".into(),
+            path: "/".into(),
+            http_version: "HTTP/1.1".into(),
+            request_headers: vec![],
+            request_body: BodyRecord::default(),
+            request_trailers: vec![],
+            status: Some(200),
+            response_headers: vec![],
+            response_body: BodyRecord::default(),
+            response_trailers: vec![],
+            ttfb_ms: Some(1.0),
+            duration_ms: 2.0,
+            upgrade: None,
+            error: None,
+        };
+        s.put_exchange(&ex).unwrap();
+        assert_eq!(s.verify(Some(r.id)).unwrap(), Ok(2));
+        // The session view edited without touching the chain.
+        let mut forged = r.clone();
+        forged.target = Some("b".into());
+        s.connections
+            .insert(r.id.to_be_bytes(), serde_json::to_vec(&forged).unwrap())
+            .unwrap();
+        let e = s.verify(Some(r.id)).unwrap().unwrap_err();
+        assert!(e.contains(&format!("session {}", r.id)), "{e}");
+        s.connections
+            .insert(r.id.to_be_bytes(), serde_json::to_vec(&r).unwrap())
+            .unwrap();
+        // An exchange deleted from the view.
+        s.exchanges.remove(exchange_key(r.id, 0)).unwrap();
+        let e = s.verify(None).unwrap().unwrap_err();
+        assert!(e.contains("deleted"), "{e}");
     }
 }

@@ -1,0 +1,270 @@
+//! Rendering a recorded session for investigators: a readable replay
+//! timeline, JSON lines, and HAR 1.2 (what browser dev tools open).
+use std::{fmt::Write, time::UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::record::{BodyRecord, ConnectionRecord, Exchange, Header};
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
+fn who(s: &ConnectionRecord) -> String {
+    let i = &s.identity;
+    match &i.ci {
+        Some(ci) => format!(
+            "{} {} run {} job {} by {} ({})",
+            ci.system,
+            ci.repository.as_deref().unwrap_or("?"),
+            ci.run_id.as_deref().unwrap_or("?"),
+            ci.job.as_deref().unwrap_or("?"),
+            ci.actor.as_deref().unwrap_or("?"),
+            i.id
+        ),
+        None => format!("{} ({})", i.cgroup_path.as_deref().unwrap_or("?"), i.id),
+    }
+}
+
+fn body_preview(b: &BodyRecord, out: &mut String) {
+    if b.size == 0 {
+        return;
+    }
+    let bytes = b.bytes();
+    let mark = if b.truncated { " [truncated]" } else { "" };
+    match &b.text {
+        Some(t) => {
+            let _ = writeln!(out, "      body ({} bytes{mark}):", b.size);
+            for line in t.lines().take(40) {
+                let _ = writeln!(out, "        {line}");
+            }
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "      body ({} bytes, binary{mark}, {} captured)",
+                b.size,
+                bytes.len()
+            );
+        }
+    }
+}
+
+fn header_lines(h: &[Header], out: &mut String) {
+    for x in h {
+        let _ = writeln!(out, "      {}: {}", x.name, x.value);
+    }
+}
+
+/// The exchange, in order, as a readable timeline.
+pub fn replay(s: &ConnectionRecord, exchanges: &[Exchange]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "session {} at {}", s.id, rfc3339(s.started_at_ms));
+    let _ = writeln!(out, "  who:    {}", who(s));
+    let _ = writeln!(
+        out,
+        "  process: pid {} (thread {}) {} uid {} exe {}",
+        s.process.tgid,
+        s.process.pid,
+        s.process.comm,
+        s.process.uid,
+        s.process.exe.as_deref().unwrap_or("?")
+    );
+    let _ = writeln!(
+        out,
+        "  to:     {} ({}){}",
+        s.original_dst
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "-".into()),
+        s.target.as_deref().unwrap_or("-"),
+        s.tls
+            .as_ref()
+            .map(|t| format!(
+                " TLS {} SNI {} ALPN {}",
+                t.mode,
+                t.sni.as_deref().unwrap_or("-"),
+                t.alpn.as_deref().unwrap_or("-")
+            ))
+            .unwrap_or_default()
+    );
+    for ex in exchanges {
+        let t = ex.started_at_ms.saturating_sub(s.started_at_ms);
+        let _ = writeln!(
+            out,
+            "  [+{:>7.3}s] -> {} https://{}{} ({})",
+            t as f64 / 1000.0,
+            ex.method,
+            ex.authority,
+            ex.path,
+            ex.http_version
+        );
+        header_lines(&ex.request_headers, &mut out);
+        body_preview(&ex.request_body, &mut out);
+        match ex.status {
+            Some(st) => {
+                let _ = writeln!(
+                    out,
+                    "  [+{:>7.3}s] <- {} after {:.1} ms to first byte, {:.1} ms total",
+                    (t as f64 + ex.ttfb_ms.unwrap_or(0.0)) / 1000.0,
+                    st,
+                    ex.ttfb_ms.unwrap_or(0.0),
+                    ex.duration_ms
+                );
+                header_lines(&ex.response_headers, &mut out);
+                body_preview(&ex.response_body, &mut out);
+            }
+            None => {
+                let _ = writeln!(out, "  [        ] <- no response");
+            }
+        }
+        if let Some(u) = &ex.upgrade {
+            let _ = writeln!(out, "      upgraded to {u}");
+        }
+        if let Some(e) = &ex.error {
+            let _ = writeln!(out, "      error: {e}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  end:    {} — {} bytes up, {} bytes down, {:?}",
+        s.ended_at_ms
+            .map(rfc3339)
+            .unwrap_or_else(|| "(open)".into()),
+        s.bytes_up,
+        s.bytes_down,
+        s.outcome
+    );
+    out
+}
+
+/// One JSON object per line: the session, then each exchange.
+pub fn jsonl(s: &ConnectionRecord, exchanges: &[Exchange]) -> Result<String, serde_json::Error> {
+    let mut out = serde_json::to_string(&json!({ "type": "session", "session": s }))?;
+    out.push('\n');
+    for ex in exchanges {
+        out.push_str(&serde_json::to_string(
+            &json!({ "type": "exchange", "exchange": ex }),
+        )?);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn har_headers(h: &[Header]) -> Value {
+    Value::Array(
+        h.iter()
+            .map(|x| json!({ "name": x.name, "value": x.value }))
+            .collect(),
+    )
+}
+
+fn header<'a>(h: &'a [Header], name: &str) -> Option<&'a str> {
+    h.iter()
+        .find(|x| x.name.eq_ignore_ascii_case(name))
+        .map(|x| x.value.as_str())
+}
+
+fn har_version(v: &str) -> &'static str {
+    match v {
+        "HTTP/2.0" => "HTTP/2",
+        "HTTP/1.0" => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// HAR 1.2.
+pub fn har(s: &ConnectionRecord, exchanges: &[Exchange]) -> Value {
+    let entries: Vec<Value> = exchanges
+        .iter()
+        .map(|ex| {
+            let url = format!("https://{}{}", ex.authority, ex.path);
+            let query: Vec<Value> = ex
+                .path
+                .split_once('?')
+                .map(|(_, q)| {
+                    q.split('&')
+                        .filter(|p| !p.is_empty())
+                        .map(|p| {
+                            let (n, v) = p.split_once('=').unwrap_or((p, ""));
+                            json!({ "name": n, "value": v })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut request = json!({
+                "method": ex.method,
+                "url": url,
+                "httpVersion": har_version(&ex.http_version),
+                "cookies": [],
+                "headers": har_headers(&ex.request_headers),
+                "queryString": query,
+                "headersSize": -1,
+                "bodySize": ex.request_body.size,
+            });
+            if ex.request_body.size > 0 {
+                let mut post = json!({
+                    "mimeType": header(&ex.request_headers, "content-type").unwrap_or("application/octet-stream"),
+                    "text": ex.request_body.text.clone().or_else(|| ex.request_body.base64.clone()).unwrap_or_default(),
+                });
+                if ex.request_body.text.is_none() {
+                    post["comment"] = json!("base64");
+                }
+                request["postData"] = post;
+            }
+            let mut content = json!({
+                "size": ex.response_body.size,
+                "mimeType": header(&ex.response_headers, "content-type").unwrap_or(""),
+            });
+            if let Some(t) = &ex.response_body.text {
+                content["text"] = json!(t);
+            } else if let Some(b) = &ex.response_body.base64 {
+                content["text"] = json!(b);
+                content["encoding"] = json!("base64");
+            }
+            if ex.response_body.truncated {
+                content["comment"] = json!("body truncated at the node's capture cap");
+            }
+            let ttfb = ex.ttfb_ms.unwrap_or(ex.duration_ms);
+            let mut entry = json!({
+                "startedDateTime": rfc3339(ex.started_at_ms),
+                "time": ex.duration_ms,
+                "request": request,
+                "response": {
+                    "status": ex.status.unwrap_or(0),
+                    "statusText": ex.status
+                        .and_then(|s| hyper::StatusCode::from_u16(s).ok())
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or(""),
+                    "httpVersion": har_version(&ex.http_version),
+                    "cookies": [],
+                    "headers": har_headers(&ex.response_headers),
+                    "content": content,
+                    "redirectURL": header(&ex.response_headers, "location").unwrap_or(""),
+                    "headersSize": -1,
+                    "bodySize": ex.response_body.size,
+                },
+                "cache": {},
+                "timings": {
+                    "send": 0,
+                    "wait": ttfb,
+                    "receive": (ex.duration_ms - ttfb).max(0.0),
+                },
+                "serverIPAddress": s.original_dst.map(|d| d.0.ip().to_string()).unwrap_or_default(),
+                "connection": s.id.to_string(),
+            });
+            if let Some(e) = &ex.error {
+                entry["comment"] = json!(e);
+            }
+            entry
+        })
+        .collect();
+    json!({
+        "log": {
+            "version": "1.2",
+            "creator": { "name": "sluice", "version": env!("CARGO_PKG_VERSION") },
+            "comment": format!("session {} — {}", s.id, who(s)),
+            "pages": [],
+            "entries": entries,
+        }
+    })
+}

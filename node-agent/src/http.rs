@@ -1,0 +1,486 @@
+//! The intercepted HTTP path: hyper on both sides, HTTP/1.1 (keep-alive,
+//! upgrades) or HTTP/2 (multiplexed) as negotiated with the upstream.
+//! Bodies stream through a `Tap` that keeps a capped copy for the record;
+//! nothing is ever buffered whole, so SSE and large downloads flow as they
+//! arrive. Each request/response pair is recorded as an exchange when it
+//! ends.
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{
+    body::Incoming,
+    header::{HeaderMap, HeaderValue, CONTENT_TYPE, HOST, UPGRADE},
+    service::service_fn,
+    Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{oneshot, Mutex},
+};
+use tracing::{debug, warn};
+
+use crate::record::{now_ms, BodyRecord, Exchange, Header, RecordStore};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ProxyBody = BoxBody<Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("upstream HTTP handshake: {0}")]
+    UpstreamHandshake(hyper::Error),
+    #[error("serving the client: {0}")]
+    Serve(hyper::Error),
+}
+
+/// Headers whose values are credentials: stored only as a fingerprint.
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-goog-api-key",
+    "x-amz-security-token",
+];
+
+/// What one intercepted connection's exchanges share.
+pub struct HttpSession {
+    pub session: u64,
+    pub workload: String,
+    pub authority: String,
+    pub store: Arc<RecordStore>,
+    pub body_cap: usize,
+    pub next_seq: AtomicU32,
+}
+
+enum Upstream {
+    H1(Mutex<hyper::client::conn::http1::SendRequest<Tap<Incoming>>>),
+    H2(hyper::client::conn::http2::SendRequest<Tap<Incoming>>),
+}
+
+/// Serves one intercepted connection until either side closes.
+pub async fn serve<D, U>(
+    downstream: D,
+    upstream: U,
+    h2: bool,
+    session: Arc<HttpSession>,
+) -> Result<(), HttpError>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let up = if h2 {
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
+                .await
+                .map_err(HttpError::UpstreamHandshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream h2 connection ended");
+            }
+        });
+        Upstream::H2(sender)
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream))
+            .await
+            .map_err(HttpError::UpstreamHandshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "upstream h1 connection ended");
+            }
+        });
+        Upstream::H1(Mutex::new(sender))
+    };
+    let up = Arc::new(up);
+    let svc = service_fn(move |req| {
+        let up = up.clone();
+        let session = session.clone();
+        async move { Ok::<_, std::convert::Infallible>(session.exchange(req, &up).await) }
+    });
+    let io = TokioIo::new(downstream);
+    if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await
+            .map_err(HttpError::Serve)
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .with_upgrades()
+            .await
+            .map_err(HttpError::Serve)
+    }
+}
+
+/// Serves a connection whose upstream could not be reached safely: every
+/// request gets a 502 that says why, so the client sees a clear error
+/// instead of a TLS alert it cannot explain.
+pub async fn serve_error<D>(downstream: D, h2: bool, message: String)
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |_req: Request<Incoming>| {
+        let message = message.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(error_response(StatusCode::BAD_GATEWAY, &message))
+        }
+    });
+    let io = TokioIo::new(downstream);
+    let _ = if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .serve_connection(io, svc)
+            .await
+    };
+}
+
+pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": message, "by": "sluice" }).to_string();
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+impl HttpSession {
+    async fn exchange(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        up: &Upstream,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let started_at_ms = now_ms();
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| self.authority.clone());
+        let mut ex = Exchange {
+            session: self.session,
+            seq,
+            workload: self.workload.clone(),
+            started_at_ms,
+            method: req.method().to_string(),
+            authority,
+            path: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "/".into()),
+            http_version: format!("{:?}", req.version()),
+            request_headers: headers(req.headers()),
+            request_body: BodyRecord::default(),
+            request_trailers: Vec::new(),
+            status: None,
+            response_headers: Vec::new(),
+            response_body: BodyRecord::default(),
+            response_trailers: Vec::new(),
+            ttfb_ms: None,
+            duration_ms: 0.0,
+            upgrade: None,
+            error: None,
+        };
+        let upgrade = matches!(up, Upstream::H1(_)) && req.headers().contains_key(UPGRADE);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let (req_tap, req_rx) = Tap::new(body, self.body_cap);
+        let up_req = Request::from_parts(parts, req_tap);
+
+        let result = match up {
+            Upstream::H1(sender) => {
+                let mut sender = sender.lock().await;
+                match sender.ready().await {
+                    Ok(()) => sender.send_request(up_req).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Upstream::H2(sender) => sender.clone().send_request(up_req).await,
+        };
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(session = self.session, workload = %self.workload, error = %e, "upstream request failed");
+                ex.error = Some(format!("upstream: {e}"));
+                ex.duration_ms = ms(started);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    ex.request_body = req_rx.await.unwrap_or_default().body;
+                    this.finish(ex).await;
+                });
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("upstream request failed: {e}"),
+                );
+            }
+        };
+        ex.ttfb_ms = Some(ms(started));
+        ex.status = Some(resp.status().as_u16());
+        ex.response_headers = headers(resp.headers());
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let proto = resp
+                    .headers()
+                    .get(UPGRADE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("unknown")
+                    .to_owned();
+                ex.upgrade = Some(proto);
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    // The upgraded stream is relayed as bytes and recorded
+                    // as an upgrade (its contents are not parsed).
+                    if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
+                        let mut c = TokioIo::new(c);
+                        let mut u = TokioIo::new(u);
+                        match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                            Ok((a, b)) => {
+                                ex.request_body.size = a;
+                                ex.response_body.size = b;
+                            }
+                            Err(e) => ex.error = Some(format!("upgraded stream: {e}")),
+                        }
+                    }
+                    ex.duration_ms = ms(started);
+                    this.finish(ex).await;
+                });
+                let (parts, _) = resp.into_parts();
+                return Response::from_parts(
+                    parts,
+                    http_body_util::Empty::new().map_err(|e| match e {}).boxed(),
+                );
+            }
+        }
+
+        let (parts, body) = resp.into_parts();
+        let (resp_tap, resp_rx) = Tap::new(body, self.body_cap);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let (rq, rs) = tokio::join!(req_rx, resp_rx);
+            let rq = rq.unwrap_or_default();
+            let rs = rs.unwrap_or_default();
+            ex.request_trailers = rq.trailers.clone();
+            ex.response_trailers = rs.trailers.clone();
+            ex.request_body = rq.body;
+            if !rs.body.complete && ex.error.is_none() {
+                ex.error =
+                    Some("response body did not complete (client or upstream went away)".into());
+            }
+            ex.response_body = rs.body;
+            ex.duration_ms = ms(started);
+            this.finish(ex).await;
+        });
+        Response::from_parts(parts, resp_tap.map_err(|e| Box::new(e) as BoxError).boxed())
+    }
+
+    async fn finish(&self, ex: Exchange) {
+        if let Err(e) = self.store.put_exchange(&ex) {
+            warn!(session = self.session, workload = %self.workload, error = %e, "recording exchange failed");
+            return;
+        }
+        // Completed exchanges must survive kill -9.
+        let _ = self.store.flush().await;
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Header list for the record, credentials replaced by a fingerprint.
+pub fn headers(map: &HeaderMap) -> Vec<Header> {
+    map.iter()
+        .map(|(name, value)| {
+            let n = name.as_str();
+            if CREDENTIAL_HEADERS.contains(&n) {
+                Header {
+                    name: n.to_owned(),
+                    value: format!("[credential sha256:{}]", fingerprint(value.as_bytes())),
+                }
+            } else {
+                Header {
+                    name: n.to_owned(),
+                    value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                }
+            }
+        })
+        .collect()
+}
+
+/// First 16 hex digits of SHA-256: enough to tell keys apart, useless to
+/// recover them.
+pub fn fingerprint(secret: &[u8]) -> String {
+    hex::encode(&Sha256::digest(secret)[..8])
+}
+
+/// What a `Tap` saw of its body.
+#[derive(Default)]
+pub struct Captured {
+    pub body: BodyRecord,
+    pub trailers: Vec<Header>,
+}
+
+/// A body that passes every frame through unchanged and keeps the first
+/// `cap` bytes for the record.
+pub struct Tap<B> {
+    inner: B,
+    cap: usize,
+    seen: Captured,
+    captured: Vec<u8>,
+    tx: Option<oneshot::Sender<Captured>>,
+}
+
+impl<B: Body> Tap<B> {
+    pub fn new(inner: B, cap: usize) -> (Self, oneshot::Receiver<Captured>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Tap {
+                inner,
+                cap,
+                seen: Captured::default(),
+                captured: Vec::new(),
+                tx: Some(tx),
+            },
+            rx,
+        )
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(tx) = self.tx.take() {
+            let mut seen = std::mem::take(&mut self.seen);
+            seen.body.set_bytes(std::mem::take(&mut self.captured));
+            seen.body.complete = complete;
+            let _ = tx.send(seen);
+        }
+    }
+}
+
+impl<B> Body for Tap<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen.body.size += data.len() as u64;
+                    let room = this.cap.saturating_sub(this.captured.len());
+                    if data.len() > room {
+                        this.seen.body.truncated = true;
+                    }
+                    this.captured
+                        .extend_from_slice(&data[..room.min(data.len())]);
+                } else if let Some(t) = frame.trailers_ref() {
+                    this.seen.trailers = headers(t);
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(true);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Preserves Content-Length on the other side.
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Tap<B> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let mut seen = std::mem::take(&mut self.seen);
+            seen.body.set_bytes(std::mem::take(&mut self.captured));
+            // A body never polled because it was empty is complete.
+            seen.body.complete = seen.body.size == 0;
+            let _ = tx.send(seen);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tap_passes_everything_and_caps_the_copy() {
+        let data = Bytes::from(vec![b'a'; 1000]);
+        let (tap, rx) = Tap::new(Full::new(data.clone()), 100);
+        let out = tap.collect().await.unwrap().to_bytes();
+        assert_eq!(out, data, "the body is forwarded unchanged");
+        let c = rx.await.unwrap();
+        assert_eq!(c.body.size, 1000);
+        assert!(c.body.truncated);
+        assert!(c.body.complete);
+        assert_eq!(c.body.text.as_deref().map(str::len), Some(100));
+    }
+
+    #[test]
+    fn credentials_are_fingerprinted() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer sk-secret"),
+        );
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        let out = headers(&h);
+        let auth = out.iter().find(|h| h.name == "authorization").unwrap();
+        assert!(!auth.value.contains("sk-secret"));
+        assert_eq!(
+            auth.value,
+            format!("[credential sha256:{}]", fingerprint(b"Bearer sk-secret"))
+        );
+        assert_eq!(
+            out.iter().find(|h| h.name == "accept").unwrap().value,
+            "*/*"
+        );
+    }
+}
