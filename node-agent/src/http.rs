@@ -65,6 +65,11 @@ pub struct HttpSession {
     pub store: Arc<RecordStore>,
     pub body_cap: usize,
     pub next_seq: AtomicU32,
+    /// HTTP/1.1: the previous exchange's "stored durably" signal. The next
+    /// request on the connection waits for it, so a completed exchange is
+    /// never more than one request behind the store (kill -9 loses at
+    /// most the exchange in flight).
+    pub prev_durable: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 enum Upstream {
@@ -208,6 +213,17 @@ impl HttpSession {
         };
         let upgrade = matches!(up, Upstream::H1(_)) && req.headers().contains_key(UPGRADE);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let durable_tx = if matches!(up, Upstream::H1(_)) {
+            let mut prev = self.prev_durable.lock().await;
+            if let Some(rx) = prev.take() {
+                let _ = rx.await;
+            }
+            let (tx, rx) = oneshot::channel();
+            *prev = Some(rx);
+            Some(tx)
+        } else {
+            None
+        };
         let (parts, body) = req.into_parts();
         let (req_tap, req_rx) = Tap::new(body, self.body_cap);
         let up_req = Request::from_parts(parts, req_tap);
@@ -231,7 +247,7 @@ impl HttpSession {
                 let this = self.clone();
                 tokio::spawn(async move {
                     ex.request_body = req_rx.await.unwrap_or_default().body;
-                    this.finish(ex).await;
+                    this.finish(ex, durable_tx).await;
                 });
                 return error_response(
                     StatusCode::BAD_GATEWAY,
@@ -269,7 +285,7 @@ impl HttpSession {
                         }
                     }
                     ex.duration_ms = ms(started);
-                    this.finish(ex).await;
+                    this.finish(ex, durable_tx).await;
                 });
                 let (parts, _) = resp.into_parts();
                 return Response::from_parts(
@@ -295,18 +311,21 @@ impl HttpSession {
             }
             ex.response_body = rs.body;
             ex.duration_ms = ms(started);
-            this.finish(ex).await;
+            this.finish(ex, durable_tx).await;
         });
         Response::from_parts(parts, resp_tap.map_err(|e| Box::new(e) as BoxError).boxed())
     }
 
-    async fn finish(&self, ex: Exchange) {
+    async fn finish(&self, ex: Exchange, durable: Option<oneshot::Sender<()>>) {
         if let Err(e) = self.store.put_exchange(&ex) {
             warn!(session = self.session, workload = %self.workload, error = %e, "recording exchange failed");
             return;
         }
         // Completed exchanges must survive kill -9.
         let _ = self.store.flush().await;
+        if let Some(tx) = durable {
+            let _ = tx.send(());
+        }
     }
 }
 

@@ -372,6 +372,7 @@ impl Proxy {
             store: self.store.clone(),
             body_cap: self.body_cap,
             next_seq: Default::default(),
+            prev_durable: Default::default(),
         });
         let h2 = negotiated.as_deref() == Some(b"h2");
         info!(%sni, h2, "TLS intercepted");

@@ -499,7 +499,6 @@ impl RecordStore {
         }
         Ok(Ok(expected_seq))
     }
-
 }
 
 fn exchange_key(session: u64, seq: u32) -> [u8; 12] {

@@ -96,6 +96,10 @@ pub struct Remote {
     pub other: String,
     pub log: PathBuf,
     server: Child,
+    https: Option<Child>,
+    /// The fake HTTPS service's own CA (PEM) and request log.
+    pub https_ca: PathBuf,
+    pub https_log: PathBuf,
 }
 
 impl Remote {
@@ -141,6 +145,9 @@ impl Remote {
             other: format!("{net}.3"),
             log,
             server,
+            https: None,
+            https_ca: dir.join("upstream-ca.pem"),
+            https_log: dir.join("https.log"),
         };
         wait_for(&format!("fake remote on {}:{HTTP_PORT}", r.remote), || {
             TcpStream::connect((r.remote.as_str(), HTTP_PORT)).is_ok()
@@ -149,6 +156,49 @@ impl Remote {
         // Those readiness probes are not part of any test's evidence.
         std::fs::write(&r.log, "").unwrap();
         r
+    }
+
+    /// Starts the fake HTTPS service (tests/fixtures/fake_upstream.rs).
+    pub fn start_https(&mut self) {
+        let bin = Path::new(SLUICE)
+            .parent()
+            .unwrap()
+            .join("examples/fake_upstream");
+        assert!(
+            bin.exists(),
+            "{} not built (cargo test builds examples)",
+            bin.display()
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(&bin)
+            .args(["--bind", &self.remote, "--bind", &self.other])
+            .arg("--ca-out")
+            .arg(&self.https_ca)
+            .arg("--log")
+            .arg(&self.https_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start fake https upstream");
+        self.https = Some(child);
+        let (ca, ip) = (self.https_ca.clone(), self.remote.clone());
+        wait_for("fake HTTPS upstream", || {
+            ca.exists()
+                && [443u16, 8443, 9443]
+                    .iter()
+                    .all(|p| TcpStream::connect((ip.as_str(), *p)).is_ok())
+        });
+        std::fs::write(&self.https_log, "").unwrap();
+    }
+
+    /// Requests the fake HTTPS service received.
+    pub fn https_entries(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.https_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Lines the fake remote logged (requests and UDP datagrams).
@@ -163,6 +213,10 @@ impl Remote {
 
 impl Drop for Remote {
     fn drop(&mut self) {
+        if let Some(h) = self.https.as_mut() {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
         let _ = self.server.kill();
         let _ = self.server.wait();
         let _ = sh(&format!("ip netns del {}", self.ns));
@@ -277,6 +331,17 @@ impl Node {
         node
     }
 
+    /// Stand-in while a node is being replaced.
+    fn placeholder() -> Self {
+        let child = Command::new("true").spawn().expect("spawn true");
+        Node {
+            socket: PathBuf::new(),
+            log: PathBuf::new(),
+            port: 0,
+            child,
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -334,8 +399,19 @@ impl Node {
     }
 }
 
+impl Node {
+    /// `kill -9`: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -355,8 +431,9 @@ pub struct Env {
     pub node: Node,
     pub cgroup: Cgroup,
     pub remote: Remote,
-    /// Keeps the node's state directory alive for the test's duration.
-    _dir: tempfile::TempDir,
+    pub config: String,
+    /// The node's state directory lives here for the test's duration.
+    pub dir: tempfile::TempDir,
 }
 
 impl Env {
@@ -371,28 +448,142 @@ impl Env {
     }
 
     pub fn with_targets(targets: impl Fn(&Remote) -> String) -> Self {
+        Self::build(targets, |_| String::new(), false)
+    }
+
+    /// A fake HTTPS service in the namespace, intercepted by name.
+    pub fn https(extra: &str) -> Self {
+        let extra = extra.to_owned();
+        Self::build(
+            |r| {
+                format!(
+                    "  - name: fake-api\n    addresses: [\"{}\"]\n    ports: [443, 8443, 9443]\n    tls: intercept\n    sni: [api.fake.test, h2only.fake.test, untrusted.fake.test]\n",
+                    r.remote
+                )
+            },
+            move |r| {
+                format!(
+                    "tls:\n  extra_upstream_roots: [\"{}\"]\n{extra}",
+                    r.https_ca.display()
+                )
+            },
+            true,
+        )
+    }
+
+    fn build(
+        targets: impl Fn(&Remote) -> String,
+        extra: impl Fn(&Remote) -> String,
+        https: bool,
+    ) -> Self {
         require_root();
         clean_stale();
         let idx = NEXT.fetch_add(1, Ordering::Relaxed) + 10;
         assert!(idx < 250, "too many test environments");
         let dir = tempfile::tempdir().unwrap();
-        let remote = Remote::new(idx, dir.path());
+        let mut remote = Remote::new(idx, dir.path());
+        if https {
+            remote.start_https();
+        }
         let cgroup = Cgroup::new(idx);
         let config = format!(
-            "proxy:\n  port: {}\nwatch:\n  cgroups:\n    - path: {}\ntargets:\n{}workloads:\n  - name: e2e-jobs\n    cgroup: \"/se2e-*\"\n",
+            "proxy:\n  port: {}\nwatch:\n  cgroups:\n    - path: {}\ntargets:\n{}workloads:\n  - name: e2e-jobs\n    cgroup: \"/se2e-*\"\n{}",
             16000 + idx,
             cgroup.rel,
-            targets(&remote)
+            targets(&remote),
+            extra(&remote)
         );
         let node = Node::start(dir.path(), &config);
         Env {
             node,
             cgroup,
             remote,
-            _dir: dir,
+            config,
+            dir,
         }
     }
 
+    /// Starts a new node on the same state directory.
+    pub fn restart(&mut self) {
+        // The old node must be gone before the new one binds its port.
+        let old = std::mem::replace(&mut self.node, Node::placeholder());
+        drop(old);
+        self.node = Node::start(self.dir.path(), &self.config);
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("sluice.yaml")
+    }
+
+    /// Installs this node's CA into the system trust store until dropped.
+    pub fn trust_node_ca(&self) -> TrustGuard {
+        TrustGuard::install(self.config_path(), self.state_dir())
+    }
+
+    /// Runs the Python HTTPS client in the watched cgroup.
+    pub fn https_client(&self, args: &[&str]) -> Value {
+        let script = format!("{FIXTURES}/https_client.py");
+        let mut full = vec![script.as_str()];
+        full.extend_from_slice(args);
+        let out = self.cgroup.run("python3", &full);
+        parse_json_output(&out, &self.node)
+    }
+
+    /// curl in the watched cgroup, resolving `host` to the remote.
+    pub fn curl(&self, host: &str, port: u16, path: &str, extra: &[&str]) -> Output {
+        let url = format!("https://{host}:{port}{path}");
+        let resolve = format!("{host}:{port}:{}", self.remote.remote);
+        let mut args = vec!["-sS", "--max-time", "30", "--resolve", &resolve];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        self.cgroup.run("curl", &args)
+    }
+}
+
+/// Serialises changes to the system trust store across parallel tests.
+static TRUST_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub struct TrustGuard {
+    config: PathBuf,
+    state: PathBuf,
+}
+
+impl TrustGuard {
+    fn install(config: PathBuf, state: PathBuf) -> Self {
+        let _l = TRUST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let out = Command::new(SLUICE)
+            .args(["ca", "install", "--config"])
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sluice ca install: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TrustGuard { config, state }
+    }
+}
+
+impl Drop for TrustGuard {
+    fn drop(&mut self) {
+        let _l = TRUST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = Command::new(SLUICE)
+            .args(["ca", "uninstall", "--config"])
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output();
+    }
+}
+
+impl Env {
     /// Runs the Python test client in the watched cgroup; returns its JSON.
     pub fn client(&self, args: &[&str]) -> Value {
         let script = format!("{FIXTURES}/client.py");

@@ -4,3 +4,4 @@
 //! node. They need root and fail loudly without it; they never skip.
 mod foundation;
 mod harness;
+mod tls;
