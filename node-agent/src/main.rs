@@ -5,6 +5,7 @@ mod config;
 mod control;
 mod daemon;
 mod export;
+mod scan;
 mod http;
 mod identity;
 mod proxy;

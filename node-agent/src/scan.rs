@@ -1,0 +1,517 @@
+//! The scanning engine. All patterns of a policy are compiled once into a
+//! Hyperscan block database (prefilter: which patterns occur at all), then
+//! each hit is confirmed with the `regex` crate to get exact spans (the
+//! Nosey Parker approach: Hyperscan without start-of-match is fastest).
+//!
+//! Streams (responses) go through `StreamMasker`: it holds back the last
+//! `window` bytes (the longest possible match), so a secret split across
+//! chunks is still found, while everything before the window flows on.
+//! Masking replaces each matched byte with `*`: the length never changes,
+//! so Content-Length, protobuf and SSE framing stay valid. For SSE the
+//! scan runs over the concatenated `data:` payloads, so a token split
+//! across two events is found too.
+use std::{collections::BTreeMap, sync::Mutex};
+
+use hyperscan::prelude::*;
+
+/// The byte that replaces masked bytes.
+pub const MASK: u8 = b'*';
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("pattern `{id}`: {message}")]
+    Pattern { id: String, message: String },
+    #[error("pattern `{id}` can match an unbounded number of bytes; bound its repeats (e.g. `{{1,256}}` instead of `+`)")]
+    Unbounded { id: String },
+    #[error("pattern `{id}` can match up to {len} bytes, more than the {max}-byte hold-back limit")]
+    TooLong { id: String, len: usize, max: usize },
+    #[error("hyperscan: {0}")]
+    Hyperscan(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct PatternSpec {
+    /// Stable id for records (e.g. `aws-access-key`).
+    pub id: String,
+    /// Index of the policy rule this pattern belongs to.
+    pub rule: usize,
+    pub regex: String,
+    pub caseless: bool,
+    /// Only a hit whose digits pass the Luhn check counts (card numbers).
+    pub luhn: bool,
+}
+
+struct Compiled {
+    spec: PatternSpec,
+    re: regex::bytes::Regex,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hit {
+    pub pattern: usize,
+    pub rule: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+pub struct Scanner {
+    db: Option<BlockDatabase>,
+    patterns: Vec<Compiled>,
+    scratch: Mutex<Vec<Scratch>>,
+    /// Longest possible match over all patterns (the hold-back window).
+    pub window: usize,
+}
+
+/// Longest match of a pattern, from its parsed form.
+fn max_len(spec: &PatternSpec) -> Result<Option<usize>, ScanError> {
+    let hir = regex_syntax::ParserBuilder::new()
+        .case_insensitive(spec.caseless)
+        .unicode(false)
+        .utf8(false)
+        .build()
+        .parse(&spec.regex)
+        .map_err(|e| ScanError::Pattern {
+            id: spec.id.clone(),
+            message: e.to_string(),
+        })?;
+    Ok(hir.properties().maximum_len())
+}
+
+impl Scanner {
+    pub fn compile(specs: Vec<PatternSpec>, max_window: usize) -> Result<Self, ScanError> {
+        let mut window = 0;
+        let mut patterns = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let len = max_len(&spec)?.ok_or_else(|| ScanError::Unbounded { id: spec.id.clone() })?;
+            if len > max_window {
+                return Err(ScanError::TooLong {
+                    id: spec.id.clone(),
+                    len,
+                    max: max_window,
+                });
+            }
+            window = window.max(len);
+            let re = regex::bytes::RegexBuilder::new(&spec.regex)
+                .case_insensitive(spec.caseless)
+                .unicode(false)
+                .build()
+                .map_err(|e| ScanError::Pattern {
+                    id: spec.id.clone(),
+                    message: e.to_string(),
+                })?;
+            patterns.push(Compiled { spec, re });
+        }
+        let db = if patterns.is_empty() {
+            None
+        } else {
+            let hs: Patterns = patterns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let mut flags = CompileFlags::SINGLEMATCH;
+                    if c.spec.caseless {
+                        flags |= CompileFlags::CASELESS;
+                    }
+                    Pattern {
+                        expression: c.spec.regex.clone(),
+                        flags,
+                        id: Some(i),
+                        ext: Default::default(),
+                        som: None,
+                    }
+                })
+                .collect();
+            Some(hs.build::<hyperscan::Block>().map_err(|e| {
+                // Name the pattern Hyperscan rejected when it says which.
+                ScanError::Hyperscan(e.to_string())
+            })?)
+        };
+        Ok(Self {
+            db,
+            patterns,
+            scratch: Mutex::new(Vec::new()),
+            window,
+        })
+    }
+
+    pub fn pattern(&self, i: usize) -> &PatternSpec {
+        &self.patterns[i].spec
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// All confirmed hits in `data`, with exact spans.
+    pub fn find(&self, data: &[u8]) -> Result<Vec<Hit>, ScanError> {
+        let Some(db) = &self.db else {
+            return Ok(Vec::new());
+        };
+        let scratch = {
+            let mut pool = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            pool.pop()
+        };
+        let scratch = match scratch {
+            Some(s) => s,
+            None => db
+                .alloc_scratch()
+                .map_err(|e| ScanError::Hyperscan(e.to_string()))?,
+        };
+        let mut seen = Vec::new();
+        let res = db.scan(data, &scratch, |id: u32, _from: u64, _to: u64, _flags: u32| {
+            seen.push(id as usize);
+            Matching::Continue
+        });
+        self.scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(scratch);
+        res.map_err(|e| ScanError::Hyperscan(e.to_string()))?;
+        seen.sort_unstable();
+        seen.dedup();
+        let mut hits = Vec::new();
+        for i in seen {
+            let c = &self.patterns[i];
+            for m in c.re.find_iter(data) {
+                if c.spec.luhn && !luhn(m.as_bytes()) {
+                    continue;
+                }
+                hits.push(Hit {
+                    pattern: i,
+                    rule: c.spec.rule,
+                    start: m.start(),
+                    end: m.end(),
+                });
+            }
+        }
+        Ok(hits)
+    }
+}
+
+/// Luhn check over the digits of a candidate card number.
+pub fn luhn(candidate: &[u8]) -> bool {
+    let digits: Vec<u32> = candidate
+        .iter()
+        .filter(|b| b.is_ascii_digit())
+        .map(|b| u32::from(b - b'0'))
+        .collect();
+    if !(13..=19).contains(&digits.len()) {
+        return false;
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                let x = d * 2;
+                if x > 9 {
+                    x - 9
+                } else {
+                    x
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum % 10 == 0
+}
+
+/// Where the unemitted raw bytes begin, for SSE parsing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LineState {
+    LineStart,
+    InData,
+    InOther,
+}
+
+/// Masks a byte stream as it flows. Feed chunks with `push`, emit what it
+/// returns; call `finish` at the end of the stream.
+pub struct StreamMasker<'a> {
+    scanner: &'a Scanner,
+    /// Which rules mask in this stream.
+    applies: Box<dyn Fn(usize) -> bool + Send + 'a>,
+    held: Vec<u8>,
+    sse: bool,
+    state: LineState,
+    /// Masked spans per pattern id, for the record.
+    pub masked: BTreeMap<String, u64>,
+    pub error: Option<String>,
+}
+
+impl<'a> StreamMasker<'a> {
+    pub fn new(scanner: &'a Scanner, sse: bool, applies: Box<dyn Fn(usize) -> bool + Send + 'a>) -> Self {
+        Self {
+            scanner,
+            applies,
+            held: Vec::new(),
+            sse,
+            state: LineState::LineStart,
+            masked: BTreeMap::new(),
+            error: None,
+        }
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.held.extend_from_slice(chunk);
+        self.step(false)
+    }
+
+    pub fn finish(&mut self) -> Vec<u8> {
+        self.step(true)
+    }
+
+    /// Logical bytes to scan and, for each, its index in `held`.
+    fn project(&self) -> (Vec<u8>, Vec<usize>, Option<usize>) {
+        if !self.sse {
+            return (self.held.clone(), (0..self.held.len()).collect(), None);
+        }
+        let mut logical = Vec::new();
+        let mut map = Vec::new();
+        let mut state = self.state;
+        let mut i = 0;
+        // Start of an incomplete line we cannot classify yet.
+        let mut undecided = None;
+        while i < self.held.len() {
+            match state {
+                LineState::LineStart => {
+                    let rest = &self.held[i..];
+                    if rest.starts_with(b"data:") {
+                        i += 5;
+                        if self.held.get(i) == Some(&b' ') {
+                            i += 1;
+                        }
+                        state = LineState::InData;
+                    } else if b"data:".starts_with(rest) {
+                        undecided = Some(i);
+                        break;
+                    } else {
+                        state = LineState::InOther;
+                    }
+                }
+                LineState::InData => {
+                    let b = self.held[i];
+                    if b == b'\n' {
+                        state = LineState::LineStart;
+                    } else if b != b'\r' {
+                        logical.push(b);
+                        map.push(i);
+                    }
+                    i += 1;
+                }
+                LineState::InOther => {
+                    if self.held[i] == b'\n' {
+                        state = LineState::LineStart;
+                    }
+                    i += 1;
+                }
+            }
+        }
+        (logical, map, undecided)
+    }
+
+    fn step(&mut self, last: bool) -> Vec<u8> {
+        let (logical, map, undecided) = self.project();
+        let hits = match self.scanner.find(&logical) {
+            Ok(h) => h,
+            Err(e) => {
+                // Fail closed: an unscannable stream is not passed on.
+                self.error = Some(e.to_string());
+                self.held.clear();
+                return Vec::new();
+            }
+        };
+        let window = self.scanner.window;
+        // Logical position up to which matches are final.
+        let mut cut = if last {
+            logical.len()
+        } else {
+            logical.len().saturating_sub(window)
+        };
+        let hits: Vec<Hit> = hits.into_iter().filter(|h| (self.applies)(h.rule)).collect();
+        if !last {
+            for h in &hits {
+                if h.start < cut && h.end > cut {
+                    cut = h.start;
+                }
+            }
+        }
+        for h in hits.iter().filter(|h| h.end <= cut) {
+            for &raw in &map[h.start..h.end] {
+                self.held[raw] = MASK;
+            }
+            *self
+                .masked
+                .entry(self.scanner.pattern(h.pattern).id.clone())
+                .or_default() += 1;
+        }
+        // Raw bytes to emit: everything before the first logical byte kept.
+        let raw_cut = if last {
+            self.held.len()
+        } else if cut < map.len() {
+            map[cut]
+        } else {
+            // Every logical byte is settled: keep only an undecided tail.
+            undecided.unwrap_or(self.held.len())
+        };
+        let raw_cut = match undecided {
+            Some(u) if !last => raw_cut.min(u),
+            _ => raw_cut,
+        };
+        let out: Vec<u8> = self.held.drain(..raw_cut).collect();
+        // Line state at the new start of `held`.
+        self.state = if !self.sse || out.is_empty() {
+            self.state
+        } else {
+            line_state_after(self.state, &out)
+        };
+        out
+    }
+}
+
+/// SSE line state after consuming `bytes` from `state`.
+fn line_state_after(mut state: LineState, bytes: &[u8]) -> LineState {
+    let mut i = 0;
+    while i < bytes.len() {
+        match state {
+            LineState::LineStart => {
+                if bytes[i..].starts_with(b"data:") {
+                    i += 5;
+                    state = LineState::InData;
+                    // The optional space is consumed with the prefix.
+                    if bytes.get(i) == Some(&b' ') {
+                        i += 1;
+                    }
+                    continue;
+                }
+                state = LineState::InOther;
+            }
+            LineState::InData | LineState::InOther => {
+                if bytes[i] == b'\n' {
+                    state = LineState::LineStart;
+                }
+                i += 1;
+            }
+        }
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scanner() -> Scanner {
+        Scanner::compile(
+            vec![
+                PatternSpec {
+                    id: "aws-access-key".into(),
+                    rule: 0,
+                    regex: r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b".into(),
+                    caseless: false,
+                    luhn: false,
+                },
+                PatternSpec {
+                    id: "card".into(),
+                    rule: 1,
+                    regex: r"\b(?:\d[ -]?){12,18}\d\b".into(),
+                    caseless: false,
+                    luhn: true,
+                },
+            ],
+            4096,
+        )
+        .unwrap()
+    }
+
+    const KEY: &str = "AKIAIOSFODNN7EXAMPLE";
+
+    fn run(s: &Scanner, sse: bool, chunks: &[&[u8]]) -> (Vec<u8>, Vec<usize>) {
+        let mut m = StreamMasker::new(s, sse, Box::new(|_| true));
+        let mut out = Vec::new();
+        let mut sizes = Vec::new();
+        for c in chunks {
+            let o = m.push(c);
+            sizes.push(o.len());
+            out.extend(o);
+        }
+        out.extend(m.finish());
+        (out, sizes)
+    }
+
+    #[test]
+    fn key_split_across_three_chunks_is_masked_length_preserved() {
+        let s = scanner();
+        let text = format!("header {KEY} trailer control-value-42");
+        let b = text.as_bytes();
+        let (out, _) = run(&s, false, &[&b[..9], &b[9..17], &b[17..]]);
+        assert_eq!(out.len(), b.len());
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(out, format!("header {} trailer control-value-42", "*".repeat(20)));
+    }
+
+    #[test]
+    fn data_flows_before_the_end_of_the_stream() {
+        let s = scanner();
+        let big = vec![b'a'; 10_000];
+        let mut m = StreamMasker::new(&s, false, Box::new(|_| true));
+        let first = m.push(&big);
+        assert_eq!(first.len(), 10_000 - s.window, "all but the hold-back window flows");
+    }
+
+    #[test]
+    fn key_split_across_two_sse_events_is_masked() {
+        let s = scanner();
+        let stream = b"event: tok\ndata: here is AKIAIOSFOD\n\nevent: tok\ndata: NN7EXAMPLE and more\n\n";
+        for split in [20, 30, 45, 60] {
+            let (out, _) = run(&s, true, &[&stream[..split], &stream[split..]]);
+            assert_eq!(out.len(), stream.len());
+            let out = String::from_utf8(out).unwrap();
+            assert_eq!(
+                out,
+                "event: tok\ndata: here is **********\n\nevent: tok\ndata: ********** and more\n\n",
+                "split at {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn card_numbers_need_luhn() {
+        let s = scanner();
+        let hits = s.find(b"valid 4111 1111 1111 1111 invalid 4111 1111 1111 1112").unwrap();
+        assert_eq!(hits.len(), 1);
+        assert!(luhn(b"4111111111111111"));
+        assert!(!luhn(b"4111111111111112"));
+    }
+
+    #[test]
+    fn unbounded_and_bad_patterns_are_refused_clearly() {
+        let e = Scanner::compile(
+            vec![PatternSpec {
+                id: "greedy".into(),
+                rule: 0,
+                regex: "password=.+".into(),
+                caseless: false,
+                luhn: false,
+            }],
+            4096,
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("greedy") && e.to_string().contains("unbounded"), "{e}");
+        let e = Scanner::compile(
+            vec![PatternSpec {
+                id: "broken".into(),
+                rule: 0,
+                regex: "(unclosed".into(),
+                caseless: false,
+                luhn: false,
+            }],
+            4096,
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("broken"), "{e}");
+    }
+}
