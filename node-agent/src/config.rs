@@ -52,6 +52,44 @@ pub struct Config {
     pub tls: TlsSettings,
     #[serde(default)]
     pub records: RecordSettings,
+    #[serde(default)]
+    pub policy: PolicySettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    /// Ed25519 public keys (PEM) whose signed bundles this node accepts.
+    #[serde(default)]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Signed bundles (`*.jws`) dropped here are applied.
+    #[serde(default)]
+    pub watch_dir: Option<PathBuf>,
+    /// Longest match any response rule may have (the hold-back window).
+    #[serde(default = "default_window")]
+    pub max_scan_window_bytes: usize,
+    /// Largest request body buffered for request rules.
+    #[serde(default = "default_request_scan")]
+    pub max_request_scan_bytes: usize,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        Self {
+            trusted_keys: Vec::new(),
+            watch_dir: None,
+            max_scan_window_bytes: default_window(),
+            max_request_scan_bytes: default_request_scan(),
+        }
+    }
+}
+
+fn default_window() -> usize {
+    8192
+}
+
+fn default_request_scan() -> usize {
+    16 * 1024 * 1024
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

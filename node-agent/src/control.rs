@@ -15,8 +15,11 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    approvals::{self, Pending},
+    policy::PolicySummary,
     proxy::Proxy,
     record::{ConnectionRecord, Exchange, Filter},
+    suspend::Suspension,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +44,36 @@ pub enum ControlError {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    SessionsList { filter: Filter },
-    SessionsShow { id: u64 },
-    Verify { session: Option<u64> },
+    SessionsList {
+        filter: Filter,
+    },
+    SessionsShow {
+        id: u64,
+    },
+    Verify {
+        session: Option<u64>,
+    },
+    PolicyPush {
+        jws: String,
+    },
+    PolicyShow,
+    ApprovalsList,
+    ApprovalDecide {
+        id: u64,
+        approve: bool,
+        reason: Option<String>,
+    },
+    IdentitySuspend {
+        identity: String,
+        reason: String,
+    },
+    IdentityResume {
+        identity: String,
+    },
+    IdentitiesList,
+    Audit {
+        kind: String,
+    },
 }
 
 impl Request {
@@ -53,6 +83,14 @@ impl Request {
             Request::SessionsList { .. } => "sessions_list",
             Request::SessionsShow { .. } => "sessions_show",
             Request::Verify { .. } => "verify",
+            Request::PolicyPush { .. } => "policy_push",
+            Request::PolicyShow => "policy_show",
+            Request::ApprovalsList => "approvals_list",
+            Request::ApprovalDecide { .. } => "approval_decide",
+            Request::IdentitySuspend { .. } => "identity_suspend",
+            Request::IdentityResume { .. } => "identity_resume",
+            Request::IdentitiesList => "identities_list",
+            Request::Audit { .. } => "audit",
         }
     }
 }
@@ -71,12 +109,42 @@ pub enum Response {
     Verified {
         events: u64,
     },
+    Policy(PolicySummary),
+    Approvals {
+        pending: Vec<Pending>,
+    },
+    Decided {
+        approval: Pending,
+    },
+    Suspended {
+        suspension: Suspension,
+        denied_held: usize,
+    },
+    Resumed {
+        identity: String,
+        was_suspended: bool,
+    },
+    Identities {
+        suspended: Vec<Suspension>,
+        recent: Vec<RecentIdentity>,
+    },
+    Audit {
+        events: Vec<crate::record::Event>,
+    },
     Broken {
         first_break: String,
     },
     Error {
         message: String,
     },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RecentIdentity {
+    pub id: String,
+    pub description: String,
+    pub sessions: usize,
+    pub last_seen_ms: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -166,7 +234,7 @@ impl ControlServer {
             let resp = match serde_json::from_str::<Request>(&line) {
                 Ok(req) => {
                     info!(uid, op = req.name(), "control request");
-                    self.dispatch(req)
+                    self.dispatch(req, uid)
                 }
                 Err(e) => Response::Error {
                     message: format!("malformed request: {e}"),
@@ -178,7 +246,7 @@ impl ControlServer {
         }
     }
 
-    fn dispatch(&self, req: Request) -> Response {
+    fn dispatch(&self, req: Request, uid: u32) -> Response {
         let p = &self.proxy;
         match req {
             Request::Status => {
@@ -236,6 +304,122 @@ impl ControlServer {
                     message: e.to_string(),
                 },
             },
+            Request::PolicyPush { jws } => {
+                match p.policy.apply(&jws, &format!("push by uid {uid}")) {
+                    Ok(_) => Response::Policy(p.policy.summary()),
+                    Err(e) => Response::Error {
+                        message: format!("policy refused: {e}"),
+                    },
+                }
+            }
+            Request::PolicyShow => Response::Policy(p.policy.summary()),
+            Request::ApprovalsList => Response::Approvals {
+                pending: p.approvals.list(),
+            },
+            Request::ApprovalDecide {
+                id,
+                approve,
+                reason,
+            } => {
+                let outcome = if approve {
+                    approvals::Outcome::Approved { by_uid: uid }
+                } else {
+                    approvals::Outcome::Denied {
+                        by_uid: Some(uid),
+                        reason: reason.unwrap_or_else(|| "denied by approver".into()),
+                    }
+                };
+                let audit = serde_json::json!({"approval": id, "outcome": outcome});
+                match p.approvals.decide(id, outcome) {
+                    Some(approval) => {
+                        if let Err(e) = p.store.audit("approval.decided", &audit) {
+                            warn!(error = %e, "cannot record approval decision");
+                        }
+                        Response::Decided { approval }
+                    }
+                    None => Response::Error {
+                        message: format!(
+                            "no pending approval {id} (decided, expired or never existed)"
+                        ),
+                    },
+                }
+            }
+            Request::IdentitySuspend { identity, reason } => {
+                match p.suspensions.suspend(&p.store, &identity, &reason, uid) {
+                    Ok(suspension) => {
+                        let denied_held = p
+                            .approvals
+                            .deny_workload(&identity, &format!("identity suspended: {reason}"));
+                        warn!(%identity, %reason, uid, "identity suspended");
+                        Response::Suspended {
+                            suspension,
+                            denied_held,
+                        }
+                    }
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Request::IdentityResume { identity } => {
+                match p.suspensions.resume(&p.store, &identity, uid) {
+                    Ok(was_suspended) => Response::Resumed {
+                        identity,
+                        was_suspended,
+                    },
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Request::Audit { kind } => match p.store.audit_events(&kind) {
+                Ok(events) => Response::Audit { events },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            },
+            Request::IdentitiesList => {
+                let mut recent: std::collections::BTreeMap<String, RecentIdentity> =
+                    Default::default();
+                if let Ok(sessions) = p.store.list(&Filter {
+                    limit: Some(10_000),
+                    ..Default::default()
+                }) {
+                    for s in sessions {
+                        if s.identity.id.is_empty() {
+                            continue;
+                        }
+                        let e =
+                            recent
+                                .entry(s.identity.id.clone())
+                                .or_insert_with(|| RecentIdentity {
+                                    id: s.identity.id.clone(),
+                                    description: s
+                                        .identity
+                                        .ci
+                                        .as_ref()
+                                        .map(|c| {
+                                            format!(
+                                                "{} {} run {}",
+                                                c.system,
+                                                c.repository.as_deref().unwrap_or("?"),
+                                                c.run_id.as_deref().unwrap_or("?")
+                                            )
+                                        })
+                                        .or_else(|| s.identity.cgroup_path.clone())
+                                        .unwrap_or_default(),
+                                    sessions: 0,
+                                    last_seen_ms: 0,
+                                });
+                        e.sessions += 1;
+                        e.last_seen_ms = e.last_seen_ms.max(s.started_at_ms);
+                    }
+                }
+                Response::Identities {
+                    suspended: p.suspensions.list(),
+                    recent: recent.into_values().collect(),
+                }
+            }
             Request::Verify { session } => match p.store.verify(session) {
                 Ok(Ok(events)) => Response::Verified { events },
                 Ok(Err(first_break)) => Response::Broken { first_break },

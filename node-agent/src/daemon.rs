@@ -13,12 +13,15 @@ use tracing::{info, warn};
 
 use crate::{
     addr::ProxyAddr,
+    approvals::Approvals,
     config::{Config, TlsMode},
     control::{self, ControlServer},
     identity::IdentityResolver,
+    policy::PolicyEngine,
     proxy::{self, Counters, Proxy},
     record::RecordStore,
     redirect::{self, Redirector},
+    suspend::Suspensions,
     targets,
     tls::{Ca, TlsContext},
 };
@@ -71,6 +74,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     targets::install_static(&redirector, &cfg.targets)?;
 
     let tls = tls_context(&cfg, &state_dir)?;
+    let policy = Arc::new(PolicyEngine::load(
+        &cfg.policy.trusted_keys,
+        &state_dir,
+        store.clone(),
+        cfg.policy.max_scan_window_bytes,
+    )?);
+    if let Some(dir) = &cfg.policy.watch_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating policy watch directory {}", dir.display()))?;
+        tokio::spawn(policy.clone().watch(dir.clone()));
+    }
+    let suspensions = Arc::new(Suspensions::open(&store)?);
 
     let proxy = Arc::new(Proxy {
         redirector: redirector.clone(),
@@ -87,6 +102,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             .collect(),
         tls,
         body_cap: cfg.records.body_cap_bytes,
+        policy,
+        approvals: Arc::new(Approvals::default()),
+        suspensions,
+        max_scan_request: cfg.policy.max_request_scan_bytes,
         listen: listeners.iter().map(|(a, _)| ProxyAddr(*a)).collect(),
         connect_timeout: Duration::from_secs(cfg.proxy.connect_timeout_secs),
         counters: Counters::default(),

@@ -29,9 +29,18 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::{oneshot, Mutex},
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::record::{now_ms, BodyRecord, Exchange, Header, RecordStore};
+use crate::{
+    approvals::{self, Approvals, Pending},
+    identity::WorkloadIdentity,
+    policy::{Decision, PolicyEngine, Verdict},
+    record::{now_ms, BodyRecord, Exchange, Header, Injection, RecordStore},
+    scan::StreamMasker,
+    suspend::Suspensions,
+};
+
+type UpBody = BoxBody<Bytes, hyper::Error>;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -70,11 +79,19 @@ pub struct HttpSession {
     /// never more than one request behind the store (kill -9 loses at
     /// most the exchange in flight).
     pub prev_durable: Mutex<Option<oneshot::Receiver<()>>>,
+    pub target: String,
+    pub identity: WorkloadIdentity,
+    pub policy: Arc<PolicyEngine>,
+    pub approvals: Arc<Approvals>,
+    pub suspensions: Arc<Suspensions>,
+    /// Largest request body buffered for scanning; bigger ones are refused
+    /// (fail closed) when request rules apply.
+    pub max_scan_request: usize,
 }
 
 enum Upstream {
-    H1(Mutex<hyper::client::conn::http1::SendRequest<Tap<Incoming>>>),
-    H2(hyper::client::conn::http2::SendRequest<Tap<Incoming>>),
+    H1(Mutex<hyper::client::conn::http1::SendRequest<Tap<UpBody>>>),
+    H2(hyper::client::conn::http2::SendRequest<Tap<UpBody>>),
 }
 
 /// Serves one intercepted connection until either side closes.
@@ -210,6 +227,8 @@ impl HttpSession {
             duration_ms: 0.0,
             upgrade: None,
             error: None,
+            decisions: Vec::new(),
+            injected: None,
         };
         let upgrade = matches!(up, Upstream::H1(_)) && req.headers().contains_key(UPGRADE);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -224,10 +243,209 @@ impl HttpSession {
         } else {
             None
         };
-        let (parts, body) = req.into_parts();
-        let (req_tap, req_rx) = Tap::new(body, self.body_cap);
+        let policy = self.policy.current();
+        if let Some(susp) = self.suspensions.get(&self.identity.id) {
+            ex.decisions.push(Decision {
+                rule: "identity-suspended".into(),
+                action: "block".into(),
+                patterns: vec![],
+                detail: Some(susp.reason.clone()),
+            });
+            return self
+                .refuse(
+                    ex,
+                    started,
+                    durable_tx,
+                    StatusCode::FORBIDDEN,
+                    serde_json::json!({
+                        "error": "identity suspended",
+                        "identity": self.identity.id,
+                        "reason": susp.reason,
+                    }),
+                )
+                .await;
+        }
+        let (mut parts, body) = req.into_parts();
+        let up_body: UpBody = if policy.has_request_rules(&self.target, &self.identity) {
+            // Prompts are scanned whole before anything is forwarded.
+            let bytes = match http_body_util::Limited::new(body, self.max_scan_request)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    let too_big = e
+                        .downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some();
+                    let (status, msg) = if too_big {
+                        (
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!(
+                                "request body larger than the {} bytes the policy can scan",
+                                self.max_scan_request
+                            ),
+                        )
+                    } else {
+                        (
+                            StatusCode::BAD_REQUEST,
+                            format!("reading request body: {e}"),
+                        )
+                    };
+                    ex.error = Some(msg.clone());
+                    return self
+                        .refuse(
+                            ex,
+                            started,
+                            durable_tx,
+                            status,
+                            serde_json::json!({"error": msg}),
+                        )
+                        .await;
+                }
+            };
+            ex.request_body.size = bytes.len() as u64;
+            ex.request_body
+                .set_bytes(bytes[..bytes.len().min(self.body_cap)].to_vec());
+            ex.request_body.truncated = bytes.len() > self.body_cap;
+            ex.request_body.complete = true;
+            let (verdict, decisions) =
+                match policy.evaluate_request(&self.target, &self.identity, &bytes) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // Fail closed: what cannot be scanned is not forwarded.
+                        ex.error = Some(format!("policy scan failed: {e}"));
+                        return self
+                            .refuse(
+                                ex,
+                                started,
+                                durable_tx,
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                serde_json::json!({"error": "policy scan failed"}),
+                            )
+                            .await;
+                    }
+                };
+            ex.decisions.extend(decisions);
+            match verdict {
+                Verdict::Allow => {}
+                Verdict::Block { rule, message } => {
+                    warn!(session = self.session, workload = %self.identity.id, %rule, "request blocked by policy");
+                    return self
+                        .refuse(
+                            ex,
+                            started,
+                            durable_tx,
+                            StatusCode::FORBIDDEN,
+                            serde_json::json!({
+                                "error": "blocked by policy", "rule": rule, "message": message,
+                            }),
+                        )
+                        .await;
+                }
+                Verdict::Approve {
+                    rule,
+                    message,
+                    timeout_secs,
+                } => {
+                    let pending = Pending {
+                        id: 0,
+                        session: self.session,
+                        workload: self.identity.id.clone(),
+                        rule: rule.clone(),
+                        message: message.clone(),
+                        method: ex.method.clone(),
+                        authority: ex.authority.clone(),
+                        path: ex.path.clone(),
+                        preview: String::from_utf8_lossy(&bytes[..bytes.len().min(512)])
+                            .into_owned(),
+                        created_ms: 0,
+                        expires_ms: 0,
+                    };
+                    info!(session = self.session, workload = %self.identity.id, %rule, "request held for approval");
+                    let outcome = self
+                        .approvals
+                        .request(pending, std::time::Duration::from_secs(timeout_secs))
+                        .await;
+                    let detail = serde_json::to_string(&outcome).unwrap_or_default();
+                    if let Some(d) = ex.decisions.iter_mut().find(|d| d.rule == rule) {
+                        d.detail = Some(detail);
+                    }
+                    let denial = match outcome {
+                        approvals::Outcome::Approved { .. } => None,
+                        approvals::Outcome::Denied { reason, .. } => {
+                            Some(format!("denied: {reason}"))
+                        }
+                        approvals::Outcome::TimedOut => {
+                            Some(format!("no approval within {timeout_secs}s"))
+                        }
+                    };
+                    // A suspension while held also denies.
+                    let denial = denial.or_else(|| {
+                        self.suspensions
+                            .get(&self.identity.id)
+                            .map(|s| format!("identity suspended: {}", s.reason))
+                    });
+                    if let Some(reason) = denial {
+                        return self
+                            .refuse(ex, started, durable_tx, StatusCode::FORBIDDEN, serde_json::json!({
+                                "error": "not approved", "rule": rule, "message": message, "reason": reason,
+                            }))
+                            .await;
+                    }
+                }
+            }
+            Full::new(bytes).map_err(|e| match e {}).boxed()
+        } else {
+            body.boxed()
+        };
+        if let Some(cred) = policy.credential(&self.target) {
+            let mut presented = Vec::new();
+            for h in &cred.strip {
+                for v in parts.headers.get_all(h.as_str()) {
+                    presented.push(Header {
+                        name: h.clone(),
+                        value: format!("sha256:{}", fingerprint(v.as_bytes())),
+                    });
+                }
+                parts.headers.remove(h.as_str());
+            }
+            match (
+                hyper::header::HeaderName::from_bytes(cred.header.as_bytes()),
+                HeaderValue::from_str(cred.value.expose()),
+            ) {
+                (Ok(name), Ok(mut value)) => {
+                    value.set_sensitive(true);
+                    parts.headers.insert(name, value);
+                }
+                _ => {
+                    ex.error = Some("node credential is not a valid header".into());
+                    return self
+                        .refuse(
+                            ex,
+                            started,
+                            durable_tx,
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            serde_json::json!({"error": "node credential misconfigured"}),
+                        )
+                        .await;
+                }
+            }
+            ex.injected = Some(Injection {
+                header: cred.header.clone(),
+                client_presented: presented,
+            });
+        }
+        let masks = policy.masks_responses(&self.target, &self.identity);
+        if masks {
+            // Scan what the client will read: ask the upstream for an
+            // uncompressed body (decoding would change lengths).
+            parts.headers.insert(
+                hyper::header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
+        let (req_tap, req_rx) = Tap::new(up_body, self.body_cap);
         let up_req = Request::from_parts(parts, req_tap);
-
         let result = match up {
             Upstream::H1(sender) => {
                 let mut sender = sender.lock().await;
@@ -296,8 +514,30 @@ impl HttpSession {
         }
 
         let (parts, body) = resp.into_parts();
+        let masked = Arc::new(std::sync::Mutex::new(MaskReport::default()));
+        let body: UpBody = if masks {
+            let sse = parts
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|c| c.starts_with("text/event-stream"));
+            let (p, target, identity) =
+                (policy.clone(), self.target.clone(), self.identity.clone());
+            let masker = StreamMasker::new(
+                policy.clone(),
+                sse,
+                Box::new(move |rule| {
+                    p.rule(rule).action == crate::policy::bundle::Action::Mask
+                        && p.rule_applies(rule, &target, &identity)
+                }),
+            );
+            MaskBody::new(body, masker, masked.clone()).boxed()
+        } else {
+            body.boxed()
+        };
         let (resp_tap, resp_rx) = Tap::new(body, self.body_cap);
         let this = self.clone();
+        let mask_policy = policy.clone();
         tokio::spawn(async move {
             let (rq, rs) = tokio::join!(req_rx, resp_rx);
             let rq = rq.unwrap_or_default();
@@ -310,10 +550,58 @@ impl HttpSession {
                     Some("response body did not complete (client or upstream went away)".into());
             }
             ex.response_body = rs.body;
+            let report = std::mem::take(&mut *masked.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut by_rule: std::collections::BTreeMap<usize, (Vec<String>, u64)> =
+                Default::default();
+            for ((rule, pattern), n) in report.masked {
+                let e = by_rule.entry(rule).or_default();
+                e.0.push(pattern);
+                e.1 += n;
+            }
+            for (rule, (patterns, n)) in by_rule {
+                ex.decisions.push(Decision {
+                    rule: mask_policy.rule(rule).id.clone(),
+                    action: "mask".into(),
+                    patterns,
+                    detail: Some(format!("{n} span(s) masked in the response")),
+                });
+            }
+            if let Some(e) = report.error {
+                ex.error = Some(format!("response scan failed, stream cut: {e}"));
+            }
             ex.duration_ms = ms(started);
             this.finish(ex, durable_tx).await;
         });
         Response::from_parts(parts, resp_tap.map_err(|e| Box::new(e) as BoxError).boxed())
+    }
+
+    /// Answers the client without contacting the upstream, and records it.
+    async fn refuse(
+        &self,
+        mut ex: Exchange,
+        started: Instant,
+        durable: Option<oneshot::Sender<()>>,
+        status: StatusCode,
+        body: serde_json::Value,
+    ) -> Response<ProxyBody> {
+        let text = body.to_string();
+        ex.status = Some(status.as_u16());
+        ex.response_headers = vec![Header {
+            name: "content-type".into(),
+            value: "application/json".into(),
+        }];
+        ex.response_body.size = text.len() as u64;
+        ex.response_body.set_bytes(text.clone().into_bytes());
+        ex.response_body.complete = true;
+        ex.ttfb_ms = Some(ms(started));
+        ex.duration_ms = ms(started);
+        // The refusal is recorded before the client hears about it.
+        self.finish(ex, durable).await;
+        let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp
     }
 
     async fn finish(&self, ex: Exchange, durable: Option<oneshot::Sender<()>>) {
@@ -357,6 +645,104 @@ pub fn headers(map: &HeaderMap) -> Vec<Header> {
 /// recover them.
 pub fn fingerprint(secret: &[u8]) -> String {
     hex::encode(&Sha256::digest(secret)[..8])
+}
+
+#[derive(Default)]
+pub struct MaskReport {
+    pub masked: std::collections::BTreeMap<(usize, String), u64>,
+    pub error: Option<String>,
+}
+
+/// A response body passed through a `StreamMasker`: frames flow as soon
+/// as they are past the hold-back window; lengths never change.
+pub struct MaskBody<B> {
+    inner: B,
+    masker: StreamMasker,
+    report: Arc<std::sync::Mutex<MaskReport>>,
+    /// Trailers waiting for the flushed tail to go out first.
+    trailers: Option<HeaderMap>,
+    done: bool,
+}
+
+impl<B> MaskBody<B> {
+    pub fn new(inner: B, masker: StreamMasker, report: Arc<std::sync::Mutex<MaskReport>>) -> Self {
+        Self {
+            inner,
+            masker,
+            report,
+            trailers: None,
+            done: false,
+        }
+    }
+
+    fn report(&mut self) {
+        let mut r = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        r.masked = self.masker.masked.clone();
+        r.error = self.masker.error.clone();
+    }
+}
+
+impl<B> Body for MaskBody<B>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = this.masker.push(&data);
+                        if this.masker.error.is_some() {
+                            this.report();
+                            this.done = true;
+                            continue;
+                        }
+                        if !out.is_empty() {
+                            this.report();
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            this.trailers = Some(t);
+                        }
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    this.report();
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    let tail = this.masker.finish();
+                    this.report();
+                    this.done = true;
+                    if !tail.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))));
+                    }
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Masking preserves length.
+        self.inner.size_hint()
+    }
 }
 
 /// What a `Tap` saw of its body.

@@ -1,16 +1,19 @@
 //! `sluice`: the node daemon (`sluice run`) and the operator CLI that talks
 //! to it over the control socket.
 mod addr;
+mod approvals;
 mod config;
 mod control;
 mod daemon;
 mod export;
-mod scan;
 mod http;
 mod identity;
+mod policy;
 mod proxy;
 mod record;
 mod redirect;
+mod scan;
+mod suspend;
 mod targets;
 mod tls;
 
@@ -77,6 +80,81 @@ enum Cmd {
     Ca {
         #[command(subcommand)]
         cmd: CaCmd,
+    },
+    /// Signed policy bundles.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Requests held for a human decision.
+    Approvals {
+        #[command(subcommand)]
+        cmd: ApprovalsCmd,
+    },
+    /// Workload identities: list, suspend, resume.
+    Identities {
+        #[command(subcommand)]
+        cmd: IdentitiesCmd,
+    },
+    /// Node-level audit trail (policy pushes, approvals, suspensions).
+    Audit {
+        /// Only events whose kind starts with this (e.g. `approval`).
+        #[arg(long, default_value = "")]
+        kind: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Create an Ed25519 signing key pair: PREFIX.key (0600) and PREFIX.pub.
+    Keygen { prefix: PathBuf },
+    /// Sign a bundle (YAML) into a JWS the nodes accept.
+    Sign {
+        bundle: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// Output file (default: BUNDLE with extension .jws).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Push a signed bundle to the running node.
+    Push { file: PathBuf },
+    /// The policy in force.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Approve {
+        id: u64,
+    },
+    Deny {
+        id: u64,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdentitiesCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Suspend {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    Resume {
+        id: String,
     },
 }
 
@@ -328,6 +406,146 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Ca { cmd } => return ca_command(cmd),
+        Cmd::Policy { cmd } => return policy_command(cmd, &sock()).await,
+        Cmd::Approvals { cmd } => match cmd {
+            ApprovalsCmd::List { json } => {
+                let Response::Approvals { pending } =
+                    control::call(&sock(), &Request::ApprovalsList).await?
+                else {
+                    bail!("unexpected reply to approvals list");
+                };
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&pending)?);
+                } else {
+                    println!(
+                        "{:>5}  {:<20}  {:<28}  {:<8}  {:<40}  EXPIRES",
+                        "ID", "IDENTITY", "RULE", "METHOD", "URL"
+                    );
+                    for p in pending {
+                        println!(
+                            "{:>5}  {:<20}  {:<28}  {:<8}  {:<40}  {}",
+                            p.id,
+                            p.workload,
+                            p.rule,
+                            p.method,
+                            format!("https://{}{}", p.authority, p.path),
+                            fmt_ms(p.expires_ms)
+                        );
+                        println!(
+                            "       {}",
+                            p.preview
+                                .chars()
+                                .take(160)
+                                .collect::<String>()
+                                .replace('\n', " ")
+                        );
+                    }
+                }
+            }
+            ApprovalsCmd::Approve { id } => {
+                let req = Request::ApprovalDecide {
+                    id,
+                    approve: true,
+                    reason: None,
+                };
+                let Response::Decided { approval } = control::call(&sock(), &req).await? else {
+                    bail!("unexpected reply");
+                };
+                println!(
+                    "approved {} ({} {} for {})",
+                    approval.id, approval.method, approval.path, approval.workload
+                );
+            }
+            ApprovalsCmd::Deny { id, reason } => {
+                let req = Request::ApprovalDecide {
+                    id,
+                    approve: false,
+                    reason: Some(reason),
+                };
+                let Response::Decided { approval } = control::call(&sock(), &req).await? else {
+                    bail!("unexpected reply");
+                };
+                println!(
+                    "denied {} ({} {} for {})",
+                    approval.id, approval.method, approval.path, approval.workload
+                );
+            }
+        },
+        Cmd::Identities { cmd } => match cmd {
+            IdentitiesCmd::List { json } => {
+                let Response::Identities { suspended, recent } =
+                    control::call(&sock(), &Request::IdentitiesList).await?
+                else {
+                    bail!("unexpected reply");
+                };
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"suspended": suspended, "recent": recent})
+                    );
+                } else {
+                    for r in recent {
+                        let s = suspended.iter().find(|s| s.identity == r.id);
+                        println!(
+                            "{:<20}  {:>5} session(s)  last {}  {}{}",
+                            r.id,
+                            r.sessions,
+                            fmt_ms(r.last_seen_ms),
+                            r.description,
+                            s.map(|s| format!("  SUSPENDED: {}", s.reason))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            IdentitiesCmd::Suspend { id, reason } => {
+                let req = Request::IdentitySuspend {
+                    identity: id,
+                    reason,
+                };
+                let Response::Suspended {
+                    suspension,
+                    denied_held,
+                } = control::call(&sock(), &req).await?
+                else {
+                    bail!("unexpected reply");
+                };
+                println!(
+                    "suspended {} ({}); {} held request(s) denied",
+                    suspension.identity, suspension.reason, denied_held
+                );
+            }
+            IdentitiesCmd::Resume { id } => {
+                let Response::Resumed {
+                    identity,
+                    was_suspended,
+                } = control::call(&sock(), &Request::IdentityResume { identity: id }).await?
+                else {
+                    bail!("unexpected reply");
+                };
+                if was_suspended {
+                    println!("resumed {identity}");
+                } else {
+                    println!("{identity} was not suspended");
+                }
+            }
+        },
+        Cmd::Audit { kind } => {
+            let Response::Audit { events } =
+                control::call(&sock(), &Request::Audit { kind }).await?
+            else {
+                bail!("unexpected reply");
+            };
+            for e in events {
+                println!(
+                    "{}  #{:<6} {:<20} {}",
+                    fmt_ms(e.at_ms),
+                    e.seq,
+                    e.kind,
+                    e.body
+                );
+            }
+        }
         Cmd::Verify { session } => {
             match control::call(&sock(), &Request::Verify { session }).await? {
                 Response::Verified { events } => println!("ok: {events} events, chain intact"),
@@ -437,6 +655,70 @@ fn ca_command(cmd: CaCmd) -> anyhow::Result<ExitCode> {
             }
             update_ca_certificates()?;
             println!("removed {} from the system trust store", dest.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn policy_command(cmd: PolicyCmd, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PolicyCmd::Keygen { prefix } => {
+            let kid = policy::sign::keygen(&prefix)?;
+            println!(
+                "wrote {} (private, 0600) and {}",
+                prefix.with_extension("key").display(),
+                prefix.with_extension("pub").display()
+            );
+            println!("key id: {kid}  (list the .pub under policy.trusted_keys on nodes)");
+        }
+        PolicyCmd::Sign { bundle, key, out } => {
+            let text = std::fs::read_to_string(&bundle)
+                .with_context(|| format!("reading {}", bundle.display()))?;
+            // Parse locally so a broken bundle is caught before it is signed.
+            let b: policy::bundle::Bundle = serde_yaml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("bundle {} does not parse: {e}", bundle.display()))?;
+            let jws = policy::sign::sign(&text, b.version, &b.name, &key)?;
+            let out = out.unwrap_or_else(|| bundle.with_extension("jws"));
+            std::fs::write(&out, &jws).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "signed {} version {} -> {}",
+                b.name,
+                b.version,
+                out.display()
+            );
+        }
+        PolicyCmd::Push { file } => {
+            let jws = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let Response::Policy(p) = control::call(socket, &Request::PolicyPush { jws }).await?
+            else {
+                bail!("unexpected reply to policy push");
+            };
+            println!(
+                "policy {} version {} in force (signer {})",
+                p.name, p.version, p.signer
+            );
+        }
+        PolicyCmd::Show { json } => {
+            let Response::Policy(p) = control::call(socket, &Request::PolicyShow).await? else {
+                bail!("unexpected reply to policy show");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                println!("policy:   {} version {}", p.name, p.version);
+                println!("signer:   {}", p.signer);
+                println!("digest:   sha256:{}", p.digest);
+                println!(
+                    "window:   {} bytes held back on masked streams",
+                    p.response_window_bytes
+                );
+                println!("credentials injected for: {}", p.credentials_for.join(", "));
+                println!("rules:");
+                for r in p.rules {
+                    println!("  {r}");
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -60,6 +60,10 @@ pub struct Proxy {
     pub intercept_names: Vec<(u32, Vec<String>)>,
     pub tls: Option<Arc<TlsContext>>,
     pub body_cap: usize,
+    pub policy: Arc<crate::policy::PolicyEngine>,
+    pub approvals: Arc<crate::approvals::Approvals>,
+    pub suspensions: Arc<crate::suspend::Suspensions>,
+    pub max_scan_request: usize,
     pub listen: Vec<ProxyAddr>,
     pub connect_timeout: Duration,
     pub counters: Counters,
@@ -198,6 +202,18 @@ impl Proxy {
             self.counters.record_errors.fetch_add(1, Ordering::Relaxed);
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             warn!(error = %e, "cannot record the connection; refusing");
+            refuse(client);
+            return;
+        }
+        if let Some(susp) = self.suspensions.get(&r.identity.id) {
+            // Isolated during an incident: no new connections at all.
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(reason = %susp.reason, "identity suspended; refusing connection");
+            r.outcome = Outcome::Refused {
+                reason: format!("identity suspended: {}", susp.reason),
+            };
+            r.ended_at_ms = Some(now_ms());
+            self.record(&r, "connection.refused");
             refuse(client);
             return;
         }
@@ -373,6 +389,12 @@ impl Proxy {
             body_cap: self.body_cap,
             next_seq: Default::default(),
             prev_durable: Default::default(),
+            target: r.target.clone().unwrap_or_default(),
+            identity: r.identity.clone(),
+            policy: self.policy.clone(),
+            approvals: self.approvals.clone(),
+            suspensions: self.suspensions.clone(),
+            max_scan_request: self.max_scan_request,
         });
         let h2 = negotiated.as_deref() == Some(b"h2");
         info!(%sni, h2, "TLS intercepted");

@@ -147,6 +147,19 @@ pub struct Exchange {
     pub upgrade: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Policy decisions taken on this exchange, each with its rule id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decisions: Vec<crate::policy::Decision>,
+    /// Set when the node injected its own credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub injected: Option<Injection>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Injection {
+    pub header: String,
+    /// Fingerprints of the credentials the client presented (stripped).
+    pub client_presented: Vec<Header>,
 }
 
 /// One link of the hash chain.
@@ -292,6 +305,11 @@ impl RecordStore {
     }
 
     /// Session ids count up from 1 and continue after a restart.
+    /// A named tree in the same database (node state kept beside records).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, RecordError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     pub fn next_id(&self) -> Result<u64, RecordError> {
         Ok(self
             .next_id
@@ -305,6 +323,29 @@ impl RecordStore {
         self.connections
             .insert(r.id.to_be_bytes(), body.as_bytes())?;
         Ok(())
+    }
+
+    /// Appends a node-level event (policy, approvals, suspensions) to the
+    /// chain, under session 0.
+    pub fn audit(&self, kind: &str, body: &serde_json::Value) -> Result<(), RecordError> {
+        let text = serde_json::to_string(body).map_err(RecordError::Encode)?;
+        self.append(0, kind, &text)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Audit events (session 0) of the given kinds, oldest first.
+    pub fn audit_events(&self, prefix: &str) -> Result<Vec<Event>, RecordError> {
+        let mut out = Vec::new();
+        for item in self.events.iter() {
+            let (_, v) = item?;
+            if let Ok(ev) = serde_json::from_slice::<Event>(&v) {
+                if ev.connection == 0 && ev.kind.starts_with(prefix) {
+                    out.push(ev);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Stores a finished exchange and appends it to the chain.
@@ -430,7 +471,9 @@ impl RecordStore {
                     ev.connection
                 )));
             }
-            if ev.kind == "exchange" {
+            if ev.connection == 0 {
+                // Node-level audit event: chained, no stored view.
+            } else if ev.kind == "exchange" {
                 let exseq = ev
                     .body
                     .get("seq")
@@ -637,6 +680,8 @@ mod tests {
             duration_ms: 2.0,
             upgrade: None,
             error: None,
+            decisions: vec![],
+            injected: None,
         };
         s.put_exchange(&ex).unwrap();
         assert_eq!(s.verify(Some(r.id)).unwrap(), Ok(2));

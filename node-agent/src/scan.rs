@@ -23,7 +23,9 @@ pub enum ScanError {
     Pattern { id: String, message: String },
     #[error("pattern `{id}` can match an unbounded number of bytes; bound its repeats (e.g. `{{1,256}}` instead of `+`)")]
     Unbounded { id: String },
-    #[error("pattern `{id}` can match up to {len} bytes, more than the {max}-byte hold-back limit")]
+    #[error(
+        "pattern `{id}` can match up to {len} bytes, more than the {max}-byte hold-back limit"
+    )]
     TooLong { id: String, len: usize, max: usize },
     #[error("hyperscan: {0}")]
     Hyperscan(String),
@@ -82,7 +84,9 @@ impl Scanner {
         let mut window = 0;
         let mut patterns = Vec::with_capacity(specs.len());
         for spec in specs {
-            let len = max_len(&spec)?.ok_or_else(|| ScanError::Unbounded { id: spec.id.clone() })?;
+            let len = max_len(&spec)?.ok_or_else(|| ScanError::Unbounded {
+                id: spec.id.clone(),
+            })?;
             if len > max_window {
                 return Err(ScanError::TooLong {
                     id: spec.id.clone(),
@@ -138,10 +142,6 @@ impl Scanner {
         &self.patterns[i].spec
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.patterns.is_empty()
-    }
-
     /// All confirmed hits in `data`, with exact spans.
     pub fn find(&self, data: &[u8]) -> Result<Vec<Hit>, ScanError> {
         let Some(db) = &self.db else {
@@ -158,10 +158,14 @@ impl Scanner {
                 .map_err(|e| ScanError::Hyperscan(e.to_string()))?,
         };
         let mut seen = Vec::new();
-        let res = db.scan(data, &scratch, |id: u32, _from: u64, _to: u64, _flags: u32| {
-            seen.push(id as usize);
-            Matching::Continue
-        });
+        let res = db.scan(
+            data,
+            &scratch,
+            |id: u32, _from: u64, _to: u64, _flags: u32| {
+                seen.push(id as usize);
+                Matching::Continue
+            },
+        );
         self.scratch
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -215,7 +219,7 @@ pub fn luhn(candidate: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Where the unemitted raw bytes begin, for SSE parsing.
@@ -228,20 +232,33 @@ enum LineState {
 
 /// Masks a byte stream as it flows. Feed chunks with `push`, emit what it
 /// returns; call `finish` at the end of the stream.
-pub struct StreamMasker<'a> {
-    scanner: &'a Scanner,
+impl AsRef<Scanner> for Scanner {
+    fn as_ref(&self) -> &Scanner {
+        self
+    }
+}
+
+/// Something that holds the scanner (the policy in force, shared).
+pub type ScannerRef = std::sync::Arc<dyn AsRef<Scanner> + Send + Sync>;
+
+pub struct StreamMasker {
+    scanner: ScannerRef,
     /// Which rules mask in this stream.
-    applies: Box<dyn Fn(usize) -> bool + Send + 'a>,
+    applies: Box<dyn Fn(usize) -> bool + Send + Sync>,
     held: Vec<u8>,
     sse: bool,
     state: LineState,
-    /// Masked spans per pattern id, for the record.
-    pub masked: BTreeMap<String, u64>,
+    /// Masked spans per (rule index, pattern id), for the record.
+    pub masked: BTreeMap<(usize, String), u64>,
     pub error: Option<String>,
 }
 
-impl<'a> StreamMasker<'a> {
-    pub fn new(scanner: &'a Scanner, sse: bool, applies: Box<dyn Fn(usize) -> bool + Send + 'a>) -> Self {
+impl StreamMasker {
+    pub fn new(
+        scanner: ScannerRef,
+        sse: bool,
+        applies: Box<dyn Fn(usize) -> bool + Send + Sync>,
+    ) -> Self {
         Self {
             scanner,
             applies,
@@ -313,7 +330,8 @@ impl<'a> StreamMasker<'a> {
 
     fn step(&mut self, last: bool) -> Vec<u8> {
         let (logical, map, undecided) = self.project();
-        let hits = match self.scanner.find(&logical) {
+        let scanner = (*self.scanner).as_ref();
+        let hits = match scanner.find(&logical) {
             Ok(h) => h,
             Err(e) => {
                 // Fail closed: an unscannable stream is not passed on.
@@ -322,14 +340,17 @@ impl<'a> StreamMasker<'a> {
                 return Vec::new();
             }
         };
-        let window = self.scanner.window;
+        let window = scanner.window;
         // Logical position up to which matches are final.
         let mut cut = if last {
             logical.len()
         } else {
             logical.len().saturating_sub(window)
         };
-        let hits: Vec<Hit> = hits.into_iter().filter(|h| (self.applies)(h.rule)).collect();
+        let hits: Vec<Hit> = hits
+            .into_iter()
+            .filter(|h| (self.applies)(h.rule))
+            .collect();
         if !last {
             for h in &hits {
                 if h.start < cut && h.end > cut {
@@ -343,7 +364,7 @@ impl<'a> StreamMasker<'a> {
             }
             *self
                 .masked
-                .entry(self.scanner.pattern(h.pattern).id.clone())
+                .entry((h.rule, scanner.pattern(h.pattern).id.clone()))
                 .or_default() += 1;
         }
         // Raw bytes to emit: everything before the first logical byte kept.
@@ -402,33 +423,35 @@ fn line_state_after(mut state: LineState, bytes: &[u8]) -> LineState {
 mod tests {
     use super::*;
 
-    fn scanner() -> Scanner {
-        Scanner::compile(
-            vec![
-                PatternSpec {
-                    id: "aws-access-key".into(),
-                    rule: 0,
-                    regex: r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b".into(),
-                    caseless: false,
-                    luhn: false,
-                },
-                PatternSpec {
-                    id: "card".into(),
-                    rule: 1,
-                    regex: r"\b(?:\d[ -]?){12,18}\d\b".into(),
-                    caseless: false,
-                    luhn: true,
-                },
-            ],
-            4096,
+    fn scanner() -> std::sync::Arc<Scanner> {
+        std::sync::Arc::new(
+            Scanner::compile(
+                vec![
+                    PatternSpec {
+                        id: "aws-access-key".into(),
+                        rule: 0,
+                        regex: r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b".into(),
+                        caseless: false,
+                        luhn: false,
+                    },
+                    PatternSpec {
+                        id: "card".into(),
+                        rule: 1,
+                        regex: r"\b(?:\d[ -]?){12,18}\d\b".into(),
+                        caseless: false,
+                        luhn: true,
+                    },
+                ],
+                4096,
+            )
+            .unwrap(),
         )
-        .unwrap()
     }
 
     const KEY: &str = "AKIAIOSFODNN7EXAMPLE";
 
-    fn run(s: &Scanner, sse: bool, chunks: &[&[u8]]) -> (Vec<u8>, Vec<usize>) {
-        let mut m = StreamMasker::new(s, sse, Box::new(|_| true));
+    fn run(s: &std::sync::Arc<Scanner>, sse: bool, chunks: &[&[u8]]) -> (Vec<u8>, Vec<usize>) {
+        let mut m = StreamMasker::new(s.clone(), sse, Box::new(|_| true));
         let mut out = Vec::new();
         let mut sizes = Vec::new();
         for c in chunks {
@@ -448,22 +471,30 @@ mod tests {
         let (out, _) = run(&s, false, &[&b[..9], &b[9..17], &b[17..]]);
         assert_eq!(out.len(), b.len());
         let out = String::from_utf8(out).unwrap();
-        assert_eq!(out, format!("header {} trailer control-value-42", "*".repeat(20)));
+        assert_eq!(
+            out,
+            format!("header {} trailer control-value-42", "*".repeat(20))
+        );
     }
 
     #[test]
     fn data_flows_before_the_end_of_the_stream() {
         let s = scanner();
         let big = vec![b'a'; 10_000];
-        let mut m = StreamMasker::new(&s, false, Box::new(|_| true));
+        let mut m = StreamMasker::new(s.clone(), false, Box::new(|_| true));
         let first = m.push(&big);
-        assert_eq!(first.len(), 10_000 - s.window, "all but the hold-back window flows");
+        assert_eq!(
+            first.len(),
+            10_000 - s.window,
+            "all but the hold-back window flows"
+        );
     }
 
     #[test]
     fn key_split_across_two_sse_events_is_masked() {
         let s = scanner();
-        let stream = b"event: tok\ndata: here is AKIAIOSFOD\n\nevent: tok\ndata: NN7EXAMPLE and more\n\n";
+        let stream =
+            b"event: tok\ndata: here is AKIAIOSFOD\n\nevent: tok\ndata: NN7EXAMPLE and more\n\n";
         for split in [20, 30, 45, 60] {
             let (out, _) = run(&s, true, &[&stream[..split], &stream[split..]]);
             assert_eq!(out.len(), stream.len());
@@ -479,7 +510,9 @@ mod tests {
     #[test]
     fn card_numbers_need_luhn() {
         let s = scanner();
-        let hits = s.find(b"valid 4111 1111 1111 1111 invalid 4111 1111 1111 1112").unwrap();
+        let hits = s
+            .find(b"valid 4111 1111 1111 1111 invalid 4111 1111 1111 1112")
+            .unwrap();
         assert_eq!(hits.len(), 1);
         assert!(luhn(b"4111111111111111"));
         assert!(!luhn(b"4111111111111112"));
@@ -499,7 +532,10 @@ mod tests {
         )
         .err()
         .unwrap();
-        assert!(e.to_string().contains("greedy") && e.to_string().contains("unbounded"), "{e}");
+        assert!(
+            e.to_string().contains("greedy") && e.to_string().contains("unbounded"),
+            "{e}"
+        );
         let e = Scanner::compile(
             vec![PatternSpec {
                 id: "broken".into(),

@@ -1,0 +1,120 @@
+//! Just-in-time approvals: a request that matches an `approve` rule is
+//! held here until an operator approves or denies it over the control
+//! socket (their uid is recorded), or until the rule's timeout, which
+//! means deny.
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::record::now_ms;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pending {
+    pub id: u64,
+    pub session: u64,
+    pub workload: String,
+    pub rule: String,
+    pub message: String,
+    pub method: String,
+    pub authority: String,
+    pub path: String,
+    /// The start of the request body, for the approver to judge.
+    pub preview: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Outcome {
+    Approved { by_uid: u32 },
+    Denied { by_uid: Option<u32>, reason: String },
+    TimedOut,
+}
+
+#[derive(Default)]
+pub struct Approvals {
+    next: AtomicU64,
+    pending: Mutex<HashMap<u64, (Pending, oneshot::Sender<Outcome>)>>,
+}
+
+impl Approvals {
+    /// Holds until decided or timed out.
+    pub async fn request(&self, mut p: Pending, timeout: Duration) -> Outcome {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        p.id = id;
+        p.created_ms = now_ms();
+        p.expires_ms = p.created_ms + timeout.as_millis() as u64;
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (p, tx));
+        let out = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(_)) => Outcome::Denied {
+                by_uid: None,
+                reason: "approval dropped".into(),
+            },
+            Err(_) => Outcome::TimedOut,
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        out
+    }
+
+    pub fn list(&self) -> Vec<Pending> {
+        let mut v: Vec<Pending> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|(p, _)| p.clone())
+            .collect();
+        v.sort_by_key(|p| p.id);
+        v
+    }
+
+    /// Delivers a decision; false if no such request is waiting.
+    pub fn decide(&self, id: u64, outcome: Outcome) -> Option<Pending> {
+        let (p, tx) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)?;
+        let _ = tx.send(outcome);
+        Some(p)
+    }
+
+    /// Denies everything a suspended identity is waiting for.
+    pub fn deny_workload(&self, workload: &str, reason: &str) -> usize {
+        let ids: Vec<u64> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, (p, _))| p.workload == workload)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            self.decide(
+                *id,
+                Outcome::Denied {
+                    by_uid: None,
+                    reason: reason.to_owned(),
+                },
+            );
+        }
+        ids.len()
+    }
+}

@@ -1,0 +1,146 @@
+//! The policy bundle format (docs/POLICY.md): what the security team
+//! writes, signs and pushes. Parsed strictly and compiled once.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Rule packs shipped with the node, referenced by name from bundles.
+pub const BUILTIN_PACKS: &[(&str, &str)] = &[
+    (
+        "secrets",
+        include_str!("../../../policies/packs/secrets.yaml"),
+    ),
+    ("pii", include_str!("../../../policies/packs/pii.yaml")),
+];
+
+/// The example policy in force until a signed bundle is pushed.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../../policies/default-policy.yaml");
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    /// Monotonic: a node only accepts a bundle newer than the one in force.
+    pub version: u64,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Custom packs, in addition to the built-in `secrets` and `pii`.
+    #[serde(default)]
+    pub packs: BTreeMap<String, Vec<PatternDef>>,
+    #[serde(default)]
+    pub credentials: Vec<CredentialDef>,
+}
+
+/// Selects workloads by their identity; every given field must match.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    /// Glob over the cgroup path.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// Glob over the CI repository / project path.
+    #[serde(default)]
+    pub repository: Option<String>,
+    /// `github-actions` or `gitlab-ci`.
+    #[serde(default)]
+    pub ci_system: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Request,
+    Response,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Responses: redact matches (length-preserving).
+    Mask,
+    /// Requests: refuse with 403 before the upstream sees it.
+    Block,
+    /// Requests: hold until a human approves; no answer in time = deny.
+    Approve,
+    /// Record the match, change nothing (for alerting).
+    Log,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub id: String,
+    pub on: Direction,
+    /// Target names (node configuration); empty = every target.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Workload names (this bundle); empty = every workload.
+    #[serde(default)]
+    pub workloads: Vec<String>,
+    /// Packs whose patterns this rule uses.
+    #[serde(default)]
+    pub packs: Vec<String>,
+    #[serde(default)]
+    pub patterns: Vec<PatternDef>,
+    pub action: Action,
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Approve: seconds to wait for a decision.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatternDef {
+    pub id: String,
+    pub regex: String,
+    #[serde(default)]
+    pub caseless: bool,
+    #[serde(default)]
+    pub luhn: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pack {
+    pub name: String,
+    pub patterns: Vec<PatternDef>,
+}
+
+/// A node-held credential injected on the outbound request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialDef {
+    pub target: String,
+    /// Header that carries the credential upstream.
+    #[serde(default = "default_cred_header")]
+    pub header: String,
+    /// `{}` is replaced by the secret, e.g. `Bearer {}`.
+    #[serde(default = "default_cred_format")]
+    pub format: String,
+    /// `file:/path` or `systemd:NAME` (from $CREDENTIALS_DIRECTORY).
+    pub source: String,
+    /// Client headers removed (their fingerprints are recorded).
+    #[serde(default = "default_strip")]
+    pub strip: Vec<String>,
+}
+
+fn default_cred_header() -> String {
+    "authorization".into()
+}
+fn default_cred_format() -> String {
+    "Bearer {}".into()
+}
+fn default_strip() -> Vec<String> {
+    vec![
+        "authorization".into(),
+        "x-api-key".into(),
+        "proxy-authorization".into(),
+    ]
+}

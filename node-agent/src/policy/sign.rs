@@ -1,0 +1,225 @@
+//! Signing and verifying policy bundles: a compact JWS (EdDSA / Ed25519,
+//! via jsonwebtoken) whose claims carry the bundle text. The header's `kid`
+//! names the signing key (SHA-256 of its public key), so the node can tell
+//! "signed by a key I do not trust" from "tampered".
+use std::{os::unix::fs::OpenOptionsExt, path::Path};
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const TYP: &str = "sluice-policy+jwt";
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("key file {path}: {message}")]
+    Key { path: String, message: String },
+    #[error("not a signed bundle (expected a JWS from `sluice policy sign`): {0}")]
+    Unsigned(String),
+    #[error("signed by a key this node does not trust (kid {0})")]
+    UntrustedSigner(String),
+    #[error("signature does not verify (bundle altered after signing?): {0}")]
+    BadSignature(String),
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    /// The bundle, verbatim (YAML).
+    pub bundle: String,
+    pub version: u64,
+    pub name: String,
+    /// Hex SHA-256 of `bundle`.
+    pub digest: String,
+    pub iat: u64,
+}
+
+/// A public key the node accepts bundles from.
+pub struct TrustedKey {
+    pub kid: String,
+    key: DecodingKey,
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn pem_body(text: &str) -> Option<Vec<u8>> {
+    let b64: String = text
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+}
+
+pub fn kid_of(public_raw: &[u8]) -> String {
+    hex::encode(&Sha256::digest(public_raw)[..8])
+}
+
+/// Writes `PREFIX.key` (0600, PKCS#8) and `PREFIX.pub` (SPKI); returns the kid.
+pub fn keygen(prefix: &Path) -> Result<String, SignError> {
+    let rng = ring::rand::SystemRandom::new();
+    let err = |m: String| SignError::Key {
+        path: prefix.display().to_string(),
+        message: m,
+    };
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| err(e.to_string()))?;
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| err(e.to_string()))?;
+    let public = pair.public_key().as_ref().to_vec();
+    let mut spki = ED25519_SPKI_PREFIX.to_vec();
+    spki.extend_from_slice(&public);
+    let key_path = prefix.with_extension("key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .map_err(|e| err(format!("{}: {e}", key_path.display())))?;
+    std::io::Write::write_all(&mut f, pem("PRIVATE KEY", pkcs8.as_ref()).as_bytes())
+        .map_err(|e| err(e.to_string()))?;
+    std::fs::write(prefix.with_extension("pub"), pem("PUBLIC KEY", &spki))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(kid_of(&public))
+}
+
+pub fn load_trusted(path: &Path) -> Result<TrustedKey, SignError> {
+    let err = |m: String| SignError::Key {
+        path: path.display().to_string(),
+        message: m,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let der = pem_body(&text).ok_or_else(|| err("not a PEM public key".into()))?;
+    let raw = der
+        .strip_prefix(&ED25519_SPKI_PREFIX[..])
+        .filter(|r| r.len() == 32)
+        .ok_or_else(|| err("not an Ed25519 public key (use `sluice policy keygen`)".into()))?;
+    let key = DecodingKey::from_ed_pem(text.as_bytes()).map_err(|e| err(e.to_string()))?;
+    Ok(TrustedKey {
+        kid: kid_of(raw),
+        key,
+    })
+}
+
+/// Signs bundle text with a private key file; returns the JWS.
+pub fn sign(bundle: &str, version: u64, name: &str, key_path: &Path) -> Result<String, SignError> {
+    let err = |m: String| SignError::Key {
+        path: key_path.display().to_string(),
+        message: m,
+    };
+    let text = std::fs::read_to_string(key_path).map_err(|e| err(e.to_string()))?;
+    let der = pem_body(&text).ok_or_else(|| err("not a PEM private key".into()))?;
+    let pair =
+        Ed25519KeyPair::from_pkcs8(&der).map_err(|e| err(format!("not an Ed25519 key: {e}")))?;
+    let kid = kid_of(pair.public_key().as_ref());
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(kid);
+    header.typ = Some(TYP.into());
+    let claims = Claims {
+        bundle: bundle.to_owned(),
+        version,
+        name: name.to_owned(),
+        digest: hex::encode(Sha256::digest(bundle.as_bytes())),
+        iat: crate::record::now_ms() / 1000,
+    };
+    let key = EncodingKey::from_ed_pem(text.as_bytes()).map_err(|e| err(e.to_string()))?;
+    jsonwebtoken::encode(&header, &claims, &key).map_err(|e| SignError::Sign(e.to_string()))
+}
+
+/// Verifies a JWS against the trusted keys; returns its claims and signer.
+pub fn verify(jws: &str, trusted: &[TrustedKey]) -> Result<(Claims, String), SignError> {
+    let jws = jws.trim();
+    let header =
+        jsonwebtoken::decode_header(jws).map_err(|e| SignError::Unsigned(e.to_string()))?;
+    if header.alg != Algorithm::EdDSA {
+        return Err(SignError::BadSignature(format!(
+            "algorithm {:?} is not accepted",
+            header.alg
+        )));
+    }
+    let kid = header.kid.unwrap_or_default();
+    let key = trusted.iter().find(|k| k.kid == kid).ok_or_else(|| {
+        SignError::UntrustedSigner(if kid.is_empty() {
+            "none".into()
+        } else {
+            kid.clone()
+        })
+    })?;
+    let mut validation = Validation::new(Algorithm::EdDSA);
+    validation.validate_exp = false;
+    validation.required_spec_claims.clear();
+    let data = jsonwebtoken::decode::<Claims>(jws, &key.key, &validation)
+        .map_err(|e| SignError::BadSignature(e.to_string()))?;
+    let claims = data.claims;
+    if hex::encode(Sha256::digest(claims.bundle.as_bytes())) != claims.digest {
+        return Err(SignError::BadSignature(
+            "digest does not match the bundle".into(),
+        ));
+    }
+    Ok((claims, kid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_verify_and_every_kind_of_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let kid = keygen(&dir.path().join("team")).unwrap();
+        keygen(&dir.path().join("other")).unwrap();
+        let trusted = vec![load_trusted(&dir.path().join("team.pub")).unwrap()];
+        assert_eq!(trusted[0].kid, kid);
+
+        let jws = sign(
+            "version: 2\nname: x\n",
+            2,
+            "x",
+            &dir.path().join("team.key"),
+        )
+        .unwrap();
+        let (claims, signer) = verify(&jws, &trusted).unwrap();
+        assert_eq!((claims.version, signer.as_str()), (2, kid.as_str()));
+
+        // Tampered payload: flip a character of the claims part.
+        let mut parts: Vec<String> = jws.split('.').map(str::to_owned).collect();
+        let mut c = parts[1].clone().into_bytes();
+        c[10] = if c[10] == b'A' { b'B' } else { b'A' };
+        parts[1] = String::from_utf8(c).unwrap();
+        let e = verify(&parts.join("."), &trusted).unwrap_err();
+        assert!(matches!(e, SignError::BadSignature(_)), "{e}");
+
+        let other = sign(
+            "version: 3\nname: x\n",
+            3,
+            "x",
+            &dir.path().join("other.key"),
+        )
+        .unwrap();
+        assert!(matches!(
+            verify(&other, &trusted),
+            Err(SignError::UntrustedSigner(_))
+        ));
+        assert!(matches!(
+            verify("version: 3\n", &trusted),
+            Err(SignError::Unsigned(_))
+        ));
+        let mode = std::fs::metadata(dir.path().join("team.key")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+    }
+}
