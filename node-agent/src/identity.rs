@@ -103,7 +103,7 @@ impl IdentityResolver {
                 .ok()
                 .map(|p| p.display().to_string()),
             cmdline: std::fs::read(proc_dir.join("cmdline"))
-                .map(|b| split_nul(&b))
+                .map(|b| redact_cmdline(split_nul(&b)))
                 .unwrap_or_default(),
         };
 
@@ -166,6 +166,64 @@ fn split_nul(b: &[u8]) -> Vec<String> {
         .filter(|s| !s.is_empty())
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect()
+}
+
+/// Command lines carry credentials (`curl -H "Authorization: ..."`,
+/// `--password=...`): keep the argument's shape, replace the value by a
+/// fingerprint an investigator can compare.
+fn redact_arg(arg: &str) -> String {
+    const MARKERS: &[&str] = &[
+        "authorization",
+        "bearer ",
+        "token",
+        "password",
+        "passwd",
+        "secret",
+        "api-key",
+        "api_key",
+        "apikey",
+        "x-api-key",
+        "cookie",
+    ];
+    let lower = arg.to_ascii_lowercase();
+    if !MARKERS.iter().any(|m| lower.contains(m)) {
+        return arg.to_owned();
+    }
+    let cut = match arg.find([':', '=']) {
+        Some(i) => i + 1,
+        // A bare flag (`--token`): its value is the next argument.
+        None if arg.starts_with('-') => return arg.to_owned(),
+        None => 0,
+    };
+    let (head, value) = arg.split_at(cut);
+    if value.trim().is_empty() {
+        return arg.to_owned();
+    }
+    let fp = hex::encode(&Sha256::digest(value.trim().as_bytes())[..8]);
+    format!("{head}[redacted sha256:{fp}]")
+}
+
+fn redact_cmdline(args: Vec<String>) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut redact_next = false;
+    for a in args {
+        if redact_next {
+            redact_next = false;
+            out.push(format!(
+                "[redacted sha256:{}]",
+                hex::encode(&Sha256::digest(a.as_bytes())[..8])
+            ));
+            continue;
+        }
+        let r = redact_arg(&a);
+        // `--token VALUE`, `-u user:pass`: the secret is the next argument.
+        redact_next = r == a
+            && a.starts_with('-')
+            && (matches!(a.as_str(), "-u" | "--user" | "-p")
+                || redact_arg(&format!("{a}=x")) != format!("{a}=x"));
+        out.push(r);
+    }
+    out
 }
 
 /// The cgroup v2 path of a process (`0::/path` in /proc/PID/cgroup).
@@ -355,6 +413,39 @@ mod tests {
             stable_id(None, Some("/b"), 0)
         );
         assert!(stable_id(None, None, 0).starts_with("wl-"));
+    }
+
+    #[test]
+    fn credentials_on_command_lines_are_redacted() {
+        let r = redact_arg("Authorization: Bearer sk-live-123");
+        assert!(
+            r.starts_with("Authorization:[redacted sha256:") && !r.contains("sk-live"),
+            "{r}"
+        );
+        let r = redact_arg("--password=hunter2");
+        assert!(
+            r.starts_with("--password=[redacted") && !r.contains("hunter2"),
+            "{r}"
+        );
+        assert_eq!(
+            redact_arg("https://api.example.com/v1"),
+            "https://api.example.com/v1"
+        );
+        assert_eq!(redact_arg("--token"), "--token");
+        let v = redact_cmdline(vec![
+            "tool".into(),
+            "--token".into(),
+            "abc123".into(),
+            "-u".into(),
+            "me:pw".into(),
+            "plain".into(),
+        ]);
+        assert_eq!(v[1], "--token");
+        assert!(
+            v[2].starts_with("[redacted") && v[4].starts_with("[redacted"),
+            "{v:?}"
+        );
+        assert_eq!(v[5], "plain");
     }
 
     #[test]

@@ -205,7 +205,13 @@ impl Proxy {
             refuse(client);
             return;
         }
-        if let Some(susp) = self.suspensions.get(&r.identity.id) {
+        let intercepting = self
+            .target_modes
+            .get(origin.target_id as usize)
+            .is_some_and(|m| *m == TlsMode::Intercept);
+        // Intercepted HTTP gets a 403 per request (clearer to the job);
+        // any other suspended connection is refused outright.
+        if let (Some(susp), false) = (self.suspensions.get(&r.identity.id), intercepting) {
             // Isolated during an incident: no new connections at all.
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             warn!(reason = %susp.reason, "identity suspended; refusing connection");

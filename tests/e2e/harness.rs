@@ -448,12 +448,18 @@ impl Env {
     }
 
     pub fn with_targets(targets: impl Fn(&Remote) -> String) -> Self {
-        Self::build(targets, |_| String::new(), false)
+        Self::build(targets, |_, _| String::new(), false)
     }
 
     /// A fake HTTPS service in the namespace, intercepted by name.
     pub fn https(extra: &str) -> Self {
         let extra = extra.to_owned();
+        Self::https_with(move |_| extra.clone())
+    }
+
+    /// As `https`, with extra configuration computed from the test's
+    /// directory (created before the node starts).
+    pub fn https_with(extra: impl Fn(&Path) -> String) -> Self {
         Self::build(
             |r| {
                 format!(
@@ -461,10 +467,11 @@ impl Env {
                     r.remote
                 )
             },
-            move |r| {
+            move |r, dir| {
                 format!(
-                    "tls:\n  extra_upstream_roots: [\"{}\"]\n{extra}",
-                    r.https_ca.display()
+                    "tls:\n  extra_upstream_roots: [\"{}\"]\n{}",
+                    r.https_ca.display(),
+                    extra(dir)
                 )
             },
             true,
@@ -473,7 +480,7 @@ impl Env {
 
     fn build(
         targets: impl Fn(&Remote) -> String,
-        extra: impl Fn(&Remote) -> String,
+        extra: impl Fn(&Remote, &Path) -> String,
         https: bool,
     ) -> Self {
         require_root();
@@ -491,7 +498,7 @@ impl Env {
             16000 + idx,
             cgroup.rel,
             targets(&remote),
-            extra(&remote)
+            extra(&remote, dir.path())
         );
         let node = Node::start(dir.path(), &config);
         Env {

@@ -4,4 +4,5 @@
 //! node. They need root and fail loudly without it; they never skip.
 mod foundation;
 mod harness;
+mod policy;
 mod tls;

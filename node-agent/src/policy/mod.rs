@@ -246,9 +246,9 @@ impl CompiledPolicy {
                 });
             }
         }
-        let request = Scanner::compile(req, max_window)?;
-        let response = Scanner::compile(resp, max_window)?;
+        let mut bundle = bundle;
         let mut credentials = HashMap::new();
+        let mut secrets = Vec::new();
         for c in &bundle.credentials {
             if !c.format.contains("{}") {
                 return Err(bad(
@@ -265,7 +265,33 @@ impl CompiledPolicy {
                     strip: c.strip.iter().map(|s| s.to_ascii_lowercase()).collect(),
                 },
             );
+            secrets.push((c.target.clone(), secret));
         }
+        // The node's own credential must never flow back to a job (an
+        // upstream echoing it in an error, say): mask it in responses.
+        for (target, secret) in secrets {
+            let rule = bundle.rules.len();
+            bundle.rules.push(bundle::Rule {
+                id: format!("protect-node-credential-{target}"),
+                on: Direction::Response,
+                targets: vec![target],
+                workloads: vec![],
+                packs: vec![],
+                patterns: vec![],
+                action: Action::Mask,
+                message: None,
+                timeout_secs: None,
+            });
+            resp.push(PatternSpec {
+                id: "node-credential".into(),
+                rule,
+                regex: regex::escape(secret.expose()),
+                caseless: false,
+                luhn: false,
+            });
+        }
+        let request = Scanner::compile(req, max_window)?;
+        let response = Scanner::compile(resp, max_window)?;
         Ok(Self {
             version: bundle.version,
             name: bundle.name.clone(),

@@ -1,0 +1,599 @@
+//! Signed policy bundles and enforcement, through the real path:
+//! eBPF redirect → Sluice (TLS interception) → the fake upstream.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::harness::*;
+
+const NODE_KEY: &str = "node-held-secret-7f3a";
+
+fn sluice(args: &[&str]) -> std::process::Output {
+    Command::new(SLUICE).args(args).output().unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn bundle(version: u64, dir: &Path) -> String {
+    format!(
+        r#"version: {version}
+name: e2e-policy
+workloads:
+  - name: e2e
+    cgroup: "/se2e-*"
+rules:
+  - id: mask-secrets
+    on: response
+    targets: [fake-api]
+    workloads: [e2e]
+    packs: [secrets]
+    action: mask
+  - id: block-prod-creds
+    on: request
+    targets: [fake-api]
+    patterns:
+      - id: prod-credential
+        regex: '(?i)production (?:password|credential)s?'
+    action: block
+    message: No production credentials in prompts.
+  - id: approve-deploys
+    on: request
+    targets: [fake-api]
+    patterns:
+      - id: deploy
+        regex: 'DEPLOY-TO-PROD'
+    action: approve
+    timeout_secs: 3
+credentials:
+  - target: fake-api
+    source: "file:{}"
+"#,
+        dir.join("node-cursor.key").display()
+    )
+}
+
+struct PolicyEnv {
+    env: Env,
+    keys: PathBuf,
+}
+
+impl PolicyEnv {
+    fn new() -> Self {
+        let env = Env::https_with(|dir| {
+            let keys = dir.join("keys");
+            std::fs::create_dir_all(&keys).unwrap();
+            let out = sluice(&["policy", "keygen", &keys.join("team").display().to_string()]);
+            assert!(out.status.success(), "{}", text(&out));
+            std::fs::write(dir.join("node-cursor.key"), format!("{NODE_KEY}\n")).unwrap();
+            format!(
+                "policy:\n  trusted_keys: [\"{}\"]\n  watch_dir: \"{}\"\n",
+                keys.join("team.pub").display(),
+                dir.join("policy.d").display()
+            )
+        });
+        let keys = env.dir.path().join("keys");
+        PolicyEnv { env, keys }
+    }
+
+    /// Writes and signs bundle `version`; returns the .jws path.
+    fn signed(&self, version: u64, key: &str) -> PathBuf {
+        let dir = self.env.dir.path();
+        let yaml = dir.join(format!("bundle-v{version}-{key}.yaml"));
+        std::fs::write(&yaml, bundle(version, dir)).unwrap();
+        let out = sluice(&[
+            "policy",
+            "sign",
+            &yaml.display().to_string(),
+            "--key",
+            &self.keys.join(format!("{key}.key")).display().to_string(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        yaml.with_extension("jws")
+    }
+
+    fn push(&self, file: &Path) -> std::process::Output {
+        self.env
+            .node
+            .cli(&["policy", "push", &file.display().to_string()])
+    }
+
+    fn version(&self) -> u64 {
+        self.env.node.cli_json(&["policy", "show", "--json"])["version"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Pushes the standard bundle (version 10).
+    fn with_policy() -> Self {
+        let p = Self::new();
+        let out = p.push(&p.signed(10, "team"));
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(p.version(), 10);
+        p
+    }
+}
+
+fn curl_post(env: &Env, path: &str, body: &str) -> std::process::Output {
+    env.curl(
+        "api.fake.test",
+        443,
+        path,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            "-w",
+            "\n%{http_code}",
+        ],
+    )
+}
+
+fn exchanges(env: &Env) -> Vec<Value> {
+    let mut out = Vec::new();
+    for s in env.node.sessions() {
+        let full = env
+            .node
+            .cli_json(&["sessions", "show", &s["id"].to_string()]);
+        out.extend(full["exchanges"].as_array().cloned().unwrap_or_default());
+    }
+    out
+}
+
+fn wait_exchange(env: &Env, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(e) = exchanges(env).into_iter().find(|e| pred(e)) {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exchange not recorded:\n{}",
+            env.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn secrets_split_across_chunks_and_sse_events_are_masked() {
+    let p = PolicyEnv::with_policy();
+    let env = &p.env;
+    let _trust = env.trust_node_ca();
+
+    let out = env.curl("api.fake.test", 443, "/chunked-secret", &["-D", "-"]);
+    let resp = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    let cl: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("content-length kept");
+    assert_eq!(body.len(), cl, "length preserved");
+    assert_eq!(
+        body,
+        format!(
+            "generated config: key={} region=us-east-1 control=keep-me-4242\n",
+            "*".repeat(20)
+        )
+    );
+
+    let out = env.curl("api.fake.test", 443, "/sse-secret", &["-N"]);
+    let sse = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !sse.contains("AKIA") && !sse.contains("NN7EXAMPLE"),
+        "{sse}"
+    );
+    assert!(
+        sse.contains("data: here is your key **********\n\n"),
+        "{sse}"
+    );
+    assert!(
+        sse.contains("data: ********** and a control value keep-me-4242"),
+        "{sse}"
+    );
+
+    let ex = wait_exchange(env, |e| e["path"] == "/chunked-secret");
+    let d = ex["decisions"].as_array().unwrap();
+    assert!(
+        d.iter().any(|d| d["rule"] == "mask-secrets"
+            && d["action"] == "mask"
+            && d["patterns"][0] == "aws-access-key-id"),
+        "{ex:#}"
+    );
+    assert!(
+        !ex["response_body"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("AKIA"),
+        "the record holds the masked body"
+    );
+    // The upstream asked for an uncompressed body.
+    let up = env.remote.https_entries();
+    let e = up.iter().find(|e| e["path"] == "/chunked-secret").unwrap();
+    assert_eq!(e["headers"]["accept-encoding"], "identity");
+}
+
+#[test]
+fn blocked_prompt_gets_403_and_never_reaches_the_upstream() {
+    let p = PolicyEnv::with_policy();
+    let env = &p.env;
+    let _trust = env.trust_node_ca();
+    let out = curl_post(
+        env,
+        "/json",
+        r#"{"prompt":"connect with the Production password hunter2"}"#,
+    );
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = t.rsplit_once('\n').unwrap();
+    assert_eq!(code, "403");
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["rule"], "block-prod-creds");
+    assert_eq!(body["message"], "No production credentials in prompts.");
+    // An allowed prompt goes through, proving the path works.
+    let out = curl_post(env, "/json", r#"{"prompt":"write a unit test"}"#);
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n200"));
+    let seen = env.remote.https_entries();
+    assert!(seen
+        .iter()
+        .any(|e| e["body"].as_str().unwrap().contains("unit test")));
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e["body"].as_str().unwrap().contains("hunter2")),
+        "the blocked prompt reached the upstream: {seen:?}"
+    );
+    let ex = wait_exchange(env, |e| e["status"] == 403);
+    assert_eq!(ex["decisions"][0]["rule"], "block-prod-creds");
+    assert_eq!(ex["decisions"][0]["action"], "block");
+}
+
+fn spawn_held(env: &Env, tag: &str) -> std::process::Child {
+    let resolve = format!("api.fake.test:443:{}", env.remote.remote);
+    env.cgroup
+        .command(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "30",
+                "--resolve",
+                &resolve,
+                "-X",
+                "POST",
+                "-d",
+                &format!("{{\"prompt\":\"DEPLOY-TO-PROD {tag}\"}}"),
+                "-w",
+                "\n%{http_code}",
+                "https://api.fake.test/json",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn pending(env: &Env) -> Vec<Value> {
+    env.node
+        .cli_json(&["approvals", "list", "--json"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn wait_pending(env: &Env, tag: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(a) = pending(env)
+            .into_iter()
+            .find(|a| a["preview"].as_str().unwrap().contains(tag))
+        {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "no pending approval for {tag}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn finish(child: std::process::Child) -> (String, String) {
+    let out = child.wait_with_output().unwrap();
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (b, c) = t.rsplit_once('\n').unwrap_or(("", &t));
+    (b.to_owned(), c.to_owned())
+}
+
+#[test]
+fn approvals_approve_deny_and_timeout() {
+    let p = PolicyEnv::with_policy();
+    let env = &p.env;
+    let _trust = env.trust_node_ca();
+
+    let held = spawn_held(env, "one");
+    let a = wait_pending(env, "one");
+    assert_eq!(a["rule"], "approve-deploys");
+    assert!(env.remote.https_entries().is_empty(), "held, not forwarded");
+    let out = env
+        .node
+        .cli(&["approvals", "approve", &a["id"].to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (_, code) = finish(held);
+    assert_eq!(code, "200");
+
+    let held = spawn_held(env, "two");
+    let a = wait_pending(env, "two");
+    let out = env.node.cli(&[
+        "approvals",
+        "deny",
+        &a["id"].to_string(),
+        "--reason",
+        "not during the freeze",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (body, code) = finish(held);
+    assert_eq!(code, "403");
+    assert!(body.contains("not during the freeze"), "{body}");
+
+    let held = spawn_held(env, "three");
+    wait_pending(env, "three");
+    let (body, code) = finish(held);
+    assert_eq!(code, "403");
+    assert!(body.contains("no approval within 3s"), "{body}");
+
+    // Only the approved request reached the upstream.
+    let bodies: Vec<String> = env
+        .remote
+        .https_entries()
+        .iter()
+        .map(|e| e["body"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert!(bodies[0].contains("one"));
+
+    // The record keeps the approver and the decisions.
+    let ex = wait_exchange(env, |e| {
+        e["request_body"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("DEPLOY-TO-PROD one"))
+    });
+    let detail = ex["decisions"][0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("approved") && detail.contains("\"by_uid\":0"),
+        "{detail}"
+    );
+    let ex = wait_exchange(env, |e| {
+        e["request_body"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("DEPLOY-TO-PROD two"))
+    });
+    assert!(ex["decisions"][0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("denied"));
+    let ex = wait_exchange(env, |e| {
+        e["request_body"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("DEPLOY-TO-PROD three"))
+    });
+    assert!(ex["decisions"][0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("timed_out"));
+    let audit = text(&env.node.cli(&["audit", "--kind", "approval"]));
+    assert!(audit.contains("approval.decided"), "{audit}");
+}
+
+#[test]
+fn node_credential_is_injected_and_the_jobs_key_only_fingerprinted() {
+    let p = PolicyEnv::with_policy();
+    let env = &p.env;
+    let _trust = env.trust_node_ca();
+    let job_key = "Bearer offboarded-contractor-key-123";
+    let out = env.curl(
+        "api.fake.test",
+        443,
+        "/json",
+        &["-H", &format!("Authorization: {job_key}")],
+    );
+    let body: Value = serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    // The fake upstream echoes the header it got; the node masks its own
+    // key on the way back, so the job learns nothing from the echo.
+    assert_eq!(
+        body["headers"]["authorization"],
+        format!("Bearer {}", "*".repeat(NODE_KEY.len()))
+    );
+    let up = env.remote.https_entries();
+    let got = up.iter().find(|e| e["path"] == "/json").unwrap();
+    assert_eq!(
+        got["headers"]["authorization"],
+        format!("Bearer {NODE_KEY}"),
+        "upstream sees only the node's key"
+    );
+    assert!(!up
+        .iter()
+        .any(|e| e.to_string().contains("offboarded-contractor")));
+
+    let ex = wait_exchange(env, |e| e["path"] == "/json");
+    let fp = hex::encode(&Sha256::digest(job_key.as_bytes())[..8]);
+    assert_eq!(ex["injected"]["header"], "authorization");
+    assert_eq!(
+        ex["injected"]["client_presented"][0]["value"],
+        format!("sha256:{fp}")
+    );
+    let all = env.node.cli(&[
+        "sessions",
+        "show",
+        &env.node.sessions()[0]["id"].to_string(),
+    ]);
+    let dump = text(&all);
+    assert!(
+        !dump.contains(NODE_KEY) && !dump.contains("offboarded-contractor"),
+        "no key in records: {dump}"
+    );
+    assert!(!env.node.log_text().contains(NODE_KEY), "never logged");
+}
+
+#[test]
+fn suspended_identity_is_denied_including_held_requests_and_resumes() {
+    let p = PolicyEnv::with_policy();
+    let env = &p.env;
+    let _trust = env.trust_node_ca();
+    let out = env.curl("api.fake.test", 443, "/json", &["-w", "\n%{http_code}"]);
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n200"));
+    let id = env.node.wait_sessions(1)[0]["identity"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let held = spawn_held(env, "held-before-suspend");
+    wait_pending(env, "held-before-suspend");
+    let out = env
+        .node
+        .cli(&["identities", "suspend", &id, "--reason", "incident 42"]);
+    assert!(
+        text(&out).contains("1 held request(s) denied"),
+        "{}",
+        text(&out)
+    );
+    let (body, code) = finish(held);
+    assert_eq!(code, "403");
+    assert!(body.contains("incident 42"), "{body}");
+
+    let out = env.curl("api.fake.test", 443, "/json", &["-w", "\n%{http_code}"]);
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        t.ends_with("\n403") && t.contains("identity suspended") && t.contains("incident 42"),
+        "{t}"
+    );
+    let listed = env.node.cli_json(&["identities", "list", "--json"]);
+    assert_eq!(listed["suspended"][0]["identity"], id);
+
+    let out = env.node.cli(&["identities", "resume", &id]);
+    assert!(out.status.success());
+    let out = env.curl("api.fake.test", 443, "/json", &["-w", "\n%{http_code}"]);
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n200"));
+    let audit = text(&env.node.cli(&["audit", "--kind", "identity"]));
+    assert!(
+        audit.contains("identity.suspended") && audit.contains("identity.resumed"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn bad_bundles_are_refused_and_the_policy_in_force_stays() {
+    let p = PolicyEnv::with_policy();
+    let dir = p.env.dir.path().to_owned();
+    let refused = |file: &Path, needle: &str| {
+        let out = p.push(file);
+        assert!(!out.status.success(), "{} must be refused", file.display());
+        assert!(
+            text(&out).contains(needle),
+            "`{needle}` not in: {}",
+            text(&out)
+        );
+        assert_eq!(p.version(), 10, "policy in force unchanged");
+    };
+    // Unsigned: the plain YAML.
+    let yaml = dir.join("unsigned.yaml");
+    std::fs::write(&yaml, bundle(11, &dir)).unwrap();
+    refused(&yaml, "not a signed bundle");
+    // Tampered: a signed bundle with one character of its payload changed.
+    let good = std::fs::read_to_string(p.signed(12, "team")).unwrap();
+    let mut parts: Vec<String> = good.trim().split('.').map(str::to_owned).collect();
+    let mut c = parts[1].clone().into_bytes();
+    c[40] = if c[40] == b'A' { b'B' } else { b'A' };
+    parts[1] = String::from_utf8(c).unwrap();
+    let tampered = dir.join("tampered.jws");
+    std::fs::write(&tampered, parts.join(".")).unwrap();
+    refused(&tampered, "signature does not verify");
+    // Wrongly signed: a key the node does not trust.
+    let out = sluice(&[
+        "policy",
+        "keygen",
+        &p.keys.join("rogue").display().to_string(),
+    ]);
+    assert!(out.status.success());
+    refused(&p.signed(13, "rogue"), "does not trust");
+    // Malformed: correctly signed, but not a valid bundle.
+    let bad_yaml = dir.join("malformed.yaml");
+    std::fs::write(&bad_yaml, "version: 14\nname: x\nrules:\n  - id: r\n    on: request\n    action: mask\n    packs: [secrets]\n").unwrap();
+    let out = sluice(&[
+        "policy",
+        "sign",
+        &bad_yaml.display().to_string(),
+        "--key",
+        &p.keys.join("team.key").display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    refused(&bad_yaml.with_extension("jws"), "rules[0].action");
+    // Older than the one in force.
+    refused(&p.signed(9, "team"), "not newer");
+    // The watched directory is a second way in.
+    let newer = p.signed(15, "team");
+    std::fs::copy(&newer, dir.join("policy.d/v15.jws")).unwrap();
+    wait_for("the watched bundle to apply", || p.version() == 15);
+    let audit = text(&p.env.node.cli(&["audit", "--kind", "policy"]));
+    assert!(audit.matches("policy.refused").count() >= 5, "{audit}");
+}
+
+#[test]
+fn bundle_pushed_with_100_requests_in_flight_loses_none() {
+    let p = PolicyEnv::with_policy();
+    let env = &p.env;
+    let _trust = env.trust_node_ca();
+    let script = format!("{FIXTURES}/https_client.py");
+    let client = env
+        .cgroup
+        .command(
+            "python3",
+            &[
+                &script,
+                "parallel",
+                &env.remote.remote,
+                "api.fake.test",
+                "443",
+                "100",
+                "/slow?ms=2500",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("100 requests in flight at the upstream", || {
+        env.remote
+            .https_entries()
+            .iter()
+            .filter(|e| e["path"] == "/slow")
+            .count()
+            >= 100
+    });
+    let out = p.push(&p.signed(11, "team"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.version(), 11);
+    let out = client.wait_with_output().unwrap();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    let statuses = r["statuses"].as_array().unwrap();
+    assert_eq!(statuses.len(), 100);
+    assert!(
+        statuses.iter().all(|s| s == 200),
+        "lost requests: {statuses:?}"
+    );
+}
