@@ -492,14 +492,13 @@ impl HttpSession {
                     // The upgraded stream is relayed as bytes and recorded
                     // as an upgrade (its contents are not parsed).
                     if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
-                        let mut c = TokioIo::new(c);
-                        let mut u = TokioIo::new(u);
-                        match tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                            Ok((a, b)) => {
-                                ex.request_body.size = a;
-                                ex.response_body.size = b;
-                            }
-                            Err(e) => ex.error = Some(format!("upgraded stream: {e}")),
+                        let (cr, cw) = tokio::io::split(TokioIo::new(c));
+                        let (ur, uw) = tokio::io::split(TokioIo::new(u));
+                        let (up, down) = tokio::join!(pump(cr, uw), pump(ur, cw));
+                        ex.request_body.size = up.0;
+                        ex.response_body.size = down.0;
+                        if let Some(e) = up.1.or(down.1) {
+                            ex.error = Some(format!("upgraded stream: {e}"));
                         }
                     }
                     ex.duration_ms = ms(started);
@@ -613,6 +612,36 @@ impl HttpSession {
         let _ = self.store.flush().await;
         if let Some(tx) = durable {
             let _ = tx.send(());
+        }
+    }
+}
+
+/// Copies one direction, counting bytes even when it ends in an error (a
+/// peer that drops TLS without close_notify still moved those bytes).
+async fn pump<R, W>(mut r: R, mut w: W) -> (u64, Option<std::io::Error>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => {
+                let _ = w.shutdown().await;
+                return (n, None);
+            }
+            Ok(k) => {
+                if let Err(e) = w.write_all(&buf[..k]).await {
+                    return (n, Some(e));
+                }
+                n += k as u64;
+            }
+            Err(e) => {
+                let _ = w.shutdown().await;
+                return (n, Some(e));
+            }
         }
     }
 }

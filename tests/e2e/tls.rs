@@ -265,6 +265,39 @@ fn http2_only_endpoint_and_trailers_work_through_sluice() {
 }
 
 #[test]
+fn upgraded_connections_are_passed_through_and_recorded() {
+    let env = Env::https("");
+    let _trust = env.trust_node_ca();
+    let r = env.https_client(&["upgrade", &env.remote.remote, "api.fake.test", "443"]);
+    assert_eq!(r["status"], 101, "{r}");
+    assert_eq!(r["echo"], "ping-over-upgraded-stream");
+    let sessions = env.node.wait_sessions(1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ex = loop {
+        let full = show(&env, &sessions[0]["id"]);
+        if let Some(e) = full["exchanges"]
+            .as_array()
+            .and_then(|a| a.first())
+            .cloned()
+        {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upgrade exchange not recorded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(ex["status"], 101);
+    assert_eq!(ex["upgrade"], "echo");
+    assert_eq!(
+        ex["request_body"]["size"], 25,
+        "upgraded bytes counted each way"
+    );
+    assert_eq!(ex["response_body"]["size"], 25);
+}
+
+#[test]
 fn untrusted_upstream_is_refused_and_non_target_sni_is_spliced() {
     let env = Env::https("");
     let _trust = env.trust_node_ca();
