@@ -1,21 +1,5 @@
 //! `sluice`: the node daemon (`sluice run`) and the operator CLI that talks
 //! to it over the control socket.
-mod addr;
-mod approvals;
-mod config;
-mod control;
-mod daemon;
-mod export;
-mod http;
-mod identity;
-mod policy;
-mod proxy;
-mod record;
-mod redirect;
-mod scan;
-mod suspend;
-mod targets;
-mod tls;
 
 use std::{
     path::PathBuf,
@@ -26,9 +10,12 @@ use std::{
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
-use crate::{
+use node_agent::{
+    config, control,
     control::{Request, Response},
+    daemon, export, policy, record,
     record::{ConnectionRecord, Filter, Outcome},
+    tls,
 };
 
 #[derive(Parser)]

@@ -28,6 +28,8 @@ pub enum RecordError {
     Encode(serde_json::Error),
     #[error("no connection with id {0}")]
     NotFound(u64),
+    #[error("record store flush: {0}")]
+    Flush(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +228,33 @@ pub struct RecordStore {
     /// Serialises appends so that each event sees the true previous hash.
     head: Mutex<(u64, String)>,
     next_id: std::sync::atomic::AtomicU64,
+    flusher: std::sync::mpsc::Sender<std::sync::mpsc::Sender<Result<(), String>>>,
+}
+
+/// One thread does every flush, batching all waiters that queued up while
+/// the previous flush ran (group commit). sled 0.34's concurrent
+/// `flush_async` calls can deadlock (spacejam/sled#1308); this never calls
+/// it, and never runs two flushes at once.
+fn spawn_flusher(
+    db: sled::Db,
+) -> std::sync::mpsc::Sender<std::sync::mpsc::Sender<Result<(), String>>> {
+    let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<Result<(), String>>>();
+    let spawned = std::thread::Builder::new()
+        .name("sluice-flush".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut waiters = vec![first];
+                waiters.extend(rx.try_iter());
+                let res = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                for w in waiters {
+                    let _ = w.send(res.clone());
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the record flusher; flushes will report errors");
+    }
+    tx
 }
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -274,7 +303,9 @@ impl RecordStore {
             None => (0, GENESIS.to_owned()),
         };
         let last_id = connections.last()?.map(|(k, _)| key_u64(&k)).unwrap_or(0);
+        let flusher = spawn_flusher(db.clone());
         let store = Self {
+            flusher,
             db,
             connections,
             exchanges,
@@ -330,8 +361,7 @@ impl RecordStore {
     pub fn audit(&self, kind: &str, body: &serde_json::Value) -> Result<(), RecordError> {
         let text = serde_json::to_string(body).map_err(RecordError::Encode)?;
         self.append(0, kind, &text)?;
-        self.db.flush()?;
-        Ok(())
+        self.flush_blocking()
     }
 
     /// Audit events (session 0) of the given kinds, oldest first.
@@ -395,9 +425,28 @@ impl RecordStore {
         Ok(())
     }
 
+    /// Durable once this returns (batched with concurrent callers).
     pub async fn flush(&self) -> Result<(), RecordError> {
-        self.db.flush_async().await?;
-        Ok(())
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.flusher
+            .send(tx)
+            .map_err(|_| RecordError::Flush("flusher thread is gone".into()))?;
+        tokio::task::spawn_blocking(move || rx.recv())
+            .await
+            .map_err(|e| RecordError::Flush(e.to_string()))?
+            .map_err(|_| RecordError::Flush("flusher thread is gone".into()))?
+            .map_err(RecordError::Flush)
+    }
+
+    /// As `flush`, for synchronous callers (never from a async hot path).
+    pub fn flush_blocking(&self) -> Result<(), RecordError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.flusher
+            .send(tx)
+            .map_err(|_| RecordError::Flush("flusher thread is gone".into()))?;
+        rx.recv()
+            .map_err(|_| RecordError::Flush("flusher thread is gone".into()))?
+            .map_err(RecordError::Flush)
     }
 
     pub fn get(&self, id: u64) -> Result<ConnectionRecord, RecordError> {

@@ -41,6 +41,10 @@ pub struct PatternSpec {
     pub caseless: bool,
     /// Only a hit whose digits pass the Luhn check counts (card numbers).
     pub luhn: bool,
+    /// A cheaper expression for Hyperscan that every match of `regex`
+    /// also matches (e.g. the part around a distinctive `@`); `regex`
+    /// still decides and gives the spans.
+    pub prefilter: Option<String>,
 }
 
 struct Compiled {
@@ -117,7 +121,11 @@ impl Scanner {
                         flags |= CompileFlags::CASELESS;
                     }
                     Pattern {
-                        expression: c.spec.regex.clone(),
+                        expression: c
+                            .spec
+                            .prefilter
+                            .clone()
+                            .unwrap_or_else(|| c.spec.regex.clone()),
                         flags,
                         id: Some(i),
                         ext: Default::default(),
@@ -136,6 +144,14 @@ impl Scanner {
             scratch: Mutex::new(Vec::new()),
             window,
         })
+    }
+
+    pub fn len(&self) -> usize {
+        self.patterns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
     }
 
     pub fn pattern(&self, i: usize) -> &PatternSpec {
@@ -433,6 +449,7 @@ mod tests {
                         regex: r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b".into(),
                         caseless: false,
                         luhn: false,
+                        prefilter: None,
                     },
                     PatternSpec {
                         id: "card".into(),
@@ -440,6 +457,7 @@ mod tests {
                         regex: r"\b(?:\d[ -]?){12,18}\d\b".into(),
                         caseless: false,
                         luhn: true,
+                        prefilter: None,
                     },
                 ],
                 4096,
@@ -527,6 +545,7 @@ mod tests {
                 regex: "password=.+".into(),
                 caseless: false,
                 luhn: false,
+                prefilter: None,
             }],
             4096,
         )
@@ -543,6 +562,7 @@ mod tests {
                 regex: "(unclosed".into(),
                 caseless: false,
                 luhn: false,
+                prefilter: None,
             }],
             4096,
         )

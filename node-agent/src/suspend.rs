@@ -78,7 +78,7 @@ impl Suspensions {
             identity.as_bytes(),
             serde_json::to_vec(&s).unwrap_or_default(),
         )?;
-        self.tree.flush()?;
+        store.flush_blocking()?;
         self.cache
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -104,7 +104,7 @@ impl Suspensions {
                 &serde_json::json!({"identity": identity, "by_uid": uid, "at_ms": now_ms()}),
             )?;
             self.tree.remove(identity.as_bytes())?;
-            self.tree.flush()?;
+            store.flush_blocking()?;
         }
         Ok(was)
     }

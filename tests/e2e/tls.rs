@@ -180,6 +180,41 @@ fn https_through_sluice_with_system_trust_h1_h2_and_python() {
 }
 
 #[test]
+fn concurrent_keep_alive_connections_are_all_served_and_recorded() {
+    // Many intercepted connections finishing exchanges at once: every
+    // exchange is made durable before the next on its connection, so the
+    // store's flushing must cope with concurrency (a sled flush_async
+    // deadlock once hung the node here).
+    let env = Env::https("");
+    let _trust = env.trust_node_ca();
+    let script = format!("{FIXTURES}/https_client.py");
+    let out = env.cgroup.run(
+        "python3",
+        &[
+            &script,
+            "parallel",
+            &env.remote.remote,
+            "api.fake.test",
+            "443",
+            "8",
+            "/json",
+            "40",
+        ],
+    );
+    let r = parse_json_output(&out, &env.node);
+    let statuses = r["statuses"].as_array().unwrap();
+    assert_eq!(statuses.len(), 320);
+    assert!(statuses.iter().all(|s| s == 200), "{statuses:?}");
+    let sessions = env.node.wait_sessions(8);
+    let total: usize = sessions
+        .iter()
+        .map(|s| show(&env, &s["id"])["exchanges"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(total, 320, "every exchange recorded");
+    assert!(env.node.cli(&["verify"]).status.success());
+}
+
+#[test]
 fn sse_events_arrive_as_sent_and_large_bodies_stream_with_capped_records() {
     let env = Env::https("records:\n  body_cap_bytes: 4096\n");
     let _trust = env.trust_node_ca();

@@ -5,14 +5,19 @@ speed for an HTTPS API, side by side in one run, three ways:
   direct     client -> fake upstream
   sluice     client in a watched cgroup -> eBPF redirect -> Sluice
              (TLS intercepted with the node CA, exchanges recorded) -> upstream
+  enforced   as sluice, from a second watched cgroup whose workload a
+             signed policy bundle covers: mask rules (secrets + pii packs)
+             on responses, a block rule on requests (the cost of enforcement)
   mitmproxy  client -> mitmdump on 127.0.0.1 (explicit proxy, CONNECT)
              -> upstream
 
-Reports ratios against direct. The upstream (tests/fixtures/fake_upstream.rs)
+Reports ratios against direct, for the load at each --conns level (default
+1 and 8 keep-alive connections). The upstream (tests/fixtures/fake_upstream.rs)
 lives in a network namespace this script creates (10.214.0.2); the load
 client is tests/fixtures/https_bench.rs. Needs root. Everything it creates
 (namespace, veth, cgroup, node CA in the system trust store, processes,
-temporary directory) is removed at the end.
+temporary directory) is removed at the end; SLUICE_BENCH_KEEP=1 keeps the
+temporary directory (node log and records) for a look afterwards.
 
     python3 xtask/bench/https.py --sluice target/release/sluice \\
         --bench target/release/examples/https_bench \\
@@ -35,7 +40,26 @@ CGROUP = "sluice-hbench"
 HOST = "api.fake.test"
 SLUICE_PORT = 15998
 MITM_PORT = 18914
-VARIANTS = ["direct", "sluice", "mitmproxy"]
+CGROUP_ENF = "sluice-hbench-enf"
+VARIANTS = ["direct", "sluice", "enforced", "mitmproxy"]
+
+BUNDLE = """version: 1
+name: hbench-enforcement
+workloads:
+  - name: enforced
+    cgroup: "/%s"
+rules:
+  - id: mask-secrets
+    on: response
+    workloads: [enforced]
+    packs: [secrets, pii]
+    action: mask
+  - id: block-prod-creds
+    on: request
+    workloads: [enforced]
+    patterns: [{id: prod, regex: '(?i)production (?:password|credential)s?'}]
+    action: block
+""" % CGROUP_ENF
 
 
 def sh(cmd, check=True):
@@ -72,15 +96,32 @@ def can_connect(ip, port):
         return False
 
 
-def stop(proc):
+def stop(proc, grace=10):
+    """SIGTERM, then SIGKILL after `grace` seconds; says which it took."""
     if proc is None or proc.poll() is not None:
-        return
+        return "already exited"
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=grace)
+        return "exited on SIGTERM"
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+        return "needed SIGKILL (no exit %gs after SIGTERM)" % grace
+
+
+def ca_tool_runner(sluice, cfg, state):
+    def run(action):
+        # update-ca-certificates --fresh run concurrently elsewhere (the e2e
+        # suite does it too) can make ours fail; it is idempotent, so retry.
+        for attempt in range(5):
+            r = subprocess.run([sluice, "ca", action, "--config", cfg, "--state-dir", state],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                return
+            time.sleep(1 + attempt)
+        raise RuntimeError("sluice ca %s: %s" % (action, r.stderr.strip()))
+    return run
 
 
 # ---------------------------------------------------------------- mitmproxy
@@ -132,11 +173,13 @@ def main():
     ap.add_argument("--sluice", required=True)
     ap.add_argument("--bench", required=True, help="the https_bench example binary")
     ap.add_argument("--upstream", required=True, help="the fake_upstream example binary")
-    ap.add_argument("--conns", type=int, default=8)
+    ap.add_argument("--conns", default="1,8", help="keep-alive connection counts, comma-separated")
     ap.add_argument("--duration-secs", type=float, default=5.0)
     ap.add_argument("--body-bytes", type=int, default=1024)
     ap.add_argument("--download-mb", type=int, default=200)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--timeout-secs", type=float, default=5.0,
+                    help="client: a step with no progress for this long is an error")
     ap.add_argument("--no-mitmproxy", action="store_true")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -149,11 +192,13 @@ def main():
     sh("ip netns del %s" % NS, check=False)
     sh("ip link del %s" % HOST_IF, check=False)
     cg = os.path.join(cgroup2_root(), CGROUP)
+    cg_enf = os.path.join(cgroup2_root(), CGROUP_ENF)
     tmp = tempfile.mkdtemp(prefix="sluice-hbench-")
     upstream = node = mitm = None
     ca_installed = False
     cfg = os.path.join(tmp, "hbench.yaml")
     state = os.path.join(tmp, "state")
+    ca_tool = ca_tool_runner(sluice, cfg, state)
     try:
         sh("ip netns add %s" % NS)
         sh("ip link add %s type veth peer name %s" % (HOST_IF, PEER_IF))
@@ -170,26 +215,45 @@ def main():
                    proc=upstream)
 
         os.makedirs(cg, exist_ok=True)
+        os.makedirs(cg_enf, exist_ok=True)
+        keys = os.path.join(tmp, "team")
+        subprocess.run([sluice, "policy", "keygen", keys], check=True, capture_output=True)
         with open(cfg, "w") as f:
-            f.write("proxy:\n  port: %d\nwatch:\n  cgroups: [{path: %s}]\n"
+            f.write("proxy:\n  port: %d\nwatch:\n  cgroups: [{path: %s}, {path: %s}]\n"
                     "targets:\n  - name: hbench-api\n    addresses: [\"%s\"]\n    ports: [443]\n"
                     "    tls: intercept\n    sni: [%s]\n"
-                    "workloads:\n  - name: hbench\n    cgroup: \"/%s\"\n"
+                    "workloads:\n  - name: hbench\n    cgroup: \"/%s*\"\n"
                     "tls:\n  extra_upstream_roots: [\"%s\"]\n"
-                    % (SLUICE_PORT, CGROUP, REMOTE_IP, HOST, CGROUP, upstream_ca))
+                    "policy:\n  trusted_keys: [\"%s.pub\"]\n"
+                    % (SLUICE_PORT, CGROUP, CGROUP_ENF, REMOTE_IP, HOST, CGROUP, upstream_ca, keys))
         sock = os.path.join(tmp, "control.sock")
         node_log = os.path.join(tmp, "sluice.log")
-        node = subprocess.Popen([sluice, "--socket", sock, "run", "--config", cfg, "--state-dir", state],
-                                stdout=subprocess.DEVNULL, stderr=open(node_log, "w"),
-                                env=dict(os.environ, SLUICE_LOG="warn", NO_COLOR="1"))
-        wait_until("sluice", lambda: subprocess.run([sluice, "--socket", sock, "status"],
-                                                    capture_output=True).returncode == 0,
-                   proc=node, log=node_log)
-        r = subprocess.run([sluice, "ca", "install", "--config", cfg, "--state-dir", state],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError("sluice ca install: %s" % r.stderr.strip())
+
+        def start_node():
+            n = subprocess.Popen([sluice, "--socket", sock, "run", "--config", cfg, "--state-dir", state],
+                                 stdout=subprocess.DEVNULL, stderr=open(node_log, "a"),
+                                 env=dict(os.environ, SLUICE_LOG="warn", NO_COLOR="1"))
+            try:
+                wait_until("sluice", lambda: subprocess.run([sluice, "--socket", sock, "status"],
+                                                            capture_output=True).returncode == 0,
+                           proc=n, log=node_log)
+            except Exception:
+                stop(n, grace=5)
+                raise
+            return n
+
+        node = start_node()
+        restarts = []
+        bundle = os.path.join(tmp, "bundle.yaml")
+        with open(bundle, "w") as f:
+            f.write(BUNDLE)
+        subprocess.run([sluice, "policy", "sign", bundle, "--key", keys + ".key"], check=True,
+                       capture_output=True)
+        subprocess.run([sluice, "--socket", sock, "policy", "push", bundle[:-5] + ".jws"], check=True,
+                       capture_output=True)
+        # Set first: a failed install may still have left the certificate.
         ca_installed = True
+        ca_tool("install")
 
         mitm_error, mitm_ca, mitm_version = None, None, None
         if a.no_mitmproxy:
@@ -203,86 +267,112 @@ def main():
                     mitm_error = "mitmdump did not start: %s" % e
         variants = [v for v in VARIANTS if v != "mitmproxy" or mitm_error is None]
 
-        base = [bench, "--connect", "%s:443" % REMOTE_IP, "--host", HOST]
+        base = [bench, "--connect", "%s:443" % REMOTE_IP, "--host", HOST,
+                "--timeout-secs", str(a.timeout_secs)]
 
         def client(variant, extra):
             if variant == "direct":
                 cmd = base + ["--cafile", upstream_ca] + extra
-            elif variant == "sluice":
+            elif variant in ("sluice", "enforced"):
                 # No --cafile: the node CA is trusted through the system store.
-                cmd = ["sh", "-c", 'echo $$ > %s/cgroup.procs && exec "$@"' % cg, "sh"] + base + extra
+                where = cg if variant == "sluice" else cg_enf
+                cmd = ["sh", "-c", 'echo $$ > %s/cgroup.procs && exec "$@"' % where, "sh"] + base + extra
             else:
                 cmd = base + ["--proxy", "127.0.0.1:%d" % MITM_PORT, "--cafile", mitm_ca] + extra
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.duration_secs + 120)
-            if r.returncode != 0:
-                raise RuntimeError("%s client failed (exit %d): %s%s"
-                                   % (variant, r.returncode, r.stdout, r.stderr))
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.duration_secs + 300)
             if r.stderr.strip():
                 print("  [%s] %s" % (variant, r.stderr.strip()), flush=True)
+            if r.returncode != 0:
+                return {"failed": r.stderr.strip() or "exit %d" % r.returncode}
             return json.loads(r.stdout)
 
-        load_args = ["--path", "/bytes?n=%d" % a.body_bytes, "--conns", str(a.conns),
-                     "--duration-secs", str(a.duration_secs)]
-        dl_args = ["--download-mb", str(a.download_mb)]
-        results = {v: {"load": [], "dl": []} for v in variants}
+        def measure(variant, what, extra):
+            nonlocal node
+            res = client(variant, extra)
+            print("run %d %-9s %-8s %s" % (i + 1, variant, what, json.dumps(res)), flush=True)
+            if variant in ("sluice", "enforced") and ("failed" in res or res.get("errors")):
+                # Do not let one stuck node poison the measurements after it.
+                how = stop(node, grace=5)
+                restarts.append("run %d %s (node %s)" % (i + 1, what, how))
+                print("  [sluice] requests failed: node %s; restarting it" % how, flush=True)
+                node = start_node()
+            return res
+
+        conns_levels = [int(c) for c in a.conns.split(",")]
+        kinds = ["load%d" % c for c in conns_levels] + ["dl"]
+        results = {v: {k: [] for k in kinds} for v in variants}
         # Interleave runs so that machine noise hits every path alike.
         for i in range(a.runs):
+            for c in conns_levels:
+                load_args = ["--path", "/bytes?n=%d" % a.body_bytes, "--conns", str(c),
+                             "--duration-secs", str(a.duration_secs)]
+                for v in variants:
+                    results[v]["load%d" % c].append(measure(v, "load%d" % c, load_args))
             for v in variants:
-                res = client(v, load_args)
-                results[v]["load"].append(res)
-                print("run %d %-9s load     %s" % (i + 1, v, json.dumps(res)), flush=True)
-            for v in variants:
-                res = client(v, dl_args)
-                results[v]["dl"].append(res)
-                print("run %d %-9s download %s" % (i + 1, v, json.dumps(res)), flush=True)
+                results[v]["dl"].append(measure(v, "download", ["--download-mb", str(a.download_mb)]))
 
         # Evidence that the sluice runs really went through interception.
         sessions = json.loads(subprocess.run(
             [sluice, "--socket", sock, "sessions", "list", "--json", "--limit", "100000"],
             capture_output=True, text=True, check=True).stdout)
-        intercepted = sum(1 for s in sessions if "intercepted" in json.dumps(s.get("tls")))
-        expected = a.runs * (a.conns + 1)
+        intercepted = sum(1 for s in sessions if (s.get("tls") or {}).get("mode") == "intercepted")
         st = json.loads(subprocess.run([sluice, "--socket", sock, "status", "--json"],
                                        capture_output=True, text=True, check=True).stdout)
-        if intercepted < expected:
-            raise RuntimeError("only %d of %d sluice-path connections were TLS-intercepted; status: %s"
-                               % (intercepted, expected, st))
+        if intercepted == 0:
+            raise RuntimeError("no connection was TLS-intercepted by sluice; status: %s" % st)
 
         # ---------------------------------------------------------- report
         def best(v, kind, key, lower_is_better):
-            vals = [r[key] for r in results[v][kind]]
+            """Best over the runs that completed without errors; None if none did."""
+            vals = [r[key] for r in results[v][kind]
+                    if "failed" not in r and not r.get("errors") and r.get(key) is not None]
+            if not vals:
+                return None
             return min(vals) if lower_is_better else max(vals)
 
-        rows = [("requests/s", "load", "rps", False, "%.0f"),
-                ("p50 latency (ms)", "load", "p50_ms", True, "%.3f"),
-                ("p99 latency (ms)", "load", "p99_ms", True, "%.3f"),
-                ("conn setup p50 (ms)", "load", "connect_ms", True, "%.2f"),
-                ("download (MB/s)", "dl", "mb_s", False, "%.1f")]
+        rows = []
+        for c in conns_levels:
+            k = "load%d" % c
+            rows += [("req/s, %d conn" % c, k, "rps", False, "%.0f"),
+                     ("p50 ms, %d conn" % c, k, "p50_ms", True, "%.3f"),
+                     ("p99 ms, %d conn" % c, k, "p99_ms", True, "%.3f")]
+        rows += [("conn setup ms", "load%d" % conns_levels[0], "connect_ms", True, "%.2f"),
+                 ("download MB/s", "dl", "mb_s", False, "%.1f")]
         print()
-        print("Sluice HTTPS benchmark: %d keep-alive conns x %gs of GET %d B bodies; %d MiB download; "
-              "best of %d interleaved runs" % (a.conns, a.duration_secs, a.body_bytes, a.download_mb, a.runs))
-        hdr = "%-21s %11s %11s %11s %9s %9s" % ("metric", "direct", "sluice", "mitmproxy",
-                                                "sluice/d", "mitm/d")
+        print("Sluice HTTPS benchmark: keep-alive GET of %d B bodies for %gs at %s conn(s); "
+              "%d MiB download; best of %d interleaved runs"
+              % (a.body_bytes, a.duration_secs, "/".join(map(str, conns_levels)), a.download_mb, a.runs))
+        hdr = "%-21s %11s %11s %11s %11s %9s %9s %9s" % ("metric", "direct", "sluice", "enforced",
+                                                          "mitmproxy", "sluice/d", "enf/d", "mitm/d")
         print(hdr)
         print("-" * len(hdr))
         for name, kind, key, lower, fmt in rows:
             d = best("direct", kind, key, lower)
-            cells, ratios = [], []
-            for v in ("sluice", "mitmproxy"):
-                if v in results:
-                    x = best(v, kind, key, lower)
-                    cells.append(fmt % x)
-                    ratios.append("%.2f" % (x / d) if d else "-")
-                else:
-                    cells.append("n/a")
-                    ratios.append("n/a")
-            print("%-21s %11s %11s %11s %9s %9s" % (name, fmt % d, cells[0], cells[1], ratios[0], ratios[1]))
-        errs = {v: sum(r["errors"] for r in results[v]["load"]) for v in results}
-        print("%-21s %11d %11s %11s" % ("request errors", errs["direct"], errs["sluice"],
-                                         errs.get("mitmproxy", "n/a")))
-        print("(ratio vs direct: requests/s and MB/s <1 = slower; latency >1 = slower)")
-        print("sluice: %d TLS-intercepted connections recorded, records_stored=%d, kernel_redirected=%d"
-              % (intercepted, st["records_stored"], st["kernel_redirected"]))
+            cells, ratios = [fmt % d if d is not None else "FAILED"], []
+            for v in ("sluice", "enforced", "mitmproxy"):
+                x = best(v, kind, key, lower) if v in results else None
+                cells.append("n/a" if v not in results else fmt % x if x is not None else "FAILED")
+                ratios.append("%.2f" % (x / d) if x is not None and d else "-")
+            print("%-21s %11s %11s %11s %11s %9s %9s %9s" % tuple([name] + cells + ratios))
+
+        def errors(v):
+            if v not in results:
+                return "n/a"
+            n = 0
+            for k in kinds:
+                for r in results[v][k]:
+                    n += 1 if "failed" in r else r.get("errors", 0)
+            return str(n)
+        print("%-21s %11s %11s %11s %11s" % ("errors (all runs)", errors("direct"), errors("sluice"),
+                                             errors("enforced"), errors("mitmproxy")))
+        print("(ratio vs direct: req/s and MB/s <1 = slower; latency >1 = slower; "
+              "FAILED = no run without errors)")
+        interrupted = sum(1 for s in sessions if (s.get("outcome") or {}).get("status") == "interrupted")
+        print("sluice: %d sessions recorded: %d closed with tls.mode=intercepted, %d interrupted by a node "
+              "restart; since the last start: kernel_redirected=%d, connections_forwarded=%d"
+              % (len(sessions), intercepted, interrupted, st["kernel_redirected"], st["connections_forwarded"]))
+        if restarts:
+            print("sluice: node restarted after failed requests in: %s" % ", ".join(restarts))
         if mitm_error is None:
             print("mitmproxy: %s (mitmdump, explicit proxy via CONNECT, stream_large_bodies=1m)" % mitm_version)
         else:
@@ -290,25 +380,29 @@ def main():
     finally:
         stop(mitm)
         if ca_installed:
-            r = subprocess.run([sluice, "ca", "uninstall", "--config", cfg, "--state-dir", state],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                print("warning: sluice ca uninstall failed: %s" % r.stderr.strip(), file=sys.stderr)
-        stop(node)
+            try:
+                ca_tool("uninstall")
+            except RuntimeError as e:
+                print("warning: %s" % e, file=sys.stderr)
+        stop(node, grace=5)
         if upstream is not None:
             upstream.kill()
             upstream.wait()
         sh("ip netns del %s" % NS, check=False)
         sh("ip link del %s" % HOST_IF, check=False)
-        for _ in range(50):
-            try:
-                os.rmdir(cg)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.1)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for d in (cg, cg_enf):
+            for _ in range(50):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        if os.environ.get("SLUICE_BENCH_KEEP"):
+            print("kept %s (logs, node state)" % tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 //! * `build`  setup, then a release build of the node
 //! * `test`   setup, then fmt check, clippy, and every test (needs root)
 //! * `run`    setup, build, and run the node on its embedded defaults
-//! * `bench`  setup, build, and the passthrough benchmark (needs root)
+//! * `bench [passthrough|https|scan|all]`  setup, build, and benchmarks
+//!   (passthrough and https need root)
 //!
 //! Std only, so that it builds in seconds on a fresh machine.
 use std::{
@@ -84,12 +85,29 @@ fn main() {
         }
         Some("bench") => {
             setup();
-            run(cargo().args(["build", "--release"]));
-            run(Command::new("python3")
-                .arg(root().join("xtask/bench/passthrough.py"))
-                .arg("--sluice")
-                .arg(root().join("target/release/sluice"))
-                .args(rest.iter()));
+            run(cargo().args(["build", "--release", "-p", "node-agent", "--bins", "--examples"]));
+            let which = rest.first().map(String::as_str).unwrap_or("all");
+            let target = root().join("target/release");
+            if matches!(which, "passthrough" | "all") {
+                run(Command::new("python3")
+                    .arg(root().join("xtask/bench/passthrough.py"))
+                    .arg("--sluice")
+                    .arg(target.join("sluice")));
+            }
+            if matches!(which, "scan" | "all") {
+                run(Command::new(target.join("examples/scan_bench")).arg("100"));
+            }
+            if matches!(which, "https" | "all") {
+                run(Command::new("python3")
+                    .arg(root().join("xtask/bench/https.py"))
+                    .arg("--sluice")
+                    .arg(target.join("sluice"))
+                    .arg("--bench")
+                    .arg(target.join("examples/https_bench"))
+                    .arg("--upstream")
+                    .arg(target.join("examples/fake_upstream"))
+                    .args(rest.iter().skip(1)));
+            }
         }
         _ => {
             eprintln!("usage: cargo xtask <setup|build|test|run|bench> [args]");

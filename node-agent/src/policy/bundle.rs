@@ -104,6 +104,9 @@ pub struct PatternDef {
     pub caseless: bool,
     #[serde(default)]
     pub luhn: bool,
+    /// Optional cheaper Hyperscan expression implied by `regex`.
+    #[serde(default)]
+    pub prefilter: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -243,6 +243,7 @@ impl CompiledPolicy {
                     regex: d.regex,
                     caseless: d.caseless,
                     luhn: d.luhn,
+                    prefilter: d.prefilter,
                 });
             }
         }
@@ -288,6 +289,7 @@ impl CompiledPolicy {
                 regex: regex::escape(secret.expose()),
                 caseless: false,
                 luhn: false,
+                prefilter: None,
             });
         }
         let request = Scanner::compile(req, max_window)?;

@@ -1,0 +1,18 @@
+//! Sluice's node agent as a library: the `sluice` binary (`main.rs`) is a
+//! thin CLI over it, and benchmarks and examples use its parts directly.
+pub mod addr;
+pub mod approvals;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod export;
+pub mod http;
+pub mod identity;
+pub mod policy;
+pub mod proxy;
+pub mod record;
+pub mod redirect;
+pub mod scan;
+pub mod suspend;
+pub mod targets;
+pub mod tls;
