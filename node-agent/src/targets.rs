@@ -3,7 +3,7 @@
 //! resolver (so /etc/hosts and nsswitch apply, as for the jobs themselves)
 //! and resolved again every `dns.refresh_secs`, so that changed records
 //! are followed.
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 use tracing::{info, warn};
@@ -41,20 +41,47 @@ fn push(out: &mut BTreeSet<TargetEntry>, net: IpNet, t: &Target, target_id: u32)
     }
 }
 
+/// How host names are looked up: the system resolver in production, a
+/// scripted one in tests.
+pub trait Lookup {
+    fn lookup(
+        &self,
+        host: &str,
+    ) -> impl std::future::Future<Output = std::io::Result<Vec<IpAddr>>> + Send;
+}
+
+/// getaddrinfo through tokio: the resolver the jobs themselves use.
+pub struct SystemLookup;
+
+impl Lookup for SystemLookup {
+    async fn lookup(&self, host: &str) -> std::io::Result<Vec<IpAddr>> {
+        Ok(tokio::net::lookup_host((host, 0))
+            .await?
+            .map(|a| a.ip())
+            .collect())
+    }
+}
+
 /// Resolves every host name; a name that fails keeps its previous
 /// addresses rather than dropping out of the set (a DNS hiccup must not
-/// open a bypass).
-async fn resolve_all(
+/// open a bypass). Loopback and unspecified answers are ignored: they
+/// would send the proxy's own address space back to itself.
+pub async fn resolve_all(
     targets: &[Target],
     previous: &BTreeSet<TargetEntry>,
+    dns: &impl Lookup,
 ) -> BTreeSet<TargetEntry> {
     let mut out = static_entries(targets);
     for (id, t) in targets.iter().enumerate() {
         for host in &t.hosts {
-            match tokio::net::lookup_host((host.as_str(), 0)).await {
+            match dns.lookup(host).await {
                 Ok(addrs) => {
-                    for a in addrs {
-                        push(&mut out, IpNet::from(a.ip()), t, id as u32);
+                    for ip in addrs {
+                        if ip.is_loopback() || ip.is_unspecified() {
+                            warn!(target_name = %t.name, %host, %ip, "ignoring loopback/unspecified answer for a target");
+                            continue;
+                        }
+                        push(&mut out, IpNet::from(ip), t, id as u32);
                     }
                 }
                 Err(e) => {
@@ -76,7 +103,7 @@ async fn resolve_all(
 pub async fn maintain(redirector: Arc<Redirector>, targets: Arc<Vec<Target>>, refresh: Duration) {
     let mut current = BTreeSet::new();
     loop {
-        let wanted = resolve_all(&targets, &current).await;
+        let wanted = resolve_all(&targets, &current, &SystemLookup).await;
         if wanted != current {
             match redirector.sync(&wanted) {
                 Ok(()) => {
@@ -97,4 +124,64 @@ pub fn install_static(
     targets: &[Target],
 ) -> Result<(), crate::redirect::RedirectError> {
     redirector.sync(&static_entries(targets))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::config::TlsMode;
+
+    /// Answers from a script that the test changes between refreshes.
+    struct Scripted(Mutex<Result<Vec<IpAddr>, ()>>);
+
+    impl Lookup for Scripted {
+        async fn lookup(&self, _host: &str) -> std::io::Result<Vec<IpAddr>> {
+            self.0
+                .lock()
+                .unwrap()
+                .clone()
+                .map_err(|_| std::io::Error::other("SERVFAIL"))
+        }
+    }
+
+    fn target() -> Vec<Target> {
+        vec![Target {
+            name: "api".into(),
+            hosts: vec!["api.example.test".into()],
+            addresses: vec![],
+            ports: vec![443],
+            tls: TlsMode::None,
+            sni: vec![],
+        }]
+    }
+
+    fn ips(set: &BTreeSet<TargetEntry>) -> Vec<String> {
+        set.iter()
+            .map(|e| format!("{}:{}", e.net, e.port))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn records_are_followed_failures_keep_and_loopback_is_ignored() {
+        let t = target();
+        let dns = Scripted(Mutex::new(Ok(vec!["192.0.2.1".parse().unwrap()])));
+        let first = resolve_all(&t, &BTreeSet::new(), &dns).await;
+        assert_eq!(ips(&first), ["192.0.2.1/32:443"]);
+        // The record changes: the new address replaces the old one.
+        *dns.0.lock().unwrap() = Ok(vec![
+            "192.0.2.7".parse().unwrap(),
+            "2001:db8::7".parse().unwrap(),
+        ]);
+        let second = resolve_all(&t, &first, &dns).await;
+        assert_eq!(ips(&second), ["192.0.2.7/32:443", "2001:db8::7/128:443"]);
+        // A failed lookup keeps what was there.
+        *dns.0.lock().unwrap() = Err(());
+        let third = resolve_all(&t, &second, &dns).await;
+        assert_eq!(third, second);
+        // A loopback answer never becomes a target.
+        *dns.0.lock().unwrap() = Ok(vec!["127.0.0.1".parse().unwrap()]);
+        assert!(resolve_all(&t, &third, &dns).await.is_empty());
+    }
 }

@@ -85,7 +85,14 @@ fn main() {
         }
         Some("bench") => {
             setup();
-            run(cargo().args(["build", "--release", "-p", "node-agent", "--bins", "--examples"]));
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "node-agent",
+                "--bins",
+                "--examples",
+            ]));
             let which = rest.first().map(String::as_str).unwrap_or("all");
             let target = root().join("target/release");
             if matches!(which, "passthrough" | "all") {
