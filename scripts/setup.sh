@@ -6,7 +6,7 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in libhyperscan-dev bpftool iproute2 curl python3 pkg-config clang postgresql; do
+for pkg in libhyperscan-dev pkg-config bpftool iproute2 curl openssl ca-certificates python3 postgresql; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

@@ -165,6 +165,10 @@ pub struct Status {
     pub kernel_redirected: u64,
     pub kernel_udp_refused: u64,
     pub kernel_foreign_netns_refused: u64,
+    /// Origins re-keyed by client address at TCP_CONNECT_CB.
+    pub kernel_rekeyed: u64,
+    /// Origin records removed when the client socket closed.
+    pub kernel_closed: u64,
 }
 
 pub struct ControlServer {
@@ -287,6 +291,8 @@ impl ControlServer {
                     kernel_redirected: k.first().copied().unwrap_or_default(),
                     kernel_udp_refused: k.get(1).copied().unwrap_or_default(),
                     kernel_foreign_netns_refused: k.get(2).copied().unwrap_or_default(),
+                    kernel_rekeyed: k.get(3).copied().unwrap_or_default(),
+                    kernel_closed: k.get(4).copied().unwrap_or_default(),
                 })
             }
             Request::SessionsList { filter } => match p.store.list(&filter) {

@@ -712,8 +712,8 @@ async fn policy_command(cmd: PolicyCmd, socket: &std::path::Path) -> anyhow::Res
 }
 
 fn update_ca_certificates() -> anyhow::Result<()> {
+    // Not --fresh: rebuilding every link races with other users of the store.
     let out = std::process::Command::new("update-ca-certificates")
-        .arg("--fresh")
         .output()
         .context("running update-ca-certificates (package ca-certificates)")?;
     if !out.status.success() {

@@ -228,16 +228,28 @@ pub struct RecordStore {
     /// Serialises appends so that each event sees the true previous hash.
     head: Mutex<(u64, String)>,
     next_id: std::sync::atomic::AtomicU64,
-    flusher: std::sync::mpsc::Sender<std::sync::mpsc::Sender<Result<(), String>>>,
+    flusher: Option<FlushTx>,
+    flusher_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+type FlushTx = std::sync::mpsc::Sender<std::sync::mpsc::Sender<Result<(), String>>>;
+
+impl Drop for RecordStore {
+    /// Stops the flusher (it holds the database) so the store is really
+    /// closed when dropped; it flushes once more on the way out.
+    fn drop(&mut self) {
+        drop(self.flusher.take());
+        if let Some(t) = self.flusher_thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// One thread does every flush, batching all waiters that queued up while
 /// the previous flush ran (group commit). sled 0.34's concurrent
 /// `flush_async` calls can deadlock (spacejam/sled#1308); this never calls
 /// it, and never runs two flushes at once.
-fn spawn_flusher(
-    db: sled::Db,
-) -> std::sync::mpsc::Sender<std::sync::mpsc::Sender<Result<(), String>>> {
+fn spawn_flusher(db: sled::Db) -> (FlushTx, Option<std::thread::JoinHandle<()>>) {
     let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<Result<(), String>>>();
     let spawned = std::thread::Builder::new()
         .name("sluice-flush".into())
@@ -250,11 +262,15 @@ fn spawn_flusher(
                     let _ = w.send(res.clone());
                 }
             }
+            let _ = db.flush();
         });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the record flusher; flushes will report errors");
+    match spawned {
+        Ok(handle) => (tx, Some(handle)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the record flusher; flushes will report errors");
+            (tx, None)
+        }
     }
-    tx
 }
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -303,9 +319,10 @@ impl RecordStore {
             None => (0, GENESIS.to_owned()),
         };
         let last_id = connections.last()?.map(|(k, _)| key_u64(&k)).unwrap_or(0);
-        let flusher = spawn_flusher(db.clone());
+        let (flusher, flusher_thread) = spawn_flusher(db.clone());
         let store = Self {
-            flusher,
+            flusher: Some(flusher),
+            flusher_thread,
             db,
             connections,
             exchanges,
@@ -429,6 +446,8 @@ impl RecordStore {
     pub async fn flush(&self) -> Result<(), RecordError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.flusher
+            .as_ref()
+            .ok_or_else(|| RecordError::Flush("store is closing".into()))?
             .send(tx)
             .map_err(|_| RecordError::Flush("flusher thread is gone".into()))?;
         tokio::task::spawn_blocking(move || rx.recv())
@@ -442,6 +461,8 @@ impl RecordStore {
     pub fn flush_blocking(&self) -> Result<(), RecordError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.flusher
+            .as_ref()
+            .ok_or_else(|| RecordError::Flush("store is closing".into()))?
             .send(tx)
             .map_err(|_| RecordError::Flush("flusher thread is gone".into()))?;
         rx.recv()

@@ -168,6 +168,11 @@ fn client_sees_original_peer_and_sluice_upstream_is_not_redirected() {
     assert_eq!(st["kernel_redirected"], 1, "{st:#}");
     assert_eq!(st["connections_accepted"], 1, "{st:#}");
     assert_eq!(st["connections_forwarded"], 1, "{st:#}");
+    assert_eq!(st["kernel_rekeyed"], 1, "{st:#}");
+    // The client closed: its origin records are gone from the kernel maps.
+    wait_for("the close callback to clean up", || {
+        env.node.status()["kernel_closed"] == 1
+    });
     // And the remote saw one request, from the host side of the veth.
     let seen = env.remote.entries();
     assert_eq!(seen.len(), 1, "{seen:?}");

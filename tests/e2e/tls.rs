@@ -385,6 +385,66 @@ fn untrusted_upstream_is_refused_and_non_target_sni_is_spliced() {
 }
 
 #[test]
+fn malformed_tls_and_http_get_clear_errors_and_the_node_keeps_serving() {
+    let env = Env::https("");
+    let _trust = env.trust_node_ca();
+    // Plain text to a TLS target: refused (fail closed), not forwarded.
+    env.cgroup.run(
+        "sh",
+        &["-c", &format!("printf 'GET / HTTP/1.1\\r\\n\\r\\n' | curl -sS --max-time 5 telnet://{}:443 || true", env.remote.remote)],
+    );
+    // A truncated ClientHello, then the client gives up.
+    let out = env.cgroup.run(
+        "python3",
+        &["-c", &format!(
+            "import socket; s=socket.create_connection(('{}',443)); s.sendall(bytes([0x16,3,1,0,200,1,0,0])); s.close()",
+            env.remote.remote
+        )],
+    );
+    assert!(out.status.success());
+    // Garbage HTTP inside a valid TLS session.
+    let out = env.cgroup.run(
+        "sh",
+        &["-c", &format!(
+            "printf 'BREW /pot HTCPCP/9\\r\\nnot a header\\r\\n\\r\\n' | timeout 10 openssl s_client -quiet -connect {}:443 -servername api.fake.test 2>/dev/null; true",
+            env.remote.remote
+        )],
+    );
+    let garbage_reply = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        garbage_reply.contains("400"),
+        "hyper answers malformed HTTP with 400: {garbage_reply}"
+    );
+    // The node is still serving, and what it recorded verifies.
+    let ok = env.curl("api.fake.test", 443, "/json", &["-w", "\n%{http_code}"]);
+    assert!(String::from_utf8_lossy(&ok.stdout).ends_with("\n200"));
+    let sessions = env.node.wait_sessions(4);
+    let refused: Vec<_> = sessions
+        .iter()
+        .filter(|s| s["outcome"]["status"] == "refused")
+        .collect();
+    assert!(
+        refused.iter().any(|s| s["outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a TLS")),
+        "{sessions:#?}"
+    );
+    assert!(refused.iter().any(|s| s["outcome"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("ClientHello")));
+    assert!(env.node.cli(&["verify"]).status.success());
+    assert!(
+        env.remote
+            .https_entries()
+            .iter()
+            .all(|e| e["path"] == "/json"),
+        "nothing malformed reached the upstream"
+    );
+}
+
+#[test]
 fn ca_is_name_constrained_private_and_shown() {
     let env = Env::https("");
     let cfg = env.config_path().display().to_string();
