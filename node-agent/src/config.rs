@@ -354,66 +354,8 @@ impl Config {
         if self.dns.refresh_secs == 0 {
             return Err(bad("dns.refresh_secs".into(), "must be at least 1".into()));
         }
-        let mut names = std::collections::HashSet::new();
-        for (i, t) in self.targets.iter().enumerate() {
-            if t.name.trim().is_empty() {
-                return Err(bad(
-                    format!("targets[{i}].name"),
-                    "must not be empty".into(),
-                ));
-            }
-            if !names.insert(t.name.as_str()) {
-                return Err(bad(
-                    format!("targets[{i}].name"),
-                    format!("`{}` is used by another target", t.name),
-                ));
-            }
-            if t.hosts.is_empty() && t.addresses.is_empty() {
-                return Err(bad(
-                    format!("targets[{i}]"),
-                    format!("target `{}` has neither hosts nor addresses", t.name),
-                ));
-            }
-            for (j, h) in t.hosts.iter().enumerate() {
-                if !valid_hostname(h) {
-                    return Err(bad(
-                        format!("targets[{i}].hosts[{j}]"),
-                        format!("`{h}` is not a valid DNS name"),
-                    ));
-                }
-            }
-            for (j, n) in t.sni.iter().enumerate() {
-                if !valid_hostname(n.strip_prefix("*.").unwrap_or(n)) {
-                    return Err(bad(
-                        format!("targets[{i}].sni[{j}]"),
-                        format!("`{n}` is not a valid DNS name or wildcard"),
-                    ));
-                }
-            }
-            if t.tls == TlsMode::Intercept && t.hosts.is_empty() && t.sni.is_empty() {
-                return Err(bad(
-                    format!("targets[{i}].tls"),
-                    "`intercept` needs names to intercept: set `hosts` or `sni`".into(),
-                ));
-            }
-            for (j, p) in t.ports.iter().enumerate() {
-                if *p == 0 {
-                    return Err(bad(
-                        format!("targets[{i}].ports[{j}]"),
-                        "port 0 is not a port; leave `ports` empty for every port".into(),
-                    ));
-                }
-            }
-            for (j, a) in t.addresses.iter().enumerate() {
-                let ip = a.0.addr();
-                if ip.is_loopback() || ip.is_unspecified() {
-                    return Err(bad(
-                        format!("targets[{i}].addresses[{j}]"),
-                        format!("`{}` would redirect the proxy's own address space", a.0),
-                    ));
-                }
-            }
-        }
+        validate_targets(&self.targets, "targets")
+            .map_err(|(field, message)| bad(field, message))?;
         if self.records.body_cap_bytes > 64 * 1024 * 1024 {
             return Err(bad(
                 "records.body_cap_bytes".into(),
@@ -427,6 +369,77 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Stable id of a target in the kernel maps: derived from its name, so a
+/// target keeps its id when the list is replaced (a connection redirected
+/// just before a policy swap still finds its target).
+pub fn target_id(name: &str) -> u32 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(name.as_bytes());
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
+/// Checks a target list; errors name the field (`PREFIX[i].field`).
+pub fn validate_targets(targets: &[Target], prefix: &str) -> Result<(), (String, String)> {
+    let mut names = std::collections::HashSet::new();
+    for (i, t) in targets.iter().enumerate() {
+        if t.name.trim().is_empty() {
+            return Err((format!("{prefix}[{i}].name"), "must not be empty".into()));
+        }
+        if !names.insert(t.name.as_str()) {
+            return Err((
+                format!("{prefix}[{i}].name"),
+                format!("`{}` is used by another target", t.name),
+            ));
+        }
+        if t.hosts.is_empty() && t.addresses.is_empty() {
+            return Err((
+                format!("{prefix}[{i}]"),
+                format!("target `{}` has neither hosts nor addresses", t.name),
+            ));
+        }
+        for (j, h) in t.hosts.iter().enumerate() {
+            if !valid_hostname(h) {
+                return Err((
+                    format!("{prefix}[{i}].hosts[{j}]"),
+                    format!("`{h}` is not a valid DNS name"),
+                ));
+            }
+        }
+        for (j, n) in t.sni.iter().enumerate() {
+            if !valid_hostname(n.strip_prefix("*.").unwrap_or(n)) {
+                return Err((
+                    format!("{prefix}[{i}].sni[{j}]"),
+                    format!("`{n}` is not a valid DNS name or wildcard"),
+                ));
+            }
+        }
+        if t.tls == TlsMode::Intercept && t.hosts.is_empty() && t.sni.is_empty() {
+            return Err((
+                format!("{prefix}[{i}].tls"),
+                "`intercept` needs names to intercept: set `hosts` or `sni`".into(),
+            ));
+        }
+        for (j, p) in t.ports.iter().enumerate() {
+            if *p == 0 {
+                return Err((
+                    format!("{prefix}[{i}].ports[{j}]"),
+                    "port 0 is not a port; leave `ports` empty for every port".into(),
+                ));
+            }
+        }
+        for (j, a) in t.addresses.iter().enumerate() {
+            let ip = a.0.addr();
+            if ip.is_loopback() || ip.is_unspecified() {
+                return Err((
+                    format!("{prefix}[{i}].addresses[{j}]"),
+                    format!("`{}` would redirect the proxy's own address space", a.0),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn valid_hostname(h: &str) -> bool {

@@ -272,7 +272,8 @@ impl ControlServer {
                         .installed()
                         .iter()
                         .map(|e| {
-                            let name = p.target_names.get(e.target_id as usize).map_or("?", |s| s);
+                            let table = p.targets.current();
+                            let name = table.name(e.target_id).unwrap_or("?");
                             let port = if e.port == 0 {
                                 "*".to_string()
                             } else {

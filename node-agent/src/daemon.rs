@@ -14,15 +14,15 @@ use tracing::{info, warn};
 use crate::{
     addr::ProxyAddr,
     approvals::Approvals,
-    config::{Config, TlsMode},
+    config::{validate_targets, Config, Target, TlsMode},
     control::{self, ControlServer},
     identity::IdentityResolver,
-    policy::PolicyEngine,
+    policy::{PolicyEngine, TargetSink},
     proxy::{self, Counters, Proxy},
     record::RecordStore,
     redirect::{self, Redirector},
     suspend::Suspensions,
-    targets,
+    targets::{self, LiveTargets},
     tls::{Ca, TlsContext},
 };
 
@@ -71,8 +71,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         cfg.proxy.listen_v6,
         cfg.proxy.port,
     )?);
-    targets::install_static(&redirector, &cfg.targets)?;
-
     let tls = tls_context(&cfg, &state_dir)?;
     let policy = Arc::new(PolicyEngine::load(
         &cfg.policy.trusted_keys,
@@ -80,6 +78,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         store.clone(),
         cfg.policy.max_scan_window_bytes,
     )?);
+    // The target list: the policy bundle's when it names targets that
+    // this node can serve, otherwise the node configuration's.
+    let sink = Arc::new(NodeTargets {
+        config: cfg.targets.clone(),
+        ca: tls.as_ref().map(|t| t.ca.clone()),
+        live: Arc::new(LiveTargets::new(cfg.targets.clone())),
+    });
+    if let Some(bundle_targets) = policy.current().bundle.targets.clone() {
+        match sink.check(&bundle_targets) {
+            Ok(()) => sink.live.replace(bundle_targets),
+            Err(e) => warn!(error = %e, "policy targets not usable; using the configuration's"),
+        }
+    }
+    targets::install_static(&redirector, &sink.live.list())?;
+    let live = sink.live.clone();
+    policy.set_target_sink(sink);
     if let Some(dir) = &cfg.policy.watch_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating policy watch directory {}", dir.display()))?;
@@ -91,15 +105,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         redirector: redirector.clone(),
         identities: IdentityResolver::new(root, &cfg.workloads),
         store: store.clone(),
-        target_names: cfg.targets.iter().map(|t| t.name.clone()).collect(),
-        target_modes: cfg.targets.iter().map(|t| t.tls).collect(),
-        intercept_names: cfg
-            .targets
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.tls == TlsMode::Intercept)
-            .map(|(i, t)| (i as u32, t.names().cloned().collect()))
-            .collect(),
+        targets: live.clone(),
         tls,
         body_cap: cfg.records.body_cap_bytes,
         policy,
@@ -115,7 +121,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     tokio::spawn(targets::maintain(
         redirector.clone(),
-        Arc::new(cfg.targets.clone()),
+        live,
         Duration::from_secs(cfg.dns.refresh_secs),
     ));
 
@@ -139,6 +145,41 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     store.flush().await?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// Where policy bundles' target lists land: checked against what this node
+/// can serve (its CA's name constraints), then swapped in live.
+struct NodeTargets {
+    config: Vec<Target>,
+    ca: Option<Arc<Ca>>,
+    live: Arc<LiveTargets>,
+}
+
+impl TargetSink for NodeTargets {
+    fn check(&self, targets: &[Target]) -> Result<(), String> {
+        validate_targets(targets, "targets").map_err(|(f, m)| format!("field `{f}`: {m}"))?;
+        for t in targets.iter().filter(|t| t.tls == TlsMode::Intercept) {
+            for n in t.names() {
+                let name = n.trim_start_matches("*.");
+                match &self.ca {
+                    Some(ca) if ca.permits(name) => {}
+                    Some(_) => {
+                        return Err(format!(
+                            "target `{}` intercepts `{n}`, outside this node's CA name constraints (add it to the node configuration and rotate with `sluice ca init --force`)",
+                            t.name
+                        ))
+                    }
+                    None => return Err(format!("target `{}` intercepts TLS but this node has no CA", t.name)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn install(&self, targets: Option<Vec<Target>>) {
+        self.live
+            .replace(targets.unwrap_or_else(|| self.config.clone()));
+    }
 }
 
 /// The CA (created on first start, constrained to the intercepted names)

@@ -54,10 +54,7 @@ pub struct Proxy {
     pub redirector: Arc<Redirector>,
     pub identities: IdentityResolver,
     pub store: Arc<RecordStore>,
-    pub target_names: Vec<String>,
-    pub target_modes: Vec<TlsMode>,
-    /// (target id, names) for SNI matching.
-    pub intercept_names: Vec<(u32, Vec<String>)>,
+    pub targets: Arc<crate::targets::LiveTargets>,
     pub tls: Option<Arc<TlsContext>>,
     pub body_cap: usize,
     pub policy: Arc<crate::policy::PolicyEngine>,
@@ -171,7 +168,11 @@ impl Proxy {
                 process,
                 client: peer,
                 original_dst: Some(dst),
-                target: self.target_names.get(origin.target_id as usize).cloned(),
+                target: self
+                    .targets
+                    .current()
+                    .name(origin.target_id)
+                    .map(str::to_owned),
                 started_at_ms: now_ms(),
                 ended_at_ms: None,
                 bytes_up: 0,
@@ -205,10 +206,7 @@ impl Proxy {
             refuse(client);
             return;
         }
-        let intercepting = self
-            .target_modes
-            .get(origin.target_id as usize)
-            .is_some_and(|m| *m == TlsMode::Intercept);
+        let intercepting = self.targets.current().mode(origin.target_id) == TlsMode::Intercept;
         // Intercepted HTTP gets a 403 per request (clearer to the job);
         // any other suspended connection is refused outright.
         if let (Some(susp), false) = (self.suspensions.get(&r.identity.id), intercepting) {
@@ -249,11 +247,7 @@ impl Proxy {
             inner: client,
             counts: bytes.clone(),
         };
-        let mode = self
-            .target_modes
-            .get(origin.target_id as usize)
-            .copied()
-            .unwrap_or_default();
+        let mode = self.targets.current().mode(origin.target_id);
         r.outcome = match mode {
             TlsMode::None => splice(client, upstream, &[]).await,
             TlsMode::Intercept | TlsMode::Passthrough => {
@@ -268,17 +262,6 @@ impl Proxy {
         debug!(up = r.bytes_up, down = r.bytes_down, outcome = ?r.outcome, "closed");
         self.record(&r, "connection.close");
         let _ = self.store.flush().await;
-    }
-
-    fn intercepts(&self, target_id: u32, sni: &str) -> bool {
-        self.intercept_names
-            .iter()
-            .filter(|(id, _)| *id == target_id)
-            .flat_map(|(_, names)| names)
-            .any(|n| match n.strip_prefix("*.") {
-                Some(base) => sni.ends_with(&format!(".{base}")),
-                None => n.eq_ignore_ascii_case(sni),
-            })
     }
 
     async fn tls_path(
@@ -317,7 +300,7 @@ impl Proxy {
             && self.tls.is_some()
             && sni
                 .as_deref()
-                .is_some_and(|s| self.intercepts(target_id, s));
+                .is_some_and(|s| self.targets.current().intercepts(target_id, s));
         r.tls = Some(TlsInfo {
             sni: sni.clone(),
             mode: if intercept { "intercepted" } else { "spliced" }.into(),

@@ -3,22 +3,27 @@
 //! resolver (so /etc/hosts and nsswitch apply, as for the jobs themselves)
 //! and resolved again every `dns.refresh_secs`, so that changed records
 //! are followed.
-use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use ipnet::IpNet;
 use tracing::{info, warn};
 
 use crate::{
-    config::Target,
+    config::{target_id, Target, TlsMode},
     redirect::{Redirector, TargetEntry},
 };
 
 /// Entries for the parts of the configuration that need no DNS.
 fn static_entries(targets: &[Target]) -> BTreeSet<TargetEntry> {
     let mut out = BTreeSet::new();
-    for (id, t) in targets.iter().enumerate() {
+    for t in targets {
         for a in &t.addresses {
-            push(&mut out, a.0, t, id as u32);
+            push(&mut out, a.0, t, target_id(&t.name));
         }
     }
     out
@@ -72,7 +77,8 @@ pub async fn resolve_all(
     dns: &impl Lookup,
 ) -> BTreeSet<TargetEntry> {
     let mut out = static_entries(targets);
-    for (id, t) in targets.iter().enumerate() {
+    for t in targets {
+        let id = target_id(&t.name);
         for host in &t.hosts {
             match dns.lookup(host).await {
                 Ok(addrs) => {
@@ -81,14 +87,14 @@ pub async fn resolve_all(
                             warn!(target_name = %t.name, %host, %ip, "ignoring loopback/unspecified answer for a target");
                             continue;
                         }
-                        push(&mut out, IpNet::from(ip), t, id as u32);
+                        push(&mut out, IpNet::from(ip), t, id);
                     }
                 }
                 Err(e) => {
                     warn!(target_name = %t.name, %host, error = %e, "cannot resolve target host; keeping previous addresses");
                     let prev_hosts: Vec<_> = previous
                         .iter()
-                        .filter(|e| e.target_id == id as u32)
+                        .filter(|e| e.target_id == id)
                         .copied()
                         .collect();
                     out.extend(prev_hosts);
@@ -99,10 +105,13 @@ pub async fn resolve_all(
     out
 }
 
-/// Installs the initial set, then refreshes it forever.
-pub async fn maintain(redirector: Arc<Redirector>, targets: Arc<Vec<Target>>, refresh: Duration) {
+/// Installs the set, then refreshes it every `refresh` and at once when
+/// the target list is replaced (a policy bundle with targets).
+pub async fn maintain(redirector: Arc<Redirector>, live: Arc<LiveTargets>, refresh: Duration) {
+    let mut rx = live.subscribe();
     let mut current = BTreeSet::new();
     loop {
+        let targets = rx.borrow_and_update().clone();
         let wanted = resolve_all(&targets, &current, &SystemLookup).await;
         if wanted != current {
             match redirector.sync(&wanted) {
@@ -113,7 +122,83 @@ pub async fn maintain(redirector: Arc<Redirector>, targets: Arc<Vec<Target>>, re
                 Err(e) => warn!(error = %e, "updating the kernel target set failed"),
             }
         }
-        tokio::time::sleep(refresh).await;
+        tokio::select! {
+            _ = tokio::time::sleep(refresh) => {}
+            _ = rx.changed() => {}
+        }
+    }
+}
+
+/// The targets in force, by their stable id.
+pub struct TargetTable {
+    by_id: HashMap<u32, Target>,
+}
+
+impl TargetTable {
+    pub fn new(targets: &[Target]) -> Self {
+        Self {
+            by_id: targets
+                .iter()
+                .map(|t| (target_id(&t.name), t.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn name(&self, id: u32) -> Option<&str> {
+        self.by_id.get(&id).map(|t| t.name.as_str())
+    }
+
+    pub fn mode(&self, id: u32) -> TlsMode {
+        self.by_id.get(&id).map(|t| t.tls).unwrap_or_default()
+    }
+
+    /// Whether `sni` is one of the names target `id` intercepts.
+    pub fn intercepts(&self, id: u32, sni: &str) -> bool {
+        let Some(t) = self.by_id.get(&id) else {
+            return false;
+        };
+        t.tls == TlsMode::Intercept
+            && t.names().any(|n| match n.strip_prefix("*.") {
+                Some(base) => sni.ends_with(&format!(".{base}")),
+                None => n.eq_ignore_ascii_case(sni),
+            })
+    }
+}
+
+/// The live target list: the node configuration's, or a policy bundle's.
+pub struct LiveTargets {
+    table: RwLock<Arc<TargetTable>>,
+    tx: tokio::sync::watch::Sender<Arc<Vec<Target>>>,
+}
+
+impl LiveTargets {
+    pub fn new(targets: Vec<Target>) -> Self {
+        let table = TargetTable::new(&targets);
+        let (tx, _) = tokio::sync::watch::channel(Arc::new(targets));
+        Self {
+            table: RwLock::new(Arc::new(table)),
+            tx,
+        }
+    }
+
+    pub fn current(&self) -> Arc<TargetTable> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn list(&self) -> Arc<Vec<Target>> {
+        self.tx.borrow().clone()
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<Vec<Target>>> {
+        self.tx.subscribe()
+    }
+
+    /// Swaps the list: new connections see it at once, the kernel maps
+    /// follow (new entries before stale ones go).
+    pub fn replace(&self, targets: Vec<Target>) {
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(TargetTable::new(&targets));
+        self.tx.send_replace(Arc::new(targets));
     }
 }
 

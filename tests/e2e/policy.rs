@@ -597,3 +597,73 @@ fn bundle_pushed_with_100_requests_in_flight_loses_none() {
         "lost requests: {statuses:?}"
     );
 }
+
+#[test]
+fn bundle_targets_replace_the_configured_ones_live() {
+    let p = PolicyEnv::new();
+    let env = &p.env;
+    let dir = env.dir.path();
+    let targets = |version: u64, extra: &str| {
+        format!(
+            "version: {version}\nname: targets\ntargets:\n  - name: fake-api\n    addresses: [\"{}\"]\n    ports: [443]\n    tls: passthrough\n  - name: plain-other\n    addresses: [\"{}\"]\n    ports: [{HTTP_PORT}]\n{extra}",
+            env.remote.remote, env.remote.other
+        )
+    };
+    let sign = |name: &str, body: &str| {
+        let yaml = dir.join(format!("{name}.yaml"));
+        std::fs::write(&yaml, body).unwrap();
+        let out = sluice(&[
+            "policy",
+            "sign",
+            &yaml.display().to_string(),
+            "--key",
+            &p.keys.join("team.key").display().to_string(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        yaml.with_extension("jws")
+    };
+    let out = p.push(&sign("t20", &targets(20, "")));
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = env.node.cli_json(&["policy", "show", "--json"]);
+    assert_eq!(
+        shown["targets_from_bundle"],
+        serde_json::json!(["fake-api", "plain-other"])
+    );
+
+    // fake-api is now spliced: the client sees the upstream's own certificate.
+    let ca = env.remote.https_ca.display().to_string();
+    let out = env.curl("api.fake.test", 443, "/json", &["--cacert", &ca]);
+    assert!(out.status.success(), "{}", text(&out));
+    // plain-other was not a target before; now it is intercepted.
+    let r = env.client(&["peer", &env.remote.other, &HTTP_PORT.to_string()]);
+    assert_eq!(r["status"], 200);
+    let sessions = env.node.wait_sessions(2);
+    let spliced = sessions
+        .iter()
+        .find(|s| s["target"] == "fake-api")
+        .expect("fake-api session");
+    assert_eq!(spliced["tls"]["mode"], "spliced");
+    assert!(
+        sessions.iter().any(|s| s["target"] == "plain-other"),
+        "{sessions:#?}"
+    );
+    let st = env.node.status();
+    assert!(
+        st["target_entries"].to_string().contains("plain-other"),
+        "{st:#}"
+    );
+
+    // A bundle that would intercept a name outside the node CA is refused.
+    let evil = targets(
+        21,
+        "  - name: evil\n    hosts: [login.example.org]\n    ports: [443]\n    tls: intercept\n",
+    );
+    let out = p.push(&sign("t21", &evil));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("outside this node's CA name constraints"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(p.version(), 20);
+}

@@ -33,6 +33,10 @@ pub struct Bundle {
     pub packs: BTreeMap<String, Vec<PatternDef>>,
     #[serde(default)]
     pub credentials: Vec<CredentialDef>,
+    /// When present, replaces the node configuration's target list (same
+    /// schema). Intercepted names must be within the node CA's constraints.
+    #[serde(default)]
+    pub targets: Option<Vec<crate::config::Target>>,
 }
 
 /// Selects workloads by their identity; every given field must match.

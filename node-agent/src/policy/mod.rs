@@ -38,6 +38,8 @@ pub enum PolicyError {
     VersionMismatch { claimed: u64, actual: u64 },
     #[error("credential for target `{target}`: {message}")]
     Credential { target: String, message: String },
+    #[error("bundle targets: {0}")]
+    Targets(String),
     #[error("policy state {path}: {source}")]
     Io {
         path: PathBuf,
@@ -168,6 +170,10 @@ impl CompiledPolicy {
         }
         for (name, pats) in &bundle.packs {
             packs.insert(name.clone(), pats.clone());
+        }
+        if let Some(t) = &bundle.targets {
+            crate::config::validate_targets(t, "targets")
+                .map_err(|(field, message)| bad(field, message))?;
         }
         let mut workloads = Vec::new();
         for (i, w) in bundle.workloads.iter().enumerate() {
@@ -428,9 +434,21 @@ pub struct PolicySummary {
     pub rules: Vec<String>,
     pub credentials_for: Vec<String>,
     pub response_window_bytes: usize,
+    /// Target names when the bundle replaces the configuration's list.
+    #[serde(default)]
+    pub targets_from_bundle: Option<Vec<String>>,
+}
+
+/// Receives bundles' target lists (implemented by the daemon).
+pub trait TargetSink: Send + Sync {
+    /// Whether this node can serve these targets; the reason if not.
+    fn check(&self, targets: &[crate::config::Target]) -> Result<(), String>;
+    /// Installs them (`None`: back to the node configuration's).
+    fn install(&self, targets: Option<Vec<crate::config::Target>>);
 }
 
 pub struct PolicyEngine {
+    target_sink: RwLock<Option<Arc<dyn TargetSink>>>,
     current: RwLock<Arc<CompiledPolicy>>,
     trusted: Vec<TrustedKey>,
     dir: PathBuf,
@@ -476,6 +494,7 @@ impl PolicyEngine {
         }
         info!(version = current.version, name = %current.name, signer = %current.signer, "policy in force");
         Ok(Self {
+            target_sink: RwLock::new(None),
             current: RwLock::new(Arc::new(current)),
             trusted,
             dir,
@@ -483,6 +502,10 @@ impl PolicyEngine {
             max_window,
             apply_lock: std::sync::Mutex::new(()),
         })
+    }
+
+    pub fn set_target_sink(&self, sink: Arc<dyn TargetSink>) {
+        *self.target_sink.write().unwrap_or_else(|e| e.into_inner()) = Some(sink);
     }
 
     pub fn current(&self) -> Arc<CompiledPolicy> {
@@ -511,6 +534,11 @@ impl PolicyEngine {
                 })
                 .collect(),
             credentials_for: p.credentials.keys().cloned().collect(),
+            targets_from_bundle: p
+                .bundle
+                .targets
+                .as_ref()
+                .map(|t| t.iter().map(|t| t.name.clone()).collect()),
             response_window_bytes: p.response.window,
         }
     }
@@ -561,6 +589,14 @@ impl PolicyEngine {
                 current,
             });
         }
+        let sink = self
+            .target_sink
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let (Some(targets), Some(sink)) = (&compiled.bundle.targets, &sink) {
+            sink.check(targets).map_err(PolicyError::Targets)?;
+        }
         let path = current_path(&self.dir);
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, jws.trim())
@@ -568,6 +604,9 @@ impl PolicyEngine {
             .map_err(|source| PolicyError::Io { path, source })?;
         let compiled = Arc::new(compiled);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = compiled.clone();
+        if let Some(sink) = sink {
+            sink.install(compiled.bundle.targets.clone());
+        }
         Ok(compiled)
     }
 
