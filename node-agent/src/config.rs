@@ -168,6 +168,15 @@ pub struct WatchConfig {
     /// cgroup v2 directories whose processes are intercepted (the CI
     /// runner service's subtree), relative to the cgroup2 mount or absolute.
     pub cgroups: Vec<WatchedCgroup>,
+    /// Keep the kernel programs attached (pinned) when the node stops or
+    /// dies, so watched jobs cannot reach targets without it. `sluice
+    /// detach` removes them.
+    #[serde(default = "default_true")]
+    pub fail_closed: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

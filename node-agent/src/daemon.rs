@@ -142,6 +142,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     shutdown_signal().await;
     info!("shutting down");
+    if cfg.watch.fail_closed {
+        info!("kernel programs stay attached: watched jobs cannot reach targets until the node is back (`sluice detach` to remove)");
+    } else {
+        let n = redirect::detach(&cgroups)?;
+        info!(links = n, "kernel programs detached");
+    }
     store.flush().await?;
     let _ = std::fs::remove_file(&socket);
     Ok(())

@@ -58,6 +58,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SessionsCmd,
     },
+    /// Remove the pinned kernel programs of the configured cgroups
+    /// (interception stops; for uninstalling).
+    Detach {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Check the record store's hash chain (whole store or one session).
     Verify {
         #[arg(long)]
@@ -393,6 +399,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Ca { cmd } => return ca_command(cmd),
+        Cmd::Detach { config } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            let root = node_agent::redirect::cgroup2_root()?;
+            let cgroups: Vec<PathBuf> = cfg
+                .watch
+                .cgroups
+                .iter()
+                .map(|c| node_agent::redirect::cgroup_path(&root, &c.path))
+                .collect();
+            let n = node_agent::redirect::detach(&cgroups)?;
+            println!("detached {n} link(s) from {} cgroup(s)", cgroups.len());
+        }
         Cmd::Policy { cmd } => return policy_command(cmd, &sock()).await,
         Cmd::Approvals { cmd } => match cmd {
             ApprovalsCmd::List { json } => {

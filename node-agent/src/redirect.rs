@@ -13,7 +13,10 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+    },
     Ebpf,
 };
 use ipnet::IpNet;
@@ -61,6 +64,71 @@ pub enum RedirectError {
     NoCgroup2,
     #[error("reading the network namespace cookie: {0}")]
     NetnsCookie(std::io::Error),
+    #[error("pinning links in bpffs (/sys/fs/bpf): {0}")]
+    Pin(String),
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Where a watched cgroup's links are pinned.
+pub fn pin_dir(cgroup: &Path) -> PathBuf {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(cgroup.as_os_str().as_encoded_bytes());
+    PathBuf::from(BPFFS)
+        .join("sluice")
+        .join(hex::encode(&h[..8]))
+}
+
+fn ensure_bpffs() -> Result<(), RedirectError> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(BPFFS).map_err(|e| RedirectError::Pin(e.to_string()))?;
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| RedirectError::Pin(format!("mounting bpffs: {e}")))
+}
+
+fn pin_new(fd: FdLink, dir: &Path, name: &str) -> Result<(PinnedLink, PathBuf), RedirectError> {
+    let final_path = dir.join(name);
+    // bpffs refuses names with a dot.
+    let tmp = dir.join(format!("{name}_new"));
+    let _ = std::fs::remove_file(&tmp);
+    let pinned = fd
+        .pin(&tmp)
+        .map_err(|e| RedirectError::Pin(format!("{}: {e}", tmp.display())))?;
+    Ok((pinned, final_path))
+}
+
+/// Removes the pinned links of these cgroups: interception stops. For
+/// uninstalling, or `watch.fail_closed: false` at shutdown.
+pub fn detach(cgroups: &[PathBuf]) -> Result<usize, RedirectError> {
+    let mut n = 0;
+    for c in cgroups {
+        let dir = pin_dir(c);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if let Ok(link) = PinnedLink::from_pin(e.path()) {
+                if link.unpin().is_ok() {
+                    n += 1;
+                }
+            } else {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    Ok(n)
 }
 
 /// One entry of the kernel's target set.
@@ -73,8 +141,11 @@ pub struct TargetEntry {
 }
 
 pub struct Redirector {
-    // Keeps programs and their cgroup links alive: dropping it detaches.
     _ebpf: Ebpf,
+    /// Links pinned in bpffs: they outlive the process, so a node that
+    /// dies leaves jobs redirected to a closed port (fail closed) instead
+    /// of unwatched. `detach` removes them.
+    _links: Vec<PinnedLink>,
     targets_v4: Mutex<LpmTrie<MapData, TargetKeyV4, TargetValue>>,
     targets_v6: Mutex<LpmTrie<MapData, TargetKeyV6, TargetValue>>,
     addrs_v4: Mutex<LpmTrie<MapData, [u8; 4], TargetValue>>,
@@ -134,6 +205,17 @@ impl Redirector {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
+        ensure_bpffs()?;
+        let pin_dirs = cgroups
+            .iter()
+            .map(|c| {
+                let d = pin_dir(c);
+                std::fs::create_dir_all(&d)
+                    .map_err(|e| RedirectError::Pin(format!("{}: {e}", d.display())))?;
+                Ok(d)
+            })
+            .collect::<Result<Vec<_>, RedirectError>>()?;
+        let mut fresh: Vec<(PinnedLink, PathBuf)> = Vec::new();
         let prog_err = |name: &str| {
             let name = name.to_owned();
             move |source| RedirectError::Program { name, source }
@@ -145,11 +227,16 @@ impl Redirector {
                 .try_into()
                 .map_err(prog_err(name))?;
             prog.load().map_err(prog_err(name))?;
-            for f in &files {
+            for (f, dir) in files.iter().zip(&pin_dirs) {
                 // bpf_link attachments always coexist with other programs on the
                 // cgroup (systemd's, another Sluice instance); the mode must be 0.
-                prog.attach(f, CgroupAttachMode::Single)
+                let id = prog
+                    .attach(f, CgroupAttachMode::Single)
                     .map_err(prog_err(name))?;
+                let link = prog.take_link(id).map_err(prog_err(name))?;
+                let fd = FdLink::try_from(link)
+                    .map_err(|e| RedirectError::Pin(format!("{name}: {e}")))?;
+                fresh.push(pin_new(fd, dir, name)?);
             }
         }
         let name = "sluice_sockops";
@@ -159,12 +246,37 @@ impl Redirector {
             .try_into()
             .map_err(prog_err(name))?;
         prog.load().map_err(prog_err(name))?;
-        for f in &files {
-            prog.attach(f, CgroupAttachMode::Single)
+        for (f, dir) in files.iter().zip(&pin_dirs) {
+            let id = prog
+                .attach(f, CgroupAttachMode::Single)
                 .map_err(prog_err(name))?;
+            let link = prog.take_link(id).map_err(prog_err(name))?;
+            let fd =
+                FdLink::try_from(link).map_err(|e| RedirectError::Pin(format!("{name}: {e}")))?;
+            fresh.push(pin_new(fd, dir, name)?);
+        }
+        // All new links are attached: now retire the previous instance's
+        // (its programs redirect to a proxy that is gone) and take their
+        // place in bpffs.
+        let mut links = Vec::with_capacity(fresh.len());
+        for (pinned, final_path) in fresh {
+            if let Ok(old) = PinnedLink::from_pin(&final_path) {
+                let _ = old.unpin();
+            }
+            let tmp = final_path.with_file_name(format!(
+                "{}_new",
+                final_path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+            ));
+            std::fs::rename(&tmp, &final_path)
+                .map_err(|e| RedirectError::Pin(format!("{}: {e}", final_path.display())))?;
+            links.push(pinned);
         }
 
         Ok(Self {
+            _links: links,
             targets_v4: Mutex::new(take(&mut ebpf, "TARGETS_V4")?),
             targets_v6: Mutex::new(take(&mut ebpf, "TARGETS_V6")?),
             addrs_v4: Mutex::new(take(&mut ebpf, "TARGET_ADDRS_V4")?),
@@ -345,14 +457,19 @@ pub fn cgroup2_root() -> Result<PathBuf, RedirectError> {
     found.ok_or(RedirectError::NoCgroup2)
 }
 
-/// Resolves a configured cgroup path (relative to the cgroup2 mount, or
-/// absolute under it) and creates it when asked to.
-pub fn watched_cgroup(root: &Path, path: &Path, create: bool) -> Result<PathBuf, RedirectError> {
-    let full = if path.starts_with(root) {
+/// A configured cgroup path made absolute under the cgroup2 mount.
+pub fn cgroup_path(root: &Path, path: &Path) -> PathBuf {
+    if path.starts_with(root) {
         path.to_owned()
     } else {
         root.join(path.strip_prefix("/").unwrap_or(path))
-    };
+    }
+}
+
+/// Resolves a configured cgroup path (relative to the cgroup2 mount, or
+/// absolute under it) and creates it when asked to.
+pub fn watched_cgroup(root: &Path, path: &Path, create: bool) -> Result<PathBuf, RedirectError> {
+    let full = cgroup_path(root, path);
     if create {
         std::fs::create_dir_all(&full).map_err(|source| RedirectError::Cgroup {
             path: full.clone(),

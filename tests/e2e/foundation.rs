@@ -471,3 +471,54 @@ fn cidr_targets_with_any_port_are_intercepted() {
     let sessions = env.node.wait_sessions(2);
     assert!(sessions.iter().all(|s| s["target"] == "whole-subnet"));
 }
+
+#[test]
+fn a_dead_node_fails_closed_and_a_new_one_takes_over() {
+    use sha2::Digest;
+    let mut env = Env::new();
+    let port = HTTP_PORT.to_string();
+    let r = env.client(&["peer", &env.remote.remote, &port]);
+    assert_eq!(r["status"], 200);
+    let pins = std::path::PathBuf::from("/sys/fs/bpf/sluice").join(hex::encode(
+        &sha2::Sha256::digest(env.cgroup.path.as_os_str().as_encoded_bytes())[..8],
+    ));
+    let count = |d: &std::path::Path| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+    assert_eq!(count(&pins), 7, "six cgroup hooks and sockops pinned");
+
+    // kill -9: the hooks stay, so the job is sent to a closed port rather
+    // than straight to the target.
+    env.node.kill9();
+    let script = format!("{FIXTURES}/client.py");
+    let out = env
+        .cgroup
+        .run("python3", &[&script, "peer", &env.remote.remote, &port]);
+    assert!(
+        !out.status.success(),
+        "must not get through: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Connection refused"));
+    assert_eq!(
+        env.remote.entries().len(),
+        1,
+        "nothing reached the remote unwatched"
+    );
+
+    // A new node replaces the dead one's pinned hooks and serves again.
+    let new = Node::start(env.dir.path(), &env.config);
+    let mut old = std::mem::replace(&mut env.node, new);
+    old.config = std::path::PathBuf::new(); // its drop must not detach the new node
+    drop(old);
+    let r = env.client(&["peer", &env.remote.remote, &port]);
+    assert_eq!(r["status"], 200);
+    assert_eq!(count(&pins), 7, "replaced, not added to");
+
+    // `sluice detach` is the explicit way out.
+    let out = env.node.detach();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("detached 7 link(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(count(&pins), 0);
+}

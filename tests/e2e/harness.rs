@@ -276,6 +276,7 @@ impl Drop for Cgroup {
 
 /// A running `sluice run`.
 pub struct Node {
+    pub config: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
     pub port: u16,
@@ -308,6 +309,7 @@ impl Node {
             .spawn()
             .expect("start sluice");
         let mut node = Node {
+            config: cfg_path,
             socket,
             log,
             port,
@@ -335,6 +337,7 @@ impl Node {
     fn placeholder() -> Self {
         let child = Command::new("true").spawn().expect("spawn true");
         Node {
+            config: PathBuf::new(),
             socket: PathBuf::new(),
             log: PathBuf::new(),
             port: 0,
@@ -407,21 +410,41 @@ impl Node {
     }
 }
 
+impl Node {
+    /// `sluice detach`: remove the pinned programs (fail-closed default).
+    pub fn detach(&self) -> Output {
+        Command::new(SLUICE)
+            .arg("detach")
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run sluice detach")
+    }
+
+    fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
+        self.stop();
+        // Programs stay pinned after the node exits (fail closed): the
+        // test removes them so nothing outlives it.
+        if !self.config.as_os_str().is_empty() {
+            let _ = self.detach();
         }
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
