@@ -385,6 +385,8 @@ def main():
             except RuntimeError as e:
                 print("warning: %s" % e, file=sys.stderr)
         stop(node, grace=5)
+        # The node leaves its hooks pinned (fail closed); remove them.
+        subprocess.run([sluice, "detach", "--config", cfg], capture_output=True)
         if upstream is not None:
             upstream.kill()
             upstream.wait()

@@ -183,6 +183,8 @@ def main():
     finally:
         node.terminate()
         node.wait()
+        # The node leaves its hooks pinned (fail closed); remove them.
+        subprocess.run([a.sluice, "detach", "--config", cfg], capture_output=True)
         server.kill()
         sh("ip netns del %s" % NS, check=False)
         sh("ip link del %s" % HOST_IF, check=False)
