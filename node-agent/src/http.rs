@@ -805,7 +805,9 @@ impl<B: Body> Tap<B> {
             rx,
         )
     }
+}
 
+impl<B> Tap<B> {
     fn finish(&mut self, complete: bool) {
         if let Some(tx) = self.tx.take() {
             let mut seen = std::mem::take(&mut self.seen);
@@ -870,13 +872,10 @@ where
 
 impl<B> Drop for Tap<B> {
     fn drop(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            let mut seen = std::mem::take(&mut self.seen);
-            seen.body.set_bytes(std::mem::take(&mut self.captured));
-            // A body never polled because it was empty is complete.
-            seen.body.complete = seen.body.size == 0;
-            let _ = tx.send(seen);
-        }
+        // A body never polled because it was empty is complete; anything
+        // else dropped before its end was cut short.
+        let complete = self.seen.body.size == 0;
+        self.finish(complete);
     }
 }
 

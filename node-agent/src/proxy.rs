@@ -22,7 +22,7 @@ use crate::{
     addr::{ClientAddr, OrigDstAddr, ProxyAddr},
     config::TlsMode,
     http::{self, HttpSession},
-    identity::{IdentityResolver, ProcessInfo, WorkloadIdentity},
+    identity::IdentityResolver,
     record::{now_ms, ConnectionRecord, Outcome, RecordStore, TlsInfo},
     redirect::Redirector,
     tls::{hello, proxyable_alpn, TlsContext},
@@ -116,21 +116,10 @@ impl Proxy {
         let Some((dst, origin)) = self.redirector.origin(peer) else {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             warn!(session = id, %peer, "no redirect origin for this connection; refusing");
-            let r = ConnectionRecord {
-                id,
-                identity: WorkloadIdentity::default(),
-                process: ProcessInfo::default(),
-                client: peer,
-                original_dst: None,
-                target: None,
-                started_at_ms: now_ms(),
-                ended_at_ms: Some(now_ms()),
-                bytes_up: 0,
-                bytes_down: 0,
-                outcome: Outcome::Refused {
-                    reason: "no redirect origin (not redirected by Sluice)".into(),
-                },
-                tls: None,
+            let mut r = ConnectionRecord::new(id, peer);
+            r.ended_at_ms = Some(r.started_at_ms);
+            r.outcome = Outcome::Refused {
+                reason: "no redirect origin (not redirected by Sluice)".into(),
             };
             self.record(&r, "connection.refused");
             refuse(client);
@@ -150,6 +139,10 @@ impl Proxy {
         dst: OrigDstAddr,
         origin: sluice_common::Origin,
     ) {
+        // One view of the targets for the whole connection, even if a
+        // policy swaps them meanwhile.
+        let targets = self.targets.current();
+        let mode = targets.mode(origin.target_id);
         // Never connect to ourselves: that would loop forever.
         let loops = self.listen.iter().any(|l| l.0 == dst.0);
         // The upstream handshake runs while we attribute and record; the
@@ -162,24 +155,11 @@ impl Proxy {
         };
         let attribute = async {
             let (identity, process) = self.identities.resolve(&origin);
-            let mut r = ConnectionRecord {
-                id,
-                identity,
-                process,
-                client: peer,
-                original_dst: Some(dst),
-                target: self
-                    .targets
-                    .current()
-                    .name(origin.target_id)
-                    .map(str::to_owned),
-                started_at_ms: now_ms(),
-                ended_at_ms: None,
-                bytes_up: 0,
-                bytes_down: 0,
-                outcome: Outcome::Open,
-                tls: None,
-            };
+            let mut r = ConnectionRecord::new(id, peer);
+            r.identity = identity;
+            r.process = process;
+            r.original_dst = Some(dst);
+            r.target = targets.name(origin.target_id).map(str::to_owned);
             if loops {
                 r.outcome = Outcome::Refused {
                     reason: "original destination is the proxy itself".into(),
@@ -206,7 +186,7 @@ impl Proxy {
             refuse(client);
             return;
         }
-        let intercepting = self.targets.current().mode(origin.target_id) == TlsMode::Intercept;
+        let intercepting = mode == TlsMode::Intercept;
         // Intercepted HTTP gets a 403 per request (clearer to the job);
         // any other suspended connection is refused outright.
         if let (Some(susp), false) = (self.suspensions.get(&r.identity.id), intercepting) {
@@ -247,11 +227,10 @@ impl Proxy {
             inner: client,
             counts: bytes.clone(),
         };
-        let mode = self.targets.current().mode(origin.target_id);
         r.outcome = match mode {
             TlsMode::None => splice(client, upstream, &[]).await,
             TlsMode::Intercept | TlsMode::Passthrough => {
-                self.tls_path(&mut r, client, upstream, mode, origin.target_id)
+                self.tls_path(&mut r, client, upstream, &targets, origin.target_id)
                     .await
             }
         };
@@ -269,7 +248,7 @@ impl Proxy {
         r: &mut ConnectionRecord,
         mut client: Counted<TcpStream>,
         upstream: TcpStream,
-        mode: TlsMode,
+        targets: &crate::targets::TargetTable,
         target_id: u32,
     ) -> Outcome {
         let (hello, prefix) = match tokio::time::timeout(
@@ -296,11 +275,11 @@ impl Proxy {
             }
         };
         let sni = hello.sni.clone();
-        let intercept = mode == TlsMode::Intercept
-            && self.tls.is_some()
+        // `intercepts` is false unless the target's mode is `intercept`.
+        let intercept = self.tls.is_some()
             && sni
                 .as_deref()
-                .is_some_and(|s| self.targets.current().intercepts(target_id, s));
+                .is_some_and(|s| targets.intercepts(target_id, s));
         r.tls = Some(TlsInfo {
             sni: sni.clone(),
             mode: if intercept { "intercepted" } else { "spliced" }.into(),

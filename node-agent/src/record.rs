@@ -69,6 +69,26 @@ pub struct ConnectionRecord {
     pub tls: Option<TlsInfo>,
 }
 
+impl ConnectionRecord {
+    /// A connection from `client` starting now, open, nothing known yet.
+    pub fn new(id: u64, client: ClientAddr) -> Self {
+        Self {
+            id,
+            identity: WorkloadIdentity::default(),
+            process: ProcessInfo::default(),
+            client,
+            original_dst: None,
+            target: None,
+            started_at_ms: now_ms(),
+            ended_at_ms: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            outcome: Outcome::Open,
+            tls: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsInfo {
     pub sni: Option<String>,
@@ -442,32 +462,36 @@ impl RecordStore {
         Ok(())
     }
 
-    /// Durable once this returns (batched with concurrent callers).
-    pub async fn flush(&self) -> Result<(), RecordError> {
+    /// Queues a flush; the receiver gets its result.
+    fn request_flush(&self) -> Result<std::sync::mpsc::Receiver<Result<(), String>>, RecordError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.flusher
             .as_ref()
             .ok_or_else(|| RecordError::Flush("store is closing".into()))?
             .send(tx)
             .map_err(|_| RecordError::Flush("flusher thread is gone".into()))?;
-        tokio::task::spawn_blocking(move || rx.recv())
-            .await
-            .map_err(|e| RecordError::Flush(e.to_string()))?
-            .map_err(|_| RecordError::Flush("flusher thread is gone".into()))?
+        Ok(rx)
+    }
+
+    fn flush_result(
+        r: Result<Result<(), String>, std::sync::mpsc::RecvError>,
+    ) -> Result<(), RecordError> {
+        r.map_err(|_| RecordError::Flush("flusher thread is gone".into()))?
             .map_err(RecordError::Flush)
+    }
+
+    /// Durable once this returns (batched with concurrent callers).
+    pub async fn flush(&self) -> Result<(), RecordError> {
+        let rx = self.request_flush()?;
+        let r = tokio::task::spawn_blocking(move || rx.recv())
+            .await
+            .map_err(|e| RecordError::Flush(e.to_string()))?;
+        Self::flush_result(r)
     }
 
     /// As `flush`, for synchronous callers (never from a async hot path).
     pub fn flush_blocking(&self) -> Result<(), RecordError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.flusher
-            .as_ref()
-            .ok_or_else(|| RecordError::Flush("store is closing".into()))?
-            .send(tx)
-            .map_err(|_| RecordError::Flush("flusher thread is gone".into()))?;
-        rx.recv()
-            .map_err(|_| RecordError::Flush("flusher thread is gone".into()))?
-            .map_err(RecordError::Flush)
+        Self::flush_result(self.request_flush()?.recv())
     }
 
     pub fn get(&self, id: u64) -> Result<ConnectionRecord, RecordError> {
@@ -643,23 +667,14 @@ mod tests {
     use super::*;
 
     fn rec(store: &RecordStore, target: &str) -> ConnectionRecord {
-        ConnectionRecord {
-            id: store.next_id().unwrap(),
-            identity: WorkloadIdentity {
-                id: "wl-1".into(),
-                ..Default::default()
-            },
-            process: ProcessInfo::default(),
-            client: ClientAddr("127.0.0.1:5555".parse().unwrap()),
-            original_dst: Some(OrigDstAddr("10.0.0.1:443".parse().unwrap())),
-            target: Some(target.into()),
-            started_at_ms: now_ms(),
-            ended_at_ms: None,
-            bytes_up: 0,
-            bytes_down: 0,
-            outcome: Outcome::Open,
-            tls: None,
-        }
+        let mut r = ConnectionRecord::new(
+            store.next_id().unwrap(),
+            ClientAddr("127.0.0.1:5555".parse().unwrap()),
+        );
+        r.identity.id = "wl-1".into();
+        r.original_dst = Some(OrigDstAddr("10.0.0.1:443".parse().unwrap()));
+        r.target = Some(target.into());
+        r
     }
 
     #[test]

@@ -295,11 +295,9 @@ impl StreamMasker {
         self.step(true)
     }
 
-    /// Logical bytes to scan and, for each, its index in `held`.
-    fn project(&self) -> (Vec<u8>, Vec<usize>, Option<usize>) {
-        if !self.sse {
-            return (self.held.clone(), (0..self.held.len()).collect(), None);
-        }
+    /// SSE: the concatenated `data:` bytes to scan and, for each, its index
+    /// in `held` (raw streams are scanned in place, no projection).
+    fn project_sse(&self) -> (Vec<u8>, Vec<usize>, Option<usize>) {
         let mut logical = Vec::new();
         let mut map = Vec::new();
         let mut state = self.state;
@@ -345,9 +343,18 @@ impl StreamMasker {
     }
 
     fn step(&mut self, last: bool) -> Vec<u8> {
-        let (logical, map, undecided) = self.project();
+        let (projected, map, undecided) = if self.sse {
+            let (l, m, u) = self.project_sse();
+            (Some(l), Some(m), u)
+        } else {
+            (None, None, None)
+        };
+        let logical: &[u8] = projected.as_deref().unwrap_or(&self.held);
+        let logical_len = logical.len();
+        // Logical index -> index in `held`.
+        let raw = |i: usize| map.as_ref().map_or(i, |m| m[i]);
         let scanner = (*self.scanner).as_ref();
-        let hits = match scanner.find(&logical) {
+        let hits = match scanner.find(logical) {
             Ok(h) => h,
             Err(e) => {
                 // Fail closed: an unscannable stream is not passed on.
@@ -359,9 +366,9 @@ impl StreamMasker {
         let window = scanner.window;
         // Logical position up to which matches are final.
         let mut cut = if last {
-            logical.len()
+            logical_len
         } else {
-            logical.len().saturating_sub(window)
+            logical_len.saturating_sub(window)
         };
         let hits: Vec<Hit> = hits
             .into_iter()
@@ -375,8 +382,8 @@ impl StreamMasker {
             }
         }
         for h in hits.iter().filter(|h| h.end <= cut) {
-            for &raw in &map[h.start..h.end] {
-                self.held[raw] = MASK;
+            for i in h.start..h.end {
+                self.held[raw(i)] = MASK;
             }
             *self
                 .masked
@@ -386,8 +393,8 @@ impl StreamMasker {
         // Raw bytes to emit: everything before the first logical byte kept.
         let raw_cut = if last {
             self.held.len()
-        } else if cut < map.len() {
-            map[cut]
+        } else if cut < logical_len {
+            raw(cut)
         } else {
             // Every logical byte is settled: keep only an undecided tail.
             undecided.unwrap_or(self.held.len())

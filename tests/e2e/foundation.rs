@@ -474,14 +474,11 @@ fn cidr_targets_with_any_port_are_intercepted() {
 
 #[test]
 fn a_dead_node_fails_closed_and_a_new_one_takes_over() {
-    use sha2::Digest;
     let mut env = Env::new();
     let port = HTTP_PORT.to_string();
     let r = env.client(&["peer", &env.remote.remote, &port]);
     assert_eq!(r["status"], 200);
-    let pins = std::path::PathBuf::from("/sys/fs/bpf/sluice").join(hex::encode(
-        &sha2::Sha256::digest(env.cgroup.path.as_os_str().as_encoded_bytes())[..8],
-    ));
+    let pins = node_agent::redirect::pin_dir(&env.cgroup.path);
     let count = |d: &std::path::Path| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
     assert_eq!(count(&pins), 7, "six cgroup hooks and sockops pinned");
 

@@ -50,23 +50,7 @@ pub fn must(cmd: &str) {
 }
 
 pub fn cgroup2_root() -> PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let mut best: Option<PathBuf> = None;
-    for line in info.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else {
-            continue;
-        };
-        if post.split_whitespace().next() == Some("cgroup2") {
-            let mp = PathBuf::from(pre.split_whitespace().nth(4).unwrap());
-            if best
-                .as_ref()
-                .is_none_or(|b| mp.as_os_str().len() < b.as_os_str().len())
-            {
-                best = Some(mp);
-            }
-        }
-    }
-    best.expect("cgroup2 must be mounted")
+    node_agent::redirect::cgroup2_root().expect("cgroup2 must be mounted")
 }
 
 /// Removes what a crashed earlier run may have left behind.

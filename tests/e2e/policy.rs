@@ -7,7 +7,6 @@ use std::{
 };
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::harness::*;
 
@@ -431,7 +430,7 @@ fn node_credential_is_injected_and_the_jobs_key_only_fingerprinted() {
         .any(|e| e.to_string().contains("offboarded-contractor")));
 
     let ex = wait_exchange(env, |e| e["path"] == "/json");
-    let fp = hex::encode(&Sha256::digest(job_key.as_bytes())[..8]);
+    let fp = node_agent::http::fingerprint(job_key.as_bytes());
     assert_eq!(ex["injected"]["header"], "authorization");
     assert_eq!(
         ex["injected"]["client_presented"][0]["value"],

@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from common import cgroup2_root, sh
+
 NS = "sluice-hbench"
 HOST_IF, PEER_IF = "shbench0", "shbench1"
 HOST_IP, REMOTE_IP = "10.214.0.1", "10.214.0.2"
@@ -60,21 +62,6 @@ rules:
     patterns: [{id: prod, regex: '(?i)production (?:password|credential)s?'}]
     action: block
 """ % CGROUP_ENF
-
-
-def sh(cmd, check=True):
-    return subprocess.run(cmd, shell=True, check=check, capture_output=True, text=True)
-
-
-def cgroup2_root():
-    best = None
-    for line in open("/proc/self/mountinfo"):
-        pre, _, post = line.partition(" - ")
-        if post.split()[0] == "cgroup2":
-            mp = pre.split()[4]
-            if best is None or len(mp) < len(best):
-                best = mp
-    return best
 
 
 def wait_until(what, ok, timeout=30.0, proc=None, log=None):

@@ -19,25 +19,12 @@ import tempfile
 import threading
 import time
 
+from common import cgroup2_root, sh
+
 NS = "sluice-bench"
 HOST_IF, PEER_IF = "sbench0", "sbench1"
 HOST_IP, REMOTE_IP = "10.213.0.1", "10.213.0.2"
 PING_PORT, BULK_PORT = 9000, 9001
-
-
-def sh(cmd, check=True):
-    return subprocess.run(cmd, shell=True, check=check, capture_output=True, text=True)
-
-
-def cgroup2_root():
-    best = None
-    for line in open("/proc/self/mountinfo"):
-        pre, _, post = line.partition(" - ")
-        if post.split()[0] == "cgroup2":
-            mp = pre.split()[4]
-            if best is None or len(mp) < len(best):
-                best = mp
-    return best
 
 
 # ---------------------------------------------------------------- server

@@ -7,6 +7,7 @@ use std::{os::unix::fs::OpenOptionsExt, path::Path};
 use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::signature::{Ed25519KeyPair, KeyPair};
+use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -58,15 +59,6 @@ fn pem(label: &str, der: &[u8]) -> String {
     out
 }
 
-fn pem_body(text: &str) -> Option<Vec<u8>> {
-    let b64: String = text
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect::<Vec<_>>()
-        .concat();
-    base64::engine::general_purpose::STANDARD.decode(b64).ok()
-}
-
 pub fn kid_of(public_raw: &[u8]) -> String {
     hex::encode(&Sha256::digest(public_raw)[..8])
 }
@@ -103,8 +95,10 @@ pub fn load_trusted(path: &Path) -> Result<TrustedKey, SignError> {
         message: m,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let der = pem_body(&text).ok_or_else(|| err("not a PEM public key".into()))?;
+    let der = SubjectPublicKeyInfoDer::from_pem_slice(text.as_bytes())
+        .map_err(|e| err(format!("not a PEM public key: {e}")))?;
     let raw = der
+        .as_ref()
         .strip_prefix(&ED25519_SPKI_PREFIX[..])
         .filter(|r| r.len() == 32)
         .ok_or_else(|| err("not an Ed25519 public key (use `sluice policy keygen`)".into()))?;
@@ -122,9 +116,10 @@ pub fn sign(bundle: &str, version: u64, name: &str, key_path: &Path) -> Result<S
         message: m,
     };
     let text = std::fs::read_to_string(key_path).map_err(|e| err(e.to_string()))?;
-    let der = pem_body(&text).ok_or_else(|| err("not a PEM private key".into()))?;
-    let pair =
-        Ed25519KeyPair::from_pkcs8(&der).map_err(|e| err(format!("not an Ed25519 key: {e}")))?;
+    let der = PrivatePkcs8KeyDer::from_pem_slice(text.as_bytes())
+        .map_err(|e| err(format!("not a PEM (PKCS#8) private key: {e}")))?;
+    let pair = Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der())
+        .map_err(|e| err(format!("not an Ed25519 key: {e}")))?;
     let kid = kid_of(pair.public_key().as_ref());
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(kid);

@@ -16,7 +16,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, KeyPair, KeyUsagePurpose, NameConstraints,
 };
 use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
     sign::CertifiedKey,
 };
 use sha2::{Digest, Sha256};
@@ -144,10 +144,11 @@ impl Ca {
                     .collect()
             })
             .unwrap_or_default();
-        let cert_der = pem_to_der(&cert_pem).ok_or_else(|| CaError::Parse {
-            path: cp.clone(),
-            message: "no CERTIFICATE block".into(),
-        })?;
+        let cert_der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::Parse {
+                path: cp.clone(),
+                message: e.to_string(),
+            })?;
         // rcgen signs with an issuer `Certificate`; re-create it from the
         // stored parameters and key (same subject, same key identifier).
         let issuer = params.self_signed(&key)?;
@@ -271,20 +272,6 @@ fn ca_params(permitted: &[String]) -> CertificateParams {
         ],
     });
     params
-}
-
-pub fn pem_to_der(pem: &str) -> Option<CertificateDer<'static>> {
-    use base64::Engine;
-    let start = pem.find("-----BEGIN CERTIFICATE-----")? + "-----BEGIN CERTIFICATE-----".len();
-    let end = pem[start..].find("-----END CERTIFICATE-----")? + start;
-    let b64: String = pem[start..end]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .ok()
-        .map(CertificateDer::from)
 }
 
 /// Human-readable facts about a CA certificate, for `sluice ca show`.

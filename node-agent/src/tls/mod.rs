@@ -7,7 +7,7 @@ pub mod hello;
 use std::{path::PathBuf, sync::Arc};
 
 use rustls::{
-    pki_types::{CertificateDer, ServerName},
+    pki_types::{pem::PemObject, CertificateDer, ServerName},
     server::{ClientHello as RustlsHello, ResolvesServerCert},
     sign::CertifiedKey,
     ClientConfig, RootCertStore, ServerConfig,
@@ -133,18 +133,7 @@ pub fn proxyable_alpn(offered: &[Vec<u8>]) -> Vec<Vec<u8>> {
 }
 
 pub fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
-    let mut out = Vec::new();
-    let mut rest = pem;
-    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let block = &rest[start..];
-        let Some(end) = block.find("-----END CERTIFICATE-----") else {
-            break;
-        };
-        let end = end + "-----END CERTIFICATE-----".len();
-        if let Some(der) = ca::pem_to_der(&block[..end]) {
-            out.push(der);
-        }
-        rest = &block[end..];
-    }
-    out
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect()
 }
