@@ -22,6 +22,22 @@ pub const UDP_PORT: u16 = 5353;
 static NEXT: AtomicU32 = AtomicU32::new(1);
 static CLEAN: Once = Once::new();
 
+/// Which isolated slot this run uses (`SLUICE_E2E_SLOT`, 0-3): two checkouts
+/// can run the suite at once without touching each other's namespaces,
+/// links, cgroups, subnets or ports.
+pub fn slot() -> u32 {
+    std::env::var("SLUICE_E2E_SLOT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|s: &u32| *s < 4)
+        .unwrap_or(0)
+}
+
+/// Name prefix of everything this run creates (`se2e`, `se2eb`, ...).
+pub fn prefix() -> String {
+    format!("se2e{}", ["", "b", "c", "d"][slot() as usize])
+}
+
 /// Panics (never skips) when the test cannot do its job for real.
 pub fn require_root() {
     let euid = unsafe { libc::geteuid() };
@@ -56,12 +72,13 @@ pub fn cgroup2_root() -> PathBuf {
 /// Removes what a crashed earlier run may have left behind.
 fn clean_stale() {
     CLEAN.call_once(|| {
-        let _ = sh("for n in $(ip netns list | awk '/^se2e-/{print $1}'); do ip netns del $n; done");
-        let _ = sh("for l in $(ip -o link | awk -F': ' '/se2e/{print $2}' | cut -d@ -f1); do ip link del $l; done");
+        let p = prefix();
+        let _ = sh(&format!("for n in $(ip netns list | awk '/^{p}-/{{print $1}}'); do ip netns del $n; done"));
+        let _ = sh(&format!("for l in $(ip -o link | awk -F': ' '$2 ~ /^{p}[0-9]/{{print $2}}' | cut -d@ -f1); do ip link del $l; done"));
         let root = cgroup2_root();
         if let Ok(rd) = std::fs::read_dir(&root) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with("se2e-") {
+                if e.file_name().to_string_lossy().starts_with(&format!("{p}-")) {
                     let _ = std::fs::remove_dir(e.path());
                 }
             }
@@ -88,10 +105,11 @@ pub struct Remote {
 
 impl Remote {
     pub fn new(idx: u32, dir: &Path) -> Self {
-        let ns = format!("se2e-{idx}");
-        let host_if = format!("se2e{idx}h");
-        let peer_if = format!("se2e{idx}r");
-        let net = format!("10.210.{idx}");
+        let p = prefix();
+        let ns = format!("{p}-{idx}");
+        let host_if = format!("{p}{idx}h");
+        let peer_if = format!("{p}{idx}r");
+        let net = format!("10.{}.{idx}", 210 + slot());
         must(&format!("ip netns add {ns}"));
         must(&format!(
             "ip link add {host_if} type veth peer name {peer_if}"
@@ -216,7 +234,7 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn new(idx: u32) -> Self {
-        let rel = format!("se2e-{idx}");
+        let rel = format!("{}-{idx}", prefix());
         let path = cgroup2_root().join(&rel);
         std::fs::create_dir_all(&path).expect("create cgroup");
         Cgroup { rel, path }
@@ -501,10 +519,11 @@ impl Env {
         }
         let cgroup = Cgroup::new(idx);
         let config = format!(
-            "proxy:\n  port: {}\nwatch:\n  cgroups:\n    - path: {}\ntargets:\n{}workloads:\n  - name: e2e-jobs\n    cgroup: \"/se2e-*\"\n{}",
-            16000 + idx,
+            "proxy:\n  port: {}\nwatch:\n  cgroups:\n    - path: {}\ntargets:\n{}workloads:\n  - name: e2e-jobs\n    cgroup: \"/{}-*\"\n{}",
+            16000 + 300 * slot() + idx,
             cgroup.rel,
             targets(&remote),
+            prefix(),
             extra(&remote, dir.path())
         );
         let node = Node::start(dir.path(), &config);

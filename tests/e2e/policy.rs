@@ -25,12 +25,13 @@ fn text(o: &std::process::Output) -> String {
 }
 
 fn bundle(version: u64, dir: &Path) -> String {
+    let prefix = prefix();
     format!(
         r#"version: {version}
 name: e2e-policy
 workloads:
   - name: e2e
-    cgroup: "/se2e-*"
+    cgroup: "/{prefix}-*"
 rules:
   - id: mask-secrets
     on: response
