@@ -161,21 +161,29 @@ pub fn detach(node_dir: &Path, cgroups: &[PathBuf]) -> Result<usize, RedirectErr
         .map(|c| pin_dir(c))
         .chain(std::iter::once(node_dir.to_owned()));
     for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if let Ok(link) = PinnedLink::from_pin(e.path()) {
-                if link.unpin().is_ok() {
-                    n += 1;
-                }
-            } else {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&dir);
+        n += unpin_dir(&dir);
     }
     Ok(n)
+}
+
+/// Unpins every link in `dir` (by its final name: a `PinnedLink` made by
+/// `pin_new` still holds the temporary name) and removes the directory.
+fn unpin_dir(dir: &Path) -> usize {
+    let mut n = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        if let Ok(link) = PinnedLink::from_pin(e.path()) {
+            if link.unpin().is_ok() {
+                n += 1;
+            }
+        } else {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    n
 }
 
 /// One entry of the kernel's target set.
@@ -454,11 +462,8 @@ impl Redirector {
     /// A watched cgroup went away: unpin its links and forget its id.
     pub fn forget_cgroup(&self, cgroup: &Path, id: Option<u64>) {
         let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(ls) = links.remove(cgroup) {
-            for l in ls {
-                let _ = l.unpin();
-            }
-            let _ = std::fs::remove_dir(pin_dir(cgroup));
+        if links.remove(cgroup).is_some() {
+            unpin_dir(&pin_dir(cgroup));
         }
         if let Some(id) = id {
             let _ = self

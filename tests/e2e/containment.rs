@@ -250,12 +250,14 @@ fn a_cgroup_matching_a_pattern_is_attached_the_moment_it_appears() {
     drop(other);
 
     // Removed: its pins go.
+    let pins = node_agent::redirect::pin_dir(&job.path);
     drop(job);
     wait_for("the removed cgroup to be forgotten", || {
         !env.node.status()["watched_cgroups"]
             .to_string()
             .contains("job-1")
     });
+    assert!(!pins.exists(), "{} left behind", pins.display());
     eprintln!("new cgroup attached within {latency:?} (status polled every 50 ms)");
     drop(env);
     drop(parent);
