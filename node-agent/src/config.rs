@@ -71,6 +71,10 @@ pub struct PolicySettings {
     /// Largest request body buffered for request rules.
     #[serde(default = "default_request_scan")]
     pub max_request_scan_bytes: usize,
+    /// WebSocket upgrades on targets with rules: `inspect` (frames are
+    /// masked and judged) or `refuse` (403). Never relayed raw.
+    #[serde(default)]
+    pub websocket: crate::http::WebSocketMode,
 }
 
 impl Default for PolicySettings {
@@ -80,6 +84,7 @@ impl Default for PolicySettings {
             watch_dir: None,
             max_scan_window_bytes: default_window(),
             max_request_scan_bytes: default_request_scan(),
+            websocket: Default::default(),
         }
     }
 }

@@ -135,6 +135,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         approvals: Arc::new(Approvals::default()),
         suspensions,
         max_scan_request: cfg.policy.max_request_scan_bytes,
+        websocket: cfg.policy.websocket,
         listen: listeners.iter().map(|(a, _)| ProxyAddr(*a)).collect(),
         connect_timeout: Duration::from_secs(cfg.proxy.connect_timeout_secs),
         counters: Counters::default(),

@@ -61,6 +61,8 @@ pub struct Proxy {
     pub approvals: Arc<crate::approvals::Approvals>,
     pub suspensions: Arc<crate::suspend::Suspensions>,
     pub max_scan_request: usize,
+    /// WebSocket upgrades on targets with rules: inspect or refuse.
+    pub websocket: crate::http::WebSocketMode,
     pub listen: Vec<ProxyAddr>,
     pub connect_timeout: Duration,
     pub counters: Counters,
@@ -363,6 +365,7 @@ impl Proxy {
             approvals: self.approvals.clone(),
             suspensions: self.suspensions.clone(),
             max_scan_request: self.max_scan_request,
+            websocket: self.websocket,
         });
         let h2 = negotiated.as_deref() == Some(b"h2");
         info!(%sni, h2, "TLS intercepted");

@@ -221,7 +221,7 @@ impl Remote {
         self.ai = Some(child);
         let ip = self.remote.clone();
         wait_for("fake AI API and gRPC service", || {
-            [7443u16, 6443]
+            [7443u16, 6443, 5443]
                 .iter()
                 .all(|p| TcpStream::connect((ip.as_str(), *p)).is_ok())
         });
@@ -534,7 +534,7 @@ impl Env {
         Self::build(
             |r| {
                 format!(
-                    "  - name: fake-api\n    addresses: [\"{}\"]\n    ports: [443, 8443, 9443, 7443, 6443]\n    tls: intercept\n    sni: [api.fake.test, h2only.fake.test, untrusted.fake.test]\n",
+                    "  - name: fake-api\n    addresses: [\"{}\"]\n    ports: [443, 8443, 9443, 7443, 6443, 5443]\n    tls: intercept\n    sni: [api.fake.test, h2only.fake.test, untrusted.fake.test]\n",
                     r.remote
                 )
             },
@@ -753,14 +753,20 @@ pub struct PolicyEnv {
 
 impl PolicyEnv {
     pub fn new(bundle: fn(u64, &Path) -> String) -> Self {
-        let env = Env::https_with(|dir| {
+        Self::with_settings(bundle, "")
+    }
+
+    /// As `new`, with extra lines for the node's `policy:` section.
+    pub fn with_settings(bundle: fn(u64, &Path) -> String, settings: &str) -> Self {
+        let settings = settings.to_owned();
+        let env = Env::https_with(move |dir| {
             let keys = dir.join("keys");
             std::fs::create_dir_all(&keys).unwrap();
             let out = sluice(&["policy", "keygen", &keys.join("team").display().to_string()]);
             assert!(out.status.success(), "{}", text(&out));
             std::fs::write(dir.join("node-cursor.key"), format!("{NODE_KEY}\n")).unwrap();
             format!(
-                "policy:\n  trusted_keys: [\"{}\"]\n  watch_dir: \"{}\"\n",
+                "policy:\n  trusted_keys: [\"{}\"]\n  watch_dir: \"{}\"\n{settings}",
                 keys.join("team.pub").display(),
                 dir.join("policy.d").display()
             )

@@ -50,7 +50,7 @@ fn github_token() -> String {
     format!("ghp_{tail}")
 }
 
-const AWS: &str = "AKIAIOSFODNN7EXAMPLE";
+const AWS: &str = "AKIAQ5TESTKEYSLUICE7";
 
 struct Ai {
     p: PolicyEnv,
@@ -291,46 +291,90 @@ fn request_rules_see_decoded_bodies_unescaped_json_and_the_url() {
     );
 }
 
-#[test]
-fn websocket_upgrade_is_refused_where_rules_apply() {
-    let ai = Ai::new();
-    let env = ai.env();
-    let script = r#"
+/// A WebSocket client in the watched cgroup (the `websockets` library):
+/// sends each message, prints what came back or how the connection ended.
+const WS_CLIENT: &str = r#"
 import asyncio, json, socket, ssl, sys
 import websockets
-ip = sys.argv[1]
+ip, port = sys.argv[1], sys.argv[2]
 real = socket.getaddrinfo
 socket.getaddrinfo = lambda h, *a, **k: real(ip if h == "api.fake.test" else h, *a, **k)
 async def main():
     ctx = ssl.create_default_context(cafile="/etc/ssl/certs/ca-certificates.crt")
+    out = {"connected": False, "replies": []}
     try:
-        async with websockets.connect("wss://api.fake.test:443/ws", ssl=ctx) as ws:
-            await ws.send("hello")
-            print(json.dumps({"connected": True, "echo": await ws.recv()}))
+        async with websockets.connect(f"wss://api.fake.test:{port}/ws", ssl=ctx) as ws:
+            out["connected"] = True
+            for m in sys.argv[3:]:
+                await ws.send(m)
+                if m.startswith("say:"):
+                    out["replies"].append(await ws.recv())
+            await ws.send("bye")
+            await asyncio.sleep(0.5)
+    except websockets.exceptions.ConnectionClosed as e:
+        out["closed"] = {"code": e.rcvd.code if e.rcvd else None, "reason": e.rcvd.reason if e.rcvd else None}
     except Exception as e:
-        body = getattr(getattr(e, "response", None), "body", b"") or b""
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        print(json.dumps({"connected": False, "status": status, "body": body.decode(errors="replace"), "error": repr(e)}))
+        resp = getattr(e, "response", None)
+        out["status"] = getattr(resp, "status_code", None)
+        out["body"] = (getattr(resp, "body", b"") or b"").decode(errors="replace")
+        out["error"] = repr(e)
+    print(json.dumps(out))
 asyncio.run(main())
 "#;
-    let out = env
-        .cgroup
-        .run("python3", &["-c", script, env.remote.remote.as_str()]);
-    let v = parse_json_output(&out, &env.node);
+
+fn ws_client(env: &Env, port: &str, messages: &[&str]) -> Value {
+    let mut args = vec!["-c", WS_CLIENT, env.remote.remote.as_str(), port];
+    args.extend_from_slice(messages);
+    let out = env.cgroup.run("python3", &args);
+    parse_json_output(&out, &env.node)
+}
+
+#[test]
+fn websocket_frames_are_masked_and_judged_or_the_upgrade_refused() {
+    use base64::Engine;
+    let ai = Ai::new();
+    let env = ai.env();
+    let tok = github_token();
+    let text = format!("here: {tok} done");
+    let say = format!(
+        "say:{}",
+        base64::engine::general_purpose::STANDARD.encode(&text)
+    );
+    // The answer comes back as one message in frames of 4 characters.
+    let v = ws_client(env, "5443", &[&say, "hello"]);
+    assert_eq!(v["connected"], true, "{v:#}");
+    assert_eq!(v["replies"][0].as_str(), Some(masked(&text, &[&tok]).as_str()), "{v:#}");
+    let sent = env.remote.ai_entries();
+    assert!(sent.iter().any(|e| e["sent"].as_str() == Some(text.as_str())), "{sent:?}");
+    // A prompt that a request rule blocks is not forwarded: 1008 closes it.
+    let v = ws_client(env, "5443", &["fine message", "use the production password now"]);
+    assert_eq!(v["closed"]["code"], 1008, "{v:#}");
+    let got = env.remote.ai_entries();
+    assert!(got.iter().any(|e| e["received"] == "fine message"), "{got:?}");
+    assert!(
+        !got.iter().any(|e| e["received"].as_str().is_some_and(|m| m.contains("production"))),
+        "the blocked message never reached the upstream: {got:?}"
+    );
+    let ex = wait_exchange(env, |e| {
+        e["path"] == "/ws" && e["decisions"].as_array().is_some_and(|d| d.iter().any(|d| d["rule"] == "block-prod-creds"))
+    });
+    assert_eq!(ex["upgrade"], "websocket", "{ex:#}");
+    let ex = wait_exchange(env, |e| {
+        e["path"] == "/ws" && e["decisions"].as_array().is_some_and(|d| d.iter().any(|d| d["rule"] == "mask-secrets"))
+    });
+    assert!(ex["response_body"]["size"].as_u64().unwrap() > 0, "{ex:#}");
+
+    // With `policy.websocket: refuse` the upgrade itself is refused.
+    let mut p = PolicyEnv::with_settings(bundle, "  websocket: refuse\n");
+    let out = p.push(&p.signed(10, "team"));
+    assert!(out.status.success(), "{}", text_of(&out));
+    p.env.remote.start_ai();
+    let _trust = p.env.trust_node_ca();
+    let v = ws_client(&p.env, "5443", &["hello"]);
     assert_eq!(v["connected"], false, "{v:#}");
     assert_eq!(v["status"], 403, "{v:#}");
-    assert!(
-        v["body"].as_str().unwrap().contains("upgrade refused"),
-        "{v:#}"
-    );
-    assert!(
-        !env.remote
-            .https_entries()
-            .iter()
-            .any(|e| e["upgrade"] == true),
-        "the upstream never saw the upgrade"
-    );
-    let ex = wait_exchange(env, |e| e["path"] == "/ws");
+    assert!(v["body"].as_str().unwrap().contains("upgrade refused"), "{v:#}");
+    let ex = wait_exchange(&p.env, |e| e["path"] == "/ws");
     assert!(
         ex["decisions"]
             .as_array()

@@ -4,7 +4,11 @@
 //! * `build`  setup, then a release build of the node
 //! * `test`   setup, then fmt check, clippy, and every test (needs root)
 //! * `run`    setup, build, and run the node on its embedded defaults
-//! * `bench [passthrough|https|scan|all]`  setup, build, and benchmarks
+//! * `demo`   setup, build, and show the main job on this machine alone:
+//!   a fake AI API in a network namespace, a job streaming through the
+//!   node with the `openai` library, the masked answer, replay and verify
+//!   (needs root)
+//! * `bench [passthrough|https|scan|stream|all]`  setup, build, and benchmarks
 //!   (passthrough and https need root)
 //!
 //! Std only, so that it builds in seconds on a fresh machine.
@@ -83,6 +87,18 @@ fn main() {
             c.args(rest.iter());
             run(&mut c);
         }
+        Some("demo") => {
+            if !is_root() {
+                eprintln!("xtask demo: needs root (eBPF, cgroups, a network namespace)");
+                exit(1);
+            }
+            setup();
+            run(cargo().args(["build", "--release", "-p", "node-agent", "--bin", "sluice"]));
+            run(Command::new("python3")
+                .arg(root().join("xtask/demo.py"))
+                .arg("--sluice")
+                .arg(root().join("target/release/sluice")));
+        }
         Some("bench") => {
             setup();
             run(cargo().args([
@@ -104,6 +120,9 @@ fn main() {
             if matches!(which, "scan" | "all") {
                 run(Command::new(target.join("examples/scan_bench")).arg("100"));
             }
+            if matches!(which, "stream" | "all") {
+                run(&mut Command::new(target.join("examples/stream_bench")));
+            }
             if matches!(which, "https" | "all") {
                 run(Command::new("python3")
                     .arg(root().join("xtask/bench/https.py"))
@@ -117,7 +136,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup|build|test|run|bench> [args]");
+            eprintln!("usage: cargo xtask <setup|build|test|run|demo|bench> [args]");
             exit(2);
         }
     }

@@ -41,6 +41,9 @@ mod body;
 pub mod decode;
 mod request;
 mod response;
+pub mod websocket;
+
+pub use websocket::WebSocketMode;
 
 pub use body::{Captured, MaskBody, MaskReport, Tap};
 
@@ -91,6 +94,7 @@ pub struct HttpSession {
     /// Largest request body buffered for scanning; bigger ones are refused
     /// (fail closed) when request rules apply.
     pub max_scan_request: usize,
+    pub websocket: WebSocketMode,
 }
 
 enum Upstream {
@@ -225,15 +229,19 @@ impl HttpSession {
         }
         let masks = policy.masks_responses(&self.target, &self.identity);
         let request_rules = policy.has_request_rules(&self.target, &self.identity);
-        if upgrade && (masks || request_rules) {
-            // An upgraded stream (WebSocket) is not inspected frame by
-            // frame: where rules apply it is refused, never relayed raw.
-            let proto = req
-                .headers()
-                .get(UPGRADE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("unknown")
-                .to_owned();
+        let proto = req
+            .headers()
+            .get(UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown")
+            .to_owned();
+        let inspect_ws = upgrade
+            && (masks || request_rules)
+            && proto.eq_ignore_ascii_case("websocket")
+            && self.websocket == WebSocketMode::Inspect;
+        if upgrade && (masks || request_rules) && !inspect_ws {
+            // Where rules apply an upgraded stream is inspected (WebSocket)
+            // or refused; it is never relayed raw.
             ex.decisions.push(Decision {
                 rule: "upgrade-not-inspectable".into(),
                 action: "block".into(),
@@ -248,7 +256,7 @@ impl HttpSession {
                     StatusCode::FORBIDDEN,
                     serde_json::json!({
                         "error": "upgrade refused",
-                        "reason": format!("policy rules apply to this target and `{proto}` streams are not inspected; the upgrade would bypass them"),
+                        "reason": format!("policy rules apply to this target and `{proto}` streams are not inspected here (policy.websocket: {:?}); the upgrade would bypass them", self.websocket),
                     }),
                 )
                 .await;
@@ -264,6 +272,10 @@ impl HttpSession {
         } else {
             body.boxed()
         };
+        if inspect_ws {
+            // No compression extension: the frames must be readable.
+            parts.headers.remove("sec-websocket-extensions");
+        }
         if let Err(r) = self.inject_credential(&policy, &mut parts, &mut ex) {
             return self.refuse(ex, started, durable_tx, r.status, r.body).await;
         }
@@ -310,7 +322,14 @@ impl HttpSession {
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
-                return self.relay_upgrade(ex, started, durable_tx, client_upgrade, resp);
+                let inspect = inspect_ws.then(|| websocket::Judge {
+                    policy: policy.clone(),
+                    target: self.target.clone(),
+                    identity: self.identity.clone(),
+                    request_rules,
+                    max_message: self.max_scan_request,
+                });
+                return self.relay_upgrade(ex, started, durable_tx, client_upgrade, resp, inspect);
             }
         }
 
@@ -474,8 +493,9 @@ impl HttpSession {
         Ok(())
     }
 
-    /// Relays an upgraded stream (targets without rules only) and records
-    /// it with its byte counts when it ends.
+    /// Relays an upgraded stream: inspected frame by frame (WebSocket on a
+    /// target with rules) or as bytes (no rules), and records it with its
+    /// byte counts and decisions when it ends.
     fn relay_upgrade(
         self: &Arc<Self>,
         mut ex: Exchange,
@@ -483,6 +503,7 @@ impl HttpSession {
         durable_tx: Option<oneshot::Sender<()>>,
         client_upgrade: hyper::upgrade::OnUpgrade,
         mut resp: Response<Incoming>,
+        inspect: Option<websocket::Judge>,
     ) -> Response<ProxyBody> {
         let proto = resp
             .headers()
@@ -494,15 +515,42 @@ impl HttpSession {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let this = self.clone();
         tokio::spawn(async move {
-            if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
-                let (cr, cw) = tokio::io::split(TokioIo::new(c));
-                let (ur, uw) = tokio::io::split(TokioIo::new(u));
-                let (up, down) = tokio::join!(pump(cr, uw), pump(ur, cw));
-                ex.request_body.size = up.0;
-                ex.response_body.size = down.0;
-                if let Some(e) = up.1.or(down.1) {
-                    ex.error = Some(format!("upgraded stream: {e}"));
+            match (client_upgrade.await, upstream_upgrade.await, inspect) {
+                (Ok(c), Ok(u), Some(judge)) => {
+                    let (p, target, identity) = (
+                        judge.policy.clone(),
+                        judge.target.clone(),
+                        judge.identity.clone(),
+                    );
+                    let masker = StreamMasker::new(
+                        judge.policy.clone(),
+                        crate::scan::Framing::WebSocket,
+                        Box::new(move |rule| {
+                            p.rule(rule).action == crate::policy::bundle::Action::Mask
+                                && p.rule_applies(rule, &target, &identity)
+                        }),
+                    );
+                    let policy = judge.policy.clone();
+                    let r = websocket::relay(TokioIo::new(c), TokioIo::new(u), masker, judge).await;
+                    ex.request_body.size = r.up_bytes;
+                    ex.response_body.size = r.down_bytes;
+                    ex.decisions.extend(r.decisions);
+                    ex.decisions.extend(mask_decisions(&policy, r.masked));
+                    if let Some(e) = r.error {
+                        ex.error = Some(format!("WebSocket: {e}"));
+                    }
                 }
+                (Ok(c), Ok(u), None) => {
+                    let (cr, cw) = tokio::io::split(TokioIo::new(c));
+                    let (ur, uw) = tokio::io::split(TokioIo::new(u));
+                    let (up, down) = tokio::join!(pump(cr, uw), pump(ur, cw));
+                    ex.request_body.size = up.0;
+                    ex.response_body.size = down.0;
+                    if let Some(e) = up.1.or(down.1) {
+                        ex.error = Some(format!("upgraded stream: {e}"));
+                    }
+                }
+                _ => ex.error = Some("upgrade did not complete".into()),
             }
             ex.duration_ms = ms(started);
             this.finish(ex, durable_tx).await;

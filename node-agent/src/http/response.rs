@@ -32,6 +32,12 @@ pub fn framing(h: &HeaderMap) -> Result<Framing, ResponseError> {
     if essence == "text/event-stream" {
         return Ok(Framing::Sse);
     }
+    if matches!(
+        essence,
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/jsonlines"
+    ) {
+        return Ok(Framing::Ndjson);
+    }
     let (payload, codec_header) = match essence {
         "application/grpc"
         | "application/grpc+proto"

@@ -47,6 +47,7 @@ const CONTENT_FIELDS: &[&str] = &[
     "refusal",
     "arguments",
     "delta",
+    "response",
 ];
 
 /// Fields that tell parallel streams apart (choice n, content block n,

@@ -16,6 +16,7 @@ pub mod json;
 pub mod live;
 pub mod sse;
 pub mod stream;
+pub mod ws;
 pub use stream::{Framing, StreamMasker};
 
 /// The byte that replaces masked bytes.

@@ -33,6 +33,10 @@ const MAX_STREAMS: usize = 1024;
 pub enum Framing {
     Raw,
     Sse,
+    /// Newline-delimited JSON (`application/x-ndjson`, Ollama-style streams).
+    Ndjson,
+    /// WebSocket frames from a server: text and binary payloads, joined.
+    WebSocket,
     Envelope { payload: Payload, codec: Codec },
 }
 
@@ -72,6 +76,8 @@ enum Mode {
 
 enum Framer {
     Sse(SseFramer),
+    Lines(Vec<u8>),
+    Ws(Vec<u8>),
     Envelope {
         framer: EnvelopeFramer,
         payload: Payload,
@@ -118,18 +124,26 @@ struct Settled {
     masks: Vec<(usize, usize)>,
 }
 
+/// Chunks larger than this (bulk downloads) hold back the fixed window
+/// instead of asking the DFA: throughput matters there, not latency, and
+/// a long run of token-like bytes costs the DFA a walk per start.
+const PRECISE_CHUNK: usize = 8 << 10;
+
 fn settle(
     scanner: &Scanner,
     applies: &Applies,
     masked: &mut BTreeMap<(usize, String), u64>,
     text: &[u8],
     last: bool,
+    precise: bool,
 ) -> Result<Settled, ScanError> {
     let hits = scanner.find(text)?;
     let mut cut = if last {
         text.len()
-    } else {
+    } else if precise {
         scanner.first_live(text)
+    } else {
+        text.len().saturating_sub(scanner.window)
     };
     let hits: Vec<_> = hits.into_iter().filter(|h| applies(h.rule)).collect();
     if !last {
@@ -155,6 +169,8 @@ impl StreamMasker {
         let mode = match framing {
             Framing::Raw => Mode::Raw { held: Vec::new() },
             Framing::Sse => Mode::Units(Box::new(Units::new(Framer::Sse(SseFramer::default())))),
+            Framing::Ndjson => Mode::Units(Box::new(Units::new(Framer::Lines(Vec::new())))),
+            Framing::WebSocket => Mode::Units(Box::new(Units::new(Framer::Ws(Vec::new())))),
             Framing::Envelope { payload, codec } => {
                 Mode::Units(Box::new(Units::new(Framer::Envelope {
                     framer: EnvelopeFramer::default(),
@@ -196,7 +212,8 @@ impl StreamMasker {
         let res = match &mut self.mode {
             Mode::Raw { held } => {
                 held.extend_from_slice(chunk);
-                settle(scanner, &self.applies, &mut self.masked, held, last).map(|s| {
+                let precise = chunk.len() <= PRECISE_CHUNK;
+                settle(scanner, &self.applies, &mut self.masked, held, last, precise).map(|s| {
                     for (a, b) in s.masks {
                         held[a..b].fill(MASK);
                     }
@@ -253,6 +270,59 @@ impl Units {
                 } else if f.buffered() > MAX_UNIT {
                     return Err(ScanError::TooLarge {
                         what: "server-sent event",
+                        limit: MAX_UNIT,
+                    });
+                }
+            }
+            Framer::Ws(buf) => {
+                buf.extend_from_slice(chunk);
+                while let Some(h) = super::ws::parse_header(buf, MAX_UNIT)? {
+                    if buf.len() < h.total() {
+                        break;
+                    }
+                    if h.rsv1 || h.mask.is_some() {
+                        return Err(ScanError::Framing(
+                            "compressed or masked WebSocket frame from the server".into(),
+                        ));
+                    }
+                    let frame: Vec<u8> = buf.drain(..h.total()).collect();
+                    let segs = if h.is_control() || h.payload_len == 0 {
+                        Vec::new()
+                    } else {
+                        vec![Segment {
+                            key: "ws".into(),
+                            kind: SegmentKind::Content,
+                            decoded: frame[h.header_len..].to_vec(),
+                            origin: (h.header_len..frame.len())
+                                .map(|k| Span {
+                                    start: k as u32,
+                                    len: 1,
+                                })
+                                .collect(),
+                        }]
+                    };
+                    new_units.push((frame, None, segs));
+                }
+                if last && !buf.is_empty() {
+                    return Err(ScanError::Framing(
+                        "WebSocket stream ended inside a frame".into(),
+                    ));
+                }
+            }
+            Framer::Lines(buf) => {
+                buf.extend_from_slice(chunk);
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    let segs = line_segments(&line);
+                    new_units.push((line, None, segs));
+                }
+                if last && !buf.is_empty() {
+                    let line = std::mem::take(buf);
+                    let segs = line_segments(&line);
+                    new_units.push((line, None, segs));
+                } else if buf.len() > MAX_UNIT {
+                    return Err(ScanError::TooLarge {
+                        what: "JSON line",
                         limit: MAX_UNIT,
                     });
                 }
@@ -338,7 +408,7 @@ impl Units {
             }
             if repeat || (!known && self.streams.len() >= MAX_STREAMS) {
                 // Scanned on its own, settled at once.
-                let s = settle(ctx.scanner, ctx.applies, ctx.masked, &seg.decoded, true)?;
+                let s = settle(ctx.scanner, ctx.applies, ctx.masked, &seg.decoded, true, true)?;
                 let unit = self
                     .queue
                     .back_mut()
@@ -374,18 +444,18 @@ impl Units {
         if st.text.is_empty() {
             return Ok(());
         }
-        let s = settle(ctx.scanner, ctx.applies, ctx.masked, &st.text, last)?;
+        let s = settle(ctx.scanner, ctx.applies, ctx.masked, &st.text, last, true)?;
         for (a, b) in s.masks {
             for o in &st.origin[a..b] {
                 if o.span.len > 0 {
-                    if let Some(u) = self.queue.get_mut((o.unit - self.first) as usize) {
+                    if let Some(u) = unit_mut(&mut self.queue, self.first, o.unit) {
                         u.masks.push(o.span);
                     }
                 }
             }
         }
         for o in &st.origin[..s.cut] {
-            if let Some(u) = self.queue.get_mut((o.unit - self.first) as usize) {
+            if let Some(u) = unit_mut(&mut self.queue, self.first, o.unit) {
                 u.pending = u.pending.saturating_sub(1);
             }
         }
@@ -409,7 +479,7 @@ impl Units {
                     let payload = if flags & envelope::COMPRESSED != 0 {
                         match &self.framer {
                             Framer::Envelope { codec, .. } => codec.encode(&body)?,
-                            Framer::Sse(_) => body,
+                            Framer::Sse(_) | Framer::Lines(_) | Framer::Ws(_) => body,
                         }
                     } else {
                         body
@@ -419,6 +489,44 @@ impl Units {
             }
         }
         Ok(out)
+    }
+}
+
+fn unit_mut(queue: &mut VecDeque<Unit>, first: u64, id: u64) -> Option<&mut Unit> {
+    let idx = usize::try_from(id.checked_sub(first)?).ok()?;
+    queue.get_mut(idx)
+}
+
+/// Segments of one NDJSON line: its JSON strings, or the line as text.
+fn line_segments(line: &[u8]) -> Vec<Segment> {
+    match super::json::strings(line) {
+        Ok(strings) => strings
+            .into_iter()
+            .map(|s| Segment {
+                key: s.key,
+                kind: if s.content {
+                    SegmentKind::Content
+                } else {
+                    SegmentKind::Field
+                },
+                decoded: s.decoded,
+                origin: s.origin,
+            })
+            .collect(),
+        Err(_) => {
+            let body = line.strip_suffix(b"\n").unwrap_or(line);
+            vec![Segment {
+                key: "line".into(),
+                kind: SegmentKind::Content,
+                decoded: body.to_vec(),
+                origin: (0..body.len())
+                    .map(|k| Span {
+                        start: k as u32,
+                        len: 1,
+                    })
+                    .collect(),
+            }]
+        }
     }
 }
 
@@ -654,6 +762,40 @@ mod tests {
         );
         // "header " flowed at once; the token prefix was held.
         assert_eq!(sizes[0], 7);
+    }
+
+    #[test]
+    fn ndjson_stream_token_split_across_lines_is_masked() {
+        let lines: Vec<Vec<u8>> = ["token ghp_A1b2C3d4E5f6G7h8", "I9j0K1l2M3n4O5p6Q7r8 ok"]
+            .iter()
+            .map(|t| format!("{}\n", serde_json::json!({"model": "m", "response": t, "done": false})).into_bytes())
+            .collect();
+        let (out, _) = run(Framing::Ndjson, &lines);
+        let s = String::from_utf8(out).unwrap();
+        assert!(!s.contains("I9j0") && !s.contains("C3d4"), "{s}");
+        for l in s.lines() {
+            serde_json::from_str::<serde_json::Value>(l).unwrap();
+        }
+    }
+
+    #[test]
+    fn websocket_frames_mask_a_token_split_across_frames_in_place() {
+        let frame = |fin: bool, op: u8, p: &[u8]| {
+            let mut f = vec![(u8::from(fin) << 7) | op, p.len() as u8];
+            f.extend_from_slice(p);
+            f
+        };
+        let stream = [
+            frame(false, 1, b"token ghp_A1b2C3d4E5f6G7h8"),
+            frame(true, 9, b"ping"),
+            frame(true, 0, b"I9j0K1l2M3n4O5p6Q7r8 ok"),
+        ]
+        .concat();
+        let (out, _) = run(Framing::WebSocket, &[stream[..20].to_vec(), stream[20..].to_vec()]);
+        assert_eq!(out.len(), stream.len(), "frames keep their length");
+        let s = String::from_utf8_lossy(&out);
+        assert!(s.contains("token ****") && s.contains("ping") && s.contains("**** ok"), "{s}");
+        assert!(!s.contains("I9j0") && !s.contains("C3d4"), "{s}");
     }
 
     #[test]
