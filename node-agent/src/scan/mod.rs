@@ -48,11 +48,85 @@ pub struct PatternSpec {
     /// also matches (e.g. the part around a distinctive `@`); `regex`
     /// still decides and gives the spans.
     pub prefilter: Option<String>,
+    /// Only a hit whose secret span has at least this Shannon entropy
+    /// (bits per byte) counts: tells `"k3J9x!Qz..."` from `"password"`.
+    pub min_entropy: Option<f64>,
+    /// A hit whose secret span matches any of these regexes is dropped
+    /// (placeholders such as `${VAR}`, `<token>`, `changeme`, or code).
+    pub deny: Vec<String>,
 }
+
+impl PatternSpec {
+    /// A plain pattern: no post-filters.
+    pub fn new(id: impl Into<String>, rule: usize, regex: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            rule,
+            regex: regex.into(),
+            caseless: false,
+            luhn: false,
+            prefilter: None,
+            min_entropy: None,
+            deny: Vec::new(),
+        }
+    }
+}
+
+/// Name of the capture group that holds the secret within a match.
+pub const SECRET_GROUP: &str = "secret";
 
 struct Compiled {
     spec: PatternSpec,
     re: regex::bytes::Regex,
+    /// Index of the `secret` group, if the pattern has one.
+    secret: Option<usize>,
+    deny: Option<regex::bytes::RegexSet>,
+}
+
+impl Compiled {
+    /// The post-filters, over the secret span.
+    fn accepts(&self, secret: &[u8]) -> bool {
+        if self.spec.luhn && !luhn(secret) {
+            return false;
+        }
+        if let Some(min) = self.spec.min_entropy {
+            if entropy(secret) < min {
+                return false;
+            }
+        }
+        if let Some(deny) = &self.deny {
+            if deny.is_match(secret) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Shannon entropy in bits per byte.
+pub fn entropy(data: &[u8]) -> f64 {
+    if data.is_empty() {
+        return 0.0;
+    }
+    let mut counts = [0u32; 256];
+    for &b in data {
+        counts[b as usize] += 1;
+    }
+    let n = data.len() as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// The Hyperscan form of a regex: named groups become plain groups
+/// (Hyperscan reports no captures; the regex crate gives the spans).
+fn hyperscan_expression(regex: &str) -> String {
+    regex.replace("(?P<secret>", "(?:")
 }
 
 /// A confirmed match. `start..end` is the whole match (what decides
@@ -108,15 +182,37 @@ impl Scanner {
                 });
             }
             window = window.max(len);
+            let bad = |e: &dyn std::fmt::Display| ScanError::Pattern {
+                id: spec.id.clone(),
+                message: e.to_string(),
+            };
             let re = regex::bytes::RegexBuilder::new(&spec.regex)
                 .case_insensitive(spec.caseless)
                 .unicode(false)
                 .build()
-                .map_err(|e| ScanError::Pattern {
-                    id: spec.id.clone(),
-                    message: e.to_string(),
-                })?;
-            patterns.push(Compiled { spec, re });
+                .map_err(|e| bad(&e))?;
+            let secret = re.capture_names().position(|n| n == Some(SECRET_GROUP));
+            let deny = if spec.deny.is_empty() {
+                None
+            } else {
+                Some(
+                    regex::bytes::RegexSetBuilder::new(&spec.deny)
+                        .unicode(false)
+                        .build()
+                        .map_err(|e| bad(&format!("deny: {e}")))?,
+                )
+            };
+            if let Some(min) = spec.min_entropy {
+                if !(0.0..=8.0).contains(&min) {
+                    return Err(bad(&"min_entropy must be between 0 and 8 bits per byte"));
+                }
+            }
+            patterns.push(Compiled {
+                spec,
+                re,
+                secret,
+                deny,
+            });
         }
         let db = if patterns.is_empty() {
             None
@@ -134,7 +230,7 @@ impl Scanner {
                             .spec
                             .prefilter
                             .clone()
-                            .unwrap_or_else(|| c.spec.regex.clone()),
+                            .unwrap_or_else(|| hyperscan_expression(&c.spec.regex)),
                         flags,
                         id: Some(i),
                         ext: Default::default(),
@@ -201,18 +297,33 @@ impl Scanner {
         let mut hits = Vec::new();
         for i in seen {
             let c = &self.patterns[i];
-            for m in c.re.find_iter(data) {
-                if c.spec.luhn && !luhn(m.as_bytes()) {
-                    continue;
+            let mut push = |start: usize, end: usize, mask_start: usize, mask_end: usize| {
+                if c.accepts(&data[mask_start..mask_end]) {
+                    hits.push(Hit {
+                        pattern: i,
+                        rule: c.spec.rule,
+                        start,
+                        end,
+                        mask_start,
+                        mask_end,
+                    });
                 }
-                hits.push(Hit {
-                    pattern: i,
-                    rule: c.spec.rule,
-                    start: m.start(),
-                    end: m.end(),
-                    mask_start: m.start(),
-                    mask_end: m.end(),
-                });
+            };
+            match c.secret {
+                Some(g) => {
+                    for caps in c.re.captures_iter(data) {
+                        let Some(m) = caps.get(0) else { continue };
+                        let (ms, me) = caps
+                            .get(g)
+                            .map_or((m.start(), m.end()), |s| (s.start(), s.end()));
+                        push(m.start(), m.end(), ms, me);
+                    }
+                }
+                None => {
+                    for m in c.re.find_iter(data) {
+                        push(m.start(), m.end(), m.start(), m.end());
+                    }
+                }
             }
         }
         Ok(hits)
@@ -266,21 +377,10 @@ mod tests {
         std::sync::Arc::new(
             Scanner::compile(
                 vec![
+                    PatternSpec::new("aws-access-key", 0, r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b"),
                     PatternSpec {
-                        id: "aws-access-key".into(),
-                        rule: 0,
-                        regex: r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b".into(),
-                        caseless: false,
-                        luhn: false,
-                        prefilter: None,
-                    },
-                    PatternSpec {
-                        id: "card".into(),
-                        rule: 1,
-                        regex: r"\b(?:\d[ -]?){12,18}\d\b".into(),
-                        caseless: false,
                         luhn: true,
-                        prefilter: None,
+                        ..PatternSpec::new("card", 1, r"\b(?:\d[ -]?){12,18}\d\b")
                     },
                 ],
                 4096,
@@ -361,36 +461,51 @@ mod tests {
 
     #[test]
     fn unbounded_and_bad_patterns_are_refused_clearly() {
-        let e = Scanner::compile(
-            vec![PatternSpec {
-                id: "greedy".into(),
-                rule: 0,
-                regex: "password=.+".into(),
-                caseless: false,
-                luhn: false,
-                prefilter: None,
-            }],
-            4096,
-        )
-        .err()
-        .unwrap();
+        let e = Scanner::compile(vec![PatternSpec::new("greedy", 0, "password=.+")], 4096)
+            .err()
+            .unwrap();
         assert!(
             e.to_string().contains("greedy") && e.to_string().contains("unbounded"),
             "{e}"
         );
+        let e = Scanner::compile(vec![PatternSpec::new("broken", 0, "(unclosed")], 4096)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("broken"), "{e}");
+    }
+
+    #[test]
+    fn secret_group_masks_only_the_value_and_filters_apply() {
+        let s = Scanner::compile(
+            vec![PatternSpec {
+                min_entropy: Some(2.5),
+                deny: vec![r"(?i)^(?:changeme|example)".into()],
+                ..PatternSpec::new(
+                    "assign",
+                    0,
+                    r#"(?i)api_key\s{0,4}=\s{0,4}"(?P<secret>[^"\s]{8,64})""#,
+                )
+            }],
+            4096,
+        )
+        .unwrap();
+        let text =
+            br#"x API_KEY = "k3J9xQz7Lw2P" y api_key="changeme123" z api_key="aaaaaaaaaaaa""#;
+        let hits = s.find(text).unwrap();
+        assert_eq!(hits.len(), 1, "{hits:?}");
+        let h = &hits[0];
+        assert_eq!(&text[h.start..h.end], br#"API_KEY = "k3J9xQz7Lw2P""#);
+        assert_eq!(&text[h.mask_start..h.mask_end], b"k3J9xQz7Lw2P");
+        assert!(entropy(b"aaaa") < 0.01 && (entropy(b"abcd") - 2.0).abs() < 1e-9);
         let e = Scanner::compile(
             vec![PatternSpec {
-                id: "broken".into(),
-                rule: 0,
-                regex: "(unclosed".into(),
-                caseless: false,
-                luhn: false,
-                prefilter: None,
+                deny: vec!["(".into()],
+                ..PatternSpec::new("bad-deny", 0, "x{3}")
             }],
             4096,
         )
         .err()
         .unwrap();
-        assert!(e.to_string().contains("broken"), "{e}");
+        assert!(e.to_string().contains("bad-deny"), "{e}");
     }
 }
