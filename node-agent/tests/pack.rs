@@ -452,7 +452,7 @@ fn precision_no_hits_on_source_code_without_secrets() {
         &[],
         &mut files,
     );
-    corpus.extend(read_some(&files, 8 << 20));
+    corpus.extend(read_some(&files, 16 << 20));
 
     // Rust standard library sources (the nightly's rust-src).
     let sysroot = command_output("rustc", &["+nightly", "--print", "sysroot"]);
@@ -469,7 +469,7 @@ fn precision_no_hits_on_source_code_without_secrets() {
         &[],
         &mut files,
     );
-    corpus.extend(read_some(&files, 6 << 20));
+    corpus.extend(read_some(&files, 12 << 20));
 
     // Perl modules.
     let perl = std::fs::read_dir("/usr/share/perl")
@@ -483,12 +483,38 @@ fn precision_no_hits_on_source_code_without_secrets() {
     let perl = required_dir(perl, "Perl modules under /usr/share/perl", "perl-modules");
     let mut files = Vec::new();
     collect(&perl, &[".pm", ".pl"], &["t"], &[], &mut files);
-    corpus.extend(read_some(&files, 4 << 20));
+    corpus.extend(read_some(&files, 10 << 20));
 
     corpus.push((
         "generated: uuids, shas, integrity, images".into(),
         generated_corpus(),
     ));
+
+    // More code to try, e.g. SLUICE_PRECISION_EXTRA=/usr/lib/python3/dist-packages
+    // (colon-separated directories, read whole).
+    for dir in std::env::var("SLUICE_PRECISION_EXTRA")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+    {
+        let mut files = Vec::new();
+        collect(
+            Path::new(dir),
+            &[
+                ".py", ".rs", ".go", ".js", ".ts", ".java", ".rb", ".pm", ".c", ".h",
+            ],
+            &["test", "tests", "testdata", "fixtures"],
+            &[],
+            &mut files,
+        );
+        let extra = read_some(&files, usize::MAX);
+        eprintln!(
+            "extra corpus {dir}: {} files, {:.1} MB",
+            extra.len(),
+            extra.iter().map(|(_, b)| b.len()).sum::<usize>() as f64 / 1e6
+        );
+        corpus.extend(extra);
+    }
 
     let total: usize = corpus.iter().map(|(_, b)| b.len()).sum();
     let mut failures = Vec::new();
