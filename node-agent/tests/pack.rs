@@ -252,7 +252,7 @@ fn positive_samples_are_masked_exactly_by_their_pattern() {
                 let hits = scanner.find(text.as_bytes()).unwrap();
                 let own = hits
                     .iter()
-                    .find(|h| &scanner.pattern(h.pattern).id == &id)
+                    .find(|h| scanner.pattern(h.pattern).id == id)
                     .map(|h| h.mask_start..h.mask_end);
                 if own != Some(want.clone()) {
                     failures.push(format!(

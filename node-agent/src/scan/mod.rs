@@ -146,6 +146,9 @@ pub struct Hit {
 pub struct Scanner {
     db: Option<BlockDatabase>,
     patterns: Vec<Compiled>,
+    /// Patterns whose prefilter is `DIGIT_GROUPS`: checked natively, not
+    /// in Hyperscan (a class-only expression costs Hyperscan a full pass).
+    digit_groups: Vec<usize>,
     scratch: Mutex<Vec<Scratch>>,
     /// Longest possible match over all patterns (the hold-back window).
     pub window: usize,
@@ -214,12 +217,19 @@ impl Scanner {
                 deny,
             });
         }
-        let db = if patterns.is_empty() {
+        let digit_groups: Vec<usize> = patterns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.spec.prefilter.as_deref() == Some(DIGIT_GROUPS))
+            .map(|(i, _)| i)
+            .collect();
+        let db = if patterns.len() == digit_groups.len() {
             None
         } else {
             let hs: Patterns = patterns
                 .iter()
                 .enumerate()
+                .filter(|(i, _)| !digit_groups.contains(i))
                 .map(|(i, c)| {
                     let mut flags = CompileFlags::SINGLEMATCH;
                     if c.spec.caseless {
@@ -246,6 +256,7 @@ impl Scanner {
         Ok(Self {
             db,
             patterns,
+            digit_groups,
             scratch: Mutex::new(Vec::new()),
             window,
         })
@@ -265,35 +276,7 @@ impl Scanner {
 
     /// All confirmed hits in `data`, with exact spans.
     pub fn find(&self, data: &[u8]) -> Result<Vec<Hit>, ScanError> {
-        let Some(db) = &self.db else {
-            return Ok(Vec::new());
-        };
-        let scratch = {
-            let mut pool = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-            pool.pop()
-        };
-        let scratch = match scratch {
-            Some(s) => s,
-            None => db
-                .alloc_scratch()
-                .map_err(|e| ScanError::Hyperscan(e.to_string()))?,
-        };
-        let mut seen = Vec::new();
-        let res = db.scan(
-            data,
-            &scratch,
-            |id: u32, _from: u64, _to: u64, _flags: u32| {
-                seen.push(id as usize);
-                Matching::Continue
-            },
-        );
-        self.scratch
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(scratch);
-        res.map_err(|e| ScanError::Hyperscan(e.to_string()))?;
-        seen.sort_unstable();
-        seen.dedup();
+        let seen = self.candidates(data)?;
         let mut hits = Vec::new();
         for i in seen {
             let c = &self.patterns[i];
@@ -327,6 +310,106 @@ impl Scanner {
             }
         }
         Ok(hits)
+    }
+
+    /// The patterns Hyperscan reports in `data` (sorted, deduplicated):
+    /// the candidates that `find` confirms with the regex crate.
+    pub fn candidates(&self, data: &[u8]) -> Result<Vec<usize>, ScanError> {
+        let mut seen = Vec::new();
+        if !self.digit_groups.is_empty() && has_digit_groups(data) {
+            seen.extend_from_slice(&self.digit_groups);
+        }
+        let Some(db) = &self.db else {
+            return Ok(seen);
+        };
+        let scratch = {
+            let mut pool = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+            pool.pop()
+        };
+        let scratch = match scratch {
+            Some(s) => s,
+            None => db
+                .alloc_scratch()
+                .map_err(|e| ScanError::Hyperscan(e.to_string()))?,
+        };
+        let res = db.scan(
+            data,
+            &scratch,
+            |id: u32, _from: u64, _to: u64, _flags: u32| {
+                seen.push(id as usize);
+                Matching::Continue
+            },
+        );
+        self.scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(scratch);
+        res.map_err(|e| ScanError::Hyperscan(e.to_string()))?;
+        seen.sort_unstable();
+        seen.dedup();
+        Ok(seen)
+    }
+}
+
+/// A prefilter that `Scanner` evaluates natively instead of in Hyperscan,
+/// with the same meaning: four digits, an optional space or dash, four
+/// digits (every common card-number layout). Hyperscan has no literal to
+/// anchor a digits-only expression and pays a full pass for it.
+pub const DIGIT_GROUPS: &str = r"\d{4}[ \-]?\d{4}";
+
+/// Bit `i` set where `block[i]` is an ASCII digit, and where it is a space
+/// or dash (block of up to 64 bytes).
+fn digit_masks(block: &[u8]) -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    if block.len() == 64 {
+        // SAFETY: SSE2 is part of x86_64; the loads read 4 x 16 bytes of
+        // a 64-byte slice, unaligned.
+        unsafe {
+            use std::arch::x86_64::*;
+            let (zero, nine) = (_mm_set1_epi8(b'0' as i8), _mm_set1_epi8(9));
+            let (space, dash) = (_mm_set1_epi8(b' ' as i8), _mm_set1_epi8(b'-' as i8));
+            let (mut d, mut s) = (0u64, 0u64);
+            for k in 0..4 {
+                let x = _mm_loadu_si128(block.as_ptr().add(16 * k) as *const __m128i);
+                let t = _mm_sub_epi8(x, zero);
+                let dm = _mm_cmpeq_epi8(_mm_min_epu8(t, nine), t);
+                let sm = _mm_or_si128(_mm_cmpeq_epi8(x, space), _mm_cmpeq_epi8(x, dash));
+                d |= u64::from(_mm_movemask_epi8(dm) as u16) << (16 * k);
+                s |= u64::from(_mm_movemask_epi8(sm) as u16) << (16 * k);
+            }
+            return (d, s);
+        }
+    }
+    let (mut d, mut s) = (0u64, 0u64);
+    for (i, &b) in block.iter().enumerate() {
+        d |= u64::from(b.wrapping_sub(b'0') < 10) << i;
+        s |= u64::from(b == b' ' || b == b'-') << i;
+    }
+    (d, s)
+}
+
+/// Whether `data` contains a match of `DIGIT_GROUPS`, 64 bytes at a time.
+pub fn has_digit_groups(data: &[u8]) -> bool {
+    let mut blocks = data.chunks(64);
+    let Some(first) = blocks.next() else {
+        return false;
+    };
+    let (mut d, mut s) = digit_masks(first);
+    loop {
+        let next = blocks.next();
+        let (nd, ns) = next.map_or((0, 0), digit_masks);
+        // Bits 0..64: this block; 64..128: the next one (look-ahead).
+        let d2 = u128::from(d) | u128::from(nd) << 64;
+        let s2 = u128::from(s) | u128::from(ns) << 64;
+        let four = d2 & d2 >> 1 & d2 >> 2 & d2 >> 3;
+        let hit = four & (four >> 4 | (s2 >> 4 & four >> 5));
+        if hit as u64 != 0 {
+            return true;
+        }
+        if next.is_none() {
+            return false;
+        }
+        (d, s) = (nd, ns);
     }
 }
 
@@ -507,5 +590,33 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.to_string().contains("bad-deny"), "{e}");
+    }
+
+    #[test]
+    fn digit_groups_match_their_expression() {
+        let re = regex::bytes::Regex::new(DIGIT_GROUPS).unwrap();
+        let mut rng = 0x2545F4914F6CDD1Du64;
+        for n in 0..20_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let len = (rng % 150) as usize;
+            let text: Vec<u8> = (0..len)
+                .map(|i| {
+                    let r = rng.rotate_left(i as u32 * 3) ^ i as u64;
+                    b"0123456789 -a"[(r % 13) as usize]
+                })
+                .collect();
+            assert_eq!(
+                has_digit_groups(&text),
+                re.is_match(&text),
+                "case {n}: {:?}",
+                String::from_utf8_lossy(&text)
+            );
+        }
+        assert!(has_digit_groups(
+            &[b"x".repeat(60), b"4111-1111".to_vec()].concat()
+        ));
+        assert!(!has_digit_groups(b"2026-11-21T23:59:59Z 123 4567"));
     }
 }
