@@ -285,6 +285,34 @@ fn positive_samples_are_masked_exactly_by_their_pattern() {
     );
 }
 
+/// The end-to-end suite's fixtures (AWS's documented example key, split
+/// across chunks and SSE events) are masked exactly, the rest left alone.
+#[test]
+fn e2e_fixture_secrets_are_masked_exactly() {
+    let policy = secrets_policy();
+    let scanner: &Scanner = policy.as_ref();
+    for text in [
+        "generated config: key=AKIAIOSFODNN7EXAMPLE region=us-east-1 control=keep-me-4242\n",
+        "here is your key AKIAIOSFODNN7EXAMPLE and a control value keep-me-4242",
+    ] {
+        let hits = scanner.find(text.as_bytes()).unwrap();
+        let masked: Vec<(&str, &str)> = hits
+            .iter()
+            .map(|h| {
+                (
+                    scanner.pattern(h.pattern).id.as_str(),
+                    &text[h.mask_start..h.mask_end],
+                )
+            })
+            .collect();
+        assert_eq!(
+            masked,
+            [("aws-access-key-id", "AKIAIOSFODNN7EXAMPLE")],
+            "{text}"
+        );
+    }
+}
+
 #[test]
 fn negative_samples_are_not_hit() {
     let policy = secrets_policy();
