@@ -111,6 +111,14 @@ pub struct PatternDef {
     /// Optional cheaper Hyperscan expression implied by `regex`.
     #[serde(default)]
     pub prefilter: Option<String>,
+    /// Post-filter: the secret span (the `(?P<secret>...)` group, else the
+    /// whole match) needs at least this Shannon entropy, bits per byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_entropy: Option<f64>,
+    /// Post-filter: a secret span matching any of these regexes is not a
+    /// hit (placeholders, code).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

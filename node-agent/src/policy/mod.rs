@@ -250,6 +250,8 @@ impl CompiledPolicy {
                     caseless: d.caseless,
                     luhn: d.luhn,
                     prefilter: d.prefilter,
+                    min_entropy: d.min_entropy,
+                    deny: d.deny,
                 });
             }
         }
@@ -289,14 +291,11 @@ impl CompiledPolicy {
                 message: None,
                 timeout_secs: None,
             });
-            resp.push(PatternSpec {
-                id: "node-credential".into(),
+            resp.push(PatternSpec::new(
+                "node-credential",
                 rule,
-                regex: regex::escape(secret.expose()),
-                caseless: false,
-                luhn: false,
-                prefilter: None,
-            });
+                regex::escape(secret.expose()),
+            ));
         }
         let request = Scanner::compile(req, max_window)?;
         let response = Scanner::compile(resp, max_window)?;

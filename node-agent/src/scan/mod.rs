@@ -58,11 +58,85 @@ pub struct PatternSpec {
     /// also matches (e.g. the part around a distinctive `@`); `regex`
     /// still decides and gives the spans.
     pub prefilter: Option<String>,
+    /// Only a hit whose secret span has at least this Shannon entropy
+    /// (bits per byte) counts: tells `"k3J9x!Qz..."` from `"password"`.
+    pub min_entropy: Option<f64>,
+    /// A hit whose secret span matches any of these regexes is dropped
+    /// (placeholders such as `${VAR}`, `<token>`, `changeme`, or code).
+    pub deny: Vec<String>,
 }
+
+impl PatternSpec {
+    /// A plain pattern: no post-filters.
+    pub fn new(id: impl Into<String>, rule: usize, regex: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            rule,
+            regex: regex.into(),
+            caseless: false,
+            luhn: false,
+            prefilter: None,
+            min_entropy: None,
+            deny: Vec::new(),
+        }
+    }
+}
+
+/// Name of the capture group that holds the secret within a match.
+pub const SECRET_GROUP: &str = "secret";
 
 struct Compiled {
     spec: PatternSpec,
     re: regex::bytes::Regex,
+    /// Index of the `secret` group, if the pattern has one.
+    secret: Option<usize>,
+    deny: Option<regex::bytes::RegexSet>,
+}
+
+impl Compiled {
+    /// The post-filters, over the secret span.
+    fn accepts(&self, secret: &[u8]) -> bool {
+        if self.spec.luhn && !luhn(secret) {
+            return false;
+        }
+        if let Some(min) = self.spec.min_entropy {
+            if entropy(secret) < min {
+                return false;
+            }
+        }
+        if let Some(deny) = &self.deny {
+            if deny.is_match(secret) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Shannon entropy in bits per byte.
+pub fn entropy(data: &[u8]) -> f64 {
+    if data.is_empty() {
+        return 0.0;
+    }
+    let mut counts = [0u32; 256];
+    for &b in data {
+        counts[b as usize] += 1;
+    }
+    let n = data.len() as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// The Hyperscan form of a regex: named groups become plain groups
+/// (Hyperscan reports no captures; the regex crate gives the spans).
+fn hyperscan_expression(regex: &str) -> String {
+    regex.replace("(?P<secret>", "(?:")
 }
 
 /// A confirmed match. `start..end` is the whole match (what decides
@@ -82,6 +156,9 @@ pub struct Hit {
 pub struct Scanner {
     db: Option<BlockDatabase>,
     patterns: Vec<Compiled>,
+    /// Patterns whose prefilter is `DIGIT_GROUPS`: checked natively, not
+    /// in Hyperscan (a class-only expression costs Hyperscan a full pass).
+    digit_groups: Vec<usize>,
     scratch: Mutex<Vec<Scratch>>,
     /// Longest possible match over all patterns (the hold-back window).
     pub window: usize,
@@ -120,22 +197,51 @@ impl Scanner {
                 });
             }
             window = window.max(len);
+            let bad = |e: &dyn std::fmt::Display| ScanError::Pattern {
+                id: spec.id.clone(),
+                message: e.to_string(),
+            };
             let re = regex::bytes::RegexBuilder::new(&spec.regex)
                 .case_insensitive(spec.caseless)
                 .unicode(false)
                 .build()
-                .map_err(|e| ScanError::Pattern {
-                    id: spec.id.clone(),
-                    message: e.to_string(),
-                })?;
-            patterns.push(Compiled { spec, re });
+                .map_err(|e| bad(&e))?;
+            let secret = re.capture_names().position(|n| n == Some(SECRET_GROUP));
+            let deny = if spec.deny.is_empty() {
+                None
+            } else {
+                Some(
+                    regex::bytes::RegexSetBuilder::new(&spec.deny)
+                        .unicode(false)
+                        .build()
+                        .map_err(|e| bad(&format!("deny: {e}")))?,
+                )
+            };
+            if let Some(min) = spec.min_entropy {
+                if !(0.0..=8.0).contains(&min) {
+                    return Err(bad(&"min_entropy must be between 0 and 8 bits per byte"));
+                }
+            }
+            patterns.push(Compiled {
+                spec,
+                re,
+                secret,
+                deny,
+            });
         }
-        let db = if patterns.is_empty() {
+        let digit_groups: Vec<usize> = patterns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.spec.prefilter.as_deref() == Some(DIGIT_GROUPS))
+            .map(|(i, _)| i)
+            .collect();
+        let db = if patterns.len() == digit_groups.len() {
             None
         } else {
             let hs: Patterns = patterns
                 .iter()
                 .enumerate()
+                .filter(|(i, _)| !digit_groups.contains(i))
                 .map(|(i, c)| {
                     let mut flags = CompileFlags::SINGLEMATCH;
                     if c.spec.caseless {
@@ -146,7 +252,7 @@ impl Scanner {
                             .spec
                             .prefilter
                             .clone()
-                            .unwrap_or_else(|| c.spec.regex.clone()),
+                            .unwrap_or_else(|| hyperscan_expression(&c.spec.regex)),
                         flags,
                         id: Some(i),
                         ext: Default::default(),
@@ -168,6 +274,7 @@ impl Scanner {
         Ok(Self {
             db,
             patterns,
+            digit_groups,
             scratch: Mutex::new(Vec::new()),
             window,
             live,
@@ -195,8 +302,51 @@ impl Scanner {
 
     /// All confirmed hits in `data`, with exact spans.
     pub fn find(&self, data: &[u8]) -> Result<Vec<Hit>, ScanError> {
+        let seen = self.candidates(data)?;
+        let mut hits = Vec::new();
+        for i in seen {
+            let c = &self.patterns[i];
+            let mut push = |start: usize, end: usize, mask_start: usize, mask_end: usize| {
+                if c.accepts(&data[mask_start..mask_end]) {
+                    hits.push(Hit {
+                        pattern: i,
+                        rule: c.spec.rule,
+                        start,
+                        end,
+                        mask_start,
+                        mask_end,
+                    });
+                }
+            };
+            match c.secret {
+                Some(g) => {
+                    for caps in c.re.captures_iter(data) {
+                        let Some(m) = caps.get(0) else { continue };
+                        let (ms, me) = caps
+                            .get(g)
+                            .map_or((m.start(), m.end()), |s| (s.start(), s.end()));
+                        push(m.start(), m.end(), ms, me);
+                    }
+                }
+                None => {
+                    for m in c.re.find_iter(data) {
+                        push(m.start(), m.end(), m.start(), m.end());
+                    }
+                }
+            }
+        }
+        Ok(hits)
+    }
+
+    /// The patterns Hyperscan reports in `data` (sorted, deduplicated):
+    /// the candidates that `find` confirms with the regex crate.
+    pub fn candidates(&self, data: &[u8]) -> Result<Vec<usize>, ScanError> {
+        let mut seen = Vec::new();
+        if !self.digit_groups.is_empty() && has_digit_groups(data) {
+            seen.extend_from_slice(&self.digit_groups);
+        }
         let Some(db) = &self.db else {
-            return Ok(Vec::new());
+            return Ok(seen);
         };
         let scratch = {
             let mut pool = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
@@ -208,7 +358,6 @@ impl Scanner {
                 .alloc_scratch()
                 .map_err(|e| ScanError::Hyperscan(e.to_string()))?,
         };
-        let mut seen = Vec::new();
         let res = db.scan(
             data,
             &scratch,
@@ -224,24 +373,69 @@ impl Scanner {
         res.map_err(|e| ScanError::Hyperscan(e.to_string()))?;
         seen.sort_unstable();
         seen.dedup();
-        let mut hits = Vec::new();
-        for i in seen {
-            let c = &self.patterns[i];
-            for m in c.re.find_iter(data) {
-                if c.spec.luhn && !luhn(m.as_bytes()) {
-                    continue;
-                }
-                hits.push(Hit {
-                    pattern: i,
-                    rule: c.spec.rule,
-                    start: m.start(),
-                    end: m.end(),
-                    mask_start: m.start(),
-                    mask_end: m.end(),
-                });
+        Ok(seen)
+    }
+}
+
+/// A prefilter that `Scanner` evaluates natively instead of in Hyperscan,
+/// with the same meaning: four digits, an optional space or dash, four
+/// digits (every common card-number layout). Hyperscan has no literal to
+/// anchor a digits-only expression and pays a full pass for it.
+pub const DIGIT_GROUPS: &str = r"\d{4}[ \-]?\d{4}";
+
+/// Bit `i` set where `block[i]` is an ASCII digit, and where it is a space
+/// or dash (block of up to 64 bytes).
+fn digit_masks(block: &[u8]) -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    if block.len() == 64 {
+        // SAFETY: SSE2 is part of x86_64; the loads read 4 x 16 bytes of
+        // a 64-byte slice, unaligned.
+        unsafe {
+            use std::arch::x86_64::*;
+            let (zero, nine) = (_mm_set1_epi8(b'0' as i8), _mm_set1_epi8(9));
+            let (space, dash) = (_mm_set1_epi8(b' ' as i8), _mm_set1_epi8(b'-' as i8));
+            let (mut d, mut s) = (0u64, 0u64);
+            for k in 0..4 {
+                let x = _mm_loadu_si128(block.as_ptr().add(16 * k) as *const __m128i);
+                let t = _mm_sub_epi8(x, zero);
+                let dm = _mm_cmpeq_epi8(_mm_min_epu8(t, nine), t);
+                let sm = _mm_or_si128(_mm_cmpeq_epi8(x, space), _mm_cmpeq_epi8(x, dash));
+                d |= u64::from(_mm_movemask_epi8(dm) as u16) << (16 * k);
+                s |= u64::from(_mm_movemask_epi8(sm) as u16) << (16 * k);
             }
+            return (d, s);
         }
-        Ok(hits)
+    }
+    let (mut d, mut s) = (0u64, 0u64);
+    for (i, &b) in block.iter().enumerate() {
+        d |= u64::from(b.wrapping_sub(b'0') < 10) << i;
+        s |= u64::from(b == b' ' || b == b'-') << i;
+    }
+    (d, s)
+}
+
+/// Whether `data` contains a match of `DIGIT_GROUPS`, 64 bytes at a time.
+pub fn has_digit_groups(data: &[u8]) -> bool {
+    let mut blocks = data.chunks(64);
+    let Some(first) = blocks.next() else {
+        return false;
+    };
+    let (mut d, mut s) = digit_masks(first);
+    loop {
+        let next = blocks.next();
+        let (nd, ns) = next.map_or((0, 0), digit_masks);
+        // Bits 0..64: this block; 64..128: the next one (look-ahead).
+        let d2 = u128::from(d) | u128::from(nd) << 64;
+        let s2 = u128::from(s) | u128::from(ns) << 64;
+        let four = d2 & d2 >> 1 & d2 >> 2 & d2 >> 3;
+        let hit = four & (four >> 4 | (s2 >> 4 & four >> 5));
+        if hit as u64 != 0 {
+            return true;
+        }
+        if next.is_none() {
+            return false;
+        }
+        (d, s) = (nd, ns);
     }
 }
 
@@ -292,21 +486,10 @@ mod tests {
         std::sync::Arc::new(
             Scanner::compile(
                 vec![
+                    PatternSpec::new("aws-access-key", 0, r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b"),
                     PatternSpec {
-                        id: "aws-access-key".into(),
-                        rule: 0,
-                        regex: r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b".into(),
-                        caseless: false,
-                        luhn: false,
-                        prefilter: None,
-                    },
-                    PatternSpec {
-                        id: "card".into(),
-                        rule: 1,
-                        regex: r"\b(?:\d[ -]?){12,18}\d\b".into(),
-                        caseless: false,
                         luhn: true,
-                        prefilter: None,
+                        ..PatternSpec::new("card", 1, r"\b(?:\d[ -]?){12,18}\d\b")
                     },
                 ],
                 4096,
@@ -328,36 +511,79 @@ mod tests {
 
     #[test]
     fn unbounded_and_bad_patterns_are_refused_clearly() {
-        let e = Scanner::compile(
-            vec![PatternSpec {
-                id: "greedy".into(),
-                rule: 0,
-                regex: "password=.+".into(),
-                caseless: false,
-                luhn: false,
-                prefilter: None,
-            }],
-            4096,
-        )
-        .err()
-        .unwrap();
+        let e = Scanner::compile(vec![PatternSpec::new("greedy", 0, "password=.+")], 4096)
+            .err()
+            .unwrap();
         assert!(
             e.to_string().contains("greedy") && e.to_string().contains("unbounded"),
             "{e}"
         );
+        let e = Scanner::compile(vec![PatternSpec::new("broken", 0, "(unclosed")], 4096)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("broken"), "{e}");
+    }
+
+    #[test]
+    fn secret_group_masks_only_the_value_and_filters_apply() {
+        let s = Scanner::compile(
+            vec![PatternSpec {
+                min_entropy: Some(2.5),
+                deny: vec![r"(?i)^(?:changeme|example)".into()],
+                ..PatternSpec::new(
+                    "assign",
+                    0,
+                    r#"(?i)api_key\s{0,4}=\s{0,4}"(?P<secret>[^"\s]{8,64})""#,
+                )
+            }],
+            4096,
+        )
+        .unwrap();
+        let text =
+            br#"x API_KEY = "k3J9xQz7Lw2P" y api_key="changeme123" z api_key="aaaaaaaaaaaa""#;
+        let hits = s.find(text).unwrap();
+        assert_eq!(hits.len(), 1, "{hits:?}");
+        let h = &hits[0];
+        assert_eq!(&text[h.start..h.end], br#"API_KEY = "k3J9xQz7Lw2P""#);
+        assert_eq!(&text[h.mask_start..h.mask_end], b"k3J9xQz7Lw2P");
+        assert!(entropy(b"aaaa") < 0.01 && (entropy(b"abcd") - 2.0).abs() < 1e-9);
         let e = Scanner::compile(
             vec![PatternSpec {
-                id: "broken".into(),
-                rule: 0,
-                regex: "(unclosed".into(),
-                caseless: false,
-                luhn: false,
-                prefilter: None,
+                deny: vec!["(".into()],
+                ..PatternSpec::new("bad-deny", 0, "x{3}")
             }],
             4096,
         )
         .err()
         .unwrap();
-        assert!(e.to_string().contains("broken"), "{e}");
+        assert!(e.to_string().contains("bad-deny"), "{e}");
+    }
+
+    #[test]
+    fn digit_groups_match_their_expression() {
+        let re = regex::bytes::Regex::new(DIGIT_GROUPS).unwrap();
+        let mut rng = 0x2545F4914F6CDD1Du64;
+        for n in 0..20_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let len = (rng % 150) as usize;
+            let text: Vec<u8> = (0..len)
+                .map(|i| {
+                    let r = rng.rotate_left(i as u32 * 3) ^ i as u64;
+                    b"0123456789 -a"[(r % 13) as usize]
+                })
+                .collect();
+            assert_eq!(
+                has_digit_groups(&text),
+                re.is_match(&text),
+                "case {n}: {:?}",
+                String::from_utf8_lossy(&text)
+            );
+        }
+        assert!(has_digit_groups(
+            &[b"x".repeat(60), b"4111-1111".to_vec()].concat()
+        ));
+        assert!(!has_digit_groups(b"2026-11-21T23:59:59Z 123 4567"));
     }
 }

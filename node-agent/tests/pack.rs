@@ -1,0 +1,586 @@
+//! The built-in `secrets` pack: every pattern has positive and negative
+//! samples (policies/packs/samples/secrets.yaml) and the pack stays quiet on
+//! real source code that holds no secret.
+//!
+//! Samples are templates expanded here with a seeded RNG, so the repository
+//! holds nothing that is, or looks exactly like, a real credential or key.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
+
+use node_agent::{policy::CompiledPolicy, scan::Scanner};
+
+const SAMPLES: &str = include_str!("../../policies/packs/samples/secrets.yaml");
+const PACK: &str = include_str!("../../policies/packs/secrets.yaml");
+
+/// The hold-back limit every pattern must fit in.
+const MAX_WINDOW: usize = 4096;
+
+fn secrets_policy() -> CompiledPolicy {
+    let bundle = "version: 1\nname: pack-test\nrules:\n  - id: secrets\n    on: response\n    packs: [secrets]\n    action: mask\n";
+    CompiledPolicy::compile(bundle, "test", MAX_WINDOW).expect("the secrets pack compiles")
+}
+
+/// xorshift64*: deterministic, so a failure reproduces.
+struct Rng(u64);
+impl Rng {
+    fn new(seed: &str) -> Self {
+        // FNV-1a of the seed text.
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in seed.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        Rng(h | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+    fn pick(&mut self, alphabet: &[u8]) -> char {
+        alphabet[(self.next() % alphabet.len() as u64) as usize] as char
+    }
+}
+
+const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn class(name: &str) -> Option<&'static [u8]> {
+    Some(match name {
+        "alnum" => b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
+        "upper" => b"ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        "lower" => b"abcdefghijklmnopqrstuvwxyz",
+        "digit" => b"0123456789",
+        "hex" => b"0123456789abcdef",
+        "HEX" => b"0123456789ABCDEF",
+        "b64" => B64,
+        "b64url" => b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+        "b32" => b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567",
+        "lb32" => b"abcdefghijklmnopqrstuvwxyz234567",
+        "ualnum" => b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789",
+        "lalnum" => b"abcdefghijklmnopqrstuvwxyz0123456789",
+        "age" => b"QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L",
+        _ => return None,
+    })
+}
+
+fn base64(data: &[u8]) -> String {
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Random base64 lines of 64 characters, each ending in `nl`.
+fn b64_lines(rng: &mut Rng, lines: usize, nl: &str) -> String {
+    let mut s = String::new();
+    for _ in 0..lines {
+        for _ in 0..64 {
+            s.push(rng.pick(B64));
+        }
+        s.push_str(nl);
+    }
+    s
+}
+
+/// A PEM block with a random body (not a key: random bytes); the body is
+/// marked as the secret.
+fn pem(rng: &mut Rng, label: &str, nl: &str, mark: bool) -> String {
+    let (open, close) = if mark { ("«", "»") } else { ("", "") };
+    let mut body = b64_lines(rng, 20, nl);
+    for _ in 0..40 {
+        body.push(rng.pick(B64));
+    }
+    body.push_str("==");
+    body.push_str(nl);
+    format!("-----BEGIN {label}-----{nl}{open}{body}{close}-----END {label}-----")
+}
+
+/// Expands a sample template; returns the text and the secret's byte span.
+fn expand(template: &str, rng: &mut Rng) -> (String, std::ops::Range<usize>) {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        // `{class:N}` or `{special:ARG}`; any other brace is literal.
+        let placeholder = tail.find('}').and_then(|end| {
+            let (name, arg) = tail[1..end].split_once(':')?;
+            (class(name).is_some() || ["pem", "pemjson", "pemb64", "b64lines"].contains(&name))
+                .then_some((name, arg, end))
+        });
+        let Some((name, arg, end)) = placeholder else {
+            out.push('{');
+            rest = &tail[1..];
+            continue;
+        };
+        match name {
+            "pem" => out.push_str(&pem(rng, arg, "\n", true)),
+            "pemjson" => out.push_str(&pem(rng, arg, "\\n", true)),
+            "pemb64" => out.push_str(&base64(pem(rng, arg, "\n", false).as_bytes())),
+            "b64lines" => out.push_str(&b64_lines(rng, arg.parse().unwrap(), "\n")),
+            _ => {
+                let n: usize = arg
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad count in `{template}`"));
+                for _ in 0..n {
+                    out.push(rng.pick(class(name).unwrap()));
+                }
+            }
+        }
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    match (out.find('«'), out.find('»')) {
+        (Some(a), Some(b)) => {
+            let text = out.replace(['«', '»'], "");
+            (text, a..b - '«'.len_utf8())
+        }
+        (None, None) => {
+            let n = out.len();
+            (out, 0..n)
+        }
+        _ => panic!("unbalanced «» in sample `{template}`"),
+    }
+}
+
+struct Samples {
+    positive: Vec<String>,
+    negative: Vec<String>,
+    also: Vec<String>,
+}
+
+fn samples() -> BTreeMap<String, Samples> {
+    let v: serde_yaml::Value = serde_yaml::from_str(SAMPLES).expect("samples parse");
+    let strings = |m: &serde_yaml::Value, k: &str| -> Vec<String> {
+        m.get(k)
+            .and_then(|x| x.as_sequence())
+            .map(|s| {
+                s.iter()
+                    .map(|x| x.as_str().expect("samples are strings").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    v.as_mapping()
+        .expect("samples: a mapping of id to samples")
+        .iter()
+        .map(|(k, m)| {
+            let id = k.as_str().unwrap().to_owned();
+            for key in m.as_mapping().unwrap().keys() {
+                let key = key.as_str().unwrap();
+                assert!(
+                    ["positive", "negative", "also"].contains(&key),
+                    "{id}: unknown key `{key}`"
+                );
+            }
+            (
+                id,
+                Samples {
+                    positive: strings(m, "positive"),
+                    negative: strings(m, "negative"),
+                    also: strings(m, "also"),
+                },
+            )
+        })
+        .collect()
+}
+
+fn pack_ids() -> Vec<String> {
+    let v: serde_yaml::Value = serde_yaml::from_str(PACK).unwrap();
+    v["patterns"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Generic rules (`generic-*`: assignments of literal values) may hit a
+/// provider's sample too: `GITHUB_TOKEN=...` is both.
+///
+/// Ways a secret shows up in text: on its own line, in prose, in JSON.
+const CONTEXTS: &[(&str, &str)] = &[
+    ("Here it is:\n", "\nThanks.\n"),
+    ("config follows\n\n", "\n\n-- end\n"),
+];
+
+#[test]
+fn every_pattern_has_samples_and_every_sample_a_pattern() {
+    let ids: BTreeSet<String> = pack_ids().into_iter().collect();
+    let samples = samples();
+    let sampled: BTreeSet<String> = samples.keys().cloned().collect();
+    let missing: Vec<_> = ids.difference(&sampled).collect();
+    let extra: Vec<_> = sampled.difference(&ids).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "patterns without samples: {missing:?}; samples without a pattern: {extra:?}"
+    );
+    for (id, s) in &samples {
+        assert!(
+            !s.positive.is_empty() && !s.negative.is_empty(),
+            "{id}: needs at least one positive and one negative sample"
+        );
+    }
+    assert!(ids.len() >= 150, "the pack has {} patterns", ids.len());
+}
+
+#[test]
+fn positive_samples_are_masked_exactly_by_their_pattern() {
+    let policy = secrets_policy();
+    let scanner: &Scanner = policy.as_ref();
+    let mut failures = Vec::new();
+    for (id, s) in samples() {
+        for (n, template) in s.positive.iter().enumerate() {
+            let mut rng = Rng::new(&format!("{id}/{n}"));
+            let (secret_text, span) = expand(template, &mut rng);
+            for (before, after) in CONTEXTS {
+                let text = format!("{before}{secret_text}{after}");
+                let want = before.len() + span.start..before.len() + span.end;
+                let hits = scanner.find(text.as_bytes()).unwrap();
+                let own = hits
+                    .iter()
+                    .find(|h| scanner.pattern(h.pattern).id == id)
+                    .map(|h| h.mask_start..h.mask_end);
+                if own != Some(want.clone()) {
+                    failures.push(format!(
+                        "{id}: positive {template:?} -> {secret_text:?}: masked {:?}, want {:?} ({:?})",
+                        own.map(|r| &text[r]),
+                        &text[want.clone()],
+                        hits.iter()
+                            .map(|h| scanner.pattern(h.pattern).id.clone())
+                            .collect::<Vec<_>>(),
+                    ));
+                }
+                let others: BTreeSet<String> = hits
+                    .iter()
+                    .map(|h| scanner.pattern(h.pattern).id.clone())
+                    .filter(|o| o != &id && !s.also.contains(o) && !o.starts_with("generic-"))
+                    .collect();
+                if !others.is_empty() {
+                    failures.push(format!(
+                        "{id}: positive {secret_text:?} is also hit by {others:?} (list them under `also` if that is right)"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The end-to-end suite's fixtures (AWS's documented example key, split
+/// across chunks and SSE events) are masked exactly, the rest left alone.
+#[test]
+fn e2e_fixture_secrets_are_masked_exactly() {
+    let policy = secrets_policy();
+    let scanner: &Scanner = policy.as_ref();
+    for text in [
+        "generated config: key=AKIAIOSFODNN7EXAMPLE region=us-east-1 control=keep-me-4242\n",
+        "here is your key AKIAIOSFODNN7EXAMPLE and a control value keep-me-4242",
+    ] {
+        let hits = scanner.find(text.as_bytes()).unwrap();
+        let masked: Vec<(&str, &str)> = hits
+            .iter()
+            .map(|h| {
+                (
+                    scanner.pattern(h.pattern).id.as_str(),
+                    &text[h.mask_start..h.mask_end],
+                )
+            })
+            .collect();
+        assert_eq!(
+            masked,
+            [("aws-access-key-id", "AKIAIOSFODNN7EXAMPLE")],
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn negative_samples_are_not_hit() {
+    let policy = secrets_policy();
+    let scanner: &Scanner = policy.as_ref();
+    let mut failures = Vec::new();
+    for (id, s) in samples() {
+        for (n, template) in s.negative.iter().enumerate() {
+            let mut rng = Rng::new(&format!("{id}/neg/{n}"));
+            let (sample, _) = expand(template, &mut rng);
+            for (before, after) in CONTEXTS {
+                let text = format!("{before}{sample}{after}");
+                for h in scanner.find(text.as_bytes()).unwrap() {
+                    failures.push(format!(
+                        "{id}: negative {sample:?} is hit by {} (masks {:?})",
+                        scanner.pattern(h.pattern).id,
+                        &text[h.mask_start..h.mask_end]
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+// ------------------------------------------------------------------ precision
+
+fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Files under `root` with one of `exts`, sorted, skipping directories named
+/// in `skip_dirs` and files named in `skip_files`.
+fn collect(
+    root: &Path,
+    exts: &[&str],
+    skip_dirs: &[&str],
+    skip_files: &[&str],
+    out: &mut Vec<PathBuf>,
+) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if p.is_dir() {
+            if !skip_dirs.contains(&name.as_str()) && !p.is_symlink() {
+                collect(&p, exts, skip_dirs, skip_files, out);
+            }
+        } else if exts.iter().any(|e| name.ends_with(e)) && !skip_files.contains(&name.as_str()) {
+            out.push(p);
+        }
+    }
+}
+
+/// Reads files until `budget` bytes.
+fn read_some(files: &[PathBuf], budget: usize) -> Vec<(String, Vec<u8>)> {
+    let mut total = 0;
+    let mut out = Vec::new();
+    for f in files {
+        if total >= budget {
+            break;
+        }
+        if let Ok(b) = std::fs::read(f) {
+            total += b.len();
+            out.push((f.display().to_string(), b));
+        }
+    }
+    out
+}
+
+fn required_dir(path: Option<String>, what: &str, install: &str) -> PathBuf {
+    let p = path.map(PathBuf::from);
+    match p {
+        Some(p) if p.is_dir() => p,
+        _ => panic!("precision corpus: {what} not found ({p:?}); install {install}"),
+    }
+}
+
+/// Generated text that looks random but is not a secret: UUIDs, git SHAs,
+/// package-lock integrity hashes, base64 images, hex digests.
+fn generated_corpus() -> Vec<u8> {
+    let mut rng = Rng::new("precision");
+    let mut s = String::new();
+    let mut rand = |alphabet: &[u8], n: usize| -> String {
+        (0..n).map(|_| rng.pick(alphabet)).collect::<String>()
+    };
+    let hex = class("hex").unwrap();
+    for i in 0..3000 {
+        let uuid = format!(
+            "{}-{}-4{}-a{}-{}",
+            rand(hex, 8),
+            rand(hex, 4),
+            rand(hex, 3),
+            rand(hex, 3),
+            rand(hex, 12)
+        );
+        s.push_str(&format!(
+            "commit {}\nMerge: {} {}\nrequest_id={uuid} trace={}\n",
+            rand(hex, 40),
+            rand(hex, 7),
+            rand(hex, 7),
+            rand(hex, 32)
+        ));
+        s.push_str(&format!(
+            "    \"node_modules/pkg-{i}\": {{\n      \"version\": \"1.{i}.0\",\n      \"resolved\": \"https://registry.npmjs.org/pkg-{i}/-/pkg-{i}-1.{i}.0.tgz\",\n      \"integrity\": \"sha512-{}==\"\n    }},\n",
+            rand(B64, 86)
+        ));
+        s.push_str(&format!(
+            "sha256:{}  dist/app-{i}.tar.gz\nsha1 {}\n",
+            rand(hex, 64),
+            rand(hex, 40)
+        ));
+        if i % 50 == 0 {
+            s.push_str(&format!(
+                "<img src=\"data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAA{}\">\n",
+                rand(B64, 3000)
+            ));
+        }
+    }
+    s.into_bytes()
+}
+
+#[test]
+fn precision_no_hits_on_source_code_without_secrets() {
+    let policy = secrets_policy();
+    let scanner: &Scanner = policy.as_ref();
+    let mut corpus: Vec<(String, Vec<u8>)> = Vec::new();
+
+    // Python standard library.
+    let py = required_dir(
+        command_output(
+            "python3",
+            &[
+                "-c",
+                "import sysconfig;print(sysconfig.get_paths()['stdlib'])",
+            ],
+        ),
+        "the Python standard library",
+        "python3 (apt-get install python3)",
+    );
+    let mut files = Vec::new();
+    // Test suites hold deliberate fake keys and tokens (test/, */tests/):
+    // they are not ordinary code. site-packages is not the stdlib.
+    collect(
+        &py,
+        &[".py"],
+        &[
+            "test",
+            "tests",
+            "idle_test",
+            "site-packages",
+            "dist-packages",
+            "__pycache__",
+        ],
+        &[],
+        &mut files,
+    );
+    corpus.extend(read_some(&files, 16 << 20));
+
+    // Rust standard library sources (the nightly's rust-src).
+    let sysroot = command_output("rustc", &["+nightly", "--print", "sysroot"]);
+    let rust = required_dir(
+        sysroot.map(|s| format!("{s}/lib/rustlib/src/rust/library")),
+        "the Rust standard library sources",
+        "them with `rustup component add rust-src --toolchain nightly`",
+    );
+    let mut files = Vec::new();
+    collect(
+        &rust,
+        &[".rs"],
+        &["tests", "benches", "stdarch"],
+        &[],
+        &mut files,
+    );
+    corpus.extend(read_some(&files, 12 << 20));
+
+    // Perl modules.
+    let perl = std::fs::read_dir("/usr/share/perl")
+        .ok()
+        .and_then(|rd| {
+            let mut v: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+            v.sort();
+            v.pop()
+        })
+        .map(|p| p.display().to_string());
+    let perl = required_dir(perl, "Perl modules under /usr/share/perl", "perl-modules");
+    let mut files = Vec::new();
+    collect(&perl, &[".pm", ".pl"], &["t"], &[], &mut files);
+    corpus.extend(read_some(&files, 10 << 20));
+
+    corpus.push((
+        "generated: uuids, shas, integrity, images".into(),
+        generated_corpus(),
+    ));
+
+    // More code to try, e.g. SLUICE_PRECISION_EXTRA=/usr/lib/python3/dist-packages
+    // (colon-separated directories, read whole).
+    for dir in std::env::var("SLUICE_PRECISION_EXTRA")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+    {
+        let mut files = Vec::new();
+        collect(
+            Path::new(dir),
+            &[
+                ".py", ".rs", ".go", ".js", ".ts", ".java", ".rb", ".pm", ".c", ".h",
+            ],
+            &["test", "tests", "testdata", "fixtures"],
+            &[],
+            &mut files,
+        );
+        let extra = read_some(&files, usize::MAX);
+        eprintln!(
+            "extra corpus {dir}: {} files, {:.1} MB",
+            extra.len(),
+            extra.iter().map(|(_, b)| b.len()).sum::<usize>() as f64 / 1e6
+        );
+        corpus.extend(extra);
+    }
+
+    let total: usize = corpus.iter().map(|(_, b)| b.len()).sum();
+    let mut failures = Vec::new();
+    for (name, data) in &corpus {
+        for h in scanner.find(data).unwrap() {
+            let line_start = data[..h.start]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            let line_end = data[h.end..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(data.len(), |i| h.end + i);
+            let line = String::from_utf8_lossy(&data[line_start..line_end]);
+            failures.push(format!(
+                "{name}: {} masks {:?} in: {}",
+                scanner.pattern(h.pattern).id,
+                String::from_utf8_lossy(&data[h.mask_start..h.mask_end]),
+                line.chars().take(300).collect::<String>()
+            ));
+        }
+    }
+    eprintln!(
+        "precision corpus: {} files, {:.1} MB, {} patterns, {} hits",
+        corpus.len(),
+        total as f64 / 1e6,
+        scanner.len(),
+        failures.len()
+    );
+    assert!(
+        total > 10 << 20,
+        "precision corpus too small: {total} bytes"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} hits on code without secrets ({:.1} MB):\n{}",
+        failures.len(),
+        total as f64 / 1e6,
+        failures.join("\n")
+    );
+}
