@@ -65,9 +65,7 @@ fn main() {
             let mut m = StreamMasker::new(
                 policy.clone(),
                 Framing::Sse,
-                Box::new(move |r| {
-                    p.rule(r).action == node_agent::policy::bundle::Action::Mask
-                }),
+                Box::new(move |r| p.rule(r).action == node_agent::policy::bundle::Action::Mask),
             );
             delays.clear();
             let mut released = 0usize;

@@ -7,4 +7,6 @@ mod foundation;
 mod harness;
 mod masking;
 mod policy;
+#[path = "../../node-agent/tests/samples/mod.rs"]
+mod samples;
 mod tls;

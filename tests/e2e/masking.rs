@@ -127,7 +127,7 @@ fn openai_client_streamed_and_plain_completions_are_masked() {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .any(|p| p == "github-token")),
+                    .any(|p| p == "github-pat")),
         "{ex:#}"
     );
     for e in exchanges(ai.env()) {
@@ -343,24 +343,48 @@ fn websocket_frames_are_masked_and_judged_or_the_upgrade_refused() {
     // The answer comes back as one message in frames of 4 characters.
     let v = ws_client(env, "5443", &[&say, "hello"]);
     assert_eq!(v["connected"], true, "{v:#}");
-    assert_eq!(v["replies"][0].as_str(), Some(masked(&text, &[&tok]).as_str()), "{v:#}");
+    assert_eq!(
+        v["replies"][0].as_str(),
+        Some(masked(&text, &[&tok]).as_str()),
+        "{v:#}\n{}",
+        env.node.log_text()
+    );
     let sent = env.remote.ai_entries();
-    assert!(sent.iter().any(|e| e["sent"].as_str() == Some(text.as_str())), "{sent:?}");
+    assert!(
+        sent.iter()
+            .any(|e| e["sent"].as_str() == Some(text.as_str())),
+        "{sent:?}"
+    );
     // A prompt that a request rule blocks is not forwarded: 1008 closes it.
-    let v = ws_client(env, "5443", &["fine message", "use the production password now"]);
+    let v = ws_client(
+        env,
+        "5443",
+        &["fine message", "use the production password now"],
+    );
     assert_eq!(v["closed"]["code"], 1008, "{v:#}");
     let got = env.remote.ai_entries();
-    assert!(got.iter().any(|e| e["received"] == "fine message"), "{got:?}");
     assert!(
-        !got.iter().any(|e| e["received"].as_str().is_some_and(|m| m.contains("production"))),
+        got.iter().any(|e| e["received"] == "fine message"),
+        "{got:?}"
+    );
+    assert!(
+        !got.iter().any(|e| e["received"]
+            .as_str()
+            .is_some_and(|m| m.contains("production"))),
         "the blocked message never reached the upstream: {got:?}"
     );
     let ex = wait_exchange(env, |e| {
-        e["path"] == "/ws" && e["decisions"].as_array().is_some_and(|d| d.iter().any(|d| d["rule"] == "block-prod-creds"))
+        e["path"] == "/ws"
+            && e["decisions"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["rule"] == "block-prod-creds"))
     });
     assert_eq!(ex["upgrade"], "websocket", "{ex:#}");
     let ex = wait_exchange(env, |e| {
-        e["path"] == "/ws" && e["decisions"].as_array().is_some_and(|d| d.iter().any(|d| d["rule"] == "mask-secrets"))
+        e["path"] == "/ws"
+            && e["decisions"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["rule"] == "mask-secrets"))
     });
     assert!(ex["response_body"]["size"].as_u64().unwrap() > 0, "{ex:#}");
 
@@ -373,7 +397,10 @@ fn websocket_frames_are_masked_and_judged_or_the_upgrade_refused() {
     let v = ws_client(&p.env, "5443", &["hello"]);
     assert_eq!(v["connected"], false, "{v:#}");
     assert_eq!(v["status"], 403, "{v:#}");
-    assert!(v["body"].as_str().unwrap().contains("upgrade refused"), "{v:#}");
+    assert!(
+        v["body"].as_str().unwrap().contains("upgrade refused"),
+        "{v:#}"
+    );
     let ex = wait_exchange(&p.env, |e| e["path"] == "/ws");
     assert!(
         ex["decisions"]
@@ -412,4 +439,65 @@ fn a_stream_that_cannot_be_scanned_ends_in_an_error_the_client_sees() {
     // The node keeps serving.
     let out = ai.client("generic", "still fine", &[]);
     assert_eq!(out["text"], "still fine", "{out:#}");
+}
+
+#[test]
+fn every_pack_sample_is_masked_through_the_proxy_plain_and_streamed() {
+    use crate::samples::{expand, samples, Rng};
+    let ai = Ai::new();
+    // Every positive sample of the secrets pack, each on its own line
+    // between benign markers that must arrive unchanged.
+    let mut text = String::new();
+    let mut secrets = Vec::new();
+    for (id, s) in samples() {
+        for (n, template) in s.positive.iter().enumerate() {
+            let mut rng = Rng::new(&format!("e2e:{id}:{n}"));
+            let (sample, span) = expand(template, &mut rng);
+            secrets.push((id.clone(), sample[span].to_owned()));
+            text.push_str(&format!("sample {id} #{n}: {sample} :end-{n}\n"));
+        }
+    }
+    assert!(secrets.len() >= 300, "{} samples", secrets.len());
+    let file = ai.env().dir.path().join("samples.txt");
+    std::fs::write(&file, &text).unwrap();
+    let file = file.display().to_string();
+    for (how, extra) in [
+        ("non-streamed JSON", &["--delay", "0"][..]),
+        (
+            "streamed, 5 characters per event",
+            &["--stream", "--step", "5", "--delay", "0"][..],
+        ),
+        (
+            "streamed, 2 characters per event",
+            &["--stream", "--step", "2", "--delay", "0"][..],
+        ),
+    ] {
+        let mut args = vec!["--text-file"];
+        args.extend_from_slice(extra);
+        let out = ai.client("openai-chat", &file, &args);
+        assert!(out["error"].is_null(), "{how}: {out:#}");
+        let got = out["text"].as_str().unwrap();
+        let leaked: Vec<&str> = secrets
+            .iter()
+            .filter(|(_, s)| got.contains(s.as_str()))
+            .map(|(id, _)| id.as_str())
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "{how}: {} of {} samples leaked: {leaked:?}",
+            leaked.len(),
+            secrets.len()
+        );
+        // Same text otherwise: markers intact; streamed JSON keeps the
+        // number of characters (a masked escape is one `*`).
+        if how.starts_with("streamed") {
+            assert_eq!(got.chars().count(), text.chars().count(), "{how}");
+        }
+        for (id, _) in &secrets {
+            assert!(
+                got.contains(&format!("sample {id} #0: ")),
+                "{how}: marker for {id} changed"
+            );
+        }
+    }
 }

@@ -34,7 +34,10 @@ pub fn framing(h: &HeaderMap) -> Result<Framing, ResponseError> {
     }
     if matches!(
         essence,
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/jsonlines"
+        "application/x-ndjson"
+            | "application/ndjson"
+            | "application/jsonl"
+            | "application/jsonlines"
     ) {
         return Ok(Framing::Ndjson);
     }
@@ -46,6 +49,8 @@ pub fn framing(h: &HeaderMap) -> Result<Framing, ResponseError> {
         "application/grpc+json" | "application/grpc-web+json" => (Payload::Json, "grpc-encoding"),
         "application/connect+proto" => (Payload::Proto, "connect-content-encoding"),
         "application/connect+json" => (Payload::Json, "connect-content-encoding"),
+        "application/json" | "text/json" => return Ok(Framing::Json),
+        e if e.ends_with("+json") => return Ok(Framing::Json),
         _ => return Ok(Framing::Raw),
     };
     let codec = Codec::from_header(header(h, codec_header))?;

@@ -105,7 +105,9 @@ where
                         masker.push(&buf[..n])?
                     };
                     if !out.is_empty() {
-                        cw.lock().await.write_all(&out).await?;
+                        let mut w = cw.lock().await;
+                        w.write_all(&out).await?;
+                        w.flush().await?;
                     }
                     if let Ok(mut r) = report.lock() {
                         r.down_bytes += n as u64;
@@ -183,7 +185,9 @@ where
             if h.is_control() || !judge.request_rules {
                 // Control frames (and everything, without request rules)
                 // go on at once; they may interleave a fragmented message.
-                uw.lock().await.write_all(&frame).await?;
+                let mut w = uw.lock().await;
+                w.write_all(&frame).await?;
+                w.flush().await?;
                 continue;
             }
             let key = h.mask.unwrap_or([0; 4]);
@@ -219,23 +223,27 @@ where
             };
             if let Some(reason) = refusal {
                 tracing::warn!(target = %judge.target, workload = %judge.identity.id, %reason, "WebSocket message blocked by policy");
-                let _ = cw
-                    .lock()
-                    .await
-                    .write_all(&close_frame("blocked by policy", false))
-                    .await;
-                let _ = uw
-                    .lock()
-                    .await
-                    .write_all(&close_frame("blocked by policy", true))
-                    .await;
+                {
+                    let mut w = cw.lock().await;
+                    let _ = w.write_all(&close_frame("blocked by policy", false)).await;
+                    let _ = w.flush().await;
+                }
+                {
+                    let mut w = uw.lock().await;
+                    let _ = w.write_all(&close_frame("blocked by policy", true)).await;
+                    let _ = w.flush().await;
+                }
                 let _ = cw.lock().await.shutdown().await;
                 if let Ok(mut r) = report.lock() {
                     r.error = Some(format!("message blocked, connection closed: {reason}"));
                 }
                 return Ok(());
             }
-            uw.lock().await.write_all(&held).await?;
+            {
+                let mut w = uw.lock().await;
+                w.write_all(&held).await?;
+                w.flush().await?;
+            }
             held.clear();
             message.clear();
         }

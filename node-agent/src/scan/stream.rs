@@ -37,7 +37,15 @@ pub enum Framing {
     Ndjson,
     /// WebSocket frames from a server: text and binary payloads, joined.
     WebSocket,
-    Envelope { payload: Payload, codec: Codec },
+    /// One JSON document (a non-streamed API answer): its string values
+    /// are scanned decoded (`\"`, `\n`, `\u0041` undone). Buffered whole up
+    /// to `MAX_UNIT` (the client cannot use half a document anyway);
+    /// larger documents fall back to raw scanning.
+    Json,
+    Envelope {
+        payload: Payload,
+        codec: Codec,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +86,7 @@ enum Framer {
     Sse(SseFramer),
     Lines(Vec<u8>),
     Ws(Vec<u8>),
+    Whole(Vec<u8>),
     Envelope {
         framer: EnvelopeFramer,
         payload: Payload,
@@ -171,6 +180,7 @@ impl StreamMasker {
             Framing::Sse => Mode::Units(Box::new(Units::new(Framer::Sse(SseFramer::default())))),
             Framing::Ndjson => Mode::Units(Box::new(Units::new(Framer::Lines(Vec::new())))),
             Framing::WebSocket => Mode::Units(Box::new(Units::new(Framer::Ws(Vec::new())))),
+            Framing::Json => Mode::Units(Box::new(Units::new(Framer::Whole(Vec::new())))),
             Framing::Envelope { payload, codec } => {
                 Mode::Units(Box::new(Units::new(Framer::Envelope {
                     framer: EnvelopeFramer::default(),
@@ -209,11 +219,34 @@ impl StreamMasker {
             return Err(ScanError::Failed(e.clone()));
         }
         let scanner = (*self.scanner).as_ref();
+        let mut chunk = chunk;
+        let mut spilled = Vec::new();
+        if let Mode::Units(u) = &mut self.mode {
+            if let Framer::Whole(buf) = &mut u.framer {
+                if buf.len() + chunk.len() > MAX_UNIT {
+                    // Too big to hold whole: scan it raw from here on.
+                    spilled = std::mem::take(buf);
+                    spilled.extend_from_slice(chunk);
+                    self.mode = Mode::Raw { held: Vec::new() };
+                }
+            }
+        }
+        if !spilled.is_empty() {
+            chunk = &spilled;
+        }
         let res = match &mut self.mode {
             Mode::Raw { held } => {
                 held.extend_from_slice(chunk);
                 let precise = chunk.len() <= PRECISE_CHUNK;
-                settle(scanner, &self.applies, &mut self.masked, held, last, precise).map(|s| {
+                settle(
+                    scanner,
+                    &self.applies,
+                    &mut self.masked,
+                    held,
+                    last,
+                    precise,
+                )
+                .map(|s| {
                     for (a, b) in s.masks {
                         held[a..b].fill(MASK);
                     }
@@ -307,6 +340,27 @@ impl Units {
                     return Err(ScanError::Framing(
                         "WebSocket stream ended inside a frame".into(),
                     ));
+                }
+            }
+            Framer::Whole(buf) => {
+                buf.extend_from_slice(chunk);
+                if last {
+                    let doc = std::mem::take(buf);
+                    let segs = match super::json::strings(&doc) {
+                        // Each value on its own: one document, no joining.
+                        Ok(strings) => strings
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, s)| Segment {
+                                key: format!("{i}{}", s.key),
+                                kind: SegmentKind::Field,
+                                decoded: s.decoded,
+                                origin: s.origin,
+                            })
+                            .collect(),
+                        Err(_) => line_segments(&doc),
+                    };
+                    new_units.push((doc, None, segs));
                 }
             }
             Framer::Lines(buf) => {
@@ -408,7 +462,14 @@ impl Units {
             }
             if repeat || (!known && self.streams.len() >= MAX_STREAMS) {
                 // Scanned on its own, settled at once.
-                let s = settle(ctx.scanner, ctx.applies, ctx.masked, &seg.decoded, true, true)?;
+                let s = settle(
+                    ctx.scanner,
+                    ctx.applies,
+                    ctx.masked,
+                    &seg.decoded,
+                    true,
+                    true,
+                )?;
                 let unit = self
                     .queue
                     .back_mut()
@@ -479,7 +540,10 @@ impl Units {
                     let payload = if flags & envelope::COMPRESSED != 0 {
                         match &self.framer {
                             Framer::Envelope { codec, .. } => codec.encode(&body)?,
-                            Framer::Sse(_) | Framer::Lines(_) | Framer::Ws(_) => body,
+                            Framer::Sse(_)
+                            | Framer::Lines(_)
+                            | Framer::Ws(_)
+                            | Framer::Whole(_) => body,
                         }
                     } else {
                         body
@@ -569,22 +633,8 @@ mod tests {
         Arc::new(
             Scanner::compile(
                 vec![
-                    PatternSpec {
-                        id: "github-token".into(),
-                        rule: 0,
-                        regex: r"\bgh[pousr]_[A-Za-z0-9]{36,251}\b".into(),
-                        caseless: false,
-                        luhn: false,
-                        prefilter: None,
-                    },
-                    PatternSpec {
-                        id: "aws-access-key".into(),
-                        rule: 0,
-                        regex: r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b".into(),
-                        caseless: false,
-                        luhn: false,
-                        prefilter: None,
-                    },
+                    PatternSpec::new("github-token", 0, r"\bgh[pousr]_[A-Za-z0-9]{36,251}\b"),
+                    PatternSpec::new("aws-access-key", 0, r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b"),
                 ],
                 4096,
             )
@@ -768,7 +818,13 @@ mod tests {
     fn ndjson_stream_token_split_across_lines_is_masked() {
         let lines: Vec<Vec<u8>> = ["token ghp_A1b2C3d4E5f6G7h8", "I9j0K1l2M3n4O5p6Q7r8 ok"]
             .iter()
-            .map(|t| format!("{}\n", serde_json::json!({"model": "m", "response": t, "done": false})).into_bytes())
+            .map(|t| {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"model": "m", "response": t, "done": false})
+                )
+                .into_bytes()
+            })
             .collect();
         let (out, _) = run(Framing::Ndjson, &lines);
         let s = String::from_utf8(out).unwrap();
@@ -791,11 +847,35 @@ mod tests {
             frame(true, 0, b"I9j0K1l2M3n4O5p6Q7r8 ok"),
         ]
         .concat();
-        let (out, _) = run(Framing::WebSocket, &[stream[..20].to_vec(), stream[20..].to_vec()]);
+        let (out, _) = run(
+            Framing::WebSocket,
+            &[stream[..20].to_vec(), stream[20..].to_vec()],
+        );
         assert_eq!(out.len(), stream.len(), "frames keep their length");
         let s = String::from_utf8_lossy(&out);
-        assert!(s.contains("token ****") && s.contains("ping") && s.contains("**** ok"), "{s}");
+        assert!(
+            s.contains("token ****") && s.contains("ping") && s.contains("**** ok"),
+            "{s}"
+        );
         assert!(!s.contains("I9j0") && !s.contains("C3d4"), "{s}");
+    }
+
+    #[test]
+    fn json_documents_are_scanned_unescaped_and_big_ones_raw() {
+        let doc = br#"{"choices":[{"message":{"content":"key \u0041KIAIOSFODNN7EXAMPLE\n"}}]}"#;
+        let (out, sizes) = run(Framing::Json, &[doc[..20].to_vec(), doc[20..].to_vec()]);
+        assert_eq!(sizes, vec![0, 0], "held until the document is whole");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            format!("key {}\n", "*".repeat(20))
+        );
+        let mut big = b"{\"a\":\"".to_vec();
+        big.extend(std::iter::repeat_n(b'x', MAX_UNIT));
+        big.extend_from_slice(format!(" {TOKEN} \"}}").as_bytes());
+        let (out, _) = run(Framing::Json, &[big[..1000].to_vec(), big[1000..].to_vec()]);
+        assert_eq!(out.len(), big.len());
+        assert!(!String::from_utf8_lossy(&out).contains(TOKEN));
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub fn parse_header(buf: &[u8], limit: usize) -> Result<Option<FrameHeader>, Sca
     }
     let (b0, b1) = (buf[0], buf[1]);
     if b0 & 0x30 != 0 {
-        return Err(ScanError::Framing("WebSocket reserved bits RSV2/RSV3 set".into()));
+        return Err(ScanError::Framing(
+            "WebSocket reserved bits RSV2/RSV3 set".into(),
+        ));
     }
     let opcode = b0 & 0x0f;
     if !matches!(opcode, 0 | 1 | 2 | 8 | 9 | 10) {
@@ -54,13 +56,14 @@ pub fn parse_header(buf: &[u8], limit: usize) -> Result<Option<FrameHeader>, Sca
         }
         n => (u64::from(n), 2),
     };
-    let payload_len = usize::try_from(len)
-        .ok()
-        .filter(|l| *l <= limit)
-        .ok_or(ScanError::TooLarge {
-            what: "WebSocket frame",
-            limit,
-        })?;
+    let payload_len =
+        usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= limit)
+            .ok_or(ScanError::TooLarge {
+                what: "WebSocket frame",
+                limit,
+            })?;
     let mask = if masked {
         if buf.len() < at + 4 {
             return Ok(None);
@@ -81,7 +84,6 @@ pub fn parse_header(buf: &[u8], limit: usize) -> Result<Option<FrameHeader>, Sca
     }))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,11 +92,17 @@ mod tests {
     fn headers_of_every_length_form() {
         assert_eq!(parse_header(&[0x81], 1 << 20).unwrap(), None);
         let h = parse_header(&[0x81, 0x05, b'h'], 1 << 20).unwrap().unwrap();
-        assert_eq!((h.fin, h.opcode, h.header_len, h.payload_len), (true, 1, 2, 5));
+        assert_eq!(
+            (h.fin, h.opcode, h.header_len, h.payload_len),
+            (true, 1, 2, 5)
+        );
         let h = parse_header(&[0x01, 0xfe, 0x01, 0x00, 1, 2, 3, 4], 1 << 20)
             .unwrap()
             .unwrap();
-        assert_eq!((h.fin, h.payload_len, h.mask), (false, 256, Some([1, 2, 3, 4])));
+        assert_eq!(
+            (h.fin, h.payload_len, h.mask),
+            (false, 256, Some([1, 2, 3, 4]))
+        );
         let mut big = vec![0x82, 0x7f];
         big.extend(70_000u64.to_be_bytes());
         assert_eq!(parse_header(&big, 1 << 20).unwrap().unwrap().header_len, 10);
@@ -102,5 +110,4 @@ mod tests {
         assert!(parse_header(&[0xb1, 0x00], 1 << 20).is_err(), "RSV2");
         assert!(parse_header(&[0x83, 0x00], 1 << 20).is_err(), "opcode 3");
     }
-
 }
