@@ -664,3 +664,10 @@ pub fn write_file(path: &Path, text: &str) {
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(text.as_bytes()).unwrap();
 }
+
+impl Env {
+    /// Stops the node; it stays stopped until `restart`.
+    pub fn stop_node(&mut self) {
+        drop(std::mem::replace(&mut self.node, Node::placeholder()));
+    }
+}

@@ -4,5 +4,6 @@
 //! node. They need root and fail loudly without it; they never skip.
 mod foundation;
 mod harness;
+mod hostile;
 mod policy;
 mod tls;
