@@ -429,7 +429,9 @@ fn root_job_cannot_approve_its_own_request_or_lift_its_own_suspension() {
     );
     let _ = std::fs::remove_dir(&sub);
     // The operator, outside, denies it.
-    let out = env.node.cli(&["approvals", "deny", &aid]);
+    let out = env
+        .node
+        .cli(&["approvals", "deny", &aid, "--reason", "not from the job"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = held.wait_with_output().unwrap();
     assert!(
