@@ -969,6 +969,204 @@ mod tests {
         assert_eq!(container_id("/system.slice/foo.service"), None);
     }
 
+    /// A fake /proc and cgroup tree: (pid, ppid, comm, start, cgroup, env).
+    struct FakeHost {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeHost {
+        fn new() -> Self {
+            let h = FakeHost {
+                dir: tempfile::tempdir().unwrap(),
+            };
+            h.process(1, 0, "systemd", 1, "/init.scope", &[]);
+            h
+        }
+
+        fn proc_root(&self) -> PathBuf {
+            self.dir.path().join("proc")
+        }
+
+        fn cg_root(&self) -> PathBuf {
+            self.dir.path().join("cg")
+        }
+
+        fn process(&self, pid: u32, ppid: u32, comm: &str, start: u64, cg: &str, env: &[&str]) {
+            let d = self.proc_root().join(pid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            let fill = "0 ".repeat(17);
+            std::fs::write(
+                d.join("stat"),
+                format!("{pid} ({comm}) S {ppid} {fill}{start} 0 0\n"),
+            )
+            .unwrap();
+            std::fs::write(d.join("environ"), env.join("\0")).unwrap();
+            std::fs::write(d.join("cgroup"), format!("0::{cg}\n")).unwrap();
+            let _ = std::os::unix::fs::symlink(format!("/opt/bin/{comm}"), d.join("exe"));
+            let cgd = self.cg_root().join(cg.trim_start_matches('/'));
+            std::fs::create_dir_all(&cgd).unwrap();
+            let procs = cgd.join("cgroup.procs");
+            let mut text = std::fs::read_to_string(&procs).unwrap_or_default();
+            text.push_str(&format!("{pid}\n"));
+            std::fs::write(procs, text).unwrap();
+        }
+
+        fn exit(&self, pid: u32, cg: &str) {
+            std::fs::remove_dir_all(self.proc_root().join(pid.to_string())).unwrap();
+            let procs = self
+                .cg_root()
+                .join(cg.trim_start_matches('/'))
+                .join("cgroup.procs");
+            let text: String = std::fs::read_to_string(&procs)
+                .unwrap()
+                .lines()
+                .filter(|l| *l != pid.to_string())
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(procs, text).unwrap();
+        }
+
+        fn resolver(&self) -> Inner {
+            let r = Inner {
+                proc_root: self.proc_root(),
+                cgroup_root: self.cg_root(),
+                watched: vec!["/runner".into()],
+                anchors: IdentitySettings::default().job_processes,
+                selectors: vec![],
+                paths: Mutex::new(Bounded::new(16)),
+                jobs: Mutex::new(Bounded::new(16)),
+                audited: Mutex::new(Bounded::new(16)),
+            };
+            r.paths.lock().unwrap().insert(7, "/runner".to_owned());
+            r
+        }
+    }
+
+    fn origin(tgid: u32) -> Origin {
+        Origin {
+            dst_addr: [0; 16],
+            dst_port: 443,
+            family: 2,
+            target_id: 1,
+            pid: tgid,
+            tgid,
+            uid: 0,
+            gid: 0,
+            cgroup_id: 7,
+            cookie: 0,
+            comm: [0; 16],
+        }
+    }
+
+    const JOB_A: &[&str] = &[
+        "GITHUB_ACTIONS=true",
+        "GITHUB_REPOSITORY=acme/a",
+        "GITHUB_RUN_ID=1",
+    ];
+    const JOB_B: &[&str] = &[
+        "GITHUB_ACTIONS=true",
+        "GITHUB_REPOSITORY=acme/b",
+        "GITHUB_RUN_ID=2",
+    ];
+    const FORGED: &[&str] = &[
+        "GITHUB_ACTIONS=true",
+        "GITHUB_REPOSITORY=acme/other",
+        "GITHUB_RUN_ID=1",
+    ];
+
+    fn repo(id: &WorkloadIdentity) -> Option<&str> {
+        id.ci.as_ref().and_then(|c| c.repository.as_deref())
+    }
+
+    #[test]
+    fn trusted_identity_comes_from_the_topmost_runner_worker() {
+        let h = FakeHost::new();
+        h.process(10, 1, "Runner.Listener", 100, "/runner", &[]);
+        h.process(20, 10, "Runner.Worker", 200, "/runner", JOB_A);
+        h.process(21, 20, "bash", 210, "/runner", JOB_A);
+        h.process(22, 21, "curl", 220, "/runner", FORGED);
+        // A fake Runner.Worker planted by the job, below the real one.
+        h.process(23, 21, "Runner.Worker", 230, "/runner", FORGED);
+        h.process(24, 23, "curl", 240, "/runner", FORGED);
+        let r = h.resolver();
+        for pid in [22, 24] {
+            let (id, p) = r.resolve(&origin(pid));
+            assert_eq!(repo(&id), Some("acme/a"), "pid {pid}");
+            let src = id.ci_source.as_ref().unwrap();
+            assert_eq!((src.pid, src.how.as_str()), (20, "runner-anchor"));
+            assert_eq!(
+                p.claimed_ci.and_then(|c| c.repository).as_deref(),
+                Some("acme/other")
+            );
+        }
+        // The step shell, honest: no claim recorded.
+        let (id, p) = r.resolve(&origin(21));
+        assert_eq!(repo(&id), Some("acme/a"));
+        assert!(p.claimed_ci.is_none());
+        // A parent younger than its child is a reused pid: not followed.
+        h.process(30, 31, "curl", 300, "/runner", FORGED);
+        h.process(31, 1, "Runner.Worker", 400, "/runner", JOB_B);
+        let (id, _) = r.resolve(&origin(30));
+        assert_ne!(repo(&id), Some("acme/b"));
+    }
+
+    #[test]
+    fn a_later_job_in_the_same_cgroup_is_never_attributed_to_an_earlier_one() {
+        let h = FakeHost::new();
+        h.process(10, 1, "Runner.Listener", 100, "/runner", &[]);
+        h.process(20, 10, "Runner.Worker", 200, "/runner", JOB_A);
+        h.process(22, 20, "curl", 220, "/runner", JOB_A);
+        let r = h.resolver();
+        let (a, _) = r.resolve(&origin(22));
+        assert_eq!(repo(&a), Some("acme/a"));
+        // A process gone before we looked: its cgroup's only job.
+        let (gone, _) = r.resolve(&origin(99));
+        assert_eq!(repo(&gone), Some("acme/a"));
+        assert_eq!(gone.ci_source.unwrap().how, "cgroup-sole-job");
+        // Job A ends, job B starts in the same cgroup (the cache still
+        // holds A's worker): a gone process now belongs to B.
+        h.exit(22, "/runner");
+        h.exit(20, "/runner");
+        h.process(40, 10, "Runner.Worker", 500, "/runner", JOB_B);
+        let (gone, _) = r.resolve(&origin(99));
+        assert_eq!(repo(&gone), Some("acme/b"));
+        // Two jobs at once: a gone process is not guessed, it is refused.
+        h.process(50, 10, "Runner.Worker", 600, "/runner", JOB_A);
+        let (gone, _) = r.resolve(&origin(99));
+        assert!(gone.ci.is_none());
+        assert!(gone.unattributed.unwrap().contains("2 CI jobs"));
+        // A detached process (reparented to init) with a forged env in a
+        // cgroup running two jobs: refused as well, never its own claim.
+        h.process(60, 1, "curl", 700, "/runner", FORGED);
+        let (orphan, p) = r.resolve(&origin(60));
+        assert!(orphan.unattributed.is_some() && orphan.ci.is_none());
+        assert_eq!(
+            p.claimed_ci.and_then(|c| c.repository).as_deref(),
+            Some("acme/other")
+        );
+    }
+
+    #[test]
+    fn without_a_runner_anchor_the_process_the_runner_put_there_is_trusted() {
+        let h = FakeHost::new();
+        // Entered the cgroup from outside (its parent is not watched).
+        h.process(
+            5,
+            1,
+            "containerd-shim",
+            50,
+            "/system.slice/containerd.service",
+            &[],
+        );
+        h.process(10, 5, "sh", 100, "/runner", JOB_A);
+        h.process(11, 10, "python3", 110, "/runner", FORGED);
+        let r = h.resolver();
+        let (id, p) = r.resolve(&origin(11));
+        assert_eq!(repo(&id), Some("acme/a"));
+        assert_eq!(id.ci_source.unwrap().how, "cgroup-top");
+        assert!(p.claimed_ci.is_some());
+    }
+
     #[test]
     fn finds_own_cgroup_by_inode() {
         // Our own cgroup's inode must map back to our cgroup path.
