@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent machine set-up for building and testing Sluice.
 # Installs: Debian packages (hyperscan, bpftool, postgres, iproute2, curl),
+# Python test clients (openai, grpcio, websockets, brotli, zstandard),
 # the nightly rust-src component, and bpf-linker built against the nightly's
 # own LLVM (see shared/TOOLCHAIN.md). Fast when everything is already there.
 set -euo pipefail
@@ -14,6 +15,15 @@ if ((${#need_apt[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# Real clients and servers for the end-to-end suite: the `openai` library,
+# grpcio (gRPC client and server), websockets, brotli and zstandard (the
+# fake API's compressed answers). Pinned so a fresh machine tests the same.
+PY_PKGS=(openai==3.57.0 grpcio==1.85.3 websockets==17.4 brotli==1.2.1 zstandard==0.25.0)
+if ! python3 -c 'import openai, grpc, websockets, brotli, zstandard' >/dev/null 2>&1; then
+  echo "setup: installing Python packages: ${PY_PKGS[*]}"
+  python3 -m pip install --quiet --disable-pip-version-check "${PY_PKGS[@]}"
 fi
 
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then

@@ -196,7 +196,19 @@ impl Default for ProxyConfig {
 pub struct WatchConfig {
     /// cgroup v2 directories whose processes are intercepted (the CI
     /// runner service's subtree), relative to the cgroup2 mount or absolute.
+    #[serde(default)]
     pub cgroups: Vec<WatchedCgroup>,
+    /// Globs over cgroup paths relative to the cgroup2 mount, one `*`-glob
+    /// per path component (e.g. `system.slice/docker-*.scope`): every
+    /// matching cgroup is watched, including those created after start
+    /// (the node attaches the moment the directory appears).
+    #[serde(default)]
+    pub patterns: Vec<String>,
+    /// Refuse, with the BPF LSM, what a root job could use to get around
+    /// the redirect: packet sockets, leaving its watched cgroup, bpf().
+    /// `false` (or a kernel without the BPF LSM) leaves detection only.
+    #[serde(default = "default_true")]
+    pub bpf_lsm: bool,
     /// Keep the kernel programs attached (pinned) when the node stops or
     /// dies, so watched jobs cannot reach targets without it. `sluice
     /// detach` removes them.
@@ -371,11 +383,16 @@ impl Config {
         if !self.proxy.listen_v6.is_loopback() {
             return Err(bad("proxy.listen_v6".into(), "must be ::1".into()));
         }
-        if self.watch.cgroups.is_empty() {
+        if self.watch.cgroups.is_empty() && self.watch.patterns.is_empty() {
             return Err(bad(
                 "watch.cgroups".into(),
-                "names no cgroup: nothing would be intercepted".into(),
+                "names no cgroup (and `watch.patterns` none): nothing would be intercepted".into(),
             ));
+        }
+        for (i, p) in self.watch.patterns.iter().enumerate() {
+            if let Err(m) = crate::watch::CgroupPattern::parse(p) {
+                return Err(bad(format!("watch.patterns[{i}]"), m));
+            }
         }
         for (i, c) in self.watch.cgroups.iter().enumerate() {
             if c.path.as_os_str().is_empty()
@@ -561,6 +578,16 @@ mod tests {
 
         let e = err("targets: []\n");
         assert!(e.contains("watch"), "{e}");
+
+        let e = err("watch:\n  patterns: [\"a/../b\"]\n");
+        assert!(e.contains("watch.patterns[0]"), "{e}");
+        let e = err("watch:\n  patterns: [\"a/[x\"]\n");
+        assert!(e.contains("watch.patterns[0]"), "{e}");
+        assert!(Config::parse(
+            "watch:\n  patterns: [\"system.slice/docker-*.scope\"]\n",
+            "t"
+        )
+        .is_ok());
 
         let e = err(&format!(
             "{MINIMAL}targets:\n  - name: x\n    addresses: [\"127.0.0.1\"]\n"

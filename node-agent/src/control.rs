@@ -20,6 +20,7 @@ use crate::{
     policy::PolicySummary,
     proxy::Proxy,
     record::{ConnectionRecord, Exchange, Filter},
+    redirect::Containment,
     suspend::Suspension,
 };
 
@@ -208,6 +209,20 @@ pub struct Status {
     /// The bundle in force has passed its `expires_at`.
     #[serde(default)]
     pub policy_expired: bool,
+    /// `bpf-lsm`, or `degraded: <why>` (escapes detected, not prevented).
+    #[serde(default)]
+    pub containment: String,
+    #[serde(default)]
+    pub kernel_raw_sockets_refused: u64,
+    #[serde(default)]
+    pub kernel_packet_sockets_refused: u64,
+    #[serde(default)]
+    pub kernel_cgroup_escapes_refused: u64,
+    #[serde(default)]
+    pub kernel_bpf_refused: u64,
+    /// Processes seen leaving a watched cgroup (degraded mode) and killed.
+    #[serde(default)]
+    pub escapes_detected: u64,
 }
 
 pub struct ControlServer {
@@ -306,10 +321,7 @@ impl ControlServer {
         };
         let (r, mut w) = stream.into_split();
         if uid == 0 {
-            let (root, watched) = (
-                self.cgroup_root.clone(),
-                self.proxy.redirector.cgroups.clone(),
-            );
+            let (root, watched) = (self.cgroup_root.clone(), self.proxy.redirector.cgroups());
             let placed = tokio::task::spawn_blocking(move || {
                 refuse_watched_caller(pid, Path::new("/proc"), &root, &watched)
             })
@@ -379,7 +391,7 @@ impl ControlServer {
                     uptime_secs: self.started.elapsed().as_secs(),
                     watched_cgroups: p
                         .redirector
-                        .cgroups
+                        .cgroups()
                         .iter()
                         .map(|c| c.display().to_string())
                         .collect(),
@@ -414,6 +426,15 @@ impl ControlServer {
                     kernel_foreign_netns_refused: k.get(2).copied().unwrap_or_default(),
                     kernel_rekeyed: k.get(3).copied().unwrap_or_default(),
                     kernel_closed: k.get(4).copied().unwrap_or_default(),
+                    containment: match &p.redirector.containment {
+                        Containment::Lsm => "bpf-lsm".into(),
+                        Containment::Degraded(why) => format!("degraded: {why}"),
+                    },
+                    kernel_raw_sockets_refused: k.get(5).copied().unwrap_or_default(),
+                    kernel_packet_sockets_refused: k.get(6).copied().unwrap_or_default(),
+                    kernel_cgroup_escapes_refused: k.get(7).copied().unwrap_or_default(),
+                    kernel_bpf_refused: k.get(8).copied().unwrap_or_default(),
+                    escapes_detected: p.redirector.escapes_detected.load(Ordering::Relaxed),
                 })
             }
             Request::SessionsList { filter } => match p.store.list(&filter) {

@@ -15,15 +15,17 @@ use crate::{
     addr::ProxyAddr,
     approvals::Approvals,
     config::{validate_targets, Config, Target, TlsMode},
+    contain::EscapeDetector,
     control::{self, ControlServer},
     identity::IdentityResolver,
     policy::{PolicyEngine, TargetSink},
     proxy::{self, Counters, Proxy},
     record::RecordStore,
-    redirect::{self, Redirector},
+    redirect::{self, Containment, Redirector},
     suspend::Suspensions,
     targets::{self, LiveTargets},
     tls::{Ca, TlsContext},
+    watch::PatternWatcher,
 };
 
 pub struct RunOptions {
@@ -65,12 +67,33 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
 
+    let node_dir = redirect::node_pin_dir(&cgroups, &cfg.watch.patterns);
     let redirector = Arc::new(Redirector::load(
         &cgroups,
+        &node_dir,
+        cfg.watch.bpf_lsm,
         cfg.proxy.listen_v4,
         cfg.proxy.listen_v6,
         cfg.proxy.port,
     )?);
+    if !cfg.watch.patterns.is_empty() {
+        // Attaches to the existing matches before we say ready.
+        let watcher = PatternWatcher::new(
+            root.clone(),
+            &cfg.watch.patterns,
+            &cgroups,
+            redirector.clone(),
+        )?;
+        info!(patterns = ?watcher.patterns(), "watching for new cgroups");
+        std::thread::Builder::new()
+            .name("cgroup-watch".into())
+            .spawn(move || watcher.run())
+            .context("starting the cgroup watcher")?;
+    }
+    if let Containment::Degraded(why) = &redirector.containment {
+        warn!(reason = %why, "CONTAINMENT DEGRADED: leaving a watched cgroup is detected (the process is killed), not prevented");
+        tokio::spawn(EscapeDetector::new(redirector.clone()).run());
+    }
     let tls = tls_context(&cfg, &state_dir)?;
     let policy = Arc::new(PolicyEngine::load(
         &cfg.policy.trusted_keys,
@@ -105,7 +128,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let proxy = Arc::new(Proxy {
         redirector: redirector.clone(),
-        identities: IdentityResolver::new(root.clone(), &cgroups, &cfg.workloads, &cfg.identity),
+        identities: IdentityResolver::new(
+            root.clone(),
+            {
+                let r = redirector.clone();
+                Arc::new(move || r.cgroups())
+            },
+            &cfg.workloads,
+            &cfg.identity,
+        ),
         store: store.clone(),
         targets: live.clone(),
         tls,
@@ -136,7 +167,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tokio::spawn(server.serve(control_listener));
 
     info!(
-        cgroups = ?cgroups,
+        cgroups = ?redirector.cgroups(),
+        containment = ?redirector.containment,
         port = cfg.proxy.port,
         state_dir = %state_dir.display(),
         socket = %socket.display(),
@@ -148,7 +180,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     if cfg.watch.fail_closed {
         info!("kernel programs stay attached: watched jobs cannot reach targets until the node is back (`sluice detach` to remove)");
     } else {
-        let n = redirect::detach(&cgroups)?;
+        let n = redirect::detach(&node_dir, &redirector.cgroups())?;
         info!(links = n, "kernel programs detached");
     }
     store.flush().await?;

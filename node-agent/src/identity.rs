@@ -148,6 +148,9 @@ struct Proc {
     start: u64,
 }
 
+/// Returns the cgroups the programs are attached to now.
+pub type WatchedFn = Arc<dyn Fn() -> Vec<PathBuf> + Send + Sync>;
+
 /// What one connection's attribution found.
 struct Attribution {
     ci: Option<CiJob>,
@@ -158,8 +161,9 @@ struct Attribution {
 struct Inner {
     proc_root: PathBuf,
     cgroup_root: PathBuf,
-    /// Watched cgroups, as paths relative to the cgroup2 root (`/a/b`).
-    watched: Vec<String>,
+    /// The watched cgroups now (absolute; the set grows with
+    /// `watch.patterns`).
+    watched: WatchedFn,
     anchors: Vec<String>,
     selectors: Vec<(String, glob::Pattern)>,
     /// cgroup id → path. Kernel cgroup ids are not reused while the
@@ -181,21 +185,14 @@ pub struct IdentityResolver {
 }
 
 impl IdentityResolver {
-    /// `watched`: the watched cgroup directories (absolute, under
+    /// `watched`: the watched cgroup directories now (absolute, under
     /// `cgroup_root`).
     pub fn new(
         cgroup_root: PathBuf,
-        watched: &[PathBuf],
+        watched: WatchedFn,
         selectors: &[WorkloadSelector],
         settings: &IdentitySettings,
     ) -> Self {
-        let watched = watched
-            .iter()
-            .map(|w| match w.strip_prefix(&cgroup_root) {
-                Ok(rel) => format!("/{}", rel.display()),
-                Err(_) => w.display().to_string(),
-            })
-            .collect();
         Self {
             inner: Arc::new(Inner {
                 proc_root: PathBuf::from("/proc"),
@@ -321,10 +318,11 @@ impl Inner {
             .ok()
             .and_then(|env| ci_from_environ(&env));
         let me = read_stat(&self.proc_root, origin.tgid);
+        let watched = self.watched_rel();
         let att = match &me {
-            Some(me) => self.attribute_live(me, path.as_deref()),
+            Some(me) => self.attribute_live(&watched, me, path.as_deref()),
             // Gone before we looked: only its cgroup is left to go by.
-            None => self.attribute_by_cgroup(path.as_deref(), "process exited"),
+            None => self.attribute_by_cgroup(&watched, path.as_deref(), "process exited"),
         };
         if claimed.is_some() && claimed != att.ci {
             process.claimed_ci = claimed;
@@ -373,8 +371,19 @@ impl Inner {
         Some(found)
     }
 
-    fn in_watched(&self, path: &str) -> bool {
-        self.watched.iter().any(|w| path_within(path, w))
+    /// The watched cgroups as paths relative to the cgroup2 root (`/a/b`).
+    fn watched_rel(&self) -> Vec<String> {
+        (self.watched)()
+            .iter()
+            .map(|w| match w.strip_prefix(&self.cgroup_root) {
+                Ok(rel) => format!("/{}", rel.display()),
+                Err(_) => w.display().to_string(),
+            })
+            .collect()
+    }
+
+    fn in_watched(watched: &[String], path: &str) -> bool {
+        watched.iter().any(|w| path_within(path, w))
     }
 
     fn is_anchor(&self, p: &Proc) -> bool {
@@ -434,7 +443,7 @@ impl Inner {
     /// The connecting process's ancestors, itself first, while they are in
     /// the watched cgroups. Each parent must be older than its child, so a
     /// reused pid never joins the chain.
-    fn ancestry(&self, me: &Proc) -> Vec<Proc> {
+    fn ancestry(&self, watched: &[String], me: &Proc) -> Vec<Proc> {
         let mut chain = vec![me.clone()];
         while chain.len() < MAX_DEPTH {
             let Some(child) = chain.last() else { break };
@@ -448,7 +457,7 @@ impl Inner {
                 break;
             }
             let dir = self.proc_root.join(parent.pid.to_string());
-            if !read_cgroup_path(&dir).is_some_and(|p| self.in_watched(&p)) {
+            if !read_cgroup_path(&dir).is_some_and(|p| Self::in_watched(watched, &p)) {
                 break;
             }
             chain.push(parent);
@@ -463,8 +472,8 @@ impl Inner {
     ///    the job's tree (double fork, reparented): the cgroup's sole job.
     /// 3. Otherwise the topmost ancestor inside the watched cgroups (the
     ///    process the runner put there; possibly this process itself).
-    fn attribute_live(&self, me: &Proc, path: Option<&str>) -> Attribution {
-        let chain = self.ancestry(me);
+    fn attribute_live(&self, watched: &[String], me: &Proc, path: Option<&str>) -> Attribution {
+        let chain = self.ancestry(watched, me);
         if let Some(i) = chain.iter().rposition(|p| self.is_anchor(p)) {
             let anchor = &chain[i];
             let from_anchor = self.trusted(anchor, "runner-anchor");
@@ -477,7 +486,7 @@ impl Inner {
             if let Some(path) = path {
                 let members = self.scan(path);
                 if members.iter().any(|p| self.is_anchor(p)) {
-                    return self.sole_job(&members, "not below the runner's job process");
+                    return self.sole_job(watched, &members, "not below the runner's job process");
                 }
             }
         }
@@ -491,11 +500,16 @@ impl Inner {
         }
     }
 
-    fn attribute_by_cgroup(&self, path: Option<&str>, why: &str) -> Attribution {
+    fn attribute_by_cgroup(
+        &self,
+        watched: &[String],
+        path: Option<&str>,
+        why: &str,
+    ) -> Attribution {
         match path {
             Some(p) => {
                 let members = self.scan(p);
-                self.sole_job(&members, why)
+                self.sole_job(watched, &members, why)
             }
             None => Attribution {
                 ci: None,
@@ -510,7 +524,7 @@ impl Inner {
     /// whose parent is outside the watched cgroups (what the runner put
     /// there). One job: it. None: no CI identity. Several: unattributable
     /// (the caller refuses the connection rather than guess).
-    fn sole_job(&self, members: &[Proc], why: &str) -> Attribution {
+    fn sole_job(&self, watched: &[String], members: &[Proc], why: &str) -> Attribution {
         let pids: HashSet<u32> = members.iter().map(|p| p.pid).collect();
         let anchors: Vec<&Proc> = members.iter().filter(|p| self.is_anchor(p)).collect();
         let mut candidates: Vec<(Option<CiJob>, &Proc)> = Vec::new();
@@ -518,7 +532,7 @@ impl Inner {
             for p in members {
                 let outside = !pids.contains(&p.ppid)
                     && !read_cgroup_path(&self.proc_root.join(p.ppid.to_string()))
-                        .is_some_and(|c| self.in_watched(&c));
+                        .is_some_and(|c| Self::in_watched(watched, &c));
                 if outside {
                     candidates.push((self.job_of(p), p));
                 }
@@ -1030,7 +1044,10 @@ mod tests {
             let r = Inner {
                 proc_root: self.proc_root(),
                 cgroup_root: self.cg_root(),
-                watched: vec!["/runner".into()],
+                watched: {
+                    let w = self.cg_root().join("runner");
+                    Arc::new(move || vec![w.clone()])
+                },
                 anchors: IdentitySettings::default().job_processes,
                 selectors: vec![],
                 paths: Mutex::new(Bounded::new(16)),

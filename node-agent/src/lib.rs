@@ -3,6 +3,7 @@
 pub mod addr;
 pub mod approvals;
 pub mod config;
+pub mod contain;
 pub mod control;
 pub mod daemon;
 pub mod export;
@@ -16,3 +17,4 @@ pub mod scan;
 pub mod suspend;
 pub mod targets;
 pub mod tls;
+pub mod watch;

@@ -339,6 +339,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     s.kernel_redirected, s.kernel_udp_refused, s.kernel_foreign_netns_refused
                 );
                 println!(
+                    "containment: {}; refused: {} raw sockets, {} packet sockets, {} cgroup escapes, {} bpf(); {} escapes detected",
+                    s.containment,
+                    s.kernel_raw_sockets_refused,
+                    s.kernel_packet_sockets_refused,
+                    s.kernel_cgroup_escapes_refused,
+                    s.kernel_bpf_refused,
+                    s.escapes_detected
+                );
+                println!(
                     "records:    {} stored, {} errors",
                     s.records_stored, s.record_errors
                 );
@@ -403,13 +412,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Detach { config } => {
             let cfg = config::Config::load(config.as_deref())?;
             let root = node_agent::redirect::cgroup2_root()?;
-            let cgroups: Vec<PathBuf> = cfg
+            let configured: Vec<PathBuf> = cfg
                 .watch
                 .cgroups
                 .iter()
                 .map(|c| node_agent::redirect::cgroup_path(&root, &c.path))
                 .collect();
-            let n = node_agent::redirect::detach(&cgroups)?;
+            let patterns: Vec<_> = cfg
+                .watch
+                .patterns
+                .iter()
+                .filter_map(|p| node_agent::watch::CgroupPattern::parse(p).ok())
+                .collect();
+            let mut cgroups = configured.clone();
+            cgroups.extend(node_agent::watch::matching_cgroups(&root, &patterns));
+            let node_dir = node_agent::redirect::node_pin_dir(&configured, &cfg.watch.patterns);
+            let n = node_agent::redirect::detach(&node_dir, &cgroups)?;
             println!("detached {n} link(s) from {} cgroup(s)", cgroups.len());
         }
         Cmd::Policy { cmd } => return policy_command(cmd, &sock()).await,

@@ -3,10 +3,10 @@
 //! in the kernel maps, and answers "where did this accepted connection mean
 //! to go, and who opened it?".
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -15,14 +15,15 @@ use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, SockOps,
     },
-    Ebpf,
+    Btf, Ebpf, EbpfLoader,
 };
 use ipnet::IpNet;
 use sluice_common::{
     ClientKey, Origin, ProxyConfig, TargetKeyV4, TargetKeyV6, TargetValue, AF_INET, AF_INET6,
 };
+use tracing::{error, info};
 
 use crate::addr::{ClientAddr, OrigDstAddr};
 
@@ -68,6 +69,30 @@ pub enum RedirectError {
     Pin(String),
 }
 
+/// Cgroup programs, attached to every watched cgroup.
+const SOCK_PROGRAM: &str = "sluice_sock_create";
+const SOCKOPS_PROGRAM: &str = "sluice_sockops";
+
+/// BPF LSM programs (global; they act on tasks under a watched cgroup):
+/// (program, hook).
+const LSM_PROGRAMS: &[(&str, &str)] = &[
+    ("sluice_lsm_socket_create", "socket_create"),
+    ("sluice_lsm_inode_permission", "inode_permission"),
+    ("sluice_lsm_bpf", "bpf"),
+];
+
+/// What the kernel enforces against a root job beyond the redirect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Containment {
+    /// The BPF LSM programs are attached: packet sockets, leaving the
+    /// watched subtree and bpf() are refused.
+    Lsm,
+    /// The kernel refused the LSM programs (no BPF LSM): raw IP sockets are
+    /// still refused by `cgroup/sock_create`, moves out of a watched cgroup
+    /// are only detected (see `contain::EscapeDetector`).
+    Degraded(String),
+}
+
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// Where a watched cgroup's links are pinned.
@@ -108,27 +133,57 @@ fn pin_new(fd: FdLink, dir: &Path, name: &str) -> Result<(PinnedLink, PathBuf), 
     Ok((pinned, final_path))
 }
 
-/// Removes the pinned links of these cgroups: interception stops. For
-/// uninstalling, or `watch.fail_closed: false` at shutdown.
-pub fn detach(cgroups: &[PathBuf]) -> Result<usize, RedirectError> {
+/// Where a node's global (LSM) links are pinned: named after its
+/// configured cgroups and patterns, so `sluice detach --config` finds them.
+pub fn node_pin_dir(configured: &[PathBuf], patterns: &[String]) -> PathBuf {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for c in configured {
+        h.update(c.as_os_str().as_encoded_bytes());
+        h.update([0]);
+    }
+    for p in patterns {
+        h.update([1]);
+        h.update(p.as_bytes());
+    }
+    PathBuf::from(BPFFS)
+        .join("sluice")
+        .join(format!("node-{}", hex::encode(&h.finalize()[..8])))
+}
+
+/// Removes the pinned links of these cgroups and of the node configured
+/// with `configured`: interception and containment stop. For uninstalling,
+/// or `watch.fail_closed: false` at shutdown.
+pub fn detach(node_dir: &Path, cgroups: &[PathBuf]) -> Result<usize, RedirectError> {
     let mut n = 0;
-    for c in cgroups {
-        let dir = pin_dir(c);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if let Ok(link) = PinnedLink::from_pin(e.path()) {
-                if link.unpin().is_ok() {
-                    n += 1;
-                }
-            } else {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&dir);
+    let dirs = cgroups
+        .iter()
+        .map(|c| pin_dir(c))
+        .chain(std::iter::once(node_dir.to_owned()));
+    for dir in dirs {
+        n += unpin_dir(&dir);
     }
     Ok(n)
+}
+
+/// Unpins every link in `dir` (by its final name: a `PinnedLink` made by
+/// `pin_new` still holds the temporary name) and removes the directory.
+fn unpin_dir(dir: &Path) -> usize {
+    let mut n = 0;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in entries.flatten() {
+        if let Ok(link) = PinnedLink::from_pin(e.path()) {
+            if link.unpin().is_ok() {
+                n += 1;
+            }
+        } else {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    n
 }
 
 /// One entry of the kernel's target set.
@@ -141,11 +196,17 @@ pub struct TargetEntry {
 }
 
 pub struct Redirector {
-    _ebpf: Ebpf,
-    /// Links pinned in bpffs: they outlive the process, so a node that
-    /// dies leaves jobs redirected to a closed port (fail closed) instead
-    /// of unwatched. `detach` removes them.
-    _links: Vec<PinnedLink>,
+    /// The loaded programs, kept to attach cgroups that appear later.
+    ebpf: Mutex<Ebpf>,
+    /// Links pinned in bpffs, by cgroup: they outlive the process, so a
+    /// node that dies leaves jobs redirected to a closed port (fail closed)
+    /// instead of unwatched. `detach` removes them.
+    links: Mutex<BTreeMap<PathBuf, Vec<PinnedLink>>>,
+    _lsm_links: Vec<PinnedLink>,
+    watched: Mutex<HashMap<MapData, u64, u32>>,
+    pub containment: Containment,
+    /// Processes seen leaving a watched cgroup (fallback detection).
+    pub escapes_detected: std::sync::atomic::AtomicU64,
     targets_v4: Mutex<LpmTrie<MapData, TargetKeyV4, TargetValue>>,
     targets_v6: Mutex<LpmTrie<MapData, TargetKeyV6, TargetValue>>,
     addrs_v4: Mutex<LpmTrie<MapData, [u8; 4], TargetValue>>,
@@ -153,7 +214,69 @@ pub struct Redirector {
     origins: HashMap<MapData, ClientKey, Origin>,
     stats: PerCpuArray<MapData, u64>,
     installed: Mutex<BTreeSet<TargetEntry>>,
-    pub cgroups: Vec<PathBuf>,
+}
+
+fn prog_err(name: &str) -> impl FnOnce(aya::programs::ProgramError) -> RedirectError {
+    let name = name.to_owned();
+    move |source| RedirectError::Program { name, source }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, RedirectError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| RedirectError::Missing(name.into()))?
+        .try_into()
+        .map_err(prog_err(name))
+}
+
+fn to_fd<L>(link: L, name: &str) -> Result<FdLink, RedirectError>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+{
+    FdLink::try_from(link).map_err(|e| RedirectError::Pin(format!("{name}: {e}")))
+}
+
+/// Replaces the previous instance's pins (if any) by the fresh links.
+fn retire_and_rename(fresh: Vec<(PinnedLink, PathBuf)>) -> Result<Vec<PinnedLink>, RedirectError> {
+    let mut links = Vec::with_capacity(fresh.len());
+    for (pinned, final_path) in fresh {
+        if let Ok(old) = PinnedLink::from_pin(&final_path) {
+            let _ = old.unpin();
+        }
+        let tmp = final_path.with_file_name(format!(
+            "{}_new",
+            final_path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+        ));
+        std::fs::rename(&tmp, &final_path)
+            .map_err(|e| RedirectError::Pin(format!("{}: {e}", final_path.display())))?;
+        links.push(pinned);
+    }
+    Ok(links)
+}
+
+/// Loads and attaches the BPF LSM programs, pinned in `dir`. An error means
+/// this kernel has no usable BPF LSM (or no BTF).
+fn attach_lsm(ebpf: &mut Ebpf, dir: &Path) -> Result<Vec<PinnedLink>, RedirectError> {
+    let btf = Btf::from_sys_fs().map_err(|e| RedirectError::Pin(format!("kernel BTF: {e}")))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| RedirectError::Pin(format!("{}: {e}", dir.display())))?;
+    let mut fresh = Vec::new();
+    for (name, hook) in LSM_PROGRAMS {
+        let prog: &mut Lsm = program(ebpf, name)?;
+        prog.load(hook, &btf).map_err(prog_err(name))?;
+        let id = prog.attach().map_err(prog_err(name))?;
+        let link = prog.take_link(id).map_err(prog_err(name))?;
+        fresh.push(pin_new(to_fd(link, name)?, dir, name)?);
+    }
+    let links = retire_and_rename(fresh)?;
+    info!(hooks = ?LSM_PROGRAMS.iter().map(|(_, h)| *h).collect::<Vec<_>>(), "BPF LSM containment attached");
+    Ok(links)
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -170,15 +293,36 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 }
 
 impl Redirector {
-    /// Loads the programs, configures the proxy address and attaches to
-    /// every watched cgroup. Targets are installed separately (`sync`).
+    /// Loads the programs, configures the proxy address, attaches to
+    /// every watched cgroup and (where the kernel has the BPF LSM) the
+    /// containment hooks. Targets are installed separately (`sync`).
+    /// `node_dir` (see `node_pin_dir`) holds the global links; `lsm: false`
+    /// leaves the LSM programs out (containment by detection only).
     pub fn load(
         cgroups: &[PathBuf],
+        node_dir: &Path,
+        lsm: bool,
         proxy_v4: Ipv4Addr,
         proxy_v6: Ipv6Addr,
         port: u16,
     ) -> Result<Self, RedirectError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+        let layout = crate::contain::KernelLayout::from_sys_fs();
+        let mut loader = EbpfLoader::new();
+        match &layout {
+            Ok(l) => {
+                loader
+                    .override_global("GUARD_ENABLED", &1u32, true)
+                    .override_global("OFF_INODE_I_SB", &l.inode_i_sb, true)
+                    .override_global("OFF_INODE_I_PRIVATE", &l.inode_i_private, true)
+                    .override_global("OFF_SB_S_MAGIC", &l.sb_s_magic, true)
+                    .override_global("OFF_KN_PARENT", &l.kn_parent, true)
+                    .override_global("OFF_KN_ID", &l.kn_id, true);
+            }
+            Err(e) => {
+                error!(error = %e, "kernel struct layout unknown: a job leaving its watched cgroup will not be refused")
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         let netns_cookie = own_netns_cookie().map_err(RedirectError::NetnsCookie)?;
 
         let mut proxy: Array<MapData, ProxyConfig> = take(&mut ebpf, "PROXY")?;
@@ -195,88 +339,47 @@ impl Redirector {
             source,
         })?;
 
-        let files = cgroups
-            .iter()
-            .map(|p| {
-                File::open(p).map_err(|source| RedirectError::Cgroup {
-                    path: p.clone(),
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+        }
+        let prog: &mut SockOps = program(&mut ebpf, SOCKOPS_PROGRAM)?;
+        prog.load().map_err(prog_err(SOCKOPS_PROGRAM))?;
+        let prog: &mut CgroupSock = program(&mut ebpf, SOCK_PROGRAM)?;
+        prog.load().map_err(prog_err(SOCK_PROGRAM))?;
 
         ensure_bpffs()?;
-        let pin_dirs = cgroups
-            .iter()
-            .map(|c| {
-                let d = pin_dir(c);
-                std::fs::create_dir_all(&d)
-                    .map_err(|e| RedirectError::Pin(format!("{}: {e}", d.display())))?;
-                Ok(d)
-            })
-            .collect::<Result<Vec<_>, RedirectError>>()?;
-        let mut fresh: Vec<(PinnedLink, PathBuf)> = Vec::new();
-        let prog_err = |name: &str| {
-            let name = name.to_owned();
-            move |source| RedirectError::Program { name, source }
+        let watched: HashMap<MapData, u64, u32> = take(&mut ebpf, "WATCHED")?;
+        let attached = if lsm {
+            attach_lsm(&mut ebpf, node_dir)
+        } else {
+            Err(RedirectError::Pin(
+                "switched off (`watch.bpf_lsm: false`)".into(),
+            ))
         };
-        for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| RedirectError::Missing((*name).into()))?
-                .try_into()
-                .map_err(prog_err(name))?;
-            prog.load().map_err(prog_err(name))?;
-            for (f, dir) in files.iter().zip(&pin_dirs) {
-                // bpf_link attachments always coexist with other programs on the
-                // cgroup (systemd's, another Sluice instance); the mode must be 0.
-                let id = prog
-                    .attach(f, CgroupAttachMode::Single)
-                    .map_err(prog_err(name))?;
-                let link = prog.take_link(id).map_err(prog_err(name))?;
-                let fd = FdLink::try_from(link)
-                    .map_err(|e| RedirectError::Pin(format!("{name}: {e}")))?;
-                fresh.push(pin_new(fd, dir, name)?);
+        let (containment, lsm_links) = match attached {
+            Ok(links) => (Containment::Lsm, links),
+            Err(e) => {
+                let e = match (&layout, e) {
+                    (Err(l), e) => format!("{e}; {l}"),
+                    (Ok(_), e) => e.to_string(),
+                };
+                error!(error = %e, "BPF LSM programs not attached: raw IP sockets are still refused, but packet sockets and bpf() are not, and a job leaving its watched cgroup is only detected, not prevented");
+                (Containment::Degraded(e), Vec::new())
             }
-        }
-        let name = "sluice_sockops";
-        let prog: &mut SockOps = ebpf
-            .program_mut(name)
-            .ok_or_else(|| RedirectError::Missing(name.into()))?
-            .try_into()
-            .map_err(prog_err(name))?;
-        prog.load().map_err(prog_err(name))?;
-        for (f, dir) in files.iter().zip(&pin_dirs) {
-            let id = prog
-                .attach(f, CgroupAttachMode::Single)
-                .map_err(prog_err(name))?;
-            let link = prog.take_link(id).map_err(prog_err(name))?;
-            let fd =
-                FdLink::try_from(link).map_err(|e| RedirectError::Pin(format!("{name}: {e}")))?;
-            fresh.push(pin_new(fd, dir, name)?);
-        }
-        // All new links are attached: now retire the previous instance's
-        // (its programs redirect to a proxy that is gone) and take their
-        // place in bpffs.
-        let mut links = Vec::with_capacity(fresh.len());
-        for (pinned, final_path) in fresh {
-            if let Ok(old) = PinnedLink::from_pin(&final_path) {
-                let _ = old.unpin();
-            }
-            let tmp = final_path.with_file_name(format!(
-                "{}_new",
-                final_path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or_default()
-            ));
-            std::fs::rename(&tmp, &final_path)
-                .map_err(|e| RedirectError::Pin(format!("{}: {e}", final_path.display())))?;
-            links.push(pinned);
-        }
+        };
+        let containment = match (containment, &layout) {
+            // Attached, but the cgroup guard is off without the layout.
+            (Containment::Lsm, Err(e)) => Containment::Degraded(format!("cgroup guard off: {e}")),
+            (c, _) => c,
+        };
 
-        Ok(Self {
-            _links: links,
+        let me = Self {
+            links: Mutex::new(BTreeMap::new()),
+            _lsm_links: lsm_links,
+            watched: Mutex::new(watched),
+            containment,
+            escapes_detected: Default::default(),
             targets_v4: Mutex::new(take(&mut ebpf, "TARGETS_V4")?),
             targets_v6: Mutex::new(take(&mut ebpf, "TARGETS_V6")?),
             addrs_v4: Mutex::new(take(&mut ebpf, "TARGET_ADDRS_V4")?),
@@ -284,9 +387,97 @@ impl Redirector {
             origins: take(&mut ebpf, "ORIGIN_BY_CLIENT")?,
             stats: take(&mut ebpf, "STATS")?,
             installed: Mutex::new(BTreeSet::new()),
-            cgroups: cgroups.to_vec(),
-            _ebpf: ebpf,
-        })
+            ebpf: Mutex::new(ebpf),
+        };
+        for c in cgroups {
+            me.attach_cgroup(c)?;
+        }
+        Ok(me)
+    }
+
+    /// Attaches the cgroup programs to `cgroup` (pinned; a previous
+    /// node's pins are retired once ours are in place) and marks it
+    /// watched for the LSM programs. Attaching twice is a no-op.
+    pub fn attach_cgroup(&self, cgroup: &Path) -> Result<(), RedirectError> {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links.contains_key(cgroup) {
+            return Ok(());
+        }
+        let cerr = |source| RedirectError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        };
+        let f = File::open(cgroup).map_err(cerr)?;
+        let id = f.metadata().map_err(cerr)?.ino();
+        let dir = pin_dir(cgroup);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| RedirectError::Pin(format!("{}: {e}", dir.display())))?;
+        // Watched for the LSM first: a job must not slip out while the
+        // redirect is being attached.
+        self.watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, 1, 0)
+            .map_err(|source| RedirectError::Map {
+                name: "WATCHED".into(),
+                source,
+            })?;
+        let mut fresh: Vec<(PinnedLink, PathBuf)> = Vec::new();
+        {
+            let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+            // bpf_link attachments always coexist with other programs on the
+            // cgroup (systemd's, another Sluice instance); the mode must be 0.
+            for name in SOCK_ADDR_PROGRAMS {
+                let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                let id = prog
+                    .attach(&f, CgroupAttachMode::Single)
+                    .map_err(prog_err(name))?;
+                let link = prog.take_link(id).map_err(prog_err(name))?;
+                fresh.push(pin_new(to_fd(link, name)?, &dir, name)?);
+            }
+            let prog: &mut SockOps = program(&mut ebpf, SOCKOPS_PROGRAM)?;
+            let id = prog
+                .attach(&f, CgroupAttachMode::Single)
+                .map_err(prog_err(SOCKOPS_PROGRAM))?;
+            let link = prog.take_link(id).map_err(prog_err(SOCKOPS_PROGRAM))?;
+            fresh.push(pin_new(
+                to_fd(link, SOCKOPS_PROGRAM)?,
+                &dir,
+                SOCKOPS_PROGRAM,
+            )?);
+            let prog: &mut CgroupSock = program(&mut ebpf, SOCK_PROGRAM)?;
+            let id = prog
+                .attach(&f, CgroupAttachMode::Single)
+                .map_err(prog_err(SOCK_PROGRAM))?;
+            let link = prog.take_link(id).map_err(prog_err(SOCK_PROGRAM))?;
+            fresh.push(pin_new(to_fd(link, SOCK_PROGRAM)?, &dir, SOCK_PROGRAM)?);
+        }
+        // All new links are attached: now retire the previous instance's
+        // (its programs redirect to a proxy that is gone) and take their
+        // place in bpffs.
+        links.insert(cgroup.to_owned(), retire_and_rename(fresh)?);
+        Ok(())
+    }
+
+    /// A watched cgroup went away: unpin its links and forget its id.
+    pub fn forget_cgroup(&self, cgroup: &Path, id: Option<u64>) {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links.remove(cgroup).is_some() {
+            unpin_dir(&pin_dir(cgroup));
+        }
+        if let Some(id) = id {
+            let _ = self
+                .watched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        }
+    }
+
+    /// The cgroups the programs are attached to now.
+    pub fn cgroups(&self) -> Vec<PathBuf> {
+        let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        links.keys().cloned().collect()
     }
 
     /// Makes the kernel's target set equal to `wanted`: new entries are

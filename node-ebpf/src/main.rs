@@ -10,9 +10,13 @@
 //!   address the proxy sees in `accept()`; delete both records on close.
 //! * `cgroup/getpeername4/6`: the client still sees its original peer.
 //! * `cgroup/sendmsg4/6`: unconnected UDP to a target address is refused.
+//! * containment (`contain.rs`): no raw or packet sockets, no leaving the
+//!   watched subtree, no bpf() for watched tasks.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod contain;
 #[cfg(target_arch = "bpf")]
 mod prog;
 

@@ -52,7 +52,7 @@ static ORIGIN_BY_CLIENT: LruHashMap<ClientKey, Origin> = LruHashMap::with_max_en
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 #[inline(always)]
-fn count(idx: u32) {
+pub(crate) fn count(idx: u32) {
     if let Some(p) = STATS.get_ptr_mut(idx) {
         unsafe { *p += 1 };
     }

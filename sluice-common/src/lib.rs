@@ -89,6 +89,10 @@ pub struct ClientKey {
     pub _pad: u32,
 }
 
+/// How deep in the cgroup tree the kernel programs look for a watched
+/// ancestor of the current task (levels below the cgroup2 root).
+pub const WATCHED_MAX_LEVEL: u32 = 32;
+
 /// Counters exported by the kernel programs (index into a per-CPU array).
 pub mod stat {
     pub const REDIRECTED: u32 = 0;
@@ -96,7 +100,15 @@ pub mod stat {
     pub const FOREIGN_NETNS_REFUSED: u32 = 2;
     pub const REKEYED: u32 = 3;
     pub const CLOSED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Raw IPv4/IPv6 sockets refused to watched tasks.
+    pub const RAW_SOCKET_REFUSED: u32 = 5;
+    /// AF_PACKET / AF_XDP sockets refused to watched tasks (BPF LSM).
+    pub const PACKET_SOCKET_REFUSED: u32 = 6;
+    /// Writes to a cgroup file above the watched subtree refused (BPF LSM).
+    pub const CGROUP_ESCAPE_REFUSED: u32 = 7;
+    /// bpf() calls refused to watched tasks (BPF LSM).
+    pub const BPF_REFUSED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 #[cfg(feature = "user")]

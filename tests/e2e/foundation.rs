@@ -480,7 +480,11 @@ fn a_dead_node_fails_closed_and_a_new_one_takes_over() {
     assert_eq!(r["status"], 200);
     let pins = node_agent::redirect::pin_dir(&env.cgroup.path);
     let count = |d: &std::path::Path| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
-    assert_eq!(count(&pins), 7, "six cgroup hooks and sockops pinned");
+    assert_eq!(
+        count(&pins),
+        8,
+        "six cgroup hooks, sockops and sock_create pinned"
+    );
 
     // kill -9: the hooks stay, so the job is sent to a closed port rather
     // than straight to the target.
@@ -508,12 +512,15 @@ fn a_dead_node_fails_closed_and_a_new_one_takes_over() {
     drop(old);
     let r = env.client(&["peer", &env.remote.remote, &port]);
     assert_eq!(r["status"], 200);
-    assert_eq!(count(&pins), 7, "replaced, not added to");
+    assert_eq!(count(&pins), 8, "replaced, not added to");
 
-    // `sluice detach` is the explicit way out.
+    // `sluice detach` is the explicit way out (8 per cgroup, plus the 3
+    // global BPF LSM links where the kernel takes them).
+    let lsm = env.node.status()["containment"] == "bpf-lsm";
     let out = env.node.detach();
+    let want = if lsm { 11 } else { 8 };
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("detached 7 link(s)"),
+        String::from_utf8_lossy(&out.stdout).contains(&format!("detached {want} link(s)")),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

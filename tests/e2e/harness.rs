@@ -98,6 +98,7 @@ pub struct Remote {
     pub log: PathBuf,
     server: Child,
     https: Option<Child>,
+    ai: Option<Child>,
     /// The fake HTTPS service's own CA (PEM) and request log.
     pub https_ca: PathBuf,
     pub https_log: PathBuf,
@@ -148,6 +149,7 @@ impl Remote {
             log,
             server,
             https: None,
+            ai: None,
             https_ca: dir.join("upstream-ca.pem"),
             https_log: dir.join("https.log"),
         };
@@ -177,6 +179,8 @@ impl Remote {
             .args(["--bind", &self.remote, "--bind", &self.other])
             .arg("--ca-out")
             .arg(&self.https_ca)
+            .arg("--leaf-out")
+            .arg(self.https_ca.parent().unwrap())
             .arg("--log")
             .arg(&self.https_log)
             .stdout(Stdio::null())
@@ -192,6 +196,45 @@ impl Remote {
                     .all(|p| TcpStream::connect((ip.as_str(), *p)).is_ok())
         });
         std::fs::write(&self.https_log, "").unwrap();
+    }
+
+    /// Starts the fake AI API (:7443) and gRPC service (:6443) from
+    /// tests/fixtures/fake_ai.py, with the fake upstream's identity.
+    pub fn start_ai(&mut self) {
+        let dir = self.https_ca.parent().unwrap().to_owned();
+        let log = dir.join("ai.log");
+        std::fs::write(&log, "").unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "python3"])
+            .arg(format!("{FIXTURES}/fake_ai.py"))
+            .args(["--bind", &self.remote])
+            .arg("--cert")
+            .arg(dir.join("api.crt"))
+            .arg("--key")
+            .arg(dir.join("api.key"))
+            .arg("--log")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start fake AI API");
+        self.ai = Some(child);
+        let ip = self.remote.clone();
+        wait_for("fake AI API and gRPC service", || {
+            [7443u16, 6443]
+                .iter()
+                .all(|p| TcpStream::connect((ip.as_str(), *p)).is_ok())
+        });
+    }
+
+    /// What the fake AI API logged it sent.
+    pub fn ai_entries(&self) -> Vec<Value> {
+        let log = self.https_ca.parent().unwrap().join("ai.log");
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Requests the fake HTTPS service received.
@@ -215,7 +258,10 @@ impl Remote {
 
 impl Drop for Remote {
     fn drop(&mut self) {
-        if let Some(h) = self.https.as_mut() {
+        for h in [self.https.as_mut(), self.ai.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             let _ = h.kill();
             let _ = h.wait();
         }
@@ -488,7 +534,7 @@ impl Env {
         Self::build(
             |r| {
                 format!(
-                    "  - name: fake-api\n    addresses: [\"{}\"]\n    ports: [443, 8443, 9443]\n    tls: intercept\n    sni: [api.fake.test, h2only.fake.test, untrusted.fake.test]\n",
+                    "  - name: fake-api\n    addresses: [\"{}\"]\n    ports: [443, 8443, 9443, 7443, 6443]\n    tls: intercept\n    sni: [api.fake.test, h2only.fake.test, untrusted.fake.test]\n",
                     r.remote
                 )
             },
@@ -580,6 +626,23 @@ impl Env {
 /// Serialises changes to the system trust store across parallel tests.
 static TRUST_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// `update-ca-certificates` is not safe to run concurrently (two runs
+/// rewrite the bundle from different directory listings): serialise it
+/// across threads and across processes (other checkouts' suites).
+fn trust_store_lock() -> (std::sync::MutexGuard<'static, ()>, std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let guard = TRUST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/lock/sluice-e2e-trust.lock")
+        .expect("open trust-store lock");
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock trust-store lock");
+    (guard, f)
+}
+
 pub struct TrustGuard {
     config: PathBuf,
     state: PathBuf,
@@ -587,7 +650,7 @@ pub struct TrustGuard {
 
 impl TrustGuard {
     fn install(config: PathBuf, state: PathBuf) -> Self {
-        let _l = TRUST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _l = trust_store_lock();
         let out = Command::new(SLUICE)
             .args(["ca", "install", "--config"])
             .arg(&config)
@@ -606,7 +669,7 @@ impl TrustGuard {
 
 impl Drop for TrustGuard {
     fn drop(&mut self) {
-        let _l = TRUST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _l = trust_store_lock();
         let _ = Command::new(SLUICE)
             .args(["ca", "uninstall", "--config"])
             .arg(&self.config)
@@ -663,6 +726,112 @@ pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 pub fn write_file(path: &Path, text: &str) {
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(text.as_bytes()).unwrap();
+}
+
+pub fn sluice(args: &[&str]) -> std::process::Output {
+    Command::new(SLUICE).args(args).output().unwrap()
+}
+
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The node-held credential that policy environments give the node.
+pub const NODE_KEY: &str = "node-held-secret-7f3a";
+
+/// An HTTPS environment whose node trusts a freshly generated team key and
+/// takes signed bundles made from `bundle(version, dir)`.
+pub struct PolicyEnv {
+    pub env: Env,
+    pub keys: PathBuf,
+    bundle: fn(u64, &Path) -> String,
+}
+
+impl PolicyEnv {
+    pub fn new(bundle: fn(u64, &Path) -> String) -> Self {
+        let env = Env::https_with(|dir| {
+            let keys = dir.join("keys");
+            std::fs::create_dir_all(&keys).unwrap();
+            let out = sluice(&["policy", "keygen", &keys.join("team").display().to_string()]);
+            assert!(out.status.success(), "{}", text(&out));
+            std::fs::write(dir.join("node-cursor.key"), format!("{NODE_KEY}\n")).unwrap();
+            format!(
+                "policy:\n  trusted_keys: [\"{}\"]\n  watch_dir: \"{}\"\n",
+                keys.join("team.pub").display(),
+                dir.join("policy.d").display()
+            )
+        });
+        let keys = env.dir.path().join("keys");
+        PolicyEnv { env, keys, bundle }
+    }
+
+    /// Writes and signs bundle `version`; returns the .jws path.
+    pub fn signed(&self, version: u64, key: &str) -> PathBuf {
+        let dir = self.env.dir.path();
+        let yaml = dir.join(format!("bundle-v{version}-{key}.yaml"));
+        std::fs::write(&yaml, (self.bundle)(version, dir)).unwrap();
+        let out = sluice(&[
+            "policy",
+            "sign",
+            &yaml.display().to_string(),
+            "--key",
+            &self.keys.join(format!("{key}.key")).display().to_string(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        yaml.with_extension("jws")
+    }
+
+    pub fn push(&self, file: &Path) -> std::process::Output {
+        self.env
+            .node
+            .cli(&["policy", "push", &file.display().to_string()])
+    }
+
+    pub fn version(&self) -> u64 {
+        self.env.node.cli_json(&["policy", "show", "--json"])["version"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Pushes the standard bundle (version 10).
+    pub fn with_policy(bundle: fn(u64, &Path) -> String) -> Self {
+        let p = Self::new(bundle);
+        let out = p.push(&p.signed(10, "team"));
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(p.version(), 10);
+        p
+    }
+}
+
+/// Every recorded exchange of every session.
+pub fn exchanges(env: &Env) -> Vec<Value> {
+    let mut out = Vec::new();
+    for s in env.node.sessions() {
+        let full = env
+            .node
+            .cli_json(&["sessions", "show", &s["id"].to_string()]);
+        out.extend(full["exchanges"].as_array().cloned().unwrap_or_default());
+    }
+    out
+}
+
+pub fn wait_exchange(env: &Env, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(e) = exchanges(env).into_iter().find(|e| pred(e)) {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exchange not recorded:\n{}",
+            env.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 impl Env {

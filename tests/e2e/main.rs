@@ -2,8 +2,10 @@
 //! cgroup v2, network namespaces) and real clients. Every test builds its
 //! own cgroup, its own namespace holding a fake remote server, and its own
 //! node. They need root and fail loudly without it; they never skip.
+mod containment;
 mod foundation;
 mod harness;
 mod hostile;
+mod masking;
 mod policy;
 mod tls;

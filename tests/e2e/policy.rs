@@ -1,28 +1,14 @@
 //! Signed policy bundles and enforcement, through the real path:
 //! eBPF redirect → Sluice (TLS interception) → the fake upstream.
 use std::{
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    path::Path,
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
 use crate::harness::*;
-
-const NODE_KEY: &str = "node-held-secret-7f3a";
-
-fn sluice(args: &[&str]) -> std::process::Output {
-    Command::new(SLUICE).args(args).output().unwrap()
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn bundle(version: u64, dir: &Path) -> String {
     let prefix = prefix();
@@ -63,67 +49,6 @@ credentials:
     )
 }
 
-struct PolicyEnv {
-    env: Env,
-    keys: PathBuf,
-}
-
-impl PolicyEnv {
-    fn new() -> Self {
-        let env = Env::https_with(|dir| {
-            let keys = dir.join("keys");
-            std::fs::create_dir_all(&keys).unwrap();
-            let out = sluice(&["policy", "keygen", &keys.join("team").display().to_string()]);
-            assert!(out.status.success(), "{}", text(&out));
-            std::fs::write(dir.join("node-cursor.key"), format!("{NODE_KEY}\n")).unwrap();
-            format!(
-                "policy:\n  trusted_keys: [\"{}\"]\n  watch_dir: \"{}\"\n",
-                keys.join("team.pub").display(),
-                dir.join("policy.d").display()
-            )
-        });
-        let keys = env.dir.path().join("keys");
-        PolicyEnv { env, keys }
-    }
-
-    /// Writes and signs bundle `version`; returns the .jws path.
-    fn signed(&self, version: u64, key: &str) -> PathBuf {
-        let dir = self.env.dir.path();
-        let yaml = dir.join(format!("bundle-v{version}-{key}.yaml"));
-        std::fs::write(&yaml, bundle(version, dir)).unwrap();
-        let out = sluice(&[
-            "policy",
-            "sign",
-            &yaml.display().to_string(),
-            "--key",
-            &self.keys.join(format!("{key}.key")).display().to_string(),
-        ]);
-        assert!(out.status.success(), "{}", text(&out));
-        yaml.with_extension("jws")
-    }
-
-    fn push(&self, file: &Path) -> std::process::Output {
-        self.env
-            .node
-            .cli(&["policy", "push", &file.display().to_string()])
-    }
-
-    fn version(&self) -> u64 {
-        self.env.node.cli_json(&["policy", "show", "--json"])["version"]
-            .as_u64()
-            .unwrap()
-    }
-
-    /// Pushes the standard bundle (version 10).
-    fn with_policy() -> Self {
-        let p = Self::new();
-        let out = p.push(&p.signed(10, "team"));
-        assert!(out.status.success(), "{}", text(&out));
-        assert_eq!(p.version(), 10);
-        p
-    }
-}
-
 fn curl_post(env: &Env, path: &str, body: &str) -> std::process::Output {
     env.curl(
         "api.fake.test",
@@ -142,35 +67,9 @@ fn curl_post(env: &Env, path: &str, body: &str) -> std::process::Output {
     )
 }
 
-fn exchanges(env: &Env) -> Vec<Value> {
-    let mut out = Vec::new();
-    for s in env.node.sessions() {
-        let full = env
-            .node
-            .cli_json(&["sessions", "show", &s["id"].to_string()]);
-        out.extend(full["exchanges"].as_array().cloned().unwrap_or_default());
-    }
-    out
-}
-
-fn wait_exchange(env: &Env, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(e) = exchanges(env).into_iter().find(|e| pred(e)) {
-            return e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "exchange not recorded:\n{}",
-            env.node.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn secrets_split_across_chunks_and_sse_events_are_masked() {
-    let p = PolicyEnv::with_policy();
+    let p = PolicyEnv::with_policy(bundle);
     let env = &p.env;
     let _trust = env.trust_node_ca();
 
@@ -233,7 +132,7 @@ fn secrets_split_across_chunks_and_sse_events_are_masked() {
 
 #[test]
 fn blocked_prompt_gets_403_and_never_reaches_the_upstream() {
-    let p = PolicyEnv::with_policy();
+    let p = PolicyEnv::with_policy(bundle);
     let env = &p.env;
     let _trust = env.trust_node_ca();
     let out = curl_post(
@@ -322,7 +221,7 @@ fn finish(child: std::process::Child) -> (String, String) {
 
 #[test]
 fn approvals_approve_deny_and_timeout() {
-    let p = PolicyEnv::with_policy();
+    let p = PolicyEnv::with_policy(bundle);
     let env = &p.env;
     let _trust = env.trust_node_ca();
 
@@ -402,7 +301,7 @@ fn approvals_approve_deny_and_timeout() {
 
 #[test]
 fn node_credential_is_injected_and_the_jobs_key_only_fingerprinted() {
-    let p = PolicyEnv::with_policy();
+    let p = PolicyEnv::with_policy(bundle);
     let env = &p.env;
     let _trust = env.trust_node_ca();
     let job_key = "Bearer offboarded-contractor-key-123";
@@ -452,7 +351,7 @@ fn node_credential_is_injected_and_the_jobs_key_only_fingerprinted() {
 
 #[test]
 fn suspended_identity_is_denied_including_held_requests_and_resumes() {
-    let p = PolicyEnv::with_policy();
+    let p = PolicyEnv::with_policy(bundle);
     let env = &p.env;
     let _trust = env.trust_node_ca();
     let out = env.curl("api.fake.test", 443, "/json", &["-w", "\n%{http_code}"]);
@@ -498,7 +397,7 @@ fn suspended_identity_is_denied_including_held_requests_and_resumes() {
 
 #[test]
 fn bad_bundles_are_refused_and_the_policy_in_force_stays() {
-    let p = PolicyEnv::with_policy();
+    let p = PolicyEnv::with_policy(bundle);
     let dir = p.env.dir.path().to_owned();
     let refused = |file: &Path, needle: &str| {
         let out = p.push(file);
@@ -555,7 +454,7 @@ fn bad_bundles_are_refused_and_the_policy_in_force_stays() {
 
 #[test]
 fn bundle_pushed_with_100_requests_in_flight_loses_none() {
-    let p = PolicyEnv::with_policy();
+    let p = PolicyEnv::with_policy(bundle);
     let env = &p.env;
     let _trust = env.trust_node_ca();
     let script = format!("{FIXTURES}/https_client.py");
@@ -600,7 +499,7 @@ fn bundle_pushed_with_100_requests_in_flight_loses_none() {
 
 #[test]
 fn bundle_targets_replace_the_configured_ones_live() {
-    let p = PolicyEnv::new();
+    let p = PolicyEnv::new(bundle);
     let env = &p.env;
     let dir = env.dir.path();
     let targets = |version: u64, extra: &str| {

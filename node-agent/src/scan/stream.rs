@@ -1,199 +1,667 @@
-//! Streaming, length-preserving masking with a hold-back window.
-use std::collections::BTreeMap;
+//! Streaming masking. A response is scanned as it flows and only what a
+//! match could still grow into is held back (`Scanner::first_live`).
+//!
+//! Two shapes:
+//! * raw bytes (downloads, plain JSON, text): scanned in place, masked
+//!   byte for byte, so lengths never change;
+//! * framed streams (SSE events, gRPC/Connect messages): each event or
+//!   message is a *unit*; its text *segments* (JSON string values by path,
+//!   protobuf string fields by field path) join the segments of the same
+//!   key in earlier units into one logical text, so a secret streamed a few
+//!   characters per event is seen whole. Masks are written back into the
+//!   unit (one `*` per decoded character, escapes included), and a unit is
+//!   sent once every byte of it is settled, in order.
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use super::{Hit, ScannerRef, MASK};
+use super::{
+    envelope::{self, Codec, EnvelopeFramer, Payload},
+    json::Span,
+    sse::{self, SseFramer},
+    ScanError, Scanner, ScannerRef, MASK,
+};
 
-/// Where the unemitted raw bytes begin, for SSE parsing.
+/// Largest single event or message, decoded.
+pub const MAX_UNIT: usize = 4 << 20;
+/// Most raw bytes held back at once (events waiting for their text to
+/// settle plus an incomplete event).
+pub const MAX_HELD: usize = 8 << 20;
+/// Distinct keys followed at once; beyond, new keys are scanned alone.
+const MAX_STREAMS: usize = 1024;
+
+/// How a response body is framed, from its content type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum LineState {
-    LineStart,
-    InData,
-    InOther,
+pub enum Framing {
+    Raw,
+    Sse,
+    Envelope { payload: Payload, codec: Codec },
 }
 
-/// Masks a byte stream as it flows. Feed chunks with `push`, emit what it
-/// returns; call `finish` at the end of the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentKind {
+    /// Generated text: continues across units whatever comes between.
+    Content,
+    /// Any other field: continues only while consecutive units carry it
+    /// with a new value (a repeated id or model name is not appended).
+    Field,
+}
+
+/// Decoded text of one field of one unit, with the raw span of each byte.
+#[derive(Debug)]
+pub struct Segment {
+    pub key: String,
+    pub kind: SegmentKind,
+    pub decoded: Vec<u8>,
+    pub origin: Vec<Span>,
+}
+
+pub type Applies = Box<dyn Fn(usize) -> bool + Send + Sync>;
+
 pub struct StreamMasker {
     scanner: ScannerRef,
-    /// Which rules mask in this stream.
-    applies: Box<dyn Fn(usize) -> bool + Send + Sync>,
-    held: Vec<u8>,
-    sse: bool,
-    state: LineState,
+    applies: Applies,
+    mode: Mode,
     /// Masked spans per (rule index, pattern id), for the record.
     pub masked: BTreeMap<(usize, String), u64>,
     pub error: Option<String>,
 }
 
+enum Mode {
+    Raw { held: Vec<u8> },
+    Units(Box<Units>),
+}
+
+enum Framer {
+    Sse(SseFramer),
+    Envelope {
+        framer: EnvelopeFramer,
+        payload: Payload,
+        codec: Codec,
+    },
+}
+
+struct Unit {
+    body: Vec<u8>,
+    masks: Vec<Span>,
+    /// Logical bytes of this unit not yet settled.
+    pending: usize,
+    /// Envelope flags, to re-frame (and re-compress) the body.
+    envelope: Option<u8>,
+}
+
+#[derive(Clone, Copy)]
+struct Origin {
+    unit: u64,
+    span: Span,
+}
+
+#[derive(Default)]
+struct Logical {
+    text: Vec<u8>,
+    origin: Vec<Origin>,
+    kind: Option<SegmentKind>,
+    last_value: Vec<u8>,
+}
+
+struct Units {
+    framer: Framer,
+    queue: VecDeque<Unit>,
+    /// Id of `queue[0]`.
+    first: u64,
+    streams: HashMap<String, Logical>,
+}
+
+/// What `settle` decided about a text.
+struct Settled {
+    /// Bytes before this are final.
+    cut: usize,
+    /// Ranges (in the text) to mask.
+    masks: Vec<(usize, usize)>,
+}
+
+fn settle(
+    scanner: &Scanner,
+    applies: &Applies,
+    masked: &mut BTreeMap<(usize, String), u64>,
+    text: &[u8],
+    last: bool,
+) -> Result<Settled, ScanError> {
+    let hits = scanner.find(text)?;
+    let mut cut = if last {
+        text.len()
+    } else {
+        scanner.first_live(text)
+    };
+    let hits: Vec<_> = hits.into_iter().filter(|h| applies(h.rule)).collect();
+    if !last {
+        // A match that reaches past the cut may still change: keep it whole.
+        for h in &hits {
+            if h.end > cut {
+                cut = cut.min(h.start);
+            }
+        }
+    }
+    let mut masks = Vec::new();
+    for h in hits.iter().filter(|h| h.end <= cut) {
+        masks.push((h.mask_start, h.mask_end));
+        *masked
+            .entry((h.rule, scanner.pattern(h.pattern).id.clone()))
+            .or_default() += 1;
+    }
+    Ok(Settled { cut, masks })
+}
+
 impl StreamMasker {
-    pub fn new(
-        scanner: ScannerRef,
-        sse: bool,
-        applies: Box<dyn Fn(usize) -> bool + Send + Sync>,
-    ) -> Self {
+    pub fn new(scanner: ScannerRef, framing: Framing, applies: Applies) -> Self {
+        let mode = match framing {
+            Framing::Raw => Mode::Raw { held: Vec::new() },
+            Framing::Sse => Mode::Units(Box::new(Units::new(Framer::Sse(SseFramer::default())))),
+            Framing::Envelope { payload, codec } => {
+                Mode::Units(Box::new(Units::new(Framer::Envelope {
+                    framer: EnvelopeFramer::default(),
+                    payload,
+                    codec,
+                })))
+            }
+        };
         Self {
             scanner,
             applies,
-            held: Vec::new(),
-            sse,
-            state: LineState::LineStart,
+            mode,
             masked: BTreeMap::new(),
             error: None,
         }
     }
 
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
-        self.held.extend_from_slice(chunk);
-        self.step(false)
+    /// Whether the output has exactly the input's length (raw masking);
+    /// framed masking may shorten escapes and re-compress messages.
+    pub fn preserves_length(&self) -> bool {
+        matches!(self.mode, Mode::Raw { .. })
     }
 
-    pub fn finish(&mut self) -> Vec<u8> {
-        self.step(true)
+    /// Feeds a chunk; returns what may be sent on now.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<u8>, ScanError> {
+        self.step(chunk, false)
     }
 
-    /// SSE: the concatenated `data:` bytes to scan and, for each, its index
-    /// in `held` (raw streams are scanned in place, no projection).
-    fn project_sse(&self) -> (Vec<u8>, Vec<usize>, Option<usize>) {
-        let mut logical = Vec::new();
-        let mut map = Vec::new();
-        let mut state = self.state;
-        let mut i = 0;
-        // Start of an incomplete line we cannot classify yet.
-        let mut undecided = None;
-        while i < self.held.len() {
-            match state {
-                LineState::LineStart => {
-                    let rest = &self.held[i..];
-                    if rest.starts_with(b"data:") {
-                        i += 5;
-                        if self.held.get(i) == Some(&b' ') {
-                            i += 1;
-                        }
-                        state = LineState::InData;
-                    } else if b"data:".starts_with(rest) {
-                        undecided = Some(i);
-                        break;
-                    } else {
-                        state = LineState::InOther;
-                    }
-                }
-                LineState::InData => {
-                    let b = self.held[i];
-                    if b == b'\n' {
-                        state = LineState::LineStart;
-                    } else if b != b'\r' {
-                        logical.push(b);
-                        map.push(i);
-                    }
-                    i += 1;
-                }
-                LineState::InOther => {
-                    if self.held[i] == b'\n' {
-                        state = LineState::LineStart;
-                    }
-                    i += 1;
-                }
-            }
+    /// End of stream: everything that is left, masked.
+    pub fn finish(&mut self) -> Result<Vec<u8>, ScanError> {
+        self.step(&[], true)
+    }
+
+    fn step(&mut self, chunk: &[u8], last: bool) -> Result<Vec<u8>, ScanError> {
+        if let Some(e) = &self.error {
+            return Err(ScanError::Failed(e.clone()));
         }
-        (logical, map, undecided)
-    }
-
-    fn step(&mut self, last: bool) -> Vec<u8> {
-        let (projected, map, undecided) = if self.sse {
-            let (l, m, u) = self.project_sse();
-            (Some(l), Some(m), u)
-        } else {
-            (None, None, None)
-        };
-        let logical: &[u8] = projected.as_deref().unwrap_or(&self.held);
-        let logical_len = logical.len();
-        // Logical index -> index in `held`.
-        let raw = |i: usize| map.as_ref().map_or(i, |m| m[i]);
         let scanner = (*self.scanner).as_ref();
-        let hits = match scanner.find(logical) {
-            Ok(h) => h,
-            Err(e) => {
-                // Fail closed: an unscannable stream is not passed on.
-                self.error = Some(e.to_string());
-                self.held.clear();
-                return Vec::new();
+        let res = match &mut self.mode {
+            Mode::Raw { held } => {
+                held.extend_from_slice(chunk);
+                settle(scanner, &self.applies, &mut self.masked, held, last).map(|s| {
+                    for (a, b) in s.masks {
+                        held[a..b].fill(MASK);
+                    }
+                    held.drain(..s.cut).collect()
+                })
             }
+            Mode::Units(u) => u.step(scanner, &self.applies, &mut self.masked, chunk, last),
         };
-        let window = scanner.window;
-        // Logical position up to which matches are final.
-        let mut cut = if last {
-            logical_len
-        } else {
-            logical_len.saturating_sub(window)
-        };
-        let hits: Vec<Hit> = hits
-            .into_iter()
-            .filter(|h| (self.applies)(h.rule))
-            .collect();
-        if !last {
-            for h in &hits {
-                if h.start < cut && h.end > cut {
-                    cut = h.start;
-                }
-            }
+        if let Err(e) = &res {
+            self.error = Some(e.to_string());
         }
-        for h in hits.iter().filter(|h| h.end <= cut) {
-            for i in h.mask_start..h.mask_end {
-                self.held[raw(i)] = MASK;
-            }
-            *self
-                .masked
-                .entry((h.rule, scanner.pattern(h.pattern).id.clone()))
-                .or_default() += 1;
-        }
-        // Raw bytes to emit: everything before the first logical byte kept.
-        let raw_cut = if last {
-            self.held.len()
-        } else if cut < logical_len {
-            raw(cut)
-        } else {
-            // Every logical byte is settled: keep only an undecided tail.
-            undecided.unwrap_or(self.held.len())
-        };
-        let raw_cut = match undecided {
-            Some(u) if !last => raw_cut.min(u),
-            _ => raw_cut,
-        };
-        let out: Vec<u8> = self.held.drain(..raw_cut).collect();
-        // Line state at the new start of `held`.
-        self.state = if !self.sse || out.is_empty() {
-            self.state
-        } else {
-            line_state_after(self.state, &out)
-        };
-        out
+        res
     }
 }
 
-/// SSE line state after consuming `bytes` from `state`.
-fn line_state_after(mut state: LineState, bytes: &[u8]) -> LineState {
-    let mut i = 0;
-    while i < bytes.len() {
-        match state {
-            LineState::LineStart => {
-                if bytes[i..].starts_with(b"data:") {
-                    i += 5;
-                    state = LineState::InData;
-                    // The optional space is consumed with the prefix.
-                    if bytes.get(i) == Some(&b' ') {
-                        i += 1;
-                    }
-                    continue;
-                }
-                state = LineState::InOther;
-            }
-            LineState::InData | LineState::InOther => {
-                if bytes[i] == b'\n' {
-                    state = LineState::LineStart;
-                }
-                i += 1;
-            }
+impl Units {
+    fn new(framer: Framer) -> Self {
+        Self {
+            framer,
+            queue: VecDeque::new(),
+            first: 0,
+            streams: HashMap::new(),
         }
     }
-    state
+
+    fn step(
+        &mut self,
+        scanner: &Scanner,
+        applies: &Applies,
+        masked: &mut BTreeMap<(usize, String), u64>,
+        chunk: &[u8],
+        last: bool,
+    ) -> Result<Vec<u8>, ScanError> {
+        let mut ctx = Ctx {
+            scanner,
+            applies,
+            masked,
+        };
+        // Cut the stream into units and take in each one's segments.
+        let mut new_units = Vec::new();
+        match &mut self.framer {
+            Framer::Sse(f) => {
+                f.push(chunk);
+                while let Some(ev) = f.next_event() {
+                    let segs = sse::segments(&ev);
+                    new_units.push((ev, None, segs));
+                }
+                if last {
+                    let rest = f.take_rest();
+                    if !rest.is_empty() {
+                        let segs = sse::segments(&rest);
+                        new_units.push((rest, None, segs));
+                    }
+                } else if f.buffered() > MAX_UNIT {
+                    return Err(ScanError::TooLarge {
+                        what: "server-sent event",
+                        limit: MAX_UNIT,
+                    });
+                }
+            }
+            Framer::Envelope {
+                framer,
+                payload,
+                codec,
+            } => {
+                framer.push(chunk);
+                while let Some((flags, body)) = framer.next_message(MAX_UNIT)? {
+                    let body = if flags & envelope::COMPRESSED != 0 {
+                        codec.decode(&body, MAX_UNIT)?
+                    } else {
+                        body
+                    };
+                    let segs =
+                        envelope::segments(&body, *payload, flags & envelope::END_STREAM != 0);
+                    new_units.push((body, Some(flags), segs));
+                }
+                if last {
+                    framer.finish()?;
+                }
+            }
+        }
+        for (body, envelope, segs) in new_units {
+            self.take_unit(&mut ctx, body, envelope, segs)?;
+        }
+        if last {
+            let keys: Vec<String> = self.streams.keys().cloned().collect();
+            for k in keys {
+                self.settle_stream(&mut ctx, &k, true)?;
+            }
+        }
+        let held: usize = self.queue.iter().map(|u| u.body.len()).sum();
+        if held > MAX_HELD {
+            return Err(ScanError::TooLarge {
+                what: "held-back stream",
+                limit: MAX_HELD,
+            });
+        }
+        self.emit()
+    }
+
+    fn take_unit(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        body: Vec<u8>,
+        envelope: Option<u8>,
+        segs: Vec<Segment>,
+    ) -> Result<(), ScanError> {
+        let id = self.first + self.queue.len() as u64;
+        self.queue.push_back(Unit {
+            body,
+            masks: Vec::new(),
+            pending: 0,
+            envelope,
+        });
+        if !segs.is_empty() {
+            // A field absent from this unit has ended.
+            let ended: Vec<String> = self
+                .streams
+                .iter()
+                .filter(|(k, s)| {
+                    s.kind == Some(SegmentKind::Field) && !segs.iter().any(|g| &g.key == *k)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in ended {
+                self.settle_stream(ctx, &k, true)?;
+                self.streams.remove(&k);
+            }
+        }
+        for seg in segs {
+            let known = self.streams.contains_key(&seg.key);
+            let repeat = seg.kind == SegmentKind::Field
+                && self
+                    .streams
+                    .get(&seg.key)
+                    .is_some_and(|s| s.last_value == seg.decoded);
+            if repeat {
+                self.settle_stream(ctx, &seg.key, true)?;
+            }
+            if repeat || (!known && self.streams.len() >= MAX_STREAMS) {
+                // Scanned on its own, settled at once.
+                let s = settle(ctx.scanner, ctx.applies, ctx.masked, &seg.decoded, true)?;
+                let unit = self
+                    .queue
+                    .back_mut()
+                    .ok_or(ScanError::Framing("no unit".into()))?;
+                for (a, b) in s.masks {
+                    unit.masks
+                        .extend(seg.origin[a..b].iter().filter(|o| o.len > 0).copied());
+                }
+                continue;
+            }
+            let st = self.streams.entry(seg.key.clone()).or_default();
+            st.kind = Some(seg.kind);
+            if seg.kind == SegmentKind::Field && seg.decoded.len() <= 1024 {
+                st.last_value.clone_from(&seg.decoded);
+            } else {
+                st.last_value.clear();
+            }
+            st.text.extend_from_slice(&seg.decoded);
+            st.origin
+                .extend(seg.origin.iter().map(|&span| Origin { unit: id, span }));
+            if let Some(u) = self.queue.back_mut() {
+                u.pending += seg.decoded.len();
+            }
+            self.settle_stream(ctx, &seg.key, false)?;
+        }
+        Ok(())
+    }
+
+    fn settle_stream(&mut self, ctx: &mut Ctx<'_>, key: &str, last: bool) -> Result<(), ScanError> {
+        let Some(st) = self.streams.get_mut(key) else {
+            return Ok(());
+        };
+        if st.text.is_empty() {
+            return Ok(());
+        }
+        let s = settle(ctx.scanner, ctx.applies, ctx.masked, &st.text, last)?;
+        for (a, b) in s.masks {
+            for o in &st.origin[a..b] {
+                if o.span.len > 0 {
+                    if let Some(u) = self.queue.get_mut((o.unit - self.first) as usize) {
+                        u.masks.push(o.span);
+                    }
+                }
+            }
+        }
+        for o in &st.origin[..s.cut] {
+            if let Some(u) = self.queue.get_mut((o.unit - self.first) as usize) {
+                u.pending = u.pending.saturating_sub(1);
+            }
+        }
+        st.text.drain(..s.cut);
+        st.origin.drain(..s.cut);
+        Ok(())
+    }
+
+    /// Sends every leading unit whose text is settled.
+    fn emit(&mut self) -> Result<Vec<u8>, ScanError> {
+        let mut out = Vec::new();
+        while self.queue.front().is_some_and(|u| u.pending == 0) {
+            let Some(mut u) = self.queue.pop_front() else {
+                break;
+            };
+            self.first += 1;
+            let body = render(&u.body, &mut u.masks);
+            match u.envelope {
+                None => out.extend_from_slice(&body),
+                Some(flags) => {
+                    let payload = if flags & envelope::COMPRESSED != 0 {
+                        match &self.framer {
+                            Framer::Envelope { codec, .. } => codec.encode(&body)?,
+                            Framer::Sse(_) => body,
+                        }
+                    } else {
+                        body
+                    };
+                    out.extend(envelope::frame(flags, &payload)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct Ctx<'a> {
+    scanner: &'a Scanner,
+    applies: &'a Applies,
+    masked: &'a mut BTreeMap<(usize, String), u64>,
+}
+
+/// The body with each masked span replaced by one `*` (a span is one
+/// character: a byte, a UTF-8 sequence or an escape such as `\n`).
+fn render(body: &[u8], masks: &mut Vec<Span>) -> Vec<u8> {
+    if masks.is_empty() {
+        return body.to_vec();
+    }
+    masks.sort_by_key(|s| s.start);
+    masks.dedup();
+    let mut out = Vec::with_capacity(body.len());
+    let mut at = 0usize;
+    for m in masks.iter() {
+        let (s, e) = (m.start as usize, m.start as usize + m.len as usize);
+        if s < at || e > body.len() {
+            continue;
+        }
+        out.extend_from_slice(&body[at..s]);
+        out.push(MASK);
+        at = e;
+    }
+    out.extend_from_slice(&body[at..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scan::{PatternSpec, Scanner};
+    use std::sync::Arc;
+
+    fn scanner() -> Arc<Scanner> {
+        Arc::new(
+            Scanner::compile(
+                vec![
+                    PatternSpec {
+                        id: "github-token".into(),
+                        rule: 0,
+                        regex: r"\bgh[pousr]_[A-Za-z0-9]{36,251}\b".into(),
+                        caseless: false,
+                        luhn: false,
+                        prefilter: None,
+                    },
+                    PatternSpec {
+                        id: "aws-access-key".into(),
+                        rule: 0,
+                        regex: r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b".into(),
+                        caseless: false,
+                        luhn: false,
+                        prefilter: None,
+                    },
+                ],
+                4096,
+            )
+            .unwrap(),
+        )
+    }
+
+    const TOKEN: &str = "ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8";
+
+    fn run(framing: Framing, chunks: &[Vec<u8>]) -> (Vec<u8>, Vec<usize>) {
+        let mut m = StreamMasker::new(scanner(), framing, Box::new(|_| true));
+        let mut out = Vec::new();
+        let mut sizes = Vec::new();
+        for c in chunks {
+            let o = m.push(c).unwrap();
+            sizes.push(o.len());
+            out.extend(o);
+        }
+        out.extend(m.finish().unwrap());
+        (out, sizes)
+    }
+
+    /// OpenAI chat-completion chunks carrying `text` a few characters each.
+    fn openai_events(text: &str, step: usize) -> Vec<Vec<u8>> {
+        let chars: Vec<char> = text.chars().collect();
+        let mut evs = Vec::new();
+        for part in chars.chunks(step) {
+            let s: String = part.iter().collect();
+            let v = serde_json::json!({
+                "id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o",
+                "choices": [{"index": 0, "delta": {"content": s}, "finish_reason": null}]
+            });
+            evs.push(format!("data: {v}\n\n").into_bytes());
+        }
+        evs.push(b"data: [DONE]\n\n".to_vec());
+        evs
+    }
+
+    fn content_of(out: &[u8]) -> String {
+        let mut text = String::new();
+        for ev in String::from_utf8_lossy(out).split("\n\n") {
+            let Some(d) = ev.strip_prefix("data: ") else {
+                continue;
+            };
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(d) {
+                if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+                    text.push_str(c);
+                }
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn token_streamed_as_json_deltas_is_masked() {
+        let text = format!("Your token is {TOKEN}, keep it safe.");
+        for step in [1, 3, 4, 7] {
+            let evs = openai_events(&text, step);
+            let (out, _) = run(Framing::Sse, &evs);
+            let got = content_of(&out);
+            assert_eq!(
+                got,
+                format!("Your token is {}, keep it safe.", "*".repeat(TOKEN.len())),
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn escapes_are_decoded_and_masks_keep_json_valid() {
+        // `\u0041KIA...` is AKIA...: masked, and the escape becomes one `*`.
+        let evs = vec![
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"key \\u0041KIAIOS\"}}]}\n\n"
+                .to_vec(),
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"FODNN7EXAMPLE\\n\"}}]}\n\n"
+                .to_vec(),
+        ];
+        let (out, _) = run(Framing::Sse, &evs);
+        assert_eq!(content_of(&out), format!("key {}\n", "*".repeat(20)));
+    }
+
+    #[test]
+    fn prose_events_flow_without_waiting_for_the_end() {
+        let evs = openai_events("Sure. Here is how to do it. Step one. ", 4);
+        let mut m = StreamMasker::new(scanner(), Framing::Sse, Box::new(|_| true));
+        let mut flowed = 0;
+        for e in &evs[..evs.len() - 1] {
+            if !m.push(e).unwrap().is_empty() {
+                flowed += 1;
+            }
+        }
+        // The first event waits for the repeated id to show it is metadata;
+        // after that each event flows when the next one arrives at most.
+        assert!(flowed >= evs.len() - 3, "{flowed} of {}", evs.len());
+    }
+
+    #[test]
+    fn anthropic_stream_with_pings_between_deltas() {
+        let mut evs = vec![b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude\"}}\n\n".to_vec()];
+        for (i, part) in ["key: AK", "IAIOSFOD", "NN7EXAMPLE done"]
+            .iter()
+            .enumerate()
+        {
+            if i == 1 {
+                evs.push(b"event: ping\ndata: {\"type\":\"ping\"}\n\n".to_vec());
+            }
+            let v = serde_json::json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":part}});
+            evs.push(format!("event: content_block_delta\ndata: {v}\n\n").into_bytes());
+        }
+        let (out, _) = run(Framing::Sse, &evs);
+        let s = String::from_utf8(out).unwrap();
+        assert!(!s.contains("IOSFOD") && !s.contains("NN7EXAMPLE"), "{s}");
+        assert!(
+            s.contains("\"key: **\"") && s.contains("\"********** done\""),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn grpc_messages_split_token_is_masked_and_framing_valid() {
+        let mk = |text: &str| {
+            let mut m = vec![0x0a, text.len() as u8];
+            m.extend_from_slice(text.as_bytes());
+            envelope::frame(0, &m).unwrap()
+        };
+        let msgs = [
+            mk("token ghp_A1b2C3d4E5f6G7h8"),
+            mk("I9j0K1l2M3n4O5p6Q7r8 ok"),
+        ];
+        let stream: Vec<u8> = msgs.concat();
+        for split in [3, 10, 33, 40] {
+            let (out, _) = run(
+                Framing::Envelope {
+                    payload: Payload::Proto,
+                    codec: Codec::Identity,
+                },
+                &[stream[..split].to_vec(), stream[split..].to_vec()],
+            );
+            assert_eq!(out.len(), stream.len());
+            let s = String::from_utf8_lossy(&out);
+            assert!(s.contains("token ****") && s.contains("**** ok"), "{s}");
+            assert!(!s.contains("I9j0"), "{s}");
+        }
+    }
+
+    #[test]
+    fn gzip_envelopes_are_decoded_masked_and_recompressed() {
+        let mut m = vec![0x0a, 26];
+        m.extend_from_slice(b"id AKIAIOSFODNN7EXAMPLE ok");
+        let z = Codec::Gzip.encode(&m).unwrap();
+        let stream = envelope::frame(envelope::COMPRESSED, &z).unwrap();
+        let (out, _) = run(
+            Framing::Envelope {
+                payload: Payload::Proto,
+                codec: Codec::Gzip,
+            },
+            &[stream],
+        );
+        let mut f = EnvelopeFramer::default();
+        f.push(&out);
+        let (flags, p) = f.next_message(1 << 20).unwrap().unwrap();
+        assert_eq!(flags, envelope::COMPRESSED);
+        let plain = Codec::Gzip.decode(&p, 1 << 20).unwrap();
+        assert!(plain.ends_with(b"id ******************** ok"));
+    }
+
+    #[test]
+    fn raw_stream_masks_in_place_and_holds_only_live_tails() {
+        let text = format!("header {TOKEN} trailer");
+        let b = text.as_bytes();
+        let (out, sizes) = run(Framing::Raw, &[b[..12].to_vec(), b[12..].to_vec()]);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("header {} trailer", "*".repeat(TOKEN.len()))
+        );
+        // "header " flowed at once; the token prefix was held.
+        assert_eq!(sizes[0], 7);
+    }
+
+    #[test]
+    fn oversized_event_fails_visibly() {
+        let mut m = StreamMasker::new(scanner(), Framing::Sse, Box::new(|_| true));
+        let big = vec![b'a'; MAX_UNIT + 1];
+        assert!(m.push(b"data: ").is_ok());
+        assert!(m.push(&big).is_err());
+        assert!(m.finish().is_err(), "a failed stream stays failed");
+    }
 }

@@ -1,0 +1,288 @@
+//! Bodies on the intercepted path: `Tap` keeps a capped copy for the
+//! record; `MaskBody` decodes (Content-Encoding), masks and passes a
+//! response on as it flows, and fails the stream visibly when it cannot.
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::header::HeaderMap;
+use tokio::sync::oneshot;
+
+use super::{decode::Decoder, headers, BoxError};
+use crate::{
+    record::{BodyRecord, Header},
+    scan::StreamMasker,
+};
+
+#[derive(Default)]
+pub struct MaskReport {
+    pub masked: std::collections::BTreeMap<(usize, String), u64>,
+    pub error: Option<String>,
+}
+
+/// A response body passed through a decoder (when the upstream compressed
+/// it) and a `StreamMasker`: frames flow as soon as their text is settled.
+/// A decode or scan failure ends the body with an error, which the client
+/// sees (HTTP/1.1: the connection closes before the last chunk; HTTP/2:
+/// RST_STREAM), never as a clean, silently shortened body.
+pub struct MaskBody<B> {
+    inner: B,
+    decoder: Option<Decoder>,
+    masker: StreamMasker,
+    report: Arc<std::sync::Mutex<MaskReport>>,
+    /// Trailers waiting for the flushed tail to go out first.
+    trailers: Option<HeaderMap>,
+    done: bool,
+}
+
+impl<B> MaskBody<B> {
+    pub fn new(
+        inner: B,
+        decoder: Option<Decoder>,
+        masker: StreamMasker,
+        report: Arc<std::sync::Mutex<MaskReport>>,
+    ) -> Self {
+        Self {
+            inner,
+            decoder,
+            masker,
+            report,
+            trailers: None,
+            done: false,
+        }
+    }
+
+    fn report(&mut self, error: Option<String>) {
+        let mut r = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        r.masked = self.masker.masked.clone();
+        if error.is_some() {
+            r.error = error;
+        }
+    }
+
+    fn fail(&mut self, e: impl std::fmt::Display) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let msg = e.to_string();
+        self.report(Some(msg.clone()));
+        self.done = true;
+        self.trailers = None;
+        Poll::Ready(Some(Err(msg.into())))
+    }
+}
+
+impl<B> Body for MaskBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let plain = match &mut this.decoder {
+                            Some(d) => match d.push(&data) {
+                                Ok(p) => p,
+                                Err(e) => return this.fail(e),
+                            },
+                            None => data.to_vec(),
+                        };
+                        let out = match this.masker.push(&plain) {
+                            Ok(o) => o,
+                            Err(e) => return this.fail(e),
+                        };
+                        if !out.is_empty() {
+                            this.report(None);
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            this.trailers = Some(t);
+                        }
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    let e: BoxError = e.into();
+                    this.report(Some(format!("upstream body: {e}")));
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    let mut tail = match this.decoder.as_mut().map(Decoder::finish) {
+                        Some(Ok(t)) => t,
+                        Some(Err(e)) => return this.fail(e),
+                        None => Vec::new(),
+                    };
+                    if !tail.is_empty() {
+                        tail = match this.masker.push(&tail) {
+                            Ok(o) => o,
+                            Err(e) => return this.fail(e),
+                        };
+                    }
+                    match this.masker.finish() {
+                        Ok(t) => tail.extend(t),
+                        Err(e) => return this.fail(e),
+                    }
+                    this.report(None);
+                    this.done = true;
+                    if !tail.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))));
+                    }
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.decoder.is_none() && self.masker.preserves_length() {
+            self.inner.size_hint()
+        } else {
+            // Decoded, or masks written into JSON escapes: the length is
+            // not known in advance (Content-Length was removed).
+            SizeHint::default()
+        }
+    }
+}
+
+/// What a `Tap` saw of its body.
+#[derive(Default)]
+pub struct Captured {
+    pub body: BodyRecord,
+    pub trailers: Vec<Header>,
+}
+
+/// A body that passes every frame through unchanged and keeps the first
+/// `cap` bytes for the record.
+pub struct Tap<B> {
+    inner: B,
+    cap: usize,
+    seen: Captured,
+    captured: Vec<u8>,
+    tx: Option<oneshot::Sender<Captured>>,
+}
+
+impl<B: Body> Tap<B> {
+    pub fn new(inner: B, cap: usize) -> (Self, oneshot::Receiver<Captured>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Tap {
+                inner,
+                cap,
+                seen: Captured::default(),
+                captured: Vec::new(),
+                tx: Some(tx),
+            },
+            rx,
+        )
+    }
+}
+
+impl<B> Tap<B> {
+    fn finish(&mut self, complete: bool) {
+        if let Some(tx) = self.tx.take() {
+            let mut seen = std::mem::take(&mut self.seen);
+            seen.body.set_bytes(std::mem::take(&mut self.captured));
+            seen.body.complete = complete;
+            let _ = tx.send(seen);
+        }
+    }
+}
+
+impl<B> Body for Tap<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen.body.size += data.len() as u64;
+                    let room = this.cap.saturating_sub(this.captured.len());
+                    if data.len() > room {
+                        this.seen.body.truncated = true;
+                    }
+                    this.captured
+                        .extend_from_slice(&data[..room.min(data.len())]);
+                } else if let Some(t) = frame.trailers_ref() {
+                    this.seen.trailers = headers(t);
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(true);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Preserves Content-Length on the other side.
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Tap<B> {
+    fn drop(&mut self) {
+        // A body never polled because it was empty is complete; anything
+        // else dropped before its end was cut short.
+        let complete = self.seen.body.size == 0;
+        self.finish(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn tap_passes_everything_and_caps_the_copy() {
+        let data = Bytes::from(vec![b'a'; 1000]);
+        let (tap, rx) = Tap::new(Full::new(data.clone()), 100);
+        let out = tap.collect().await.unwrap().to_bytes();
+        assert_eq!(out, data, "the body is forwarded unchanged");
+        let c = rx.await.unwrap();
+        assert_eq!(c.body.size, 1000);
+        assert!(c.body.truncated);
+        assert!(c.body.complete);
+        assert_eq!(c.body.text.as_deref().map(str::len), Some(100));
+    }
+}

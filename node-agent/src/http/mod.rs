@@ -1,0 +1,665 @@
+//! The intercepted HTTP path: hyper on both sides, HTTP/1.1 (keep-alive,
+//! upgrades) or HTTP/2 (multiplexed) as negotiated with the upstream.
+//! Bodies stream through a `Tap` that keeps a capped copy for the record;
+//! nothing is ever buffered whole, so SSE and large downloads flow as they
+//! arrive. Each request/response pair is recorded as an exchange when it
+//! ends.
+use std::{
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{
+    body::Incoming,
+    header::{HeaderMap, HeaderValue, CONTENT_TYPE, HOST, UPGRADE},
+    service::service_fn,
+    Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{oneshot, Mutex},
+};
+use tracing::{debug, warn};
+
+use crate::{
+    approvals::Approvals,
+    identity::WorkloadIdentity,
+    policy::{Decision, PolicyEngine},
+    record::{now_ms, BodyRecord, Exchange, Header, Injection, RecordStore},
+    scan::StreamMasker,
+    suspend::Suspensions,
+};
+
+mod body;
+pub mod decode;
+mod request;
+mod response;
+
+pub use body::{Captured, MaskBody, MaskReport, Tap};
+
+type UpBody = BoxBody<Bytes, hyper::Error>;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ProxyBody = BoxBody<Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("upstream HTTP handshake: {0}")]
+    UpstreamHandshake(hyper::Error),
+    #[error("serving the client: {0}")]
+    Serve(hyper::Error),
+}
+
+/// Headers whose values are credentials: stored only as a fingerprint.
+pub(crate) const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-goog-api-key",
+    "x-amz-security-token",
+];
+
+/// What one intercepted connection's exchanges share.
+pub struct HttpSession {
+    pub session: u64,
+    pub workload: String,
+    pub authority: String,
+    pub store: Arc<RecordStore>,
+    pub body_cap: usize,
+    pub next_seq: AtomicU32,
+    /// HTTP/1.1: the previous exchange's "stored durably" signal. The next
+    /// request on the connection waits for it, so a completed exchange is
+    /// never more than one request behind the store (kill -9 loses at
+    /// most the exchange in flight).
+    pub prev_durable: Mutex<Option<oneshot::Receiver<()>>>,
+    pub target: String,
+    pub identity: WorkloadIdentity,
+    pub policy: Arc<PolicyEngine>,
+    pub approvals: Arc<Approvals>,
+    pub suspensions: Arc<Suspensions>,
+    /// Largest request body buffered for scanning; bigger ones are refused
+    /// (fail closed) when request rules apply.
+    pub max_scan_request: usize,
+}
+
+enum Upstream {
+    H1(Mutex<hyper::client::conn::http1::SendRequest<Tap<UpBody>>>),
+    H2(hyper::client::conn::http2::SendRequest<Tap<UpBody>>),
+}
+
+/// Serves one intercepted connection until either side closes.
+pub async fn serve<D, U>(
+    downstream: D,
+    upstream: U,
+    h2: bool,
+    session: Arc<HttpSession>,
+) -> Result<(), HttpError>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let up = if h2 {
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
+                .await
+                .map_err(HttpError::UpstreamHandshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream h2 connection ended");
+            }
+        });
+        Upstream::H2(sender)
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream))
+            .await
+            .map_err(HttpError::UpstreamHandshake)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "upstream h1 connection ended");
+            }
+        });
+        Upstream::H1(Mutex::new(sender))
+    };
+    let up = Arc::new(up);
+    let svc = service_fn(move |req| {
+        let up = up.clone();
+        let session = session.clone();
+        async move { Ok::<_, std::convert::Infallible>(session.exchange(req, &up).await) }
+    });
+    let io = TokioIo::new(downstream);
+    if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await
+            .map_err(HttpError::Serve)
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .with_upgrades()
+            .await
+            .map_err(HttpError::Serve)
+    }
+}
+
+/// Serves a connection whose upstream could not be reached safely: every
+/// request gets a 502 that says why, so the client sees a clear error
+/// instead of a TLS alert it cannot explain.
+pub async fn serve_error<D>(downstream: D, h2: bool, message: String)
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |_req: Request<Incoming>| {
+        let message = message.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(error_response(StatusCode::BAD_GATEWAY, &message))
+        }
+    });
+    let io = TokioIo::new(downstream);
+    let _ = if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .serve_connection(io, svc)
+            .await
+    };
+}
+
+pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": message, "by": "sluice" }).to_string();
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+impl HttpSession {
+    /// One request/response pair, stage by stage: record skeleton →
+    /// ordering (HTTP/1.1 durability) → suspension → upgrade gate →
+    /// request rules (`request.rs`) → credential injection → forward →
+    /// upgrade relay or response masking (`response.rs`) → record.
+    async fn exchange(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        up: &Upstream,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let mut ex = self.new_exchange(&req);
+        let upgrade = matches!(up, Upstream::H1(_)) && req.headers().contains_key(UPGRADE);
+        let durable_tx = self.wait_turn(up).await;
+        let policy = self.policy.current();
+        if let Some(susp) = self.suspensions.get(&self.identity.id) {
+            ex.decisions.push(Decision {
+                rule: "identity-suspended".into(),
+                action: "block".into(),
+                patterns: vec![],
+                detail: Some(susp.reason.clone()),
+            });
+            return self
+                .refuse(
+                    ex,
+                    started,
+                    durable_tx,
+                    StatusCode::FORBIDDEN,
+                    serde_json::json!({
+                        "error": "identity suspended",
+                        "identity": self.identity.id,
+                        "reason": susp.reason,
+                    }),
+                )
+                .await;
+        }
+        let masks = policy.masks_responses(&self.target, &self.identity);
+        let request_rules = policy.has_request_rules(&self.target, &self.identity);
+        if upgrade && (masks || request_rules) {
+            // An upgraded stream (WebSocket) is not inspected frame by
+            // frame: where rules apply it is refused, never relayed raw.
+            let proto = req
+                .headers()
+                .get(UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("unknown")
+                .to_owned();
+            ex.decisions.push(Decision {
+                rule: "upgrade-not-inspectable".into(),
+                action: "block".into(),
+                patterns: vec![],
+                detail: Some(format!("`{proto}` upgrade on a target with rules")),
+            });
+            return self
+                .refuse(
+                    ex,
+                    started,
+                    durable_tx,
+                    StatusCode::FORBIDDEN,
+                    serde_json::json!({
+                        "error": "upgrade refused",
+                        "reason": format!("policy rules apply to this target and `{proto}` streams are not inspected; the upgrade would bypass them"),
+                    }),
+                )
+                .await;
+        }
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let up_body: UpBody = if request_rules {
+            // Prompts are judged whole before anything is forwarded.
+            match self.judge_request(&parts, body, &mut ex).await {
+                Ok(bytes) => Full::new(bytes).map_err(|e| match e {}).boxed(),
+                Err(r) => return self.refuse(ex, started, durable_tx, r.status, r.body).await,
+            }
+        } else {
+            body.boxed()
+        };
+        if let Err(r) = self.inject_credential(&policy, &mut parts, &mut ex) {
+            return self.refuse(ex, started, durable_tx, r.status, r.body).await;
+        }
+        if masks {
+            // Ask for what the client will read uncompressed; a response
+            // compressed anyway is decoded before it is scanned.
+            parts.headers.insert(
+                hyper::header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
+        let (req_tap, req_rx) = Tap::new(up_body, self.body_cap);
+        let up_req = Request::from_parts(parts, req_tap);
+        let result = match up {
+            Upstream::H1(sender) => {
+                let mut sender = sender.lock().await;
+                match sender.ready().await {
+                    Ok(()) => sender.send_request(up_req).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Upstream::H2(sender) => sender.clone().send_request(up_req).await,
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(session = self.session, workload = %self.workload, error = %e, "upstream request failed");
+                ex.error = Some(format!("upstream: {e}"));
+                ex.duration_ms = ms(started);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    ex.request_body = req_rx.await.unwrap_or_default().body;
+                    this.finish(ex, durable_tx).await;
+                });
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("upstream request failed: {e}"),
+                );
+            }
+        };
+        ex.ttfb_ms = Some(ms(started));
+        ex.status = Some(resp.status().as_u16());
+        ex.response_headers = headers(resp.headers());
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                return self.relay_upgrade(ex, started, durable_tx, client_upgrade, resp);
+            }
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        let report = Arc::new(std::sync::Mutex::new(MaskReport::default()));
+        let body: ProxyBody = if masks {
+            let (framing, decoder) = match response::prepare(&mut parts.headers) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Fail closed: a response that cannot be read is not sent.
+                    let msg = format!("response cannot be inspected: {e}");
+                    ex.error = Some(msg.clone());
+                    drop(body);
+                    return self
+                        .refuse(
+                            ex,
+                            started,
+                            durable_tx,
+                            StatusCode::BAD_GATEWAY,
+                            serde_json::json!({ "error": msg }),
+                        )
+                        .await;
+                }
+            };
+            let (p, target, identity) =
+                (policy.clone(), self.target.clone(), self.identity.clone());
+            let masker = StreamMasker::new(
+                policy.clone(),
+                framing,
+                Box::new(move |rule| {
+                    p.rule(rule).action == crate::policy::bundle::Action::Mask
+                        && p.rule_applies(rule, &target, &identity)
+                }),
+            );
+            MaskBody::new(body, decoder, masker, report.clone()).boxed()
+        } else {
+            body.map_err(|e| Box::new(e) as BoxError).boxed()
+        };
+        let (resp_tap, resp_rx) = Tap::new(body, self.body_cap);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let (rq, rs) = tokio::join!(req_rx, resp_rx);
+            let rq = rq.unwrap_or_default();
+            let rs = rs.unwrap_or_default();
+            ex.request_trailers = rq.trailers.clone();
+            ex.response_trailers = rs.trailers.clone();
+            ex.request_body = rq.body;
+            if !rs.body.complete && ex.error.is_none() {
+                ex.error =
+                    Some("response body did not complete (client or upstream went away)".into());
+            }
+            ex.response_body = rs.body;
+            let report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
+            ex.decisions.extend(mask_decisions(&policy, report.masked));
+            if let Some(e) = report.error {
+                ex.error = Some(format!("response scan failed, stream cut: {e}"));
+            }
+            ex.duration_ms = ms(started);
+            this.finish(ex, durable_tx).await;
+        });
+        Response::from_parts(parts, resp_tap.boxed())
+    }
+
+    fn new_exchange(&self, req: &Request<Incoming>) -> Exchange {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| self.authority.clone());
+        Exchange {
+            session: self.session,
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            workload: self.workload.clone(),
+            started_at_ms: now_ms(),
+            method: req.method().to_string(),
+            authority,
+            path: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "/".into()),
+            http_version: format!("{:?}", req.version()),
+            request_headers: headers(req.headers()),
+            request_body: BodyRecord::default(),
+            request_trailers: Vec::new(),
+            status: None,
+            response_headers: Vec::new(),
+            response_body: BodyRecord::default(),
+            response_trailers: Vec::new(),
+            ttfb_ms: None,
+            duration_ms: 0.0,
+            upgrade: None,
+            error: None,
+            decisions: Vec::new(),
+            injected: None,
+        }
+    }
+
+    /// HTTP/1.1: waits for the previous exchange on this connection to be
+    /// durable, and returns the signal this one will give.
+    async fn wait_turn(&self, up: &Upstream) -> Option<oneshot::Sender<()>> {
+        if !matches!(up, Upstream::H1(_)) {
+            return None;
+        }
+        let mut prev = self.prev_durable.lock().await;
+        if let Some(rx) = prev.take() {
+            let _ = rx.await;
+        }
+        let (tx, rx) = oneshot::channel();
+        *prev = Some(rx);
+        Some(tx)
+    }
+
+    /// Replaces the job's credential with the node's, recording the
+    /// fingerprint of what the job presented.
+    fn inject_credential(
+        &self,
+        policy: &crate::policy::CompiledPolicy,
+        parts: &mut hyper::http::request::Parts,
+        ex: &mut Exchange,
+    ) -> Result<(), request::Refusal> {
+        let Some(cred) = policy.credential(&self.target) else {
+            return Ok(());
+        };
+        let mut presented = Vec::new();
+        for h in &cred.strip {
+            for v in parts.headers.get_all(h.as_str()) {
+                presented.push(Header {
+                    name: h.clone(),
+                    value: format!("sha256:{}", fingerprint(v.as_bytes())),
+                });
+            }
+            parts.headers.remove(h.as_str());
+        }
+        match (
+            hyper::header::HeaderName::from_bytes(cred.header.as_bytes()),
+            HeaderValue::from_str(cred.value.expose()),
+        ) {
+            (Ok(name), Ok(mut value)) => {
+                value.set_sensitive(true);
+                parts.headers.insert(name, value);
+            }
+            _ => {
+                ex.error = Some("node credential is not a valid header".into());
+                return Err(request::Refusal {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    body: serde_json::json!({"error": "node credential misconfigured"}),
+                });
+            }
+        }
+        ex.injected = Some(Injection {
+            header: cred.header.clone(),
+            client_presented: presented,
+        });
+        Ok(())
+    }
+
+    /// Relays an upgraded stream (targets without rules only) and records
+    /// it with its byte counts when it ends.
+    fn relay_upgrade(
+        self: &Arc<Self>,
+        mut ex: Exchange,
+        started: Instant,
+        durable_tx: Option<oneshot::Sender<()>>,
+        client_upgrade: hyper::upgrade::OnUpgrade,
+        mut resp: Response<Incoming>,
+    ) -> Response<ProxyBody> {
+        let proto = resp
+            .headers()
+            .get(UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown")
+            .to_owned();
+        ex.upgrade = Some(proto);
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) {
+                let (cr, cw) = tokio::io::split(TokioIo::new(c));
+                let (ur, uw) = tokio::io::split(TokioIo::new(u));
+                let (up, down) = tokio::join!(pump(cr, uw), pump(ur, cw));
+                ex.request_body.size = up.0;
+                ex.response_body.size = down.0;
+                if let Some(e) = up.1.or(down.1) {
+                    ex.error = Some(format!("upgraded stream: {e}"));
+                }
+            }
+            ex.duration_ms = ms(started);
+            this.finish(ex, durable_tx).await;
+        });
+        let (parts, _) = resp.into_parts();
+        Response::from_parts(
+            parts,
+            http_body_util::Empty::new().map_err(|e| match e {}).boxed(),
+        )
+    }
+
+    /// Answers the client without contacting the upstream, and records it.
+    async fn refuse(
+        &self,
+        mut ex: Exchange,
+        started: Instant,
+        durable: Option<oneshot::Sender<()>>,
+        status: StatusCode,
+        body: serde_json::Value,
+    ) -> Response<ProxyBody> {
+        let text = body.to_string();
+        ex.status = Some(status.as_u16());
+        ex.response_headers = vec![Header {
+            name: "content-type".into(),
+            value: "application/json".into(),
+        }];
+        ex.response_body.size = text.len() as u64;
+        ex.response_body.set_bytes(text.clone().into_bytes());
+        ex.response_body.complete = true;
+        ex.ttfb_ms = Some(ms(started));
+        ex.duration_ms = ms(started);
+        // The refusal is recorded before the client hears about it.
+        self.finish(ex, durable).await;
+        let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp
+    }
+
+    async fn finish(&self, ex: Exchange, durable: Option<oneshot::Sender<()>>) {
+        if let Err(e) = self.store.put_exchange(&ex) {
+            warn!(session = self.session, workload = %self.workload, error = %e, "recording exchange failed");
+            return;
+        }
+        // Completed exchanges must survive kill -9.
+        let _ = self.store.flush().await;
+        if let Some(tx) = durable {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Recorded decisions for what the response masker did, one per rule.
+fn mask_decisions(
+    policy: &crate::policy::CompiledPolicy,
+    masked: std::collections::BTreeMap<(usize, String), u64>,
+) -> Vec<Decision> {
+    let mut by_rule: std::collections::BTreeMap<usize, (Vec<String>, u64)> = Default::default();
+    for ((rule, pattern), n) in masked {
+        let e = by_rule.entry(rule).or_default();
+        e.0.push(pattern);
+        e.1 += n;
+    }
+    by_rule
+        .into_iter()
+        .map(|(rule, (patterns, n))| Decision {
+            rule: policy.rule(rule).id.clone(),
+            action: "mask".into(),
+            patterns,
+            detail: Some(format!("{n} span(s) masked in the response")),
+        })
+        .collect()
+}
+
+/// Copies one direction, counting bytes even when it ends in an error (a
+/// peer that drops TLS without close_notify still moved those bytes).
+async fn pump<R, W>(mut r: R, mut w: W) -> (u64, Option<std::io::Error>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => {
+                let _ = w.shutdown().await;
+                return (n, None);
+            }
+            Ok(k) => {
+                if let Err(e) = w.write_all(&buf[..k]).await {
+                    return (n, Some(e));
+                }
+                n += k as u64;
+            }
+            Err(e) => {
+                let _ = w.shutdown().await;
+                return (n, Some(e));
+            }
+        }
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Header list for the record, credentials replaced by a fingerprint.
+pub fn headers(map: &HeaderMap) -> Vec<Header> {
+    map.iter()
+        .map(|(name, value)| {
+            let n = name.as_str();
+            if CREDENTIAL_HEADERS.contains(&n) {
+                Header {
+                    name: n.to_owned(),
+                    value: format!("[credential sha256:{}]", fingerprint(value.as_bytes())),
+                }
+            } else {
+                Header {
+                    name: n.to_owned(),
+                    value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                }
+            }
+        })
+        .collect()
+}
+
+/// First 16 hex digits of SHA-256: enough to tell keys apart, useless to
+/// recover them.
+pub fn fingerprint(secret: &[u8]) -> String {
+    hex::encode(&Sha256::digest(secret)[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_fingerprinted() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer sk-secret"),
+        );
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        let out = headers(&h);
+        let auth = out.iter().find(|h| h.name == "authorization").unwrap();
+        assert!(!auth.value.contains("sk-secret"));
+        assert_eq!(
+            auth.value,
+            format!("[credential sha256:{}]", fingerprint(b"Bearer sk-secret"))
+        );
+        assert_eq!(
+            out.iter().find(|h| h.name == "accept").unwrap().value,
+            "*/*"
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! Containment: what a (possibly root) job in a watched cgroup may not do
+//! because it would get around the redirect.
+//!
+//! * `cgroup/sock_create` (attached to the watched cgroups, no BPF LSM
+//!   needed): no raw IPv4/IPv6 sockets — no hand-crafted packets to a
+//!   target.
+//! * BPF LSM (global, decides by "is the current task under a watched
+//!   cgroup?"):
+//!   - `socket_create`: no AF_PACKET / AF_XDP sockets, no raw sockets;
+//!   - `inode_permission`: no write access to an interface file (e.g.
+//!     `cgroup.procs`) of a strict ancestor of the job's watched cgroup.
+//!     The kernel checks write permission on the *common ancestor's*
+//!     `cgroup.procs` for every migration (`cgroup_attach_permissions`,
+//!     also for `clone3(CLONE_INTO_CGROUP)`), so every way out of the
+//!     subtree passes through this check, and moves inside it do not;
+//!   - `bpf`: no bpf() at all (no detaching the node's links, no map
+//!     writes, no programs of its own).
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    helpers::{bpf_probe_read_kernel, generated::bpf_get_current_ancestor_cgroup_id},
+    macros::{cgroup_sock, lsm, map},
+    maps::HashMap,
+    programs::{LsmContext, SockContext},
+};
+use sluice_common::{stat, WATCHED_MAX_LEVEL};
+
+use crate::prog::count;
+
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+const EPERM: i32 = 1;
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const AF_PACKET: i32 = 17;
+const AF_XDP: i32 = 44;
+const SOCK_RAW: i32 = 3;
+/// Low bits of the socket type (the rest are SOCK_NONBLOCK/SOCK_CLOEXEC).
+const SOCK_TYPE_MASK: i32 = 0xf;
+const MAY_WRITE: i32 = 0x2;
+const MAY_APPEND: i32 = 0x8;
+const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
+
+/// Watched cgroups (ids = cgroup2 directory inode numbers), configured and
+/// discovered by pattern. A task is watched when one of its ancestors (or
+/// its own cgroup) is in here.
+#[map]
+static WATCHED: HashMap<u64, u32> = HashMap::with_max_entries(8192, 0);
+
+// Struct layout of this kernel, read from its BTF by the agent at load time
+// (read-only globals: the verifier sees them as constants). The cgroup
+// guard stays off unless all were found.
+#[unsafe(no_mangle)]
+static GUARD_ENABLED: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_INODE_I_SB: u64 = 0;
+#[unsafe(no_mangle)]
+static OFF_INODE_I_PRIVATE: u64 = 0;
+#[unsafe(no_mangle)]
+static OFF_SB_S_MAGIC: u64 = 0;
+#[unsafe(no_mangle)]
+static OFF_KN_PARENT: u64 = 0;
+#[unsafe(no_mangle)]
+static OFF_KN_ID: u64 = 0;
+
+#[inline(always)]
+fn global<T: Copy>(v: &'static T) -> T {
+    // SAFETY: a static; volatile so the value set at load time is read.
+    unsafe { read_volatile(v) }
+}
+
+/// Where the current task stands: under a watched cgroup or not, and
+/// whether `probe` (a cgroup id) is a strict ancestor of that watched one.
+#[inline(always)]
+fn current_watched(probe: u64) -> (bool, bool) {
+    let mut probe_is_ancestor = false;
+    let mut level = 0;
+    while level < WATCHED_MAX_LEVEL {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        if unsafe { WATCHED.get(&id) }.is_some() {
+            return (true, probe_is_ancestor);
+        }
+        if id == probe {
+            probe_is_ancestor = true;
+        }
+        level += 1;
+    }
+    (false, false)
+}
+
+#[inline(always)]
+fn in_watched() -> bool {
+    current_watched(0).0
+}
+
+/// Attached to the watched cgroups: no raw IP sockets.
+#[cgroup_sock(sock_create)]
+pub fn sluice_sock_create(ctx: SockContext) -> i32 {
+    let (family, ty) = unsafe { ((*ctx.sock).family, (*ctx.sock).type_) };
+    if (family == AF_INET || family == AF_INET6) && ty == SOCK_RAW as u32 {
+        count(stat::RAW_SOCKET_REFUSED);
+        return REFUSE;
+    }
+    ALLOW
+}
+
+#[lsm(hook = "socket_create")]
+pub fn sluice_lsm_socket_create(ctx: LsmContext) -> i32 {
+    // socket_create(int family, int type, int protocol, int kern), then
+    // the verdict of the BPF LSM programs before us.
+    let family: i32 = ctx.arg(0);
+    let ty: i32 = ctx.arg(1);
+    let kern: i32 = ctx.arg(3);
+    let prev: i32 = ctx.arg(4);
+    if prev != 0 {
+        return prev;
+    }
+    if kern != 0 {
+        return 0;
+    }
+    let packet = family == AF_PACKET || family == AF_XDP;
+    let raw = (ty & SOCK_TYPE_MASK) == SOCK_RAW && (family == 2 || family == 10);
+    if !(packet || raw) || !in_watched() {
+        return 0;
+    }
+    count(if packet {
+        stat::PACKET_SOCKET_REFUSED
+    } else {
+        stat::RAW_SOCKET_REFUSED
+    });
+    -EPERM
+}
+
+#[lsm(hook = "bpf")]
+pub fn sluice_lsm_bpf(ctx: LsmContext) -> i32 {
+    // bpf(int cmd, union bpf_attr *attr, unsigned int size, bool kernel)
+    let kernel: u64 = ctx.arg(3);
+    let prev: i32 = ctx.arg(4);
+    if prev != 0 {
+        return prev;
+    }
+    if kernel & 0xff != 0 || !in_watched() {
+        return 0;
+    }
+    count(stat::BPF_REFUSED);
+    -EPERM
+}
+
+#[lsm(hook = "inode_permission")]
+pub fn sluice_lsm_inode_permission(ctx: LsmContext) -> i32 {
+    // inode_permission(struct inode *inode, int mask)
+    let mask: i32 = ctx.arg(1);
+    let prev: i32 = ctx.arg(2);
+    if prev != 0 {
+        return prev;
+    }
+    if mask & (MAY_WRITE | MAY_APPEND) == 0 || global(&GUARD_ENABLED) == 0 {
+        return 0;
+    }
+    let inode: *const u8 = ctx.arg(0);
+    match cgroup_of_file(inode) {
+        Some(cgroup) => {
+            let (watched, ancestor) = current_watched(cgroup);
+            if watched && ancestor {
+                count(stat::CGROUP_ESCAPE_REFUSED);
+                return -EPERM;
+            }
+            0
+        }
+        None => 0,
+    }
+}
+
+/// For an inode on the cgroup2 file system: the id of the cgroup whose
+/// directory holds it (kernfs: `inode->i_private` is the kernfs node; its
+/// parent's id is the cgroup id).
+#[inline(always)]
+fn cgroup_of_file(inode: *const u8) -> Option<u64> {
+    unsafe {
+        let sb: *const u8 =
+            bpf_probe_read_kernel(inode.add(global(&OFF_INODE_I_SB) as usize) as *const *const u8)
+                .ok()?;
+        let magic: u64 =
+            bpf_probe_read_kernel(sb.add(global(&OFF_SB_S_MAGIC) as usize) as *const u64).ok()?;
+        if magic != CGROUP2_SUPER_MAGIC {
+            return None;
+        }
+        let kn: *const u8 = bpf_probe_read_kernel(
+            inode.add(global(&OFF_INODE_I_PRIVATE) as usize) as *const *const u8
+        )
+        .ok()?;
+        if kn.is_null() {
+            return None;
+        }
+        let parent: *const u8 =
+            bpf_probe_read_kernel(kn.add(global(&OFF_KN_PARENT) as usize) as *const *const u8)
+                .ok()?;
+        if parent.is_null() {
+            return None;
+        }
+        bpf_probe_read_kernel(parent.add(global(&OFF_KN_ID) as usize) as *const u64).ok()
+    }
+}

@@ -1,0 +1,371 @@
+//! Masking and request rules on real AI traffic: the `openai` library
+//! streaming and not, Anthropic- and Responses-shaped event streams, a
+//! generic JSON stream, gRPC (grpcio client and server, plain and gzip
+//! messages), compressed responses, compressed and escaped requests, and
+//! WebSocket upgrades. The fake AI API (tests/fixtures/fake_ai.py) lives in
+//! the test's network namespace and streams a few characters per event.
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+fn bundle(version: u64, _dir: &Path) -> String {
+    let prefix = prefix();
+    format!(
+        r#"version: {version}
+name: e2e-masking
+workloads:
+  - name: e2e
+    cgroup: "/{prefix}-*"
+rules:
+  - id: mask-secrets
+    on: response
+    targets: [fake-api]
+    workloads: [e2e]
+    packs: [secrets]
+    action: mask
+  - id: block-prod-creds
+    on: request
+    targets: [fake-api]
+    patterns:
+      - id: prod-credential
+        regex: '(?i)production (?:password|credential)s?'
+    action: block
+    message: No production credentials in prompts.
+"#
+    )
+}
+
+/// A fresh GitHub-token-shaped secret (never a real one).
+fn github_token() -> String {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as usize;
+    let tail: String = (0..36)
+        .map(|i| alphabet[(seed / (i + 1) + i * 7) % alphabet.len()] as char)
+        .collect();
+    format!("ghp_{tail}")
+}
+
+const AWS: &str = "AKIAIOSFODNN7EXAMPLE";
+
+struct Ai {
+    p: PolicyEnv,
+    _trust: TrustGuard,
+}
+
+impl Ai {
+    fn new() -> Self {
+        let mut p = PolicyEnv::with_policy(bundle);
+        p.env.remote.start_ai();
+        let _trust = p.env.trust_node_ca();
+        Ai { p, _trust }
+    }
+
+    fn env(&self) -> &Env {
+        &self.p.env
+    }
+
+    fn client(&self, mode: &str, text: &str, extra: &[&str]) -> Value {
+        let script = format!("{FIXTURES}/ai_client.py");
+        let ip = self.env().remote.remote.clone();
+        let mut args = vec![script.as_str(), "--ip", ip.as_str(), mode, text];
+        args.extend_from_slice(extra);
+        let out = self.env().cgroup.run("python3", &args);
+        parse_json_output(&out, &self.env().node)
+    }
+}
+
+fn masked(text: &str, secrets: &[&str]) -> String {
+    let mut t = text.to_owned();
+    for s in secrets {
+        t = t.replace(s, &"*".repeat(s.len()));
+    }
+    t
+}
+
+fn assert_masked(out: &Value, expected: &str, secrets: &[&str]) {
+    assert!(out["error"].is_null(), "client error: {out:#}");
+    let got = out["text"].as_str().unwrap_or_default();
+    for s in secrets {
+        assert!(!got.contains(&s[..12]), "secret reached the client: {got}");
+    }
+    assert_eq!(got, expected, "{out:#}");
+}
+
+#[test]
+fn openai_client_streamed_and_plain_completions_are_masked() {
+    let ai = Ai::new();
+    let tok = github_token();
+    let text = format!("Here is your token: {tok}. Keep control value keep-me-4242 intact.");
+    let expected = masked(&text, &[&tok]);
+    for step in ["1", "3", "7"] {
+        let out = ai.client("openai-chat", &text, &["--stream", "--step", step]);
+        assert_masked(&out, &expected, &[&tok]);
+        assert!(out["events"].as_u64().unwrap() > 5, "{out:#}");
+    }
+    let out = ai.client("openai-chat", &text, &[]);
+    assert_masked(&out, &expected, &[&tok]);
+
+    // The API really sent the token in the clear; the node masked it.
+    let sent = ai.env().remote.ai_entries();
+    assert!(
+        sent.iter().any(|e| e["sent"].as_str() == Some(&text)),
+        "{sent:?}"
+    );
+    let ex = wait_exchange(ai.env(), |e| e["path"] == "/v1/chat/completions");
+    assert!(
+        ex["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["rule"] == "mask-secrets"
+                && d["patterns"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p == "github-token")),
+        "{ex:#}"
+    );
+    for e in exchanges(ai.env()) {
+        let body = e["response_body"]["text"].as_str().unwrap_or_default();
+        assert!(
+            !body.contains(&tok[4..16]),
+            "record holds the secret: {body}"
+        );
+    }
+}
+
+#[test]
+fn responses_anthropic_and_generic_event_streams_are_masked() {
+    let ai = Ai::new();
+    let tok = github_token();
+    let text = format!("keys: {AWS} and {tok} end");
+    let expected = masked(&text, &[AWS, &tok]);
+    let out = ai.client("openai-responses", &text, &["--step", "2"]);
+    assert_masked(&out, &expected, &[AWS, &tok]);
+    // The final `done` event carries the whole text: masked as well.
+    assert_eq!(
+        out["done_text"].as_str(),
+        Some(expected.as_str()),
+        "{out:#}"
+    );
+    for mode in ["anthropic", "generic"] {
+        let out = ai.client(mode, &text, &["--step", "3"]);
+        assert_masked(&out, &expected, &[AWS, &tok]);
+    }
+    // Benign text arrives unchanged, escapes and all.
+    let benign = "fn main() { println!(\"hi\\n\\t\"); } // déjà vu 😀 \"quoted\"";
+    for mode in ["anthropic", "generic", "openai-responses"] {
+        let out = ai.client(mode, benign, &["--step", "2"]);
+        assert!(out["error"].is_null(), "{out:#}");
+        assert_eq!(out["text"].as_str(), Some(benign), "{mode}: {out:#}");
+    }
+}
+
+#[test]
+fn grpc_stream_with_a_token_split_across_messages_is_masked_plain_and_gzip() {
+    let ai = Ai::new();
+    let tok = github_token();
+    let text = format!("token {tok} ok");
+    let expected = masked(&text, &[&tok]);
+    for extra in [&[][..], &["--gzip"][..]] {
+        let out = ai.client("grpc", &text, extra);
+        assert_masked(&out, &expected, &[&tok]);
+        assert!(out["events"].as_u64().unwrap() >= 10, "{out:#}");
+    }
+    let sent = ai.env().remote.ai_entries();
+    assert!(
+        sent.iter()
+            .any(|e| e["path"] == "/fake.Gen/Stream" && e["gzip"] == true),
+        "{sent:?}"
+    );
+    let ex = wait_exchange(ai.env(), |e| e["path"] == "/fake.Gen/Stream");
+    assert_eq!(ex["http_version"], "HTTP/2.0");
+    assert!(
+        ex["response_trailers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "grpc-status" && t["value"] == "0"),
+        "{ex:#}"
+    );
+}
+
+#[test]
+fn compressed_responses_are_decoded_masked_and_sent_as_identity() {
+    use base64::Engine;
+    let ai = Ai::new();
+    let text = format!("config: aws_key={AWS} control=keep-me-4242\n");
+    let b64 = base64::engine::general_purpose::URL_SAFE.encode(&text);
+    for enc in ["gzip", "deflate", "br", "zstd"] {
+        let out = ai.env().curl(
+            "api.fake.test",
+            7443,
+            &format!("/encoded?enc={enc}&b64={b64}"),
+            &["--compressed", "-D", "-"],
+        );
+        assert!(out.status.success(), "{enc}: {}", text_of(&out));
+        let resp = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+        assert!(
+            !head.to_ascii_lowercase().contains("content-encoding"),
+            "{head}"
+        );
+        assert_eq!(body, masked(&text, &[AWS]), "{enc}");
+    }
+    let sent = ai.env().remote.ai_entries();
+    assert!(sent
+        .iter()
+        .all(|e| e["path"] != "/encoded" || e["accept_encoding"] == "identity"));
+}
+
+fn text_of(o: &std::process::Output) -> String {
+    text(o)
+}
+
+#[test]
+fn request_rules_see_decoded_bodies_unescaped_json_and_the_url() {
+    let ai = Ai::new();
+    let env = ai.env();
+    let post = |body: &[u8], extra: &[&str], path: &str| {
+        let file = env.dir.path().join("req.bin");
+        std::fs::write(&file, body).unwrap();
+        let data = format!("@{}", file.display());
+        let mut args = vec![
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            data.as_str(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ];
+        args.extend_from_slice(extra);
+        let out = env.curl("api.fake.test", 443, path, &args);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // JSON escapes hide nothing.
+    assert_eq!(
+        post(
+            br#"{"prompt":"the production\u0020password is"}"#,
+            &[],
+            "/echo"
+        ),
+        "403"
+    );
+    // Nor does compression.
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut z, br#"{"prompt":"use the production password"}"#).unwrap();
+    let gz = z.finish().unwrap();
+    assert_eq!(post(&gz, &["-H", "content-encoding: gzip"], "/echo"), "403");
+    // Nor the URL.
+    assert_eq!(post(b"{}", &[], "/echo?q=production%20password"), "403");
+    // A body that claims an encoding it does not have is refused, not passed.
+    assert_eq!(
+        post(b"plain", &["-H", "content-encoding: gzip"], "/echo"),
+        "415"
+    );
+    // Benign requests pass, compressed or not.
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut z, br#"{"prompt":"refactor this function"}"#).unwrap();
+    assert_eq!(
+        post(
+            &z.finish().unwrap(),
+            &["-H", "content-encoding: gzip"],
+            "/echo"
+        ),
+        "200"
+    );
+    let up = env.remote.https_entries();
+    assert_eq!(
+        up.iter().filter(|e| e["path"] == "/echo").count(),
+        1,
+        "only the benign request reached the upstream: {up:?}"
+    );
+}
+
+#[test]
+fn websocket_upgrade_is_refused_where_rules_apply() {
+    let ai = Ai::new();
+    let env = ai.env();
+    let script = r#"
+import asyncio, json, socket, ssl, sys
+import websockets
+ip = sys.argv[1]
+real = socket.getaddrinfo
+socket.getaddrinfo = lambda h, *a, **k: real(ip if h == "api.fake.test" else h, *a, **k)
+async def main():
+    ctx = ssl.create_default_context(cafile="/etc/ssl/certs/ca-certificates.crt")
+    try:
+        async with websockets.connect("wss://api.fake.test:443/ws", ssl=ctx) as ws:
+            await ws.send("hello")
+            print(json.dumps({"connected": True, "echo": await ws.recv()}))
+    except Exception as e:
+        body = getattr(getattr(e, "response", None), "body", b"") or b""
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        print(json.dumps({"connected": False, "status": status, "body": body.decode(errors="replace"), "error": repr(e)}))
+asyncio.run(main())
+"#;
+    let out = env
+        .cgroup
+        .run("python3", &["-c", script, env.remote.remote.as_str()]);
+    let v = parse_json_output(&out, &env.node);
+    assert_eq!(v["connected"], false, "{v:#}");
+    assert_eq!(v["status"], 403, "{v:#}");
+    assert!(
+        v["body"].as_str().unwrap().contains("upgrade refused"),
+        "{v:#}"
+    );
+    assert!(
+        !env.remote
+            .https_entries()
+            .iter()
+            .any(|e| e["upgrade"] == true),
+        "the upstream never saw the upgrade"
+    );
+    let ex = wait_exchange(env, |e| e["path"] == "/ws");
+    assert!(
+        ex["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["rule"] == "upgrade-not-inspectable"),
+        "{ex:#}"
+    );
+}
+
+#[test]
+fn a_stream_that_cannot_be_scanned_ends_in_an_error_the_client_sees() {
+    let ai = Ai::new();
+    let env = ai.env();
+    for http in ["--http1.1", "--http2"] {
+        let out = env.curl(
+            "api.fake.test",
+            443,
+            "/huge-event",
+            &[http, "-N", "-o", "/dev/null"],
+        );
+        assert!(
+            !out.status.success(),
+            "{http}: curl must see the cut stream as an error: {}",
+            text(&out)
+        );
+    }
+    let ex = wait_exchange(env, |e| {
+        e["path"] == "/huge-event" && e["error"].as_str().is_some()
+    });
+    assert!(
+        ex["error"].as_str().unwrap().contains("larger than"),
+        "{ex:#}"
+    );
+    // The node keeps serving.
+    let out = ai.client("generic", "still fine", &[]);
+    assert_eq!(out["text"], "still fine", "{out:#}");
+}
