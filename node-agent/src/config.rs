@@ -54,6 +54,35 @@ pub struct Config {
     pub records: RecordSettings,
     #[serde(default)]
     pub policy: PolicySettings,
+    #[serde(default)]
+    pub identity: IdentitySettings,
+}
+
+/// Where a connection's CI identity is read from (docs/ARCHITECTURE.md,
+/// threat model): never the connecting process itself when a trusted
+/// process sits above it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// The runner's per-job processes, by name (comm or executable file
+    /// name) or, with a `/`, by absolute executable path (stronger: a job
+    /// cannot plant a binary at a root-owned path). The topmost one above a
+    /// connecting process is trusted. Default: GitHub's `Runner.Worker`
+    /// and `gitlab-runner`.
+    #[serde(default = "default_job_processes")]
+    pub job_processes: Vec<String>,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            job_processes: default_job_processes(),
+        }
+    }
+}
+
+fn default_job_processes() -> Vec<String> {
+    vec!["Runner.Worker".into(), "gitlab-runner".into()]
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -392,6 +421,18 @@ impl Config {
                 "records.body_cap_bytes".into(),
                 "at most 64 MiB per body".into(),
             ));
+        }
+        for (i, name) in self.identity.job_processes.iter().enumerate() {
+            let field = format!("identity.job_processes[{i}]");
+            if name.trim().is_empty() {
+                return Err(bad(field, "must not be empty".into()));
+            }
+            if name.contains('/') && !name.starts_with('/') {
+                return Err(bad(
+                    field,
+                    "an executable path must be absolute (or give a bare name)".into(),
+                ));
+            }
         }
         for (i, w) in self.workloads.iter().enumerate() {
             if let Err(e) = glob::Pattern::new(&w.cgroup) {

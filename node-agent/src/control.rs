@@ -1,6 +1,7 @@
 //! Local control API: newline-delimited JSON over a Unix socket. The socket
-//! is mode 0600 and each caller is checked with SO_PEERCRED (root only), so
-//! a build job cannot read records or change the node.
+//! is mode 0600 and each caller is checked with SO_PEERCRED: root only, and
+//! never a process inside a watched cgroup (a root build job must not
+//! approve its own held request or lift its own suspension).
 use std::{
     path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc},
@@ -140,6 +141,36 @@ pub enum Response {
     },
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_in_watched_cgroups_are_refused() {
+        let proc_root = tempfile::tempdir().unwrap();
+        let dir = proc_root.path().join("77");
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = Path::new("/sys/fs/cgroup");
+        let watched = vec![root.join("runner.service")];
+        for (cg, refused) in [
+            ("/runner.service", true),
+            ("/runner.service/job/step", true),
+            ("/runner.service2", false),
+            ("/user.slice/session-1.scope", false),
+        ] {
+            std::fs::write(dir.join("cgroup"), format!("0::{cg}\n")).unwrap();
+            let r = refuse_watched_caller(Some(77), proc_root.path(), root, &watched);
+            assert_eq!(r.is_err(), refused, "{cg}: {r:?}");
+            if let Err((m, _)) = r {
+                assert!(m.contains("watched cgroup"), "{m}");
+            }
+        }
+        // A caller that cannot be placed is refused too.
+        assert!(refuse_watched_caller(Some(78), proc_root.path(), root, &watched).is_err());
+        assert!(refuse_watched_caller(None, proc_root.path(), root, &watched).is_err());
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RecentIdentity {
     pub id: String,
@@ -170,6 +201,14 @@ pub struct Status {
     pub kernel_rekeyed: u64,
     /// Origin records removed when the client socket closed.
     pub kernel_closed: u64,
+    #[serde(default)]
+    pub policy_version: u64,
+    /// Highest bundle version accepted (persisted apart from the bundle).
+    #[serde(default)]
+    pub policy_floor: u64,
+    /// The bundle in force has passed its `expires_at`.
+    #[serde(default)]
+    pub policy_expired: bool,
     /// `bpf-lsm`, or `degraded: <why>` (escapes detected, not prevented).
     #[serde(default)]
     pub containment: String,
@@ -189,6 +228,50 @@ pub struct Status {
 pub struct ControlServer {
     pub proxy: Arc<Proxy>,
     pub started: Instant,
+    /// The cgroup2 mount, to place callers relative to the watched cgroups.
+    pub cgroup_root: PathBuf,
+}
+
+/// Longest request line read from a caller that is about to be refused.
+const REFUSED_LINE_CAP: u64 = 64 * 1024;
+
+/// Why a caller, by its pid from SO_PEERCRED, may not use the control API:
+/// it runs inside a watched cgroup (or its subtree), or cannot be placed.
+fn refuse_watched_caller(
+    pid: Option<i32>,
+    proc_root: &Path,
+    cgroup_root: &Path,
+    watched: &[PathBuf],
+) -> Result<(), (String, Option<String>)> {
+    let Some(pid) = pid.filter(|p| *p > 0) else {
+        return Err((
+            "permission denied: the caller's pid is unknown".into(),
+            None,
+        ));
+    };
+    let text =
+        std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).map_err(|e| {
+            (
+                format!("permission denied: cannot read the cgroup of caller pid {pid}: {e}"),
+                None,
+            )
+        })?;
+    let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return Err((
+            format!("permission denied: caller pid {pid} has no cgroup v2 membership"),
+            None,
+        ));
+    };
+    let full = cgroup_root.join(rel.trim_start_matches('/'));
+    if watched.iter().any(|w| full.starts_with(w)) {
+        return Err((
+            format!(
+                "permission denied: the caller (pid {pid}) runs in the watched cgroup {rel}; build jobs cannot use the control API"
+            ),
+            Some(rel.to_owned()),
+        ));
+    }
+    Ok(())
 }
 
 /// Binds the socket with mode 0600, replacing a stale one.
@@ -229,14 +312,45 @@ impl ControlServer {
     }
 
     async fn handle(&self, stream: UnixStream) {
-        let uid = match stream.peer_cred() {
-            Ok(c) => c.uid(),
+        let (uid, pid) = match stream.peer_cred() {
+            Ok(c) => (c.uid(), c.pid()),
             Err(e) => {
                 warn!(error = %e, "control caller credentials unavailable; closing");
                 return;
             }
         };
         let (r, mut w) = stream.into_split();
+        if uid == 0 {
+            let (root, watched) = (self.cgroup_root.clone(), self.proxy.redirector.cgroups());
+            let placed = tokio::task::spawn_blocking(move || {
+                refuse_watched_caller(pid, Path::new("/proc"), &root, &watched)
+            })
+            .await
+            .unwrap_or_else(|e| Err((format!("permission denied: {e}"), None)));
+            if let Err((message, cgroup)) = placed {
+                // Note what it tried (first line, bounded) for the record.
+                let mut first = String::new();
+                let mut limited =
+                    BufReader::new(tokio::io::AsyncReadExt::take(r, REFUSED_LINE_CAP));
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    limited.read_line(&mut first),
+                )
+                .await;
+                let op = serde_json::from_str::<Request>(&first)
+                    .map(|r| r.name().to_owned())
+                    .unwrap_or_else(|_| "unknown".into());
+                warn!(uid, ?pid, op, %message, "control request from a watched cgroup refused");
+                if let Err(e) = self.proxy.store.audit(
+                    "control.refused",
+                    &serde_json::json!({"uid": uid, "pid": pid, "cgroup": cgroup, "op": op, "reason": message}),
+                ) {
+                    warn!(error = %e, "cannot record control refusal");
+                }
+                let _ = write(&mut w, &Response::Error { message }).await;
+                return;
+            }
+        }
         let mut lines = BufReader::new(r).lines();
         if uid != 0 {
             warn!(uid, "control request from non-root caller refused");
@@ -304,6 +418,9 @@ impl ControlServer {
                     upstream_failures: c.upstream_failed.load(Ordering::Relaxed),
                     record_errors: c.record_errors.load(Ordering::Relaxed),
                     records_stored: p.store.count(),
+                    policy_version: p.policy.current().version,
+                    policy_floor: p.policy.floor(),
+                    policy_expired: p.policy.current().expired_at(std::time::SystemTime::now()),
                     kernel_redirected: k.first().copied().unwrap_or_default(),
                     kernel_udp_refused: k.get(1).copied().unwrap_or_default(),
                     kernel_foreign_netns_refused: k.get(2).copied().unwrap_or_default(),

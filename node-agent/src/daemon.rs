@@ -100,7 +100,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         &state_dir,
         store.clone(),
         cfg.policy.max_scan_window_bytes,
+        cfg.policy.watch_dir.as_deref(),
     )?);
+    tokio::spawn(policy.clone().watch_expiry());
     // The target list: the policy bundle's when it names targets that
     // this node can serve, otherwise the node configuration's.
     let sink = Arc::new(NodeTargets {
@@ -126,7 +128,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let proxy = Arc::new(Proxy {
         redirector: redirector.clone(),
-        identities: IdentityResolver::new(root, &cfg.workloads),
+        identities: IdentityResolver::new(
+            root.clone(),
+            {
+                let r = redirector.clone();
+                Arc::new(move || r.cgroups())
+            },
+            &cfg.workloads,
+            &cfg.identity,
+        ),
         store: store.clone(),
         targets: live.clone(),
         tls,
@@ -153,6 +163,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let server = Arc::new(ControlServer {
         proxy: proxy.clone(),
         started: Instant::now(),
+        cgroup_root: root.clone(),
     });
     tokio::spawn(server.serve(control_listener));
 

@@ -1,24 +1,34 @@
 //! Workload identity: who opened a connection. From the kernel's origin
 //! record (pid, tgid, uid, cgroup id) to the cgroup path, the systemd unit
 //! or container, the executable and command line, and the CI job's own
-//! identity read from the process environment (GitHub Actions, GitLab CI).
-//! CI identity is cached per cgroup so that a process that has already
-//! exited (a short `curl` in a build step) is still attributed.
+//! identity (GitHub Actions, GitLab CI).
+//!
+//! The job may be the adversary, and a process's environment is its own to
+//! choose, so CI attributes are never taken from the connecting process.
+//! They come from a process above it that the job cannot modify (see
+//! [`IdentityResolver::resolve`] and the threat model in
+//! docs/ARCHITECTURE.md). What the connecting process claimed is recorded
+//! next to it; a claim that differs is an `anomaly` audit event.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet, VecDeque},
+    hash::Hash,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sluice_common::Origin;
+use tracing::warn;
 
-use crate::config::WorkloadSelector;
+use crate::{
+    config::{IdentitySettings, WorkloadSelector},
+    record::RecordStore,
+};
 
 /// The CI job a process belongs to, from its environment.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CiJob {
     /// `github-actions` or `gitlab-ci`.
     pub system: String,
@@ -47,6 +57,23 @@ pub struct ProcessInfo {
     pub comm: String,
     pub exe: Option<String>,
     pub cmdline: Vec<String>,
+    /// The CI identity in the connecting process's own environment, when
+    /// it differs from the trusted one (`identity.ci`): what it claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_ci: Option<CiJob>,
+}
+
+/// Which process the CI attributes were read from, and why it is trusted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CiSource {
+    pub pid: u32,
+    pub comm: String,
+    /// `runner-anchor` (a configured runner job process above the
+    /// connecting one), `anchor-child` (the process that anchor started),
+    /// `cgroup-top` (the topmost ancestor inside the watched cgroups: the
+    /// process the runner put there), `cgroup-sole-job` (the connecting
+    /// process has no trusted ancestor; the only job running in its cgroup).
+    pub how: String,
 }
 
 /// Who a connection belongs to. `id` is stable for one CI job (or, outside
@@ -61,39 +88,206 @@ pub struct WorkloadIdentity {
     pub systemd_unit: Option<String>,
     pub container_id: Option<String>,
     pub ci: Option<CiJob>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci_source: Option<CiSource>,
+    /// Set when the connection cannot be attributed to one job (its process
+    /// is gone or detached and its cgroup runs several jobs): the proxy
+    /// refuses such connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unattributed: Option<String>,
 }
 
-#[derive(Clone, Default)]
-struct CgroupEntry {
-    path: Option<String>,
-    ci: Option<CiJob>,
+/// A small map that forgets its oldest entries beyond `cap`.
+struct Bounded<K, V> {
+    cap: usize,
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
 }
 
-pub struct IdentityResolver {
-    proc_root: PathBuf,
-    cgroup_root: PathBuf,
-    selectors: Vec<(String, glob::Pattern)>,
-    cache: Mutex<HashMap<u64, CgroupEntry>>,
-}
-
-impl IdentityResolver {
-    pub fn new(cgroup_root: PathBuf, selectors: &[WorkloadSelector]) -> Self {
+impl<K: Hash + Eq + Clone, V: Clone> Bounded<K, V> {
+    fn new(cap: usize) -> Self {
         Self {
-            proc_root: PathBuf::from("/proc"),
-            cgroup_root,
-            // Patterns were validated with the configuration.
-            selectors: selectors
-                .iter()
-                .filter_map(|s| Some((s.name.clone(), glob::Pattern::new(&s.cgroup).ok()?)))
-                .collect(),
-            cache: Mutex::new(HashMap::new()),
+            cap,
+            map: HashMap::new(),
+            order: VecDeque::new(),
         }
     }
 
-    /// Resolves the identity and process of a kernel origin record.
-    pub fn resolve(&self, origin: &Origin) -> (WorkloadIdentity, ProcessInfo) {
+    fn get(&self, k: &K) -> Option<V> {
+        self.map.get(k).cloned()
+    }
+
+    fn insert(&mut self, k: K, v: V) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// Most processes looked at in one ancestry walk or one cgroup scan.
+const MAX_DEPTH: usize = 64;
+const MAX_SCAN: usize = 4096;
+const CACHE_CAP: usize = 4096;
+
+/// One process as /proc/PID/stat shows it.
+#[derive(Clone, Debug)]
+struct Proc {
+    pid: u32,
+    ppid: u32,
+    comm: String,
+    /// Start time in clock ticks after boot: (pid, start) names one process.
+    start: u64,
+}
+
+/// Returns the cgroups the programs are attached to now.
+pub type WatchedFn = Arc<dyn Fn() -> Vec<PathBuf> + Send + Sync>;
+
+/// What one connection's attribution found.
+struct Attribution {
+    ci: Option<CiJob>,
+    source: Option<CiSource>,
+    unattributed: Option<String>,
+}
+
+struct Inner {
+    proc_root: PathBuf,
+    cgroup_root: PathBuf,
+    /// The watched cgroups now (absolute; the set grows with
+    /// `watch.patterns`).
+    watched: WatchedFn,
+    anchors: Vec<String>,
+    selectors: Vec<(String, glob::Pattern)>,
+    /// cgroup id → path. Kernel cgroup ids are not reused while the
+    /// system runs, so an entry cannot come to name another cgroup.
+    paths: Mutex<Bounded<u64, String>>,
+    /// (pid, start time) of a trusted job process → its CI job. The pair
+    /// names one process for the life of the system: a later job never
+    /// finds an earlier one's entry.
+    jobs: Mutex<Bounded<(u32, u64), Option<CiJob>>>,
+    /// (trusted id, claimed job) pairs already audited as anomalies.
+    audited: Mutex<Bounded<(String, CiJob), ()>>,
+}
+
+/// Attributes connections. Cheap to clone; `/proc` is read on tokio's
+/// blocking pool, never on the async workers.
+#[derive(Clone)]
+pub struct IdentityResolver {
+    inner: Arc<Inner>,
+}
+
+impl IdentityResolver {
+    /// `watched`: the watched cgroup directories now (absolute, under
+    /// `cgroup_root`).
+    pub fn new(
+        cgroup_root: PathBuf,
+        watched: WatchedFn,
+        selectors: &[WorkloadSelector],
+        settings: &IdentitySettings,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                proc_root: PathBuf::from("/proc"),
+                cgroup_root,
+                watched,
+                anchors: settings.job_processes.clone(),
+                // Patterns were validated with the configuration.
+                selectors: selectors
+                    .iter()
+                    .filter_map(|s| Some((s.name.clone(), glob::Pattern::new(&s.cgroup).ok()?)))
+                    .collect(),
+                paths: Mutex::new(Bounded::new(CACHE_CAP)),
+                jobs: Mutex::new(Bounded::new(CACHE_CAP)),
+                audited: Mutex::new(Bounded::new(CACHE_CAP)),
+            }),
+        }
+    }
+
+    /// Resolves the identity and process of a kernel origin record, on the
+    /// blocking pool. A claimed CI identity that differs from the trusted
+    /// one is written to the audit chain (`anomaly.identity`), once per
+    /// (identity, claim) while remembered.
+    pub async fn resolve(
+        &self,
+        origin: Origin,
+        store: &RecordStore,
+        session: u64,
+    ) -> (WorkloadIdentity, ProcessInfo) {
+        let inner = self.inner.clone();
+        let (identity, process) =
+            match tokio::task::spawn_blocking(move || inner.resolve(&origin)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(session, error = %e, "identity resolution failed");
+                    let identity = WorkloadIdentity {
+                        id: stable_id(None, None, origin.cgroup_id, origin.uid),
+                        cgroup_id: origin.cgroup_id,
+                        unattributed: Some(format!("identity resolution failed: {e}")),
+                        ..Default::default()
+                    };
+                    (identity, ProcessInfo::default())
+                }
+            };
+        if let Some(claim) = &process.claimed_ci {
+            let fresh = {
+                let mut seen = self.inner.audited.lock().unwrap_or_else(|e| e.into_inner());
+                let key = (identity.id.clone(), claim.clone());
+                let fresh = seen.get(&key).is_none();
+                seen.insert(key, ());
+                fresh
+            };
+            warn!(
+                session,
+                workload = %identity.id,
+                pid = process.tgid,
+                claimed = ?claim.repository,
+                trusted = ?identity.ci.as_ref().and_then(|c| c.repository.as_deref()),
+                "process claims a CI identity its job process does not have"
+            );
+            if fresh {
+                let body = serde_json::json!({
+                    "kind": "ci-identity-claim",
+                    "session": session,
+                    "identity": identity.id,
+                    "trusted": identity.ci,
+                    "trusted_from": identity.ci_source,
+                    "claimed": claim,
+                    "pid": process.tgid,
+                    "comm": process.comm,
+                    "exe": process.exe,
+                    "cgroup_id": identity.cgroup_id,
+                    "cgroup_path": identity.cgroup_path,
+                });
+                if let Err(e) = store.audit("anomaly.identity", &body) {
+                    warn!(session, error = %e, "cannot record identity anomaly");
+                }
+            }
+        }
+        (identity, process)
+    }
+
+    /// Cached job processes (for tests and status).
+    pub fn cached_jobs(&self) -> usize {
+        self.inner
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+impl Inner {
+    fn resolve(&self, origin: &Origin) -> (WorkloadIdentity, ProcessInfo) {
         let proc_dir = self.proc_root.join(origin.tgid.to_string());
-        let process = ProcessInfo {
+        let mut process = ProcessInfo {
             pid: origin.pid,
             tgid: origin.tgid,
             uid: origin.uid,
@@ -105,36 +299,34 @@ impl IdentityResolver {
             cmdline: std::fs::read(proc_dir.join("cmdline"))
                 .map(|b| redact_cmdline(split_nul(&b)))
                 .unwrap_or_default(),
+            claimed_ci: None,
         };
 
-        // The process may be gone; the cgroup cache remembers its job.
         let live_path = read_cgroup_path(&proc_dir);
-        let live_ci = std::fs::read(proc_dir.join("environ"))
+        let path = match live_path {
+            Some(p) => {
+                self.paths
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(origin.cgroup_id, p.clone());
+                Some(p)
+            }
+            None => self.cgroup_path(origin.cgroup_id),
+        };
+        // What the connecting process itself says (it chose it).
+        let claimed = std::fs::read(proc_dir.join("environ"))
             .ok()
             .and_then(|env| ci_from_environ(&env));
-
-        let entry = {
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = cache.entry(origin.cgroup_id).or_default();
-            if live_path.is_some() {
-                entry.path = live_path;
-            }
-            if live_ci.is_some() {
-                entry.ci = live_ci;
-            }
-            entry.clone()
+        let me = read_stat(&self.proc_root, origin.tgid);
+        let watched = self.watched_rel();
+        let att = match &me {
+            Some(me) => self.attribute_live(&watched, me, path.as_deref()),
+            // Gone before we looked: only its cgroup is left to go by.
+            None => self.attribute_by_cgroup(&watched, path.as_deref(), "process exited"),
         };
-        let path = match entry.path {
-            Some(p) => Some(p),
-            None => {
-                let found = find_cgroup_by_id(&self.cgroup_root, origin.cgroup_id);
-                if let Some(p) = &found {
-                    let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-                    cache.entry(origin.cgroup_id).or_default().path = Some(p.clone());
-                }
-                found
-            }
-        };
+        if claimed.is_some() && claimed != att.ci {
+            process.claimed_ci = claimed;
+        }
 
         let workload = path.as_deref().and_then(|p| {
             self.selectors
@@ -142,7 +334,12 @@ impl IdentityResolver {
                 .find(|(_, pat)| pat.matches(p))
                 .map(|(n, _)| n.clone())
         });
-        let id = stable_id(entry.ci.as_ref(), path.as_deref(), origin.uid);
+        let id = stable_id(
+            att.ci.as_ref(),
+            path.as_deref(),
+            origin.cgroup_id,
+            origin.uid,
+        );
         let identity = WorkloadIdentity {
             id,
             workload,
@@ -150,10 +347,290 @@ impl IdentityResolver {
             systemd_unit: path.as_deref().and_then(systemd_unit),
             container_id: path.as_deref().and_then(container_id),
             cgroup_path: path,
-            ci: entry.ci,
+            ci: att.ci,
+            ci_source: att.source,
+            unattributed: att.unattributed,
         };
         (identity, process)
     }
+
+    fn cgroup_path(&self, id: u64) -> Option<String> {
+        if let Some(p) = self
+            .paths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
+            return Some(p);
+        }
+        let found = find_cgroup_by_id(&self.cgroup_root, id)?;
+        self.paths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, found.clone());
+        Some(found)
+    }
+
+    /// The watched cgroups as paths relative to the cgroup2 root (`/a/b`).
+    fn watched_rel(&self) -> Vec<String> {
+        (self.watched)()
+            .iter()
+            .map(|w| match w.strip_prefix(&self.cgroup_root) {
+                Ok(rel) => format!("/{}", rel.display()),
+                Err(_) => w.display().to_string(),
+            })
+            .collect()
+    }
+
+    fn in_watched(watched: &[String], path: &str) -> bool {
+        watched.iter().any(|w| path_within(path, w))
+    }
+
+    fn is_anchor(&self, p: &Proc) -> bool {
+        let exe = std::fs::read_link(self.proc_root.join(p.pid.to_string()).join("exe")).ok();
+        self.anchors.iter().any(|a| {
+            if a.contains('/') {
+                // Pinned by executable path: a job cannot fake it by name.
+                exe.as_deref() == Some(Path::new(a))
+            } else {
+                // The kernel keeps 15 bytes of the name.
+                let short: String = a.chars().take(15).collect();
+                p.comm == short
+                    || exe
+                        .as_deref()
+                        .and_then(|e| e.file_name())
+                        .is_some_and(|n| n == a.as_str())
+            }
+        })
+    }
+
+    /// The CI job in a process's environment, remembered by (pid, start).
+    fn job_of(&self, p: &Proc) -> Option<CiJob> {
+        let key = (p.pid, p.start);
+        if let Some(j) = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return j;
+        }
+        let env = std::fs::read(self.proc_root.join(p.pid.to_string()).join("environ")).ok()?;
+        let job = ci_from_environ(&env);
+        // Still the same process after the read (no pid reuse in between)?
+        if read_stat(&self.proc_root, p.pid).map(|n| n.start) != Some(p.start) {
+            return None;
+        }
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, job.clone());
+        job
+    }
+
+    fn trusted(&self, p: &Proc, how: &str) -> Attribution {
+        Attribution {
+            ci: self.job_of(p),
+            source: Some(CiSource {
+                pid: p.pid,
+                comm: p.comm.clone(),
+                how: how.into(),
+            }),
+            unattributed: None,
+        }
+    }
+
+    /// The connecting process's ancestors, itself first, while they are in
+    /// the watched cgroups. Each parent must be older than its child, so a
+    /// reused pid never joins the chain.
+    fn ancestry(&self, watched: &[String], me: &Proc) -> Vec<Proc> {
+        let mut chain = vec![me.clone()];
+        while chain.len() < MAX_DEPTH {
+            let Some(child) = chain.last() else { break };
+            if child.ppid == 0 {
+                break;
+            }
+            let Some(parent) = read_stat(&self.proc_root, child.ppid) else {
+                break;
+            };
+            if parent.start > child.start {
+                break;
+            }
+            let dir = self.proc_root.join(parent.pid.to_string());
+            if !read_cgroup_path(&dir).is_some_and(|p| Self::in_watched(watched, &p)) {
+                break;
+            }
+            chain.push(parent);
+        }
+        chain
+    }
+
+    /// 1. A configured runner job process above (the topmost one, so that a
+    ///    job cannot plant a fake one below the real one): its environment,
+    ///    else that of the process it started on the way down.
+    /// 2. No anchor above, but one runs in this cgroup: the process left
+    ///    the job's tree (double fork, reparented): the cgroup's sole job.
+    /// 3. Otherwise the topmost ancestor inside the watched cgroups (the
+    ///    process the runner put there; possibly this process itself).
+    fn attribute_live(&self, watched: &[String], me: &Proc, path: Option<&str>) -> Attribution {
+        let chain = self.ancestry(watched, me);
+        if let Some(i) = chain.iter().rposition(|p| self.is_anchor(p)) {
+            let anchor = &chain[i];
+            let from_anchor = self.trusted(anchor, "runner-anchor");
+            if from_anchor.ci.is_some() || i == 0 {
+                return from_anchor;
+            }
+            return self.trusted(&chain[i - 1], "anchor-child");
+        }
+        if !self.anchors.is_empty() {
+            if let Some(path) = path {
+                let members = self.scan(path);
+                if members.iter().any(|p| self.is_anchor(p)) {
+                    return self.sole_job(watched, &members, "not below the runner's job process");
+                }
+            }
+        }
+        match chain.last() {
+            Some(top) => self.trusted(top, "cgroup-top"),
+            None => Attribution {
+                ci: None,
+                source: None,
+                unattributed: None,
+            },
+        }
+    }
+
+    fn attribute_by_cgroup(
+        &self,
+        watched: &[String],
+        path: Option<&str>,
+        why: &str,
+    ) -> Attribution {
+        match path {
+            Some(p) => {
+                let members = self.scan(p);
+                self.sole_job(watched, &members, why)
+            }
+            None => Attribution {
+                ci: None,
+                source: None,
+                unattributed: Some(format!("{why}; cgroup unknown")),
+            },
+        }
+    }
+
+    /// The jobs running in a cgroup, from their trusted processes: anchors
+    /// (or what they started) when the cgroup has any, else the processes
+    /// whose parent is outside the watched cgroups (what the runner put
+    /// there). One job: it. None: no CI identity. Several: unattributable
+    /// (the caller refuses the connection rather than guess).
+    fn sole_job(&self, watched: &[String], members: &[Proc], why: &str) -> Attribution {
+        let pids: HashSet<u32> = members.iter().map(|p| p.pid).collect();
+        let anchors: Vec<&Proc> = members.iter().filter(|p| self.is_anchor(p)).collect();
+        let mut candidates: Vec<(Option<CiJob>, &Proc)> = Vec::new();
+        if anchors.is_empty() {
+            for p in members {
+                let outside = !pids.contains(&p.ppid)
+                    && !read_cgroup_path(&self.proc_root.join(p.ppid.to_string()))
+                        .is_some_and(|c| Self::in_watched(watched, &c));
+                if outside {
+                    candidates.push((self.job_of(p), p));
+                }
+            }
+        } else {
+            for a in anchors {
+                match self.job_of(a) {
+                    Some(j) => candidates.push((Some(j), a)),
+                    None => {
+                        for c in members.iter().filter(|c| c.ppid == a.pid) {
+                            candidates.push((self.job_of(c), c));
+                        }
+                    }
+                }
+            }
+        }
+        let mut jobs: Vec<(CiJob, &Proc)> = Vec::new();
+        for (job, p) in candidates {
+            if let Some(j) = job {
+                if !jobs.iter().any(|(k, _)| *k == j) {
+                    jobs.push((j, p));
+                }
+            }
+        }
+        match jobs.len() {
+            0 => Attribution {
+                ci: None,
+                source: None,
+                unattributed: None,
+            },
+            1 => {
+                let (job, p) = jobs.remove(0);
+                Attribution {
+                    ci: Some(job),
+                    source: Some(CiSource {
+                        pid: p.pid,
+                        comm: p.comm.clone(),
+                        how: "cgroup-sole-job".into(),
+                    }),
+                    unattributed: None,
+                }
+            }
+            n => Attribution {
+                ci: None,
+                source: None,
+                unattributed: Some(format!("{why}, and its cgroup runs {n} CI jobs")),
+            },
+        }
+    }
+
+    /// The processes of one cgroup (bounded).
+    fn scan(&self, path: &str) -> Vec<Proc> {
+        let file = self
+            .cgroup_root
+            .join(path.trim_start_matches('/'))
+            .join("cgroup.procs");
+        let Ok(text) = std::fs::read_to_string(file) else {
+            return Vec::new();
+        };
+        text.split_whitespace()
+            .take(MAX_SCAN)
+            .filter_map(|p| p.parse().ok())
+            .filter_map(|pid| read_stat(&self.proc_root, pid))
+            .collect()
+    }
+}
+
+/// `path` is `base` or below it (component-wise).
+pub fn path_within(path: &str, base: &str) -> bool {
+    let base = base.trim_end_matches('/');
+    base.is_empty()
+        || path == base
+        || path
+            .strip_prefix(base)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Parses /proc/PID/stat: the name sits in parentheses and may itself hold
+/// spaces and parentheses, so fields are counted after the last `)`.
+fn read_stat(proc_root: &Path, pid: u32) -> Option<Proc> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    parse_stat(pid, &text)
+}
+
+fn parse_stat(pid: u32, text: &str) -> Option<Proc> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open + 1..close)?.to_owned();
+    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is field 3 (state); ppid is field 4, starttime field 22.
+    let ppid = rest.get(1)?.parse().ok()?;
+    let start = rest.get(19)?.parse().ok()?;
+    Some(Proc {
+        pid,
+        ppid,
+        comm,
+        start,
+    })
 }
 
 fn comm_str(comm: &[u8; 16]) -> String {
@@ -322,8 +799,11 @@ pub fn ci_from_environ(env: &[u8]) -> Option<CiJob> {
 }
 
 /// `wl-` + 16 hex digits of SHA-256 over what names the workload: the CI
-/// job when there is one, else the cgroup and user.
-fn stable_id(ci: Option<&CiJob>, cgroup: Option<&str>, uid: u32) -> String {
+/// job (from a trusted process) when there is one, else the kernel cgroup
+/// id, cgroup path and user. A CI job's id deliberately leaves the cgroup
+/// out: a root job can move its own processes between cgroups of its
+/// subtree, and must not step out of a suspension by doing so.
+fn stable_id(ci: Option<&CiJob>, cgroup: Option<&str>, cgroup_id: u64, uid: u32) -> String {
     let mut h = Sha256::new();
     match ci {
         Some(ci) => {
@@ -341,6 +821,7 @@ fn stable_id(ci: Option<&CiJob>, cgroup: Option<&str>, uid: u32) -> String {
         }
         None => {
             h.update(b"cgroup\0");
+            h.update(cgroup_id.to_le_bytes());
             h.update(cgroup.unwrap_or("?").as_bytes());
             h.update([0]);
             h.update(uid.to_le_bytes());
@@ -404,15 +885,55 @@ mod tests {
             ..a.clone()
         };
         assert_eq!(
-            stable_id(Some(&a), None, 0),
-            stable_id(Some(&a), Some("/x"), 5)
+            stable_id(Some(&a), None, 1, 0),
+            stable_id(Some(&a), Some("/x"), 2, 5)
         );
-        assert_ne!(stable_id(Some(&a), None, 0), stable_id(Some(&b), None, 0));
         assert_ne!(
-            stable_id(None, Some("/a"), 0),
-            stable_id(None, Some("/b"), 0)
+            stable_id(Some(&a), None, 1, 0),
+            stable_id(Some(&b), None, 1, 0)
         );
-        assert!(stable_id(None, None, 0).starts_with("wl-"));
+        assert_ne!(
+            stable_id(None, Some("/a"), 1, 0),
+            stable_id(None, Some("/b"), 1, 0)
+        );
+        // Outside CI, a cgroup re-created under the same path is another
+        // workload (a new kernel id).
+        assert_ne!(
+            stable_id(None, Some("/a"), 1, 0),
+            stable_id(None, Some("/a"), 2, 0)
+        );
+        assert!(stable_id(None, None, 0, 0).starts_with("wl-"));
+    }
+
+    #[test]
+    fn stat_lines_with_hostile_names_parse() {
+        let p = parse_stat(
+            42,
+            "42 (evil) 1 2 (x) S 7 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 12345 0 0",
+        )
+        .unwrap();
+        assert_eq!(p.comm, "evil) 1 2 (x");
+        assert_eq!((p.ppid, p.start), (7, 12345));
+        assert!(parse_stat(1, "1 (x").is_none());
+        assert!(parse_stat(1, "").is_none());
+    }
+
+    #[test]
+    fn subtree_membership_is_component_wise() {
+        assert!(path_within("/runner.service", "/runner.service"));
+        assert!(path_within("/runner.service/job-1", "/runner.service"));
+        assert!(!path_within("/runner.service2", "/runner.service"));
+        assert!(path_within("/anything", "/"));
+    }
+
+    #[test]
+    fn bounded_map_forgets_oldest() {
+        let mut m = Bounded::new(2);
+        m.insert(1, "a");
+        m.insert(2, "b");
+        m.insert(3, "c");
+        assert_eq!(m.len(), 2);
+        assert!(m.get(&1).is_none() && m.get(&3).is_some());
     }
 
     #[test]
@@ -460,6 +981,207 @@ mod tests {
             Some(id.as_str())
         );
         assert_eq!(container_id("/system.slice/foo.service"), None);
+    }
+
+    /// A fake /proc and cgroup tree: (pid, ppid, comm, start, cgroup, env).
+    struct FakeHost {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeHost {
+        fn new() -> Self {
+            let h = FakeHost {
+                dir: tempfile::tempdir().unwrap(),
+            };
+            h.process(1, 0, "systemd", 1, "/init.scope", &[]);
+            h
+        }
+
+        fn proc_root(&self) -> PathBuf {
+            self.dir.path().join("proc")
+        }
+
+        fn cg_root(&self) -> PathBuf {
+            self.dir.path().join("cg")
+        }
+
+        fn process(&self, pid: u32, ppid: u32, comm: &str, start: u64, cg: &str, env: &[&str]) {
+            let d = self.proc_root().join(pid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            let fill = "0 ".repeat(17);
+            std::fs::write(
+                d.join("stat"),
+                format!("{pid} ({comm}) S {ppid} {fill}{start} 0 0\n"),
+            )
+            .unwrap();
+            std::fs::write(d.join("environ"), env.join("\0")).unwrap();
+            std::fs::write(d.join("cgroup"), format!("0::{cg}\n")).unwrap();
+            let _ = std::os::unix::fs::symlink(format!("/opt/bin/{comm}"), d.join("exe"));
+            let cgd = self.cg_root().join(cg.trim_start_matches('/'));
+            std::fs::create_dir_all(&cgd).unwrap();
+            let procs = cgd.join("cgroup.procs");
+            let mut text = std::fs::read_to_string(&procs).unwrap_or_default();
+            text.push_str(&format!("{pid}\n"));
+            std::fs::write(procs, text).unwrap();
+        }
+
+        fn exit(&self, pid: u32, cg: &str) {
+            std::fs::remove_dir_all(self.proc_root().join(pid.to_string())).unwrap();
+            let procs = self
+                .cg_root()
+                .join(cg.trim_start_matches('/'))
+                .join("cgroup.procs");
+            let text: String = std::fs::read_to_string(&procs)
+                .unwrap()
+                .lines()
+                .filter(|l| *l != pid.to_string())
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(procs, text).unwrap();
+        }
+
+        fn resolver(&self) -> Inner {
+            let r = Inner {
+                proc_root: self.proc_root(),
+                cgroup_root: self.cg_root(),
+                watched: {
+                    let w = self.cg_root().join("runner");
+                    Arc::new(move || vec![w.clone()])
+                },
+                anchors: IdentitySettings::default().job_processes,
+                selectors: vec![],
+                paths: Mutex::new(Bounded::new(16)),
+                jobs: Mutex::new(Bounded::new(16)),
+                audited: Mutex::new(Bounded::new(16)),
+            };
+            r.paths.lock().unwrap().insert(7, "/runner".to_owned());
+            r
+        }
+    }
+
+    fn origin(tgid: u32) -> Origin {
+        Origin {
+            dst_addr: [0; 16],
+            dst_port: 443,
+            family: 2,
+            target_id: 1,
+            pid: tgid,
+            tgid,
+            uid: 0,
+            gid: 0,
+            cgroup_id: 7,
+            cookie: 0,
+            comm: [0; 16],
+        }
+    }
+
+    const JOB_A: &[&str] = &[
+        "GITHUB_ACTIONS=true",
+        "GITHUB_REPOSITORY=acme/a",
+        "GITHUB_RUN_ID=1",
+    ];
+    const JOB_B: &[&str] = &[
+        "GITHUB_ACTIONS=true",
+        "GITHUB_REPOSITORY=acme/b",
+        "GITHUB_RUN_ID=2",
+    ];
+    const FORGED: &[&str] = &[
+        "GITHUB_ACTIONS=true",
+        "GITHUB_REPOSITORY=acme/other",
+        "GITHUB_RUN_ID=1",
+    ];
+
+    fn repo(id: &WorkloadIdentity) -> Option<&str> {
+        id.ci.as_ref().and_then(|c| c.repository.as_deref())
+    }
+
+    #[test]
+    fn trusted_identity_comes_from_the_topmost_runner_worker() {
+        let h = FakeHost::new();
+        h.process(10, 1, "Runner.Listener", 100, "/runner", &[]);
+        h.process(20, 10, "Runner.Worker", 200, "/runner", JOB_A);
+        h.process(21, 20, "bash", 210, "/runner", JOB_A);
+        h.process(22, 21, "curl", 220, "/runner", FORGED);
+        // A fake Runner.Worker planted by the job, below the real one.
+        h.process(23, 21, "Runner.Worker", 230, "/runner", FORGED);
+        h.process(24, 23, "curl", 240, "/runner", FORGED);
+        let r = h.resolver();
+        for pid in [22, 24] {
+            let (id, p) = r.resolve(&origin(pid));
+            assert_eq!(repo(&id), Some("acme/a"), "pid {pid}");
+            let src = id.ci_source.as_ref().unwrap();
+            assert_eq!((src.pid, src.how.as_str()), (20, "runner-anchor"));
+            assert_eq!(
+                p.claimed_ci.and_then(|c| c.repository).as_deref(),
+                Some("acme/other")
+            );
+        }
+        // The step shell, honest: no claim recorded.
+        let (id, p) = r.resolve(&origin(21));
+        assert_eq!(repo(&id), Some("acme/a"));
+        assert!(p.claimed_ci.is_none());
+        // A parent younger than its child is a reused pid: not followed.
+        h.process(30, 31, "curl", 300, "/runner", FORGED);
+        h.process(31, 1, "Runner.Worker", 400, "/runner", JOB_B);
+        let (id, _) = r.resolve(&origin(30));
+        assert_ne!(repo(&id), Some("acme/b"));
+    }
+
+    #[test]
+    fn a_later_job_in_the_same_cgroup_is_never_attributed_to_an_earlier_one() {
+        let h = FakeHost::new();
+        h.process(10, 1, "Runner.Listener", 100, "/runner", &[]);
+        h.process(20, 10, "Runner.Worker", 200, "/runner", JOB_A);
+        h.process(22, 20, "curl", 220, "/runner", JOB_A);
+        let r = h.resolver();
+        let (a, _) = r.resolve(&origin(22));
+        assert_eq!(repo(&a), Some("acme/a"));
+        // A process gone before we looked: its cgroup's only job.
+        let (gone, _) = r.resolve(&origin(99));
+        assert_eq!(repo(&gone), Some("acme/a"));
+        assert_eq!(gone.ci_source.unwrap().how, "cgroup-sole-job");
+        // Job A ends, job B starts in the same cgroup (the cache still
+        // holds A's worker): a gone process now belongs to B.
+        h.exit(22, "/runner");
+        h.exit(20, "/runner");
+        h.process(40, 10, "Runner.Worker", 500, "/runner", JOB_B);
+        let (gone, _) = r.resolve(&origin(99));
+        assert_eq!(repo(&gone), Some("acme/b"));
+        // Two jobs at once: a gone process is not guessed, it is refused.
+        h.process(50, 10, "Runner.Worker", 600, "/runner", JOB_A);
+        let (gone, _) = r.resolve(&origin(99));
+        assert!(gone.ci.is_none());
+        assert!(gone.unattributed.unwrap().contains("2 CI jobs"));
+        // A detached process (reparented to init) with a forged env in a
+        // cgroup running two jobs: refused as well, never its own claim.
+        h.process(60, 1, "curl", 700, "/runner", FORGED);
+        let (orphan, p) = r.resolve(&origin(60));
+        assert!(orphan.unattributed.is_some() && orphan.ci.is_none());
+        assert_eq!(
+            p.claimed_ci.and_then(|c| c.repository).as_deref(),
+            Some("acme/other")
+        );
+    }
+
+    #[test]
+    fn without_a_runner_anchor_the_process_the_runner_put_there_is_trusted() {
+        let h = FakeHost::new();
+        // Entered the cgroup from outside (its parent is not watched).
+        h.process(
+            5,
+            1,
+            "containerd-shim",
+            50,
+            "/system.slice/containerd.service",
+            &[],
+        );
+        h.process(10, 5, "sh", 100, "/runner", JOB_A);
+        h.process(11, 10, "python3", 110, "/runner", FORGED);
+        let r = h.resolver();
+        let (id, p) = r.resolve(&origin(11));
+        assert_eq!(repo(&id), Some("acme/a"));
+        assert_eq!(id.ci_source.unwrap().how, "cgroup-top");
+        assert!(p.claimed_ci.is_some());
     }
 
     #[test]

@@ -89,7 +89,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: IdentitiesCmd,
     },
-    /// Node-level audit trail (policy pushes, approvals, suspensions).
+    /// Node-level audit trail (policy pushes, approvals, suspensions,
+    /// refused control calls, `anomaly` events such as forged CI identities).
     Audit {
         /// Only events whose kind starts with this (e.g. `approval`).
         #[arg(long, default_value = "")]
@@ -732,6 +733,17 @@ async fn policy_command(cmd: PolicyCmd, socket: &std::path::Path) -> anyhow::Res
                 println!("policy:   {} version {}", p.name, p.version);
                 println!("signer:   {}", p.signer);
                 println!("digest:   sha256:{}", p.digest);
+                println!("floor:    version {} (nothing older is accepted)", p.floor);
+                if let Some(t) = &p.expires_at {
+                    println!(
+                        "expires:  {t}{}",
+                        if p.expired {
+                            "  EXPIRED: push a fresh bundle; the node will not start on this one"
+                        } else {
+                            ""
+                        }
+                    );
+                }
                 println!(
                     "window:   {} bytes held back on masked streams",
                     p.response_window_bytes

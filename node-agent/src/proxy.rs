@@ -156,21 +156,28 @@ impl Proxy {
             Some(tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst.0)).await)
         };
         let attribute = async {
-            let (identity, process) = self.identities.resolve(&origin);
+            let (identity, process) = self.identities.resolve(origin, &self.store, id).await;
             let mut r = ConnectionRecord::new(id, peer);
             r.identity = identity;
             r.process = process;
             r.original_dst = Some(dst);
             r.target = targets.name(origin.target_id).map(str::to_owned);
-            if loops {
+            // Fail closed: a connection that cannot be attributed to one
+            // job is not forwarded (it could be a suspended one's).
+            let refused = match (&r.identity.unattributed, loops) {
+                (_, true) => Some("original destination is the proxy itself".to_owned()),
+                (Some(why), false) => Some(format!("identity unattributable: {why}")),
+                (None, false) => None,
+            };
+            if let Some(reason) = &refused {
                 r.outcome = Outcome::Refused {
-                    reason: "original destination is the proxy itself".into(),
+                    reason: reason.clone(),
                 };
                 r.ended_at_ms = Some(now_ms());
             }
             let recorded = self.store.put(
                 &r,
-                if loops {
+                if refused.is_some() {
                     "connection.refused"
                 } else {
                     "connection.open"
@@ -200,6 +207,12 @@ impl Proxy {
             };
             r.ended_at_ms = Some(now_ms());
             self.record(&r, "connection.refused");
+            refuse(client);
+            return;
+        }
+        if r.identity.unattributed.is_some() {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(outcome = ?r.outcome, "connection not attributable to one job; refusing");
             refuse(client);
             return;
         }

@@ -839,3 +839,10 @@ pub fn wait_exchange(env: &Env, pred: impl Fn(&Value) -> bool) -> Value {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+impl Env {
+    /// Stops the node; it stays stopped until `restart`.
+    pub fn stop_node(&mut self) {
+        drop(std::mem::replace(&mut self.node, Node::placeholder()));
+    }
+}

@@ -5,6 +5,7 @@
 mod containment;
 mod foundation;
 mod harness;
+mod hostile;
 mod masking;
 mod policy;
 #[path = "../../node-agent/tests/samples/mod.rs"]

@@ -37,6 +37,10 @@ pub struct Bundle {
     /// schema). Intercepted names must be within the node CA's constraints.
     #[serde(default)]
     pub targets: Option<Vec<crate::config::Target>>,
+    /// RFC 3339 time in UTC (`2026-03-31T00:00:00Z`) after which the
+    /// bundle is refused: at push, and at node start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 /// Selects workloads by their identity; every given field must match.

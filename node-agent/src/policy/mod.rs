@@ -8,11 +8,12 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     identity::WorkloadIdentity,
@@ -45,6 +46,22 @@ pub enum PolicyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("bundle expired at {expires_at}")]
+    Expired { expires_at: String },
+    #[error("bundle version {version} is below the policy floor {floor} (the highest version this node has accepted)")]
+    BelowFloor { version: u64, floor: u64 },
+    #[error("bundle version {version} is the floor version but not the bundle accepted as it (digest {digest} differs)")]
+    FloorDigest { version: u64, digest: String },
+    #[error("policy floor store: {0}")]
+    Floor(String),
+    #[error("stored policy {path} no longer verifies or compiles: {reason}; refusing to start (fail closed). Restore the signed bundle, or put a signed bundle of version >= {floor} there")]
+    StoredInvalid {
+        path: PathBuf,
+        reason: String,
+        floor: u64,
+    },
+    #[error("stored policy {path} is missing but this node has accepted version {floor}; refusing to start rather than fall back to the embedded example. Put a signed bundle of version >= {floor} at {path} or in the policy watch directory")]
+    StoredMissing { path: PathBuf, floor: u64 },
 }
 
 /// A credential value: never printed.
@@ -117,6 +134,8 @@ pub enum Verdict {
 
 pub struct CompiledPolicy {
     pub version: u64,
+    /// From the bundle's `expires_at`.
+    pub expires_at: Option<SystemTime>,
     pub name: String,
     pub signer: String,
     pub digest: String,
@@ -162,6 +181,20 @@ impl CompiledPolicy {
         if bundle.name.trim().is_empty() {
             return Err(bad("name".into(), "must not be empty".into()));
         }
+        let expires_at = bundle
+            .expires_at
+            .as_deref()
+            .map(|t| {
+                humantime::parse_rfc3339_weak(t).map_err(|e| {
+                    bad(
+                        "expires_at".into(),
+                        format!(
+                            "`{t}` is not an RFC 3339 UTC time (e.g. 2026-03-31T00:00:00Z): {e}"
+                        ),
+                    )
+                })
+            })
+            .transpose()?;
         let mut packs: HashMap<String, Vec<bundle::PatternDef>> = HashMap::new();
         for (name, yaml) in bundle::BUILTIN_PACKS {
             let p: Pack = serde_yaml::from_str(yaml)
@@ -301,6 +334,7 @@ impl CompiledPolicy {
         let response = Scanner::compile(resp, max_window)?;
         Ok(Self {
             version: bundle.version,
+            expires_at,
             name: bundle.name.clone(),
             signer: signer.to_owned(),
             digest: hex::encode(Sha256::digest(text.as_bytes())),
@@ -310,6 +344,20 @@ impl CompiledPolicy {
             workloads,
             credentials,
         })
+    }
+
+    /// Whether the bundle's expiry has passed (at `now`).
+    pub fn expired_at(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    fn check_expiry(&self) -> Result<(), PolicyError> {
+        if self.expired_at(SystemTime::now()) {
+            return Err(PolicyError::Expired {
+                expires_at: self.bundle.expires_at.clone().unwrap_or_default(),
+            });
+        }
+        Ok(())
     }
 
     pub fn rule_applies(&self, rule: usize, target: &str, identity: &WorkloadIdentity) -> bool {
@@ -436,6 +484,17 @@ pub struct PolicySummary {
     /// Target names when the bundle replaces the configuration's list.
     #[serde(default)]
     pub targets_from_bundle: Option<Vec<String>>,
+    /// The bundle's expiry, if any, and whether it has passed (the node
+    /// keeps enforcing it, audits `policy.expired`, and will not start on
+    /// it again).
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub expired: bool,
+    /// Highest bundle version this node has accepted (persisted apart
+    /// from the bundle): nothing older is accepted again.
+    #[serde(default)]
+    pub floor: u64,
 }
 
 /// Receives bundles' target lists (implemented by the daemon).
@@ -455,18 +514,82 @@ pub struct PolicyEngine {
     max_window: usize,
     /// Serialises pushes so version checks cannot race.
     apply_lock: std::sync::Mutex<()>,
+    /// The policy floor, kept in the record store (sled tree
+    /// `policy_floor`), apart from the bundle file.
+    floor_tree: sled::Tree,
+    floor: RwLock<Option<Floor>>,
+    watch_dir: Option<PathBuf>,
 }
 
 fn current_path(dir: &Path) -> PathBuf {
     dir.join("current.jws")
 }
 
+/// The highest bundle version accepted, and which bundle that was.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Floor {
+    version: u64,
+    digest: String,
+    at_ms: u64,
+}
+
+const FLOOR_KEY: &[u8] = b"floor";
+
+fn read_floor(tree: &sled::Tree) -> Result<Option<Floor>, PolicyError> {
+    match tree.get(FLOOR_KEY) {
+        Ok(None) => Ok(None),
+        Ok(Some(v)) => serde_json::from_slice(&v)
+            .map(Some)
+            // Fail closed: an unreadable floor is not "no floor".
+            .map_err(|e| PolicyError::Floor(format!("unreadable floor record: {e}"))),
+        Err(e) => Err(PolicyError::Floor(e.to_string())),
+    }
+}
+
+fn write_floor(tree: &sled::Tree, p: &CompiledPolicy) -> Result<Floor, PolicyError> {
+    let f = Floor {
+        version: p.version,
+        digest: p.digest.clone(),
+        at_ms: crate::record::now_ms(),
+    };
+    let bytes = serde_json::to_vec(&f).map_err(|e| PolicyError::Floor(e.to_string()))?;
+    tree.insert(FLOOR_KEY, bytes)
+        .and_then(|_| tree.flush())
+        .map_err(|e| PolicyError::Floor(e.to_string()))?;
+    Ok(f)
+}
+
+/// A bundle below the floor, or at it but not the bundle accepted then,
+/// is refused.
+fn check_floor(p: &CompiledPolicy, floor: Option<&Floor>) -> Result<(), PolicyError> {
+    match floor {
+        Some(f) if p.version < f.version => Err(PolicyError::BelowFloor {
+            version: p.version,
+            floor: f.version,
+        }),
+        Some(f) if p.version == f.version && p.digest != f.digest => {
+            Err(PolicyError::FloorDigest {
+                version: p.version,
+                digest: p.digest.clone(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 impl PolicyEngine {
+    /// Loads the policy in force. Fail closed: a stored bundle that no
+    /// longer verifies, compiles, has expired or is below the floor stops
+    /// the node from starting; so does a missing one once a bundle has
+    /// been accepted (unless the watch directory holds a valid bundle at
+    /// or above the floor). Only a node that never accepted a bundle runs
+    /// the embedded example.
     pub fn load(
         trusted_keys: &[PathBuf],
         state_dir: &Path,
         store: Arc<RecordStore>,
         max_window: usize,
+        watch_dir: Option<&Path>,
     ) -> Result<Self, PolicyError> {
         let trusted = trusted_keys
             .iter()
@@ -477,21 +600,78 @@ impl PolicyEngine {
             path: dir.clone(),
             source,
         })?;
-        let embedded = CompiledPolicy::compile(bundle::EMBEDDED_DEFAULT, "embedded", max_window)?;
-        let mut current = embedded;
-        // The last accepted bundle survives restarts, if it still verifies.
-        if let Ok(jws) = std::fs::read_to_string(current_path(&dir)) {
-            match sign::verify(&jws, &trusted)
-                .map_err(PolicyError::from)
-                .and_then(|(c, kid)| CompiledPolicy::compile(&c.bundle, &kid, max_window))
-            {
-                Ok(p) => current = p,
-                Err(e) => {
-                    warn!(error = %e, "stored policy no longer valid; using the embedded default")
-                }
+        let floor_tree = store
+            .tree("policy_floor")
+            .map_err(|e| PolicyError::Floor(e.to_string()))?;
+        let mut floor = read_floor(&floor_tree)?;
+        let floor_version = floor.as_ref().map_or(0, |f| f.version);
+        let path = current_path(&dir);
+        let verified = |jws: &str| -> Result<CompiledPolicy, PolicyError> {
+            let (claims, kid) = sign::verify(jws, &trusted)?;
+            let p = CompiledPolicy::compile(&claims.bundle, &kid, max_window)?;
+            if p.version != claims.version {
+                return Err(PolicyError::VersionMismatch {
+                    claimed: claims.version,
+                    actual: p.version,
+                });
             }
+            p.check_expiry()?;
+            check_floor(&p, floor.as_ref())?;
+            Ok(p)
+        };
+        let current = match std::fs::read_to_string(&path) {
+            Ok(jws) => verified(&jws).map_err(|e| PolicyError::StoredInvalid {
+                path: path.clone(),
+                reason: e.to_string(),
+                floor: floor_version,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match &floor {
+                None => CompiledPolicy::compile(bundle::EMBEDDED_DEFAULT, "embedded", max_window)?,
+                Some(f) => {
+                    // Recovery: the newest valid bundle in the watch dir.
+                    let mut best: Option<(CompiledPolicy, String)> = None;
+                    for file in watch_dir.map(jws_files).unwrap_or_default() {
+                        let Ok(jws) = std::fs::read_to_string(&file) else {
+                            continue;
+                        };
+                        match verified(&jws) {
+                            Ok(p) if best.as_ref().is_none_or(|(b, _)| p.version > b.version) => {
+                                best = Some((p, jws))
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                warn!(file = %file.display(), error = %e, "not usable to restore the policy")
+                            }
+                        }
+                    }
+                    let Some((p, jws)) = best else {
+                        return Err(PolicyError::StoredMissing {
+                            path,
+                            floor: f.version,
+                        });
+                    };
+                    write_atomic(&path, &jws)?;
+                    warn!(
+                        version = p.version,
+                        "stored policy was missing; restored from the watch directory"
+                    );
+                    if let Err(e) = store.audit(
+                        "policy.restored",
+                        &serde_json::json!({"version": p.version, "digest": p.digest, "floor": f.version}),
+                    ) {
+                        warn!(error = %e, "cannot record policy audit event");
+                    }
+                    p
+                }
+            },
+            Err(source) => return Err(PolicyError::Io { path, source }),
+        };
+        // A node upgraded from before the floor existed: its stored bundle
+        // sets it.
+        if current.signer != "embedded" && current.version > floor_version {
+            floor = Some(write_floor(&floor_tree, &current)?);
         }
-        info!(version = current.version, name = %current.name, signer = %current.signer, "policy in force");
+        info!(version = current.version, name = %current.name, signer = %current.signer, floor = floor.as_ref().map_or(0, |f| f.version), "policy in force");
         Ok(Self {
             target_sink: RwLock::new(None),
             current: RwLock::new(Arc::new(current)),
@@ -500,7 +680,42 @@ impl PolicyEngine {
             store,
             max_window,
             apply_lock: std::sync::Mutex::new(()),
+            floor_tree,
+            floor: RwLock::new(floor),
+            watch_dir: watch_dir.map(Path::to_owned),
         })
+    }
+
+    /// Highest version accepted so far (0: none).
+    pub fn floor(&self) -> u64 {
+        self.floor
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |f| f.version)
+    }
+
+    /// Watches the policy in force for expiry: when it passes, a
+    /// `policy.expired` audit event (once) and an error in the log. The
+    /// node keeps enforcing the expired bundle (nothing better is at hand;
+    /// dropping it would weaken enforcement), `policy show` and the audit
+    /// stream say so, and the node will not start on it again.
+    pub async fn watch_expiry(self: Arc<Self>) {
+        let mut reported: Option<String> = None;
+        loop {
+            let p = self.current();
+            if p.expired_at(SystemTime::now()) && reported.as_deref() != Some(p.digest.as_str()) {
+                error!(version = p.version, expires_at = ?p.bundle.expires_at, "policy bundle in force has expired; push a fresh one (the node will refuse to start on this one)");
+                if let Err(e) = self.store.audit(
+                    "policy.expired",
+                    &serde_json::json!({"version": p.version, "digest": p.digest, "expires_at": p.bundle.expires_at}),
+                ) {
+                    warn!(error = %e, "cannot record policy audit event");
+                }
+                reported = Some(p.digest.clone());
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
     }
 
     pub fn set_target_sink(&self, sink: Arc<dyn TargetSink>) {
@@ -539,6 +754,9 @@ impl PolicyEngine {
                 .as_ref()
                 .map(|t| t.iter().map(|t| t.name.clone()).collect()),
             response_window_bytes: p.response.window,
+            expires_at: p.bundle.expires_at.clone(),
+            expired: p.expired_at(SystemTime::now()),
+            floor: self.floor(),
         }
     }
 
@@ -581,11 +799,21 @@ impl PolicyEngine {
                 actual: compiled.version,
             });
         }
+        compiled.check_expiry()?;
         let current = self.current().version;
         if compiled.version <= current {
             return Err(PolicyError::Stale {
                 version: compiled.version,
                 current,
+            });
+        }
+        // Also above the floor (in force and floor differ when the stored
+        // bundle was removed under a running node, or after a restore).
+        let floor = self.floor();
+        if compiled.version <= floor {
+            return Err(PolicyError::BelowFloor {
+                version: compiled.version,
+                floor,
             });
         }
         let sink = self
@@ -596,17 +824,23 @@ impl PolicyEngine {
         if let (Some(targets), Some(sink)) = (&compiled.bundle.targets, &sink) {
             sink.check(targets).map_err(PolicyError::Targets)?;
         }
-        let path = current_path(&self.dir);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, jws.trim())
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|source| PolicyError::Io { path, source })?;
+        // The bundle first, then the floor: a crash in between leaves a
+        // newer bundle over an older floor, which the next start repairs
+        // (the other order would leave the node unable to start).
+        write_atomic(&current_path(&self.dir), jws)?;
+        let floor = write_floor(&self.floor_tree, &compiled)?;
+        *self.floor.write().unwrap_or_else(|e| e.into_inner()) = Some(floor);
         let compiled = Arc::new(compiled);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = compiled.clone();
         if let Some(sink) = sink {
             sink.install(compiled.bundle.targets.clone());
         }
         Ok(compiled)
+    }
+
+    /// Where the watch directory is, if any.
+    pub fn watch_dir(&self) -> Option<&Path> {
+        self.watch_dir.as_deref()
     }
 
     /// Applies new `*.jws` files dropped into `dir` (a second way in).
@@ -635,9 +869,85 @@ impl PolicyEngine {
     }
 }
 
+fn write_atomic(path: &Path, jws: &str) -> Result<(), PolicyError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, jws.trim())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|source| PolicyError::Io {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// `*.jws` files of a directory, sorted.
+fn jws_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "jws"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expiry_parses_and_is_checked() {
+        let p = CompiledPolicy::compile(
+            "version: 3\nname: x\nexpires_at: 2001-01-01T00:00:00Z\n",
+            "t",
+            8192,
+        )
+        .unwrap();
+        assert!(p.expired_at(SystemTime::now()));
+        assert!(matches!(p.check_expiry(), Err(PolicyError::Expired { .. })));
+        let p = CompiledPolicy::compile(
+            "version: 3\nname: x\nexpires_at: 2999-01-01T00:00:00Z\n",
+            "t",
+            8192,
+        )
+        .unwrap();
+        assert!(p.check_expiry().is_ok());
+        let e = CompiledPolicy::compile("version: 3\nname: x\nexpires_at: tomorrow\n", "t", 8192)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("expires_at"), "{e}");
+    }
+
+    #[test]
+    fn floor_refuses_older_and_same_version_other_bundle() {
+        let p = CompiledPolicy::compile("version: 5\nname: x\n", "t", 8192).unwrap();
+        let f = Floor {
+            version: 6,
+            digest: "d".into(),
+            at_ms: 0,
+        };
+        assert!(matches!(
+            check_floor(&p, Some(&f)),
+            Err(PolicyError::BelowFloor { .. })
+        ));
+        let same = Floor {
+            version: 5,
+            digest: "other".into(),
+            at_ms: 0,
+        };
+        assert!(matches!(
+            check_floor(&p, Some(&same)),
+            Err(PolicyError::FloorDigest { .. })
+        ));
+        let ok = Floor {
+            version: 5,
+            digest: p.digest.clone(),
+            at_ms: 0,
+        };
+        assert!(check_floor(&p, Some(&ok)).is_ok() && check_floor(&p, None).is_ok());
+    }
 
     #[test]
     fn embedded_default_compiles_with_bounded_window() {
