@@ -184,6 +184,10 @@ pub struct Status {
     /// Processes seen leaving a watched cgroup (degraded mode) and killed.
     #[serde(default)]
     pub escapes_detected: u64,
+    /// `ok`, or `failing: <error> (since …)`: new connections are refused
+    /// while the store does not take writes.
+    #[serde(default)]
+    pub recording: String,
 }
 
 pub struct ControlServer {
@@ -303,6 +307,7 @@ impl ControlServer {
                     connections_active: c.active.load(Ordering::Relaxed),
                     upstream_failures: c.upstream_failed.load(Ordering::Relaxed),
                     record_errors: c.record_errors.load(Ordering::Relaxed),
+                    recording: p.health.describe(),
                     records_stored: p.store.count(),
                     kernel_redirected: k.first().copied().unwrap_or_default(),
                     kernel_udp_refused: k.get(1).copied().unwrap_or_default(),
