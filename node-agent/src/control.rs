@@ -184,7 +184,7 @@ pub struct Status {
     /// Processes seen leaving a watched cgroup (degraded mode) and killed.
     #[serde(default)]
     pub escapes_detected: u64,
-    /// `ok`, or `failing: <error> (since …)`: new connections are refused
+    /// `ok`, or `failing since <time>: <error>`: new connections are refused
     /// while the store does not take writes.
     #[serde(default)]
     pub recording: String,

@@ -98,11 +98,16 @@ impl RecordHealth {
         }
     }
 
-    /// `ok`, or `failing: <error> (since <ms>)`.
+    /// `ok`, or `failing since <time>: <error>`.
     pub fn describe(&self) -> String {
         match &*self.failing.lock().unwrap_or_else(|e| e.into_inner()) {
             None => "ok".into(),
-            Some((e, since)) => format!("failing: {e} (since {since} ms)"),
+            Some((e, since)) => format!(
+                "failing since {}: {e}",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_millis(*since)
+                )
+            ),
         }
     }
 

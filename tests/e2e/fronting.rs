@@ -3,7 +3,7 @@
 //! all-egress mode for CDN-fronted targets, and the node's limits. Each
 //! test plays the job for real from the watched cgroup and checks what
 //! the upstream got and what the node recorded.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -136,7 +136,7 @@ fn hostile_sni_is_refused_and_recorded_by_default() {
     let seen = env.remote.https_entries();
     assert_eq!(seen.len(), 2, "{seen:#?}");
 
-    let sessions = env.node.wait_sessions(9);
+    let sessions = env.node.wait_sessions(8);
     let fronted = session_with_reason(
         &sessions,
         "SNI `other.fake.test` is not a name of target `fake-api`",
@@ -448,19 +448,30 @@ print(json.dumps({{"third": third_result, "idle": idle, "idle_after": time.time(
         "{res}"
     );
     let after = res["idle_after"].as_f64().unwrap();
-    assert!((1.0..8.0).contains(&after), "idle close after ~2 s: {res}");
+    assert!((0.5..8.0).contains(&after), "idle close after ~2 s: {res}");
 
     // A client that trickles its header block is cut by the header timeout.
-    let t0 = Instant::now();
-    let out = job(
-        &env,
-        &format!("(printf 'GET /json HTTP/1.1\\r\\nHost: api'; sleep 15) | timeout 20 openssl s_client -quiet -servername api.fake.test -connect {ip}:443 2>/dev/null; true"),
+    let slow = format!(
+        r#"
+import socket, ssl, json, time
+ctx = ssl.create_default_context()
+s = ctx.wrap_socket(socket.create_connection(("{ip}", 443), timeout=30), server_hostname="api.fake.test")
+s.sendall(b"GET /json HTTP/1.1\r\nHost: api")
+t0 = time.time()
+try:
+    r = s.recv(100)
+except OSError as e:
+    r = repr(e).encode()
+print(json.dumps({{"after": time.time() - t0, "got": r.decode("latin-1")}}))
+"#
     );
-    let took = t0.elapsed();
+    let out = env.cgroup.run("python3", &["-c", &slow]);
+    let res: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let after = res["after"].as_f64().unwrap();
     assert!(
-        took < Duration::from_secs(12),
-        "header read timeout cut the connection: {took:?} {}",
-        out_text(&out)
+        (1.0..10.0).contains(&after),
+        "header read timeout (2 s) cut the connection: {res}"
     );
     assert!(env.remote.https_entries().is_empty());
 
@@ -554,7 +565,11 @@ fn full_disk_fails_closed_and_status_says_so() {
     );
     let status = env.node.status();
     let rec = status["recording"].as_str().unwrap();
-    assert!(rec.starts_with("failing:"), "{status:#}");
+    eprintln!("full disk: {forwarded_after_full} forwarded, then refused; recording: {rec}");
+    assert!(
+        rec.starts_with("failing since") && rec.contains("No space left"),
+        "{status:#}"
+    );
     let human = text(&env.node.cli(&["status"]));
     assert!(human.contains("recording:  failing"), "{human}");
     // Nothing more reached the remote once refusing started.
@@ -562,4 +577,20 @@ fn full_disk_fails_closed_and_status_says_so() {
         assert!(!get().status.success());
     }
     assert_eq!(env.remote.entries().len(), before + forwarded_after_full);
+
+    // Space again. sled's I/O error is sticky: the node stays closed
+    // (never forwards into a store that does not write) until restarted.
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    assert!(!get().status.success());
+    let mut env = env;
+    env.restart();
+    assert_eq!(env.node.status()["recording"], "ok");
+    let ip = env.remote.remote.clone();
+    let out = job(
+        &env,
+        &format!("curl -sS --max-time 10 http://{ip}:{HTTP_PORT}/plain"),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let verify = env.node.cli(&["verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
 }
