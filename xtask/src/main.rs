@@ -4,7 +4,7 @@
 //! * `build`  setup, then a release build of the node
 //! * `test`   setup, then fmt check, clippy, and every test (needs root)
 //! * `run`    setup, build, and run the node on its embedded defaults
-//! * `bench [passthrough|https|scan|all]`  setup, build, and benchmarks
+//! * `bench [passthrough|all-egress|https|scan|all]`  setup, build, and benchmarks
 //!   (passthrough and https need root)
 //!
 //! Std only, so that it builds in seconds on a fresh machine.
@@ -98,6 +98,13 @@ fn main() {
             if matches!(which, "passthrough" | "all") {
                 run(Command::new("python3")
                     .arg(root().join("xtask/bench/passthrough.py"))
+                    .arg("--sluice")
+                    .arg(target.join("sluice")));
+            }
+            if matches!(which, "all-egress" | "all") {
+                run(Command::new("python3")
+                    .arg(root().join("xtask/bench/passthrough.py"))
+                    .arg("--all-egress")
                     .arg("--sluice")
                     .arg(target.join("sluice")));
             }
