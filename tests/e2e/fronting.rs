@@ -358,11 +358,36 @@ fn all_egress_intercepts_target_names_and_splices_everything_else() {
     assert_eq!(udp[UDP_PORT.to_string()], "sent", "{udp}");
     assert_eq!(udp["443"], libc::EPERM, "{udp}");
 
-    let sessions = env.node.wait_sessions(2);
+    // An IPv6 socket to the v4-mapped address (what JVMs do): redirected
+    // by the same catch-all, spliced under another name.
+    let mapped = env.cgroup.run(
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "import socket,ssl\nctx=ssl.create_default_context(); ctx.check_hostname=False; ctx.verify_mode=ssl.CERT_NONE\ns=socket.socket(socket.AF_INET6); s.settimeout(10); s.connect(('::ffff:{other_ip}',443))\nt=ctx.wrap_socket(s, server_hostname='mapped.fake.test')\nt.sendall(b'GET /json HTTP/1.1\\r\\nHost: other.fake.test\\r\\nConnection: close\\r\\n\\r\\n')\nprint(t.recv(12).decode())"
+            ),
+        ],
+    );
+    assert_eq!(
+        out_text(&mapped).trim(),
+        "HTTP/1.1 200",
+        "{}",
+        text(&mapped)
+    );
+
+    let sessions = env.node.wait_sessions(3);
     assert_eq!(
         sessions.len(),
-        2,
+        3,
         "only the :443 connections were redirected: {sessions:#?}"
+    );
+    assert_eq!(
+        sessions
+            .iter()
+            .find(|s| s["tls"]["sni"] == "mapped.fake.test")
+            .expect("v4-mapped connection recorded")["tls"]["mode"],
+        "spliced"
     );
     let by_sni = |n: &str| {
         sessions
