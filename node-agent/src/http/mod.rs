@@ -115,10 +115,11 @@ where
     let window = u32::try_from(lim.http_max_buffer_bytes)
         .unwrap_or(u32::MAX)
         .clamp(65_535, (1 << 31) - 1);
+    // Upstream streams mirror downstream ones one to one, so the server
+    // side's stream cap bounds them too (and the upstream's own SETTINGS).
     let up = if h2 {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .max_concurrent_reset_streams(lim.http2_max_concurrent_streams as usize)
             .max_send_buf_size(lim.http_max_buffer_bytes)
             .initial_stream_window_size(window)
             .initial_connection_window_size(window)
