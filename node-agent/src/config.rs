@@ -164,10 +164,25 @@ pub enum TlsMode {
     #[default]
     None,
     /// TLS terminated with the node's CA when the SNI is a target name;
-    /// other names are spliced.
+    /// other names (and no SNI, IP literals) are refused unless
+    /// `unknown_sni: splice`; ECH is always refused.
     Intercept,
     /// TLS spliced untouched (SNI recorded).
     Passthrough,
+}
+
+/// What an `intercept` target does with a ClientHello whose SNI is not one
+/// of its names (another name, none at all, an IP literal).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownSni {
+    /// Reset and record the reason (the default: domain fronting and
+    /// SNI-less requests to a target's address never get through blind).
+    #[default]
+    Refuse,
+    /// Splice byte for byte, recorded as a connection with its SNI.
+    /// Required for all-egress targets (`0.0.0.0/0`, `::/0`).
+    Splice,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -183,6 +198,8 @@ pub struct ProxyConfig {
     /// Seconds to wait for the upstream TCP handshake.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 impl Default for ProxyConfig {
@@ -192,8 +209,61 @@ impl Default for ProxyConfig {
             listen_v4: default_listen_v4(),
             listen_v6: default_listen_v6(),
             connect_timeout_secs: default_connect_timeout(),
+            limits: Limits::default(),
         }
     }
+}
+
+/// Resource limits: what one workload (or one hostile job) can hold.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Connections one identity may have open at once; more are refused
+    /// and recorded.
+    #[serde(default = "default_max_conns")]
+    pub max_connections_per_identity: usize,
+    /// A spliced connection or upgraded stream with no byte either way for
+    /// this long is closed.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+    /// HTTP/1.1: time allowed for a request's header block.
+    #[serde(default = "default_header_read")]
+    pub header_read_timeout_secs: u64,
+    /// HTTP/2: streams a client (and we, upstream) may have open at once.
+    #[serde(default = "default_h2_streams")]
+    pub http2_max_concurrent_streams: u32,
+    /// Bytes buffered per connection and direction by the HTTP layer
+    /// (HTTP/1.1 read buffer, HTTP/2 send buffer and flow-control windows).
+    #[serde(default = "default_http_buffer")]
+    pub http_max_buffer_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections_per_identity: default_max_conns(),
+            idle_timeout_secs: default_idle(),
+            header_read_timeout_secs: default_header_read(),
+            http2_max_concurrent_streams: default_h2_streams(),
+            http_max_buffer_bytes: default_http_buffer(),
+        }
+    }
+}
+
+fn default_max_conns() -> usize {
+    512
+}
+fn default_idle() -> u64 {
+    600
+}
+fn default_header_read() -> u64 {
+    30
+}
+fn default_h2_streams() -> u32 {
+    128
+}
+fn default_http_buffer() -> usize {
+    1024 * 1024
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -269,12 +339,22 @@ pub struct Target {
     /// targets given by address). `*.example.com` matches subdomains.
     #[serde(default)]
     pub sni: Vec<String>,
+    /// `intercept` only: what to do with a ClientHello naming none of the
+    /// target's names.
+    #[serde(default)]
+    pub unknown_sni: UnknownSni,
 }
 
 impl Target {
     /// Names this target is intercepted under.
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.hosts.iter().chain(self.sni.iter())
+    }
+
+    /// All-egress mode: an address entry covers every address
+    /// (`0.0.0.0/0` or `::/0`); the SNI alone decides.
+    pub fn all_egress(&self) -> bool {
+        self.addresses.iter().any(|a| a.0.prefix_len() == 0)
     }
 }
 
@@ -472,7 +552,7 @@ pub fn validate_targets(targets: &[Target], prefix: &str) -> Result<(), (String,
             ));
         }
         for (j, h) in t.hosts.iter().enumerate() {
-            if !valid_hostname(h) {
+            if !valid_hostname(h) || crate::names::DnsName::parse(h).is_err() {
                 return Err((
                     format!("{prefix}[{i}].hosts[{j}]"),
                     format!("`{h}` is not a valid DNS name"),
@@ -480,7 +560,9 @@ pub fn validate_targets(targets: &[Target], prefix: &str) -> Result<(), (String,
             }
         }
         for (j, n) in t.sni.iter().enumerate() {
-            if !valid_hostname(n.strip_prefix("*.").unwrap_or(n)) {
+            if !valid_hostname(n.strip_prefix("*.").unwrap_or(n))
+                || crate::names::NamePattern::parse(n).is_err()
+            {
                 return Err((
                     format!("{prefix}[{i}].sni[{j}]"),
                     format!("`{n}` is not a valid DNS name or wildcard"),
@@ -501,9 +583,40 @@ pub fn validate_targets(targets: &[Target], prefix: &str) -> Result<(), (String,
                 ));
             }
         }
+        if t.all_egress() {
+            if t.ports.is_empty() {
+                return Err((
+                    format!("{prefix}[{i}].ports"),
+                    "an all-egress target (`0.0.0.0/0` / `::/0`) must name its ports (e.g. [443]): every port would include the proxy's own".into(),
+                ));
+            }
+            match t.tls {
+                TlsMode::Intercept if t.unknown_sni != UnknownSni::Splice => {
+                    return Err((
+                        format!("{prefix}[{i}].unknown_sni"),
+                        "an all-egress target (`0.0.0.0/0` / `::/0`) sees every TLS connection on its ports; names that are not its own must be spliced: set `unknown_sni: splice`".into(),
+                    ))
+                }
+                TlsMode::None => {
+                    return Err((
+                        format!("{prefix}[{i}].tls"),
+                        "an all-egress target (`0.0.0.0/0` / `::/0`) decides by SNI: use `tls: intercept` (with `unknown_sni: splice`) or `passthrough`".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if t.unknown_sni == UnknownSni::Splice && t.tls != TlsMode::Intercept {
+            return Err((
+                format!("{prefix}[{i}].unknown_sni"),
+                "only applies to `tls: intercept` targets".into(),
+            ));
+        }
         for (j, a) in t.addresses.iter().enumerate() {
             let ip = a.0.addr();
-            if ip.is_loopback() || ip.is_unspecified() {
+            // `0.0.0.0/0` / `::/0` is all-egress (checked above); any
+            // other prefix holding loopback or the unspecified address is not.
+            if a.0.prefix_len() > 0 && (ip.is_loopback() || ip.is_unspecified()) {
                 return Err((
                     format!("{prefix}[{i}].addresses[{j}]"),
                     format!("`{}` would redirect the proxy's own address space", a.0),
@@ -598,5 +711,36 @@ mod tests {
             "{MINIMAL}targets:\n  - name: x\n    addresses: [\"127.0.0.1\"]\n"
         ));
         assert!(e.contains("targets[0].addresses[0]"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}targets:\n  - name: x\n    addresses: [\"0.0.0.0/32\"]\n"
+        ));
+        assert!(e.contains("targets[0].addresses[0]"), "{e}");
+    }
+
+    #[test]
+    fn all_egress_needs_ports_and_unknown_sni_splice() {
+        let t = |extra: &str| {
+            format!("{MINIMAL}targets:\n  - name: saas\n    addresses: [\"0.0.0.0/0\", \"::/0\"]\n    sni: [api.example.com]\n{extra}")
+        };
+        let e = err(&t("    ports: [443]\n    tls: intercept\n"));
+        assert!(
+            e.contains("targets[0].unknown_sni") && e.contains("unknown_sni: splice"),
+            "{e}"
+        );
+        let e = err(&t("    tls: intercept\n    unknown_sni: splice\n"));
+        assert!(e.contains("targets[0].ports"), "{e}");
+        let e = err(&t("    ports: [443]\n"));
+        assert!(e.contains("targets[0].tls"), "{e}");
+        let cfg = Config::parse(
+            &t("    ports: [443]\n    tls: intercept\n    unknown_sni: splice\n"),
+            "t",
+        )
+        .unwrap();
+        assert!(cfg.targets[0].all_egress());
+        assert_eq!(cfg.targets[0].unknown_sni, UnknownSni::Splice);
+        let e = err(&format!(
+            "{MINIMAL}targets:\n  - name: db\n    addresses: [\"10.0.0.1\"]\n    unknown_sni: splice\n"
+        ));
+        assert!(e.contains("targets[0].unknown_sni"), "{e}");
     }
 }

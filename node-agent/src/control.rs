@@ -223,6 +223,10 @@ pub struct Status {
     /// Processes seen leaving a watched cgroup (degraded mode) and killed.
     #[serde(default)]
     pub escapes_detected: u64,
+    /// `ok`, or `failing since <time>: <error>`: new connections are refused
+    /// while the store does not take writes.
+    #[serde(default)]
+    pub recording: String,
 }
 
 pub struct ControlServer {
@@ -417,6 +421,7 @@ impl ControlServer {
                     connections_active: c.active.load(Ordering::Relaxed),
                     upstream_failures: c.upstream_failed.load(Ordering::Relaxed),
                     record_errors: c.record_errors.load(Ordering::Relaxed),
+                    recording: p.health.describe(),
                     records_stored: p.store.count(),
                     policy_version: p.policy.current().version,
                     policy_floor: p.policy.floor(),

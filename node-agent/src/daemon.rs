@@ -148,6 +148,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         websocket: cfg.policy.websocket,
         listen: listeners.iter().map(|(a, _)| ProxyAddr(*a)).collect(),
         connect_timeout: Duration::from_secs(cfg.proxy.connect_timeout_secs),
+        limits: cfg.proxy.limits.clone(),
+        per_identity: Default::default(),
+        health: Default::default(),
         counters: Counters::default(),
     });
     for (_, l) in listeners {

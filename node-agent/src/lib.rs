@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod export;
 pub mod http;
 pub mod identity;
+pub mod names;
 pub mod policy;
 pub mod proxy;
 pub mod record;

@@ -351,6 +351,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     "records:    {} stored, {} errors",
                     s.records_stored, s.record_errors
                 );
+                println!("recording:  {}", s.recording);
             }
         }
         Cmd::Sessions {

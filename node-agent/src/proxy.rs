@@ -25,6 +25,7 @@ use crate::{
     identity::IdentityResolver,
     record::{now_ms, ConnectionRecord, Outcome, RecordStore, TlsInfo},
     redirect::Redirector,
+    targets::SniVerdict,
     tls::{hello, proxyable_alpn, TlsContext},
 };
 
@@ -65,7 +66,131 @@ pub struct Proxy {
     pub websocket: crate::http::WebSocketMode,
     pub listen: Vec<ProxyAddr>,
     pub connect_timeout: Duration,
+    pub limits: crate::config::Limits,
+    pub per_identity: ConnLimiter,
+    pub health: Arc<RecordHealth>,
     pub counters: Counters,
+}
+
+/// Whether the store is taking writes. Set by any failed write or flush,
+/// cleared by a successful flush. While it is failing, a new connection
+/// first probes with a flush and is refused if that fails too (fail
+/// closed: a disk that is full or gone means nothing is forwarded).
+#[derive(Default)]
+pub struct RecordHealth {
+    failing: std::sync::Mutex<Option<(String, u64)>>,
+}
+
+impl RecordHealth {
+    pub fn failed(&self, error: &dyn std::fmt::Display) {
+        let mut f = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            tracing::error!(error = %error, "RECORDING FAILING: new connections are refused until writes succeed");
+        }
+        *f = Some((
+            error.to_string(),
+            f.as_ref().map_or_else(now_ms, |(_, t)| *t),
+        ));
+    }
+
+    pub fn ok(&self) {
+        let mut f = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        if f.take().is_some() {
+            info!("recording works again");
+        }
+    }
+
+    /// `ok`, or `failing since <time>: <error>`.
+    pub fn describe(&self) -> String {
+        match &*self.failing.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => "ok".into(),
+            Some((e, since)) => format!(
+                "failing since {}: {e}",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_millis(*since)
+                )
+            ),
+        }
+    }
+
+    pub fn is_failing(&self) -> bool {
+        self.failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// A flush whose outcome updates the state.
+    pub async fn flush(&self, store: &RecordStore) -> bool {
+        match store.flush().await {
+            Ok(()) => {
+                self.ok();
+                true
+            }
+            Err(e) => {
+                self.failed(&e);
+                false
+            }
+        }
+    }
+}
+
+/// Open connections per identity, capped.
+#[derive(Default)]
+pub struct ConnLimiter {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// One counted connection; the count drops with it.
+pub struct ConnPermit {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    identity: String,
+}
+
+impl ConnLimiter {
+    /// A permit, or the number already open when the cap is reached.
+    pub fn acquire(&self, identity: &str, max: usize) -> Result<ConnPermit, usize> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(identity.to_owned()).or_default();
+        if *n >= max {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(ConnPermit {
+            open: self.open.clone(),
+            identity: identity.to_owned(),
+        })
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.identity) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// Resolves once `activity` (a byte count, both directions) has not moved
+/// for `idle`.
+pub(crate) async fn idle_for(idle: Duration, activity: impl Fn() -> u64) {
+    let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut last = activity();
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = activity();
+        if now != last {
+            last = now;
+            quiet_since = tokio::time::Instant::now();
+        } else if quiet_since.elapsed() >= idle {
+            return;
+        }
+    }
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
@@ -101,8 +226,19 @@ impl Proxy {
     fn record(&self, r: &ConnectionRecord, kind: &str) {
         if let Err(e) = self.store.put(r, kind) {
             self.counters.record_errors.fetch_add(1, Ordering::Relaxed);
+            self.health.failed(&e);
             warn!(session = r.id, error = %e, "recording failed");
         }
+    }
+
+    /// Refuses (and records) a connection that has an open record.
+    fn refuse_recorded(&self, mut r: ConnectionRecord, client: TcpStream, reason: String) {
+        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        warn!(%reason, "refusing connection");
+        r.outcome = Outcome::Refused { reason };
+        r.ended_at_ms = Some(now_ms());
+        self.record(&r, "connection.refused");
+        refuse(client);
     }
 
     async fn handle(self: Arc<Self>, client: TcpStream, peer: ClientAddr) {
@@ -191,10 +327,30 @@ impl Proxy {
             // Fail closed: what cannot be recorded is not forwarded.
             self.counters.record_errors.fetch_add(1, Ordering::Relaxed);
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            self.health.failed(&e);
             warn!(error = %e, "cannot record the connection; refusing");
             refuse(client);
             return;
         }
+        // The store has been failing (disk full, I/O errors): forward only
+        // once a flush proves it takes writes again.
+        if self.health.is_failing() && !self.health.flush(&self.store).await {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(recording = %self.health.describe(), "recording is failing; refusing");
+            refuse(client);
+            return;
+        }
+        let max = self.limits.max_connections_per_identity;
+        let _permit = match self.per_identity.acquire(&r.identity.id, max) {
+            Ok(p) => p,
+            Err(n) => {
+                return self.refuse_recorded(
+                    r,
+                    client,
+                    format!("identity has {n} connections open (limit {max})"),
+                )
+            }
+        };
         let intercepting = mode == TlsMode::Intercept;
         // Intercepted HTTP gets a 403 per request (clearer to the job);
         // any other suspended connection is refused outright.
@@ -243,7 +399,7 @@ impl Proxy {
             counts: bytes.clone(),
         };
         r.outcome = match mode {
-            TlsMode::None => splice(client, upstream, &[]).await,
+            TlsMode::None => splice(client, upstream, &[], self.idle()).await,
             TlsMode::Intercept | TlsMode::Passthrough => {
                 self.tls_path(&mut r, client, upstream, &targets, origin.target_id)
                     .await
@@ -255,7 +411,11 @@ impl Proxy {
         r.bytes_down = bytes.down.load(Ordering::Relaxed);
         debug!(up = r.bytes_up, down = r.bytes_down, outcome = ?r.outcome, "closed");
         self.record(&r, "connection.close");
-        let _ = self.store.flush().await;
+        self.health.flush(&self.store).await;
+    }
+
+    fn idle(&self) -> Duration {
+        Duration::from_secs(self.limits.idle_timeout_secs)
     }
 
     async fn tls_path(
@@ -289,21 +449,36 @@ impl Proxy {
                 };
             }
         };
-        let sni = hello.sni.clone();
-        // `intercepts` is false unless the target's mode is `intercept`.
-        let intercept = self.tls.is_some()
-            && sni
-                .as_deref()
-                .is_some_and(|s| targets.intercepts(target_id, s));
-        r.tls = Some(TlsInfo {
-            sni: sni.clone(),
-            mode: if intercept { "intercepted" } else { "spliced" }.into(),
+        // The SNI is recorded as the client sent it; decisions use its
+        // normal form.
+        let tls_info = |mode: &str| TlsInfo {
+            sni: hello.sni.clone(),
+            mode: mode.into(),
             alpn: None,
-        });
-        let (Some(tls), Some(sni), true) = (self.tls.clone(), sni, intercept) else {
-            info!(sni = ?r.tls.as_ref().and_then(|t| t.sni.clone()), "TLS spliced (not an intercepted name)");
-            return splice(client, upstream, &prefix).await;
         };
+        let name = match targets.classify(target_id, &hello) {
+            SniVerdict::Intercept(name) => name,
+            SniVerdict::Splice(why) => {
+                r.tls = Some(tls_info("spliced"));
+                info!(sni = ?hello.sni, %why, "TLS spliced");
+                return splice(client, upstream, &prefix, self.idle()).await;
+            }
+            SniVerdict::Refuse(reason) => {
+                r.tls = Some(tls_info("refused"));
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                warn!(sni = ?hello.sni, %reason, "TLS refused");
+                refuse(client.inner);
+                return Outcome::Refused { reason };
+            }
+        };
+        r.tls = Some(tls_info("intercepted"));
+        let Some(tls) = self.tls.clone() else {
+            refuse(client.inner);
+            return Outcome::Refused {
+                reason: format!("`{name}` is a target name but this node has no CA"),
+            };
+        };
+        let sni = name.as_str().to_owned();
         let alpn = proxyable_alpn(&hello.alpn);
         let up = match tls.connect_upstream(upstream, &sni, &alpn).await {
             Ok(s) => s,
@@ -379,6 +554,8 @@ impl Proxy {
             suspensions: self.suspensions.clone(),
             max_scan_request: self.max_scan_request,
             websocket: self.websocket,
+            limits: self.limits.clone(),
+            health: self.health.clone(),
         });
         let h2 = negotiated.as_deref() == Some(b"h2");
         info!(%sni, h2, "TLS intercepted");
@@ -398,12 +575,18 @@ impl Proxy {
         r.outcome = Outcome::UpstreamFailed { error };
         r.ended_at_ms = Some(now_ms());
         self.record(&r, "connection.close");
-        let _ = self.store.flush().await;
+        self.health.flush(&self.store).await;
         refuse(client);
     }
 }
 
-async fn splice(mut client: Counted<TcpStream>, mut upstream: TcpStream, prefix: &[u8]) -> Outcome {
+/// Relays both ways until either side closes, or nothing moves for `idle`.
+async fn splice(
+    mut client: Counted<TcpStream>,
+    mut upstream: TcpStream,
+    prefix: &[u8],
+    idle: Duration,
+) -> Outcome {
     if !prefix.is_empty() {
         if let Err(e) = upstream.write_all(prefix).await {
             return Outcome::Failed {
@@ -415,14 +598,23 @@ async fn splice(mut client: Counted<TcpStream>, mut upstream: TcpStream, prefix:
             .up
             .fetch_add(prefix.len() as u64, Ordering::Relaxed);
     }
+    let counts = client.counts.clone();
     // 64 KiB each way: the 8 KiB default costs a third of bulk throughput.
-    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 1 << 16, 1 << 16)
-        .await
-    {
-        Ok(_) => Outcome::Closed,
-        Err(e) => Outcome::Failed {
-            error: e.to_string(),
+    let copy =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 1 << 16, 1 << 16);
+    tokio::select! {
+        res = copy => match res {
+            Ok(_) => Outcome::Closed,
+            Err(e) => Outcome::Failed {
+                error: e.to_string(),
+            },
         },
+        _ = idle_for(idle, || counts.up.load(Ordering::Relaxed) + counts.down.load(Ordering::Relaxed)) => {
+            info!(idle_secs = idle.as_secs(), "spliced connection idle; closed");
+            Outcome::Failed {
+                error: format!("idle for {}s (limits.idle_timeout_secs)", idle.as_secs()),
+            }
+        }
     }
 }
 

@@ -509,6 +509,10 @@ impl Redirector {
         installed.iter().copied().collect()
     }
 
+    /// The address-only tries refuse UDP to every port of a target
+    /// address. An all-egress entry (`/0`) is left out of them (it would
+    /// refuse all UDP, DNS included); the kernel refuses UDP to its
+    /// (address, port) pairs instead, e.g. QUIC on :443.
     fn apply(&self, e: &TargetEntry, insert: bool) -> Result<(), RedirectError> {
         let value = TargetValue {
             target_id: e.target_id,
@@ -529,8 +533,10 @@ impl Redirector {
                 let mut a = self.addrs_v4.lock().unwrap_or_else(|e| e.into_inner());
                 if insert {
                     t.insert(&key, value, 0).map_err(map_err("TARGETS_V4"))?;
-                    a.insert(&akey, value, 0)
-                        .map_err(map_err("TARGET_ADDRS_V4"))?;
+                    if bits > 0 {
+                        a.insert(&akey, value, 0)
+                            .map_err(map_err("TARGET_ADDRS_V4"))?;
+                    }
                 } else {
                     // Ignore "not found": another entry may share the key.
                     let _ = t.remove(&key);
@@ -545,8 +551,10 @@ impl Redirector {
                 let mut a = self.addrs_v6.lock().unwrap_or_else(|e| e.into_inner());
                 if insert {
                     t.insert(&key, value, 0).map_err(map_err("TARGETS_V6"))?;
-                    a.insert(&akey, value, 0)
-                        .map_err(map_err("TARGET_ADDRS_V6"))?;
+                    if bits > 0 {
+                        a.insert(&akey, value, 0)
+                            .map_err(map_err("TARGET_ADDRS_V6"))?;
+                    }
                 } else {
                     let _ = t.remove(&key);
                     let _ = a.remove(&akey);

@@ -14,8 +14,10 @@ use ipnet::IpNet;
 use tracing::{info, warn};
 
 use crate::{
-    config::{target_id, Target, TlsMode},
+    config::{target_id, Target, TlsMode, UnknownSni},
+    names::{DnsName, NameError, NamePattern},
     redirect::{Redirector, TargetEntry},
+    tls::hello::ClientHello,
 };
 
 /// Entries for the parts of the configuration that need no DNS.
@@ -129,9 +131,21 @@ pub async fn maintain(redirector: Arc<Redirector>, live: Arc<LiveTargets>, refre
     }
 }
 
-/// The targets in force, by their stable id.
+/// The targets in force, by their stable id, with their names compiled.
 pub struct TargetTable {
-    by_id: HashMap<u32, Target>,
+    by_id: HashMap<u32, (Target, Vec<NamePattern>)>,
+}
+
+/// What to do with a TLS connection to a target, decided from its
+/// ClientHello alone (the job controls every byte of it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SniVerdict {
+    /// Terminate TLS for this (normalised) target name.
+    Intercept(DnsName),
+    /// Relay byte for byte; the reason goes to the log.
+    Splice(String),
+    /// Reset and record why.
+    Refuse(String),
 }
 
 impl TargetTable {
@@ -139,29 +153,60 @@ impl TargetTable {
         Self {
             by_id: targets
                 .iter()
-                .map(|t| (target_id(&t.name), t.clone()))
+                .map(|t| {
+                    // Validated names; one that is not (it cannot be, after
+                    // validation) simply never matches.
+                    let names = t
+                        .names()
+                        .filter_map(|n| NamePattern::parse(n).ok())
+                        .collect();
+                    (target_id(&t.name), (t.clone(), names))
+                })
                 .collect(),
         }
     }
 
     pub fn name(&self, id: u32) -> Option<&str> {
-        self.by_id.get(&id).map(|t| t.name.as_str())
+        self.by_id.get(&id).map(|(t, _)| t.name.as_str())
     }
 
     pub fn mode(&self, id: u32) -> TlsMode {
-        self.by_id.get(&id).map(|t| t.tls).unwrap_or_default()
+        self.by_id.get(&id).map(|(t, _)| t.tls).unwrap_or_default()
     }
 
-    /// Whether `sni` is one of the names target `id` intercepts.
-    pub fn intercepts(&self, id: u32, sni: &str) -> bool {
-        let Some(t) = self.by_id.get(&id) else {
-            return false;
+    /// Intercept, splice or refuse: only a normalised SNI that is one of
+    /// the target's names is intercepted. ECH is refused on `intercept`
+    /// targets whatever `unknown_sni` says (the real name is encrypted,
+    /// and could be a target's); no SNI, an IP literal or another name
+    /// follows `unknown_sni` (refuse by default).
+    pub fn classify(&self, id: u32, hello: &ClientHello) -> SniVerdict {
+        let Some((t, names)) = self.by_id.get(&id) else {
+            return SniVerdict::Refuse("unknown target".into());
         };
-        t.tls == TlsMode::Intercept
-            && t.names().any(|n| match n.strip_prefix("*.") {
-                Some(base) => sni.ends_with(&format!(".{base}")),
-                None => n.eq_ignore_ascii_case(sni),
-            })
+        if t.tls != TlsMode::Intercept {
+            return SniVerdict::Splice(format!("target `{}` is passthrough", t.name));
+        }
+        if hello.ech {
+            return SniVerdict::Refuse(format!(
+                "encrypted ClientHello (ECH) to target `{}`: the real server name is hidden (outer name {:?})",
+                t.name, hello.sni
+            ));
+        }
+        let unknown = match hello.sni.as_deref().map(DnsName::parse) {
+            Some(Ok(name)) if names.iter().any(|p| p.matches(&name)) => {
+                return SniVerdict::Intercept(name)
+            }
+            Some(Ok(name)) => format!("SNI `{name}` is not a name of target `{}`", t.name),
+            Some(Err(NameError::IpLiteral(ip))) => {
+                format!("IP-literal SNI `{ip}` to target `{}`", t.name)
+            }
+            Some(Err(e)) => format!("invalid SNI to target `{}`: {e}", t.name),
+            None => format!("no SNI in the ClientHello to target `{}`", t.name),
+        };
+        match t.unknown_sni {
+            UnknownSni::Refuse => SniVerdict::Refuse(unknown),
+            UnknownSni::Splice => SniVerdict::Splice(unknown),
+        }
     }
 }
 
@@ -239,7 +284,71 @@ mod tests {
             ports: vec![443],
             tls: TlsMode::None,
             sni: vec![],
+            unknown_sni: UnknownSni::Refuse,
         }]
+    }
+
+    fn hello(sni: Option<&str>, ech: bool) -> ClientHello {
+        ClientHello {
+            sni: sni.map(str::to_owned),
+            alpn: vec![],
+            ech,
+        }
+    }
+
+    #[test]
+    fn sni_decides_intercept_refuse_or_splice() {
+        let mut t = target();
+        t[0].tls = TlsMode::Intercept;
+        t[0].sni = vec!["*.cdn.test".into()];
+        let id = target_id("api");
+        let table = TargetTable::new(&t);
+        let v = |sni, ech| table.classify(id, &hello(sni, ech));
+        let api = DnsName::parse("api.example.test").unwrap();
+        assert_eq!(
+            v(Some("api.example.test"), false),
+            SniVerdict::Intercept(api.clone())
+        );
+        assert_eq!(
+            v(Some("API.Example.Test."), false),
+            SniVerdict::Intercept(api)
+        );
+        assert!(matches!(
+            v(Some("x.cdn.test"), false),
+            SniVerdict::Intercept(_)
+        ));
+        for (sni, why) in [
+            (Some("other.example.test"), "not a name of target"),
+            (None, "no SNI"),
+            (Some("10.1.2.3"), "IP-literal SNI"),
+            (Some("bad name"), "invalid SNI"),
+        ] {
+            match v(sni, false) {
+                SniVerdict::Refuse(r) => assert!(r.contains(why), "{r}"),
+                other => panic!("{sni:?}: {other:?}"),
+            }
+        }
+        assert!(
+            matches!(v(Some("api.example.test"), true), SniVerdict::Refuse(r) if r.contains("ECH"))
+        );
+
+        // Opt-in: unknown names are spliced; ECH is still refused.
+        t[0].unknown_sni = UnknownSni::Splice;
+        let table = TargetTable::new(&t);
+        let v = |sni, ech| table.classify(id, &hello(sni, ech));
+        assert!(matches!(
+            v(Some("other.example.test"), false),
+            SniVerdict::Splice(_)
+        ));
+        assert!(matches!(v(None, false), SniVerdict::Splice(_)));
+        assert!(matches!(
+            v(Some("api.example.test"), false),
+            SniVerdict::Intercept(_)
+        ));
+        assert!(matches!(
+            v(Some("other.example.test"), true),
+            SniVerdict::Refuse(_)
+        ));
     }
 
     fn ips(set: &BTreeSet<TargetEntry>) -> Vec<String> {

@@ -203,7 +203,7 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
     let addr = ip.to_ne_bytes();
     let port_be = (port as u16).to_ne_bytes();
     if ty == SOCK_DGRAM {
-        if is_target_addr_v4(addr) {
+        if is_target_addr_v4(addr) || target_v4(addr, port_be).is_some() {
             count(stat::UDP_REFUSED);
             return REFUSE;
         }
@@ -253,9 +253,13 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
     let mapped = v4_mapped(&words);
     let bytes = words_to_bytes(words);
 
+    // UDP is refused to any port of a target address, and to a target's
+    // (address, port) pairs (all-egress targets are only in the latter).
     let is_target_addr = match mapped {
-        Some(v4) => is_target_addr_v4(v4.to_ne_bytes()),
-        None => is_target_addr_v6(bytes),
+        Some(v4) => {
+            is_target_addr_v4(v4.to_ne_bytes()) || target_v4(v4.to_ne_bytes(), port_be).is_some()
+        }
+        None => is_target_addr_v6(bytes) || target_v6(bytes, port_be).is_some(),
     };
     if ty == SOCK_DGRAM {
         if is_target_addr {
@@ -326,8 +330,9 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sluice_sendmsg4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    let ip = unsafe { (*sa).user_ip4 };
-    if is_target_addr_v4(ip.to_ne_bytes()) {
+    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let (addr, port_be) = (ip.to_ne_bytes(), (port as u16).to_ne_bytes());
+    if is_target_addr_v4(addr) || target_v4(addr, port_be).is_some() {
         count(stat::UDP_REFUSED);
         return REFUSE;
     }
@@ -337,9 +342,15 @@ pub fn sluice_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sluice_sendmsg6(ctx: SockAddrContext) -> i32 {
     let words = unsafe { read_user_ip6(ctx.sock_addr) };
+    let port_be = (unsafe { (*ctx.sock_addr).user_port } as u16).to_ne_bytes();
     let hit = match v4_mapped(&words) {
-        Some(v4) => is_target_addr_v4(v4.to_ne_bytes()),
-        None => is_target_addr_v6(words_to_bytes(words)),
+        Some(v4) => {
+            is_target_addr_v4(v4.to_ne_bytes()) || target_v4(v4.to_ne_bytes(), port_be).is_some()
+        }
+        None => {
+            let bytes = words_to_bytes(words);
+            is_target_addr_v6(bytes) || target_v6(bytes, port_be).is_some()
+        }
     };
     if hit {
         count(stat::UDP_REFUSED);

@@ -549,6 +549,25 @@ impl Env {
         )
     }
 
+    /// The fake HTTPS service with the test's own target list (YAML list
+    /// items) and extra configuration computed from the test's directory.
+    pub fn https_targets(
+        targets: impl Fn(&Remote) -> String,
+        extra: impl Fn(&Path) -> String,
+    ) -> Self {
+        Self::build(
+            targets,
+            move |r, dir| {
+                format!(
+                    "tls:\n  extra_upstream_roots: [\"{}\"]\n{}",
+                    r.https_ca.display(),
+                    extra(dir)
+                )
+            },
+            true,
+        )
+    }
+
     fn build(
         targets: impl Fn(&Remote) -> String,
         extra: impl Fn(&Remote, &Path) -> String,

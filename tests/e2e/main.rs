@@ -4,6 +4,7 @@
 //! node. They need root and fail loudly without it; they never skip.
 mod containment;
 mod foundation;
+mod fronting;
 mod harness;
 mod hostile;
 mod masking;

@@ -454,7 +454,8 @@ fn every_pack_sample_is_masked_through_the_proxy_plain_and_streamed() {
             let mut rng = Rng::new(&format!("e2e:{id}:{n}"));
             let (sample, span) = expand(template, &mut rng);
             secrets.push((id.clone(), sample[span].to_owned()));
-            text.push_str(&format!("sample {id} #{n}: {sample} :end-{n}\n"));
+            // Each sample on lines of its own (some rules anchor at `^`).
+            text.push_str(&format!("sample {id} #{n}:\n{sample}\n:end-{n}\n"));
         }
     }
     assert!(secrets.len() >= 300, "{} samples", secrets.len());

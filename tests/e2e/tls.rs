@@ -333,7 +333,7 @@ fn upgraded_connections_are_passed_through_and_recorded() {
 }
 
 #[test]
-fn untrusted_upstream_is_refused_and_non_target_sni_is_spliced() {
+fn untrusted_upstream_is_refused_and_non_target_sni_too() {
     let env = Env::https("");
     let _trust = env.trust_node_ca();
     // The upstream presents a certificate from a CA the node does not trust.
@@ -354,12 +354,13 @@ fn untrusted_upstream_is_refused_and_non_target_sni_is_spliced() {
         "no request may reach an unverified upstream"
     );
 
-    // A name that is not a target: spliced untouched, so the client sees
-    // the upstream's own certificate (and needs its CA).
+    // A name that is not one of the target's, at the target's address:
+    // refused by default (`unknown_sni: splice` opts into splicing; see
+    // fronting.rs), and recorded with the reason.
     let ca = env.remote.https_ca.display().to_string();
     let out = env.curl("other.fake.test", 443, "/json", &["--cacert", &ca]);
-    let body: Value = serde_json::from_str(&ok(&out)).unwrap();
-    assert_eq!(body["ok"], true);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(env.remote.https_entries().is_empty());
 
     let sessions = env.node.wait_sessions(2);
     let bad = sessions
@@ -371,17 +372,23 @@ fn untrusted_upstream_is_refused_and_non_target_sni_is_spliced() {
         .as_str()
         .unwrap()
         .contains("certificate"));
-    let spliced = sessions
+    let other = sessions
         .iter()
         .find(|s| s["tls"]["sni"] == "other.fake.test")
-        .expect("spliced session recorded");
-    assert_eq!(spliced["tls"]["mode"], "spliced");
-    assert_eq!(spliced["outcome"]["status"], "closed");
-    assert!(show(&env, &spliced["id"])["exchanges"]
+        .expect("refused session recorded");
+    assert_eq!(other["tls"]["mode"], "refused");
+    assert_eq!(other["outcome"]["status"], "refused");
+    assert!(
+        other["outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("SNI `other.fake.test` is not a name of target `fake-api`"),
+        "{other:#}"
+    );
+    assert!(show(&env, &other["id"])["exchanges"]
         .as_array()
         .unwrap()
         .is_empty());
-    assert!(spliced["bytes_down"].as_u64().unwrap() > 0);
 }
 
 #[test]

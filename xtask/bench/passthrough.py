@@ -6,6 +6,13 @@ server, side by side in one run. Reports ratios (via / direct).
 Everything runs on this host: the server lives in a network namespace this
 script creates (10.213.0.2), the client runs either outside (direct) or
 inside (via Sluice) a cgroup the node watches. Needs root.
+
+--all-egress: the cost of the recommended mode for SaaS targets. The node
+redirects every :443 connection (`addresses: [0.0.0.0/0, ::/0]`,
+`ports: [443]`, `tls: intercept`, `unknown_sni: splice`) and the client
+speaks TLS to a server on :443 under a name that is *not* a target, so
+every connection pays redirect + ClientHello read + splice. Both sides
+(direct and via Sluice) do the same TLS handshake.
 """
 import argparse
 import json
@@ -25,9 +32,96 @@ NS = "sluice-bench"
 HOST_IF, PEER_IF = "sbench0", "sbench1"
 HOST_IP, REMOTE_IP = "10.213.0.1", "10.213.0.2"
 PING_PORT, BULK_PORT = 9000, 9001
+TLS_PORT = 443
+SPLICED_NAME = "not-a-target.bench.test"
 
 
 # ---------------------------------------------------------------- server
+def serve_tls(cert, key):
+    """One TLS port: first byte 'p' = ping echo, 'b' + 8 bytes = bulk."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+
+    def conn(raw):
+        try:
+            c = ctx.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+        with c:
+            kind = c.recv(1)
+            if kind == b"p":
+                c.sendall(b"p")
+                while True:
+                    b = c.recv(1)
+                    if not b:
+                        return
+                    c.sendall(b)
+            elif kind == b"b":
+                n = int.from_bytes(c.recv(8), "big")
+                chunk = b"x" * (1 << 20)
+                while n > 0:
+                    k = min(n, len(chunk))
+                    c.sendall(chunk[:k])
+                    n -= k
+
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((REMOTE_IP, TLS_PORT))
+    s.listen(1024)
+    while True:
+        c, _ = s.accept()
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=conn, args=(c,), daemon=True).start()
+
+
+def tls_client(n_connects, bulk_bytes, bulk_rounds):
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+
+    def dial():
+        raw = socket.create_connection((REMOTE_IP, TLS_PORT))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return ctx.wrap_socket(raw, server_hostname=SPLICED_NAME)
+
+    lat = []
+    for _ in range(n_connects):
+        t0 = time.perf_counter()
+        s = dial()
+        s.sendall(b"p")
+        s.recv(1)
+        lat.append(time.perf_counter() - t0)
+        s.close()
+    rates = []
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    for _ in range(bulk_rounds):
+        s = dial()
+        t0 = time.perf_counter()
+        s.sendall(b"b" + bulk_bytes.to_bytes(8, "big"))
+        got = 0
+        while got < bulk_bytes:
+            k = s.recv_into(view)
+            if not k:
+                break
+            got += k
+        dt = time.perf_counter() - t0
+        s.close()
+        if got != bulk_bytes:
+            sys.exit("short read: %d of %d" % (got, bulk_bytes))
+        rates.append(got / dt / 1e6)
+    lat.sort()
+    print(json.dumps({
+        "connect_p50_us": lat[len(lat) // 2] * 1e6,
+        "connect_p99_us": lat[int(len(lat) * 0.99) - 1] * 1e6,
+        "connect_mean_us": statistics.mean(lat) * 1e6,
+        "bulk_mb_s": statistics.median(rates),
+    }))
+
+
 def serve():
     def ping_conn(c):
         with c:
@@ -105,6 +199,8 @@ def main():
     ap.add_argument("--connects", type=int, default=2000)
     ap.add_argument("--bulk-mb", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--all-egress", action="store_true",
+                    help="redirect every :443 connection, TLS to a non-target name (spliced)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (eBPF, cgroups, network namespaces)")
@@ -118,15 +214,27 @@ def main():
     sh("ip addr add %s/24 dev %s && ip link set %s up" % (HOST_IP, HOST_IF, HOST_IF))
     sh("ip netns exec %s sh -c 'ip link set lo up && ip addr add %s/24 dev %s && ip link set %s up'"
        % (NS, REMOTE_IP, PEER_IF, PEER_IF))
-    server = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, me, "--serve"])
+    tmp = tempfile.mkdtemp(prefix="sluice-bench-")
+    if a.all_egress:
+        cert, key = os.path.join(tmp, "srv.crt"), os.path.join(tmp, "srv.key")
+        sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 "
+           "-subj /CN=%s -keyout %s -out %s" % (SPLICED_NAME, key, cert))
+        server = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, me,
+                                   "--serve-tls", cert, key])
+    else:
+        server = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, me, "--serve"])
     cg = os.path.join(cgroup2_root(), "sluice-bench")
     os.makedirs(cg, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="sluice-bench-")
     cfg = os.path.join(tmp, "bench.yaml")
     with open(cfg, "w") as f:
-        f.write("proxy:\n  port: 15999\nwatch:\n  cgroups: [{path: sluice-bench}]\n"
-                "targets:\n  - name: bench\n    addresses: [\"%s\"]\n    ports: [%d, %d]\n"
-                % (REMOTE_IP, PING_PORT, BULK_PORT))
+        f.write("proxy:\n  port: 15999\nwatch:\n  cgroups: [{path: sluice-bench}]\n")
+        if a.all_egress:
+            f.write("targets:\n  - name: saas\n    addresses: [\"0.0.0.0/0\", \"::/0\"]\n"
+                    "    ports: [443]\n    tls: intercept\n    unknown_sni: splice\n"
+                    "    sni: [api.bench.test]\n")
+        else:
+            f.write("targets:\n  - name: bench\n    addresses: [\"%s\"]\n    ports: [%d, %d]\n"
+                    % (REMOTE_IP, PING_PORT, BULK_PORT))
     sock = os.path.join(tmp, "control.sock")
     node = subprocess.Popen([a.sluice, "--socket", sock, "run", "--config", cfg,
                              "--state-dir", os.path.join(tmp, "state")],
@@ -139,7 +247,15 @@ def main():
             time.sleep(0.1)
         else:
             sys.exit("sluice did not start; see %s/sluice.log" % tmp)
-        args = [sys.executable, me, "--client", str(a.connects), str(a.bulk_mb << 20), str(a.rounds)]
+        for _ in range(100):
+            port = TLS_PORT if a.all_egress else PING_PORT
+            try:
+                socket.create_connection((REMOTE_IP, port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        mode = "--tls-client" if a.all_egress else "--client"
+        args = [sys.executable, me, mode, str(a.connects), str(a.bulk_mb << 20), str(a.rounds)]
         # Interleave runs so that machine noise hits both sides alike.
         results = {"direct": [], "sluice": []}
         for _ in range(2):
@@ -158,8 +274,10 @@ def main():
             vals = [r[key] for r in results[side]]
             return min(vals) if lower_is_better else max(vals)
 
-        print("\nSluice passthrough benchmark (%d connects x2, %d MiB x %d x2; best of runs)"
-              % (a.connects, a.bulk_mb, a.rounds))
+        title = ("all-egress splice (every :443 redirected, TLS to a non-target name)"
+                 if a.all_egress else "passthrough")
+        print("\nSluice %s benchmark (%d connects x2, %d MiB x %d x2; best of runs)"
+              % (title, a.connects, a.bulk_mb, a.rounds))
         print("%-22s %12s %12s %8s" % ("metric", "direct", "via sluice", "ratio"))
         for key, lower in [("connect_p50_us", True), ("connect_p99_us", True),
                            ("connect_mean_us", True), ("bulk_mb_s", False)]:
@@ -185,7 +303,11 @@ def main():
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         serve()
+    elif len(sys.argv) > 1 and sys.argv[1] == "--serve-tls":
+        serve_tls(sys.argv[2], sys.argv[3])
     elif len(sys.argv) > 1 and sys.argv[1] == "--client":
         client(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--tls-client":
+        tls_client(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     else:
         main()

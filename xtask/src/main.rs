@@ -8,7 +8,7 @@
 //!   a fake AI API in a network namespace, a job streaming through the
 //!   node with the `openai` library, the masked answer, replay and verify
 //!   (needs root)
-//! * `bench [passthrough|https|scan|stream|all]`  setup, build, and benchmarks
+//! * `bench [passthrough|all-egress|https|scan|stream|all]`  setup, build, and benchmarks
 //!   (passthrough and https need root)
 //!
 //! Std only, so that it builds in seconds on a fresh machine.
@@ -114,6 +114,13 @@ fn main() {
             if matches!(which, "passthrough" | "all") {
                 run(Command::new("python3")
                     .arg(root().join("xtask/bench/passthrough.py"))
+                    .arg("--sluice")
+                    .arg(target.join("sluice")));
+            }
+            if matches!(which, "all-egress" | "all") {
+                run(Command::new("python3")
+                    .arg(root().join("xtask/bench/passthrough.py"))
+                    .arg("--all-egress")
                     .arg("--sluice")
                     .arg(target.join("sluice")));
             }

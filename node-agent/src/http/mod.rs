@@ -6,7 +6,7 @@
 //! ends.
 use std::{
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
         Arc,
     },
     time::Instant,
@@ -20,7 +20,7 @@ use hyper::{
     service::service_fn,
     Request, Response, StatusCode,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -95,6 +95,8 @@ pub struct HttpSession {
     /// (fail closed) when request rules apply.
     pub max_scan_request: usize,
     pub websocket: WebSocketMode,
+    pub limits: crate::config::Limits,
+    pub health: Arc<crate::proxy::RecordHealth>,
 }
 
 enum Upstream {
@@ -113,11 +115,21 @@ where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let lim = session.limits.clone();
+    let window = u32::try_from(lim.http_max_buffer_bytes)
+        .unwrap_or(u32::MAX)
+        .clamp(65_535, (1 << 31) - 1);
+    // Upstream streams mirror downstream ones one to one, so the server
+    // side's stream cap bounds them too (and the upstream's own SETTINGS).
     let up = if h2 {
-        let (sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
-                .await
-                .map_err(HttpError::UpstreamHandshake)?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_send_buf_size(lim.http_max_buffer_bytes)
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window)
+            .handshake(TokioIo::new(upstream))
+            .await
+            .map_err(HttpError::UpstreamHandshake)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, "upstream h2 connection ended");
@@ -125,7 +137,9 @@ where
         });
         Upstream::H2(sender)
     } else {
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream))
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(lim.http_max_buffer_bytes.max(8192))
+            .handshake(TokioIo::new(upstream))
             .await
             .map_err(HttpError::UpstreamHandshake)?;
         tokio::spawn(async move {
@@ -143,12 +157,24 @@ where
     });
     let io = TokioIo::new(downstream);
     if h2 {
+        // The client may open at most this many streams, and make us hold
+        // at most the window (plus send buffer) per connection.
         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(lim.http2_max_concurrent_streams)
+            .max_send_buf_size(lim.http_max_buffer_bytes)
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window)
             .serve_connection(io, svc)
             .await
             .map_err(HttpError::Serve)
     } else {
+        // A client that trickles its header block is cut after the
+        // timeout (slowloris), and a header block beyond the buffer is 431.
         hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(std::time::Duration::from_secs(lim.header_read_timeout_secs))
+            .max_buf_size(lim.http_max_buffer_bytes.max(8192))
             .serve_connection(io, svc)
             .with_upgrades()
             .await
@@ -193,8 +219,8 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> 
 
 impl HttpSession {
     /// One request/response pair, stage by stage: record skeleton →
-    /// ordering (HTTP/1.1 durability) → suspension → upgrade gate →
-    /// request rules (`request.rs`) → credential injection → forward →
+    /// ordering (HTTP/1.1 durability) → suspension → authority (421) →
+    /// upgrade gate → request rules (`request.rs`) → credential injection → forward →
     /// upgrade relay or response masking (`response.rs`) → record.
     async fn exchange(
         self: &Arc<Self>,
@@ -226,6 +252,9 @@ impl HttpSession {
                     }),
                 )
                 .await;
+        }
+        if let Err(r) = self.check_authority(req.headers(), req.uri(), &mut ex) {
+            return self.refuse(ex, started, durable_tx, r.status, r.body).await;
         }
         let masks = policy.masks_responses(&self.target, &self.identity);
         let request_rules = policy.has_request_rules(&self.target, &self.identity);
@@ -449,6 +478,58 @@ impl HttpSession {
         Some(tx)
     }
 
+    /// The request must be for the name the TLS session was opened for
+    /// (the SNI, already a target name): `Host` and `:authority` / an
+    /// absolute URI, port ignored, normalised. Anything else (domain
+    /// fronting, a coalesced HTTP/2 connection, no authority at all) is
+    /// 421 Misdirected Request, recorded, and never gets the credential.
+    fn check_authority(
+        &self,
+        headers: &HeaderMap,
+        uri: &hyper::Uri,
+        ex: &mut Exchange,
+    ) -> Result<(), request::Refusal> {
+        let mut named: Vec<String> = headers
+            .get_all(HOST)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        if let Some(a) = uri.authority() {
+            named.push(a.as_str().to_owned());
+        }
+        let sni = crate::names::DnsName::parse(&self.authority);
+        let mismatch = if named.is_empty() {
+            Some("the request names no host".to_owned())
+        } else {
+            named
+                .iter()
+                .find_map(|a| match (crate::names::DnsName::from_authority(a), &sni) {
+                    (Ok(n), Ok(s)) if n == *s => None,
+                    _ => Some(format!(
+                        "request for `{a}` on a TLS session for `{}`",
+                        self.authority
+                    )),
+                })
+        };
+        let Some(detail) = mismatch else {
+            return Ok(());
+        };
+        warn!(session = self.session, workload = %self.workload, %detail, "misdirected request refused");
+        ex.decisions.push(Decision {
+            rule: "authority-mismatch".into(),
+            action: "block".into(),
+            patterns: vec![],
+            detail: Some(detail.clone()),
+        });
+        Err(request::Refusal {
+            status: StatusCode::MISDIRECTED_REQUEST,
+            body: serde_json::json!({
+                "error": "misdirected request",
+                "reason": detail,
+            }),
+        })
+    }
+
     /// Replaces the job's credential with the node's, recording the
     /// fingerprint of what the job presented.
     fn inject_credential(
@@ -543,12 +624,27 @@ impl HttpSession {
                 (Ok(c), Ok(u), None) => {
                     let (cr, cw) = tokio::io::split(TokioIo::new(c));
                     let (ur, uw) = tokio::io::split(TokioIo::new(u));
-                    let (up, down) = tokio::join!(pump(cr, uw), pump(ur, cw));
-                    ex.request_body.size = up.0;
-                    ex.response_body.size = down.0;
-                    if let Some(e) = up.1.or(down.1) {
-                        ex.error = Some(format!("upgraded stream: {e}"));
+                    let moved = (AtomicU64::new(0), AtomicU64::new(0));
+                    let idle = std::time::Duration::from_secs(this.limits.idle_timeout_secs);
+                    let both =
+                        async { tokio::join!(pump(cr, uw, &moved.0), pump(ur, cw, &moved.1)) };
+                    let activity =
+                        || moved.0.load(Ordering::Relaxed) + moved.1.load(Ordering::Relaxed);
+                    tokio::select! {
+                        (up, down) = both => {
+                            if let Some(e) = up.or(down) {
+                                ex.error = Some(format!("upgraded stream: {e}"));
+                            }
+                        }
+                        _ = crate::proxy::idle_for(idle, activity) => {
+                            ex.error = Some(format!(
+                                "upgraded stream idle for {}s (limits.idle_timeout_secs)",
+                                idle.as_secs()
+                            ));
+                        }
                     }
+                    ex.request_body.size = moved.0.load(Ordering::Relaxed);
+                    ex.response_body.size = moved.1.load(Ordering::Relaxed);
                 }
                 _ => ex.error = Some("upgrade did not complete".into()),
             }
@@ -593,11 +689,12 @@ impl HttpSession {
 
     async fn finish(&self, ex: Exchange, durable: Option<oneshot::Sender<()>>) {
         if let Err(e) = self.store.put_exchange(&ex) {
+            self.health.failed(&e);
             warn!(session = self.session, workload = %self.workload, error = %e, "recording exchange failed");
             return;
         }
         // Completed exchanges must survive kill -9.
-        let _ = self.store.flush().await;
+        self.health.flush(&self.store).await;
         if let Some(tx) = durable {
             let _ = tx.send(());
         }
@@ -626,31 +723,31 @@ fn mask_decisions(
         .collect()
 }
 
-/// Copies one direction, counting bytes even when it ends in an error (a
-/// peer that drops TLS without close_notify still moved those bytes).
-async fn pump<R, W>(mut r: R, mut w: W) -> (u64, Option<std::io::Error>)
+/// Copies one direction, counting bytes in `n` as they go (also when it
+/// ends in an error: a peer that drops TLS without close_notify still
+/// moved those bytes; the count is the idle watchdog's activity too).
+async fn pump<R, W>(mut r: R, mut w: W, n: &AtomicU64) -> Option<std::io::Error>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut n = 0u64;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match r.read(&mut buf).await {
             Ok(0) => {
                 let _ = w.shutdown().await;
-                return (n, None);
+                return None;
             }
             Ok(k) => {
                 if let Err(e) = w.write_all(&buf[..k]).await {
-                    return (n, Some(e));
+                    return Some(e);
                 }
-                n += k as u64;
+                n.fetch_add(k as u64, Ordering::Relaxed);
             }
             Err(e) => {
                 let _ = w.shutdown().await;
-                return (n, Some(e));
+                return Some(e);
             }
         }
     }

@@ -291,9 +291,10 @@ impl Scanner {
 
     /// Where the hold-back of a stream ending with `data` must begin: the
     /// earliest start of a match that more bytes could complete or extend.
-    pub fn first_live(&self, data: &[u8]) -> usize {
+    /// Bytes before `skip` are context only (already sent).
+    pub fn first_live(&self, data: &[u8], skip: usize) -> usize {
         self.live
-            .first_live(data, data.len().saturating_sub(self.window))
+            .first_live(data, skip.max(data.len().saturating_sub(self.window)))
     }
 
     pub fn pattern(&self, i: usize) -> &PatternSpec {

@@ -78,7 +78,11 @@ pub struct StreamMasker {
 }
 
 enum Mode {
-    Raw { held: Vec<u8> },
+    /// `ctx`: `held[0]` is the last byte sent, kept as context.
+    Raw {
+        held: Vec<u8>,
+        ctx: bool,
+    },
     Units(Box<Units>),
 }
 
@@ -111,6 +115,8 @@ struct Origin {
 
 #[derive(Default)]
 struct Logical {
+    /// `text[0]` is the last settled byte, kept as context.
+    ctx: bool,
     text: Vec<u8>,
     origin: Vec<Origin>,
     kind: Option<SegmentKind>,
@@ -143,6 +149,7 @@ fn settle(
     applies: &Applies,
     masked: &mut BTreeMap<(usize, String), u64>,
     text: &[u8],
+    skip: usize,
     last: bool,
     precise: bool,
 ) -> Result<Settled, ScanError> {
@@ -150,11 +157,17 @@ fn settle(
     let mut cut = if last {
         text.len()
     } else if precise {
-        scanner.first_live(text)
+        scanner.first_live(text, skip)
     } else {
-        text.len().saturating_sub(scanner.window)
+        text.len().saturating_sub(scanner.window).max(skip)
     };
-    let hits: Vec<_> = hits.into_iter().filter(|h| applies(h.rule)).collect();
+    // The first `skip` bytes are context (the last byte already sent), so
+    // that `^` and `\b` at the start see what precedes it. A match starting
+    // there was settled (not live) when it was sent: it cannot be one now.
+    let hits: Vec<_> = hits
+        .into_iter()
+        .filter(|h| h.start >= skip && applies(h.rule))
+        .collect();
     if !last {
         // A match that reaches past the cut may still change: keep it whole.
         for h in &hits {
@@ -176,7 +189,10 @@ fn settle(
 impl StreamMasker {
     pub fn new(scanner: ScannerRef, framing: Framing, applies: Applies) -> Self {
         let mode = match framing {
-            Framing::Raw => Mode::Raw { held: Vec::new() },
+            Framing::Raw => Mode::Raw {
+                held: Vec::new(),
+                ctx: false,
+            },
             Framing::Sse => Mode::Units(Box::new(Units::new(Framer::Sse(SseFramer::default())))),
             Framing::Ndjson => Mode::Units(Box::new(Units::new(Framer::Lines(Vec::new())))),
             Framing::WebSocket => Mode::Units(Box::new(Units::new(Framer::Ws(Vec::new())))),
@@ -227,7 +243,10 @@ impl StreamMasker {
                     // Too big to hold whole: scan it raw from here on.
                     spilled = std::mem::take(buf);
                     spilled.extend_from_slice(chunk);
-                    self.mode = Mode::Raw { held: Vec::new() };
+                    self.mode = Mode::Raw {
+                        held: Vec::new(),
+                        ctx: false,
+                    };
                 }
             }
         }
@@ -235,14 +254,16 @@ impl StreamMasker {
             chunk = &spilled;
         }
         let res = match &mut self.mode {
-            Mode::Raw { held } => {
+            Mode::Raw { held, ctx } => {
                 held.extend_from_slice(chunk);
                 let precise = chunk.len() <= PRECISE_CHUNK;
+                let skip = usize::from(*ctx);
                 settle(
                     scanner,
                     &self.applies,
                     &mut self.masked,
                     held,
+                    skip,
                     last,
                     precise,
                 )
@@ -250,7 +271,13 @@ impl StreamMasker {
                     for (a, b) in s.masks {
                         held[a..b].fill(MASK);
                     }
-                    held.drain(..s.cut).collect()
+                    if s.cut <= skip {
+                        return Vec::new();
+                    }
+                    let out = held[skip..s.cut].to_vec();
+                    held.drain(..s.cut - 1);
+                    *ctx = true;
+                    out
                 })
             }
             Mode::Units(u) => u.step(scanner, &self.applies, &mut self.masked, chunk, last),
@@ -292,13 +319,13 @@ impl Units {
                 f.push(chunk);
                 while let Some(ev) = f.next_event() {
                     let segs = sse::segments(&ev);
-                    new_units.push((ev, None, segs));
+                    new_units.push((ev, None, segs, false));
                 }
                 if last {
                     let rest = f.take_rest();
                     if !rest.is_empty() {
                         let segs = sse::segments(&rest);
-                        new_units.push((rest, None, segs));
+                        new_units.push((rest, None, segs, false));
                     }
                 } else if f.buffered() > MAX_UNIT {
                     return Err(ScanError::TooLarge {
@@ -334,7 +361,11 @@ impl Units {
                                 .collect(),
                         }]
                     };
-                    new_units.push((frame, None, segs));
+                    // A whole message is a whole text: nothing after the
+                    // final frame can extend it, so the message goes out
+                    // now (the peer may wait for it before sending more).
+                    let ends = h.fin && !h.is_control();
+                    new_units.push((frame, None, segs, ends));
                 }
                 if last && !buf.is_empty() {
                     return Err(ScanError::Framing(
@@ -360,7 +391,7 @@ impl Units {
                             .collect(),
                         Err(_) => line_segments(&doc),
                     };
-                    new_units.push((doc, None, segs));
+                    new_units.push((doc, None, segs, false));
                 }
             }
             Framer::Lines(buf) => {
@@ -368,12 +399,12 @@ impl Units {
                 while let Some(i) = buf.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=i).collect();
                     let segs = line_segments(&line);
-                    new_units.push((line, None, segs));
+                    new_units.push((line, None, segs, false));
                 }
                 if last && !buf.is_empty() {
                     let line = std::mem::take(buf);
                     let segs = line_segments(&line);
-                    new_units.push((line, None, segs));
+                    new_units.push((line, None, segs, false));
                 } else if buf.len() > MAX_UNIT {
                     return Err(ScanError::TooLarge {
                         what: "JSON line",
@@ -395,15 +426,21 @@ impl Units {
                     };
                     let segs =
                         envelope::segments(&body, *payload, flags & envelope::END_STREAM != 0);
-                    new_units.push((body, Some(flags), segs));
+                    new_units.push((body, Some(flags), segs, false));
                 }
                 if last {
                     framer.finish()?;
                 }
             }
         }
-        for (body, envelope, segs) in new_units {
+        for (body, envelope, segs, ends_text) in new_units {
             self.take_unit(&mut ctx, body, envelope, segs)?;
+            if ends_text {
+                let keys: Vec<String> = self.streams.keys().cloned().collect();
+                for k in keys {
+                    self.settle_stream(&mut ctx, &k, true)?;
+                }
+            }
         }
         if last {
             let keys: Vec<String> = self.streams.keys().cloned().collect();
@@ -467,6 +504,7 @@ impl Units {
                     ctx.applies,
                     ctx.masked,
                     &seg.decoded,
+                    0,
                     true,
                     true,
                 )?;
@@ -502,10 +540,19 @@ impl Units {
         let Some(st) = self.streams.get_mut(key) else {
             return Ok(());
         };
-        if st.text.is_empty() {
+        let skip = usize::from(st.ctx);
+        if st.text.len() <= skip {
             return Ok(());
         }
-        let s = settle(ctx.scanner, ctx.applies, ctx.masked, &st.text, last, true)?;
+        let s = settle(
+            ctx.scanner,
+            ctx.applies,
+            ctx.masked,
+            &st.text,
+            skip,
+            last,
+            true,
+        )?;
         for (a, b) in s.masks {
             for o in &st.origin[a..b] {
                 if o.span.len > 0 {
@@ -515,13 +562,17 @@ impl Units {
                 }
             }
         }
-        for o in &st.origin[..s.cut] {
+        if s.cut <= skip {
+            return Ok(());
+        }
+        for o in &st.origin[skip..s.cut] {
             if let Some(u) = unit_mut(&mut self.queue, self.first, o.unit) {
                 u.pending = u.pending.saturating_sub(1);
             }
         }
-        st.text.drain(..s.cut);
-        st.origin.drain(..s.cut);
+        st.text.drain(..s.cut - 1);
+        st.origin.drain(..s.cut - 1);
+        st.ctx = true;
         Ok(())
     }
 

@@ -28,10 +28,19 @@ pub enum HelloError {
     Io(#[from] io::Error),
 }
 
+/// TLS extension number of Encrypted Client Hello (draft-ietf-tls-esni).
+const EXT_ECH: u16 = 0xfe0d;
+
 #[derive(Clone, Debug, Default)]
 pub struct ClientHello {
+    /// The server_name as the client sent it (not normalised: see
+    /// `crate::names::DnsName`). Invalid UTF-8 is replaced, so it can
+    /// never match a target name.
     pub sni: Option<String>,
     pub alpn: Vec<Vec<u8>>,
+    /// An `encrypted_client_hello` (or legacy ESNI) extension is present:
+    /// the SNI above is only the outer, public name.
+    pub ech: bool,
 }
 
 /// Reads until one complete ClientHello record is buffered.
@@ -83,15 +92,24 @@ fn parse(buf: &[u8]) -> Result<Option<ClientHello>, HelloError> {
     if let Some(ext) = ch.ext {
         let (_, exts) = parse_tls_extensions(ext)
             .map_err(|e| HelloError::NotTls(format!("malformed extensions: {e:?}")))?;
+        let mut seen_sni = false;
         for e in exts {
             match e {
                 TlsExtension::SNI(names) => {
-                    if let Some((_, name)) = names.into_iter().find(|(t, _)| t.0 == 0) {
-                        hello.sni = std::str::from_utf8(name)
-                            .ok()
-                            .map(|s| s.to_ascii_lowercase());
+                    // Two server_name extensions, or two host names in
+                    // one: servers disagree on which counts, so refuse.
+                    let mut hosts = names.into_iter().filter(|(t, _)| t.0 == 0);
+                    let first = hosts.next();
+                    if seen_sni || hosts.next().is_some() {
+                        return Err(HelloError::NotTls(
+                            "more than one server name in the ClientHello".into(),
+                        ));
                     }
+                    seen_sni = true;
+                    hello.sni = first.map(|(_, name)| String::from_utf8_lossy(name).into_owned());
                 }
+                TlsExtension::EncryptedServerName { .. } => hello.ech = true,
+                TlsExtension::Unknown(t, _) if t.0 == EXT_ECH => hello.ech = true,
                 TlsExtension::ALPN(protos) => {
                     hello.alpn = protos.into_iter().map(<[u8]>::to_vec).collect();
                 }
@@ -182,8 +200,68 @@ mod tests {
         });
         let (h, buf) = read_client_hello(&mut a).await.unwrap();
         assert_eq!(h.sni.as_deref(), Some("api.example.test"));
+        assert!(!h.ech);
         assert_eq!(h.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
         assert_eq!(buf, bytes, "nothing consumed is lost");
+    }
+
+    /// Appends one extension to a ClientHello record (extensions come
+    /// last), fixing the three enclosing lengths.
+    fn with_extension(mut rec: Vec<u8>, ty: u16, data: &[u8]) -> Vec<u8> {
+        let mut ext = ty.to_be_bytes().to_vec();
+        ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        ext.extend_from_slice(data);
+        let n = ext.len();
+        let bump16 = |b: &mut [u8], at: usize| {
+            let v = u16::from_be_bytes([b[at], b[at + 1]]) as usize + n;
+            b[at..at + 2].copy_from_slice(&(v as u16).to_be_bytes());
+        };
+        bump16(&mut rec, 3);
+        let hs = u32::from_be_bytes([0, rec[6], rec[7], rec[8]]) as usize + n;
+        rec[6..9].copy_from_slice(&(hs as u32).to_be_bytes()[1..]);
+        // Walk to the extensions length: version, random, session id,
+        // cipher suites, compression methods.
+        let mut at = 9 + 2 + 32;
+        at += 1 + rec[at] as usize;
+        at += 2 + u16::from_be_bytes([rec[at], rec[at + 1]]) as usize;
+        at += 1 + rec[at] as usize;
+        bump16(&mut rec, at);
+        rec.extend_from_slice(&ext);
+        rec
+    }
+
+    #[tokio::test]
+    async fn ech_no_sni_and_duplicate_names_are_seen() {
+        let plain = hello_bytes("api.example.test");
+        let (h, _) = read_client_hello(&mut plain.as_slice()).await.unwrap();
+        assert!(!h.ech);
+
+        let ech = with_extension(plain.clone(), EXT_ECH, &[0, 1, 2, 3]);
+        let (h, buf) = read_client_hello(&mut ech.as_slice()).await.unwrap();
+        assert!(h.ech, "encrypted_client_hello seen");
+        assert_eq!(buf, ech);
+
+        // rustls sends no SNI for an IP address.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("10.1.2.3").unwrap();
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        let (h, _) = read_client_hello(&mut out.as_slice()).await.unwrap();
+        assert_eq!(h.sni, None);
+
+        // A second server_name extension: refused.
+        let name = b"other.example.test";
+        let mut sni = ((name.len() + 3) as u16).to_be_bytes().to_vec();
+        sni.push(0);
+        sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        sni.extend_from_slice(name);
+        let dup = with_extension(plain, 0, &sni);
+        let e = read_client_hello(&mut dup.as_slice()).await.unwrap_err();
+        assert!(e.to_string().contains("more than one server name"), "{e}");
     }
 
     #[tokio::test]
