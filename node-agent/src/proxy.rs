@@ -240,7 +240,6 @@ impl Proxy {
         r.bytes_down = bytes.down.load(Ordering::Relaxed);
         debug!(up = r.bytes_up, down = r.bytes_down, outcome = ?r.outcome, "closed");
         self.record(&r, "connection.close");
-        let _ = self.store.flush().await;
     }
 
     async fn tls_path(
@@ -382,7 +381,6 @@ impl Proxy {
         r.outcome = Outcome::UpstreamFailed { error };
         r.ended_at_ms = Some(now_ms());
         self.record(&r, "connection.close");
-        let _ = self.store.flush().await;
         refuse(client);
     }
 }
