@@ -162,8 +162,11 @@ pub fn jsonl(
 
 /// The evidence an export (jsonl or HAR) carries.
 pub fn evidence_of(text: &str) -> Option<Evidence> {
-    if let Ok(har) = serde_json::from_str::<Value>(text) {
-        return serde_json::from_value(har.get("log")?.get("_evidence")?.clone()).ok();
+    if let Some(ev) = serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|har| har.get("log")?.get("_evidence").cloned())
+    {
+        return serde_json::from_value(ev).ok();
     }
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
@@ -55,13 +56,13 @@ fn start_client(env: &Env, i: usize, prefix: &str) -> (Child, std::path::PathBuf
         let mut text = String::new();
         for n in 0..20_000 {
             text.push_str(&format!(
-                "url = \"https://api.fake.test/json?tag={prefix}-{n}\"\n"
+                "url = \"https://api.fake.test/json?tag={prefix}-{n}\"\noutput = \"/dev/null\"\n"
             ));
         }
         write_file(&conf, &text);
         let resolve = format!("api.fake.test:443:{}", env.remote.remote);
         let script = format!(
-            "curl -sS --max-time 120 --resolve {resolve} -o /dev/null -w '%{{exitcode}} %{{http_code}} %{{url}}\\n' -K {} | while read -r code status url; do if [ \"$code\" = 0 ] && [ \"$status\" = 200 ]; then echo \"${{url##*tag=}}\" >> {}; else exit 0; fi; done",
+            "stdbuf -oL curl -sS --max-time 120 --resolve {resolve} -w '%{{exitcode}} %{{http_code}} %{{url}}\\n' -K {} | while read -r code status url; do if [ \"$code\" = 0 ] && [ \"$status\" = 200 ]; then echo \"${{url##*tag=}}\" >> {}; else exit 0; fi; done",
             conf.display(),
             progress.display()
         );
@@ -116,9 +117,22 @@ fn kill_9_under_parallel_load_loses_no_exchange_and_verifies_intact() {
             clients.push(start_client(&env, i, &format!("c{cycle}k{i}")));
         }
         // Everyone is in the middle of its keep-alive loop.
-        wait_for("every client past 25 exchanges", || {
-            clients.iter().all(|(_, p)| progress_lines(p).len() >= 25)
-        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let counts: Vec<usize> = clients
+                .iter()
+                .map(|(_, p)| progress_lines(p).len())
+                .collect();
+            if counts.iter().all(|n| *n >= 25) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "clients stuck at {counts:?} exchanges\nnode log:\n{}",
+                env.node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         env.node.kill9();
         for (c, _) in &mut clients {
             let _ = c.wait();
