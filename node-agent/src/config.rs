@@ -142,14 +142,50 @@ pub struct RecordSettings {
     /// rest is counted and marked truncated.
     #[serde(default = "default_body_cap")]
     pub body_cap_bytes: usize,
+    /// Group commit: records are fsynced at least this often (host power
+    /// loss loses at most about this much). Against a node crash every
+    /// record is safe as soon as it is written (before forwarding).
+    #[serde(default = "default_fsync_interval_ms")]
+    pub fsync_interval_ms: u64,
+    /// A signed checkpoint of the chain head every this many events...
+    #[serde(default = "default_checkpoint_every_events")]
+    pub checkpoint_every_events: u64,
+    /// ...or this many seconds, whichever comes first.
+    #[serde(default = "default_checkpoint_interval_secs")]
+    pub checkpoint_interval_secs: u64,
 }
 
 impl Default for RecordSettings {
     fn default() -> Self {
         Self {
             body_cap_bytes: default_body_cap(),
+            fsync_interval_ms: default_fsync_interval_ms(),
+            checkpoint_every_events: default_checkpoint_every_events(),
+            checkpoint_interval_secs: default_checkpoint_interval_secs(),
         }
     }
+}
+
+impl RecordSettings {
+    pub fn durability(&self) -> crate::record::Durability {
+        crate::record::Durability {
+            fsync_interval: std::time::Duration::from_millis(self.fsync_interval_ms),
+            checkpoint_every_events: self.checkpoint_every_events,
+            checkpoint_interval: std::time::Duration::from_secs(self.checkpoint_interval_secs),
+        }
+    }
+}
+
+fn default_fsync_interval_ms() -> u64 {
+    200
+}
+
+fn default_checkpoint_every_events() -> u64 {
+    1000
+}
+
+fn default_checkpoint_interval_secs() -> u64 {
+    10
 }
 
 fn default_body_cap() -> usize {
@@ -513,6 +549,18 @@ impl Config {
                     "an executable path must be absolute (or give a bare name)".into(),
                 ));
             }
+        }
+        if !(1..=60_000).contains(&self.records.fsync_interval_ms) {
+            return Err(bad(
+                "records.fsync_interval_ms".into(),
+                "between 1 and 60000".into(),
+            ));
+        }
+        if self.records.checkpoint_every_events == 0 || self.records.checkpoint_interval_secs == 0 {
+            return Err(bad(
+                "records.checkpoint_every_events".into(),
+                "checkpoint_every_events and checkpoint_interval_secs must be at least 1".into(),
+            ));
         }
         for (i, w) in self.workloads.iter().enumerate() {
             if let Err(e) = glob::Pattern::new(&w.cgroup) {

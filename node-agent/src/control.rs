@@ -76,6 +76,11 @@ pub enum Request {
     Audit {
         kind: String,
     },
+    /// The signed checkpoint covering a session and the chain links to
+    /// it, for exports.
+    SessionEvidence {
+        id: u64,
+    },
 }
 
 impl Request {
@@ -93,6 +98,7 @@ impl Request {
             Request::IdentityResume { .. } => "identity_resume",
             Request::IdentitiesList => "identities_list",
             Request::Audit { .. } => "audit",
+            Request::SessionEvidence { .. } => "session_evidence",
         }
     }
 }
@@ -135,6 +141,9 @@ pub enum Response {
     },
     Broken {
         first_break: String,
+    },
+    Evidence {
+        evidence: Box<crate::record::Evidence>,
     },
     Error {
         message: String,
@@ -571,6 +580,17 @@ impl ControlServer {
                 Response::Identities {
                     suspended: p.suspensions.list(),
                     recent: recent.into_values().collect(),
+                }
+            }
+            Request::SessionEvidence { id } => {
+                // A checkpoint that covers the session's latest events.
+                match p.store.seal_blocking().and_then(|_| p.store.evidence(id)) {
+                    Ok(evidence) => Response::Evidence {
+                        evidence: Box::new(evidence),
+                    },
+                    Err(e) => Response::Error {
+                        message: e.to_string(),
+                    },
                 }
             }
             Request::Verify { session } => match p.store.verify(session) {

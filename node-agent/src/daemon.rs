@@ -44,7 +44,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     // Records first: nothing is intercepted unless it can be recorded.
     let store = Arc::new(
-        RecordStore::open(&state_dir)
+        RecordStore::open_with(&state_dir, cfg.records.durability())
             .with_context(|| format!("opening records in {}", state_dir.display()))?,
     );
 
@@ -187,7 +187,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         let n = redirect::detach(&node_dir, &redirector.cgroups())?;
         info!(links = n, "kernel programs detached");
     }
-    store.flush().await?;
+    // A last signed checkpoint covers everything recorded, on disk.
+    store.seal().await?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

@@ -4,9 +4,9 @@ use std::{fmt::Write, time::UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::record::{BodyRecord, ConnectionRecord, Exchange, Header};
+use crate::record::{BodyRecord, ConnectionRecord, Evidence, Exchange, Header};
 
-fn rfc3339(ms: u64) -> String {
+pub(crate) fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
 }
 
@@ -137,8 +137,14 @@ pub fn replay(s: &ConnectionRecord, exchanges: &[Exchange]) -> String {
     out
 }
 
-/// One JSON object per line: the session, then each exchange.
-pub fn jsonl(s: &ConnectionRecord, exchanges: &[Exchange]) -> Result<String, serde_json::Error> {
+/// One JSON object per line: the session, each exchange, then the
+/// evidence (node key, signed checkpoint, chain links from the session's
+/// first event to it; `sluice verify --export` checks it offline).
+pub fn jsonl(
+    s: &ConnectionRecord,
+    exchanges: &[Exchange],
+    evidence: &Evidence,
+) -> Result<String, serde_json::Error> {
     let mut out = serde_json::to_string(&json!({ "type": "session", "session": s }))?;
     out.push('\n');
     for ex in exchanges {
@@ -147,7 +153,25 @@ pub fn jsonl(s: &ConnectionRecord, exchanges: &[Exchange]) -> Result<String, ser
         )?);
         out.push('\n');
     }
+    out.push_str(&serde_json::to_string(
+        &json!({ "type": "evidence", "evidence": evidence }),
+    )?);
+    out.push('\n');
     Ok(out)
+}
+
+/// The evidence an export (jsonl or HAR) carries.
+pub fn evidence_of(text: &str) -> Option<Evidence> {
+    if let Some(ev) = serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|har| har.get("log")?.get("_evidence").cloned())
+    {
+        return serde_json::from_value(ev).ok();
+    }
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "evidence")
+        .and_then(|v| serde_json::from_value(v["evidence"].clone()).ok())
 }
 
 fn har_headers(h: &[Header]) -> Value {
@@ -172,8 +196,8 @@ fn har_version(v: &str) -> &'static str {
     }
 }
 
-/// HAR 1.2.
-pub fn har(s: &ConnectionRecord, exchanges: &[Exchange]) -> Value {
+/// HAR 1.2, the evidence in `log._evidence` (custom fields start with `_`).
+pub fn har(s: &ConnectionRecord, exchanges: &[Exchange], evidence: &Evidence) -> Value {
     let entries: Vec<Value> = exchanges
         .iter()
         .map(|ex| {
@@ -265,6 +289,7 @@ pub fn har(s: &ConnectionRecord, exchanges: &[Exchange]) -> Value {
             "comment": format!("session {} — {}", s.id, who(s)),
             "pages": [],
             "entries": entries,
+            "_evidence": evidence,
         }
     })
 }

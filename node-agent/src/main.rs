@@ -64,10 +64,15 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Check the record store's hash chain (whole store or one session).
+    /// Check the record store's hash chain and its signed checkpoints
+    /// (whole store or one session), or, with --export, check an exported
+    /// session offline against the checkpoint it carries.
     Verify {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "export")]
         session: Option<u64>,
+        /// A file from `sessions export` (jsonl or har); no node needed.
+        #[arg(long)]
+        export: Option<PathBuf>,
     },
     /// The node's internal CA.
     Ca {
@@ -401,11 +406,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             cmd: SessionsCmd::Export { id, format },
         } => {
             let (session, exchanges) = fetch_session(&sock(), id).await?;
+            let evidence = match control::call(&sock(), &Request::SessionEvidence { id }).await? {
+                Response::Evidence { evidence } => evidence,
+                _ => bail!("unexpected reply to session evidence"),
+            };
             match format {
-                ExportFormat::Jsonl => print!("{}", export::jsonl(&session, &exchanges)?),
+                ExportFormat::Jsonl => {
+                    print!("{}", export::jsonl(&session, &exchanges, &evidence)?)
+                }
                 ExportFormat::Har => println!(
                     "{}",
-                    serde_json::to_string_pretty(&export::har(&session, &exchanges))?
+                    serde_json::to_string_pretty(&export::har(&session, &exchanges, &evidence))?
                 ),
             }
         }
@@ -571,7 +582,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        Cmd::Verify { session } => {
+        Cmd::Verify {
+            export: Some(file), ..
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let evidence = export::evidence_of(&text).with_context(|| {
+                format!("{}: no evidence (export from this version)", file.display())
+            })?;
+            match evidence.verify() {
+                Ok(own) => {
+                    let cp = evidence.checkpoint.as_ref().map(|c| (c.n, c.seq));
+                    println!(
+                        "ok: {own} event(s) of the session lead to signed checkpoint #{} (event {}), node key {} ({})",
+                        cp.map(|c| c.0).unwrap_or_default(),
+                        cp.map(|c| c.1).unwrap_or_default(),
+                        evidence.node_key.kid,
+                        evidence.node_key.ed25519
+                    )
+                }
+                Err(e) => {
+                    println!("BROKEN: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+        Cmd::Verify { session, .. } => {
             match control::call(&sock(), &Request::Verify { session }).await? {
                 Response::Verified { events } => println!("ok: {events} events, chain intact"),
                 Response::Broken { first_break } => {

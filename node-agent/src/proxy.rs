@@ -411,7 +411,6 @@ impl Proxy {
         r.bytes_down = bytes.down.load(Ordering::Relaxed);
         debug!(up = r.bytes_up, down = r.bytes_down, outcome = ?r.outcome, "closed");
         self.record(&r, "connection.close");
-        self.health.flush(&self.store).await;
     }
 
     fn idle(&self) -> Duration {
@@ -575,7 +574,6 @@ impl Proxy {
         r.outcome = Outcome::UpstreamFailed { error };
         r.ended_at_ms = Some(now_ms());
         self.record(&r, "connection.close");
-        self.health.flush(&self.store).await;
         refuse(client);
     }
 }

@@ -173,7 +173,10 @@ fn https_through_sluice_with_system_trust_h1_h2_and_python() {
         .collect();
     assert_eq!(lines[0]["type"], "session");
     assert_eq!(lines[1]["type"], "exchange");
-    assert_eq!(lines.len(), 2);
+    // Last: the node key and the signed checkpoint covering the session.
+    assert_eq!(lines[2]["type"], "evidence");
+    assert!(lines[2]["evidence"]["checkpoint"]["sig"].is_string());
+    assert_eq!(lines.len(), 3);
 
     let v = env.node.cli(&["verify"]);
     assert!(v.status.success(), "{}", stdout(&v));

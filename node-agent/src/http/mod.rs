@@ -32,7 +32,7 @@ use crate::{
     approvals::Approvals,
     identity::WorkloadIdentity,
     policy::{Decision, PolicyEngine},
-    record::{now_ms, BodyRecord, Exchange, Header, Injection, RecordStore},
+    record::{now_ms, BodyRecord, Exchange, ExchangeState, Header, Injection, RecordStore},
     scan::StreamMasker,
     suspend::Suspensions,
 };
@@ -316,6 +316,22 @@ impl HttpSession {
                 HeaderValue::from_static("identity"),
             );
         }
+        // Recorded (in the kernel) before a byte goes upstream; what cannot
+        // be recorded is not forwarded.
+        if let Err(e) = self.store.start_exchange(&ex) {
+            warn!(session = self.session, error = %e, "cannot record the exchange; refusing");
+            ex.error = Some(format!("not recorded: {e}"));
+            let body = serde_json::json!({ "error": "the node cannot record this request; not forwarded" });
+            return self
+                .refuse(
+                    ex,
+                    started,
+                    durable_tx,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    body,
+                )
+                .await;
+        }
         let (req_tap, req_rx) = Tap::new(up_body, self.body_cap);
         let up_req = Request::from_parts(parts, req_tap);
         let result = match up {
@@ -437,6 +453,7 @@ impl HttpSession {
         Exchange {
             session: self.session,
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            state: ExchangeState::Started,
             workload: self.workload.clone(),
             started_at_ms: now_ms(),
             method: req.method().to_string(),
@@ -687,14 +704,15 @@ impl HttpSession {
         resp
     }
 
-    async fn finish(&self, ex: Exchange, durable: Option<oneshot::Sender<()>>) {
+    async fn finish(&self, mut ex: Exchange, durable: Option<oneshot::Sender<()>>) {
+        ex.state = ExchangeState::Complete;
+        // In the kernel when this returns (survives kill -9); on disk
+        // within `records.fsync_interval_ms` (group commit).
         if let Err(e) = self.store.put_exchange(&ex) {
             self.health.failed(&e);
             warn!(session = self.session, workload = %self.workload, error = %e, "recording exchange failed");
             return;
         }
-        // Completed exchanges must survive kill -9.
-        self.health.flush(&self.store).await;
         if let Some(tx) = durable {
             let _ = tx.send(());
         }

@@ -115,10 +115,16 @@ mod tests {
         assert!(h.get(CONTENT_ENCODING).is_none() && h.get(CONTENT_LENGTH).is_none());
 
         let mut h = HeaderMap::new();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
         h.insert(CONTENT_LENGTH, HeaderValue::from_static("99"));
         let (f, d) = prepare(&mut h).unwrap();
         assert_eq!(f, Framing::Raw);
-        assert!(d.is_none() && h.get(CONTENT_LENGTH).is_some(), "raw keeps its length");
+        assert!(
+            d.is_none() && h.get(CONTENT_LENGTH).is_some(),
+            "raw keeps its length"
+        );
     }
 }
