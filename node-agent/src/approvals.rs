@@ -40,6 +40,12 @@ pub enum Outcome {
     TimedOut,
 }
 
+/// Requests held at once, in all and per identity: beyond, a new request
+/// is denied at once (a job must not grow the queue, or bury requests an
+/// operator should see, by firing held requests in a loop).
+pub const MAX_PENDING: usize = 1024;
+pub const MAX_PENDING_PER_IDENTITY: usize = 32;
+
 #[derive(Default)]
 pub struct Approvals {
     next: AtomicU64,
@@ -54,10 +60,23 @@ impl Approvals {
         p.created_ms = now_ms();
         p.expires_ms = p.created_ms + timeout.as_millis() as u64;
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, (p, tx));
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = pending
+                .values()
+                .filter(|(q, _)| q.workload == p.workload)
+                .count();
+            if pending.len() >= MAX_PENDING || mine >= MAX_PENDING_PER_IDENTITY {
+                return Outcome::Denied {
+                    by_uid: None,
+                    reason: format!(
+                        "approval queue full ({mine} held for this identity, {} in all; limits {MAX_PENDING_PER_IDENTITY} / {MAX_PENDING})",
+                        pending.len()
+                    ),
+                };
+            }
+            pending.insert(id, (p, tx));
+        }
         let out = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => Outcome::Denied {
@@ -116,5 +135,69 @@ impl Approvals {
             );
         }
         ids.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn pending(workload: &str) -> Pending {
+        Pending {
+            id: 0,
+            session: 1,
+            workload: workload.into(),
+            rule: "r".into(),
+            message: String::new(),
+            method: "POST".into(),
+            authority: "a".into(),
+            path: "/".into(),
+            preview: String::new(),
+            created_ms: 0,
+            expires_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_per_identity() {
+        let a = Arc::new(Approvals::default());
+        let mut held = Vec::new();
+        for _ in 0..MAX_PENDING_PER_IDENTITY {
+            let a = a.clone();
+            held.push(tokio::spawn(async move {
+                a.request(pending("wl-flood"), Duration::from_secs(30))
+                    .await
+            }));
+        }
+        while a.list().len() < MAX_PENDING_PER_IDENTITY {
+            tokio::task::yield_now().await;
+        }
+        let over = a
+            .request(pending("wl-flood"), Duration::from_secs(30))
+            .await;
+        assert!(
+            matches!(&over, Outcome::Denied { reason, .. } if reason.contains("queue full")),
+            "{over:?}"
+        );
+        // Another identity still gets a place in the queue.
+        let b = a.clone();
+        let other = tokio::spawn(async move {
+            b.request(pending("wl-other"), Duration::from_secs(30))
+                .await
+        });
+        while a.list().len() < MAX_PENDING_PER_IDENTITY + 1 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            a.deny_workload("wl-flood", "test"),
+            MAX_PENDING_PER_IDENTITY
+        );
+        let id = a.list()[0].id;
+        a.decide(id, Outcome::Approved { by_uid: 0 });
+        assert_eq!(other.await.unwrap(), Outcome::Approved { by_uid: 0 });
+        for h in held {
+            assert!(matches!(h.await.unwrap(), Outcome::Denied { .. }));
+        }
     }
 }
