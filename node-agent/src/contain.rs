@@ -247,25 +247,31 @@ impl<'a> Btf<'a> {
 /// The fallback where the BPF LSM is missing: every 250 ms, the processes
 /// under the watched cgroups are listed; one that was there and is now
 /// alive elsewhere left its cgroup (it could reach targets unredirected).
-/// It is killed (fail closed), logged and counted.
+/// It is killed (fail closed), logged, counted and audited
+/// (`containment.escape`). It runs on a thread of its own: /proc walks
+/// are blocking work.
 pub struct EscapeDetector {
     redirector: std::sync::Arc<crate::redirect::Redirector>,
+    store: std::sync::Arc<crate::record::RecordStore>,
     /// pid → (start time in clock ticks, watched cgroup it was under).
     known: HashMap<u32, (u64, PathBuf)>,
 }
 
 impl EscapeDetector {
-    pub fn new(redirector: std::sync::Arc<crate::redirect::Redirector>) -> Self {
+    pub fn new(
+        redirector: std::sync::Arc<crate::redirect::Redirector>,
+        store: std::sync::Arc<crate::record::RecordStore>,
+    ) -> Self {
         Self {
             redirector,
+            store,
             known: HashMap::new(),
         }
     }
 
-    pub async fn run(mut self) {
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    pub fn run(mut self) {
         loop {
-            tick.tick().await;
+            std::thread::sleep(std::time::Duration::from_millis(250));
             self.check();
         }
     }
@@ -288,7 +294,7 @@ impl EscapeDetector {
             let mut victims = vec![*pid];
             victims.extend(descendants(*pid));
             tracing::error!(pid, from = %cg.display(), to = %to.trim(), killed = ?victims, "a process LEFT its watched cgroup (no BPF LSM to refuse it): killed with its descendants");
-            for v in victims {
+            for &v in &victims {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(v as i32),
                     nix::sys::signal::Signal::SIGKILL,
@@ -297,6 +303,15 @@ impl EscapeDetector {
             self.redirector
                 .escapes_detected
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let body = serde_json::json!({
+                "pid": pid,
+                "from": cg.display().to_string(),
+                "to": to.trim(),
+                "killed": victims,
+            });
+            if let Err(e) = self.store.audit("containment.escape", &body) {
+                tracing::error!(error = %e, "recording the escape failed");
+            }
         }
         self.known = now;
     }

@@ -92,7 +92,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     if let Containment::Degraded(why) = &redirector.containment {
         warn!(reason = %why, "CONTAINMENT DEGRADED: leaving a watched cgroup is detected (the process is killed), not prevented");
-        tokio::spawn(EscapeDetector::new(redirector.clone()).run());
+        let detector = EscapeDetector::new(redirector.clone(), store.clone());
+        std::thread::Builder::new()
+            .name("escape-detector".into())
+            .spawn(move || detector.run())
+            .context("starting the escape detector")?;
     }
     let tls = tls_context(&cfg, &state_dir)?;
     let policy = Arc::new(PolicyEngine::load(

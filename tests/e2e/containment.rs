@@ -168,6 +168,13 @@ fn a_job_leaving_its_watched_cgroup_is_refused_or_killed() {
         let s = env.node.status();
         assert_eq!(s["escapes_detected"], 1, "{s:#}");
         assert!(env.node.log_text().contains("LEFT its watched cgroup"));
+        // ... and the escape is in the audit trail, with where it went.
+        let audit = env.node.cli(&["audit", "--kind", "containment"]);
+        let audit = String::from_utf8_lossy(&audit.stdout).to_string();
+        assert!(
+            audit.contains("containment.escape") && audit.contains("0::/"),
+            "{audit}"
+        );
     }
     // A process outside the watched cgroups moves freely.
     let scratch = root.join(format!("{}-free", env.cgroup.rel));
