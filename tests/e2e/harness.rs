@@ -844,10 +844,16 @@ pub fn exchanges(env: &Env) -> Vec<Value> {
     out
 }
 
+/// The first exchange matching `pred` whose record is final (exchanges are
+/// recorded when started, before forwarding, and completed when the
+/// response ends: a test must not read one half-way).
 pub fn wait_exchange(env: &Env, pred: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(e) = exchanges(env).into_iter().find(|e| pred(e)) {
+        if let Some(e) = exchanges(env)
+            .into_iter()
+            .find(|e| e["state"] != "started" && pred(e))
+        {
             return e;
         }
         assert!(

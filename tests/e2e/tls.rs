@@ -252,7 +252,12 @@ fn sse_events_arrive_as_sent_and_large_bodies_stream_with_capped_records() {
         dl["bytes_down"].as_u64().unwrap() > 52_428_800,
         "TLS bytes counted"
     );
-    let ex = &show(&env, &dl["id"])["exchanges"][0];
+    // The exchange is recorded when started and completed when its
+    // response has ended: wait for the completion (written just after the
+    // client read the last byte).
+    let ex = &wait_exchange(&env, |e| {
+        e["session"] == dl["id"] && e["state"] == "complete"
+    });
     assert_eq!(ex["response_body"]["size"], 52_428_800u64);
     assert_eq!(ex["response_body"]["truncated"], true);
     assert_eq!(ex["response_body"]["complete"], true);
