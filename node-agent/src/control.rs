@@ -229,6 +229,9 @@ pub struct Status {
     pub kernel_cgroup_escapes_refused: u64,
     #[serde(default)]
     pub kernel_bpf_refused: u64,
+    /// Watched tasks killed for creating a packet socket (kprobe).
+    #[serde(default)]
+    pub kernel_packet_sockets_killed: u64,
     /// Processes seen leaving a watched cgroup (degraded mode) and killed.
     #[serde(default)]
     pub escapes_detected: u64,
@@ -448,6 +451,7 @@ impl ControlServer {
                     kernel_packet_sockets_refused: k.get(6).copied().unwrap_or_default(),
                     kernel_cgroup_escapes_refused: k.get(7).copied().unwrap_or_default(),
                     kernel_bpf_refused: k.get(8).copied().unwrap_or_default(),
+                    kernel_packet_sockets_killed: k.get(9).copied().unwrap_or_default(),
                     escapes_detected: p.redirector.escapes_detected.load(Ordering::Relaxed),
                 })
             }

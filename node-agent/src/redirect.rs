@@ -15,7 +15,7 @@ use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, SockOps,
     },
     Btf, Ebpf, EbpfLoader,
 };
@@ -203,6 +203,7 @@ pub struct Redirector {
     /// instead of unwatched. `detach` removes them.
     links: Mutex<BTreeMap<PathBuf, Vec<PinnedLink>>>,
     _lsm_links: Vec<PinnedLink>,
+    _packet_links: Vec<PinnedLink>,
     watched: Mutex<HashMap<MapData, u64, u32>>,
     pub containment: Containment,
     /// Processes seen leaving a watched cgroup (fallback detection).
@@ -258,6 +259,24 @@ fn retire_and_rename(fresh: Vec<(PinnedLink, PathBuf)>) -> Result<Vec<PinnedLink
         links.push(pinned);
     }
     Ok(links)
+}
+
+/// The raw tracepoint that kills a watched task creating a packet or XDP
+/// socket (the fallback that needs no BPF LSM), pinned in `dir`.
+const PACKET_GUARD: &str = "sluice_sys_enter";
+
+fn attach_packet_guard(ebpf: &mut Ebpf, dir: &Path) -> Result<Vec<PinnedLink>, RedirectError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| RedirectError::Pin(format!("{}: {e}", dir.display())))?;
+    let prog: &mut RawTracePoint = program(ebpf, PACKET_GUARD)?;
+    prog.load().map_err(prog_err(PACKET_GUARD))?;
+    let id = prog.attach("sys_enter").map_err(prog_err(PACKET_GUARD))?;
+    let link = prog.take_link(id).map_err(prog_err(PACKET_GUARD))?;
+    retire_and_rename(vec![pin_new(
+        to_fd(link, PACKET_GUARD)?,
+        dir,
+        PACKET_GUARD,
+    )?])
 }
 
 /// Loads and attaches the BPF LSM programs, pinned in `dir`. An error means
@@ -368,6 +387,22 @@ impl Redirector {
                 (Containment::Degraded(e), Vec::new())
             }
         };
+        // Without the LSM, packet sockets are answered by killing the task
+        // (a syscall-entry hook; with the LSM they are refused outright).
+        let packet_links = if matches!(containment, Containment::Lsm) {
+            Vec::new()
+        } else {
+            match attach_packet_guard(&mut ebpf, node_dir) {
+                Ok(l) => {
+                    info!("packet-socket guard attached: a watched task creating one is killed");
+                    l
+                }
+                Err(e) => {
+                    error!(error = %e, "packet-socket guard not attached");
+                    Vec::new()
+                }
+            }
+        };
         let containment = match (containment, &layout) {
             // Attached, but the cgroup guard is off without the layout.
             (Containment::Lsm, Err(e)) => Containment::Degraded(format!("cgroup guard off: {e}")),
@@ -377,6 +412,7 @@ impl Redirector {
         let me = Self {
             links: Mutex::new(BTreeMap::new()),
             _lsm_links: lsm_links,
+            _packet_links: packet_links,
             watched: Mutex::new(watched),
             containment,
             escapes_detected: Default::default(),

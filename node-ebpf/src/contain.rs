@@ -15,13 +15,19 @@
 //!     subtree passes through this check, and moves inside it do not;
 //!   - `bpf`: no bpf() at all (no detaching the node's links, no map
 //!     writes, no programs of its own).
+//! * raw tracepoint `sys_enter` (no BPF LSM needed, attached only where
+//!   the kernel refuses LSM programs): a watched task calling
+//!   socket(AF_PACKET/AF_XDP) is killed before it can use the socket.
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel, generated::bpf_get_current_ancestor_cgroup_id},
-    macros::{cgroup_sock, lsm, map},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_get_current_ancestor_cgroup_id, bpf_send_signal},
+    },
+    macros::{cgroup_sock, lsm, map, raw_tracepoint},
     maps::HashMap,
-    programs::{LsmContext, SockContext},
+    programs::{LsmContext, RawTracePointContext, SockContext},
 };
 use sluice_common::{stat, WATCHED_MAX_LEVEL};
 
@@ -96,6 +102,40 @@ fn current_watched(probe: u64) -> (bool, bool) {
 fn in_watched() -> bool {
     current_watched(0).0
 }
+
+/// Where the kernel refuses BPF LSM programs (measured here: EPERM for
+/// every trampoline program, and no kprobe PMU) raw tracepoints still
+/// work: on `sys_enter`, a watched task calling socket(AF_PACKET or
+/// AF_XDP, ...) is sent SIGKILL. The call itself cannot be refused from
+/// here, but the signal is pending before it runs and the whole process
+/// dies on its way back to user space, before it can put a frame on the
+/// wire past the redirect. The node attaches this only where the LSM is
+/// unavailable: it runs on every syscall of the host, so it returns at the
+/// first compare for anything but socket().
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sluice_sys_enter(ctx: RawTracePointContext) -> i32 {
+    let id: u64 = ctx.arg(1);
+    if id != SYS_SOCKET {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    // SAFETY: `regs` is the syscall's `struct pt_regs *`; `di` (the first
+    // argument) is read with the probe helper, never dereferenced.
+    let family =
+        unsafe { bpf_probe_read_kernel((regs + PT_REGS_DI) as *const u64).unwrap_or(0) } as i32;
+    if (family == AF_PACKET || family == AF_XDP) && in_watched() {
+        count(stat::PACKET_SOCKET_KILLED);
+        // SAFETY: a helper call with a constant signal number.
+        unsafe { bpf_send_signal(SIGKILL) };
+    }
+    0
+}
+
+const SIGKILL: u32 = 9;
+/// x86_64 `__NR_socket`.
+const SYS_SOCKET: u64 = 41;
+/// Offset of `di` in x86_64 `struct pt_regs` (r15 ... orig_ax: 21 u64s).
+const PT_REGS_DI: u64 = 14 * 8;
 
 /// Attached to the watched cgroups: no raw IP sockets.
 #[cgroup_sock(sock_create)]

@@ -108,7 +108,10 @@ pub mod stat {
     pub const CGROUP_ESCAPE_REFUSED: u32 = 7;
     /// bpf() calls refused to watched tasks (BPF LSM).
     pub const BPF_REFUSED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Watched tasks killed for creating an AF_PACKET / AF_XDP socket
+    /// (kprobe fallback where the kernel refuses BPF LSM programs).
+    pub const PACKET_SOCKET_KILLED: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 #[cfg(feature = "user")]

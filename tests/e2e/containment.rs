@@ -16,7 +16,6 @@ for name, fam, ty, proto in [
     ("raw4_raw", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW),
     ("raw4_tcp", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP),
     ("raw6_icmp", socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6),
-    ("packet", socket.AF_PACKET, socket.SOCK_RAW, 0x0300),
     ("tcp4", socket.AF_INET, socket.SOCK_STREAM, 0),
 ]:
     try:
@@ -27,6 +26,19 @@ for name, fam, ty, proto in [
     except OSError as e:
         out[name] = "error %d" % e.errno
 print(json.dumps(out))
+"#;
+
+/// Python that opens an AF_PACKET socket (frames straight onto the wire,
+/// past the redirect): refused by the BPF LSM, or the process is killed
+/// by the node's kprobe before it can use it.
+const PACKET: &str = r#"
+import socket, sys
+try:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0x0300)
+    print("created", flush=True)
+    s.close()
+except PermissionError:
+    print("EPERM", flush=True)
 "#;
 
 /// Python that calls bpf(BPF_PROG_GET_NEXT_ID) and BPF_LINK_GET_NEXT_ID:
@@ -61,9 +73,18 @@ fn raw_ip_sockets_are_refused_in_watched_cgroups_and_nowhere_else() {
         .output()
         .expect("python3");
     let outside = json_of(&out, &env.node);
-    for k in ["raw4_icmp", "raw4_raw", "raw6_icmp", "packet", "tcp4"] {
+    for k in ["raw4_icmp", "raw4_raw", "raw6_icmp", "tcp4"] {
         assert_eq!(outside[k], "ok", "{k} outside: {outside}");
     }
+    let out = std::process::Command::new("python3")
+        .args(["-c", PACKET])
+        .output()
+        .expect("python3");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "created",
+        "packet sockets outside the watched cgroups are untouched"
+    );
     let s = env.node.status();
     assert!(
         s["kernel_raw_sockets_refused"].as_u64().unwrap_or(0) >= 4,
@@ -99,12 +120,13 @@ fn bpf_lsm_mode_is_what_the_kernel_allows_and_enforced_or_loudly_degraded() {
     let env = Env::new();
     let s = env.node.status();
     let mode = s["containment"].as_str().unwrap_or_default().to_owned();
-    let sockets = json_of(&env.cgroup.run("python3", &["-c", SOCKETS]), &env.node);
+    let packet = env.cgroup.run("python3", &["-c", PACKET]);
+    let packet_out = String::from_utf8_lossy(&packet.stdout).trim().to_owned();
     let bpf = json_of(&env.cgroup.run("python3", &["-c", BPF_CALL]), &env.node);
     match kernel_loads_lsm_programs() {
         Ok(()) => {
             assert_eq!(mode, "bpf-lsm", "the kernel takes LSM programs: {s:#}");
-            assert_eq!(sockets["packet"], "EPERM", "{sockets}");
+            assert_eq!(packet_out, "EPERM", "packet socket from the job");
             assert_eq!(bpf["prog_get_next_id"], "Operation not permitted", "{bpf}");
             assert_eq!(bpf["link_get_next_id"], "Operation not permitted", "{bpf}");
             let s = env.node.status();
@@ -126,10 +148,22 @@ fn bpf_lsm_mode_is_what_the_kernel_allows_and_enforced_or_loudly_degraded() {
                 "degraded containment must be logged loudly:\n{}",
                 env.node.log_text()
             );
-            eprintln!(
-                "BPF LSM unavailable here ({e}): packet sockets {}, bpf() {bpf}",
-                sockets["packet"]
+            // The kprobe fallback: the job is killed before it can use the
+            // socket it just made.
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                packet.status.signal(),
+                Some(9),
+                "a job creating a packet socket is killed: {packet_out} {}",
+                String::from_utf8_lossy(&packet.stderr)
             );
+            assert!(!packet_out.contains("created"), "{packet_out}");
+            let s = env.node.status();
+            assert!(
+                s["kernel_packet_sockets_killed"].as_u64().unwrap_or(0) >= 1,
+                "{s:#}"
+            );
+            eprintln!("BPF LSM unavailable here ({e}): bpf() {bpf}");
         }
     }
 }
