@@ -232,6 +232,9 @@ pub struct Status {
     /// Watched tasks killed for creating a packet socket (kprobe).
     #[serde(default)]
     pub kernel_packet_sockets_killed: u64,
+    /// Watched tasks killed for calling bpf() (no BPF LSM).
+    #[serde(default)]
+    pub kernel_bpf_killed: u64,
     /// Processes seen leaving a watched cgroup (degraded mode) and killed.
     #[serde(default)]
     pub escapes_detected: u64,
@@ -452,6 +455,7 @@ impl ControlServer {
                     kernel_cgroup_escapes_refused: k.get(7).copied().unwrap_or_default(),
                     kernel_bpf_refused: k.get(8).copied().unwrap_or_default(),
                     kernel_packet_sockets_killed: k.get(9).copied().unwrap_or_default(),
+                    kernel_bpf_killed: k.get(10).copied().unwrap_or_default(),
                     escapes_detected: p.redirector.escapes_detected.load(Ordering::Relaxed),
                 })
             }

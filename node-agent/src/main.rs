@@ -344,13 +344,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     s.kernel_redirected, s.kernel_udp_refused, s.kernel_foreign_netns_refused
                 );
                 println!(
-                    "containment: {}; refused: {} raw sockets, {} packet sockets ({} more killed), {} cgroup escapes, {} bpf(); {} escapes detected",
+                    "containment: {}; refused: {} raw sockets, {} packet sockets ({} killed), {} cgroup escapes, {} bpf() ({} killed); {} escapes detected",
                     s.containment,
                     s.kernel_raw_sockets_refused,
                     s.kernel_packet_sockets_refused,
                     s.kernel_packet_sockets_killed,
                     s.kernel_cgroup_escapes_refused,
                     s.kernel_bpf_refused,
+                    s.kernel_bpf_killed,
                     s.escapes_detected
                 );
                 println!(

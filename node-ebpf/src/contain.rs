@@ -115,6 +115,17 @@ fn in_watched() -> bool {
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn sluice_sys_enter(ctx: RawTracePointContext) -> i32 {
     let id: u64 = ctx.arg(1);
+    if id == SYS_BPF {
+        // bpf() from a job (finding and detaching the node's links): the
+        // process dies on return from its first call, so it never gets to
+        // use what that call gave it.
+        if in_watched() {
+            count(stat::BPF_KILLED);
+            // SAFETY: a helper call with a constant signal number.
+            unsafe { bpf_send_signal(SIGKILL) };
+        }
+        return 0;
+    }
     if id != SYS_SOCKET {
         return 0;
     }
@@ -132,8 +143,9 @@ pub fn sluice_sys_enter(ctx: RawTracePointContext) -> i32 {
 }
 
 const SIGKILL: u32 = 9;
-/// x86_64 `__NR_socket`.
+/// x86_64 `__NR_socket`, `__NR_bpf`.
 const SYS_SOCKET: u64 = 41;
+const SYS_BPF: u64 = 321;
 /// Offset of `di` in x86_64 `struct pt_regs` (r15 ... orig_ax: 21 u64s).
 const PT_REGS_DI: u64 = 14 * 8;
 

@@ -111,7 +111,9 @@ pub mod stat {
     /// Watched tasks killed for creating an AF_PACKET / AF_XDP socket
     /// (kprobe fallback where the kernel refuses BPF LSM programs).
     pub const PACKET_SOCKET_KILLED: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// Watched tasks killed for calling bpf() (same fallback).
+    pub const BPF_KILLED: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 #[cfg(feature = "user")]

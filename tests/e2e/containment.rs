@@ -122,9 +122,10 @@ fn bpf_lsm_mode_is_what_the_kernel_allows_and_enforced_or_loudly_degraded() {
     let mode = s["containment"].as_str().unwrap_or_default().to_owned();
     let packet = env.cgroup.run("python3", &["-c", PACKET]);
     let packet_out = String::from_utf8_lossy(&packet.stdout).trim().to_owned();
-    let bpf = json_of(&env.cgroup.run("python3", &["-c", BPF_CALL]), &env.node);
+    let bpf_run = env.cgroup.run("python3", &["-c", BPF_CALL]);
     match kernel_loads_lsm_programs() {
         Ok(()) => {
+            let bpf = json_of(&bpf_run, &env.node);
             assert_eq!(mode, "bpf-lsm", "the kernel takes LSM programs: {s:#}");
             assert_eq!(packet_out, "EPERM", "packet socket from the job");
             assert_eq!(bpf["prog_get_next_id"], "Operation not permitted", "{bpf}");
@@ -163,7 +164,17 @@ fn bpf_lsm_mode_is_what_the_kernel_allows_and_enforced_or_loudly_degraded() {
                 s["kernel_packet_sockets_killed"].as_u64().unwrap_or(0) >= 1,
                 "{s:#}"
             );
-            eprintln!("BPF LSM unavailable here ({e}): bpf() {bpf}");
+            // bpf() from the job: killed on return from its first call.
+            assert_eq!(
+                bpf_run.status.signal(),
+                Some(9),
+                "a job calling bpf() is killed: {}",
+                String::from_utf8_lossy(&bpf_run.stdout)
+            );
+            assert!(s["kernel_bpf_killed"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+            eprintln!(
+                "BPF LSM unavailable here ({e}): packet sockets and bpf() answered by SIGKILL"
+            );
         }
     }
 }
