@@ -120,6 +120,36 @@ pub fn replay(s: &ConnectionRecord, exchanges: &[Exchange]) -> String {
         if let Some(u) = &ex.upgrade {
             let _ = writeln!(out, "      upgraded to {u}");
         }
+        // What the node decided: an investigator's first question.
+        for d in &ex.decisions {
+            let patterns = if d.patterns.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", d.patterns.join(", "))
+            };
+            let detail = d
+                .detail
+                .as_deref()
+                .map(|x| format!(": {x}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "      decision: {} {}{patterns}{detail}",
+                d.action, d.rule
+            );
+        }
+        if let Some(i) = &ex.injected {
+            let _ = writeln!(
+                out,
+                "      credential: node-held `{}` injected; the job's ({}) stripped",
+                i.header,
+                i.client_presented
+                    .iter()
+                    .map(|h| format!("{} {}", h.name, h.value))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         if let Some(e) = &ex.error {
             let _ = writeln!(out, "      error: {e}");
         }

@@ -137,6 +137,17 @@ fn openai_client_streamed_and_plain_completions_are_masked() {
             "record holds the secret: {body}"
         );
     }
+    // The replay an investigator reads names the decision.
+    let replay = ai
+        .env()
+        .node
+        .cli(&["sessions", "replay", &ex["session"].to_string()]);
+    let replay = String::from_utf8_lossy(&replay.stdout).to_string();
+    assert!(
+        replay.contains("decision: mask mask-secrets [github-pat]"),
+        "{replay}"
+    );
+    assert!(!replay.contains(&tok[4..16]), "{replay}");
 }
 
 #[test]
