@@ -518,3 +518,17 @@ fn every_pack_sample_is_masked_through_the_proxy_plain_and_streamed() {
         }
     }
 }
+
+#[test]
+fn a_quiet_stream_gets_its_held_words_without_waiting_for_the_end() {
+    // An SSE event ending in a word that could begin a key ("AK"), then
+    // silence until the client acts (a session waiting for its client):
+    // the held word goes out once the stream is quiet, scanned as it
+    // stands, instead of holding the client hostage.
+    let ai = Ai::new();
+    let out = ai.client("idle", "", &[]);
+    assert!(out["error"].is_null(), "{out:#}");
+    assert_eq!(out["before_release"], true, "{out:#}");
+    assert_eq!(out["text"], "the key starts AK", "{out:#}");
+    assert_eq!(out["events"], 2, "{out:#}");
+}

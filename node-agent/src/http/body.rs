@@ -2,6 +2,7 @@
 //! record; `MaskBody` decodes (Content-Encoding), masks and passes a
 //! response on as it flows, and fails the stream visibly when it cannot.
 use std::{
+    future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -37,7 +38,13 @@ pub struct MaskBody<B> {
     /// Trailers waiting for the flushed tail to go out first.
     trailers: Option<HeaderMap>,
     done: bool,
+    /// Armed while the upstream is quiet and text is held back.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// How long held-back text may wait for more of the stream before it is
+/// scanned as it stands and sent (see `StreamMasker::flush_idle`).
+pub const IDLE_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl<B> MaskBody<B> {
     pub fn new(
@@ -53,6 +60,7 @@ impl<B> MaskBody<B> {
             report,
             trailers: None,
             done: false,
+            idle: None,
         }
     }
 
@@ -90,7 +98,11 @@ where
             if this.done {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            if !matches!(polled, Poll::Pending) {
+                this.idle = None;
+            }
+            match polled {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         let plain = match &mut this.decoder {
@@ -143,7 +155,26 @@ where
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))));
                     }
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if !this.masker.holds() {
+                        return Poll::Pending;
+                    }
+                    let timer = this
+                        .idle
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(IDLE_FLUSH)));
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.idle = None;
+                    match this.masker.flush_idle() {
+                        Ok(out) if !out.is_empty() => {
+                            this.report(None);
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        }
+                        Ok(_) => return Poll::Pending,
+                        Err(e) => return this.fail(e),
+                    }
+                }
             }
         }
     }

@@ -230,6 +230,70 @@ impl StreamMasker {
         self.step(&[], true)
     }
 
+    /// Whether settled-or-not text is waiting to go out.
+    pub fn holds(&self) -> bool {
+        match &self.mode {
+            Mode::Raw { held, ctx } => held.len() > usize::from(*ctx),
+            Mode::Units(u) => !u.queue.is_empty(),
+        }
+    }
+
+    /// The stream went quiet: what is held is scanned as if the text
+    /// ended here and sent (masked where it matches). A long-lived stream
+    /// (an MCP or bidi-gRPC session waiting for the client, an SSE event
+    /// then silence) must not keep its last words hostage. The texts go on
+    /// afterwards; a secret split by a pause longer than the idle delay is
+    /// the price, stated in POLICY.md. An incomplete event stays held.
+    pub fn flush_idle(&mut self) -> Result<Vec<u8>, ScanError> {
+        if let Some(e) = &self.error {
+            return Err(ScanError::Failed(e.clone()));
+        }
+        let scanner = (*self.scanner).as_ref();
+        let res = match &mut self.mode {
+            Mode::Raw { held, ctx } => {
+                let skip = usize::from(*ctx);
+                settle(
+                    scanner,
+                    &self.applies,
+                    &mut self.masked,
+                    held,
+                    skip,
+                    true,
+                    true,
+                )
+                .map(|s| {
+                    for (a, b) in s.masks {
+                        held[a..b].fill(MASK);
+                    }
+                    if s.cut <= skip {
+                        return Vec::new();
+                    }
+                    let out = held[skip..s.cut].to_vec();
+                    held.drain(..s.cut - 1);
+                    *ctx = true;
+                    out
+                })
+            }
+            Mode::Units(u) => {
+                let mut ctx = Ctx {
+                    scanner,
+                    applies: &self.applies,
+                    masked: &mut self.masked,
+                };
+                let keys: Vec<String> = u.streams.keys().cloned().collect();
+                let mut r = Ok(());
+                for k in keys {
+                    r = r.and_then(|_| u.settle_stream(&mut ctx, &k, true));
+                }
+                r.and_then(|_| u.emit())
+            }
+        };
+        if let Err(e) = &res {
+            self.error = Some(e.to_string());
+        }
+        res
+    }
+
     fn step(&mut self, chunk: &[u8], last: bool) -> Result<Vec<u8>, ScanError> {
         if let Some(e) = &self.error {
             return Err(ScanError::Failed(e.clone()));
@@ -927,6 +991,21 @@ mod tests {
         let (out, _) = run(Framing::Json, &[big[..1000].to_vec(), big[1000..].to_vec()]);
         assert_eq!(out.len(), big.len());
         assert!(!String::from_utf8_lossy(&out).contains(TOKEN));
+    }
+
+    #[test]
+    fn an_idle_stream_releases_its_held_tail_masked() {
+        let mut m = StreamMasker::new(scanner(), Framing::Sse, Box::new(|_| true));
+        let evs = openai_events("the key is AKIAQ5TESTKEYSLUICE7", 40);
+        let first = m.push(&evs[0]).unwrap();
+        assert!(first.is_empty(), "the live tail is held");
+        assert!(m.holds());
+        let out = String::from_utf8(m.flush_idle().unwrap()).unwrap();
+        assert!(out.contains("the key is ********************"), "{out}");
+        assert!(!m.holds());
+        // The stream goes on afterwards.
+        let more = m.push(&evs[1]).unwrap();
+        assert!(String::from_utf8_lossy(&more).contains("[DONE]"));
     }
 
     #[test]
