@@ -186,6 +186,31 @@ fn settle(
     Ok(Settled { cut, masks })
 }
 
+/// Raw streams: scans what is held, masks in place, and returns the
+/// settled bytes, keeping the last one sent as look-behind context.
+fn raw_step(
+    scanner: &Scanner,
+    applies: &Applies,
+    masked: &mut BTreeMap<(usize, String), u64>,
+    held: &mut Vec<u8>,
+    ctx: &mut bool,
+    last: bool,
+    precise: bool,
+) -> Result<Vec<u8>, ScanError> {
+    let skip = usize::from(*ctx);
+    let s = settle(scanner, applies, masked, held, skip, last, precise)?;
+    for (a, b) in s.masks {
+        held[a..b].fill(MASK);
+    }
+    if s.cut <= skip {
+        return Ok(Vec::new());
+    }
+    let out = held[skip..s.cut].to_vec();
+    held.drain(..s.cut - 1);
+    *ctx = true;
+    Ok(out)
+}
+
 impl StreamMasker {
     pub fn new(scanner: ScannerRef, framing: Framing, applies: Applies) -> Self {
         let mode = match framing {
@@ -250,30 +275,15 @@ impl StreamMasker {
         }
         let scanner = (*self.scanner).as_ref();
         let res = match &mut self.mode {
-            Mode::Raw { held, ctx } => {
-                let skip = usize::from(*ctx);
-                settle(
-                    scanner,
-                    &self.applies,
-                    &mut self.masked,
-                    held,
-                    skip,
-                    true,
-                    true,
-                )
-                .map(|s| {
-                    for (a, b) in s.masks {
-                        held[a..b].fill(MASK);
-                    }
-                    if s.cut <= skip {
-                        return Vec::new();
-                    }
-                    let out = held[skip..s.cut].to_vec();
-                    held.drain(..s.cut - 1);
-                    *ctx = true;
-                    out
-                })
-            }
+            Mode::Raw { held, ctx } => raw_step(
+                scanner,
+                &self.applies,
+                &mut self.masked,
+                held,
+                ctx,
+                true,
+                true,
+            ),
             Mode::Units(u) => {
                 let mut ctx = Ctx {
                     scanner,
@@ -321,28 +331,15 @@ impl StreamMasker {
             Mode::Raw { held, ctx } => {
                 held.extend_from_slice(chunk);
                 let precise = chunk.len() <= PRECISE_CHUNK;
-                let skip = usize::from(*ctx);
-                settle(
+                raw_step(
                     scanner,
                     &self.applies,
                     &mut self.masked,
                     held,
-                    skip,
+                    ctx,
                     last,
                     precise,
                 )
-                .map(|s| {
-                    for (a, b) in s.masks {
-                        held[a..b].fill(MASK);
-                    }
-                    if s.cut <= skip {
-                        return Vec::new();
-                    }
-                    let out = held[skip..s.cut].to_vec();
-                    held.drain(..s.cut - 1);
-                    *ctx = true;
-                    out
-                })
             }
             Mode::Units(u) => u.step(scanner, &self.applies, &mut self.masked, chunk, last),
         };
