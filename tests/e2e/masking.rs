@@ -53,8 +53,10 @@ fn github_token() -> String {
 const AWS: &str = "AKIAQ5TESTKEYSLUICE7";
 
 struct Ai {
-    p: PolicyEnv,
+    // Dropped first: uninstalling the node's CA needs its state dir, which
+    // goes with the environment.
     _trust: TrustGuard,
+    p: PolicyEnv,
 }
 
 impl Ai {
@@ -62,7 +64,7 @@ impl Ai {
         let mut p = PolicyEnv::with_policy(bundle);
         p.env.remote.start_ai();
         let _trust = p.env.trust_node_ca();
-        Ai { p, _trust }
+        Ai { _trust, p }
     }
 
     fn env(&self) -> &Env {
