@@ -17,11 +17,12 @@ if ((${#need_apt[@]})); then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-# Real clients and servers for the end-to-end suite: the `openai` library,
+# Real clients and servers for the end-to-end suite: the `openai` and
+# `anthropic` libraries,
 # grpcio (gRPC client and server), websockets, brotli and zstandard (the
 # fake API's compressed answers). Pinned so a fresh machine tests the same.
-PY_PKGS=(openai==3.57.0 grpcio==1.85.3 websockets==17.4 brotli==1.2.1 zstandard==0.25.0)
-if ! python3 -c 'import openai, grpc, websockets, brotli, zstandard' >/dev/null 2>&1; then
+PY_PKGS=(openai==3.57.0 anthropic==2.14.0 grpcio==1.85.3 websockets==17.4 brotli==1.2.1 zstandard==0.25.0)
+if ! python3 -c 'import openai, anthropic, grpc, websockets, brotli, zstandard' >/dev/null 2>&1; then
   echo "setup: installing Python packages: ${PY_PKGS[*]}"
   python3 -m pip install --quiet --disable-pip-version-check "${PY_PKGS[@]}"
 fi

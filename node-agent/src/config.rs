@@ -600,7 +600,7 @@ pub fn validate_targets(targets: &[Target], prefix: &str) -> Result<(), (String,
             ));
         }
         for (j, h) in t.hosts.iter().enumerate() {
-            if !valid_hostname(h) || crate::names::DnsName::parse(h).is_err() {
+            if !crate::names::valid_ldh(h) || crate::names::DnsName::parse(h).is_err() {
                 return Err((
                     format!("{prefix}[{i}].hosts[{j}]"),
                     format!("`{h}` is not a valid DNS name"),
@@ -608,7 +608,7 @@ pub fn validate_targets(targets: &[Target], prefix: &str) -> Result<(), (String,
             }
         }
         for (j, n) in t.sni.iter().enumerate() {
-            if !valid_hostname(n.strip_prefix("*.").unwrap_or(n))
+            if !crate::names::valid_ldh(n.strip_prefix("*.").unwrap_or(n))
                 || crate::names::NamePattern::parse(n).is_err()
             {
                 return Err((
@@ -673,18 +673,6 @@ pub fn validate_targets(targets: &[Target], prefix: &str) -> Result<(), (String,
         }
     }
     Ok(())
-}
-
-fn valid_hostname(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 253
-        && h.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
 }
 
 #[cfg(test)]

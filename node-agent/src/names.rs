@@ -102,7 +102,7 @@ impl NamePattern {
     }
 }
 
-fn valid_ldh(s: &str) -> bool {
+pub(crate) fn valid_ldh(s: &str) -> bool {
     s.len() <= 253
         && s.split('.').all(|l| {
             !l.is_empty()

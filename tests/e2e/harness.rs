@@ -531,21 +531,14 @@ impl Env {
     /// As `https`, with extra configuration computed from the test's
     /// directory (created before the node starts).
     pub fn https_with(extra: impl Fn(&Path) -> String) -> Self {
-        Self::build(
+        Self::https_targets(
             |r| {
                 format!(
                     "  - name: fake-api\n    addresses: [\"{}\"]\n    ports: [443, 8443, 9443, 7443, 6443, 5443]\n    tls: intercept\n    sni: [api.fake.test, h2only.fake.test, untrusted.fake.test]\n",
                     r.remote
                 )
             },
-            move |r, dir| {
-                format!(
-                    "tls:\n  extra_upstream_roots: [\"{}\"]\n{}",
-                    r.https_ca.display(),
-                    extra(dir)
-                )
-            },
-            true,
+            extra,
         )
     }
 

@@ -40,6 +40,9 @@ pub struct MaskBody<B> {
     done: bool,
     /// Armed while the upstream is quiet and text is held back.
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Masked spans already in the shared report (it is copied only when
+    /// this changes, not on every frame).
+    reported: u64,
 }
 
 /// How long held-back text may wait for more of the stream before it is
@@ -61,6 +64,16 @@ impl<B> MaskBody<B> {
             trailers: None,
             done: false,
             idle: None,
+            reported: 0,
+        }
+    }
+
+    /// Publishes new mask counts (cheap when nothing new was masked).
+    fn report_masks(&mut self) {
+        let n: u64 = self.masker.masked.values().sum();
+        if n != self.reported {
+            self.reported = n;
+            self.report(None);
         }
     }
 
@@ -117,7 +130,7 @@ where
                             Err(e) => return this.fail(e),
                         };
                         if !out.is_empty() {
-                            this.report(None);
+                            this.report_masks();
                             return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
                         }
                     }
@@ -168,7 +181,7 @@ where
                     this.idle = None;
                     match this.masker.flush_idle() {
                         Ok(out) if !out.is_empty() => {
-                            this.report(None);
+                            this.report_masks();
                             return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
                         }
                         Ok(_) => return Poll::Pending,

@@ -233,24 +233,15 @@ impl HttpSession {
         let durable_tx = self.wait_turn(up).await;
         let policy = self.policy.current();
         if let Some(susp) = self.suspensions.get(&self.identity.id) {
-            ex.decisions.push(Decision {
-                rule: "identity-suspended".into(),
-                action: "block".into(),
-                patterns: vec![],
-                detail: Some(susp.reason.clone()),
+            ex.decisions
+                .push(block_decision("identity-suspended", susp.reason.clone()));
+            let body = serde_json::json!({
+                "error": "identity suspended",
+                "identity": self.identity.id,
+                "reason": susp.reason,
             });
             return self
-                .refuse(
-                    ex,
-                    started,
-                    durable_tx,
-                    StatusCode::FORBIDDEN,
-                    serde_json::json!({
-                        "error": "identity suspended",
-                        "identity": self.identity.id,
-                        "reason": susp.reason,
-                    }),
-                )
+                .refuse(ex, started, durable_tx, StatusCode::FORBIDDEN, body)
                 .await;
         }
         if let Err(r) = self.check_authority(req.headers(), req.uri(), &mut ex) {
@@ -271,23 +262,16 @@ impl HttpSession {
         if upgrade && (masks || request_rules) && !inspect_ws {
             // Where rules apply an upgraded stream is inspected (WebSocket)
             // or refused; it is never relayed raw.
-            ex.decisions.push(Decision {
-                rule: "upgrade-not-inspectable".into(),
-                action: "block".into(),
-                patterns: vec![],
-                detail: Some(format!("`{proto}` upgrade on a target with rules")),
+            ex.decisions.push(block_decision(
+                "upgrade-not-inspectable",
+                format!("`{proto}` upgrade on a target with rules"),
+            ));
+            let body = serde_json::json!({
+                "error": "upgrade refused",
+                "reason": format!("policy rules apply to this target and `{proto}` streams are not inspected here (policy.websocket: {:?}); the upgrade would bypass them", self.websocket),
             });
             return self
-                .refuse(
-                    ex,
-                    started,
-                    durable_tx,
-                    StatusCode::FORBIDDEN,
-                    serde_json::json!({
-                        "error": "upgrade refused",
-                        "reason": format!("policy rules apply to this target and `{proto}` streams are not inspected here (policy.websocket: {:?}); the upgrade would bypass them", self.websocket),
-                    }),
-                )
+                .refuse(ex, started, durable_tx, StatusCode::FORBIDDEN, body)
                 .await;
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -532,12 +516,8 @@ impl HttpSession {
             return Ok(());
         };
         warn!(session = self.session, workload = %self.workload, %detail, "misdirected request refused");
-        ex.decisions.push(Decision {
-            rule: "authority-mismatch".into(),
-            action: "block".into(),
-            patterns: vec![],
-            detail: Some(detail.clone()),
-        });
+        ex.decisions
+            .push(block_decision("authority-mismatch", detail.clone()));
         Err(request::Refusal {
             status: StatusCode::MISDIRECTED_REQUEST,
             body: serde_json::json!({
@@ -716,6 +696,16 @@ impl HttpSession {
         if let Some(tx) = durable {
             let _ = tx.send(());
         }
+    }
+}
+
+/// A refusal the node decided itself (not a policy rule's match).
+fn block_decision(rule: &str, detail: String) -> Decision {
+    Decision {
+        rule: rule.into(),
+        action: "block".into(),
+        patterns: vec![],
+        detail: Some(detail),
     }
 }
 

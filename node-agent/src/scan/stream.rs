@@ -55,6 +55,9 @@ pub enum SegmentKind {
     /// Any other field: continues only while consecutive units carry it
     /// with a new value (a repeated id or model name is not appended).
     Field,
+    /// Complete on its own (a string of a whole JSON document): scanned
+    /// alone, at once.
+    Alone,
 }
 
 /// Decoded text of one field of one unit, with the raw span of each byte.
@@ -442,10 +445,9 @@ impl Units {
                         // Each value on its own: one document, no joining.
                         Ok(strings) => strings
                             .into_iter()
-                            .enumerate()
-                            .map(|(i, s)| Segment {
-                                key: format!("{i}{}", s.key),
-                                kind: SegmentKind::Field,
+                            .map(|s| Segment {
+                                key: s.key,
+                                kind: SegmentKind::Alone,
                                 decoded: s.decoded,
                                 origin: s.origin,
                             })
@@ -533,13 +535,15 @@ impl Units {
             pending: 0,
             envelope,
         });
-        if !segs.is_empty() {
+        if segs.iter().any(|g| g.kind != SegmentKind::Alone) {
             // A field absent from this unit has ended.
+            let present: std::collections::HashSet<&str> =
+                segs.iter().map(|g| g.key.as_str()).collect();
             let ended: Vec<String> = self
                 .streams
                 .iter()
                 .filter(|(k, s)| {
-                    s.kind == Some(SegmentKind::Field) && !segs.iter().any(|g| &g.key == *k)
+                    s.kind == Some(SegmentKind::Field) && !present.contains(k.as_str())
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
@@ -558,7 +562,8 @@ impl Units {
             if repeat {
                 self.settle_stream(ctx, &seg.key, true)?;
             }
-            if repeat || (!known && self.streams.len() >= MAX_STREAMS) {
+            let alone = seg.kind == SegmentKind::Alone;
+            if alone || repeat || (!known && self.streams.len() >= MAX_STREAMS) {
                 // Scanned on its own, settled at once.
                 let s = settle(
                     ctx.scanner,
