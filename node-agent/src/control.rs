@@ -238,6 +238,21 @@ pub struct Status {
     /// Processes seen leaving a watched cgroup (degraded mode) and killed.
     #[serde(default)]
     pub escapes_detected: u64,
+    /// Watched root tasks killed for cloning a shared file table, and
+    /// tasks killed for pidfd_getfd() (no BPF LSM).
+    #[serde(default)]
+    pub kernel_shared_files_killed: u64,
+    #[serde(default)]
+    pub kernel_fd_take_killed: u64,
+    /// Jobs stopped (all processes killed, connections refused) for
+    /// working against the node.
+    #[serde(default)]
+    pub jobs_stopped: u64,
+    #[serde(default)]
+    pub jobs_quarantined: u64,
+    /// Watched cgroups whose links were found detached and re-attached.
+    #[serde(default)]
+    pub links_restored: u64,
     /// `ok`, or `failing since <time>: <error>`: new connections are refused
     /// while the store does not take writes.
     #[serde(default)]
@@ -457,6 +472,11 @@ impl ControlServer {
                     kernel_packet_sockets_killed: k.get(9).copied().unwrap_or_default(),
                     kernel_bpf_killed: k.get(10).copied().unwrap_or_default(),
                     escapes_detected: p.redirector.escapes_detected.load(Ordering::Relaxed),
+                    kernel_shared_files_killed: k.get(11).copied().unwrap_or_default(),
+                    kernel_fd_take_killed: k.get(12).copied().unwrap_or_default(),
+                    jobs_stopped: p.redirector.jobs_stopped.load(Ordering::Relaxed),
+                    jobs_quarantined: p.quarantine.len() as u64,
+                    links_restored: p.redirector.links_restored.load(Ordering::Relaxed),
                 })
             }
             Request::SessionsList { filter } => match p.store.list(&filter) {

@@ -15,7 +15,7 @@ use crate::{
     addr::ProxyAddr,
     approvals::Approvals,
     config::{validate_targets, Config, Target, TlsMode},
-    contain::EscapeDetector,
+    contain::{Guard, Quarantine},
     control::{self, ControlServer},
     identity::IdentityResolver,
     policy::{PolicyEngine, TargetSink},
@@ -91,13 +91,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             .context("starting the cgroup watcher")?;
     }
     if let Containment::Degraded(why) = &redirector.containment {
-        warn!(reason = %why, "CONTAINMENT DEGRADED: leaving a watched cgroup is detected (the process is killed), not prevented");
-        let detector = EscapeDetector::new(redirector.clone(), store.clone());
-        std::thread::Builder::new()
-            .name("escape-detector".into())
-            .spawn(move || detector.run())
-            .context("starting the escape detector")?;
+        warn!(reason = %why, "CONTAINMENT DEGRADED: leaving a watched cgroup and bpf() are detected (the job is stopped), not prevented");
     }
+    let quarantine = Arc::new(Quarantine::default());
+    let guard = Guard::new(
+        redirector.clone(),
+        store.clone(),
+        quarantine.clone(),
+        root.clone(),
+    );
+    std::thread::Builder::new()
+        .name("contain-guard".into())
+        .spawn(move || guard.run())
+        .context("starting the containment guard")?;
     let tls = tls_context(&cfg, &state_dir)?;
     let policy = Arc::new(PolicyEngine::load(
         &cfg.policy.trusted_keys,
@@ -148,6 +154,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         policy,
         approvals: Arc::new(Approvals::default()),
         suspensions,
+        quarantine,
         max_scan_request: cfg.policy.max_request_scan_bytes,
         websocket: cfg.policy.websocket,
         listen: listeners.iter().map(|(a, _)| ProxyAddr(*a)).collect(),

@@ -355,6 +355,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     s.escapes_detected
                 );
                 println!(
+                    "guard:      {} jobs stopped ({} quarantined), {} link sets restored, killed: {} shared-fd clones, {} pidfd_getfd",
+                    s.jobs_stopped,
+                    s.jobs_quarantined,
+                    s.links_restored,
+                    s.kernel_shared_files_killed,
+                    s.kernel_fd_take_killed
+                );
+                println!(
                     "records:    {} stored, {} errors",
                     s.records_stored, s.record_errors
                 );

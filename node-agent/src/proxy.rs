@@ -61,6 +61,8 @@ pub struct Proxy {
     pub policy: Arc<crate::policy::PolicyEngine>,
     pub approvals: Arc<crate::approvals::Approvals>,
     pub suspensions: Arc<crate::suspend::Suspensions>,
+    /// Jobs stopped for working against the node (`contain::Guard`).
+    pub quarantine: Arc<crate::contain::Quarantine>,
     pub max_scan_request: usize,
     /// WebSocket upgrades on targets with rules: inspect or refuse.
     pub websocket: crate::http::WebSocketMode,
@@ -339,6 +341,12 @@ impl Proxy {
             warn!(recording = %self.health.describe(), "recording is failing; refusing");
             refuse(client);
             return;
+        }
+        if let Some(why) = self
+            .quarantine
+            .reason_for(r.identity.cgroup_path.as_deref())
+        {
+            return self.refuse_recorded(r, client, format!("job quarantined: {why}"));
         }
         let max = self.limits.max_connections_per_identity;
         let _permit = match self.per_identity.acquire(&r.identity.id, max) {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, SockOps,
@@ -208,6 +208,13 @@ pub struct Redirector {
     pub containment: Containment,
     /// Processes seen leaving a watched cgroup (fallback detection).
     pub escapes_detected: std::sync::atomic::AtomicU64,
+    /// Jobs stopped for tampering (bpf(), shared fd tables, links found
+    /// detached): see `contain::Guard`.
+    pub jobs_stopped: std::sync::atomic::AtomicU64,
+    /// Cgroup links found detached or unpinned and attached again.
+    pub links_restored: std::sync::atomic::AtomicU64,
+    /// What the kernel fallback did (`ContainEvent`s), taken by the guard.
+    events: Mutex<Option<RingBuf<MapData>>>,
     targets_v4: Mutex<LpmTrie<MapData, TargetKeyV4, TargetValue>>,
     targets_v6: Mutex<LpmTrie<MapData, TargetKeyV6, TargetValue>>,
     addrs_v4: Mutex<LpmTrie<MapData, [u8; 4], TargetValue>>,
@@ -416,6 +423,9 @@ impl Redirector {
             watched: Mutex::new(watched),
             containment,
             escapes_detected: Default::default(),
+            jobs_stopped: Default::default(),
+            links_restored: Default::default(),
+            events: Mutex::new(take(&mut ebpf, "CONTAIN_EVENTS").ok()),
             targets_v4: Mutex::new(take(&mut ebpf, "TARGETS_V4")?),
             targets_v6: Mutex::new(take(&mut ebpf, "TARGETS_V6")?),
             addrs_v4: Mutex::new(take(&mut ebpf, "TARGET_ADDRS_V4")?),
@@ -439,6 +449,15 @@ impl Redirector {
         if links.contains_key(cgroup) {
             return Ok(());
         }
+        let fresh = self.attach_fresh(cgroup)?;
+        links.insert(cgroup.to_owned(), fresh);
+        Ok(())
+    }
+
+    /// Attaches a new set of links to `cgroup` and pins them in place of
+    /// whatever was pinned there (a previous node's, or a set found
+    /// tampered with).
+    fn attach_fresh(&self, cgroup: &Path) -> Result<Vec<PinnedLink>, RedirectError> {
         let cerr = |source| RedirectError::Cgroup {
             path: cgroup.to_owned(),
             source,
@@ -488,11 +507,10 @@ impl Redirector {
             let link = prog.take_link(id).map_err(prog_err(SOCK_PROGRAM))?;
             fresh.push(pin_new(to_fd(link, SOCK_PROGRAM)?, &dir, SOCK_PROGRAM)?);
         }
-        // All new links are attached: now retire the previous instance's
-        // (its programs redirect to a proxy that is gone) and take their
-        // place in bpffs.
-        links.insert(cgroup.to_owned(), retire_and_rename(fresh)?);
-        Ok(())
+        // All new links are attached: now retire the previous pins (a
+        // previous instance's programs redirect to a proxy that is gone)
+        // and take their place in bpffs.
+        retire_and_rename(fresh)
     }
 
     /// A watched cgroup went away: unpin its links and forget its id.
@@ -508,6 +526,51 @@ impl Redirector {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
         }
+    }
+
+    /// The kernel fallback's event ring (once; for `contain::Guard`).
+    pub fn take_events(&self) -> Option<RingBuf<MapData>> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Checks that every watched cgroup still has all of its links
+    /// attached and pinned, and is still in the WATCHED map; what is not
+    /// (a root job detached a link, removed a pin, deleted a map entry) is
+    /// attached again. Returns the cgroups repaired, with what was wrong.
+    pub fn restore_links(&self) -> Vec<(PathBuf, Vec<String>)> {
+        let mut broken = Vec::new();
+        for cgroup in self.cgroups() {
+            let dir = pin_dir(&cgroup);
+            let mut wrong: Vec<String> = cgroup_programs()
+                .filter(|name| !link_attached(&dir.join(name)))
+                .map(|name| format!("link {name} detached or unpinned"))
+                .collect();
+            if let Ok(m) = std::fs::metadata(&cgroup) {
+                let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+                if watched.get(&m.ino(), 0).is_err() {
+                    wrong.push("missing from WATCHED".into());
+                }
+            }
+            if wrong.is_empty() {
+                continue;
+            }
+            // A fresh set first, then the old one goes (dropping a link we
+            // still hold that was only unpinned detaches it): no window
+            // without a redirect.
+            match self.attach_fresh(&cgroup) {
+                Ok(fresh) => {
+                    self.links
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(cgroup.clone(), fresh);
+                    self.links_restored
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => wrong.push(format!("re-attaching failed: {e}")),
+            }
+            broken.push((cgroup, wrong));
+        }
+        broken
     }
 
     /// The cgroups the programs are attached to now.
@@ -637,6 +700,58 @@ impl Redirector {
             })
             .collect()
     }
+}
+
+/// Names of the programs attached to each watched cgroup (and of their
+/// pins in its `pin_dir`).
+fn cgroup_programs() -> impl Iterator<Item = &'static str> {
+    SOCK_ADDR_PROGRAMS
+        .iter()
+        .copied()
+        .chain([SOCKOPS_PROGRAM, SOCK_PROGRAM])
+}
+
+/// Whether the link pinned at `pin` is still attached to its cgroup: the
+/// kernel reports cgroup id 0 for a cgroup link that was detached
+/// (BPF_LINK_DETACH). A missing or unreadable pin counts as detached.
+/// Raw bpf(2): aya does not expose a cgroup link's cgroup.
+fn link_attached(pin: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let Ok(path) = std::ffi::CString::new(pin.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // union bpf_attr, BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags.
+    let mut attr = [0u8; 128];
+    attr[..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: a zeroed bpf_attr-sized buffer whose pointer (the C string)
+    // outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_ptr(), attr.len()) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: the kernel just gave us this fd; OwnedFd closes it.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id (u32), then the union at
+    // offset 16: cgroup { cgroup_id u64, attach_type u32 }.
+    let mut info = [0u8; 32];
+    let mut attr = [0u8; 128];
+    attr[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    // SAFETY: `info` outlives the call and its length is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_ptr(),
+            attr.len(),
+        )
+    };
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&info[16..24]);
+    r == 0 && u64::from_ne_bytes(id) != 0
 }
 
 /// `SO_NETNS_COOKIE` of a fresh socket: the same value the kernel programs

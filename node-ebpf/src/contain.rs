@@ -22,14 +22,15 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     helpers::{
-        bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_current_ancestor_cgroup_id, bpf_send_signal},
     },
     macros::{cgroup_sock, lsm, map, raw_tracepoint},
-    maps::HashMap,
+    maps::{HashMap, RingBuf},
     programs::{LsmContext, RawTracePointContext, SockContext},
 };
-use sluice_common::{stat, WATCHED_MAX_LEVEL};
+use sluice_common::{contain_kind, stat, ContainEvent, WATCHED_MAX_LEVEL};
 
 use crate::prog::count;
 
@@ -70,6 +71,10 @@ static OFF_KN_PARENT: u64 = 0;
 #[unsafe(no_mangle)]
 static OFF_KN_ID: u64 = 0;
 
+/// What the fallback did, for the agent (see `ContainEvent`).
+#[map]
+static CONTAIN_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
 #[inline(always)]
 fn global<T: Copy>(v: &'static T) -> T {
     // SAFETY: a static; volatile so the value set at load time is read.
@@ -103,49 +108,125 @@ fn in_watched() -> bool {
     current_watched(0).0
 }
 
+/// The watched cgroup the current task is under (0: none).
+#[inline(always)]
+fn watched_ancestor() -> u64 {
+    let mut level = 0;
+    while level < WATCHED_MAX_LEVEL {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        if unsafe { WATCHED.get(&id) }.is_some() {
+            return id;
+        }
+        level += 1;
+    }
+    0
+}
+
+/// Kills the current (watched) process and tells the agent why.
+#[inline(always)]
+fn kill(kind: u32, counter: u32, watched_id: u64) {
+    count(counter);
+    // SAFETY: a helper call with a constant signal number.
+    unsafe { bpf_send_signal(SIGKILL) };
+    let event = ContainEvent {
+        kind,
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        watched_id,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    };
+    if CONTAIN_EVENTS.output::<ContainEvent>(&event, 0).is_err() {
+        count(stat::EVENTS_LOST);
+    }
+}
+
 /// Where the kernel refuses BPF LSM programs (measured here: EPERM for
 /// every trampoline program, and no kprobe PMU) raw tracepoints still
-/// work: on `sys_enter`, a watched task calling socket(AF_PACKET or
-/// AF_XDP, ...) is sent SIGKILL. The call itself cannot be refused from
-/// here, but the signal is pending before it runs and the whole process
-/// dies on its way back to user space, before it can put a frame on the
-/// wire past the redirect. The node attaches this only where the LSM is
-/// unavailable: it runs on every syscall of the host, so it returns at the
-/// first compare for anything but socket().
+/// work. On `sys_enter`, a watched task is sent SIGKILL when it calls
+///
+/// * socket(AF_PACKET or AF_XDP): it dies on its way back to user space,
+///   before it can put a frame on the wire past the redirect;
+/// * bpf(): the call itself runs (nothing here can refuse it), but the
+///   process dies on return, so what the call gave it (a link or map fd)
+///   dies with it, and the agent stops the whole job at once;
+/// * clone/clone3 with CLONE_FILES but not CLONE_THREAD, as root: a
+///   process sharing the file table would outlive a sibling killed for
+///   bpf() and could use the fd it got. The pending signal makes the
+///   kernel abandon the fork (`copy_process` checks for it), so the child
+///   never exists;
+/// * pidfd_getfd(): taking the fd of a process dying for bpf().
+///
+/// Threads share the kill (it is sent to the thread group). The agent
+/// attaches this only where the LSM is unavailable: it runs on every
+/// syscall of the host, so it returns at the first compares for others.
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn sluice_sys_enter(ctx: RawTracePointContext) -> i32 {
     let id: u64 = ctx.arg(1);
-    if id == SYS_BPF {
-        // bpf() from a job (finding and detaching the node's links): the
-        // process dies on return from its first call, so it never gets to
-        // use what that call gave it.
-        if in_watched() {
-            count(stat::BPF_KILLED);
-            // SAFETY: a helper call with a constant signal number.
-            unsafe { bpf_send_signal(SIGKILL) };
-        }
+    if id != SYS_BPF
+        && id != SYS_SOCKET
+        && id != SYS_CLONE
+        && id != SYS_CLONE3
+        && id != SYS_PIDFD_GETFD
+    {
         return 0;
     }
-    if id != SYS_SOCKET {
+    let watched = watched_ancestor();
+    if watched == 0 {
         return 0;
     }
     let regs: u64 = ctx.arg(0);
     // SAFETY: `regs` is the syscall's `struct pt_regs *`; `di` (the first
     // argument) is read with the probe helper, never dereferenced.
-    let family =
-        unsafe { bpf_probe_read_kernel((regs + PT_REGS_DI) as *const u64).unwrap_or(0) } as i32;
-    if (family == AF_PACKET || family == AF_XDP) && in_watched() {
-        count(stat::PACKET_SOCKET_KILLED);
-        // SAFETY: a helper call with a constant signal number.
-        unsafe { bpf_send_signal(SIGKILL) };
+    let arg0 = unsafe { bpf_probe_read_kernel((regs + PT_REGS_DI) as *const u64).unwrap_or(0) };
+    match id {
+        SYS_BPF => kill(contain_kind::BPF, stat::BPF_KILLED, watched),
+        SYS_PIDFD_GETFD => kill(contain_kind::FD_TAKE, stat::FD_TAKE_KILLED, watched),
+        SYS_SOCKET => {
+            let family = arg0 as i32;
+            if family == AF_PACKET || family == AF_XDP {
+                kill(
+                    contain_kind::PACKET_SOCKET,
+                    stat::PACKET_SOCKET_KILLED,
+                    watched,
+                );
+            }
+        }
+        _ => {
+            // clone(flags, ...) / clone3(struct clone_args *, size): flags
+            // is the first u64 of clone_args.
+            let flags = if id == SYS_CLONE {
+                arg0
+            } else {
+                // SAFETY: a user pointer read with the probe helper.
+                unsafe { bpf_probe_read_user(arg0 as *const u64).unwrap_or(0) }
+            };
+            // Only root can get a link or map fd from bpf(); sanitizers'
+            // CLONE_FILES helpers in unprivileged jobs are left alone.
+            let uid = bpf_get_current_uid_gid() as u32;
+            if flags & CLONE_FILES != 0 && flags & CLONE_THREAD == 0 && uid == 0 {
+                kill(
+                    contain_kind::SHARED_FILES,
+                    stat::SHARED_FILES_KILLED,
+                    watched,
+                );
+            }
+        }
     }
     0
 }
 
 const SIGKILL: u32 = 9;
-/// x86_64 `__NR_socket`, `__NR_bpf`.
+/// x86_64 syscall numbers.
 const SYS_SOCKET: u64 = 41;
+const SYS_CLONE: u64 = 56;
 const SYS_BPF: u64 = 321;
+const SYS_CLONE3: u64 = 435;
+const SYS_PIDFD_GETFD: u64 = 438;
+const CLONE_FILES: u64 = 0x400;
+const CLONE_THREAD: u64 = 0x10000;
 /// Offset of `di` in x86_64 `struct pt_regs` (r15 ... orig_ax: 21 u64s).
 const PT_REGS_DI: u64 = 14 * 8;
 

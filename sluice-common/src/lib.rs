@@ -113,7 +113,40 @@ pub mod stat {
     pub const PACKET_SOCKET_KILLED: u32 = 9;
     /// Watched tasks killed for calling bpf() (same fallback).
     pub const BPF_KILLED: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// Watched root tasks killed for cloning a process that shares their
+    /// file table (it could use a bpf() fd its killed sibling obtained).
+    pub const SHARED_FILES_KILLED: u32 = 11;
+    /// Watched tasks killed for taking another process's fd
+    /// (`pidfd_getfd`).
+    pub const FD_TAKE_KILLED: u32 = 12;
+    /// Containment events lost because the ring buffer was full.
+    pub const EVENTS_LOST: u32 = 13;
+    pub const COUNT: u32 = 14;
+}
+
+/// What the kernel fallback (no BPF LSM) did to a watched task, sent to
+/// the agent over a ring buffer so it can answer within microseconds:
+/// stop the whole job, re-check its links, audit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContainEvent {
+    /// One of `contain_kind`.
+    pub kind: u32,
+    /// Process id (kernel tgid) of the killed task.
+    pub tgid: u32,
+    /// The task's own cgroup.
+    pub cgroup_id: u64,
+    /// The watched cgroup it is under (the job).
+    pub watched_id: u64,
+    pub comm: [u8; 16],
+}
+
+/// `ContainEvent::kind`.
+pub mod contain_kind {
+    pub const BPF: u32 = 1;
+    pub const PACKET_SOCKET: u32 = 2;
+    pub const SHARED_FILES: u32 = 3;
+    pub const FD_TAKE: u32 = 4;
 }
 
 #[cfg(feature = "user")]
@@ -141,5 +174,6 @@ mod tests {
         assert_eq!(size_of::<ProxyConfig>(), 4 + 16 + 2 + 2 + 8);
         assert_eq!(size_of::<Origin>(), 16 + 2 + 2 + 4 * 5 + 8 + 8 + 16);
         assert_eq!(size_of::<ClientKey>(), 24);
+        assert_eq!(size_of::<ContainEvent>(), 4 + 4 + 8 + 8 + 16);
     }
 }

@@ -314,3 +314,181 @@ fn a_cgroup_matching_a_pattern_is_attached_the_moment_it_appears() {
     drop(env);
     drop(parent);
 }
+
+/// Python: a sibling that sleeps (the rest of the job), then bpf()
+/// (harmless BPF_LINK_GET_NEXT_ID) from the main process.
+const JOB_WITH_SLEEPER: &str = r#"
+import ctypes, os, struct, subprocess, sys, time
+sleeper = subprocess.Popen(["sleep", "30"])
+print("sleeper=%d" % sleeper.pid, flush=True)
+time.sleep(0.3)
+libc = ctypes.CDLL(None, use_errno=True)
+attr = ctypes.create_string_buffer(struct.pack("<II", 0, 0), 128)
+libc.syscall(321, 31, attr, 128)
+print("survived bpf", flush=True)
+"#;
+
+/// Python: clone(CLONE_FILES | SIGCHLD) — a second process sharing the
+/// file table, which would outlive a sibling killed for bpf() and keep
+/// the link fd it got. `drop` first becomes nobody (not a bpf() threat).
+const SHARED_FILES: &str = r#"
+import ctypes, os, sys
+if sys.argv[1] == "drop":
+    os.setgid(65534); os.setuid(65534)
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_FILES, SIGCHLD = 0x400, 17
+pid = libc.syscall(56, CLONE_FILES | SIGCHLD, 0, 0, 0, 0)
+if pid == 0:
+    os._exit(7)
+if pid < 0:
+    print("clone failed", os.strerror(ctypes.get_errno()), flush=True)
+    sys.exit(1)
+_, status = os.waitpid(pid, 0)
+print("child exited %d" % os.waitstatus_to_exitcode(status), flush=True)
+"#;
+
+fn audit_text(env: &Env) -> String {
+    let out = env.node.cli(&["audit", "--kind", "containment"]);
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie is dead for our purpose.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+/// Plain HTTP from a fresh process in the job's cgroup to the target.
+fn curl_target(env: &Env) -> std::process::Output {
+    let url = format!("http://{}:{HTTP_PORT}/hello", env.remote.remote);
+    env.cgroup.run("curl", &["-sS", "--max-time", "10", &url])
+}
+
+/// After the job was stopped: a new connection from its cgroup still goes
+/// through the node (the redirect holds) and is refused there, recorded.
+fn assert_quarantined(env: &Env) {
+    let out = curl_target(env);
+    assert!(
+        !out.status.success(),
+        "a stopped job's cgroup gets nothing through: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    wait_for("the quarantined connection's record", || {
+        env.node.sessions().iter().any(|s| {
+            s["outcome"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("job quarantined"))
+        })
+    });
+    let s = env.node.status();
+    assert!(s["jobs_quarantined"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+}
+
+#[test]
+fn a_job_calling_bpf_is_stopped_whole_and_quarantined() {
+    let env = Env::new();
+    if env.node.status()["containment"] == "bpf-lsm" {
+        // Refused by the LSM before it runs: nothing to stop.
+        let out = env.cgroup.run("python3", &["-c", BPF_CALL]);
+        assert!(out.status.success(), "{}", text(&out));
+        return;
+    }
+    let out = env.cgroup.run("python3", &["-c", JOB_WITH_SLEEPER]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "{stdout}");
+    assert!(!stdout.contains("survived"), "{stdout}");
+    let sleeper: u32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sleeper="))
+        .and_then(|p| p.parse().ok())
+        .expect("sleeper pid");
+    // The rest of the job goes too: the fd a bpf() call returned could
+    // have been shared with it.
+    wait_for("the sleeping sibling to be killed", || !pid_alive(sleeper));
+    wait_for("the tamper audit event", || {
+        let a = audit_text(&env);
+        a.contains("containment.tamper") && a.contains("\"bpf\"")
+    });
+    let s = env.node.status();
+    assert!(s["jobs_stopped"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+    assert_quarantined(&env);
+}
+
+#[test]
+fn a_root_job_cannot_clone_a_process_sharing_its_file_table() {
+    let env = Env::new();
+    if env.node.status()["containment"] == "bpf-lsm" {
+        return; // bpf() itself is refused; sharing fds is harmless then.
+    }
+    // An unprivileged process (a sanitizer's helper, say) may: it cannot
+    // get a bpf() fd to share.
+    let out = env.cgroup.run("python3", &["-c", SHARED_FILES, "drop"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(stdout.trim(), "child exited 7", "{}", text(&out));
+    // Root: the clone is abandoned (the child never runs) and the job is
+    // stopped.
+    let out = env.cgroup.run("python3", &["-c", SHARED_FILES, "root"]);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "{}", text(&out));
+    assert!(!text(&out).contains("child exited"), "{}", text(&out));
+    let s = env.node.status();
+    assert!(
+        s["kernel_shared_files_killed"].as_u64().unwrap_or(0) >= 1,
+        "{s:#}"
+    );
+    wait_for("the tamper audit event", || {
+        audit_text(&env).contains("clone-shared-files")
+    });
+    assert_quarantined(&env);
+}
+
+#[test]
+fn a_detached_link_is_attached_again_and_its_job_stopped() {
+    let env = Env::new();
+    // Before: the job reaches the target through the node.
+    let out = curl_target(&env);
+    assert!(out.status.success(), "{}", text(&out));
+    let before = env.node.sessions().len();
+    // Someone with root detaches the job's connect4 link (what a job
+    // with a smuggled link fd would do): BPF_OBJ_GET on its pin, then
+    // BPF_LINK_DETACH.
+    let pin = node_agent::redirect::pin_dir(&env.cgroup.path).join("sluice_connect4");
+    let path = std::ffi::CString::new(pin.to_str().unwrap()).unwrap();
+    let mut attr = [0u8; 128];
+    attr[..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: bpf_attr-sized buffers whose pointers outlive the calls.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, attr.as_ptr(), attr.len()) };
+    assert!(fd >= 0, "BPF_OBJ_GET {}", pin.display());
+    let mut attr = [0u8; 128];
+    attr[..4].copy_from_slice(&(fd as u32).to_ne_bytes());
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 34, attr.as_ptr(), attr.len()) };
+    assert_eq!(r, 0, "BPF_LINK_DETACH: {}", std::io::Error::last_os_error());
+    unsafe { libc::close(fd as i32) };
+    // The node notices within its tick, attaches the link again and
+    // stops the job (its traffic may have gone around the node).
+    wait_for("the re-attachment audit event", || {
+        audit_text(&env).contains("containment.relinked")
+    });
+    let s = env.node.status();
+    assert!(s["links_restored"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+    assert!(env.node.log_text().contains("tampered with"));
+    // Redirected again: the next connection reaches the node (and is
+    // refused there, the job being quarantined), not the target.
+    assert_quarantined(&env);
+    assert!(env.node.sessions().len() > before);
+    let remote_hits = env.remote.entries().len();
+    let _ = curl_target(&env);
+    assert_eq!(
+        env.remote.entries().len(),
+        remote_hits,
+        "nothing reached the target"
+    );
+}
