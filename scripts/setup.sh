@@ -43,4 +43,27 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version >/dev/null 
   LLVM_PREFIX="$prefix" cargo +nightly install bpf-linker --locked \
     --no-default-features --features llvm-22
 fi
+# Benchmarks only (`scripts/setup.sh bench`, run by `cargo xtask bench`): a
+# real upstream and real load tools. The package's own nginx service is kept
+# from starting (policy-rc.d for the install): the bench runs its own, in a
+# network namespace.
+if [[ "${1:-}" == "bench" ]]; then
+  need_bench=()
+  for pkg in nginx wrk nghttp2-client; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need_bench+=("$pkg")
+  done
+  if ((${#need_bench[@]})); then
+    echo "setup: installing benchmark packages: ${need_bench[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    made_policy=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+      chmod +x /usr/sbin/policy-rc.d
+      made_policy=1
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_bench[@]}" >/dev/null
+    if ((made_policy)); then rm -f /usr/sbin/policy-rc.d; fi
+  fi
+fi
 echo "setup: ok"

@@ -513,6 +513,24 @@ impl Guard {
                 continue; // still inside, or gone
             }
             let to = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            // Not in the listing yet not outside: a zombie (exited tasks
+            // leave `cgroup.procs` before they are reaped) or a move inside
+            // the subtree while we listed. Only a live process whose
+            // cgroup is now outside the job left it.
+            let rel = format!(
+                "/{}",
+                cg.strip_prefix(&self.cgroup_root)
+                    .unwrap_or(cg)
+                    .display()
+                    .to_string()
+                    .trim_start_matches('/')
+            );
+            let now_in = to.lines().find_map(|l| l.strip_prefix("0::"));
+            if is_zombie(*pid)
+                || now_in.is_none_or(|p| crate::identity::path_within(p.trim(), &rel))
+            {
+                continue;
+            }
             // It and whatever it started since (they were born outside).
             let mut victims = vec![*pid];
             victims.extend(descendants(*pid));
@@ -593,6 +611,19 @@ fn pids_under(cg: &Path) -> Vec<u32> {
         }
     }
     out
+}
+
+/// Field 3 of /proc/PID/stat: exited, not yet reaped (or dead).
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_whitespace()
+                .next()
+                .map(|st| st == "Z" || st == "X")
+        })
+        .unwrap_or(true)
 }
 
 /// Field 22 of /proc/PID/stat (after the parenthesised comm).

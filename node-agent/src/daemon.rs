@@ -42,6 +42,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     restrict(&state_dir);
 
+    raise_fd_limit();
     // Records first: nothing is intercepted unless it can be recorded.
     let store = Arc::new(
         RecordStore::open_with(&state_dir, cfg.records.durability())
@@ -173,6 +174,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Duration::from_secs(cfg.dns.refresh_secs),
     ));
 
+    std::thread::Builder::new()
+        .name("mem-trim".into())
+        .spawn(give_back_memory)
+        .context("starting the memory trimmer")?;
+
     let control_listener = control::bind(&socket)?;
     let server = Arc::new(ControlServer {
         proxy: proxy.clone(),
@@ -257,6 +263,41 @@ fn tls_context(cfg: &Config, state_dir: &Path) -> anyhow::Result<Option<Arc<TlsC
         ca,
         &cfg.tls.extra_upstream_roots,
     )?)))
+}
+
+/// glibc keeps freed memory in its per-thread arenas: the transient peak
+/// of compiling a policy (Hyperscan, regexes) and the buffers of closed
+/// connections would stay resident for good. Every few seconds it is
+/// handed back to the kernel (`malloc_trim`, which also releases free
+/// pages inside the heap), so the node's RSS follows its load back down.
+fn give_back_memory() {
+    loop {
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
+/// Every intercepted connection holds two descriptors (job side and
+/// upstream): the soft limit goes up to the hard one (the unit sets it),
+/// as servers do; the per-identity cap keeps one job from taking them all.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain calls with a valid pointer to a local.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-file limit");
+            }
+        }
+    }
 }
 
 /// State holds evidence: readable by root only.

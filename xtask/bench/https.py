@@ -44,6 +44,7 @@ SLUICE_PORT = 15998
 MITM_PORT = 18914
 CGROUP_ENF = "sluice-hbench-enf"
 VARIANTS = ["direct", "sluice", "enforced", "mitmproxy"]
+NGINX_PORT = 9443
 
 BUNDLE = """version: 1
 name: hbench-enforcement
@@ -154,6 +155,164 @@ def start_mitmdump(tmp, upstream_ca):
     return proc, ca, version
 
 
+# ---------------------------------------------------------------- nginx, wrk, h2load
+NGINX_CONF = """worker_processes 1;
+pid %(tmp)s/nginx.pid;
+error_log %(tmp)s/nginx-error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path %(tmp)s/nginx-body;
+    proxy_temp_path %(tmp)s/nginx-proxy;
+    fastcgi_temp_path %(tmp)s/nginx-fastcgi;
+    uwsgi_temp_path %(tmp)s/nginx-uwsgi;
+    scgi_temp_path %(tmp)s/nginx-scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {
+        listen %(ip)s:%(port)d ssl http2;
+        ssl_certificate %(tmp)s/api.crt;
+        ssl_certificate_key %(tmp)s/api.key;
+        ssl_protocols TLSv1.3;
+        location = /bytes { default_type application/octet-stream; return 200 "%(body)s"; }
+    }
+}
+"""
+
+
+def start_nginx(tmp, body_bytes):
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF % {"tmp": tmp, "ip": REMOTE_IP, "port": NGINX_PORT, "body": "n" * body_bytes})
+    proc = subprocess.Popen(["ip", "netns", "exec", NS, "nginx", "-c", conf, "-g", "daemon off;"],
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "nginx.log"), "w"))
+    wait_until("nginx", lambda: can_connect(REMOTE_IP, NGINX_PORT), proc=proc,
+               log=os.path.join(tmp, "nginx.log"))
+    return proc
+
+
+def in_place(tmp, cgroup, cmd):
+    """`cmd` with HOST resolving to the upstream (a private /etc/hosts in
+    a mount namespace of its own: wrk and h2load take the TLS name from the
+    URL and have no --resolve) and, for the Sluice variants, in `cgroup`."""
+    hosts = os.path.join(tmp, "hosts")
+    with open(hosts, "w") as f:
+        f.write("127.0.0.1 localhost\n%s %s\n" % (REMOTE_IP, HOST))
+    enter = "echo $$ > %s/cgroup.procs && " % cgroup if cgroup else ""
+    return ["unshare", "-m", "sh", "-c", 'mount --bind %s /etc/hosts && %sexec "$@"' % (hosts, enter),
+            "sh"] + cmd
+
+
+def parse_wrk(out):
+    """req/s, p50 and p99 in ms, errors from `wrk --latency` output."""
+    import re
+    res = {"errors": 0}
+    unit = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    for line in out.splitlines():
+        line = line.strip()
+        m = re.match(r"Requests/sec:\s+([\d.]+)", line)
+        if m:
+            res["rps"] = float(m.group(1))
+        m = re.match(r"(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)$", line)
+        if m:
+            res["p%s_ms" % m.group(1)] = float(m.group(2)) * unit[m.group(3)]
+        m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", line)
+        if m:
+            res["errors"] += sum(int(x) for x in m.groups())
+        m = re.search(r"Non-2xx or 3xx responses: (\d+)", line)
+        if m:
+            res["errors"] += int(m.group(1))
+    if "rps" not in res:
+        res["failed"] = "no Requests/sec in wrk output: %s" % out[-500:]
+    return res
+
+
+def parse_h2load(out):
+    import re
+    res = {"errors": 0}
+    for line in out.splitlines():
+        m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", line)
+        if m:
+            res["rps"] = float(m.group(1))
+        m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", line)
+        if m:
+            res["errors"] += int(m.group(2)) + int(m.group(3))
+            res["succeeded"] = int(m.group(1))
+        m = re.search(r"status codes: \d+ 2xx, \d+ 3xx, (\d+) 4xx, (\d+) 5xx", line)
+        if m:
+            res["errors"] += int(m.group(1)) + int(m.group(2))
+        m = re.match(r"\s*time for request:\s+[\d.]+\w+\s+[\d.]+\w+\s+([\d.]+)(us|ms|s)", line)
+        if m:
+            res["mean_ms"] = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    if "rps" not in res or not res.get("succeeded"):
+        res["failed"] = "h2load did not finish cleanly: %s" % out[-500:]
+    return res
+
+
+def tools_bench(a, tmp, cg, cg_enf, sluice, sock):
+    for tool in ("nginx", "wrk", "h2load", "unshare"):
+        if shutil.which(tool) is None:
+            raise RuntimeError("%s is not installed (scripts/setup.sh bench installs it)" % tool)
+    nginx = start_nginx(tmp, a.body_bytes)
+    variants = ["direct", "sluice", "enforced"]
+    where = {"direct": None, "sluice": cg, "enforced": cg_enf}
+    url = "https://%s:%d/bytes" % (HOST, NGINX_PORT)
+    dur = "%ds" % max(1, int(a.duration_secs))
+    loads = [("wrk %d conn" % c, ["wrk", "--latency", "-t", str(min(c, 2)), "-c", str(c), "-d", dur, url],
+              parse_wrk) for c in (int(x) for x in a.tool_conns.split(","))]
+    loads.append(("h2load 8x10", ["h2load", "-c", "8", "-m", "10", "-t", "2", "-D", dur, url], parse_h2load))
+    results = {v: {name: [] for name, _, _ in loads} for v in variants}
+    try:
+        for i in range(a.runs):
+            for name, cmd, parse in loads:
+                for v in variants:
+                    r = subprocess.run(in_place(tmp, where[v], cmd), capture_output=True, text=True,
+                                       timeout=a.duration_secs + 120)
+                    res = parse(r.stdout) if r.returncode == 0 else {"failed": (r.stderr or r.stdout)[-500:]}
+                    print("run %d %-9s %-12s %s" % (i + 1, v, name, json.dumps(res)), flush=True)
+                    results[v][name].append(res)
+    finally:
+        nginx.terminate()
+        nginx.wait()
+
+    def best(v, name, key, lower):
+        vals = [r[key] for r in results[v][name] if "failed" not in r and not r.get("errors") and key in r]
+        if not vals:
+            return None
+        return min(vals) if lower else max(vals)
+
+    print()
+    print("nginx %s upstream (TLS 1.3, 1 worker), %d B bodies, %s per run, best of %d interleaved runs"
+          % (subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1],
+             a.body_bytes, dur, a.runs))
+    hdr = "%-24s %11s %11s %11s %9s %9s" % ("metric", "direct", "sluice", "enforced", "sluice/d", "enf/d")
+    print(hdr)
+    print("-" * len(hdr))
+    failed = []
+    for name, _, _ in loads:
+        metrics = [("req/s", "rps", False, "%.0f"), ("p50 ms", "p50_ms", True, "%.3f"),
+                   ("p99 ms", "p99_ms", True, "%.3f")] if name.startswith("wrk") else \
+                  [("req/s", "rps", False, "%.0f"), ("mean ms", "mean_ms", True, "%.3f")]
+        for label, key, lower, fmt in metrics:
+            d = best("direct", name, key, lower)
+            cells, ratios = [fmt % d if d is not None else "FAILED"], []
+            for v in ("sluice", "enforced"):
+                x = best(v, name, key, lower)
+                cells.append(fmt % x if x is not None else "FAILED")
+                ratios.append("%.2f" % (x / d) if x is not None and d else "-")
+            print("%-24s %11s %11s %11s %9s %9s" % tuple(["%s, %s" % (name, label)] + cells + ratios))
+        for v in variants:
+            if best(v, name, "rps", False) is None:
+                failed.append("%s %s" % (v, name))
+    added = [(c, best("sluice", "wrk %d conn" % c, "p50_ms", True), best("direct", "wrk %d conn" % c, "p50_ms", True))
+             for c in (int(x) for x in a.tool_conns.split(","))]
+    for c, s, d in added:
+        if s is not None and d is not None:
+            print("added p50 at %d conn: %.0f us" % (c, (s - d) * 1000))
+    if failed:
+        raise RuntimeError("variants with no clean run: %s" % ", ".join(failed))
+
+
 # ---------------------------------------------------------------- driver
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -168,6 +327,10 @@ def main():
     ap.add_argument("--timeout-secs", type=float, default=5.0,
                     help="client: a step with no progress for this long is an error")
     ap.add_argument("--no-mitmproxy", action="store_true")
+    ap.add_argument("--tool-conns", default="1,8,64",
+                    help="wrk connection counts against nginx, comma-separated")
+    ap.add_argument("--no-tools", action="store_true", help="skip the nginx/wrk/h2load part")
+    ap.add_argument("--no-client", action="store_true", help="skip the Rust client part")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (eBPF, cgroups, network namespaces, system trust store)")
@@ -196,7 +359,8 @@ def main():
         upstream_ca = os.path.join(tmp, "upstream-ca.pem")
         upstream_log = os.path.join(tmp, "upstream.log")
         upstream = subprocess.Popen(["ip", "netns", "exec", NS, upstream_bin, "--bind", REMOTE_IP,
-                                     "--ca-out", upstream_ca, "--log", upstream_log],
+                                     "--ca-out", upstream_ca, "--log", upstream_log,
+                                     "--leaf-out", tmp],
                                     stdout=subprocess.DEVNULL)
         wait_until("fake upstream", lambda: os.path.exists(upstream_ca) and can_connect(REMOTE_IP, 443),
                    proc=upstream)
@@ -207,12 +371,12 @@ def main():
         subprocess.run([sluice, "policy", "keygen", keys], check=True, capture_output=True)
         with open(cfg, "w") as f:
             f.write("proxy:\n  port: %d\nwatch:\n  cgroups: [{path: %s}, {path: %s}]\n"
-                    "targets:\n  - name: hbench-api\n    addresses: [\"%s\"]\n    ports: [443]\n"
+                    "targets:\n  - name: hbench-api\n    addresses: [\"%s\"]\n    ports: [443, %d]\n"
                     "    tls: intercept\n    sni: [%s]\n"
                     "workloads:\n  - name: hbench\n    cgroup: \"/%s*\"\n"
                     "tls:\n  extra_upstream_roots: [\"%s\"]\n"
                     "policy:\n  trusted_keys: [\"%s.pub\"]\n"
-                    % (SLUICE_PORT, CGROUP, CGROUP_ENF, REMOTE_IP, HOST, CGROUP, upstream_ca, keys))
+                    % (SLUICE_PORT, CGROUP, CGROUP_ENF, REMOTE_IP, NGINX_PORT, HOST, CGROUP, upstream_ca, keys))
         sock = os.path.join(tmp, "control.sock")
         node_log = os.path.join(tmp, "sluice.log")
 
@@ -285,85 +449,88 @@ def main():
                 node = start_node()
             return res
 
-        conns_levels = [int(c) for c in a.conns.split(",")]
-        kinds = ["load%d" % c for c in conns_levels] + ["dl"]
-        results = {v: {k: [] for k in kinds} for v in variants}
-        # Interleave runs so that machine noise hits every path alike.
-        for i in range(a.runs):
-            for c in conns_levels:
-                load_args = ["--path", "/bytes?n=%d" % a.body_bytes, "--conns", str(c),
-                             "--duration-secs", str(a.duration_secs)]
+        if not a.no_client:
+            conns_levels = [int(c) for c in a.conns.split(",")]
+            kinds = ["load%d" % c for c in conns_levels] + ["dl"]
+            results = {v: {k: [] for k in kinds} for v in variants}
+            # Interleave runs so that machine noise hits every path alike.
+            for i in range(a.runs):
+                for c in conns_levels:
+                    load_args = ["--path", "/bytes?n=%d" % a.body_bytes, "--conns", str(c),
+                                 "--duration-secs", str(a.duration_secs)]
+                    for v in variants:
+                        results[v]["load%d" % c].append(measure(v, "load%d" % c, load_args))
                 for v in variants:
-                    results[v]["load%d" % c].append(measure(v, "load%d" % c, load_args))
-            for v in variants:
-                results[v]["dl"].append(measure(v, "download", ["--download-mb", str(a.download_mb)]))
+                    results[v]["dl"].append(measure(v, "download", ["--download-mb", str(a.download_mb)]))
 
-        # Evidence that the sluice runs really went through interception.
-        sessions = json.loads(subprocess.run(
-            [sluice, "--socket", sock, "sessions", "list", "--json", "--limit", "100000"],
-            capture_output=True, text=True, check=True).stdout)
-        intercepted = sum(1 for s in sessions if (s.get("tls") or {}).get("mode") == "intercepted")
-        st = json.loads(subprocess.run([sluice, "--socket", sock, "status", "--json"],
-                                       capture_output=True, text=True, check=True).stdout)
-        if intercepted == 0:
-            raise RuntimeError("no connection was TLS-intercepted by sluice; status: %s" % st)
+            # Evidence that the sluice runs really went through interception.
+            sessions = json.loads(subprocess.run(
+                [sluice, "--socket", sock, "sessions", "list", "--json", "--limit", "100000"],
+                capture_output=True, text=True, check=True).stdout)
+            intercepted = sum(1 for s in sessions if (s.get("tls") or {}).get("mode") == "intercepted")
+            st = json.loads(subprocess.run([sluice, "--socket", sock, "status", "--json"],
+                                           capture_output=True, text=True, check=True).stdout)
+            if intercepted == 0:
+                raise RuntimeError("no connection was TLS-intercepted by sluice; status: %s" % st)
 
-        # ---------------------------------------------------------- report
-        def best(v, kind, key, lower_is_better):
-            """Best over the runs that completed without errors; None if none did."""
-            vals = [r[key] for r in results[v][kind]
-                    if "failed" not in r and not r.get("errors") and r.get(key) is not None]
-            if not vals:
-                return None
-            return min(vals) if lower_is_better else max(vals)
+            # ---------------------------------------------------------- report
+            def best(v, kind, key, lower_is_better):
+                """Best over the runs that completed without errors; None if none did."""
+                vals = [r[key] for r in results[v][kind]
+                        if "failed" not in r and not r.get("errors") and r.get(key) is not None]
+                if not vals:
+                    return None
+                return min(vals) if lower_is_better else max(vals)
 
-        rows = []
-        for c in conns_levels:
-            k = "load%d" % c
-            rows += [("req/s, %d conn" % c, k, "rps", False, "%.0f"),
-                     ("p50 ms, %d conn" % c, k, "p50_ms", True, "%.3f"),
-                     ("p99 ms, %d conn" % c, k, "p99_ms", True, "%.3f")]
-        rows += [("conn setup ms", "load%d" % conns_levels[0], "connect_ms", True, "%.2f"),
-                 ("download MB/s", "dl", "mb_s", False, "%.1f")]
-        print()
-        print("Sluice HTTPS benchmark: keep-alive GET of %d B bodies for %gs at %s conn(s); "
-              "%d MiB download; best of %d interleaved runs"
-              % (a.body_bytes, a.duration_secs, "/".join(map(str, conns_levels)), a.download_mb, a.runs))
-        hdr = "%-21s %11s %11s %11s %11s %9s %9s %9s" % ("metric", "direct", "sluice", "enforced",
-                                                          "mitmproxy", "sluice/d", "enf/d", "mitm/d")
-        print(hdr)
-        print("-" * len(hdr))
-        for name, kind, key, lower, fmt in rows:
-            d = best("direct", kind, key, lower)
-            cells, ratios = [fmt % d if d is not None else "FAILED"], []
-            for v in ("sluice", "enforced", "mitmproxy"):
-                x = best(v, kind, key, lower) if v in results else None
-                cells.append("n/a" if v not in results else fmt % x if x is not None else "FAILED")
-                ratios.append("%.2f" % (x / d) if x is not None and d else "-")
-            print("%-21s %11s %11s %11s %11s %9s %9s %9s" % tuple([name] + cells + ratios))
+            rows = []
+            for c in conns_levels:
+                k = "load%d" % c
+                rows += [("req/s, %d conn" % c, k, "rps", False, "%.0f"),
+                         ("p50 ms, %d conn" % c, k, "p50_ms", True, "%.3f"),
+                         ("p99 ms, %d conn" % c, k, "p99_ms", True, "%.3f")]
+            rows += [("conn setup ms", "load%d" % conns_levels[0], "connect_ms", True, "%.2f"),
+                     ("download MB/s", "dl", "mb_s", False, "%.1f")]
+            print()
+            print("Sluice HTTPS benchmark: keep-alive GET of %d B bodies for %gs at %s conn(s); "
+                  "%d MiB download; best of %d interleaved runs"
+                  % (a.body_bytes, a.duration_secs, "/".join(map(str, conns_levels)), a.download_mb, a.runs))
+            hdr = "%-21s %11s %11s %11s %11s %9s %9s %9s" % ("metric", "direct", "sluice", "enforced",
+                                                              "mitmproxy", "sluice/d", "enf/d", "mitm/d")
+            print(hdr)
+            print("-" * len(hdr))
+            for name, kind, key, lower, fmt in rows:
+                d = best("direct", kind, key, lower)
+                cells, ratios = [fmt % d if d is not None else "FAILED"], []
+                for v in ("sluice", "enforced", "mitmproxy"):
+                    x = best(v, kind, key, lower) if v in results else None
+                    cells.append("n/a" if v not in results else fmt % x if x is not None else "FAILED")
+                    ratios.append("%.2f" % (x / d) if x is not None and d else "-")
+                print("%-21s %11s %11s %11s %11s %9s %9s %9s" % tuple([name] + cells + ratios))
 
-        def errors(v):
-            if v not in results:
-                return "n/a"
-            n = 0
-            for k in kinds:
-                for r in results[v][k]:
-                    n += 1 if "failed" in r else r.get("errors", 0)
-            return str(n)
-        print("%-21s %11s %11s %11s %11s" % ("errors (all runs)", errors("direct"), errors("sluice"),
-                                             errors("enforced"), errors("mitmproxy")))
-        print("(ratio vs direct: req/s and MB/s <1 = slower; latency >1 = slower; "
-              "FAILED = no run without errors)")
-        interrupted = sum(1 for s in sessions if (s.get("outcome") or {}).get("status") == "interrupted")
-        print("sluice: %d sessions recorded: %d closed with tls.mode=intercepted, %d interrupted by a node "
-              "restart; since the last start: kernel_redirected=%d, connections_forwarded=%d"
-              % (len(sessions), intercepted, interrupted, st["kernel_redirected"], st["connections_forwarded"]))
-        if restarts:
-            print("sluice: node restarted after failed requests in: %s" % ", ".join(restarts))
-        if mitm_error is None:
-            print("mitmproxy: %s (mitmdump, explicit proxy via CONNECT, stream_large_bodies=1m)" % mitm_version)
-        else:
-            print("mitmproxy: UNAVAILABLE: %s" % mitm_error)
+            def errors(v):
+                if v not in results:
+                    return "n/a"
+                n = 0
+                for k in kinds:
+                    for r in results[v][k]:
+                        n += 1 if "failed" in r else r.get("errors", 0)
+                return str(n)
+            print("%-21s %11s %11s %11s %11s" % ("errors (all runs)", errors("direct"), errors("sluice"),
+                                                 errors("enforced"), errors("mitmproxy")))
+            print("(ratio vs direct: req/s and MB/s <1 = slower; latency >1 = slower; "
+                  "FAILED = no run without errors)")
+            interrupted = sum(1 for s in sessions if (s.get("outcome") or {}).get("status") == "interrupted")
+            print("sluice: %d sessions recorded: %d closed with tls.mode=intercepted, %d interrupted by a node "
+                  "restart; since the last start: kernel_redirected=%d, connections_forwarded=%d"
+                  % (len(sessions), intercepted, interrupted, st["kernel_redirected"], st["connections_forwarded"]))
+            if restarts:
+                print("sluice: node restarted after failed requests in: %s" % ", ".join(restarts))
+            if mitm_error is None:
+                print("mitmproxy: %s (mitmdump, explicit proxy via CONNECT, stream_large_bodies=1m)" % mitm_version)
+            else:
+                print("mitmproxy: UNAVAILABLE: %s" % mitm_error)
+        if not a.no_tools:
+            tools_bench(a, tmp, cg, cg_enf, sluice, sock)
     finally:
         stop(mitm)
         if ca_installed:

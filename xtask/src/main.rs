@@ -50,6 +50,13 @@ fn setup() {
     run(Command::new("bash").arg(root().join("scripts/setup.sh")));
 }
 
+/// Set-up plus the benchmarks' upstream and load tools (nginx, wrk, h2load).
+fn setup_bench() {
+    run(Command::new("bash")
+        .arg(root().join("scripts/setup.sh"))
+        .arg("bench"));
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -100,7 +107,7 @@ fn main() {
                 .arg(root().join("target/release/sluice")));
         }
         Some("bench") => {
-            setup();
+            setup_bench();
             run(cargo().args([
                 "build",
                 "--release",

@@ -3,8 +3,9 @@
 //!
 //! Every `fsync_interval` (if the chain grew), or at once when a caller
 //! waits for durability (all callers queued meanwhile share one flush):
-//! sign a checkpoint if one is due, rotate the write-ahead segment, flush
-//! sled (write + fsync), then delete the segments that flush covered.
+//! sign a checkpoint if one is due, rotate the write-ahead segment, index
+//! the queued events into sled, flush sled (write + fsync), then delete
+//! the segments that flush covered.
 use std::{
     sync::{
         mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender},
@@ -150,13 +151,23 @@ fn commit(s: &Shared, st: &mut State, force_checkpoint: bool) -> Result<(), Reco
     if next == st.flushed && !signed {
         return Ok(());
     }
+    // Rotating the write-ahead file and taking the indexing queue happen
+    // under one lock: every event of the retired segment is in sled before
+    // the flush that lets the segment go.
     let old = {
-        let mut h = s.head.lock().unwrap_or_else(|e| e.into_inner());
-        if h.wal.is_empty() {
-            None
-        } else {
-            Some(h.wal.rotate()?)
-        }
+        let _order = s.index_order.lock().unwrap_or_else(|e| e.into_inner());
+        let (old, batch) = {
+            let mut h = s.head.lock().unwrap_or_else(|e| e.into_inner());
+            let old = if h.wal.is_empty() {
+                None
+            } else {
+                Some(h.wal.rotate()?)
+            };
+            h.pending_bytes = 0;
+            (old, std::mem::take(&mut h.pending))
+        };
+        s.apply(batch)?;
+        old
     };
     s.db.flush()?;
     if let Some(old) = old {

@@ -5,11 +5,16 @@
 //!
 //! Write path (one `append`, under one lock, on the caller's thread): hash
 //! the record's JSON, write the event to the write-ahead file with one
-//! `write(2)` (`wal.rs`: in the kernel, so it survives `kill -9`), insert
-//! the event and the record's view into sled (memory). One group-commit
-//! thread (`commit.rs`) flushes sled (fsync) every
-//! `records.fsync_interval_ms`, retires write-ahead segments that flush
-//! covered, and signs checkpoints of the chain head (`checkpoint.rs`).
+//! `write(2)` (`wal.rs`: in the kernel, so it survives `kill -9`), and
+//! queue it for indexing. Nothing else: no sled work, no thread hop, no
+//! wait. Indexing (the event and the record's view into sled, one batch
+//! per tree) happens in the group-commit thread (`commit.rs`) before each
+//! flush, in any reader first (reads see every append that returned), and
+//! in the appender itself when the queue is over its bound (backpressure
+//! without a wait on another thread). The commit thread flushes sled
+//! (fsync) every `records.fsync_interval_ms`, retires write-ahead segments
+//! that flush covered, and signs checkpoints of the chain head
+//! (`checkpoint.rs`).
 //! At start the remaining write-ahead segments are replayed into sled and
 //! whatever was open (connections, exchanges) is marked interrupted.
 mod chain;
@@ -353,7 +358,27 @@ struct Head {
     /// Hash of the last event.
     hash: chain::Hash,
     wal: wal::Wal,
+    /// Appended (in the write-ahead file) but not yet in sled, in order.
+    pending: Vec<Pending>,
+    pending_bytes: usize,
 }
+
+/// An event waiting to be indexed into sled.
+struct Pending {
+    seq: u64,
+    connection: u64,
+    view: View,
+    /// The write-ahead frame: `[len u32][stored event]`.
+    frame: Vec<u8>,
+    /// The record the event carries (its view's new state).
+    body: Vec<u8>,
+}
+
+/// Beyond this the appender indexes the queue itself: memory stays
+/// bounded however far the commit thread falls behind.
+const MAX_PENDING_EVENTS: usize = 8192;
+const SLED_CACHE_BYTES: u64 = 8 << 20;
+const MAX_PENDING_BYTES: usize = 32 << 20;
 
 /// What the store and its group-commit thread share.
 struct Shared {
@@ -364,6 +389,12 @@ struct Shared {
     /// Serialises appends so that each event sees the true previous hash
     /// and the write-ahead file holds events in chain order.
     head: Mutex<Head>,
+    /// Serialises indexing, so that batches reach sled in chain order.
+    /// Taken before `head`, never while holding it.
+    index_order: Mutex<()>,
+    /// The last indexing failed (sled refuses writes): appends are
+    /// refused until one succeeds (fail closed).
+    index_failing: Mutex<Option<String>>,
     wal_dir: PathBuf,
     key: NodeKey,
     durability: Durability,
@@ -415,6 +446,41 @@ struct Views {
     open: sled::Tree,
 }
 
+/// One sled batch per tree for a run of events.
+#[derive(Default)]
+struct Batches {
+    events: sled::Batch,
+    connections: sled::Batch,
+    exchanges: sled::Batch,
+    open: sled::Batch,
+}
+
+impl Batches {
+    fn add(&mut self, p: &Pending) {
+        self.events.insert(&p.seq.to_be_bytes(), &p.frame[4..]);
+        let open = match p.view {
+            View::None => return,
+            View::Connection { open } => {
+                self.connections
+                    .insert(&p.connection.to_be_bytes(), p.body.as_slice());
+                open
+            }
+            View::Exchange { seq, open } => {
+                self.exchanges
+                    .insert(&exchange_key(p.connection, seq), p.body.as_slice());
+                open
+            }
+        };
+        if let Some(k) = open_key(p.view, p.connection) {
+            if open {
+                self.open.insert(k, &[]);
+            } else {
+                self.open.remove(k);
+            }
+        }
+    }
+}
+
 impl Views {
     /// Stores the record an event carries in its view, and whether it is
     /// still open. Idempotent (replay applies it again).
@@ -443,14 +509,22 @@ impl Views {
 
 impl Shared {
     /// Appends an event: chain hash, one `write(2)` to the write-ahead
-    /// file (from then on it survives `kill -9`), sled event and view.
+    /// file (from then on it survives `kill -9`), queued for sled.
     fn append(
         &self,
         connection: u64,
         kind: &str,
-        body: &[u8],
+        body: Vec<u8>,
         view: View,
     ) -> Result<u64, RecordError> {
+        if let Some(e) = self
+            .index_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return Err(RecordError::Flush(format!("indexing records failed: {e}")));
+        }
         let mut frame = Vec::with_capacity(4 + 96 + kind.len() + body.len());
         frame.extend_from_slice(&[0; 4]);
         let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
@@ -461,17 +535,85 @@ impl Shared {
             now_ms(),
             connection,
             kind,
-            body,
+            &body,
             &head.hash,
         );
         head.wal.append(&mut frame)?;
-        // In the kernel now: the chain moves on even if sled fails below
-        // (replay at the next start puts the event into sled).
+        // In the kernel now: the chain moves on (replay at the next start
+        // puts the event into sled if indexing never gets to it).
         head.seq = seq + 1;
         head.hash = hash;
-        self.events.insert(seq.to_be_bytes(), &frame[4..])?;
-        self.views.apply(connection, view, body)?;
+        head.pending_bytes += frame.len() + body.len();
+        head.pending.push(Pending {
+            seq,
+            connection,
+            view,
+            frame,
+            body,
+        });
+        let full =
+            head.pending.len() >= MAX_PENDING_EVENTS || head.pending_bytes >= MAX_PENDING_BYTES;
+        drop(head);
+        if full {
+            self.index()?;
+        }
         Ok(seq)
+    }
+
+    /// Puts every queued event into sled (memory; the commit thread
+    /// flushes). Readers call this first, so they see every append that
+    /// returned.
+    fn index(&self) -> Result<(), RecordError> {
+        let _order = self.index_order.lock().unwrap_or_else(|e| e.into_inner());
+        let batch = self.take_pending();
+        self.apply(batch)
+    }
+
+    fn take_pending(&self) -> Vec<Pending> {
+        let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+        head.pending_bytes = 0;
+        std::mem::take(&mut head.pending)
+    }
+
+    /// Applies a run of events (the caller holds `index_order`). On
+    /// failure they go back to the front of the queue, to be retried (a
+    /// retry re-inserts the same keys: idempotent).
+    fn apply(&self, batch: Vec<Pending>) -> Result<(), RecordError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut b = Batches::default();
+        for p in &batch {
+            b.add(p);
+        }
+        let res = (|| -> Result<(), sled::Error> {
+            self.events.apply_batch(b.events)?;
+            self.views.connections.apply_batch(b.connections)?;
+            self.views.exchanges.apply_batch(b.exchanges)?;
+            self.views.open.apply_batch(b.open)?;
+            Ok(())
+        })();
+        let mut failing = self.index_failing.lock().unwrap_or_else(|e| e.into_inner());
+        match res {
+            Ok(()) => {
+                *failing = None;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = batch.len(), "indexing records into sled failed; new records are refused until it works");
+                *failing = Some(e.to_string());
+                drop(failing);
+                let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+                let newer = std::mem::replace(&mut head.pending, batch);
+                head.pending.extend(newer);
+                head.pending_bytes = head
+                    .pending
+                    .iter()
+                    .map(|p| p.frame.len() + p.body.len())
+                    .sum();
+                Err(e.into())
+            }
+        }
     }
 
     fn head(&self) -> (u64, chain::Hash) {
@@ -575,9 +717,14 @@ impl RecordStore {
     pub fn open_with(dir: &Path, durability: Durability) -> Result<Self, RecordError> {
         // sled's own periodic flush is off: the group-commit thread is the
         // only flusher (sled 0.34 flushes must not run concurrently).
+        // Its page cache is bounded (sled's default, 1 GiB, would keep
+        // every record ever read or written resident): records are written
+        // once and read rarely (replay, export), so a small cache loses
+        // little and keeps the node's memory flat under load.
         let db = sled::Config::new()
             .path(dir.join("records.sled"))
             .flush_every_ms(None)
+            .cache_capacity(SLED_CACHE_BYTES)
             .open()?;
         let had_open_index = db.tree_names().iter().any(|n| n.as_ref() == b"open");
         let connections = db.open_tree("connections")?;
@@ -617,7 +764,11 @@ impl RecordStore {
                 seq: head.0,
                 hash: head.1,
                 wal,
+                pending: Vec::new(),
+                pending_bytes: 0,
             }),
+            index_order: Mutex::new(()),
+            index_failing: Mutex::new(None),
             wal_dir,
             key,
             durability,
@@ -725,7 +876,7 @@ impl RecordStore {
         self.s.append(
             r.id,
             kind,
-            &body,
+            body,
             View::Connection {
                 open: r.outcome == Outcome::Open,
             },
@@ -742,12 +893,13 @@ impl RecordStore {
 
     fn audit_nowait(&self, kind: &str, body: &serde_json::Value) -> Result<(), RecordError> {
         let text = serde_json::to_vec(body).map_err(RecordError::Encode)?;
-        self.s.append(0, kind, &text, View::None)?;
+        self.s.append(0, kind, text, View::None)?;
         Ok(())
     }
 
     /// Audit events (session 0) of the given kinds, oldest first.
     pub fn audit_events(&self, prefix: &str) -> Result<Vec<Event>, RecordError> {
+        self.s.index()?;
         let mut out = Vec::new();
         for item in self.s.events.iter() {
             let (_, v) = item?;
@@ -778,7 +930,7 @@ impl RecordStore {
         self.s.append(
             ex.session,
             kind,
-            &body,
+            body,
             View::Exchange {
                 seq: ex.seq,
                 open: ex.state == ExchangeState::Started,
@@ -789,6 +941,7 @@ impl RecordStore {
 
     /// A session's exchanges, in order.
     pub fn exchanges(&self, session: u64) -> Result<Vec<Exchange>, RecordError> {
+        self.s.index()?;
         let mut out = Vec::new();
         for item in self.s.views.exchanges.scan_prefix(session.to_be_bytes()) {
             let (k, v) = item?;
@@ -839,6 +992,7 @@ impl RecordStore {
     }
 
     pub fn get(&self, id: u64) -> Result<ConnectionRecord, RecordError> {
+        self.s.index()?;
         let v = self
             .s
             .views
@@ -853,6 +1007,7 @@ impl RecordStore {
 
     /// Newest first.
     pub fn list(&self, filter: &Filter) -> Result<Vec<ConnectionRecord>, RecordError> {
+        self.s.index()?;
         let limit = filter.limit.unwrap_or(usize::MAX);
         let mut out = Vec::new();
         for item in self.s.views.connections.iter().rev() {
@@ -873,6 +1028,8 @@ impl RecordStore {
     }
 
     pub fn count(&self) -> usize {
+        // A failed indexing is reported by the next append or read.
+        let _ = self.s.index();
         self.s.views.connections.len()
     }
 
@@ -901,6 +1058,7 @@ impl RecordStore {
     /// session's records) is exactly what the chain says. Returns the
     /// number of events, or the first break.
     pub fn verify(&self, session: Option<u64>) -> Result<Result<u64, String>, RecordError> {
+        self.s.index()?;
         verify::verify(&self.s, session)
     }
 
@@ -909,6 +1067,7 @@ impl RecordStore {
     /// links from its first event to that checkpoint. Call `seal` first
     /// so that a checkpoint covers the session.
     pub fn evidence(&self, session: u64) -> Result<Evidence, RecordError> {
+        self.s.index()?;
         verify::evidence(&self.s, session)
     }
 }

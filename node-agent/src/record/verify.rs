@@ -81,16 +81,26 @@ pub(super) fn verify(s: &Shared, session: Option<u64>) -> Result<Verdict, Record
                 l.connection
             )));
         }
-        if let Some(cps) = by_seq.remove(&seq) {
-            for cp in cps {
-                if cp.head_hash() != Some(l.hash) {
-                    return Ok(Err(truncated(&cp, found_end, None)));
-                }
-            }
-        }
+        // The node's own note that it found the chain cut (appended at the
+        // cut, so possibly at a checkpointed seq): known before that
+        // checkpoint is compared.
         if l.connection == 0 && l.kind == "records.truncated" {
             let b: serde_json::Value = serde_json::from_slice(&l.body).unwrap_or_default();
             found_end = b["chain_next_seq"].as_u64();
+        }
+        if let Some(cps) = by_seq.remove(&seq) {
+            for cp in cps {
+                if cp.head_hash() != Some(l.hash) {
+                    // Named against the latest checkpoint: it proves the
+                    // most (every later one lies past the cut too).
+                    let latest = by_seq
+                        .values()
+                        .next_back()
+                        .and_then(|v| v.first())
+                        .unwrap_or(&cp);
+                    return Ok(Err(truncated(latest, found_end, None)));
+                }
+            }
         }
         let d = view_digest(&l.body, l.legacy).unwrap_or_default();
         match View::of(l.connection, &l.kind, &l.body) {

@@ -87,13 +87,34 @@ pub const SECRET_GROUP: &str = "secret";
 
 struct Compiled {
     spec: PatternSpec,
-    re: regex::bytes::Regex,
+    /// Built on the first Hyperscan candidate: most patterns of a pack
+    /// never fire on a given node, and a built regex costs ~100 KB
+    /// (validated at load, so building again cannot fail).
+    re: std::sync::OnceLock<regex::bytes::Regex>,
     /// Index of the `secret` group, if the pattern has one.
     secret: Option<usize>,
     deny: Option<regex::bytes::RegexSet>,
 }
 
+fn build_regex(spec: &PatternSpec) -> Result<regex::bytes::Regex, regex::Error> {
+    regex::bytes::RegexBuilder::new(&spec.regex)
+        .case_insensitive(spec.caseless)
+        .unicode(false)
+        .build()
+}
+
 impl Compiled {
+    fn re(&self) -> &regex::bytes::Regex {
+        self.re.get_or_init(|| {
+            build_regex(&self.spec).unwrap_or_else(|e| {
+                // Unreachable (the same build passed at load); fail closed:
+                // the whole candidate region counts as the match.
+                tracing::error!(pattern = %self.spec.id, error = %e, "pattern no longer builds; masking whole candidates");
+                regex::bytes::Regex::new(r"(?s-u).+").expect("a constant pattern builds")
+            })
+        })
+    }
+
     /// The post-filters, over the secret span.
     fn accepts(&self, secret: &[u8]) -> bool {
         if self.spec.luhn && !luhn(secret) {
@@ -201,12 +222,12 @@ impl Scanner {
                 id: spec.id.clone(),
                 message: e.to_string(),
             };
-            let re = regex::bytes::RegexBuilder::new(&spec.regex)
-                .case_insensitive(spec.caseless)
-                .unicode(false)
-                .build()
-                .map_err(|e| bad(&e))?;
-            let secret = re.capture_names().position(|n| n == Some(SECRET_GROUP));
+            // Built once to validate and find the secret group, then
+            // dropped: kept only once a candidate needs it.
+            let secret = build_regex(&spec)
+                .map_err(|e| bad(&e))?
+                .capture_names()
+                .position(|n| n == Some(SECRET_GROUP));
             let deny = if spec.deny.is_empty() {
                 None
             } else {
@@ -224,7 +245,7 @@ impl Scanner {
             }
             patterns.push(Compiled {
                 spec,
-                re,
+                re: std::sync::OnceLock::new(),
                 secret,
                 deny,
             });
@@ -321,7 +342,7 @@ impl Scanner {
             };
             match c.secret {
                 Some(g) => {
-                    for caps in c.re.captures_iter(data) {
+                    for caps in c.re().captures_iter(data) {
                         let Some(m) = caps.get(0) else { continue };
                         let (ms, me) = caps
                             .get(g)
@@ -330,7 +351,7 @@ impl Scanner {
                     }
                 }
                 None => {
-                    for m in c.re.find_iter(data) {
+                    for m in c.re().find_iter(data) {
                         push(m.start(), m.end(), m.start(), m.end());
                     }
                 }
