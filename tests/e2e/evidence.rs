@@ -213,11 +213,10 @@ fn stopped_with_checkpoint() -> Env {
     env
 }
 
-fn open_store(env: &Env) -> (sled::Db, sled::Tree, sled::Tree) {
+fn open_store(env: &Env) -> (sled::Db, sled::Tree) {
     let db = sled::open(env.state_dir().join("records.sled")).unwrap();
-    let events = db.open_tree("events").unwrap();
     let checkpoints = db.open_tree("checkpoints").unwrap();
-    (db, events, checkpoints)
+    (db, checkpoints)
 }
 
 fn latest_checkpoint(cps: &sled::Tree) -> (sled::IVec, Value) {
@@ -231,16 +230,13 @@ fn truncated_tail_is_named_against_the_signed_checkpoint() {
     let mut env = stopped_with_checkpoint();
     let covered;
     {
-        let (db, events, cps) = open_store(&env);
+        let (_db, cps) = open_store(&env);
         let (_, cp) = latest_checkpoint(&cps);
-        let (last, _) = events.last().unwrap().unwrap();
-        let last = u64::from_be_bytes(last.as_ref().try_into().unwrap());
+        let frames = log_frames(&env.state_dir());
+        let last = frames.last().unwrap().seq();
         covered = cp["seq"].as_u64().unwrap();
         assert_eq!(covered, last, "the clean stop signed the head");
-        for seq in last + 1 - K..=last {
-            events.remove(seq.to_be_bytes()).unwrap();
-        }
-        db.flush().unwrap();
+        cut_at(&frames[frames.len() - K as usize]);
     }
     env.restart();
     let out = env.node.cli(&["verify"]);
@@ -262,15 +258,13 @@ fn forged_checkpoint_is_detected() {
     {
         // An attacker without the node key cuts the tail and rewrites the
         // latest checkpoint to match the shorter chain.
-        let (db, events, cps) = open_store(&env);
+        let (db, cps) = open_store(&env);
         let (k, mut cp) = latest_checkpoint(&cps);
-        let (last, _) = events.last().unwrap().unwrap();
-        events.remove(last).unwrap();
-        let (new_last, v) = events.last().unwrap().unwrap();
-        // Stored event: [1][seq 8][at 8][conn 8][prev 32][hash 32]...
-        let hash = hex::encode(&v[57..89]);
-        cp["seq"] = u64::from_be_bytes(new_last.as_ref().try_into().unwrap()).into();
-        cp["head"] = hash.into();
+        let frames = log_frames(&env.state_dir());
+        let (last, new_last) = (&frames[frames.len() - 1], &frames[frames.len() - 2]);
+        cut_at(last);
+        cp["seq"] = new_last.seq().into();
+        cp["head"] = new_last.hash().into();
         cps.insert(k, serde_json::to_vec(&cp).unwrap()).unwrap();
         db.flush().unwrap();
     }

@@ -864,3 +864,69 @@ impl Env {
         drop(std::mem::replace(&mut self.node, Node::placeholder()));
     }
 }
+
+/// One event in the record log: its segment file, frame offset and
+/// stored bytes (`[1][seq 8][at 8][conn 8][prev 32][hash 32]...`).
+pub struct Frame {
+    pub path: std::path::PathBuf,
+    pub offset: u64,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn seq(&self) -> u64 {
+        u64::from_be_bytes(self.payload[1..9].try_into().unwrap())
+    }
+    pub fn hash(&self) -> String {
+        hex::encode(&self.payload[57..89])
+    }
+}
+
+/// The log's frames, read as an attacker with the disk would.
+pub fn log_frames(state_dir: &Path) -> Vec<Frame> {
+    let dir = state_dir.join("records.log");
+    let mut segs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    let mut out = Vec::new();
+    for path in segs {
+        let bytes = std::fs::read(&path).unwrap();
+        let mut at = 0usize;
+        while at + 4 <= bytes.len() {
+            let n = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            out.push(Frame {
+                path: path.clone(),
+                offset: at as u64,
+                payload: bytes[at + 4..at + 4 + n].to_vec(),
+            });
+            at += 4 + n;
+        }
+    }
+    out
+}
+
+/// Cuts the log just before `f`.
+pub fn cut_at(f: &Frame) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f.path)
+        .unwrap()
+        .set_len(f.offset)
+        .unwrap();
+}
+
+/// Rewrites the frame's segment with `edit` applied to the frame's
+/// bytes (header included); an empty result removes the frame.
+pub fn edit_frame(f: &Frame, edit: impl FnOnce(&mut Vec<u8>)) {
+    let bytes = std::fs::read(&f.path).unwrap();
+    let start = f.offset as usize;
+    let end = start + 4 + f.payload.len();
+    let mut frame = bytes[start..end].to_vec();
+    edit(&mut frame);
+    let mut out = bytes[..start].to_vec();
+    out.extend_from_slice(&frame);
+    out.extend_from_slice(&bytes[end..]);
+    std::fs::write(&f.path, out).unwrap();
+}

@@ -2,6 +2,7 @@
 //! cgroup v2, network namespaces) and real clients. Every test builds its
 //! own cgroup, its own namespace holding a fake remote server, and its own
 //! node. They need root and fail loudly without it; they never skip.
+mod capacity;
 mod containment;
 mod evidence;
 mod foundation;

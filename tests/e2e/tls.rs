@@ -538,27 +538,19 @@ fn tamper_env() -> (Env, Vec<Value>) {
     (env, sessions)
 }
 
-fn open_events(env: &Env) -> (sled::Db, sled::Tree) {
-    let db = sled::open(env.state_dir().join("records.sled")).unwrap();
-    let events = db.open_tree("events").unwrap();
-    (db, events)
-}
-
 #[test]
 fn one_changed_byte_in_the_store_is_detected_and_named() {
     let (mut env, _) = tamper_env();
     {
-        let (db, events) = open_events(&env);
-        let (k, v) = events.iter().nth(4).unwrap().unwrap();
-        let mut bytes = v.to_vec();
+        let frames = log_frames(&env.state_dir());
         // Change one byte inside the body: "GET" -> "PUT" style edit.
-        let pos = bytes
-            .windows(4)
-            .position(|w| w == b"json")
-            .expect("a byte to change");
-        bytes[pos] = b'J';
-        events.insert(k, bytes).unwrap();
-        db.flush().unwrap();
+        edit_frame(&frames[4], |bytes| {
+            let pos = bytes
+                .windows(4)
+                .position(|w| w == b"json")
+                .expect("a byte to change");
+            bytes[pos] = b'J';
+        });
     }
     env.restart();
     let out = env.node.cli(&["verify"]);
@@ -574,10 +566,8 @@ fn one_changed_byte_in_the_store_is_detected_and_named() {
 fn one_deleted_event_is_detected_and_named() {
     let (mut env, sessions) = tamper_env();
     {
-        let (db, events) = open_events(&env);
-        let (k, _) = events.iter().nth(2).unwrap().unwrap();
-        events.remove(k).unwrap();
-        db.flush().unwrap();
+        let frames = log_frames(&env.state_dir());
+        edit_frame(&frames[2], |bytes| bytes.clear());
     }
     env.restart();
     let out = env.node.cli(&["verify"]);

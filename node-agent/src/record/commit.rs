@@ -3,9 +3,8 @@
 //!
 //! Every `fsync_interval` (if the chain grew), or at once when a caller
 //! waits for durability (all callers queued meanwhile share one flush):
-//! sign a checkpoint if one is due, rotate the write-ahead segment, index
-//! the queued events into sled, flush sled (write + fsync), then delete
-//! the segments that flush covered.
+//! sign a checkpoint if one is due, index the queued events, fsync the
+//! record log, write and fsync the index, then flush sled (checkpoints).
 use std::{
     sync::{
         mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender},
@@ -15,7 +14,7 @@ use std::{
     time::Instant,
 };
 
-use super::{now_ms, wal::Wal, RecordError, Shared};
+use super::{now_ms, RecordError, Shared};
 
 /// At most this many callers wait for one flush; more block briefly.
 const QUEUE: usize = 1024;
@@ -151,28 +150,24 @@ fn commit(s: &Shared, st: &mut State, force_checkpoint: bool) -> Result<(), Reco
     if next == st.flushed && !signed {
         return Ok(());
     }
-    // Rotating the write-ahead file and taking the indexing queue happen
-    // under one lock: every event of the retired segment is in sled before
-    // the flush that lets the segment go.
-    let old = {
-        let _order = s.index_order.lock().unwrap_or_else(|e| e.into_inner());
-        let (old, batch) = {
+    // The queue is indexed and the files to sync are taken in one step,
+    // under the index lock (readers wait for the commit, appends do not);
+    // the log is synced before the index is written, so the index on disk
+    // never points past the log on disk.
+    {
+        let mut ix = s.index.lock().unwrap_or_else(|e| e.into_inner());
+        let (files, batch) = {
             let mut h = s.head.lock().unwrap_or_else(|e| e.into_inner());
-            let old = if h.wal.is_empty() {
-                None
-            } else {
-                Some(h.wal.rotate()?)
-            };
-            h.pending_bytes = 0;
-            (old, std::mem::take(&mut h.pending))
+            (h.log.take_unsynced()?, std::mem::take(&mut h.pending))
         };
-        s.apply(batch)?;
-        old
-    };
-    s.db.flush()?;
-    if let Some(old) = old {
-        Wal::remove_through(&s.wal_dir, old)?;
+        s.apply(&mut ix, batch)?;
+        for f in files {
+            f.sync_data()?;
+        }
+        ix.persist()?;
     }
+    // Checkpoints (and node state) in sled.
+    s.db.flush()?;
     st.flushed = next;
     Ok(())
 }

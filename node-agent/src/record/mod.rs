@@ -1,27 +1,27 @@
-//! Connection and exchange records in sled. Every change is also appended
-//! to an event log in which each event commits to the hash of the one
-//! before it (`chain.rs`), so that an altered or deleted event is
-//! detectable (`verify.rs`).
+//! Connection and exchange records. Every change is an event appended to
+//! the record log (`log.rs`), in which each event commits to the hash of
+//! the one before it (`chain.rs`), so that an altered or deleted event is
+//! detectable (`verify.rs`). The log is the store: a record's current
+//! state is its latest event, found through a small sled index.
 //!
 //! Write path (one `append`, under one lock, on the caller's thread): hash
-//! the record's JSON, write the event to the write-ahead file with one
-//! `write(2)` (`wal.rs`: in the kernel, so it survives `kill -9`), and
-//! queue it for indexing. Nothing else: no sled work, no thread hop, no
-//! wait. Indexing (the event and the record's view into sled, one batch
-//! per tree) happens in the group-commit thread (`commit.rs`) before each
-//! flush, in any reader first (reads see every append that returned), and
-//! in the appender itself when the queue is over its bound (backpressure
-//! without a wait on another thread). The commit thread flushes sled
-//! (fsync) every `records.fsync_interval_ms`, retires write-ahead segments
-//! that flush covered, and signs checkpoints of the chain head
-//! (`checkpoint.rs`).
-//! At start the remaining write-ahead segments are replayed into sled and
-//! whatever was open (connections, exchanges) is marked interrupted.
+//! the record's JSON, write the event to the log with one `write(2)` (in
+//! the kernel from then on, so it survives `kill -9`), and queue its index
+//! entry. Nothing else: no thread hop, no wait. Indexing (one sled batch
+//! per tree, a few dozen bytes per event) happens in the group-commit
+//! thread (`commit.rs`) before each flush, in any reader first (reads see
+//! every append that returned), and in the appender itself when the queue
+//! is over its bound. The commit thread fsyncs the log and flushes the
+//! index every `records.fsync_interval_ms`, and signs checkpoints of the
+//! chain head (`checkpoint.rs`). At start the index catches up with the
+//! log (`recover`) and whatever was open (connections, exchanges) is
+//! marked interrupted.
 mod chain;
 mod checkpoint;
 mod commit;
+mod index;
+mod log;
 mod verify;
-mod wal;
 
 use std::{
     path::{Path, PathBuf},
@@ -32,6 +32,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{Checkpoint, Evidence, KeyError, NodeKey, ProofLink, PublicKey};
+use log::Loc;
 
 use crate::{
     addr::{ClientAddr, OrigDstAddr},
@@ -53,8 +54,10 @@ pub enum RecordError {
     NotFound(u64),
     #[error("record store flush: {0}")]
     Flush(String),
-    #[error("record store write-ahead file: {0}")]
-    Wal(#[from] std::io::Error),
+    #[error("record log: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("record log: {0}")]
+    Log(String),
     #[error(transparent)]
     Key(#[from] KeyError),
 }
@@ -357,45 +360,43 @@ struct Head {
     seq: u64,
     /// Hash of the last event.
     hash: chain::Hash,
-    wal: wal::Wal,
-    /// Appended (in the write-ahead file) but not yet in sled, in order.
+    log: log::LogWriter,
+    /// Appended (in the log) but not yet in the sled index, in order.
     pending: Vec<Pending>,
-    pending_bytes: usize,
 }
 
-/// An event waiting to be indexed into sled.
+/// An event waiting to be indexed.
 struct Pending {
     seq: u64,
+    hash: chain::Hash,
     connection: u64,
     view: View,
-    /// The write-ahead frame: `[len u32][stored event]`.
-    frame: Vec<u8>,
-    /// The record the event carries (its view's new state).
-    body: Vec<u8>,
+    at: Loc,
+    /// Where the log continues after it.
+    end: Loc,
 }
 
 /// Beyond this the appender indexes the queue itself: memory stays
 /// bounded however far the commit thread falls behind.
 const MAX_PENDING_EVENTS: usize = 8192;
+/// sled holds node state (suspensions, policy floor) and checkpoints:
+/// a small page cache.
 const SLED_CACHE_BYTES: u64 = 8 << 20;
-const MAX_PENDING_BYTES: usize = 32 << 20;
 
 /// What the store and its group-commit thread share.
 struct Shared {
     db: sled::Db,
-    views: Views,
-    events: sled::Tree,
     checkpoints: sled::Tree,
     /// Serialises appends so that each event sees the true previous hash
-    /// and the write-ahead file holds events in chain order.
+    /// and the log holds events in chain order.
     head: Mutex<Head>,
-    /// Serialises indexing, so that batches reach sled in chain order.
-    /// Taken before `head`, never while holding it.
-    index_order: Mutex<()>,
-    /// The last indexing failed (sled refuses writes): appends are
-    /// refused until one succeeds (fail closed).
+    /// The index; its lock also orders indexing (batches go in in chain
+    /// order). Taken before `head`, never while holding it.
+    index: Mutex<index::Index>,
+    /// The last indexing failed: appends are refused until one succeeds
+    /// (fail closed).
     index_failing: Mutex<Option<String>>,
-    wal_dir: PathBuf,
+    log_dir: PathBuf,
     key: NodeKey,
     durability: Durability,
 }
@@ -408,7 +409,7 @@ pub struct RecordStore {
 
 impl Drop for RecordStore {
     /// Stops the group-commit thread (it holds the database): it signs a
-    /// last checkpoint and flushes once more on the way out.
+    /// last checkpoint, syncs and flushes once more on the way out.
     fn drop(&mut self) {
         drop(self.commit.take());
     }
@@ -421,100 +422,14 @@ pub fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-fn open_key(view: View, connection: u64) -> Option<Vec<u8>> {
-    match view {
-        View::None => None,
-        View::Connection { .. } => {
-            let mut k = vec![b'c'];
-            k.extend_from_slice(&connection.to_be_bytes());
-            Some(k)
-        }
-        View::Exchange { seq, .. } => {
-            let mut k = vec![b'x'];
-            k.extend_from_slice(&exchange_key(connection, seq));
-            Some(k)
-        }
-    }
-}
-
-/// The stored records: each event's record is also kept by key, as the
-/// latest state of its connection or exchange.
-struct Views {
-    connections: sled::Tree,
-    exchanges: sled::Tree,
-    /// Connections and exchanges still open: `c`+id, `x`+exchange key.
-    open: sled::Tree,
-}
-
-/// One sled batch per tree for a run of events.
-#[derive(Default)]
-struct Batches {
-    events: sled::Batch,
-    connections: sled::Batch,
-    exchanges: sled::Batch,
-    open: sled::Batch,
-}
-
-impl Batches {
-    fn add(&mut self, p: &Pending) {
-        self.events.insert(&p.seq.to_be_bytes(), &p.frame[4..]);
-        let open = match p.view {
-            View::None => return,
-            View::Connection { open } => {
-                self.connections
-                    .insert(&p.connection.to_be_bytes(), p.body.as_slice());
-                open
-            }
-            View::Exchange { seq, open } => {
-                self.exchanges
-                    .insert(&exchange_key(p.connection, seq), p.body.as_slice());
-                open
-            }
-        };
-        if let Some(k) = open_key(p.view, p.connection) {
-            if open {
-                self.open.insert(k, &[]);
-            } else {
-                self.open.remove(k);
-            }
-        }
-    }
-}
-
-impl Views {
-    /// Stores the record an event carries in its view, and whether it is
-    /// still open. Idempotent (replay applies it again).
-    fn apply(&self, connection: u64, view: View, body: &[u8]) -> Result<(), RecordError> {
-        let open = match view {
-            View::None => return Ok(()),
-            View::Connection { open } => {
-                self.connections.insert(connection.to_be_bytes(), body)?;
-                open
-            }
-            View::Exchange { seq, open } => {
-                self.exchanges.insert(exchange_key(connection, seq), body)?;
-                open
-            }
-        };
-        if let Some(k) = open_key(view, connection) {
-            if open {
-                self.open.insert(k, &[])?;
-            } else {
-                self.open.remove(k)?;
-            }
-        }
-        Ok(())
-    }
-}
-
 impl Shared {
-    /// Appends an event: chain hash, one `write(2)` to the write-ahead
-    /// file (from then on it survives `kill -9`), queued for sled.
+    /// Appends an event: chain hash, one `write(2)` to the log (from then
+    /// on it survives `kill -9`), queued for the index.
     fn append(
         &self,
         connection: u64,
         kind: &str,
-        body: Vec<u8>,
+        body: &[u8],
         view: View,
     ) -> Result<u64, RecordError> {
         if let Some(e) = self
@@ -523,7 +438,7 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
         {
-            return Err(RecordError::Flush(format!("indexing records failed: {e}")));
+            return Err(RecordError::Log(format!("indexing records failed: {e}")));
         }
         let mut frame = Vec::with_capacity(4 + 96 + kind.len() + body.len());
         frame.extend_from_slice(&[0; 4]);
@@ -535,64 +450,54 @@ impl Shared {
             now_ms(),
             connection,
             kind,
-            &body,
+            body,
             &head.hash,
         );
-        head.wal.append(&mut frame)?;
-        // In the kernel now: the chain moves on (replay at the next start
-        // puts the event into sled if indexing never gets to it).
+        let at = head.log.append(&mut frame)?;
         head.seq = seq + 1;
         head.hash = hash;
-        head.pending_bytes += frame.len() + body.len();
+        let end = head.log.end();
         head.pending.push(Pending {
             seq,
+            hash,
             connection,
             view,
-            frame,
-            body,
+            at,
+            end,
         });
-        let full =
-            head.pending.len() >= MAX_PENDING_EVENTS || head.pending_bytes >= MAX_PENDING_BYTES;
+        let full = head.pending.len() >= MAX_PENDING_EVENTS;
         drop(head);
         if full {
-            self.index()?;
+            drop(self.index()?);
         }
         Ok(seq)
     }
 
-    /// Puts every queued event into sled (memory; the commit thread
-    /// flushes). Readers call this first, so they see every append that
-    /// returned.
-    fn index(&self) -> Result<(), RecordError> {
-        let _order = self.index_order.lock().unwrap_or_else(|e| e.into_inner());
-        let batch = self.take_pending();
-        self.apply(batch)
+    /// Puts every queued event into the index (its overlay; the commit
+    /// thread writes it out). Readers call this first, so they see every
+    /// append that returned.
+    fn index(&self) -> Result<std::sync::MutexGuard<'_, index::Index>, RecordError> {
+        let mut ix = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let batch =
+            std::mem::take(&mut self.head.lock().unwrap_or_else(|e| e.into_inner()).pending);
+        self.apply(&mut ix, batch)?;
+        Ok(ix)
     }
 
-    fn take_pending(&self) -> Vec<Pending> {
-        let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-        head.pending_bytes = 0;
-        std::mem::take(&mut head.pending)
-    }
-
-    /// Applies a run of events (the caller holds `index_order`). On
-    /// failure they go back to the front of the queue, to be retried (a
-    /// retry re-inserts the same keys: idempotent).
-    fn apply(&self, batch: Vec<Pending>) -> Result<(), RecordError> {
+    /// Indexes a run of events (the caller holds the index lock). On
+    /// failure they go back to the front of the queue, to be retried
+    /// (adding an event twice gives the same slot).
+    fn apply(&self, ix: &mut index::Index, batch: Vec<Pending>) -> Result<(), RecordError> {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut b = Batches::default();
+        let mut res = Ok(());
         for p in &batch {
-            b.add(p);
+            res = ix.add(p.seq, &p.hash, p.connection, p.view, p.at, p.end);
+            if res.is_err() {
+                break;
+            }
         }
-        let res = (|| -> Result<(), sled::Error> {
-            self.events.apply_batch(b.events)?;
-            self.views.connections.apply_batch(b.connections)?;
-            self.views.exchanges.apply_batch(b.exchanges)?;
-            self.views.open.apply_batch(b.open)?;
-            Ok(())
-        })();
         let mut failing = self.index_failing.lock().unwrap_or_else(|e| e.into_inner());
         match res {
             Ok(()) => {
@@ -600,17 +505,12 @@ impl Shared {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, events = batch.len(), "indexing records into sled failed; new records are refused until it works");
+                tracing::error!(error = %e, events = batch.len(), "indexing records failed; new records are refused until it works");
                 *failing = Some(e.to_string());
                 drop(failing);
                 let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
                 let newer = std::mem::replace(&mut head.pending, batch);
                 head.pending.extend(newer);
-                head.pending_bytes = head
-                    .pending
-                    .iter()
-                    .map(|p| p.frame.len() + p.body.len())
-                    .sum();
                 Err(e.into())
             }
         }
@@ -619,6 +519,80 @@ impl Shared {
     fn head(&self) -> (u64, chain::Hash) {
         let h = self.head.lock().unwrap_or_else(|e| e.into_inner());
         (h.seq, h.hash)
+    }
+
+    /// The event at `at` (from the index).
+    fn read(&self, at: Loc, what: &str) -> Result<chain::Link, RecordError> {
+        let payload = log::read_at(&self.log_dir, at)
+            .map_err(|e| RecordError::Log(format!("{what}: {e}")))?;
+        chain::Link::decode(&payload).map_err(|e| RecordError::Log(format!("{what}: {e}")))
+    }
+
+    /// A session's events, in order: the log from its first to its latest
+    /// event, others' events skipped.
+    fn session_events(
+        &self,
+        slot: &index::Slot,
+        session: u64,
+    ) -> Result<Vec<chain::Link>, RecordError> {
+        let (Some(first), Some(last)) = (slot.first, slot.last) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut bad = None;
+        for (n, path) in log::segments(&self.log_dir, "log")? {
+            if n < first.segment || n > last.segment {
+                continue;
+            }
+            let from = if n == first.segment { first.offset } else { 0 };
+            log::scan(&path, n, from, |loc, payload| {
+                if loc > last {
+                    return false;
+                }
+                match chain::Link::decode(payload) {
+                    Ok(l) if l.connection == session => out.push(l),
+                    Ok(_) => {}
+                    Err(e) => {
+                        bad = Some(e);
+                        return false;
+                    }
+                }
+                true
+            })?;
+            if let Some(e) = bad {
+                return Err(RecordError::Log(format!("session {session}: {e}")));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every event in the log, in order, until `f` returns false. Stops
+    /// at a frame that is not an event (reported as an error).
+    fn each_event(&self, mut f: impl FnMut(Loc, chain::Link) -> bool) -> Result<(), RecordError> {
+        let mut bad = None;
+        for (n, path) in log::segments(&self.log_dir, "log")? {
+            let mut go = true;
+            let (_, torn) = log::scan(&path, n, 0, |loc, payload| {
+                match chain::Link::decode(payload) {
+                    Ok(l) => go = f(loc, l),
+                    Err(e) => {
+                        bad = Some(format!("segment {n} offset {}: {e}", loc.offset));
+                        go = false;
+                    }
+                }
+                go
+            })?;
+            if let Some(e) = bad {
+                return Err(RecordError::Log(e));
+            }
+            if !go {
+                return Ok(());
+            }
+            if torn {
+                tracing::warn!(segment = n, "record log segment ends in a partial frame");
+            }
+        }
+        Ok(())
     }
 
     fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, RecordError> {
@@ -636,77 +610,194 @@ impl Shared {
     }
 }
 
-/// Replays write-ahead segments into sled: events sled lacks are inserted
-/// (with their views); events it has get their view applied again (an
-/// event and its view are two sled writes, and a crash may keep only the
-/// first). Returns the chain head and the last segment number seen.
-fn replay(
-    events: &sled::Tree,
-    views: &Views,
-    wal_dir: &Path,
-) -> Result<((u64, chain::Hash), u64, u64), RecordError> {
-    let mut head = match events.last()? {
-        Some((k, v)) => {
-            let l = chain::Link::decode(&v).map_err(|e| {
-                RecordError::Flush(format!("last event {} does not parse: {e}", key_u64(&k)))
-            })?;
-            (l.seq + 1, l.hash)
-        }
-        None => (0, chain::GENESIS),
+/// Brings the index up to the end of the log and finds the chain head.
+/// Indexing resumes where the meta says it stood; when the log ends
+/// before that (its tail was cut) or the meta is missing, the index is
+/// rebuilt from the start. A partial frame at the very end (a write cut by
+/// a crash) is cut off; any other break leaves the log as it is (it is
+/// evidence: `verify` names it) and new events go to a fresh segment.
+/// Returns the head and the writer.
+fn recover(
+    ix: &mut index::Index,
+    meta: Option<index::Meta>,
+    dir: &Path,
+) -> Result<((u64, chain::Hash), log::LogWriter), RecordError> {
+    let segments = log::segments(dir, "log")?;
+    let first_segment = segments.first().map(|(n, _)| *n).unwrap_or(0);
+    let size = |n: u64| -> Option<u64> {
+        std::fs::metadata(log::segment_path(dir, n, "log"))
+            .ok()
+            .map(|m| m.len())
     };
-    let segments = wal::segments(wal_dir)?;
-    let last_segment = segments.last().map(|(n, _)| *n).unwrap_or(0);
-    let mut replayed = 0u64;
-    'segments: for (_, path) in &segments {
-        let (links, torn) = wal::read_segment(path)?;
-        for l in links {
-            let view = View::of(l.connection, &l.kind, &l.body);
-            if l.seq < head.0 {
-                match events.get(l.seq.to_be_bytes())? {
-                    Some(v) if chain::Link::decode(&v).ok().as_ref() == Some(&l) => {
-                        views.apply(l.connection, view, &l.body)?
-                    }
-                    Some(_) => tracing::error!(
-                        seq = l.seq,
-                        "stored event differs from the write-ahead file; left as stored (verify will name it)"
-                    ),
-                    None => {
-                        // Deleted from sled but in the write-ahead file.
-                        let mut enc = Vec::new();
-                        chain::encode_into(&mut enc, l.seq, l.at_ms, l.connection, &l.kind, &l.body, &l.prev);
-                        events.insert(l.seq.to_be_bytes(), enc)?;
-                        views.apply(l.connection, view, &l.body)?;
-                    }
-                }
-            } else if l.seq == head.0 && l.prev == head.1 {
-                let mut enc = Vec::new();
-                chain::encode_into(
-                    &mut enc,
-                    l.seq,
-                    l.at_ms,
-                    l.connection,
-                    &l.kind,
-                    &l.body,
-                    &l.prev,
-                );
-                events.insert(l.seq.to_be_bytes(), enc)?;
-                views.apply(l.connection, view, &l.body)?;
-                head = (l.seq + 1, l.hash);
-                replayed += 1;
-            } else {
-                tracing::error!(
-                    seq = l.seq,
-                    head = head.0,
-                    "write-ahead event does not continue the stored chain; replay stops here"
-                );
-                break 'segments;
-            }
+    let usable = meta.filter(|m| {
+        let end = m.end();
+        let reaches = size(end.segment).is_some_and(|len| len >= end.offset)
+            || (end.offset == 0 && segments.is_empty());
+        if !reaches {
+            tracing::error!(
+                segment = end.segment,
+                offset = end.offset,
+                "the record log ends before what was indexed (its tail was cut); rebuilding the index"
+            );
         }
-        if torn {
-            tracing::warn!(segment = %path.display(), "write-ahead segment ends in a torn frame (cut by a crash); the rest is ignored");
+        reaches && m.hash().is_some()
+    });
+    match usable {
+        Some(m) => ix.meta = m,
+        None => {
+            if !segments.is_empty() {
+                tracing::warn!("indexing the record log from its start");
+            }
+            ix.reset(first_segment)?;
         }
     }
-    Ok((head, last_segment, replayed))
+    let start = ix.meta.end();
+    let mut next = ix.meta.next;
+    let mut hash = ix.meta.hash().unwrap_or(chain::GENESIS);
+    let mut end = start;
+    let mut broken = false;
+    let mut replayed = 0u64;
+    let mut err = None;
+    for (n, path) in segments.iter().filter(|(n, _)| *n >= start.segment) {
+        let offset = if *n == start.segment { start.offset } else { 0 };
+        let mut stop = false;
+        let (seg_end, torn) = log::scan(
+            path,
+            *n,
+            offset,
+            |loc, payload| match chain::Link::decode(payload) {
+                Ok(l) if l.seq == next && l.prev == hash && l.hash_ok() => {
+                    let after = Loc {
+                        segment: loc.segment,
+                        offset: loc.offset + 4 + payload.len() as u64,
+                    };
+                    let view = View::of(l.connection, &l.kind, &l.body);
+                    if let Err(e) = ix.add(l.seq, &l.hash, l.connection, view, loc, after) {
+                        err = Some(e);
+                        return false;
+                    }
+                    next += 1;
+                    hash = l.hash;
+                    replayed += 1;
+                    true
+                }
+                _ => {
+                    tracing::error!(segment = n, offset = loc.offset, seq = next, "record log event does not continue the chain; indexing stops here (verify will name it)");
+                    stop = true;
+                    false
+                }
+            },
+        )?;
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        end = Loc {
+            segment: *n,
+            offset: seg_end,
+        };
+        let last = segments.last().map(|(l, _)| *l) == Some(*n);
+        if stop || (torn && !last) {
+            broken = true;
+            break;
+        }
+        if torn {
+            tracing::warn!(
+                segment = n,
+                at = seg_end,
+                "record log ends in a partial frame (a write cut by a crash); cut off"
+            );
+        }
+    }
+    ix.persist()?;
+    if replayed > 0 {
+        tracing::info!(events = replayed, "indexed events from the record log");
+    }
+    let writer = if broken {
+        let n = segments.last().map(|(n, _)| n + 1).unwrap_or(0);
+        log::LogWriter::open(dir, n, 0)?
+    } else {
+        log::LogWriter::open(dir, end.segment, end.offset)?
+    };
+    Ok(((next, hash), writer))
+}
+
+/// Stores from before the record log kept every event and record in sled
+/// (and unflushed events in `records.wal`). Their events are copied, in
+/// chain order and byte for byte, into a new log (written aside, then
+/// renamed into place), and the old trees dropped.
+fn migrate_legacy(db: &sled::Db, dir: &Path, log_dir: &Path) -> Result<(), RecordError> {
+    let wal_dir = dir.join("records.wal");
+    let has_tree = db.tree_names().iter().any(|n| n.as_ref() == b"events");
+    if !has_tree && !wal_dir.exists() {
+        return Ok(());
+    }
+    if !log_dir.exists() {
+        let tmp = dir.join("records.log.new");
+        let _ = std::fs::remove_dir_all(&tmp);
+        struct Copier {
+            w: log::LogWriter,
+            next: u64,
+            hash: chain::Hash,
+        }
+        impl Copier {
+            /// Appends a stored event if it continues the chain.
+            fn copy(&mut self, stored: &[u8], l: &chain::Link) -> Result<bool, RecordError> {
+                if l.seq != self.next || l.prev != self.hash {
+                    return Ok(false);
+                }
+                let mut frame = Vec::with_capacity(4 + stored.len());
+                frame.extend_from_slice(&[0; 4]);
+                frame.extend_from_slice(stored);
+                self.w.append(&mut frame)?;
+                self.next += 1;
+                self.hash = l.hash;
+                Ok(true)
+            }
+        }
+        let mut c = Copier {
+            w: log::LogWriter::open(&tmp, 0, 0)?,
+            next: 0,
+            hash: chain::GENESIS,
+        };
+        let events = db.open_tree("events")?;
+        for item in events.iter() {
+            let (_, v) = item?;
+            match chain::Link::decode(&v) {
+                Ok(l) if c.copy(&v, &l)? => {}
+                _ => break,
+            }
+        }
+        for (n, path) in log::segments(&wal_dir, "wal")? {
+            let mut err = None;
+            log::scan(&path, n, 0, |_, payload| {
+                match chain::Link::decode(payload) {
+                    Ok(l) if l.seq < c.next => true,
+                    Ok(l) => c.copy(payload, &l).unwrap_or_else(|e| {
+                        err = Some(e);
+                        false
+                    }),
+                    Err(_) => false,
+                }
+            })?;
+            if let Some(e) = err {
+                return Err(e);
+            }
+        }
+        for f in c.w.take_unsynced()? {
+            f.sync_all()?;
+        }
+        let next = c.next;
+        std::fs::rename(&tmp, log_dir)?;
+        tracing::info!(events = next, "records moved from sled into the record log");
+    }
+    for t in ["events", "connections", "exchanges", "open"] {
+        db.drop_tree(t)?;
+    }
+    db.flush()?;
+    if wal_dir.exists() {
+        std::fs::remove_dir_all(&wal_dir)?;
+    }
+    Ok(())
 }
 
 impl RecordStore {
@@ -717,59 +808,30 @@ impl RecordStore {
     pub fn open_with(dir: &Path, durability: Durability) -> Result<Self, RecordError> {
         // sled's own periodic flush is off: the group-commit thread is the
         // only flusher (sled 0.34 flushes must not run concurrently).
-        // Its page cache is bounded (sled's default, 1 GiB, would keep
-        // every record ever read or written resident): records are written
-        // once and read rarely (replay, export), so a small cache loses
-        // little and keeps the node's memory flat under load.
         let db = sled::Config::new()
             .path(dir.join("records.sled"))
             .flush_every_ms(None)
             .cache_capacity(SLED_CACHE_BYTES)
             .open()?;
-        let had_open_index = db.tree_names().iter().any(|n| n.as_ref() == b"open");
-        let connections = db.open_tree("connections")?;
-        let exchanges = db.open_tree("exchanges")?;
-        let events = db.open_tree("events")?;
-        let open = db.open_tree("open")?;
+        let log_dir = dir.join("records.log");
+        migrate_legacy(&db, dir, &log_dir)?;
         let checkpoints = db.open_tree("checkpoints")?;
         let key = NodeKey::load_or_create(dir)?;
-        let wal_dir = dir.join("records.wal");
-        std::fs::create_dir_all(&wal_dir)?;
-        let views = Views {
-            connections,
-            exchanges,
-            open,
-        };
-        let (head, last_segment, replayed) = replay(&events, &views, &wal_dir)?;
-        if replayed > 0 {
-            tracing::info!(
-                events = replayed,
-                "replayed events from the write-ahead file"
-            );
-        }
-        db.flush()?;
-        wal::Wal::remove_through(&wal_dir, last_segment)?;
-        let wal = wal::Wal::create(&wal_dir, last_segment + 1)?;
-        let last_id = views
-            .connections
-            .last()?
-            .map(|(k, _)| key_u64(&k))
-            .unwrap_or(0);
+        let (mut ix, meta) = index::Index::open(dir)?;
+        let (head, writer) = recover(&mut ix, meta, &log_dir)?;
+        let last_id = ix.max_id()?;
         let s = Arc::new(Shared {
             db,
-            views,
-            events,
             checkpoints,
             head: Mutex::new(Head {
                 seq: head.0,
                 hash: head.1,
-                wal,
+                log: writer,
                 pending: Vec::new(),
-                pending_bytes: 0,
             }),
-            index_order: Mutex::new(()),
+            index: Mutex::new(ix),
             index_failing: Mutex::new(None),
-            wal_dir,
+            log_dir,
             key,
             durability,
         });
@@ -780,7 +842,7 @@ impl RecordStore {
             commit: Some(commit),
         };
         store.check_tail()?;
-        store.mark_interrupted(!had_open_index)?;
+        store.mark_interrupted()?;
         Ok(store)
     }
 
@@ -812,44 +874,25 @@ impl RecordStore {
 
     /// Connections and exchanges left open by a previous run did not end
     /// cleanly: they are marked interrupted (a new event each).
-    fn mark_interrupted(&self, legacy_scan: bool) -> Result<(), RecordError> {
-        let mut conns = Vec::new();
-        let mut exs = Vec::new();
-        for item in self.s.views.open.iter() {
-            let (k, _) = item?;
-            match k.first() {
-                Some(b'c') => conns.push(key_u64(&k[1..])),
-                Some(b'x') => exs.push(k[1..].to_vec()),
-                _ => {}
-            }
-        }
-        if legacy_scan {
-            // Stores from before the open index: look at every connection.
-            for item in self.s.views.connections.iter() {
-                let (k, v) = item?;
-                if serde_json::from_slice::<ConnectionRecord>(&v)
-                    .is_ok_and(|r| r.outcome == Outcome::Open)
-                {
-                    conns.push(key_u64(&k));
-                }
-            }
-        }
-        for k in exs {
-            let Some(v) = self.s.views.exchanges.get(&k)? else {
+    fn mark_interrupted(&self) -> Result<(), RecordError> {
+        let open: Vec<index::Open> = self.s.index()?.meta.open.iter().copied().collect();
+        for o in &open {
+            let index::Open::Exchange(session, seq) = *o else {
                 continue;
             };
-            let mut ex: Exchange =
-                serde_json::from_slice(&v).map_err(|source| RecordError::Corrupt {
-                    key: format!("exchanges/{}", hex::encode(&k)),
-                    source,
-                })?;
+            let Some(mut ex) = self.exchanges(session)?.into_iter().find(|e| e.seq == seq) else {
+                continue;
+            };
             ex.state = ExchangeState::Interrupted;
             ex.error.get_or_insert_with(|| {
                 "interrupted: the node stopped before the response ended".into()
             });
             self.write_exchange(&ex, "exchange.interrupted")?;
         }
-        for id in conns {
+        for o in open {
+            let index::Open::Connection(id) = o else {
+                continue;
+            };
             let mut r = self.get(id)?;
             r.outcome = Outcome::Interrupted;
             self.put(&r, "connection.interrupted")?;
@@ -869,14 +912,14 @@ impl RecordStore {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Stores the record's current state and appends it to the chain.
-    /// In the kernel (survives `kill -9`) when this returns.
+    /// Appends the record's current state to the chain. In the kernel
+    /// (survives `kill -9`) when this returns.
     pub fn put(&self, r: &ConnectionRecord, kind: &str) -> Result<(), RecordError> {
         let body = serde_json::to_vec(r).map_err(RecordError::Encode)?;
         self.s.append(
             r.id,
             kind,
-            body,
+            &body,
             View::Connection {
                 open: r.outcome == Outcome::Open,
             },
@@ -893,22 +936,19 @@ impl RecordStore {
 
     fn audit_nowait(&self, kind: &str, body: &serde_json::Value) -> Result<(), RecordError> {
         let text = serde_json::to_vec(body).map_err(RecordError::Encode)?;
-        self.s.append(0, kind, text, View::None)?;
+        self.s.append(0, kind, &text, View::None)?;
         Ok(())
     }
 
     /// Audit events (session 0) of the given kinds, oldest first.
     pub fn audit_events(&self, prefix: &str) -> Result<Vec<Event>, RecordError> {
-        self.s.index()?;
         let mut out = Vec::new();
-        for item in self.s.events.iter() {
-            let (_, v) = item?;
-            if let Ok(l) = chain::Link::decode(&v) {
-                if l.connection == 0 && l.kind.starts_with(prefix) {
-                    out.push(l.to_event());
-                }
+        self.s.each_event(|_, l| {
+            if l.connection == 0 && l.kind.starts_with(prefix) {
+                out.push(l.to_event());
             }
-        }
+            true
+        })?;
         Ok(out)
     }
 
@@ -930,7 +970,7 @@ impl RecordStore {
         self.s.append(
             ex.session,
             kind,
-            body,
+            &body,
             View::Exchange {
                 seq: ex.seq,
                 open: ex.state == ExchangeState::Started,
@@ -939,20 +979,24 @@ impl RecordStore {
         Ok(())
     }
 
-    /// A session's exchanges, in order.
+    /// A session's exchanges, in order (each as its latest event has it).
     pub fn exchanges(&self, session: u64) -> Result<Vec<Exchange>, RecordError> {
-        self.s.index()?;
-        let mut out = Vec::new();
-        for item in self.s.views.exchanges.scan_prefix(session.to_be_bytes()) {
-            let (k, v) = item?;
-            out.push(
-                serde_json::from_slice(&v).map_err(|source| RecordError::Corrupt {
-                    key: format!("exchanges/{}", hex::encode(&k)),
+        let Some(slot) = self.s.index()?.get(session)? else {
+            return Ok(Vec::new());
+        };
+        let mut by_seq: std::collections::BTreeMap<u32, Exchange> = Default::default();
+        for l in self.s.session_events(&slot, session)? {
+            if !l.kind.starts_with("exchange") {
+                continue;
+            }
+            let ex: Exchange =
+                serde_json::from_slice(&l.body).map_err(|source| RecordError::Corrupt {
+                    key: format!("session {session} event {}", l.seq),
                     source,
-                })?,
-            );
+                })?;
+            by_seq.insert(ex.seq, ex);
         }
-        Ok(out)
+        Ok(by_seq.into_values().collect())
     }
 
     fn request(&self, checkpoint: bool) -> Result<commit::Waiter, RecordError> {
@@ -992,31 +1036,28 @@ impl RecordStore {
     }
 
     pub fn get(&self, id: u64) -> Result<ConnectionRecord, RecordError> {
-        self.s.index()?;
-        let v = self
-            .s
-            .views
-            .connections
-            .get(id.to_be_bytes())?
-            .ok_or(RecordError::NotFound(id))?;
-        serde_json::from_slice(&v).map_err(|source| RecordError::Corrupt {
-            key: format!("connections/{id}"),
-            source,
-        })
+        let slot = self.s.index()?.get(id)?;
+        let at = slot.and_then(|s| s.conn).ok_or(RecordError::NotFound(id))?;
+        self.read_connection(id, at)
+    }
+
+    fn read_connection(&self, id: u64, at: Loc) -> Result<ConnectionRecord, RecordError> {
+        let what = format!("connections/{id}");
+        let l = self.s.read(at, &what)?;
+        serde_json::from_slice(&l.body).map_err(|source| RecordError::Corrupt { key: what, source })
     }
 
     /// Newest first.
     pub fn list(&self, filter: &Filter) -> Result<Vec<ConnectionRecord>, RecordError> {
-        self.s.index()?;
+        let max = self.s.index()?.max_id()?;
         let limit = filter.limit.unwrap_or(usize::MAX);
         let mut out = Vec::new();
-        for item in self.s.views.connections.iter().rev() {
-            let (k, v) = item?;
-            let r: ConnectionRecord =
-                serde_json::from_slice(&v).map_err(|source| RecordError::Corrupt {
-                    key: format!("connections/{}", key_u64(&k)),
-                    source,
-                })?;
+        for id in (1..=max).rev() {
+            let slot = self.s.index()?.get(id)?;
+            let Some(at) = slot.and_then(|s| s.conn) else {
+                continue;
+            };
+            let r = self.read_connection(id, at)?;
             if filter.matches(&r) {
                 out.push(r);
                 if out.len() >= limit {
@@ -1027,10 +1068,13 @@ impl RecordStore {
         Ok(out)
     }
 
+    /// Sessions recorded.
     pub fn count(&self) -> usize {
         // A failed indexing is reported by the next append or read.
-        let _ = self.s.index();
-        self.s.views.connections.len()
+        match self.s.index() {
+            Ok(ix) => ix.meta.sessions as usize,
+            Err(_) => 0,
+        }
     }
 
     /// The node's checkpoint key (public half).
@@ -1054,11 +1098,11 @@ impl RecordStore {
     }
 
     /// Walks the whole chain, checks it against every signed checkpoint,
-    /// then checks that every stored record (or, with `session`, that
-    /// session's records) is exactly what the chain says. Returns the
-    /// number of events, or the first break.
+    /// then checks that the index (or, with `session`, that session's
+    /// entries) points at each record's latest event. Returns the number
+    /// of events, or the first break.
     pub fn verify(&self, session: Option<u64>) -> Result<Result<u64, String>, RecordError> {
-        self.s.index()?;
+        drop(self.s.index()?);
         verify::verify(&self.s, session)
     }
 
@@ -1067,26 +1111,9 @@ impl RecordStore {
     /// links from its first event to that checkpoint. Call `seal` first
     /// so that a checkpoint covers the session.
     pub fn evidence(&self, session: u64) -> Result<Evidence, RecordError> {
-        self.s.index()?;
+        drop(self.s.index()?);
         verify::evidence(&self.s, session)
     }
-}
-
-fn exchange_key(session: u64, seq: u32) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..8].copy_from_slice(&session.to_be_bytes());
-    k[8..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn split_exchange_key(k: &[u8]) -> (u64, u32) {
-    let sid = key_u64(&k[..8.min(k.len())]);
-    let seq = if k.len() >= 12 {
-        u32::from_be_bytes([k[8], k[9], k[10], k[11]])
-    } else {
-        0
-    };
-    (sid, seq)
 }
 
 fn key_u64(k: &[u8]) -> u64 {
@@ -1149,6 +1176,19 @@ mod tests {
         assert_eq!(s.verify(None).unwrap(), Ok(4));
     }
 
+    /// Every frame in the log: (segment file, offset, length with header).
+    fn frames(dir: &Path) -> Vec<(PathBuf, u64, u64)> {
+        let mut out = Vec::new();
+        for (n, p) in log::segments(&dir.join("records.log"), "log").unwrap() {
+            log::scan(&p, n, 0, |loc, payload| {
+                out.push((p.clone(), loc.offset, 4 + payload.len() as u64));
+                true
+            })
+            .unwrap();
+        }
+        out
+    }
+
     #[test]
     fn altered_or_deleted_event_is_detected() {
         let dir = tempfile::tempdir().unwrap();
@@ -1158,17 +1198,22 @@ mod tests {
             s.put(&r, "connection.open").unwrap();
         }
         assert_eq!(s.verify(None).unwrap(), Ok(3));
-        let k = 1u64.to_be_bytes();
-        let orig = s.s.events.get(k).unwrap().unwrap();
-        let mut tampered = orig.to_vec();
-        let pos = tampered.windows(8).position(|w| w == b"10.0.0.1").unwrap();
-        tampered[pos + 7] = b'2';
-        s.s.events.insert(k, tampered).unwrap();
+        let f = frames(dir.path());
+        let (path, off, len) = f[1].clone();
+        let orig = std::fs::read(&path).unwrap();
+        let mut tampered = orig.clone();
+        let frame = &mut tampered[off as usize..(off + len) as usize];
+        let pos = frame.windows(8).position(|w| w == b"10.0.0.1").unwrap();
+        frame[pos + 7] = b'2';
+        std::fs::write(&path, &tampered).unwrap();
         let e = s.verify(None).unwrap().unwrap_err();
         assert!(e.contains("event 1"), "{e}");
-        s.s.events.insert(k, orig).unwrap();
+        std::fs::write(&path, &orig).unwrap();
         assert_eq!(s.verify(None).unwrap(), Ok(3));
-        s.s.events.remove(k).unwrap();
+        // Event 1 cut out of the log.
+        let mut cut = orig[..off as usize].to_vec();
+        cut.extend_from_slice(&orig[(off + len) as usize..]);
+        std::fs::write(&path, &cut).unwrap();
         let e = s.verify(None).unwrap().unwrap_err();
         assert!(e.contains("event 1 is missing"), "{e}");
     }
@@ -1205,23 +1250,23 @@ mod tests {
         };
         s.put_exchange(&ex).unwrap();
         assert_eq!(s.verify(Some(r.id)).unwrap(), Ok(2));
-        // The session view edited without touching the chain.
-        let mut forged = r.clone();
-        forged.target = Some("b".into());
-        s.s.views
-            .connections
-            .insert(r.id.to_be_bytes(), serde_json::to_vec(&forged).unwrap())
-            .unwrap();
+        // The session's slot edited so that its record reads as another
+        // event (the exchange): the connection location := the latest.
+        s.flush_blocking().unwrap();
+        let idx = dir.path().join("records.idx");
+        let orig = std::fs::read(&idx).unwrap();
+        let mut forged = orig.clone();
+        let slot = r.id as usize * 48;
+        forged.copy_within(slot + 32..slot + 48, slot + 16);
+        std::fs::write(&idx, &forged).unwrap();
         let e = s.verify(Some(r.id)).unwrap().unwrap_err();
         assert!(e.contains(&format!("session {}", r.id)), "{e}");
-        s.s.views
-            .connections
-            .insert(r.id.to_be_bytes(), serde_json::to_vec(&r).unwrap())
-            .unwrap();
-        // An exchange deleted from the view.
-        s.s.views.exchanges.remove(exchange_key(r.id, 0)).unwrap();
+        std::fs::write(&idx, &orig).unwrap();
+        assert_eq!(s.verify(None).unwrap(), Ok(2));
+        // The session removed from the index.
+        std::fs::write(&idx, &orig[..slot]).unwrap();
         let e = s.verify(None).unwrap().unwrap_err();
-        assert!(e.contains("deleted"), "{e}");
+        assert!(e.contains("missing from the index"), "{e}");
     }
 
     fn exchange(session: u64, seq: u32, state: ExchangeState) -> Exchange {
@@ -1277,7 +1322,6 @@ mod tests {
     fn kill_9_keeps_every_event_written_and_marks_what_was_in_flight() {
         let dir = tempfile::tempdir().unwrap();
         let crashed = tempfile::tempdir().unwrap();
-        let sled_only = tempfile::tempdir().unwrap();
         let s = RecordStore::open_with(dir.path(), never_flush()).unwrap();
         let r = rec(&s, "a");
         s.put(&r, "connection.open").unwrap();
@@ -1289,16 +1333,9 @@ mod tests {
         s.start_exchange(&exchange(r.id, 1, ExchangeState::Started))
             .unwrap();
         // No flush has run: the process is "killed" here.
+        // The index on disk knows none of it (never flushed).
         copy_dir(dir.path(), crashed.path());
-        copy_dir(dir.path(), sled_only.path());
-        std::fs::remove_dir_all(sled_only.path().join("records.wal")).unwrap();
         std::mem::forget(s);
-
-        // sled alone: its inserts were still in process memory (the lost
-        // exchanges of issue 8).
-        let lost = RecordStore::open(sled_only.path()).unwrap();
-        assert!(lost.exchanges(r.id).unwrap().is_empty());
-        drop(lost);
 
         let s = RecordStore::open(crashed.path()).unwrap();
         let exs = s.exchanges(r.id).unwrap();
@@ -1317,26 +1354,26 @@ mod tests {
     }
 
     #[test]
-    fn a_view_lost_apart_from_its_event_is_restored_by_replay() {
+    fn a_lost_index_is_rebuilt_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let crashed = tempfile::tempdir().unwrap();
-        let s = RecordStore::open_with(dir.path(), never_flush()).unwrap();
-        let r = rec(&s, "a");
-        s.put(&r, "connection.open").unwrap();
-        s.put_exchange(&exchange(r.id, 0, ExchangeState::Complete))
-            .unwrap();
-        s.s.db.flush().unwrap();
-        copy_dir(dir.path(), crashed.path());
-        std::mem::forget(s);
         {
-            // The crash kept the event but not the view written after it.
-            let db = sled::open(crashed.path().join("records.sled")).unwrap();
-            db.open_tree("exchanges").unwrap().clear().unwrap();
-            db.flush().unwrap();
+            let s = RecordStore::open(dir.path()).unwrap();
+            let r = rec(&s, "a");
+            s.put(&r, "connection.open").unwrap();
+            s.put_exchange(&exchange(r.id, 0, ExchangeState::Complete))
+                .unwrap();
+            s.flush_blocking().unwrap();
         }
-        let s = RecordStore::open(crashed.path()).unwrap();
-        assert_eq!(s.exchanges(r.id).unwrap().len(), 1);
-        assert!(s.verify(None).unwrap().is_ok());
+        {
+            std::fs::remove_file(dir.path().join("records.idx")).unwrap();
+            std::fs::remove_file(dir.path().join("records.idx.meta")).unwrap();
+        }
+        let s = RecordStore::open(dir.path()).unwrap();
+        assert_eq!(s.list(&Filter::default()).unwrap().len(), 1);
+        assert_eq!(s.exchanges(1).unwrap().len(), 1);
+        // The connection was open in the log: marked interrupted.
+        assert_eq!(s.get(1).unwrap().outcome, Outcome::Interrupted);
+        assert_eq!(s.verify(None).unwrap(), Ok(3));
     }
 
     #[test]
@@ -1352,13 +1389,15 @@ mod tests {
             assert_eq!(cps.last().unwrap().seq, 4);
             assert_eq!(s.verify(None).unwrap(), Ok(5));
         }
-        let truncate = |k: u64| {
-            let db = sled::open(dir.path().join("records.sled")).unwrap();
-            let ev = db.open_tree("events").unwrap();
-            for _ in 0..k {
-                ev.pop_max().unwrap();
-            }
-            db.flush().unwrap();
+        let truncate = |k: usize| {
+            let f = frames(dir.path());
+            let (path, off, _) = &f[f.len() - k];
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_len(*off)
+                .unwrap();
         };
         truncate(2);
         {
@@ -1383,6 +1422,63 @@ mod tests {
         let s = RecordStore::open(dir.path()).unwrap();
         let e = s.verify(None).unwrap().unwrap_err();
         assert!(e.contains("forged"), "{e}");
+    }
+
+    #[test]
+    fn a_store_from_before_the_log_is_migrated() {
+        // The previous layout: events (and records) in sled, the newest
+        // events in `records.wal` only.
+        let dir = tempfile::tempdir().unwrap();
+        let body = |id: u64| {
+            let mut r = ConnectionRecord::new(id, ClientAddr("127.0.0.1:1".parse().unwrap()));
+            r.target = Some("old".into());
+            r.outcome = Outcome::Closed;
+            serde_json::to_vec(&r).unwrap()
+        };
+        let mut prev = chain::GENESIS;
+        let mut stored = Vec::new();
+        for seq in 0..4u64 {
+            let mut e = Vec::new();
+            prev = chain::encode_into(
+                &mut e,
+                seq,
+                1,
+                seq + 1,
+                "connection.refused",
+                &body(seq + 1),
+                &prev,
+            );
+            stored.push(e);
+        }
+        {
+            let db = sled::open(dir.path().join("records.sled")).unwrap();
+            let events = db.open_tree("events").unwrap();
+            for (seq, e) in stored.iter().enumerate().take(3) {
+                events
+                    .insert((seq as u64).to_be_bytes(), e.as_slice())
+                    .unwrap();
+            }
+            db.open_tree("connections").unwrap();
+            db.flush().unwrap();
+            let wal = dir.path().join("records.wal");
+            std::fs::create_dir_all(&wal).unwrap();
+            // The WAL repeats event 2 (already in sled) and adds 3.
+            let mut w = Vec::new();
+            for e in &stored[2..] {
+                w.extend_from_slice(&(e.len() as u32).to_le_bytes());
+                w.extend_from_slice(e);
+            }
+            std::fs::write(wal.join("seg-0000000000000007.wal"), w).unwrap();
+        }
+        let s = RecordStore::open(dir.path()).unwrap();
+        assert_eq!(s.verify(None).unwrap(), Ok(4));
+        assert_eq!(s.list(&Filter::default()).unwrap().len(), 4);
+        assert_eq!(s.get(4).unwrap().target.as_deref(), Some("old"));
+        assert!(!dir.path().join("records.wal").exists());
+        let r = rec(&s, "new");
+        s.put(&r, "connection.open").unwrap();
+        assert_eq!(r.id, 5, "ids continue after the migrated ones");
+        assert_eq!(s.verify(None).unwrap(), Ok(5));
     }
 
     #[test]

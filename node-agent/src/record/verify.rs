@@ -1,34 +1,21 @@
-//! `verify`: walk the chain, check it against the signed checkpoints, then
-//! check the stored views against the chain. And the proof an export
-//! carries (`evidence`).
+//! `verify`: walk the chain in the record log, check it against the
+//! signed checkpoints, then check that the index points at each record's
+//! latest event. And the proof an export carries (`evidence`).
 use std::collections::{BTreeMap, HashMap};
-
-use sha2::{Digest, Sha256};
 
 use super::{
     chain::{self, Link},
-    key_u64, split_exchange_key, Checkpoint, Evidence, ProofLink, RecordError, Shared, View,
+    key_u64, log, Checkpoint, Evidence, Loc, ProofLink, RecordError, Shared, View,
 };
-
-/// What a view must hash to: the stored JSON, byte for byte (canonical
-/// JSON for events from before the binary format).
-fn view_digest(bytes: &[u8], legacy: bool) -> Option<[u8; 32]> {
-    if legacy {
-        let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-        Some(Sha256::digest(serde_json::to_vec(&v).ok()?).into())
-    } else {
-        Some(Sha256::digest(bytes).into())
-    }
-}
 
 type Verdict = Result<u64, String>;
 
 pub(super) fn verify(s: &Shared, session: Option<u64>) -> Result<Verdict, RecordError> {
     let mut prev = chain::GENESIS;
     let mut expected = 0u64;
-    // Latest chained record per connection / exchange: (legacy, digest).
-    let mut last_conn: HashMap<u64, (bool, [u8; 32])> = Default::default();
-    let mut chained_ex: HashMap<[u8; 12], (bool, [u8; 32])> = Default::default();
+    // Latest chained connection event and latest event, per session.
+    let mut last_conn: HashMap<u64, Loc> = Default::default();
+    let mut last_event: HashMap<u64, Loc> = Default::default();
     // Checkpoints by the seq they cover, to compare during the walk.
     let mut by_seq: BTreeMap<u64, Vec<Checkpoint>> = BTreeMap::new();
     let key = s.key.public();
@@ -57,121 +44,124 @@ pub(super) fn verify(s: &Shared, session: Option<u64>) -> Result<Verdict, Record
     }
     // Where the node found the chain ending at a start, if it was short.
     let mut found_end: Option<u64> = None;
-    for item in s.events.iter() {
-        let (k, v) = item?;
-        let seq = key_u64(&k);
-        if seq != expected {
-            return Ok(Err(format!(
-                "event {expected} is missing (next present is {seq})"
-            )));
-        }
-        let l = match Link::decode(&v) {
-            Ok(l) => l,
-            Err(e) => return Ok(Err(format!("event {seq} does not parse: {e}"))),
-        };
-        if l.prev != prev {
-            return Ok(Err(format!(
-                "event {seq} does not follow event {}",
-                seq.wrapping_sub(1)
-            )));
-        }
-        if !l.hash_ok() || l.seq != seq {
-            return Ok(Err(format!(
-                "event {seq} (session {}) was altered (hash mismatch)",
-                l.connection
-            )));
-        }
-        // The node's own note that it found the chain cut (appended at the
-        // cut, so possibly at a checkpointed seq): known before that
-        // checkpoint is compared.
-        if l.connection == 0 && l.kind == "records.truncated" {
-            let b: serde_json::Value = serde_json::from_slice(&l.body).unwrap_or_default();
-            found_end = b["chain_next_seq"].as_u64();
-        }
-        if let Some(cps) = by_seq.remove(&seq) {
-            for cp in cps {
-                if cp.head_hash() != Some(l.hash) {
-                    // Named against the latest checkpoint: it proves the
-                    // most (every later one lies past the cut too).
-                    let latest = by_seq
-                        .values()
-                        .next_back()
-                        .and_then(|v| v.first())
-                        .unwrap_or(&cp);
-                    return Ok(Err(truncated(latest, found_end, None)));
+    let mut verdict: Option<String> = None;
+    let segments = log::segments(&s.log_dir, "log")?;
+    let last_segment = segments.last().map(|(n, _)| *n);
+    for (n, path) in &segments {
+        let (_, torn) = log::scan(path, *n, 0, |loc, payload| {
+            let l = match Link::decode(payload) {
+                Ok(l) => l,
+                Err(e) => {
+                    verdict = Some(format!(
+                        "event {expected} does not parse (segment {n} offset {}): {e}",
+                        loc.offset
+                    ));
+                    return false;
+                }
+            };
+            let seq = l.seq;
+            if seq != expected {
+                verdict = Some(if seq > expected {
+                    format!("event {expected} is missing (next present is {seq})")
+                } else {
+                    format!(
+                        "event {seq} appears again after event {}",
+                        expected.wrapping_sub(1)
+                    )
+                });
+                return false;
+            }
+            if l.prev != prev {
+                verdict = Some(format!(
+                    "event {seq} does not follow event {}",
+                    seq.wrapping_sub(1)
+                ));
+                return false;
+            }
+            if !l.hash_ok() {
+                verdict = Some(format!(
+                    "event {seq} (session {}) was altered (hash mismatch)",
+                    l.connection
+                ));
+                return false;
+            }
+            // The node's own note that it found the chain cut (appended
+            // at the cut, so possibly at a checkpointed seq): known before
+            // that checkpoint is compared.
+            if l.connection == 0 && l.kind == "records.truncated" {
+                let b: serde_json::Value = serde_json::from_slice(&l.body).unwrap_or_default();
+                found_end = b["chain_next_seq"].as_u64();
+            }
+            if let Some(cps) = by_seq.remove(&seq) {
+                for cp in cps {
+                    if cp.head_hash() != Some(l.hash) {
+                        // Named against the latest checkpoint: it proves
+                        // the most (every later one lies past the cut too).
+                        let latest = by_seq
+                            .values()
+                            .next_back()
+                            .and_then(|v| v.first())
+                            .unwrap_or(&cp);
+                        verdict = Some(truncated(latest, found_end, None));
+                        return false;
+                    }
                 }
             }
-        }
-        let d = view_digest(&l.body, l.legacy).unwrap_or_default();
-        match View::of(l.connection, &l.kind, &l.body) {
-            View::None => {}
-            View::Exchange { seq: exseq, .. } => {
-                chained_ex.insert(super::exchange_key(l.connection, exseq), (l.legacy, d));
+            if l.connection != 0 {
+                last_event.insert(l.connection, loc);
+                if let View::Connection { .. } = View::of(l.connection, &l.kind, &l.body) {
+                    last_conn.insert(l.connection, loc);
+                }
             }
-            View::Connection { .. } => {
-                last_conn.insert(l.connection, (l.legacy, d));
-            }
+            prev = l.hash;
+            expected += 1;
+            true
+        })?;
+        if let Some(v) = verdict {
+            return Ok(Err(v));
         }
-        prev = l.hash;
-        expected += 1;
+        if torn && Some(*n) != last_segment {
+            return Ok(Err(format!(
+                "record log segment {n} ends in a partial frame before event {expected} (later segments follow)"
+            )));
+        }
     }
     // Checkpoints past the end of the chain: its tail was cut.
     if let Some((_, cps)) = by_seq.iter().next_back() {
         return Ok(Err(truncated(&cps[0], found_end, Some(expected))));
     }
-    let conns: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match session {
-        Some(id) => Box::new(
-            s.views
-                .connections
-                .get(id.to_be_bytes())?
-                .map(|v| Ok((sled::IVec::from(&id.to_be_bytes()[..]), v)))
-                .into_iter(),
-        ),
-        None => Box::new(s.views.connections.iter()),
+    // The index: each session's slot points at its latest connection
+    // event and its latest event, and every chained session has one.
+    let ix = s.index.lock().unwrap_or_else(|e| e.into_inner());
+    let ids: Vec<u64> = match session {
+        Some(id) => vec![id],
+        None => {
+            let mut ids: Vec<u64> = last_event.keys().copied().collect();
+            ids.sort_unstable();
+            let max = ix.max_id()?;
+            ids.extend((1..=max).filter(|id| !last_event.contains_key(id)));
+            ids
+        }
     };
-    for item in conns {
-        let (k, v) = item?;
-        let id = key_u64(&k);
-        let ok = last_conn
-            .get(&id)
-            .is_some_and(|(legacy, d)| view_digest(&v, *legacy).as_ref() == Some(d));
-        if !ok {
-            return Ok(Err(format!(
-                "session {id}: stored record differs from its chained events"
-            )));
+    for id in ids {
+        let slot = ix.get(id)?;
+        match (slot, last_event.get(&id)) {
+            (None, None) => {}
+            (None, Some(_)) => {
+                return Ok(Err(format!("session {id}: missing from the index")));
+            }
+            (Some(slot), chained) => {
+                if slot.last.as_ref() != chained || slot.conn.as_ref() != last_conn.get(&id) {
+                    return Ok(Err(format!(
+                        "session {id}: the index does not point at its latest chained events"
+                    )));
+                }
+            }
         }
     }
-    let exs: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match session {
-        Some(id) => Box::new(s.views.exchanges.scan_prefix(id.to_be_bytes())),
-        None => Box::new(s.views.exchanges.iter()),
-    };
-    let mut stored_ex = 0usize;
-    for item in exs {
-        let (k, v) = item?;
-        stored_ex += 1;
-        let key: Option<[u8; 12]> = k.as_ref().try_into().ok();
-        let ok = key
-            .and_then(|k| chained_ex.get(&k))
-            .is_some_and(|(legacy, d)| view_digest(&v, *legacy).as_ref() == Some(d));
-        if !ok {
-            let (sid, seq) = split_exchange_key(&k);
-            return Ok(Err(format!(
-                "session {sid} exchange {seq}: stored record differs from its chained event"
-            )));
-        }
-    }
-    let chained_in_scope = chained_ex
-        .keys()
-        .filter(|k| session.is_none_or(|id| k.starts_with(&id.to_be_bytes())))
-        .count();
-    if chained_in_scope != stored_ex {
-        return Ok(Err(format!(
-            "{} exchange record(s) deleted from the store",
-            chained_in_scope.saturating_sub(stored_ex)
-        )));
-    }
+    drop(ix);
     if let Some(id) = session {
-        if !last_conn.contains_key(&id) {
+        if !last_event.contains_key(&id) {
             return Ok(Err(format!("session {id} has no events")));
         }
     }
@@ -207,18 +197,16 @@ fn truncated(cp: &Checkpoint, found_end: Option<u64>, chain_end: Option<u64>) ->
 }
 
 pub(super) fn evidence(s: &Shared, session: u64) -> Result<Evidence, RecordError> {
-    let corrupt = |seq: u64, e: String| RecordError::Flush(format!("event {seq}: {e}"));
     // First pass: where the session's events are.
     let mut first: Option<(u64, chain::Hash)> = None;
     let mut last = 0u64;
-    for item in s.events.iter() {
-        let (k, v) = item?;
-        let l = Link::decode(&v).map_err(|e| corrupt(key_u64(&k), e))?;
+    s.each_event(|_, l| {
         if l.connection == session {
             first.get_or_insert((l.seq, l.prev));
             last = l.seq;
         }
-    }
+        true
+    })?;
     let Some((from, prev)) = first else {
         return Err(RecordError::NotFound(session));
     };
@@ -234,9 +222,13 @@ pub(super) fn evidence(s: &Shared, session: u64) -> Result<Evidence, RecordError
     }
     let to = checkpoint.as_ref().map(|c| c.seq).unwrap_or(last);
     let mut links = Vec::new();
-    for item in s.events.range(from.to_be_bytes()..=to.to_be_bytes()) {
-        let (k, v) = item?;
-        let l = Link::decode(&v).map_err(|e| corrupt(key_u64(&k), e))?;
+    s.each_event(|_, l| {
+        if l.seq < from {
+            return true;
+        }
+        if l.seq > to {
+            return false;
+        }
         links.push(if l.connection == session && !l.legacy {
             ProofLink {
                 seq: l.seq,
@@ -256,7 +248,8 @@ pub(super) fn evidence(s: &Shared, session: u64) -> Result<Evidence, RecordError
                 body: None,
             }
         });
-    }
+        true
+    })?;
     Ok(Evidence {
         node_key: s.key.public(),
         checkpoint,

@@ -1,0 +1,281 @@
+//! The record log: every chain event, in order, in append-only segment
+//! files (`records.log/seg-<n>.log`, rotated at `SEGMENT_MAX`). It is the
+//! store of record: each event is written here once, with one `write(2)`
+//! before the caller goes on (so it survives `kill -9`), and fsync'd by the
+//! group-commit thread (against power loss). sled only indexes it (`Loc`s
+//! by session and exchange), so the node's memory does not grow with the
+//! evidence it keeps.
+//!
+//! Frames are `[len u32 LE][stored event]` (`chain.rs`); the event's own
+//! hash is its checksum, so a torn tail (a write cut short by a crash or
+//! power loss) is recognised, and cut off at the next start.
+use std::{
+    fs::{File, OpenOptions},
+    io::{BufReader, Read, Seek, SeekFrom, Write},
+    os::unix::fs::{FileExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+};
+
+/// A segment is closed and a new one started beyond this size.
+pub const SEGMENT_MAX: u64 = 64 << 20;
+/// A frame longer than this is corrupt (no record is that large).
+const FRAME_MAX: usize = 256 << 20;
+
+/// Where an event's frame starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Loc {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+pub fn segment_path(dir: &Path, n: u64, ext: &str) -> PathBuf {
+    dir.join(format!("seg-{n:016}.{ext}"))
+}
+
+/// Existing segments with extension `ext`, oldest first.
+pub fn segments(dir: &Path, ext: &str) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let suffix = format!(".{ext}");
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in rd {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("seg-"))
+            .and_then(|n| n.strip_suffix(suffix.as_str()))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        out.push((n, entry.path()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads the frames of one segment from `offset`, calling `f` with each
+/// frame's location and payload; `f` returns false to stop. Returns the
+/// offset after the last whole frame read, and whether the segment ended
+/// in a partial frame there. Whether a payload is a valid event is the
+/// caller's question.
+pub fn scan(
+    path: &Path,
+    segment: u64,
+    offset: u64,
+    mut f: impl FnMut(Loc, &[u8]) -> bool,
+) -> std::io::Result<(u64, bool)> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut r = BufReader::with_capacity(256 << 10, file);
+    let mut at = offset;
+    let mut payload = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        match read_full(&mut r, &mut len)? {
+            0 => return Ok((at, false)),
+            4 => {}
+            _ => return Ok((at, true)),
+        }
+        let n = u32::from_le_bytes(len) as usize;
+        if n > FRAME_MAX {
+            return Ok((at, true));
+        }
+        payload.resize(n, 0);
+        if read_full(&mut r, &mut payload)? != n {
+            return Ok((at, true));
+        }
+        if !f(
+            Loc {
+                segment,
+                offset: at,
+            },
+            &payload,
+        ) {
+            return Ok((at + 4 + n as u64, false));
+        }
+        at += 4 + n as u64;
+    }
+}
+
+/// Reads until `buf` is full or the end; returns how much was read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// The payload of the frame at `loc`.
+pub fn read_at(dir: &Path, loc: Loc) -> std::io::Result<Vec<u8>> {
+    let file = File::open(segment_path(dir, loc.segment, "log"))?;
+    let mut len = [0u8; 4];
+    file.read_exact_at(&mut len, loc.offset)?;
+    let n = u32::from_le_bytes(len) as usize;
+    if n > FRAME_MAX {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame at {}:{} claims {n} bytes", loc.segment, loc.offset),
+        ));
+    }
+    let mut payload = vec![0u8; n];
+    file.read_exact_at(&mut payload, loc.offset + 4)?;
+    Ok(payload)
+}
+
+/// The appending end of the log (held under the store's head lock).
+pub struct LogWriter {
+    dir: PathBuf,
+    file: File,
+    segment: u64,
+    size: u64,
+    /// Closed segments not yet fsync'd (the commit thread does it).
+    unsynced: Vec<File>,
+    /// Anything written since the last `take_unsynced`.
+    dirty: bool,
+}
+
+impl LogWriter {
+    /// Continues segment `n` at `size` (cutting anything after it: a torn
+    /// frame), or starts it.
+    pub fn open(dir: &Path, segment: u64, size: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(segment_path(dir, segment, "log"))?;
+        if file.metadata()?.len() != size {
+            file.set_len(size)?;
+        }
+        let mut file = file;
+        file.seek(SeekFrom::Start(size))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            file,
+            segment,
+            size,
+            unsynced: Vec::new(),
+            dirty: false,
+        })
+    }
+
+    /// Writes one frame (`[4 bytes reserved][event]`, the length is
+    /// filled in here) with a single `write(2)` in the common case.
+    pub fn append(&mut self, frame: &mut [u8]) -> std::io::Result<Loc> {
+        if self.size > 0 && self.size + frame.len() as u64 > SEGMENT_MAX {
+            let next = Self::open(&self.dir, self.segment + 1, 0)?;
+            let old = std::mem::replace(self, next);
+            self.unsynced = old.unsynced;
+            if old.dirty {
+                self.unsynced.push(old.file);
+            }
+        }
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_le_bytes());
+        let loc = Loc {
+            segment: self.segment,
+            offset: self.size,
+        };
+        if let Err(e) = self.file.write_all(frame) {
+            // A partial write leaves a torn frame: cut it, so the next
+            // append starts on a frame boundary.
+            let _ = self.file.set_len(self.size);
+            let _ = self.file.seek(SeekFrom::Start(self.size));
+            return Err(e);
+        }
+        self.size += frame.len() as u64;
+        self.dirty = true;
+        Ok(loc)
+    }
+
+    /// Files holding writes not yet fsync'd (clones: the commit thread
+    /// syncs them without holding the head lock).
+    pub fn take_unsynced(&mut self) -> std::io::Result<Vec<File>> {
+        let mut files = std::mem::take(&mut self.unsynced);
+        if self.dirty {
+            files.push(self.file.try_clone()?);
+            self.dirty = false;
+        }
+        Ok(files)
+    }
+
+    /// Where the next frame will go.
+    pub fn end(&self) -> Loc {
+        Loc {
+            segment: self.segment,
+            offset: self.size,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::chain::{encode_into, Link, GENESIS};
+
+    fn frame(seq: u64, prev: &[u8; 32], body: &[u8]) -> (Vec<u8>, [u8; 32]) {
+        let mut f = vec![0u8; 4];
+        let h = encode_into(&mut f, seq, 1, 1, "k", body, prev);
+        (f, h)
+    }
+
+    #[test]
+    fn frames_roundtrip_rotate_and_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LogWriter::open(dir.path(), 0, 0).unwrap();
+        let (mut a, ha) = frame(0, &GENESIS, b"{}");
+        let (mut b, hb) = frame(1, &ha, b"{\"x\":1}");
+        let la = w.append(&mut a).unwrap();
+        let lb = w.append(&mut b).unwrap();
+        assert_eq!(
+            Link::decode(&read_at(dir.path(), lb).unwrap()).unwrap().seq,
+            1
+        );
+        assert_eq!(la.offset, 0);
+        // A write cut short by a crash.
+        let (mut c, _) = frame(2, &hb, b"{}");
+        let n = c.len();
+        let len = (n - 4) as u32;
+        c[..4].copy_from_slice(&len.to_le_bytes());
+        w.file.write_all(&c[..n - 3]).unwrap();
+        let path = segment_path(dir.path(), 0, "log");
+        let mut seen = Vec::new();
+        let (end, torn) = scan(&path, 0, 0, |loc, p| {
+            seen.push((loc, Link::decode(p).unwrap().seq));
+            true
+        })
+        .unwrap();
+        assert!(torn);
+        assert_eq!(seen, vec![(la, 0), (lb, 1)]);
+        // Reopened where the whole frames end: the torn one is cut.
+        let mut w = LogWriter::open(dir.path(), 0, end).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), end);
+        let (mut c, _) = frame(2, &hb, b"{}");
+        assert_eq!(w.append(&mut c).unwrap().offset, end);
+        let (_, torn) = scan(&path, 0, end, |_, _| true).unwrap();
+        assert!(!torn);
+        assert_eq!(w.take_unsynced().unwrap().len(), 1);
+        assert!(w.take_unsynced().unwrap().is_empty());
+        // Big frames start a new segment.
+        let big = vec![b'a'; (SEGMENT_MAX / 2) as usize];
+        for seq in 3..6 {
+            let (mut f, _) = frame(seq, &GENESIS, &big);
+            w.append(&mut f).unwrap();
+        }
+        assert_eq!(segments(dir.path(), "log").unwrap().len(), 3);
+        assert_eq!(w.take_unsynced().unwrap().len(), 3);
+    }
+}
