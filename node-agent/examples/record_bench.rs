@@ -1,8 +1,8 @@
 //! Record path cost per exchange: `start_exchange` + `put_exchange` (what
-//! the proxy does now: two appends, each one `write(2)` to the write-ahead
-//! file plus in-memory sled inserts) against the same plus waiting for a
-//! group-committed flush per exchange (what it did before: the exchange
-//! was durable only after a sled flush, waited for on every exchange).
+//! the proxy does: two appends, each one `write(2)` to the record log and
+//! a queued index entry) against the same plus waiting for a
+//! group-committed fsync per exchange (what a design that made every
+//! exchange durable before answering would pay).
 //! 1 KB request and response bodies; 1 and 8 threads.
 //!
 //! `cargo run --release -p node-agent --example record_bench [N]`
@@ -81,7 +81,9 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(20_000);
-    println!("| threads | record (write-ahead) µs/exchange | + wait for flush per exchange µs/exchange |");
+    println!(
+        "| threads | record (log write) µs/exchange | + wait for fsync per exchange µs/exchange |"
+    );
     println!("|---|---|---|");
     for threads in [1usize, 8] {
         let per_thread = n / threads as u32;

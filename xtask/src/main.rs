@@ -134,6 +134,9 @@ fn main() {
             if matches!(which, "scan" | "all") {
                 run(Command::new(target.join("examples/scan_bench")).arg("100"));
             }
+            if matches!(which, "record" | "all") {
+                run(Command::new(target.join("examples/record_bench")).arg("20000"));
+            }
             if matches!(which, "stream" | "all") {
                 run(&mut Command::new(target.join("examples/stream_bench")));
             }
