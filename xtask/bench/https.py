@@ -44,7 +44,7 @@ SLUICE_PORT = 15998
 MITM_PORT = 18914
 CGROUP_ENF = "sluice-hbench-enf"
 VARIANTS = ["direct", "sluice", "enforced", "mitmproxy"]
-NGINX_PORT = 9443
+NGINX_PORT = 4443
 
 BUNDLE = """version: 1
 name: hbench-enforcement
@@ -188,6 +188,11 @@ def start_nginx(tmp, body_bytes):
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "nginx.log"), "w"))
     wait_until("nginx", lambda: can_connect(REMOTE_IP, NGINX_PORT), proc=proc,
                log=os.path.join(tmp, "nginx.log"))
+    time.sleep(0.3)
+    if proc.poll() is not None:
+        # Something else answered on the port: never measure the wrong server.
+        raise RuntimeError("nginx exited (%s): %s" % (proc.returncode,
+                                                       open(os.path.join(tmp, "nginx-error.log")).read()[-2000:]))
     return proc
 
 
@@ -266,9 +271,14 @@ def tools_bench(a, tmp, cg, cg_enf, sluice, sock):
         for i in range(a.runs):
             for name, cmd, parse in loads:
                 for v in variants:
-                    r = subprocess.run(in_place(tmp, where[v], cmd), capture_output=True, text=True,
-                                       timeout=a.duration_secs + 120)
-                    res = parse(r.stdout) if r.returncode == 0 else {"failed": (r.stderr or r.stdout)[-500:]}
+                    try:
+                        r = subprocess.run(in_place(tmp, where[v], cmd), capture_output=True, text=True,
+                                           timeout=a.duration_secs + 30)
+                        res = parse(r.stdout) if r.returncode == 0 else {"failed": (r.stderr or r.stdout)[-500:]}
+                        if res.get("errors"):
+                            res["output"] = r.stdout[-600:]
+                    except subprocess.TimeoutExpired:
+                        res = {"failed": "no result %ds after its end" % 30}
                     print("run %d %-9s %-12s %s" % (i + 1, v, name, json.dumps(res)), flush=True)
                     results[v][name].append(res)
     finally:
