@@ -93,7 +93,18 @@ struct Compiled {
     re: std::sync::OnceLock<regex::bytes::Regex>,
     /// Index of the `secret` group, if the pattern has one.
     secret: Option<usize>,
-    deny: Option<regex::bytes::RegexSet>,
+    /// The deny list, built like `re` on first need.
+    deny: std::sync::OnceLock<Option<regex::bytes::RegexSet>>,
+}
+
+fn build_deny(spec: &PatternSpec) -> Result<Option<regex::bytes::RegexSet>, regex::Error> {
+    if spec.deny.is_empty() {
+        return Ok(None);
+    }
+    regex::bytes::RegexSetBuilder::new(&spec.deny)
+        .unicode(false)
+        .build()
+        .map(Some)
 }
 
 fn build_regex(spec: &PatternSpec) -> Result<regex::bytes::Regex, regex::Error> {
@@ -125,7 +136,12 @@ impl Compiled {
                 return false;
             }
         }
-        if let Some(deny) = &self.deny {
+        // Unbuildable (unreachable: validated at load) counts as no deny
+        // list: more is masked, not less.
+        let deny = self
+            .deny
+            .get_or_init(|| build_deny(&self.spec).unwrap_or(None));
+        if let Some(deny) = deny {
             if deny.is_match(secret) {
                 return false;
             }
@@ -228,16 +244,7 @@ impl Scanner {
                 .map_err(|e| bad(&e))?
                 .capture_names()
                 .position(|n| n == Some(SECRET_GROUP));
-            let deny = if spec.deny.is_empty() {
-                None
-            } else {
-                Some(
-                    regex::bytes::RegexSetBuilder::new(&spec.deny)
-                        .unicode(false)
-                        .build()
-                        .map_err(|e| bad(&format!("deny: {e}")))?,
-                )
-            };
+            build_deny(&spec).map_err(|e| bad(&format!("deny: {e}")))?;
             if let Some(min) = spec.min_entropy {
                 if !(0.0..=8.0).contains(&min) {
                     return Err(bad(&"min_entropy must be between 0 and 8 bits per byte"));
@@ -247,7 +254,7 @@ impl Scanner {
                 spec,
                 re: std::sync::OnceLock::new(),
                 secret,
-                deny,
+                deny: std::sync::OnceLock::new(),
             });
         }
         let digit_groups: Vec<usize> = patterns
