@@ -621,7 +621,7 @@ fn recover(
     ix: &mut index::Index,
     meta: Option<index::Meta>,
     dir: &Path,
-) -> Result<((u64, chain::Hash), log::LogWriter), RecordError> {
+) -> Result<((u64, chain::Hash), log::LogWriter, u64), RecordError> {
     let segments = log::segments(dir, "log")?;
     let first_segment = segments.first().map(|(n, _)| *n).unwrap_or(0);
     let size = |n: u64| -> Option<u64> {
@@ -708,17 +708,31 @@ fn recover(
             );
         }
     }
-    ix.persist()?;
-    if replayed > 0 {
-        tracing::info!(events = replayed, "indexed events from the record log");
-    }
+    // Session ids must not be reused, not even those of events past a
+    // break (they are no longer indexed, but still evidence).
+    let mut max_id = ix.max_id()?;
     let writer = if broken {
+        for (n, path) in &segments {
+            log::scan(path, *n, 0, |_, payload| {
+                if let Ok(l) = chain::Link::decode(payload) {
+                    max_id = max_id.max(l.connection);
+                }
+                true
+            })?;
+        }
+        // Indexing continues in the fresh segment (the chain continues
+        // from the last good event), at this start and the next.
         let n = segments.last().map(|(n, _)| n + 1).unwrap_or(0);
+        ix.meta.end = (n, 0);
         log::LogWriter::open(dir, n, 0)?
     } else {
         log::LogWriter::open(dir, end.segment, end.offset)?
     };
-    Ok(((next, hash), writer))
+    ix.persist()?;
+    if replayed > 0 {
+        tracing::info!(events = replayed, "indexed events from the record log");
+    }
+    Ok(((next, hash), writer, max_id))
 }
 
 /// Stores from before the record log kept every event and record in sled
@@ -818,8 +832,7 @@ impl RecordStore {
         let checkpoints = db.open_tree("checkpoints")?;
         let key = NodeKey::load_or_create(dir)?;
         let (mut ix, meta) = index::Index::open(dir)?;
-        let (head, writer) = recover(&mut ix, meta, &log_dir)?;
-        let last_id = ix.max_id()?;
+        let (head, writer, last_id) = recover(&mut ix, meta, &log_dir)?;
         let s = Arc::new(Shared {
             db,
             checkpoints,
@@ -1479,6 +1492,44 @@ mod tests {
         s.put(&r, "connection.open").unwrap();
         assert_eq!(r.id, 5, "ids continue after the migrated ones");
         assert_eq!(s.verify(None).unwrap(), Ok(5));
+    }
+
+    #[test]
+    fn after_a_break_in_the_log_new_records_are_still_kept_and_found() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RecordStore::open(dir.path()).unwrap();
+            for _ in 0..3 {
+                let mut r = rec(&s, "a");
+                r.outcome = Outcome::Closed;
+                s.put(&r, "connection.closed").unwrap();
+            }
+        }
+        // Event 1 cut out of the log by someone with the disk.
+        let f = frames(dir.path());
+        let (path, off, len) = f[1].clone();
+        let orig = std::fs::read(&path).unwrap();
+        let mut cut = orig[..off as usize].to_vec();
+        cut.extend_from_slice(&orig[(off + len) as usize..]);
+        std::fs::write(&path, &cut).unwrap();
+        let id = {
+            let s = RecordStore::open(dir.path()).unwrap();
+            let mut r = rec(&s, "after");
+            r.outcome = Outcome::Closed;
+            s.put(&r, "connection.closed").unwrap();
+            assert!(s.verify(None).unwrap().unwrap_err().contains("event 1"));
+            assert_eq!(r.id, 4, "ids past the break are not reused");
+            r.id
+        };
+        // Kept in a fresh segment, and indexed again at the next start.
+        let s = RecordStore::open(dir.path()).unwrap();
+        assert_eq!(s.get(id).unwrap().target.as_deref(), Some("after"));
+        assert_eq!(
+            log::segments(&dir.path().join("records.log"), "log")
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[test]
