@@ -81,10 +81,11 @@ fn global<T: Copy>(v: &'static T) -> T {
     unsafe { read_volatile(v) }
 }
 
-/// Where the current task stands: under a watched cgroup or not, and
-/// whether `probe` (a cgroup id) is a strict ancestor of that watched one.
+/// Where the current task stands: the watched cgroup it is under (0:
+/// none), and whether `probe` (a cgroup id) is a strict ancestor of that
+/// watched one.
 #[inline(always)]
-fn current_watched(probe: u64) -> (bool, bool) {
+fn current_watched(probe: u64) -> (u64, bool) {
     let mut probe_is_ancestor = false;
     let mut level = 0;
     while level < WATCHED_MAX_LEVEL {
@@ -93,36 +94,19 @@ fn current_watched(probe: u64) -> (bool, bool) {
             break;
         }
         if unsafe { WATCHED.get(&id) }.is_some() {
-            return (true, probe_is_ancestor);
+            return (id, probe_is_ancestor);
         }
         if id == probe {
             probe_is_ancestor = true;
         }
         level += 1;
     }
-    (false, false)
+    (0, false)
 }
 
 #[inline(always)]
 fn in_watched() -> bool {
-    current_watched(0).0
-}
-
-/// The watched cgroup the current task is under (0: none).
-#[inline(always)]
-fn watched_ancestor() -> u64 {
-    let mut level = 0;
-    while level < WATCHED_MAX_LEVEL {
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-        if id == 0 {
-            break;
-        }
-        if unsafe { WATCHED.get(&id) }.is_some() {
-            return id;
-        }
-        level += 1;
-    }
-    0
+    current_watched(0).0 != 0
 }
 
 /// Kills the current (watched) process and tells the agent why.
@@ -173,7 +157,7 @@ pub fn sluice_sys_enter(ctx: RawTracePointContext) -> i32 {
     {
         return 0;
     }
-    let watched = watched_ancestor();
+    let (watched, _) = current_watched(0);
     if watched == 0 {
         return 0;
     }
@@ -298,7 +282,7 @@ pub fn sluice_lsm_inode_permission(ctx: LsmContext) -> i32 {
     match cgroup_of_file(inode) {
         Some(cgroup) => {
             let (watched, ancestor) = current_watched(cgroup);
-            if watched && ancestor {
+            if watched != 0 && ancestor {
                 count(stat::CGROUP_ESCAPE_REFUSED);
                 return -EPERM;
             }

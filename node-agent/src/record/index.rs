@@ -121,13 +121,7 @@ impl Index {
     /// Opens the index in `dir`; the meta is `None` when missing or
     /// unreadable (the caller rebuilds).
     pub fn open(dir: &Path) -> std::io::Result<(Index, Option<Meta>)> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .open(dir.join("records.idx"))?;
+        let file = super::log::open_rw(&dir.join("records.idx"))?;
         let meta_path = dir.join("records.idx.meta");
         let meta = std::fs::read(&meta_path)
             .ok()

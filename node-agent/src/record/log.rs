@@ -133,6 +133,18 @@ pub fn read_at(dir: &Path, loc: Loc) -> std::io::Result<Vec<u8>> {
     Ok(payload)
 }
 
+/// Opens (creating, root only) a store file for reading and writing in
+/// place.
+pub fn open_rw(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// The appending end of the log (held under the store's head lock).
 pub struct LogWriter {
     dir: PathBuf,
@@ -150,13 +162,7 @@ impl LogWriter {
     /// frame), or starts it.
     pub fn open(dir: &Path, segment: u64, size: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .open(segment_path(dir, segment, "log"))?;
+        let file = open_rw(&segment_path(dir, segment, "log"))?;
         if file.metadata()?.len() != size {
             file.set_len(size)?;
         }
