@@ -12,8 +12,8 @@
 //! events lead to a signed checkpoint while giving only the digests (not
 //! the content) of other sessions' events in between.
 //!
-//! Stored form (the value in the `events` tree and the payload of a
-//! write-ahead frame): `[1][seq][at_ms][connection][prev][hash][kind_len
+//! Stored form (the payload of a record-log frame, `log.rs`):
+//! `[1][seq][at_ms][connection][prev][hash][kind_len
 //! u16][kind][body]`, integers big-endian, `body` the record's JSON as
 //! written (no re-serialisation: `verify` hashes the stored bytes).
 //! Events written before this format (JSON objects, hex hashes over a
