@@ -114,6 +114,9 @@ pub struct Index {
     meta_path: PathBuf,
     /// Slot updates not yet written (readers look here first).
     overlay: HashMap<u64, Slot>,
+    /// Hash of the last indexed event (`meta.hash` is its hex, written
+    /// at `persist`: no hex encoding per event).
+    last_hash: Option<chain::Hash>,
     pub meta: Meta,
 }
 
@@ -131,6 +134,7 @@ impl Index {
                 file,
                 meta_path,
                 overlay: HashMap::new(),
+                last_hash: None,
                 meta: Meta::fresh(0),
             },
             meta,
@@ -141,6 +145,7 @@ impl Index {
     pub fn reset(&mut self, first_segment: u64) -> std::io::Result<()> {
         self.file.set_len(0)?;
         self.overlay.clear();
+        self.last_hash = None;
         self.meta = Meta::fresh(first_segment);
         Ok(())
     }
@@ -199,7 +204,7 @@ impl Index {
         }
         self.meta.next = seq + 1;
         self.meta.end = (end.segment, end.offset);
-        self.meta.hash = hex::encode(hash);
+        self.last_hash = Some(*hash);
         Ok(())
     }
 
@@ -214,6 +219,9 @@ impl Index {
     /// Writes the overlay and syncs, then replaces the meta. Call after
     /// the log is synced.
     pub fn persist(&mut self) -> std::io::Result<()> {
+        if let Some(h) = self.last_hash.take() {
+            self.meta.hash = hex::encode(h);
+        }
         if !self.overlay.is_empty() {
             let mut ids: Vec<u64> = self.overlay.keys().copied().collect();
             ids.sort_unstable();
