@@ -261,15 +261,7 @@ const QUARANTINE_CAP: usize = 4096;
 impl Quarantine {
     /// Quarantines the job at `cgroup` (absolute path under `root`).
     pub fn add(&self, root: &Path, cgroup: &Path, why: &str) {
-        let rel = format!(
-            "/{}",
-            cgroup
-                .strip_prefix(root)
-                .unwrap_or(cgroup)
-                .display()
-                .to_string()
-                .trim_start_matches('/')
-        );
+        let rel = crate::identity::cgroup_rel(root, cgroup);
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         if jobs.iter().any(|(r, _, _)| *r == rel) {
             return;
@@ -517,14 +509,7 @@ impl Guard {
             // leave `cgroup.procs` before they are reaped) or a move inside
             // the subtree while we listed. Only a live process whose
             // cgroup is now outside the job left it.
-            let rel = format!(
-                "/{}",
-                cg.strip_prefix(&self.cgroup_root)
-                    .unwrap_or(cg)
-                    .display()
-                    .to_string()
-                    .trim_start_matches('/')
-            );
+            let rel = crate::identity::cgroup_rel(&self.cgroup_root, cg);
             let now_in = to.lines().find_map(|l| l.strip_prefix("0::"));
             if is_zombie(*pid)
                 || now_in.is_none_or(|p| crate::identity::path_within(p.trim(), &rel))

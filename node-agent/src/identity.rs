@@ -375,10 +375,7 @@ impl Inner {
     fn watched_rel(&self) -> Vec<String> {
         (self.watched)()
             .iter()
-            .map(|w| match w.strip_prefix(&self.cgroup_root) {
-                Ok(rel) => format!("/{}", rel.display()),
-                Err(_) => w.display().to_string(),
-            })
+            .map(|w| cgroup_rel(&self.cgroup_root, w))
             .collect()
     }
 
@@ -597,6 +594,15 @@ impl Inner {
             .filter_map(|p| p.parse().ok())
             .filter_map(|pid| read_stat(&self.proc_root, pid))
             .collect()
+    }
+}
+
+/// A cgroup directory as `/proc/PID/cgroup` names it: relative to the
+/// cgroup2 mount (`root`), with a leading `/`.
+pub fn cgroup_rel(root: &Path, cgroup: &Path) -> String {
+    match cgroup.strip_prefix(root) {
+        Ok(rel) => format!("/{}", rel.display()),
+        Err(_) => cgroup.display().to_string(),
     }
 }
 

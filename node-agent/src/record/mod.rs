@@ -1066,7 +1066,14 @@ impl RecordStore {
         let limit = filter.limit.unwrap_or(usize::MAX);
         let mut out = Vec::new();
         for id in (1..=max).rev() {
-            let slot = self.s.index()?.get(id)?;
+            // Indexed up to date above; the lock only per slot, so appends
+            // and commits go on while a long list is read.
+            let slot = self
+                .s
+                .index
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(id)?;
             let Some(at) = slot.and_then(|s| s.conn) else {
                 continue;
             };
