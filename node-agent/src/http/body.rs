@@ -222,6 +222,10 @@ pub struct Tap<B> {
     seen: Captured,
     captured: Vec<u8>,
     tx: Option<oneshot::Sender<Captured>>,
+    /// The declared length (Content-Length), when there is one: hyper
+    /// may drop a body once that many bytes are written, without polling
+    /// it to its end.
+    expected: Option<u64>,
 }
 
 impl<B: Body> Tap<B> {
@@ -229,6 +233,7 @@ impl<B: Body> Tap<B> {
         let (tx, rx) = oneshot::channel();
         (
             Tap {
+                expected: inner.size_hint().exact(),
                 inner,
                 cap,
                 seen: Captured::default(),
@@ -305,9 +310,11 @@ where
 
 impl<B> Drop for Tap<B> {
     fn drop(&mut self) {
-        // A body never polled because it was empty is complete; anything
-        // else dropped before its end was cut short.
-        let complete = self.seen.body.size == 0;
+        // A body never polled because it was empty, or dropped with all
+        // its declared bytes seen, is complete; anything else dropped
+        // before its end was cut short.
+        let size = self.seen.body.size;
+        let complete = size == 0 || self.expected == Some(size);
         self.finish(complete);
     }
 }
@@ -328,5 +335,40 @@ mod tests {
         assert!(c.body.truncated);
         assert!(c.body.complete);
         assert_eq!(c.body.text.as_deref().map(str::len), Some(100));
+    }
+
+    /// A Content-Length body in two chunks that only says it ended when
+    /// polled once more (as hyper's incoming bodies do).
+    struct Chunks(Vec<&'static [u8]>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.0.is_empty() {
+                return Poll::Ready(None);
+            }
+            let c = self.0.remove(0);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(c)))))
+        }
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(6)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_after_its_declared_length_is_complete() {
+        let (mut tap, rx) = Tap::new(Chunks(vec![b"abc", b"def"]), 100);
+        tap.frame().await.unwrap().unwrap();
+        tap.frame().await.unwrap().unwrap();
+        drop(tap); // the server stopped polling: Content-Length reached
+        assert!(rx.await.unwrap().body.complete);
+        let (mut tap, rx) = Tap::new(Chunks(vec![b"abc", b"def"]), 100);
+        tap.frame().await.unwrap().unwrap();
+        drop(tap); // cut short
+        assert!(!rx.await.unwrap().body.complete);
     }
 }
