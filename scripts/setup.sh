@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent machine set-up for building and testing Sluice.
-# Installs: Debian packages (hyperscan, bpftool, postgres, iproute2, curl),
+# Installs: Debian packages (hyperscan, bpftool, postgres, iproute2, curl,
+# libclang for the bindings of the real Postgres parser, libpg_query),
 # Python test clients (openai, grpcio, websockets, brotli, zstandard),
 # the nightly rust-src component, and bpf-linker built against the nightly's
 # own LLVM (see shared/TOOLCHAIN.md). Fast when everything is already there.
 set -euo pipefail
 
 need_apt=()
-for pkg in libhyperscan-dev pkg-config bpftool iproute2 curl openssl ca-certificates python3 postgresql; do
+for pkg in libhyperscan-dev pkg-config bpftool iproute2 curl openssl ca-certificates python3 postgresql libclang-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
@@ -20,9 +21,10 @@ fi
 # Real clients and servers for the end-to-end suite: the `openai` and
 # `anthropic` libraries,
 # grpcio (gRPC client and server), websockets, brotli and zstandard (the
-# fake API's compressed answers). Pinned so a fresh machine tests the same.
-PY_PKGS=(openai==3.57.0 anthropic==2.14.0 grpcio==1.85.3 websockets==17.4 brotli==1.2.1 zstandard==0.25.0)
-if ! python3 -c 'import openai, anthropic, grpc, websockets, brotli, zstandard' >/dev/null 2>&1; then
+# fake API's compressed answers), psycopg 3 (a real Postgres driver, with its
+# own libpq). Pinned so a fresh machine tests the same.
+PY_PKGS=(openai==3.57.0 anthropic==2.14.0 grpcio==1.85.3 websockets==17.4 brotli==1.2.1 zstandard==0.25.0 psycopg[binary]==3.2.13)
+if ! python3 -c 'import openai, anthropic, grpc, websockets, brotli, zstandard, psycopg' >/dev/null 2>&1; then
   echo "setup: installing Python packages: ${PY_PKGS[*]}"
   python3 -m pip install --quiet --disable-pip-version-check "${PY_PKGS[@]}"
 fi

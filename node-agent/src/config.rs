@@ -379,9 +379,61 @@ pub struct Target {
     /// target's names.
     #[serde(default)]
     pub unknown_sni: UnknownSni,
+    /// What the node parses and enforces on this target's connections.
+    /// Default: `postgres` when the target's ports are exactly [5432],
+    /// else `http` for TLS targets and `tcp` for plain ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// `protocol: postgres` only.
+    #[serde(default)]
+    pub postgres: PostgresTarget,
+}
+
+/// The protocol a target speaks, as far as the node inspects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// HTTP/1.1 and HTTP/2 inside TLS (`tls: intercept`), or spliced.
+    Http,
+    /// The Postgres wire protocol: statements audited and judged, results
+    /// masked (`postgres/`).
+    Postgres,
+    /// Bytes only: spliced and counted.
+    Tcp,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresTarget {
+    #[serde(default)]
+    pub upstream_tls: UpstreamTls,
+}
+
+/// TLS from the node to the database server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    /// SSLRequest; the server must accept, and its certificate must verify
+    /// for the target's name (system store + `tls.extra_upstream_roots`).
+    #[default]
+    Verify,
+    /// Plaintext to the server (a server on a trusted segment without TLS).
+    Disable,
 }
 
 impl Target {
+    pub fn protocol(&self) -> Protocol {
+        self.protocol.unwrap_or(
+            if !self.ports.is_empty() && self.ports.iter().all(|p| *p == 5432) {
+                Protocol::Postgres
+            } else if self.tls == TlsMode::None {
+                Protocol::Tcp
+            } else {
+                Protocol::Http
+            },
+        )
+    }
+
     /// Names this target is intercepted under.
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.hosts.iter().chain(self.sni.iter())
@@ -652,6 +704,20 @@ pub fn validate_targets(targets: &[Target], prefix: &str) -> Result<(), (String,
                     ))
                 }
                 _ => {}
+            }
+        }
+        if t.protocol() == Protocol::Postgres {
+            if t.tls == TlsMode::Passthrough {
+                return Err((
+                    format!("{prefix}[{i}].tls"),
+                    "a `postgres` target's statements cannot be audited inside TLS the node does not terminate: use `tls: intercept` (or `none`), or `protocol: tcp`".into(),
+                ));
+            }
+            if t.all_egress() {
+                return Err((
+                    format!("{prefix}[{i}].protocol"),
+                    "`postgres` targets name their servers (`hosts` or `addresses`), not all egress".into(),
+                ));
             }
         }
         if t.unknown_sni == UnknownSni::Splice && t.tls != TlsMode::Intercept {

@@ -113,6 +113,8 @@ pub enum Response {
     Session {
         session: Box<ConnectionRecord>,
         exchanges: Vec<Exchange>,
+        #[serde(default)]
+        statements: Vec<crate::record::Statement>,
     },
     Verified {
         events: u64,
@@ -485,12 +487,17 @@ impl ControlServer {
                     message: e.to_string(),
                 },
             },
-            Request::SessionsShow { id } => match (p.store.get(id), p.store.exchanges(id)) {
-                (Ok(s), Ok(exchanges)) => Response::Session {
+            Request::SessionsShow { id } => match (
+                p.store.get(id),
+                p.store.exchanges(id),
+                p.store.statements(id),
+            ) {
+                (Ok(s), Ok(exchanges), Ok(statements)) => Response::Session {
                     session: Box::new(s),
                     exchanges,
+                    statements,
                 },
-                (Err(e), _) | (_, Err(e)) => Response::Error {
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => Response::Error {
                     message: e.to_string(),
                 },
             },

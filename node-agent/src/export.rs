@@ -4,7 +4,7 @@ use std::{fmt::Write, time::UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::record::{BodyRecord, ConnectionRecord, Evidence, Exchange, Header};
+use crate::record::{BodyRecord, ConnectionRecord, Evidence, Exchange, Header, Statement};
 
 pub(crate) fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
@@ -56,8 +56,29 @@ fn header_lines(h: &[Header], out: &mut String) {
     }
 }
 
-/// The exchange, in order, as a readable timeline.
-pub fn replay(s: &ConnectionRecord, exchanges: &[Exchange]) -> String {
+/// What the node decided: an investigator's first question.
+fn decision_lines(decisions: &[crate::record::Decision], out: &mut String) {
+    for d in decisions {
+        let patterns = if d.patterns.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", d.patterns.join(", "))
+        };
+        let detail = d
+            .detail
+            .as_deref()
+            .map(|x| format!(": {x}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "      decision: {} {}{patterns}{detail}",
+            d.action, d.rule
+        );
+    }
+}
+
+/// The exchanges and statements, in order, as a readable timeline.
+pub fn replay(s: &ConnectionRecord, exchanges: &[Exchange], statements: &[Statement]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "session {} at {}", s.id, rfc3339(s.started_at_ms));
     let _ = writeln!(out, "  who:    {}", who(s));
@@ -120,24 +141,7 @@ pub fn replay(s: &ConnectionRecord, exchanges: &[Exchange]) -> String {
         if let Some(u) = &ex.upgrade {
             let _ = writeln!(out, "      upgraded to {u}");
         }
-        // What the node decided: an investigator's first question.
-        for d in &ex.decisions {
-            let patterns = if d.patterns.is_empty() {
-                String::new()
-            } else {
-                format!(" [{}]", d.patterns.join(", "))
-            };
-            let detail = d
-                .detail
-                .as_deref()
-                .map(|x| format!(": {x}"))
-                .unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "      decision: {} {}{patterns}{detail}",
-                d.action, d.rule
-            );
-        }
+        decision_lines(&ex.decisions, &mut out);
         if let Some(i) = &ex.injected {
             let _ = writeln!(
                 out,
@@ -151,6 +155,64 @@ pub fn replay(s: &ConnectionRecord, exchanges: &[Exchange]) -> String {
             );
         }
         if let Some(e) = &ex.error {
+            let _ = writeln!(out, "      error: {e}");
+        }
+    }
+    if let Some(db) = &s.database {
+        let _ = writeln!(
+            out,
+            "  db:     {} database `{}` as `{}`{} — login: {} ({})",
+            db.db_system,
+            db.db_name,
+            db.db_user,
+            db.db_application
+                .as_deref()
+                .map(|a| format!(" ({a})"))
+                .unwrap_or_default(),
+            db.login,
+            db.method
+        );
+    }
+    for st in statements {
+        let t = st.started_at_ms.saturating_sub(s.started_at_ms);
+        let class = st
+            .sql
+            .class
+            .map(|c| format!("{c:?}").to_lowercase())
+            .unwrap_or_else(|| "unparsed".into());
+        let _ = writeln!(
+            out,
+            "  [+{:>7.3}s] SQL ({}, {}{}): {}",
+            t as f64 / 1000.0,
+            class,
+            st.protocol,
+            st.prepared
+                .as_deref()
+                .map(|p| format!(" `{p}`"))
+                .unwrap_or_default(),
+            st.db_query
+        );
+        if !st.db_query_parameters.is_empty() {
+            let params: Vec<String> = st
+                .db_query_parameters
+                .iter()
+                .map(|p| p.clone().unwrap_or_else(|| "NULL".into()))
+                .collect();
+            let _ = writeln!(out, "      parameters: {}", params.join(", "));
+        }
+        let _ = writeln!(
+            out,
+            "      -> {} {} row(s) returned, {:.1} ms{}",
+            st.command_tag.as_deref().unwrap_or("-"),
+            st.rows_returned,
+            st.duration_ms,
+            st.sqlstate
+                .as_deref()
+                .map(|c| format!(", SQLSTATE {c}"))
+                .unwrap_or_default()
+        );
+        decision_lines(&st.decisions, &mut out);
+        if let Some(e) = &st.error {
             let _ = writeln!(out, "      error: {e}");
         }
     }
@@ -173,6 +235,7 @@ pub fn replay(s: &ConnectionRecord, exchanges: &[Exchange]) -> String {
 pub fn jsonl(
     s: &ConnectionRecord,
     exchanges: &[Exchange],
+    statements: &[Statement],
     evidence: &Evidence,
 ) -> Result<String, serde_json::Error> {
     let mut out = serde_json::to_string(&json!({ "type": "session", "session": s }))?;
@@ -180,6 +243,12 @@ pub fn jsonl(
     for ex in exchanges {
         out.push_str(&serde_json::to_string(
             &json!({ "type": "exchange", "exchange": ex }),
+        )?);
+        out.push('\n');
+    }
+    for st in statements {
+        out.push_str(&serde_json::to_string(
+            &json!({ "type": "statement", "statement": st }),
         )?);
         out.push('\n');
     }

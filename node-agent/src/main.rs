@@ -401,28 +401,34 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Sessions {
             cmd: SessionsCmd::Show { id },
         } => {
-            let (session, exchanges) = fetch_session(&sock(), id).await?;
+            let (session, exchanges, statements) = fetch_session(&sock(), id).await?;
             let mut v = serde_json::to_value(&session)?;
             v["exchanges"] = serde_json::to_value(&exchanges)?;
+            if !statements.is_empty() {
+                v["statements"] = serde_json::to_value(&statements)?;
+            }
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Cmd::Sessions {
             cmd: SessionsCmd::Replay { id },
         } => {
-            let (session, exchanges) = fetch_session(&sock(), id).await?;
-            print!("{}", export::replay(&session, &exchanges));
+            let (session, exchanges, statements) = fetch_session(&sock(), id).await?;
+            print!("{}", export::replay(&session, &exchanges, &statements));
         }
         Cmd::Sessions {
             cmd: SessionsCmd::Export { id, format },
         } => {
-            let (session, exchanges) = fetch_session(&sock(), id).await?;
+            let (session, exchanges, statements) = fetch_session(&sock(), id).await?;
             let evidence = match control::call(&sock(), &Request::SessionEvidence { id }).await? {
                 Response::Evidence { evidence } => evidence,
                 _ => bail!("unexpected reply to session evidence"),
             };
             match format {
                 ExportFormat::Jsonl => {
-                    print!("{}", export::jsonl(&session, &exchanges, &evidence)?)
+                    print!(
+                        "{}",
+                        export::jsonl(&session, &exchanges, &statements, &evidence)?
+                    )
                 }
                 ExportFormat::Har => println!(
                     "{}",
@@ -634,9 +640,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn fetch_session(
     socket: &std::path::Path,
     id: u64,
-) -> anyhow::Result<(ConnectionRecord, Vec<record::Exchange>)> {
+) -> anyhow::Result<(
+    ConnectionRecord,
+    Vec<record::Exchange>,
+    Vec<record::Statement>,
+)> {
     match control::call(socket, &Request::SessionsShow { id }).await? {
-        Response::Session { session, exchanges } => Ok((*session, exchanges)),
+        Response::Session {
+            session,
+            exchanges,
+            statements,
+        } => Ok((*session, exchanges, statements)),
         _ => bail!("unexpected reply to sessions show"),
     }
 }

@@ -20,11 +20,12 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::{
     addr::{ClientAddr, OrigDstAddr, ProxyAddr},
-    config::TlsMode,
+    config::{Protocol, TlsMode},
     http::{self, HttpSession},
     identity::IdentityResolver,
     record::{now_ms, ConnectionRecord, Outcome, RecordStore, TlsInfo},
     redirect::Redirector,
+    session::Session,
     targets::SniVerdict,
     tls::{hello, proxyable_alpn, TlsContext},
 };
@@ -359,9 +360,11 @@ impl Proxy {
                 )
             }
         };
-        let intercepting = mode == TlsMode::Intercept;
-        // Intercepted HTTP gets a 403 per request (clearer to the job);
-        // any other suspended connection is refused outright.
+        let protocol = targets.protocol(origin.target_id);
+        let intercepting = mode == TlsMode::Intercept || protocol == Protocol::Postgres;
+        // Intercepted HTTP gets a 403 per request and Postgres an error
+        // per statement (clearer to the job); any other suspended
+        // connection is refused outright.
         if let (Some(susp), false) = (self.suspensions.get(&r.identity.id), intercepting) {
             // Isolated during an incident: no new connections at all.
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -406,9 +409,24 @@ impl Proxy {
             inner: client,
             counts: bytes.clone(),
         };
-        r.outcome = match mode {
-            TlsMode::None => splice(client, upstream, &[], self.idle()).await,
-            TlsMode::Intercept | TlsMode::Passthrough => {
+        // Detect/negotiate: the target's protocol picks the module that
+        // drives the connection's messages.
+        r.outcome = match (protocol, mode) {
+            (Protocol::Postgres, _) => {
+                let endpoint = crate::postgres::Endpoint {
+                    client_tls: self.tls.clone().filter(|_| mode == TlsMode::Intercept),
+                    upstream_tls: self.tls.clone(),
+                    target: targets.target(origin.target_id).cloned(),
+                    dst,
+                };
+                let (outcome, opened) =
+                    crate::postgres::serve(self.session(&r), client, upstream, endpoint).await;
+                r.tls = opened.tls;
+                r.database = opened.database;
+                outcome
+            }
+            (_, TlsMode::None) => splice(client, upstream, &[], self.idle()).await,
+            (_, TlsMode::Intercept | TlsMode::Passthrough) => {
                 self.tls_path(&mut r, client, upstream, &targets, origin.target_id)
                     .await
             }
@@ -419,6 +437,21 @@ impl Proxy {
         r.bytes_down = bytes.down.load(Ordering::Relaxed);
         debug!(up = r.bytes_up, down = r.bytes_down, outcome = ?r.outcome, "closed");
         self.record(&r, "connection.close");
+    }
+
+    /// The per-connection context the protocol modules work through.
+    fn session(&self, r: &ConnectionRecord) -> Arc<Session> {
+        Arc::new(Session::new(
+            r.id,
+            r.identity.clone(),
+            r.target.clone().unwrap_or_default(),
+            self.store.clone(),
+            self.policy.clone(),
+            self.approvals.clone(),
+            self.suspensions.clone(),
+            self.health.clone(),
+            self.limits.clone(),
+        ))
     }
 
     fn idle(&self) -> Duration {
@@ -547,22 +580,12 @@ impl Proxy {
             }
         };
         let session = Arc::new(HttpSession {
-            session: r.id,
-            workload: r.identity.id.clone(),
+            ctx: self.session(r),
             authority: sni.clone(),
-            store: self.store.clone(),
             body_cap: self.body_cap,
-            next_seq: Default::default(),
             prev_durable: Default::default(),
-            target: r.target.clone().unwrap_or_default(),
-            identity: r.identity.clone(),
-            policy: self.policy.clone(),
-            approvals: self.approvals.clone(),
-            suspensions: self.suspensions.clone(),
             max_scan_request: self.max_scan_request,
             websocket: self.websocket,
-            limits: self.limits.clone(),
-            health: self.health.clone(),
         });
         let h2 = negotiated.as_deref() == Some(b"h2");
         info!(%sni, h2, "TLS intercepted");

@@ -170,6 +170,17 @@ impl TargetTable {
         self.by_id.get(&id).map(|(t, _)| t.name.as_str())
     }
 
+    /// The target's configuration (names, ports, protocol settings).
+    pub fn target(&self, id: u32) -> Option<&Target> {
+        self.by_id.get(&id).map(|(t, _)| t)
+    }
+
+    pub fn protocol(&self, id: u32) -> crate::config::Protocol {
+        self.by_id
+            .get(&id)
+            .map_or(crate::config::Protocol::Tcp, |(t, _)| t.protocol())
+    }
+
     pub fn mode(&self, id: u32) -> TlsMode {
         self.by_id.get(&id).map(|(t, _)| t.tls).unwrap_or_default()
     }
@@ -285,6 +296,8 @@ mod tests {
             tls: TlsMode::None,
             sni: vec![],
             unknown_sni: UnknownSni::Refuse,
+            protocol: None,
+            postgres: Default::default(),
         }]
     }
 

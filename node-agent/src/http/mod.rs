@@ -6,7 +6,7 @@
 //! ends.
 use std::{
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc,
     },
     time::Instant,
@@ -29,12 +29,10 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    approvals::Approvals,
-    identity::WorkloadIdentity,
-    policy::{Decision, PolicyEngine},
-    record::{now_ms, BodyRecord, Exchange, ExchangeState, Header, Injection, RecordStore},
+    policy::Decision,
+    record::{now_ms, BodyRecord, Exchange, ExchangeState, Header, Injection},
     scan::StreamMasker,
-    suspend::Suspensions,
+    session::Session,
 };
 
 mod body;
@@ -73,30 +71,29 @@ pub(crate) const CREDENTIAL_HEADERS: &[&str] = &[
     "x-amz-security-token",
 ];
 
-/// What one intercepted connection's exchanges share.
+/// What one intercepted HTTP connection's exchanges share: the
+/// connection's `Session` and the HTTP specifics.
 pub struct HttpSession {
-    pub session: u64,
-    pub workload: String,
+    pub ctx: Arc<Session>,
+    /// The name the TLS session was opened for (the SNI, a target name).
     pub authority: String,
-    pub store: Arc<RecordStore>,
     pub body_cap: usize,
-    pub next_seq: AtomicU32,
     /// HTTP/1.1: the previous exchange's "stored durably" signal. The next
     /// request on the connection waits for it, so a completed exchange is
     /// never more than one request behind the store (kill -9 loses at
     /// most the exchange in flight).
     pub prev_durable: Mutex<Option<oneshot::Receiver<()>>>,
-    pub target: String,
-    pub identity: WorkloadIdentity,
-    pub policy: Arc<PolicyEngine>,
-    pub approvals: Arc<Approvals>,
-    pub suspensions: Arc<Suspensions>,
     /// Largest request body buffered for scanning; bigger ones are refused
     /// (fail closed) when request rules apply.
     pub max_scan_request: usize,
     pub websocket: WebSocketMode,
-    pub limits: crate::config::Limits,
-    pub health: Arc<crate::proxy::RecordHealth>,
+}
+
+impl std::ops::Deref for HttpSession {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.ctx
+    }
 }
 
 enum Upstream {
@@ -231,14 +228,13 @@ impl HttpSession {
         let mut ex = self.new_exchange(&req);
         let upgrade = matches!(up, Upstream::H1(_)) && req.headers().contains_key(UPGRADE);
         let durable_tx = self.wait_turn(up).await;
-        let policy = self.policy.current();
-        if let Some(susp) = self.suspensions.get(&self.identity.id) {
-            ex.decisions
-                .push(block_decision("identity-suspended", susp.reason.clone()));
+        let policy = self.policy();
+        if let Some((decision, reason)) = self.suspended() {
+            ex.decisions.push(decision);
             let body = serde_json::json!({
                 "error": "identity suspended",
                 "identity": self.identity.id,
-                "reason": susp.reason,
+                "reason": reason,
             });
             return self
                 .refuse(ex, started, durable_tx, StatusCode::FORBIDDEN, body)
@@ -262,7 +258,7 @@ impl HttpSession {
         if upgrade && (masks || request_rules) && !inspect_ws {
             // Where rules apply an upgraded stream is inspected (WebSocket)
             // or refused; it is never relayed raw.
-            ex.decisions.push(block_decision(
+            ex.decisions.push(Decision::node_block(
                 "upgrade-not-inspectable",
                 format!("`{proto}` upgrade on a target with rules"),
             ));
@@ -303,7 +299,7 @@ impl HttpSession {
         // Recorded (in the kernel) before a byte goes upstream; what cannot
         // be recorded is not forwarded.
         if let Err(e) = self.store.start_exchange(&ex) {
-            warn!(session = self.session, error = %e, "cannot record the exchange; refusing");
+            warn!(session = self.id, error = %e, "cannot record the exchange; refusing");
             ex.error = Some(format!("not recorded: {e}"));
             let body = serde_json::json!({ "error": "the node cannot record this request; not forwarded" });
             return self
@@ -331,7 +327,7 @@ impl HttpSession {
         let resp = match result {
             Ok(r) => r,
             Err(e) => {
-                warn!(session = self.session, workload = %self.workload, error = %e, "upstream request failed");
+                warn!(session = self.id, workload = %self.identity.id, error = %e, "upstream request failed");
                 ex.error = Some(format!("upstream: {e}"));
                 ex.duration_ms = ms(started);
                 let this = self.clone();
@@ -435,10 +431,10 @@ impl HttpSession {
             })
             .unwrap_or_else(|| self.authority.clone());
         Exchange {
-            session: self.session,
-            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            session: self.id,
+            seq: self.next_seq(),
             state: ExchangeState::Started,
-            workload: self.workload.clone(),
+            workload: self.identity.id.clone(),
             started_at_ms: now_ms(),
             method: req.method().to_string(),
             authority,
@@ -515,9 +511,9 @@ impl HttpSession {
         let Some(detail) = mismatch else {
             return Ok(());
         };
-        warn!(session = self.session, workload = %self.workload, %detail, "misdirected request refused");
+        warn!(session = self.id, workload = %self.identity.id, %detail, "misdirected request refused");
         ex.decisions
-            .push(block_decision("authority-mismatch", detail.clone()));
+            .push(Decision::node_block("authority-mismatch", detail.clone()));
         Err(request::Refusal {
             status: StatusCode::MISDIRECTED_REQUEST,
             body: serde_json::json!({
@@ -689,23 +685,12 @@ impl HttpSession {
         // In the kernel when this returns (survives kill -9); on disk
         // within `records.fsync_interval_ms` (group commit).
         if let Err(e) = self.store.put_exchange(&ex) {
-            self.health.failed(&e);
-            warn!(session = self.session, workload = %self.workload, error = %e, "recording exchange failed");
+            self.record_failed(&e);
             return;
         }
         if let Some(tx) = durable {
             let _ = tx.send(());
         }
-    }
-}
-
-/// A refusal the node decided itself (not a policy rule's match).
-fn block_decision(rule: &str, detail: String) -> Decision {
-    Decision {
-        rule: rule.into(),
-        action: "block".into(),
-        patterns: vec![],
-        detail: Some(detail),
     }
 }
 

@@ -173,7 +173,7 @@ impl HttpSession {
         match verdict {
             Verdict::Allow => Ok(bytes),
             Verdict::Block { rule, message } => {
-                warn!(session = self.session, workload = %self.identity.id, %rule, "request blocked by policy");
+                warn!(session = self.id, workload = %self.identity.id, %rule, "request blocked by policy");
                 Err(Refusal::new(
                     StatusCode::FORBIDDEN,
                     serde_json::json!({
@@ -188,7 +188,7 @@ impl HttpSession {
             } => {
                 let pending = Pending {
                     id: 0,
-                    session: self.session,
+                    session: self.id,
                     workload: self.identity.id.clone(),
                     rule: rule.clone(),
                     message: message.clone(),
@@ -200,7 +200,7 @@ impl HttpSession {
                     created_ms: 0,
                     expires_ms: 0,
                 };
-                info!(session = self.session, workload = %self.identity.id, %rule, "request held for approval");
+                info!(session = self.id, workload = %self.identity.id, %rule, "request held for approval");
                 let outcome = self
                     .approvals
                     .request(pending, Duration::from_secs(timeout_secs))

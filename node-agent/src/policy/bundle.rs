@@ -64,6 +64,27 @@ pub struct Workload {
 pub enum Direction {
     Request,
     Response,
+    /// A database statement (Postgres targets), judged before it runs.
+    Statement,
+    /// Rows a database statement returns (Postgres targets), masked.
+    Result,
+}
+
+pub use crate::record::statement::{Shape, StatementClass};
+
+/// SQL-aware conditions of an `on: statement` rule; every given field must
+/// match (each field: any of its values).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlMatch {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<StatementClass>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shapes: Vec<Shape>,
+    /// Globs over the tables a statement touches (`users`,
+    /// `billing.*`); a name matches with or without its schema.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +122,13 @@ pub struct Rule {
     /// Approve: seconds to wait for a decision.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// `on: statement`: conditions on the parsed statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<SqlMatch>,
+    /// `on: result`: column-name globs (from the row description) whose
+    /// values are masked whole, e.g. `*email*`, `ssn`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -148,6 +176,12 @@ pub struct CredentialDef {
     /// Client headers removed (their fingerprints are recorded).
     #[serde(default = "default_strip")]
     pub strip: Vec<String>,
+    /// Postgres targets: the role the node logs in as with this secret
+    /// (SCRAM, channel binding included, MD5 or password). A job
+    /// connecting as this role is admitted on its identity, without a
+    /// password of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 fn default_cred_header() -> String {

@@ -85,6 +85,9 @@ pub struct Credential {
     pub header: String,
     pub value: Secret,
     pub strip: Vec<String>,
+    /// The secret alone (Postgres logins), and the role it is for.
+    pub secret: Secret,
+    pub user: Option<String>,
 }
 
 struct WorkloadMatch {
@@ -108,16 +111,7 @@ impl WorkloadMatch {
     }
 }
 
-/// A decision taken on an exchange, as recorded.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Decision {
-    pub rule: String,
-    pub action: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub patterns: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-}
+pub use crate::record::Decision;
 
 pub enum Verdict {
     Allow,
@@ -142,6 +136,13 @@ pub struct CompiledPolicy {
     pub bundle: Bundle,
     request: Scanner,
     response: Scanner,
+    /// Patterns of `on: statement` rules (over the SQL text) and of
+    /// `on: result` rules (over column values).
+    statement: Scanner,
+    result: Scanner,
+    /// Per rule: compiled `sql.tables` and `columns` globs.
+    table_globs: HashMap<usize, Vec<glob::Pattern>>,
+    column_globs: HashMap<usize, Vec<glob::Pattern>>,
     workloads: Vec<WorkloadMatch>,
     credentials: HashMap<String, Credential>,
 }
@@ -226,7 +227,15 @@ impl CompiledPolicy {
         }
         let names: HashSet<&str> = bundle.workloads.iter().map(|w| w.name.as_str()).collect();
         let mut ids = HashSet::new();
-        let (mut req, mut resp) = (Vec::new(), Vec::new());
+        let (mut req, mut resp, mut stmt, mut res) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut table_globs, mut column_globs) = (HashMap::new(), HashMap::new());
+        let globs = |list: &[String], field: String| -> Result<Vec<glob::Pattern>, PolicyError> {
+            list.iter()
+                .map(|g| glob::Pattern::new(&g.to_ascii_lowercase()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(field, e.to_string()))
+        };
         for (i, r) in bundle.rules.iter().enumerate() {
             if !ids.insert(r.id.as_str()) {
                 return Err(bad(
@@ -235,19 +244,37 @@ impl CompiledPolicy {
                 ));
             }
             match (r.on, r.action) {
-                (Direction::Response, Action::Block | Action::Approve) => {
+                (Direction::Response | Direction::Result, Action::Block | Action::Approve) => {
                     return Err(bad(
                         format!("rules[{i}].action"),
-                        "block and approve act on requests (`on: request`)".into(),
+                        "block and approve act on requests and statements (`on: request`, `on: statement`)".into(),
                     ))
                 }
-                (Direction::Request, Action::Mask) => {
+                (Direction::Request | Direction::Statement, Action::Mask) => {
                     return Err(bad(
                         format!("rules[{i}].action"),
-                        "mask acts on responses (`on: response`)".into(),
+                        "mask acts on responses and results (`on: response`, `on: result`)".into(),
                     ))
                 }
                 _ => {}
+            }
+            if r.sql.is_some() && r.on != Direction::Statement {
+                return Err(bad(
+                    format!("rules[{i}].sql"),
+                    "only `on: statement` rules have SQL conditions".into(),
+                ));
+            }
+            if !r.columns.is_empty() && r.on != Direction::Result {
+                return Err(bad(
+                    format!("rules[{i}].columns"),
+                    "only `on: result` rules select columns".into(),
+                ));
+            }
+            if let Some(sql) = &r.sql {
+                table_globs.insert(i, globs(&sql.tables, format!("rules[{i}].sql.tables"))?);
+            }
+            if !r.columns.is_empty() {
+                column_globs.insert(i, globs(&r.columns, format!("rules[{i}].columns"))?);
             }
             for w in &r.workloads {
                 if !names.contains(w.as_str()) {
@@ -264,16 +291,20 @@ impl CompiledPolicy {
                 })?;
                 defs.extend(pack.iter().cloned());
             }
-            if defs.is_empty() {
+            if defs.is_empty() && r.sql.is_none() && r.columns.is_empty() {
                 return Err(bad(
                     format!("rules[{i}]"),
-                    format!("rule `{}` has no patterns or packs", r.id),
+                    format!(
+                        "rule `{}` has no patterns or packs (nor `sql` / `columns`)",
+                        r.id
+                    ),
                 ));
             }
-            let target = if r.on == Direction::Request {
-                &mut req
-            } else {
-                &mut resp
+            let target = match r.on {
+                Direction::Request => &mut req,
+                Direction::Response => &mut resp,
+                Direction::Statement => &mut stmt,
+                Direction::Result => &mut res,
             };
             for d in defs {
                 target.push(PatternSpec {
@@ -305,6 +336,8 @@ impl CompiledPolicy {
                     header: c.header.to_ascii_lowercase(),
                     value: Secret(c.format.replace("{}", secret.expose())),
                     strip: c.strip.iter().map(|s| s.to_ascii_lowercase()).collect(),
+                    secret: Secret(secret.expose().to_owned()),
+                    user: c.user.clone(),
                 },
             );
             secrets.push((c.target.clone(), secret));
@@ -323,6 +356,8 @@ impl CompiledPolicy {
                 action: Action::Mask,
                 message: None,
                 timeout_secs: None,
+                sql: None,
+                columns: vec![],
             });
             resp.push(PatternSpec::new(
                 "node-credential",
@@ -332,6 +367,8 @@ impl CompiledPolicy {
         }
         let request = Scanner::compile(req, max_window)?;
         let response = Scanner::compile(resp, max_window)?;
+        let statement = Scanner::compile(stmt, max_window)?;
+        let result = Scanner::compile(res, max_window)?;
         Ok(Self {
             version: bundle.version,
             expires_at,
@@ -341,6 +378,10 @@ impl CompiledPolicy {
             bundle,
             request,
             response,
+            statement,
+            result,
+            table_globs,
+            column_globs,
             workloads,
             credentials,
         })
@@ -442,6 +483,174 @@ impl CompiledPolicy {
                     detail: r.message.clone(),
                 });
             }
+            if decisive {
+                let message = r
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| format!("matched policy rule {}", r.id));
+                verdict = match r.action {
+                    Action::Block => Verdict::Block {
+                        rule: r.id.clone(),
+                        message,
+                    },
+                    _ => Verdict::Approve {
+                        rule: r.id.clone(),
+                        message,
+                        timeout_secs: r.timeout_secs.unwrap_or(60),
+                    },
+                };
+            }
+        }
+        Ok((verdict, decisions))
+    }
+}
+
+pub use crate::record::statement::SqlFacts;
+
+/// How rows are masked for one statement: column rules by name, pattern
+/// rules through the result scanner.
+pub struct ResultMask {
+    pub policy: Arc<CompiledPolicy>,
+    /// Result rules that apply, by index.
+    pub rules: Vec<usize>,
+}
+
+impl ResultMask {
+    /// The rule masking a column by its name, if any.
+    pub fn column_rule(&self, name: &str) -> Option<usize> {
+        let name = name.to_ascii_lowercase();
+        self.rules.iter().copied().find(|r| {
+            self.policy
+                .column_globs
+                .get(r)
+                .is_some_and(|g| g.iter().any(|p| p.matches(&name)))
+        })
+    }
+
+    /// Whether pattern rules apply (values must be scanned).
+    pub fn scans(&self) -> bool {
+        !self.policy.result.is_empty()
+            && self.rules.iter().any(|r| {
+                let rule = self.policy.rule(*r);
+                !rule.patterns.is_empty() || !rule.packs.is_empty()
+            })
+    }
+
+    pub fn scanner(&self) -> &Scanner {
+        &self.policy.result
+    }
+
+    pub fn rule_id(&self, r: usize) -> &str {
+        &self.policy.rule(r).id
+    }
+
+    /// Whether rule `r` masks columns by name.
+    pub fn has_columns(&self, r: usize) -> bool {
+        self.policy.column_globs.contains_key(&r)
+    }
+}
+
+impl CompiledPolicy {
+    /// Whether any `on: statement` rule that can block or hold applies
+    /// (an unparsable statement is then refused: fail closed).
+    pub fn has_statement_rules(&self, target: &str, identity: &WorkloadIdentity) -> bool {
+        self.any_rule(Direction::Statement, target, identity, |_| true)
+    }
+
+    /// The masking plan for results on this target, or `None`.
+    pub fn result_mask(
+        self: &Arc<Self>,
+        target: &str,
+        identity: &WorkloadIdentity,
+    ) -> Option<ResultMask> {
+        let rules: Vec<usize> = (0..self.bundle.rules.len())
+            .filter(|&i| {
+                let r = &self.bundle.rules[i];
+                r.on == Direction::Result
+                    && r.action == Action::Mask
+                    && self.rule_applies(i, target, identity)
+            })
+            .collect();
+        (!rules.is_empty()).then(|| ResultMask {
+            policy: self.clone(),
+            rules,
+        })
+    }
+
+    /// Judges one statement: rules in bundle order, the first block or
+    /// approve rule that matches decides, log rules are all recorded. A
+    /// statement the parser refused is blocked when any blocking rule
+    /// applies (its conditions cannot be evaluated: fail closed).
+    pub fn evaluate_statement(
+        &self,
+        target: &str,
+        identity: &WorkloadIdentity,
+        facts: &SqlFacts,
+        sql: &[u8],
+    ) -> Result<(Verdict, Vec<Decision>), ScanError> {
+        let hits = self.statement.find(sql)?;
+        let mut decisions = Vec::new();
+        let mut verdict = Verdict::Allow;
+        for (i, r) in self.bundle.rules.iter().enumerate() {
+            if r.on != Direction::Statement || !self.rule_applies(i, target, identity) {
+                continue;
+            }
+            let decisive = matches!(verdict, Verdict::Allow)
+                && matches!(r.action, Action::Block | Action::Approve);
+            if let Some(e) = &facts.parse_error {
+                if decisive {
+                    let message = format!(
+                        "statement could not be parsed ({e}); refused because blocking rules apply"
+                    );
+                    decisions.push(Decision {
+                        rule: r.id.clone(),
+                        action: "block".into(),
+                        patterns: vec![],
+                        detail: Some(message.clone()),
+                    });
+                    verdict = Verdict::Block {
+                        rule: r.id.clone(),
+                        message,
+                    };
+                }
+                continue;
+            }
+            let patterns: Vec<String> = {
+                let mut v: Vec<String> = hits
+                    .iter()
+                    .filter(|h| h.rule == i)
+                    .map(|h| self.statement.pattern(h.pattern).id.clone())
+                    .collect();
+                v.dedup();
+                v
+            };
+            let has_patterns = !r.patterns.is_empty() || !r.packs.is_empty();
+            let pattern_ok = !has_patterns || !patterns.is_empty();
+            let sql_ok = r.sql.as_ref().is_none_or(|m| {
+                (m.classes.is_empty() || facts.class.is_some_and(|c| m.classes.contains(&c)))
+                    && (m.shapes.is_empty() || m.shapes.iter().any(|s| facts.shapes.contains(s)))
+                    && (m.tables.is_empty()
+                        || self.table_globs.get(&i).is_some_and(|globs| {
+                            facts.tables.iter().any(|t| {
+                                let bare = t.rsplit('.').next().unwrap_or(t);
+                                globs.iter().any(|g| g.matches(t) || g.matches(bare))
+                            })
+                        }))
+            });
+            if !(pattern_ok && sql_ok) || !(decisive || r.action == Action::Log) {
+                continue;
+            }
+            decisions.push(Decision {
+                rule: r.id.clone(),
+                action: match r.action {
+                    Action::Block => "block",
+                    Action::Approve => "approve",
+                    _ => "log",
+                }
+                .into(),
+                patterns,
+                detail: r.message.clone(),
+            });
             if decisive {
                 let message = r
                     .message

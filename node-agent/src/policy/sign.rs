@@ -2,9 +2,8 @@
 //! via jsonwebtoken) whose claims carry the bundle text. The header's `kid`
 //! names the signing key (SHA-256 of its public key), so the node can tell
 //! "signed by a key I do not trust" from "tampered".
-use std::{os::unix::fs::OpenOptionsExt, path::Path};
+use std::path::Path;
 
-use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer};
@@ -12,11 +11,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 const TYP: &str = "sluice-policy+jwt";
-/// DER prefix of an Ed25519 SubjectPublicKeyInfo.
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
-
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
     #[error("key file {path}: {message}")]
@@ -48,45 +42,15 @@ pub struct TrustedKey {
     key: DecodingKey,
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
-pub fn kid_of(public_raw: &[u8]) -> String {
-    hex::encode(&Sha256::digest(public_raw)[..8])
-}
+pub use crate::keys::kid_of;
+use crate::keys::ED25519_SPKI_PREFIX;
 
 /// Writes `PREFIX.key` (0600, PKCS#8) and `PREFIX.pub` (SPKI); returns the kid.
 pub fn keygen(prefix: &Path) -> Result<String, SignError> {
-    let rng = ring::rand::SystemRandom::new();
-    let err = |m: String| SignError::Key {
-        path: prefix.display().to_string(),
-        message: m,
-    };
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| err(e.to_string()))?;
-    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| err(e.to_string()))?;
-    let public = pair.public_key().as_ref().to_vec();
-    let mut spki = ED25519_SPKI_PREFIX.to_vec();
-    spki.extend_from_slice(&public);
-    let key_path = prefix.with_extension("key");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key_path)
-        .map_err(|e| err(format!("{}: {e}", key_path.display())))?;
-    std::io::Write::write_all(&mut f, pem("PRIVATE KEY", pkcs8.as_ref()).as_bytes())
-        .map_err(|e| err(e.to_string()))?;
-    std::fs::write(prefix.with_extension("pub"), pem("PUBLIC KEY", &spki))
-        .map_err(|e| err(e.to_string()))?;
-    Ok(kid_of(&public))
+    crate::keys::keygen(prefix).map_err(|e| SignError::Key {
+        path: e.path,
+        message: e.message,
+    })
 }
 
 pub fn load_trusted(path: &Path) -> Result<TrustedKey, SignError> {

@@ -17,7 +17,7 @@ use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
 
 use super::chain::{link_hash, Hash};
-use crate::policy::sign;
+use crate::keys;
 
 const DOMAIN: &[u8] = b"sluice-checkpoint-v1\n";
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -57,14 +57,14 @@ impl NodeKey {
             message: m,
         };
         if !path.exists() {
-            sign::keygen(&dir.join("node-signing")).map_err(|e| err(e.to_string()))?;
+            keys::keygen(&dir.join("node-signing")).map_err(|e| err(e.to_string()))?;
         }
         let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
         let der = PrivatePkcs8KeyDer::from_pem_slice(text.as_bytes())
             .map_err(|e| err(format!("not a PEM (PKCS#8) private key: {e}")))?;
         let pair =
             Ed25519KeyPair::from_pkcs8(der.secret_pkcs8_der()).map_err(|e| err(e.to_string()))?;
-        let kid = sign::kid_of(pair.public_key().as_ref());
+        let kid = keys::kid_of(pair.public_key().as_ref());
         Ok(Self { pair, kid })
     }
 

@@ -21,6 +21,7 @@ mod checkpoint;
 mod commit;
 mod index;
 mod log;
+pub mod statement;
 mod verify;
 
 use std::{
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{Checkpoint, Evidence, KeyError, NodeKey, ProofLink, PublicKey};
 use log::Loc;
+pub use statement::{SqlFacts, Statement};
 
 use crate::{
     addr::{ClientAddr, OrigDstAddr},
@@ -97,6 +99,9 @@ pub struct ConnectionRecord {
     /// Set for TLS targets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsInfo>,
+    /// Set for database targets once the login is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<statement::DbLogin>,
 }
 
 impl ConnectionRecord {
@@ -115,6 +120,7 @@ impl ConnectionRecord {
             bytes_down: 0,
             outcome: Outcome::Open,
             tls: None,
+            database: None,
         }
     }
 }
@@ -217,10 +223,34 @@ pub struct Exchange {
     pub error: Option<String>,
     /// Policy decisions taken on this exchange, each with its rule id.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub decisions: Vec<crate::policy::Decision>,
+    pub decisions: Vec<Decision>,
     /// Set when the node injected its own credential.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub injected: Option<Injection>,
+}
+
+/// A decision taken on an exchange or statement, as recorded
+/// (the record owns the type: policy produces it, the record keeps it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub rule: String,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Decision {
+    /// A refusal the node decided itself (not a policy rule's match).
+    pub fn node_block(rule: &str, detail: String) -> Self {
+        Self {
+            rule: rule.into(),
+            action: "block".into(),
+            patterns: vec![],
+            detail: Some(detail),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -342,7 +372,7 @@ impl View {
             return View::None;
         }
         let p: Option<Probe> = serde_json::from_slice(body).ok();
-        if kind.starts_with("exchange") {
+        if kind.starts_with("exchange") || kind.starts_with("statement") {
             View::Exchange {
                 seq: p.as_ref().and_then(|p| p.seq).unwrap_or(u32::MAX),
                 open: p.and_then(|p| p.state) == Some(ExchangeState::Started),
@@ -893,6 +923,14 @@ impl RecordStore {
             let index::Open::Exchange(session, seq) = *o else {
                 continue;
             };
+            if let Some(mut st) = self.statements(session)?.into_iter().find(|e| e.seq == seq) {
+                st.state = ExchangeState::Interrupted;
+                st.error.get_or_insert_with(|| {
+                    "interrupted: the node stopped before the statement ended".into()
+                });
+                self.write_statement(&st, "statement.interrupted")?;
+                continue;
+            }
             let Some(mut ex) = self.exchanges(session)?.into_iter().find(|e| e.seq == seq) else {
                 continue;
             };
@@ -990,6 +1028,50 @@ impl RecordStore {
             },
         )?;
         Ok(())
+    }
+
+    /// Records a statement before it is forwarded (`state: started`); in
+    /// the kernel when this returns. `put_statement` completes it.
+    pub fn start_statement(&self, st: &Statement) -> Result<(), RecordError> {
+        self.write_statement(st, "statement.started")
+    }
+
+    pub fn put_statement(&self, st: &Statement) -> Result<(), RecordError> {
+        self.write_statement(st, "statement")
+    }
+
+    fn write_statement(&self, st: &Statement, kind: &str) -> Result<(), RecordError> {
+        let body = serde_json::to_vec(st).map_err(RecordError::Encode)?;
+        self.s.append(
+            st.session,
+            kind,
+            &body,
+            View::Exchange {
+                seq: st.seq,
+                open: st.state == ExchangeState::Started,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// A session's statements, in order (each as its latest event has it).
+    pub fn statements(&self, session: u64) -> Result<Vec<Statement>, RecordError> {
+        let Some(slot) = self.s.index()?.get(session)? else {
+            return Ok(Vec::new());
+        };
+        let mut by_seq: std::collections::BTreeMap<u32, Statement> = Default::default();
+        for l in self.s.session_events(&slot, session)? {
+            if !l.kind.starts_with("statement") {
+                continue;
+            }
+            let st: Statement =
+                serde_json::from_slice(&l.body).map_err(|source| RecordError::Corrupt {
+                    key: format!("session {session} event {}", l.seq),
+                    source,
+                })?;
+            by_seq.insert(st.seq, st);
+        }
+        Ok(by_seq.into_values().collect())
     }
 
     /// A session's exchanges, in order (each as its latest event has it).

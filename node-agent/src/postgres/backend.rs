@@ -1,0 +1,277 @@
+//! Server → client: answers are matched to the statements in flight, in
+//! order (CommandComplete, EmptyQueryResponse, PortalSuspended or
+//! ErrorResponse ends one; ReadyForQuery ends a query string or a Sync
+//! group, and what did not run in it is recorded as such). Rows of a
+//! statement under `on: result` rules are masked on the way (`mask.rs`);
+//! a refusal from the frontend is written where its answer belongs.
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::{
+    codec::{self, Message, Reader},
+    lock, mask, Entry, InFlight, PgError, Shared,
+};
+use crate::{
+    record::{Decision, ExchangeState},
+    session::Session,
+};
+
+pub struct Backend {
+    ctx: Arc<Session>,
+    flow: Shared,
+    out: BytesMut,
+}
+
+impl Backend {
+    pub fn new(ctx: Arc<Session>, flow: Shared) -> Self {
+        Self {
+            ctx,
+            flow,
+            out: BytesMut::with_capacity(16 * 1024),
+        }
+    }
+
+    pub async fn run<R, W>(
+        mut self,
+        mut server: Reader<R>,
+        mut client: W,
+        activity: Arc<AtomicU64>,
+    ) -> Result<(), PgError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            let Some(msg) = server.next().await? else {
+                self.flush(&mut client).await?;
+                return Ok(());
+            };
+            activity.fetch_add(1, Ordering::Relaxed);
+            let done = self.handle(msg)?;
+            for mut st in done {
+                finish(&self.ctx, &mut st);
+            }
+            if !server.has_message() || self.out.len() > 64 * 1024 {
+                self.flush(&mut client).await?;
+            }
+        }
+    }
+
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, client: &mut W) -> Result<(), PgError> {
+        if !self.out.is_empty() {
+            client.write_all(&self.out).await.map_err(PgError::Io)?;
+            self.out.clear();
+        }
+        client.flush().await.map_err(PgError::Io)
+    }
+
+    /// Handles one server message; returns the statements it ended (their
+    /// records are written outside the lock).
+    fn handle(&mut self, msg: Message) -> Result<Vec<InFlight>, PgError> {
+        let mut done = Vec::new();
+        let mut f = lock(&self.flow);
+        match msg.tag {
+            b'T' => {
+                let fields = Arc::new(mask::row_description(&msg.body)?);
+                match f.queue.front_mut() {
+                    Some(Entry::Describe { portal, name }) => {
+                        let (portal, name) = (*portal, std::mem::take(name));
+                        if portal {
+                            f.portal_desc.insert(name, fields);
+                        } else {
+                            f.statement_desc.insert(name, fields);
+                        }
+                        f.queue.pop_front();
+                    }
+                    Some(Entry::Statement(s)) => s.desc = Some(fields),
+                    _ => {}
+                }
+                msg.encode(&mut self.out);
+            }
+            b'n' => {
+                if matches!(f.queue.front(), Some(Entry::Describe { .. })) {
+                    f.queue.pop_front();
+                }
+                msg.encode(&mut self.out);
+            }
+            b'D' => {
+                let super::Flow {
+                    queue,
+                    portal_desc,
+                    statement_desc,
+                    portal_statement,
+                } = &mut *f;
+                let rewritten = match queue.front_mut() {
+                    Some(Entry::Statement(s)) => {
+                        s.record.rows_returned += 1;
+                        if s.mask.is_some() && s.desc.is_none() {
+                            s.desc = describe((portal_desc, statement_desc, portal_statement), s);
+                        }
+                        let s = &mut **s;
+                        match &s.mask {
+                            Some(plan) => mask::data_row(
+                                &msg.body,
+                                s.desc.as_deref().map(|v| &v[..]),
+                                &s.result_formats,
+                                plan,
+                                &mut s.masked,
+                            )?,
+                            None => None,
+                        }
+                    }
+                    _ => None,
+                };
+                match rewritten {
+                    Some(body) => Message::new(b'D', body).encode(&mut self.out),
+                    None => msg.encode(&mut self.out),
+                }
+            }
+            b'H' => {
+                if let Some(Entry::Statement(s)) = f.queue.front_mut() {
+                    s.copy_out = true;
+                }
+                msg.encode(&mut self.out);
+            }
+            b'd' => {
+                let rewritten = match f.queue.front_mut() {
+                    Some(Entry::Statement(s)) if s.copy_out => {
+                        s.record.rows_returned += 1;
+                        match s.mask.as_ref() {
+                            Some(plan) => mask::copy_data(&msg.body, plan, &mut s.masked)?,
+                            None => None,
+                        }
+                    }
+                    _ => None,
+                };
+                match rewritten {
+                    Some(body) => Message::new(b'd', body).encode(&mut self.out),
+                    None => msg.encode(&mut self.out),
+                }
+            }
+            b'C' | b's' => {
+                if matches!(f.queue.front(), Some(Entry::Statement(_))) {
+                    if let Some(Entry::Statement(mut s)) = f.queue.pop_front() {
+                        if msg.tag == b'C' {
+                            let tag = codec::cstr(&mut &msg.body[..])?;
+                            s.record.rows_affected =
+                                tag.rsplit(' ').next().and_then(|n| n.parse().ok());
+                            s.record.command_tag = Some(tag);
+                        } else {
+                            s.record.command_tag = Some("PORTAL SUSPENDED".into());
+                        }
+                        done.push(*s);
+                    }
+                }
+                msg.encode(&mut self.out);
+            }
+            b'I' => match f.queue.front() {
+                Some(Entry::Statement(_)) => {
+                    if let Some(Entry::Statement(mut s)) = f.queue.pop_front() {
+                        s.record.command_tag = Some("EMPTY".into());
+                        done.push(*s);
+                    }
+                    msg.encode(&mut self.out);
+                }
+                // The empty query sent in a refused one's place.
+                Some(Entry::GroupEnd {
+                    swallow_empty: true,
+                    ..
+                }) => {}
+                _ => msg.encode(&mut self.out),
+            },
+            b'E' => {
+                let fields = codec::error_fields(&msg.body);
+                let field = |c: u8| fields.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone());
+                match f.queue.front() {
+                    Some(Entry::Statement(_)) => {
+                        if let Some(Entry::Statement(mut s)) = f.queue.pop_front() {
+                            s.record.sqlstate = field(b'C');
+                            s.record.error = field(b'M');
+                            done.push(*s);
+                        }
+                    }
+                    Some(Entry::Describe { .. }) => {
+                        f.queue.pop_front();
+                    }
+                    _ => {}
+                }
+                // The server skips the rest of the query string, or of the
+                // pipeline until Sync.
+                while matches!(
+                    f.queue.front(),
+                    Some(Entry::Statement(_) | Entry::Describe { .. })
+                ) {
+                    if let Some(Entry::Statement(mut s)) = f.queue.pop_front() {
+                        s.record.error = Some("not run: an earlier statement failed".into());
+                        done.push(*s);
+                    }
+                }
+                msg.encode(&mut self.out);
+            }
+            b'Z' => {
+                while let Some(e) = f.queue.pop_front() {
+                    match e {
+                        Entry::Statement(mut s) => {
+                            s.record.error.get_or_insert_with(|| {
+                                "not run: the server ended the group without running it".into()
+                            });
+                            done.push(*s);
+                        }
+                        Entry::Describe { .. } => {}
+                        Entry::GroupEnd { inject, .. } => {
+                            if let Some(err) = inject {
+                                err.encode(&mut self.out);
+                            }
+                            break;
+                        }
+                    }
+                }
+                msg.encode(&mut self.out);
+            }
+            _ => msg.encode(&mut self.out),
+        }
+        Ok(done)
+    }
+}
+
+type Descs<'a> = (
+    &'a std::collections::HashMap<String, Arc<Vec<super::Field>>>,
+    &'a std::collections::HashMap<String, Arc<Vec<super::Field>>>,
+    &'a std::collections::HashMap<String, String>,
+);
+
+/// The row description for an extended-protocol statement: its portal's
+/// (Describe P), else its prepared statement's (Describe S) with the
+/// Bind's result formats.
+fn describe(descs: Descs<'_>, s: &InFlight) -> Option<Arc<Vec<super::Field>>> {
+    let (portal_desc, statement_desc, portal_statement) = descs;
+    let portal = s.portal.as_ref()?;
+    if let Some(d) = portal_desc.get(portal) {
+        return Some(d.clone());
+    }
+    let stmt = portal_statement.get(portal)?;
+    let d = statement_desc.get(stmt)?;
+    Some(Arc::new(mask::with_formats(d, &s.result_formats)))
+}
+
+/// Completes a statement's record (outside the flow lock).
+pub fn finish(ctx: &Session, s: &mut InFlight) {
+    s.record.state = ExchangeState::Complete;
+    s.record.duration_ms = s.started.elapsed().as_secs_f64() * 1000.0;
+    for (rule, n) in std::mem::take(&mut s.masked) {
+        s.record.decisions.push(Decision {
+            rule,
+            action: "mask".into(),
+            patterns: vec![],
+            detail: Some(format!("{n} value(s) masked in the result")),
+        });
+    }
+    if let Err(e) = ctx.store.put_statement(&s.record) {
+        ctx.record_failed(&e);
+    }
+}

@@ -1,0 +1,682 @@
+//! Client → server: every statement becomes "message → verdict → record".
+//! A simple query is split into its statements and each is judged (one
+//! refused refuses the query string: none of it runs); the extended
+//! protocol is judged at Parse and recorded per Execute, with its Bind
+//! parameters. A refusal takes the refused message's place in the stream:
+//! an empty query (simple) or nothing until Sync (extended), and the
+//! backend pump writes the ErrorResponse where the server's answer would
+//! have been, so pipelined clients stay in step and the session usable.
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tracing::{info, warn};
+
+use super::{
+    classify,
+    codec::{self, Message, Reader},
+    lock, DbSession, Entry, InFlight, PgError, Portal, Prepared, Shared, MAX_IN_FLIGHT, MAX_NAMED,
+};
+use crate::{
+    approvals,
+    policy::Verdict,
+    record::{now_ms, Decision, ExchangeState, SqlFacts, Statement},
+    session::Session,
+};
+
+/// Bind parameters kept per statement, and characters per value.
+const MAX_PARAMS: usize = 64;
+const MAX_PARAM_CHARS: usize = 256;
+/// SQL text kept per statement.
+const MAX_SQL: usize = 16 * 1024;
+
+pub struct Frontend {
+    ctx: Arc<Session>,
+    db: DbSession,
+    flow: Shared,
+    statements: HashMap<String, Prepared>,
+    portals: HashMap<String, Portal>,
+    /// Extended protocol after a refusal: the ErrorResponse to give at the
+    /// next Sync; messages until then are dropped (as the server would).
+    discarding: Option<Message>,
+    out: BytesMut,
+}
+
+/// A refusal: the rule (or node reason) and what the client is told.
+struct Refusal {
+    rule: String,
+    message: String,
+}
+
+impl Frontend {
+    pub fn new(ctx: Arc<Session>, db: DbSession, flow: Shared) -> Self {
+        Self {
+            ctx,
+            db,
+            flow,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            discarding: None,
+            out: BytesMut::with_capacity(8192),
+        }
+    }
+
+    pub async fn run<R, W>(
+        mut self,
+        mut client: Reader<R>,
+        mut server: W,
+        activity: Arc<AtomicU64>,
+    ) -> Result<(), PgError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            let Some(msg) = client.next().await? else {
+                self.flush(&mut server).await?;
+                return Ok(());
+            };
+            activity.fetch_add(1, Ordering::Relaxed);
+            let end = msg.tag == b'X';
+            self.handle(msg, &mut server).await?;
+            if end {
+                self.flush(&mut server).await?;
+                return Ok(());
+            }
+            if !client.has_message() || self.out.len() > 64 * 1024 {
+                self.flush(&mut server).await?;
+            }
+        }
+    }
+
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, server: &mut W) -> Result<(), PgError> {
+        if !self.out.is_empty() {
+            server.write_all(&self.out).await.map_err(PgError::Io)?;
+            self.out.clear();
+        }
+        server.flush().await.map_err(PgError::Io)
+    }
+
+    fn forward(&mut self, msg: &Message) {
+        msg.encode(&mut self.out);
+    }
+
+    fn push(&self, e: Entry) -> Result<(), PgError> {
+        let mut f = lock(&self.flow);
+        if f.queue.len() >= MAX_IN_FLIGHT {
+            return Err(PgError::Protocol(format!(
+                "more than {MAX_IN_FLIGHT} statements in flight on one connection"
+            )));
+        }
+        f.queue.push_back(e);
+        Ok(())
+    }
+
+    async fn handle<W: AsyncWrite + Unpin>(
+        &mut self,
+        msg: Message,
+        server: &mut W,
+    ) -> Result<(), PgError> {
+        match msg.tag {
+            b'Q' => self.query(msg, server).await,
+            b'P' => self.parse(msg, server).await,
+            b'B' => self.bind(msg),
+            b'D' => {
+                if self.discarding.is_none() {
+                    let mut body = &msg.body[..];
+                    let kind = codec::take_bytes(&mut body, 1)?[0];
+                    let name = codec::cstr(&mut body)?;
+                    self.push(Entry::Describe {
+                        portal: kind == b'P',
+                        name,
+                    })?;
+                    self.forward(&msg);
+                }
+                Ok(())
+            }
+            b'E' => self.execute(msg),
+            b'S' => {
+                let inject = self.discarding.take();
+                self.push(Entry::GroupEnd {
+                    inject,
+                    swallow_empty: false,
+                })?;
+                self.forward(&msg);
+                Ok(())
+            }
+            b'C' => {
+                if self.discarding.is_none() {
+                    let mut body = &msg.body[..];
+                    let kind = codec::take_bytes(&mut body, 1)?[0];
+                    let name = codec::cstr(&mut body)?;
+                    if kind == b'P' {
+                        self.portals.remove(&name);
+                    } else {
+                        self.statements.remove(&name);
+                    }
+                    self.forward(&msg);
+                }
+                Ok(())
+            }
+            b'F' => self.function_call(msg),
+            // Flush, COPY data from the client, Terminate, and anything
+            // else the server itself will judge.
+            _ => {
+                if self.discarding.is_none() || matches!(msg.tag, b'd' | b'c' | b'f' | b'X') {
+                    self.forward(&msg);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn new_record(
+        &self,
+        protocol: &str,
+        prepared: Option<String>,
+        sql: &str,
+        facts: SqlFacts,
+    ) -> Statement {
+        // Role passwords in DCL are literals: keep the statement's shape only.
+        let text = if facts.class == Some(crate::record::statement::StatementClass::Dcl) {
+            pg_query::normalize(sql).unwrap_or_else(|_| "[DCL statement not kept]".into())
+        } else {
+            sql.to_owned()
+        };
+        let truncated = text.len() > MAX_SQL;
+        let mut text = text;
+        if truncated {
+            let mut cut = MAX_SQL;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        Statement {
+            session: self.ctx.id,
+            seq: self.ctx.next_seq(),
+            state: ExchangeState::Started,
+            workload: self.ctx.workload().to_owned(),
+            started_at_ms: now_ms(),
+            db_system: "postgresql".into(),
+            db_name: self.db.database.clone(),
+            db_user: self.db.user.clone(),
+            db_application: self.db.application.clone(),
+            protocol: protocol.into(),
+            prepared,
+            db_query: text,
+            db_query_truncated: truncated,
+            db_query_parameters: Vec::new(),
+            sql: facts,
+            command_tag: None,
+            rows_affected: None,
+            rows_returned: 0,
+            sqlstate: None,
+            error: None,
+            duration_ms: 0.0,
+            decisions: Vec::new(),
+        }
+    }
+
+    /// Judges one statement: suspension, then the policy's statement rules
+    /// (holding for a human on `approve`). `Err` is the refusal.
+    async fn judge<W: AsyncWrite + Unpin>(
+        &mut self,
+        record: &mut Statement,
+        sql: &str,
+        server: &mut W,
+    ) -> Result<Result<(), Refusal>, PgError> {
+        if let Some((decision, reason)) = self.ctx.suspended() {
+            record.decisions.push(decision);
+            return Ok(Err(Refusal {
+                rule: "identity-suspended".into(),
+                message: format!("identity suspended: {reason}"),
+            }));
+        }
+        let policy = self.ctx.policy();
+        let evaluated = policy.evaluate_statement(
+            &self.ctx.target,
+            &self.ctx.identity,
+            &record.sql,
+            sql.as_bytes(),
+        );
+        let (verdict, decisions) = match evaluated {
+            Ok(v) => v,
+            Err(e) => {
+                // Fail closed: a statement that cannot be scanned is not run.
+                let detail = format!("statement could not be scanned: {e}");
+                record
+                    .decisions
+                    .push(Decision::node_block("scan-failed", detail.clone()));
+                return Ok(Err(Refusal {
+                    rule: "scan-failed".into(),
+                    message: detail,
+                }));
+            }
+        };
+        record.decisions.extend(decisions);
+        match verdict {
+            Verdict::Allow => Ok(Ok(())),
+            Verdict::Block { rule, message } => Ok(Err(Refusal { rule, message })),
+            Verdict::Approve {
+                rule,
+                message,
+                timeout_secs,
+            } => {
+                // What came before goes on; this statement waits.
+                self.flush(server).await?;
+                let pending = approvals::Pending {
+                    id: 0,
+                    session: self.ctx.id,
+                    workload: self.ctx.workload().to_owned(),
+                    rule: rule.clone(),
+                    message: message.clone(),
+                    method: "SQL".into(),
+                    authority: self.ctx.target.clone(),
+                    path: self.db.database.clone(),
+                    preview: sql.chars().take(512).collect(),
+                    created_ms: 0,
+                    expires_ms: 0,
+                };
+                info!(session = self.ctx.id, workload = %self.ctx.workload(), %rule, "statement held for approval");
+                let outcome = self
+                    .ctx
+                    .approvals
+                    .request(pending, Duration::from_secs(timeout_secs))
+                    .await;
+                if let Some(d) = record.decisions.iter_mut().find(|d| d.rule == rule) {
+                    d.detail = Some(serde_json::to_string(&outcome).unwrap_or_default());
+                }
+                let denial = match outcome {
+                    approvals::Outcome::Approved { .. } => None,
+                    approvals::Outcome::Denied { reason, .. } => Some(format!("denied: {reason}")),
+                    approvals::Outcome::TimedOut => {
+                        Some(format!("no approval within {timeout_secs}s"))
+                    }
+                };
+                let denial = denial.or_else(|| {
+                    self.ctx
+                        .suspended()
+                        .map(|(_, r)| format!("identity suspended: {r}"))
+                });
+                Ok(match denial {
+                    None => Ok(()),
+                    Some(reason) => Err(Refusal {
+                        rule,
+                        message: format!("{message} (not approved: {reason})"),
+                    }),
+                })
+            }
+        }
+    }
+
+    fn error_for(&self, r: &Refusal) -> Message {
+        codec::error_response(
+            "ERROR",
+            "42501",
+            &format!(
+                "sluice: statement refused by policy rule `{}`: {}",
+                r.rule, r.message
+            ),
+            Some(&format!(
+                "recorded in session {} for workload {}",
+                self.ctx.id,
+                self.ctx.workload()
+            )),
+        )
+    }
+
+    /// Records statements that did not run (refused, or beside a refused one).
+    fn record_refused(&self, mut records: Vec<Statement>, refused: usize, r: &Refusal) {
+        for (i, mut st) in records.drain(..).enumerate() {
+            st.state = ExchangeState::Complete;
+            st.sqlstate = Some("42501".into());
+            st.error = Some(if i == refused {
+                format!("refused by `{}`: {}", r.rule, r.message)
+            } else {
+                format!(
+                    "not run: statement {} of the same query string was refused",
+                    refused + 1
+                )
+            });
+            if let Err(e) = self.ctx.store.put_statement(&st) {
+                self.ctx.record_failed(&e);
+            }
+        }
+        warn!(session = self.ctx.id, workload = %self.ctx.workload(), rule = %r.rule, "statement refused");
+    }
+
+    async fn query<W: AsyncWrite + Unpin>(
+        &mut self,
+        msg: Message,
+        server: &mut W,
+    ) -> Result<(), PgError> {
+        let sql = codec::cstr(&mut &msg.body[..])?;
+        let parts = classify::split(&sql);
+        let mut records: Vec<Statement> = parts
+            .iter()
+            .map(|p| self.new_record("simple", None, &p.text, p.facts.clone()))
+            .collect();
+        let mut refusal = None;
+        for (i, p) in parts.iter().enumerate() {
+            if let Err(r) = self.judge(&mut records[i], &p.text, server).await? {
+                refusal = Some((i, r));
+                break;
+            }
+        }
+        if refusal.is_none() {
+            if let Err(e) = records
+                .iter()
+                .try_for_each(|r| self.ctx.store.start_statement(r))
+            {
+                // Fail closed: what cannot be recorded is not run.
+                self.ctx.record_failed(&e);
+                refusal = Some((
+                    0,
+                    Refusal {
+                        rule: "not-recorded".into(),
+                        message: format!("the node cannot record this statement: {e}"),
+                    },
+                ));
+            }
+        }
+        if let Some((i, r)) = refusal {
+            let err = self.error_for(&r);
+            self.record_refused(records, i, &r);
+            self.push(Entry::GroupEnd {
+                inject: Some(err),
+                swallow_empty: true,
+            })?;
+            // An empty query in its place: the server answers it with
+            // EmptyQueryResponse (swallowed) and ReadyForQuery, in order.
+            self.forward(&Message::new(b'Q', &b"\0"[..]));
+            return Ok(());
+        }
+        let policy = self.ctx.policy();
+        for st in records {
+            let mask = policy.result_mask(&self.ctx.target, &self.ctx.identity);
+            self.push(Entry::Statement(Box::new(InFlight {
+                record: st,
+                started: Instant::now(),
+                portal: None,
+                result_formats: Vec::new(),
+                desc: None,
+                mask,
+                masked: Default::default(),
+                copy_out: false,
+            })))?;
+        }
+        self.push(Entry::GroupEnd {
+            inject: None,
+            swallow_empty: false,
+        })?;
+        self.forward(&msg);
+        Ok(())
+    }
+
+    async fn parse<W: AsyncWrite + Unpin>(
+        &mut self,
+        msg: Message,
+        server: &mut W,
+    ) -> Result<(), PgError> {
+        if self.discarding.is_some() {
+            return Ok(());
+        }
+        let mut body = &msg.body[..];
+        let name = codec::cstr(&mut body)?;
+        let sql = codec::cstr(&mut body)?;
+        let facts = classify::classify(&sql);
+        let mut record = self.new_record(
+            "extended",
+            (!name.is_empty()).then(|| name.clone()),
+            &sql,
+            facts.clone(),
+        );
+        if let Err(r) = self.judge(&mut record, &sql, server).await? {
+            self.discarding = Some(self.error_for(&r));
+            self.record_refused(vec![record], 0, &r);
+            return Ok(());
+        }
+        if !name.is_empty()
+            && !self.statements.contains_key(&name)
+            && self.statements.len() >= MAX_NAMED
+        {
+            return Err(PgError::Protocol(format!(
+                "more than {MAX_NAMED} prepared statements on one connection"
+            )));
+        }
+        // Log decisions are recorded with each execution.
+        self.statements.insert(
+            name,
+            Prepared {
+                sql: sql.into(),
+                facts,
+                decisions: record.decisions,
+            },
+        );
+        self.forward(&msg);
+        Ok(())
+    }
+
+    fn bind(&mut self, msg: Message) -> Result<(), PgError> {
+        if self.discarding.is_some() {
+            return Ok(());
+        }
+        let mut body = &msg.body[..];
+        let portal = codec::cstr(&mut body)?;
+        let statement = codec::cstr(&mut body)?;
+        let nformats = codec::take_i16(&mut body)?.max(0) as usize;
+        let mut formats = Vec::with_capacity(nformats.min(1024));
+        for _ in 0..nformats {
+            formats.push(codec::take_i16(&mut body)?);
+        }
+        let nparams = codec::take_i16(&mut body)?.max(0) as usize;
+        let mut params = Vec::new();
+        for i in 0..nparams {
+            let len = codec::take_i32(&mut body)?;
+            let value = if len < 0 {
+                None
+            } else {
+                Some(codec::take_bytes(&mut body, len as usize)?)
+            };
+            if i < MAX_PARAMS {
+                let binary = match formats.len() {
+                    0 => false,
+                    1 => formats[0] == 1,
+                    _ => formats.get(i) == Some(&1),
+                };
+                params.push(value.map(|v| param_text(v, binary)));
+            }
+        }
+        let nresults = codec::take_i16(&mut body)?.max(0) as usize;
+        let mut result_formats = Vec::with_capacity(nresults.min(1024));
+        for _ in 0..nresults {
+            result_formats.push(codec::take_i16(&mut body)?);
+        }
+        let prepared = self
+            .statements
+            .get(&statement)
+            .cloned()
+            .unwrap_or_else(|| Prepared {
+                sql: format!("[prepared statement `{statement}` not seen by the node]").into(),
+                facts: SqlFacts {
+                    parse_error: Some("statement not prepared through the node".into()),
+                    ..SqlFacts::default()
+                },
+                decisions: Vec::new(),
+            });
+        if !portal.is_empty()
+            && !self.portals.contains_key(&portal)
+            && self.portals.len() >= MAX_NAMED
+        {
+            return Err(PgError::Protocol(format!(
+                "more than {MAX_NAMED} portals on one connection"
+            )));
+        }
+        {
+            let mut f = lock(&self.flow);
+            if f.portal_statement.len() < MAX_NAMED || f.portal_statement.contains_key(&portal) {
+                f.portal_statement.insert(portal.clone(), statement.clone());
+            }
+            // A new Bind replaces the portal: its old description is gone.
+            f.portal_desc.remove(&portal);
+        }
+        self.portals.insert(
+            portal,
+            Portal {
+                statement,
+                sql: prepared.sql,
+                facts: prepared.facts,
+                decisions: prepared.decisions,
+                params,
+                result_formats,
+            },
+        );
+        self.forward(&msg);
+        Ok(())
+    }
+
+    fn execute(&mut self, msg: Message) -> Result<(), PgError> {
+        if self.discarding.is_some() {
+            return Ok(());
+        }
+        let mut body = &msg.body[..];
+        let portal_name = codec::cstr(&mut body)?;
+        let portal = self.portals.get(&portal_name).cloned();
+        let Some(portal) = portal else {
+            // The server will answer "portal does not exist"; recorded too.
+            let mut st = self.new_record("extended", None, "", SqlFacts::default());
+            st.error = Some(format!("portal `{portal_name}` unknown to the node"));
+            self.start(st, Some(portal_name), Vec::new())?;
+            self.forward(&msg);
+            return Ok(());
+        };
+        let mut st = self.new_record(
+            "extended",
+            (!portal.statement.is_empty()).then(|| portal.statement.clone()),
+            &portal.sql,
+            portal.facts.clone(),
+        );
+        st.decisions = portal.decisions.clone();
+        st.db_query_parameters = portal.params.clone();
+        // Fail closed: a statement the node did not see prepared is not
+        // run where blocking rules apply.
+        if portal.facts.parse_error.is_some()
+            && self
+                .ctx
+                .policy()
+                .has_statement_rules(&self.ctx.target, &self.ctx.identity)
+        {
+            let r = Refusal {
+                rule: "unparsable-statement".into(),
+                message: portal.facts.parse_error.clone().unwrap_or_default(),
+            };
+            self.discarding = Some(self.error_for(&r));
+            self.record_refused(vec![st], 0, &r);
+            return Ok(());
+        }
+        if let Some((decision, reason)) = self.ctx.suspended() {
+            st.decisions.push(decision);
+            let r = Refusal {
+                rule: "identity-suspended".into(),
+                message: format!("identity suspended: {reason}"),
+            };
+            self.discarding = Some(self.error_for(&r));
+            self.record_refused(vec![st], 0, &r);
+            return Ok(());
+        }
+        if let Err(e) = self.ctx.store.start_statement(&st) {
+            self.ctx.record_failed(&e);
+            let r = Refusal {
+                rule: "not-recorded".into(),
+                message: format!("the node cannot record this statement: {e}"),
+            };
+            self.discarding = Some(self.error_for(&r));
+            self.record_refused(vec![st], 0, &r);
+            return Ok(());
+        }
+        self.start(st, Some(portal_name), portal.result_formats)?;
+        self.forward(&msg);
+        Ok(())
+    }
+
+    fn start(
+        &self,
+        st: Statement,
+        portal: Option<String>,
+        result_formats: Vec<i16>,
+    ) -> Result<(), PgError> {
+        let mask = self
+            .ctx
+            .policy()
+            .result_mask(&self.ctx.target, &self.ctx.identity);
+        self.push(Entry::Statement(Box::new(InFlight {
+            record: st,
+            started: Instant::now(),
+            portal,
+            result_formats,
+            desc: None,
+            mask,
+            masked: Default::default(),
+            copy_out: false,
+        })))
+    }
+
+    /// The legacy fast-path function call: it runs server code the node
+    /// cannot read, so it is refused where statement rules apply.
+    fn function_call(&mut self, msg: Message) -> Result<(), PgError> {
+        if self.discarding.is_some() {
+            return Ok(());
+        }
+        let policy = self.ctx.policy();
+        if !policy.has_statement_rules(&self.ctx.target, &self.ctx.identity) {
+            self.forward(&msg);
+            return Ok(());
+        }
+        let oid = codec::take_i32(&mut &msg.body[..]).unwrap_or(0);
+        let st = self.new_record(
+            "function-call",
+            None,
+            &format!("[fast-path function call, oid {oid}]"),
+            SqlFacts::default(),
+        );
+        let r = Refusal {
+            rule: "function-call".into(),
+            message: "fast-path function calls are not inspected; use SELECT".into(),
+        };
+        let err = self.error_for(&r);
+        self.record_refused(vec![st], 0, &r);
+        self.push(Entry::GroupEnd {
+            inject: Some(err),
+            swallow_empty: true,
+        })?;
+        self.forward(&Message::new(b'Q', &b"\0"[..]));
+        Ok(())
+    }
+}
+
+/// A Bind parameter for the record: text capped, credential-looking
+/// values (long, high-entropy, no spaces) kept as a fingerprint.
+fn param_text(v: &[u8], binary: bool) -> String {
+    if binary {
+        return format!("[binary, {} bytes]", v.len());
+    }
+    let secretish = v.len() >= 16 && !v.contains(&b' ') && crate::scan::entropy(v) >= 3.5;
+    if secretish {
+        return format!("[credential sha256:{}]", crate::http::fingerprint(v));
+    }
+    let text = String::from_utf8_lossy(v);
+    if text.chars().count() > MAX_PARAM_CHARS {
+        let cut: String = text.chars().take(MAX_PARAM_CHARS).collect();
+        format!("{cut}… [{} bytes]", v.len())
+    } else {
+        text.into_owned()
+    }
+}

@@ -1,0 +1,203 @@
+//! Result masking: DataRow values (and COPY OUT rows) under `on: result`
+//! rules. A column whose name matches a rule's `columns` glob is masked
+//! whole; other text values are scanned with the rules' patterns and
+//! their matches masked in place. Masks keep the value's length (`*`), so
+//! only rows whose values become NULL change size, and every length
+//! written is recomputed. A binary-format value under a masking rule
+//! cannot be scanned: it is sent as NULL, never as it was.
+use std::collections::BTreeMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{codec, Field, PgError};
+use crate::{policy::ResultMask, scan::MASK};
+
+/// Parses a RowDescription.
+pub fn row_description(body: &[u8]) -> Result<Vec<Field>, PgError> {
+    let mut rest = body;
+    let n = codec::take_i16(&mut rest)?.max(0) as usize;
+    let mut fields = Vec::with_capacity(n.min(1600));
+    for _ in 0..n {
+        let name = codec::cstr(&mut rest)?;
+        // table oid, column number, type oid, type size, type modifier
+        codec::take_bytes(&mut rest, 4 + 2 + 4 + 2 + 4)?;
+        let format = codec::take_i16(&mut rest)?;
+        fields.push(Field { name, format });
+    }
+    Ok(fields)
+}
+
+/// A prepared statement's description (formats not known yet) with the
+/// result formats its Bind asked for.
+pub fn with_formats(desc: &[Field], formats: &[i16]) -> Vec<Field> {
+    desc.iter()
+        .enumerate()
+        .map(|(i, f)| Field {
+            name: f.name.clone(),
+            format: format_of(formats, i),
+        })
+        .collect()
+}
+
+fn format_of(formats: &[i16], i: usize) -> i16 {
+    match formats.len() {
+        0 => 0,
+        1 => formats[0],
+        _ => formats.get(i).copied().unwrap_or(0),
+    }
+}
+
+enum Action {
+    Keep,
+    /// Replace these byte ranges with the mask byte.
+    Spans(Vec<(usize, usize)>),
+    Null,
+}
+
+/// Masks one DataRow; `None` when nothing changed. Without a description
+/// (the client never asked for one) every value is masked (fail closed).
+pub fn data_row(
+    body: &[u8],
+    desc: Option<&[Field]>,
+    result_formats: &[i16],
+    plan: &ResultMask,
+    masked: &mut BTreeMap<String, u64>,
+) -> Result<Option<Bytes>, PgError> {
+    let mut rest = body;
+    let n = codec::take_i16(&mut rest)?.max(0) as usize;
+    let mut values: Vec<Option<&[u8]>> = Vec::with_capacity(n.min(1600));
+    for _ in 0..n {
+        let len = codec::take_i32(&mut rest)?;
+        values.push(if len < 0 {
+            None
+        } else {
+            Some(codec::take_bytes(&mut rest, len as usize)?)
+        });
+    }
+    let first_rule = plan.rules.first().copied().unwrap_or_default();
+    let mut actions = Vec::with_capacity(n);
+    let mut changed = false;
+    for (i, v) in values.iter().enumerate() {
+        let Some(v) = v else {
+            actions.push(Action::Keep);
+            continue;
+        };
+        let (name, format) = match desc.and_then(|d| d.get(i)) {
+            Some(f) => (Some(f.name.as_str()), f.format),
+            None => (None, format_of(result_formats, i)),
+        };
+        let column_rule = match name {
+            Some(n) => plan.column_rule(n),
+            // Unknown column: treated as masked by the first rule.
+            None => Some(first_rule),
+        };
+        let action = if let Some(rule) = column_rule {
+            count(masked, plan.rule_id(rule));
+            if format == 1 {
+                Action::Null
+            } else {
+                Action::Spans(vec![(0, v.len())])
+            }
+        } else if plan.scans() {
+            if format == 1 {
+                count(masked, plan.rule_id(first_rule));
+                Action::Null
+            } else {
+                let spans = spans(v, plan, masked)?;
+                if spans.is_empty() {
+                    Action::Keep
+                } else {
+                    Action::Spans(spans)
+                }
+            }
+        } else {
+            Action::Keep
+        };
+        changed |= !matches!(action, Action::Keep);
+        actions.push(action);
+    }
+    if !changed {
+        return Ok(None);
+    }
+    let mut out = BytesMut::with_capacity(body.len());
+    out.put_i16(n as i16);
+    for (v, a) in values.iter().zip(actions) {
+        match (v, a) {
+            (None, _) | (Some(_), Action::Null) => out.put_i32(-1),
+            (Some(v), Action::Keep) => {
+                out.put_i32(v.len() as i32);
+                out.put_slice(v);
+            }
+            (Some(v), Action::Spans(spans)) => {
+                out.put_i32(v.len() as i32);
+                let start = out.len();
+                out.put_slice(v);
+                for (a, b) in spans {
+                    out[start + a..start + b].fill(MASK);
+                }
+            }
+        }
+    }
+    Ok(Some(out.freeze()))
+}
+
+/// Pattern matches of the applicable rules in one value.
+fn spans(
+    v: &[u8],
+    plan: &ResultMask,
+    masked: &mut BTreeMap<String, u64>,
+) -> Result<Vec<(usize, usize)>, PgError> {
+    let hits = plan
+        .scanner()
+        .find(v)
+        .map_err(|e| PgError::Protocol(format!("result scan failed: {e}")))?;
+    let mut out = Vec::new();
+    for h in hits {
+        if plan.rules.contains(&h.rule) && h.mask_end <= v.len() && h.mask_start < h.mask_end {
+            count(masked, plan.rule_id(h.rule));
+            out.push((h.mask_start, h.mask_end));
+        }
+    }
+    Ok(out)
+}
+
+fn count(masked: &mut BTreeMap<String, u64>, rule: &str) {
+    *masked.entry(rule.to_owned()).or_default() += 1;
+}
+
+/// Masks one COPY OUT row (text or CSV): pattern matches in place; under
+/// column rules every value (the node does not map COPY columns to
+/// names), separators and line ends kept.
+pub fn copy_data(
+    body: &[u8],
+    plan: &ResultMask,
+    masked: &mut BTreeMap<String, u64>,
+) -> Result<Option<Bytes>, PgError> {
+    let column_rule = plan.rules.iter().copied().find(|r| plan.has_columns(*r));
+    if let Some(rule) = column_rule {
+        count(masked, plan.rule_id(rule));
+        let out: Vec<u8> = body
+            .iter()
+            .map(|b| {
+                if matches!(b, b'\t' | b'\n' | b',' | b'\r') {
+                    *b
+                } else {
+                    MASK
+                }
+            })
+            .collect();
+        return Ok(Some(Bytes::from(out)));
+    }
+    if !plan.scans() {
+        return Ok(None);
+    }
+    let spans = spans(body, plan, masked)?;
+    if spans.is_empty() {
+        return Ok(None);
+    }
+    let mut out = body.to_vec();
+    for (a, b) in spans {
+        out[a..b].fill(MASK);
+    }
+    Ok(Some(Bytes::from(out)))
+}

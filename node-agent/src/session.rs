@@ -1,0 +1,96 @@
+//! The per-connection context every protocol handler drives its stages
+//! with: who is connecting (identity), to what (target), under which
+//! policy, suspensions and approvals, and where its evidence goes. The
+//! admission stage in `proxy.rs` builds one per admitted connection; a
+//! protocol module (`http`, `postgres`) turns each message into a verdict
+//! and a record through it.
+use std::sync::{
+    atomic::{AtomicU32, Ordering},
+    Arc,
+};
+
+use crate::{
+    approvals::Approvals,
+    config::Limits,
+    identity::WorkloadIdentity,
+    policy::{CompiledPolicy, Decision, PolicyEngine},
+    proxy::RecordHealth,
+    record::RecordStore,
+    suspend::Suspensions,
+};
+
+pub struct Session {
+    /// The connection record's id (also the `session` of its exchanges
+    /// and statements).
+    pub id: u64,
+    pub identity: WorkloadIdentity,
+    /// The target's name from the configuration or bundle in force.
+    pub target: String,
+    pub store: Arc<RecordStore>,
+    pub policy: Arc<PolicyEngine>,
+    pub approvals: Arc<Approvals>,
+    pub suspensions: Arc<Suspensions>,
+    pub health: Arc<RecordHealth>,
+    pub limits: Limits,
+    /// Sequence of the next exchange or statement on this connection.
+    next_seq: AtomicU32,
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u64,
+        identity: WorkloadIdentity,
+        target: String,
+        store: Arc<RecordStore>,
+        policy: Arc<PolicyEngine>,
+        approvals: Arc<Approvals>,
+        suspensions: Arc<Suspensions>,
+        health: Arc<RecordHealth>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            id,
+            identity,
+            target,
+            store,
+            policy,
+            approvals,
+            suspensions,
+            health,
+            limits,
+            next_seq: AtomicU32::new(0),
+        }
+    }
+
+    /// The workload identity's id, as logs and records name it.
+    pub fn workload(&self) -> &str {
+        &self.identity.id
+    }
+
+    pub fn next_seq(&self) -> u32 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The policy in force now (one snapshot per message).
+    pub fn policy(&self) -> Arc<CompiledPolicy> {
+        self.policy.current()
+    }
+
+    /// Stage: suspension. `Some(decision)` when the identity is suspended
+    /// (checked per message: a suspension applies to open connections).
+    pub fn suspended(&self) -> Option<(Decision, String)> {
+        let s = self.suspensions.get(&self.identity.id)?;
+        Some((
+            Decision::node_block("identity-suspended", s.reason.clone()),
+            s.reason,
+        ))
+    }
+
+    /// A failed record write: the store's health goes to failing (new
+    /// connections are refused until a flush succeeds).
+    pub fn record_failed(&self, e: &dyn std::fmt::Display) {
+        self.health.failed(e);
+        tracing::warn!(session = self.id, workload = %self.identity.id, error = %e, "recording failed");
+    }
+}
