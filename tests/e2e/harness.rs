@@ -561,7 +561,7 @@ impl Env {
         )
     }
 
-    fn build(
+    pub fn build(
         targets: impl Fn(&Remote) -> String,
         extra: impl Fn(&Remote, &Path) -> String,
         https: bool,

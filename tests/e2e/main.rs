@@ -10,7 +10,9 @@ mod fronting;
 mod harness;
 mod hostile;
 mod masking;
+mod pg;
 mod policy;
+mod postgres;
 #[path = "../../node-agent/tests/samples/mod.rs"]
 mod samples;
 mod tls;

@@ -174,6 +174,34 @@ fn read_credential(target: &str, source: &str) -> Result<Secret, PolicyError> {
     Ok(Secret(value))
 }
 
+/// A scanner over one built-in pack (all its patterns as rule 0), for
+/// what the node redacts whatever the bundle says (credential-looking
+/// values in records).
+pub fn builtin_pack_scanner(name: &str, max_window: usize) -> Result<Scanner, PolicyError> {
+    let yaml = bundle::BUILTIN_PACKS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, y)| *y)
+        .ok_or_else(|| PolicyError::Parse(format!("no built-in pack `{name}`")))?;
+    let pack: Pack = serde_yaml::from_str(yaml)
+        .map_err(|e| PolicyError::Parse(format!("built-in pack {name}: {e}")))?;
+    let specs = pack
+        .patterns
+        .into_iter()
+        .map(|d| PatternSpec {
+            id: d.id,
+            rule: 0,
+            regex: d.regex,
+            caseless: d.caseless,
+            luhn: d.luhn,
+            prefilter: d.prefilter,
+            min_entropy: d.min_entropy,
+            deny: d.deny,
+        })
+        .collect();
+    Ok(Scanner::compile(specs, max_window)?)
+}
+
 impl CompiledPolicy {
     pub fn compile(text: &str, signer: &str, max_window: usize) -> Result<Self, PolicyError> {
         let bundle: Bundle =

@@ -12,7 +12,7 @@
 //!   (the job would bind to the node's certificate, or send the `y` flag
 //!   the server rejects as a downgrade), so that case is refused with an
 //!   error that says so.
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::{
     authentication::{
         md5_hash,
@@ -144,7 +144,21 @@ pub async fn login(
                         if client_tls && mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS) {
                             return Err(PgError::ChannelBinding);
                         }
-                        relay_challenge(client, server, &msg).await?;
+                        // A plaintext client cannot bind (and libpq refuses
+                        // a PLUS offer without TLS): it is offered what it
+                        // can do, and answers `n`, which the server takes.
+                        let offer: Vec<&String> = mechanisms
+                            .iter()
+                            .filter(|m| *m != SCRAM_SHA_256_PLUS)
+                            .collect();
+                        let mut body = BytesMut::new();
+                        body.put_i32(10);
+                        for m in offer {
+                            body.put_slice(m.as_bytes());
+                            body.put_u8(0);
+                        }
+                        body.put_u8(0);
+                        relay_challenge(client, server, &Message::new(b'R', body.freeze())).await?;
                     }
                     (3 | 5 | 11 | 12, None) => {
                         if code == 3 {

@@ -142,7 +142,12 @@ impl Backend {
                     Some(Entry::Statement(s)) if s.copy_out => {
                         s.record.rows_returned += 1;
                         match s.mask.as_ref() {
-                            Some(plan) => mask::copy_data(&msg.body, plan, &mut s.masked)?,
+                            Some(plan) => mask::copy_data(
+                                &msg.body,
+                                s.copy_columns.as_deref(),
+                                plan,
+                                &mut s.masked,
+                            )?,
                             None => None,
                         }
                     }

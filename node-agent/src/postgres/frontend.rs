@@ -191,7 +191,7 @@ impl Frontend {
             sql.to_owned()
         };
         let truncated = text.len() > MAX_SQL;
-        let mut text = text;
+        let mut text = redact_sql(text);
         if truncated {
             let mut cut = MAX_SQL;
             while !text.is_char_boundary(cut) {
@@ -400,8 +400,9 @@ impl Frontend {
             return Ok(());
         }
         let policy = self.ctx.policy();
-        for st in records {
+        for (st, part) in records.into_iter().zip(&parts) {
             let mask = policy.result_mask(&self.ctx.target, &self.ctx.identity);
+            let copy_columns = copy_columns(&mask, &part.facts, &part.text);
             self.push(Entry::Statement(Box::new(InFlight {
                 record: st,
                 started: Instant::now(),
@@ -411,6 +412,7 @@ impl Frontend {
                 mask,
                 masked: Default::default(),
                 copy_out: false,
+                copy_columns,
             })))?;
         }
         self.push(Entry::GroupEnd {
@@ -554,7 +556,7 @@ impl Frontend {
             // The server will answer "portal does not exist"; recorded too.
             let mut st = self.new_record("extended", None, "", SqlFacts::default());
             st.error = Some(format!("portal `{portal_name}` unknown to the node"));
-            self.start(st, Some(portal_name), Vec::new())?;
+            self.start(st, Some(portal_name), Vec::new(), "")?;
             self.forward(&msg);
             return Ok(());
         };
@@ -602,7 +604,8 @@ impl Frontend {
             self.record_refused(vec![st], 0, &r);
             return Ok(());
         }
-        self.start(st, Some(portal_name), portal.result_formats)?;
+        let sql = portal.sql.clone();
+        self.start(st, Some(portal_name), portal.result_formats, &sql)?;
         self.forward(&msg);
         Ok(())
     }
@@ -612,11 +615,13 @@ impl Frontend {
         st: Statement,
         portal: Option<String>,
         result_formats: Vec<i16>,
+        sql: &str,
     ) -> Result<(), PgError> {
         let mask = self
             .ctx
             .policy()
             .result_mask(&self.ctx.target, &self.ctx.identity);
+        let copy_columns = copy_columns(&mask, &st.sql, sql);
         self.push(Entry::Statement(Box::new(InFlight {
             record: st,
             started: Instant::now(),
@@ -626,6 +631,7 @@ impl Frontend {
             mask,
             masked: Default::default(),
             copy_out: false,
+            copy_columns,
         })))
     }
 
@@ -662,13 +668,74 @@ impl Frontend {
     }
 }
 
+/// For a COPY under result masking: its columns, if the statement names
+/// them.
+fn copy_columns(
+    mask: &Option<crate::policy::ResultMask>,
+    facts: &SqlFacts,
+    sql: &str,
+) -> Option<Vec<String>> {
+    if mask.is_none() || facts.class != Some(crate::record::statement::StatementClass::Copy) {
+        return None;
+    }
+    classify::copy_out_columns(sql)
+}
+
+/// The built-in `secrets` pack, compiled on first need: credentials are
+/// kept out of statement records whatever the bundle says.
+fn secrets() -> Option<&'static crate::scan::Scanner> {
+    static SCANNER: std::sync::OnceLock<Option<crate::scan::Scanner>> = std::sync::OnceLock::new();
+    SCANNER
+        .get_or_init(
+            || match crate::policy::builtin_pack_scanner("secrets", 64 * 1024) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    warn!(error = %e, "secrets pack unusable: statement records are not redacted");
+                    None
+                }
+            },
+        )
+        .as_ref()
+}
+
+/// Spans of credentials in `text` (the secret part of each match).
+fn secret_spans(text: &[u8]) -> Vec<(usize, usize)> {
+    let Some(s) = secrets() else {
+        return Vec::new();
+    };
+    // Unscannable text is redacted whole (fail closed).
+    match s.find(text) {
+        Ok(hits) => hits
+            .into_iter()
+            .filter(|h| h.mask_start < h.mask_end && h.mask_end <= text.len())
+            .map(|h| (h.mask_start, h.mask_end))
+            .collect(),
+        Err(_) => vec![(0, text.len())],
+    }
+}
+
+/// SQL for the record, with credentials in literals masked.
+fn redact_sql(sql: String) -> String {
+    let spans = secret_spans(sql.as_bytes());
+    if spans.is_empty() {
+        return sql;
+    }
+    let mut b = sql.into_bytes();
+    for (a, e) in spans {
+        b[a..e].fill(crate::scan::MASK);
+    }
+    String::from_utf8_lossy(&b).into_owned()
+}
+
 /// A Bind parameter for the record: text capped, credential-looking
-/// values (long, high-entropy, no spaces) kept as a fingerprint.
+/// values (a `secrets` pack match, or long, high-entropy and unspaced)
+/// kept as a fingerprint.
 fn param_text(v: &[u8], binary: bool) -> String {
     if binary {
         return format!("[binary, {} bytes]", v.len());
     }
-    let secretish = v.len() >= 16 && !v.contains(&b' ') && crate::scan::entropy(v) >= 3.5;
+    let secretish = (v.len() >= 16 && !v.contains(&b' ') && crate::scan::entropy(v) >= 3.5)
+        || !secret_spans(v).is_empty();
     if secretish {
         return format!("[credential sha256:{}]", crate::http::fingerprint(v));
     }

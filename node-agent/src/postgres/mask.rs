@@ -3,8 +3,11 @@
 //! whole; other text values are scanned with the rules' patterns and
 //! their matches masked in place. Masks keep the value's length (`*`), so
 //! only rows whose values become NULL change size, and every length
-//! written is recomputed. A binary-format value under a masking rule
-//! cannot be scanned: it is sent as NULL, never as it was.
+//! written is recomputed. Binary-format values: text-like types (text,
+//! varchar, char, name, json, xml, bytea) are their bytes on the wire and
+//! are scanned like text; jsonb past its version byte. A binary value of
+//! a masked column, or of a type the node cannot read (a record, an
+//! array, a custom type...), is sent as NULL, never as it was.
 use std::collections::BTreeMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -20,9 +23,15 @@ pub fn row_description(body: &[u8]) -> Result<Vec<Field>, PgError> {
     for _ in 0..n {
         let name = codec::cstr(&mut rest)?;
         // table oid, column number, type oid, type size, type modifier
-        codec::take_bytes(&mut rest, 4 + 2 + 4 + 2 + 4)?;
+        codec::take_bytes(&mut rest, 4 + 2)?;
+        let type_oid = codec::take_i32(&mut rest)? as u32;
+        codec::take_bytes(&mut rest, 2 + 4)?;
         let format = codec::take_i16(&mut rest)?;
-        fields.push(Field { name, format });
+        fields.push(Field {
+            name,
+            type_oid,
+            format,
+        });
     }
     Ok(fields)
 }
@@ -34,6 +43,7 @@ pub fn with_formats(desc: &[Field], formats: &[i16]) -> Vec<Field> {
         .enumerate()
         .map(|(i, f)| Field {
             name: f.name.clone(),
+            type_oid: f.type_oid,
             format: format_of(formats, i),
         })
         .collect()
@@ -45,6 +55,45 @@ fn format_of(formats: &[i16], i: usize) -> i16 {
         1 => formats[0],
         _ => formats.get(i).copied().unwrap_or(0),
     }
+}
+
+/// How a binary value of this type can be scanned: from which byte, or
+/// not at all (`None`).
+fn binary_text_offset(type_oid: u32) -> Option<usize> {
+    match type_oid {
+        // text, varchar, bpchar, name, json, xml, unknown, bytea, char
+        25 | 1043 | 1042 | 19 | 114 | 142 | 705 | 17 | 18 => Some(0),
+        // jsonb: a version byte, then the text
+        3802 => Some(1),
+        // Types that cannot carry a matched string (numbers, times,
+        // booleans, uuids, network addresses).
+        _ => None,
+    }
+}
+
+/// Binary values of these types hold no text a pattern could match.
+fn binary_without_text(type_oid: u32) -> bool {
+    matches!(
+        type_oid,
+        16 | 20
+            | 21
+            | 23
+            | 26
+            | 700
+            | 701
+            | 1700
+            | 1082
+            | 1083
+            | 1114
+            | 1184
+            | 1186
+            | 1266
+            | 2950
+            | 869
+            | 650
+            | 829
+            | 774
+    )
 }
 
 enum Action {
@@ -82,9 +131,9 @@ pub fn data_row(
             actions.push(Action::Keep);
             continue;
         };
-        let (name, format) = match desc.and_then(|d| d.get(i)) {
-            Some(f) => (Some(f.name.as_str()), f.format),
-            None => (None, format_of(result_formats, i)),
+        let (name, format, type_oid) = match desc.and_then(|d| d.get(i)) {
+            Some(f) => (Some(f.name.as_str()), f.format, f.type_oid),
+            None => (None, format_of(result_formats, i), 0),
         };
         let column_rule = match name {
             Some(n) => plan.column_rule(n),
@@ -99,15 +148,29 @@ pub fn data_row(
                 Action::Spans(vec![(0, v.len())])
             }
         } else if plan.scans() {
-            if format == 1 {
-                count(masked, plan.rule_id(first_rule));
-                Action::Null
+            let from = if format == 1 {
+                binary_text_offset(type_oid)
             } else {
-                let spans = spans(v, plan, masked)?;
-                if spans.is_empty() {
-                    Action::Keep
-                } else {
-                    Action::Spans(spans)
+                Some(0)
+            };
+            match from {
+                Some(from) => {
+                    let found = spans(v.get(from..).unwrap_or_default(), plan, masked)?;
+                    if found.is_empty() {
+                        Action::Keep
+                    } else {
+                        Action::Spans(
+                            found
+                                .into_iter()
+                                .map(|(a, b)| (a + from, b + from))
+                                .collect(),
+                        )
+                    }
+                }
+                None if binary_without_text(type_oid) => Action::Keep,
+                None => {
+                    count(masked, plan.rule_id(first_rule));
+                    Action::Null
                 }
             }
         } else {
@@ -165,39 +228,52 @@ fn count(masked: &mut BTreeMap<String, u64>, rule: &str) {
     *masked.entry(rule.to_owned()).or_default() += 1;
 }
 
-/// Masks one COPY OUT row (text or CSV): pattern matches in place; under
-/// column rules every value (the node does not map COPY columns to
-/// names), separators and line ends kept.
+/// Masks one COPY OUT row (text format): values of masked columns whole
+/// when the statement names its columns, every value when it does not
+/// (fail closed); then pattern matches in place. Tabs, line ends and the
+/// `\N` of NULL are kept, so the row still parses.
 pub fn copy_data(
     body: &[u8],
+    columns: Option<&[String]>,
     plan: &ResultMask,
     masked: &mut BTreeMap<String, u64>,
 ) -> Result<Option<Bytes>, PgError> {
-    let column_rule = plan.rules.iter().copied().find(|r| plan.has_columns(*r));
-    if let Some(rule) = column_rule {
-        count(masked, plan.rule_id(rule));
-        let out: Vec<u8> = body
-            .iter()
-            .map(|b| {
-                if matches!(b, b'\t' | b'\n' | b',' | b'\r') {
-                    *b
-                } else {
-                    MASK
-                }
-            })
-            .collect();
-        return Ok(Some(Bytes::from(out)));
-    }
-    if !plan.scans() {
-        return Ok(None);
-    }
-    let spans = spans(body, plan, masked)?;
-    if spans.is_empty() {
-        return Ok(None);
-    }
     let mut out = body.to_vec();
-    for (a, b) in spans {
-        out[a..b].fill(MASK);
+    let mut changed = false;
+    let column_rules = plan.rules.iter().any(|r| plan.has_columns(*r));
+    if column_rules {
+        let mut start = 0;
+        let line_end = out
+            .iter()
+            .rposition(|b| *b != b'\n' && *b != b'\r')
+            .map_or(0, |p| p + 1);
+        for (i, field) in out[..line_end]
+            .split(|b| *b == b'\t')
+            .map(<[u8]>::len)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .enumerate()
+        {
+            let rule = match columns {
+                Some(cols) => cols.get(i).and_then(|c| plan.column_rule(c)),
+                None => plan.rules.iter().copied().find(|r| plan.has_columns(*r)),
+            };
+            let value = start..start + field;
+            if let Some(rule) = rule {
+                if &out[value.clone()] != b"\\N" && field > 0 {
+                    out[value].fill(MASK);
+                    count(masked, plan.rule_id(rule));
+                    changed = true;
+                }
+            }
+            start += field + 1;
+        }
     }
-    Ok(Some(Bytes::from(out)))
+    if plan.scans() {
+        for (a, b) in spans(&out.clone(), plan, masked)? {
+            out[a..b].fill(MASK);
+            changed = true;
+        }
+    }
+    Ok(changed.then(|| Bytes::from(out)))
 }

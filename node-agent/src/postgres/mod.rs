@@ -132,6 +132,7 @@ struct Portal {
 #[derive(Clone, Debug)]
 pub struct Field {
     pub name: String,
+    pub type_oid: u32,
     pub format: i16,
 }
 
@@ -146,6 +147,8 @@ struct InFlight {
     masked: std::collections::BTreeMap<String, u64>,
     /// COPY TO STDOUT in progress: CopyData rows are results.
     copy_out: bool,
+    /// Its columns, when the statement names them (`classify`).
+    copy_columns: Option<Vec<String>>,
 }
 
 enum Entry {

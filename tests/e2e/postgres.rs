@@ -1,0 +1,436 @@
+//! The Postgres protocol path with a real server (Debian's PostgreSQL in
+//! the test's namespace) and real clients (psql, psycopg 3, pgbench) in
+//! the watched cgroup: TLS on both sides, the node's own SCRAM-PLUS login,
+//! statements recorded, judged and refused without breaking the session,
+//! and personal data and secrets masked in rows.
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{
+    harness::text,
+    pg::{PgEnv, APP_ROLE, PG_BIN, READER_PASSWORD, READER_ROLE},
+};
+
+/// An AWS-access-key-shaped value, made up per run (never committed).
+fn fake_aws_key() -> String {
+    const ALPHA: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut b = [0u8; 16];
+    let f = std::fs::File::open("/dev/urandom").unwrap();
+    std::io::Read::read_exact(&mut &f, &mut b).unwrap();
+    let tail: String = b
+        .iter()
+        .map(|x| ALPHA[(*x as usize) % 32] as char)
+        .collect();
+    format!("AKIA{tail}")
+}
+
+fn ok(out: &std::process::Output, what: &str, p: &PgEnv) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\nnode log:\n{}",
+        text(out),
+        p.env.node.log_text()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn verify_full(p: &PgEnv, user: &str) -> String {
+    p.conninfo(
+        user,
+        &format!("sslmode=verify-full sslrootcert={}", p.node_ca().display()),
+    )
+}
+
+#[test]
+fn psql_statements_are_recorded_refused_and_masked() {
+    let p = PgEnv::new();
+    let ci = verify_full(&p, APP_ROLE);
+    let key = fake_aws_key();
+    // The job holds no password: the node logs in for it.
+    ok(
+        &p.psql(&ci, &["-c", &format!(
+            "INSERT INTO users (name, email, ssn, note) VALUES ('ada', 'ada@example.com', '123-45-6789', 'deploy key {key}')"
+        )]),
+        "insert",
+        &p,
+    );
+    let rows = ok(
+        &p.psql(&ci, &["-c", "SELECT name, email, ssn, note FROM users"]),
+        "select",
+        &p,
+    );
+    assert!(
+        !rows.contains("ada@example.com") && !rows.contains("123-45-6789") && !rows.contains(&key),
+        "{rows}"
+    );
+    assert_eq!(
+        rows.trim(),
+        format!(
+            "ada|{}|{}|deploy key {}",
+            "*".repeat(15),
+            "*".repeat(11),
+            "*".repeat(20)
+        )
+    );
+
+    // Destructive statements are refused and the session goes on.
+    let script = p.env.dir.path().join("script.sql");
+    std::fs::write(
+        &script,
+        "DELETE FROM users;\nSELECT count(*) FROM users;\nDROP TABLE users;\nSELECT 'still-usable';\nBEGIN;\nSELECT 2;\nCOMMIT;\n",
+    )
+    .unwrap();
+    let out = p.psql(&ci, &["-f", &script.display().to_string()]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        vec!["1", "still-usable", "2"],
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr
+            .matches("sluice: statement refused by policy rule `no-destructive-sql`")
+            .count(),
+        2,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Destructive statements need a change ticket"),
+        "{stderr}"
+    );
+    // A query string with one refused statement runs none of it.
+    let out = p.psql(
+        &ci,
+        &[
+            "-c",
+            "INSERT INTO users (name) VALUES ('eve'); TRUNCATE users",
+        ],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    // The server's own view: nothing was deleted, dropped or inserted.
+    assert_eq!(p.pg.admin("SELECT count(*) FROM users", "shop").trim(), "1");
+
+    // psql -f sends each statement as written, `;` included.
+    let delete = p.wait_statement(|s| s["db_query"] == "DELETE FROM users;");
+    assert_eq!(delete["class"], "write");
+    assert_eq!(
+        delete["shapes"],
+        serde_json::json!(["delete_without_where"])
+    );
+    assert_eq!(delete["sqlstate"], "42501");
+    assert_eq!(delete["decisions"][0]["rule"], "no-destructive-sql");
+    assert_eq!(delete["decisions"][0]["action"], "block");
+    assert_eq!(delete["db_user"], APP_ROLE);
+    assert_eq!(delete["db_name"], "shop");
+    let eve = p.wait_statement(|s| s["db_query"].as_str().is_some_and(|q| q.contains("'eve'")));
+    assert!(
+        eve["error"].as_str().unwrap().contains("not run"),
+        "{eve:#}"
+    );
+    let select = p.wait_statement(|s| s["db_query"] == "SELECT name, email, ssn, note FROM users");
+    assert_eq!(select["class"], "read");
+    assert_eq!(select["command_tag"], "SELECT 1");
+    assert_eq!(select["rows_returned"], 1);
+    assert_eq!(select["tables"], serde_json::json!(["users"]));
+    let rules: Vec<&str> = select["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["rule"].as_str().unwrap())
+        .collect();
+    assert!(
+        rules.contains(&"mask-personal-data") && rules.contains(&"mask-secrets-in-rows"),
+        "{select:#}"
+    );
+    let insert = p.wait_statement(|s| {
+        s["db_query"]
+            .as_str()
+            .is_some_and(|q| q.starts_with("INSERT INTO users (name, email"))
+    });
+    assert_eq!(insert["command_tag"], "INSERT 0 1");
+    // A credential in a literal is not kept in the record.
+    assert!(!insert.to_string().contains(&key), "{insert:#}");
+    assert_eq!(insert["rows_affected"], 1);
+
+    // The connection record: TLS intercepted, the node's SCRAM-PLUS login.
+    let sessions = p.env.node.sessions();
+    let s = sessions
+        .iter()
+        .find(|s| s["database"].is_object())
+        .unwrap_or_else(|| panic!("no database session: {sessions:#?}"));
+    assert_eq!(s["database"]["login"], "node-credential");
+    assert_eq!(s["database"]["method"], "SCRAM-SHA-256-PLUS");
+    assert_eq!(s["tls"]["mode"], "intercepted");
+    let id = delete["session"].to_string();
+    let replay = text(&p.env.node.cli(&["sessions", "replay", &id]));
+    assert!(
+        replay.contains("SQL (write, simple): DELETE FROM users;"),
+        "{replay}"
+    );
+    assert!(
+        replay.contains("decision: block no-destructive-sql"),
+        "{replay}"
+    );
+    let export = text(&p.env.node.cli(&["sessions", "export", &id]));
+    assert!(export.contains(r#""type":"statement""#), "{export}");
+}
+
+#[test]
+fn sslmodes_and_channel_binding() {
+    let p = PgEnv::new();
+    let select = |ci: &str| p.psql(ci, &["-c", "SELECT current_user"]);
+    for mode in ["sslmode=disable", "sslmode=prefer", "sslmode=require"] {
+        let ci = p.conninfo(APP_ROLE, mode);
+        assert_eq!(ok(&select(&ci), mode, &p).trim(), APP_ROLE);
+    }
+    assert_eq!(
+        ok(&select(&verify_full(&p, APP_ROLE)), "verify-full", &p).trim(),
+        APP_ROLE
+    );
+    // Without the node's CA, verify-full refuses the node (nothing else
+    // vouches for `db.fake.test`).
+    let out = select(&p.conninfo(
+        APP_ROLE,
+        "sslmode=verify-full sslrootcert=/etc/ssl/certs/ca-certificates.crt",
+    ));
+    assert!(!out.status.success());
+    // The job cannot demand channel binding to the real server: it never
+    // talks to it. libpq says so.
+    let out = select(&format!(
+        "{} channel_binding=require",
+        verify_full(&p, APP_ROLE)
+    ));
+    assert!(text(&out).contains("channel binding"), "{}", text(&out));
+
+    // A role without a node credential: the job's own SCRAM is relayed
+    // when it connects in plaintext to the node...
+    let relay = format!(
+        "{} password={READER_PASSWORD}",
+        p.conninfo(READER_ROLE, "sslmode=disable")
+    );
+    assert_eq!(ok(&select(&relay), "relay", &p).trim(), READER_ROLE);
+    let wrong = p.conninfo(READER_ROLE, "sslmode=disable password=wrong");
+    assert!(text(&select(&wrong)).contains("password authentication failed"));
+    // ...and over TLS to the node the server's SCRAM-PLUS cannot be
+    // relayed: a clear error names the reason and the fix.
+    let tls_relay = format!(
+        "{} password={READER_PASSWORD}",
+        p.conninfo(READER_ROLE, "sslmode=require")
+    );
+    let t = text(&select(&tls_relay));
+    assert!(
+        t.contains("channel binding") && t.contains("node-held credential"),
+        "{t}"
+    );
+
+    let sessions = p.env.node.sessions();
+    let logins: Vec<(String, String)> = sessions
+        .iter()
+        .filter(|s| s["database"].is_object())
+        .map(|s| {
+            (
+                s["database"]["login"].as_str().unwrap().to_owned(),
+                s["database"]["method"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        logins.contains(&("relay".into(), "SCRAM-SHA-256".into())),
+        "{logins:?}"
+    );
+    assert!(
+        logins.contains(&("node-credential".into(), "SCRAM-SHA-256-PLUS".into())),
+        "{logins:?}"
+    );
+}
+
+#[test]
+fn psycopg_extended_protocol_pipeline_copy_cursor_and_cancel() {
+    let p = PgEnv::new();
+    let key = fake_aws_key();
+    let ci = verify_full(&p, APP_ROLE);
+    let out = p.python("pg_client.py", &[&ci, &key]);
+    let stdout = ok(&out, "pg_client.py", &p);
+    assert!(
+        !stdout.contains("@example") && !stdout.contains(&key) && !stdout.contains("987-65"),
+        "{stdout}"
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(
+        v["prepared"],
+        serde_json::json!([["bob", "*".repeat(15), format!("key {}", "*".repeat(20))]])
+    );
+    // Binary values under a masking rule are never sent as they are.
+    assert_eq!(v["binary"], serde_json::json!([["bob", null]]));
+    assert_eq!(v["pipeline_first"], 1);
+    assert_eq!(v["pipeline_after"], "after-refusal");
+    assert!(
+        v["pipeline_errors"]
+            .to_string()
+            .contains("no-destructive-sql"),
+        "{v:#}"
+    );
+    assert_eq!(v["usable"], "usable");
+    let copy = v["copy_out"].to_string();
+    assert!(
+        copy.contains("\"copied ") && copy.contains(&"*".repeat(20)),
+        "{copy}"
+    );
+    assert!(
+        v["named_cursor"].as_array().unwrap().iter().all(|e| e
+            .as_str()
+            .unwrap()
+            .chars()
+            .all(|c| c == '*')),
+        "{v:#}"
+    );
+    assert_eq!(v["cancel"], "cancelled", "{v:#}");
+    assert!(v["cancel_secs"].as_f64().unwrap() < 10.0, "{v:#}");
+    // The server kept everything but the refused DELETE.
+    assert_eq!(p.pg.admin("SELECT count(*) FROM users", "shop").trim(), "2");
+
+    // Per Execute: the named statement three times, with its parameters.
+    let st = p.statements();
+    let prepared: Vec<&Value> = st
+        .iter()
+        .filter(|s| s["db_query"] == "SELECT name, email, note FROM users WHERE name = $1")
+        .collect();
+    assert_eq!(prepared.len(), 3, "{st:#?}");
+    assert!(prepared
+        .iter()
+        .all(|s| s["protocol"] == "extended"
+            && s["db_query_parameters"] == serde_json::json!(["bob"])));
+    let insert = p.wait_statement(|s| {
+        s["db_query"]
+            .as_str()
+            .is_some_and(|q| q.starts_with("INSERT INTO users"))
+    });
+    // The secret-looking parameter is kept as a fingerprint only.
+    let params = insert["db_query_parameters"].to_string();
+    assert!(
+        !params.contains(&key) && params.contains("bob@example.org"),
+        "{params}"
+    );
+    let copy_in = p.wait_statement(|s| {
+        s["db_query"]
+            .as_str()
+            .is_some_and(|q| q.starts_with("COPY users"))
+    });
+    assert_eq!(copy_in["class"], "copy");
+    assert_eq!(copy_in["command_tag"], "COPY 1");
+    let cancelled = p.wait_statement(|s| s["db_query"] == "SELECT pg_sleep(20)");
+    assert_eq!(cancelled["sqlstate"], "57014");
+}
+
+#[test]
+fn approvals_and_suspension_apply_to_statements() {
+    let p = PgEnv::new();
+    let ci = verify_full(&p, APP_ROLE);
+    // Held until a human decides.
+    let held = p
+        .env
+        .cgroup
+        .command(
+            &format!("{PG_BIN}/psql"),
+            &["-X", "-q", "-At", &ci, "-c", "SELECT salary FROM payroll"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pending = loop {
+        let list = p.env.node.cli_json(&["approvals", "list", "--json"]);
+        if let Some(a) = list.as_array().and_then(|a| a.first()).cloned() {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no held statement:\n{}",
+            p.env.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(pending["rule"], "payroll-needs-approval");
+    assert_eq!(pending["method"], "SQL");
+    assert!(pending["preview"].as_str().unwrap().contains("payroll"));
+    let out = p
+        .env
+        .node
+        .cli(&["approvals", "approve", &pending["id"].to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = held.wait_with_output().unwrap();
+    assert_eq!(ok(&out, "held select", &p).trim(), "100");
+
+    // Suspended: the open session's next statement is refused, and new
+    // sessions are not let in.
+    let id = p.wait_statement(|s| s["db_query"] == "SELECT salary FROM payroll")["workload"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = p
+        .env
+        .node
+        .cli(&["identities", "suspend", &id, "--reason", "incident 7"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&p.psql(&ci, &["-c", "SELECT 1"]));
+    assert!(
+        t.contains("identity suspended") && t.contains("incident 7"),
+        "{t}"
+    );
+    let out = p.env.node.cli(&["identities", "resume", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        ok(&p.psql(&ci, &["-c", "SELECT 1"]), "after resume", &p).trim(),
+        "1"
+    );
+}
+
+#[test]
+fn pgbench_select_only_and_tpcb_through_the_node() {
+    let p = PgEnv::new();
+    // Initialised directly (pgbench -i drops and truncates its tables).
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(format!("{PG_BIN}/pgbench"))
+        .args(["-i", "-q", "-s", "1", "-h"])
+        .arg(&p.pg.sock)
+        .arg("shop")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    p.pg.admin("GRANT ALL ON ALL TABLES IN SCHEMA public TO app", "shop");
+    let ci = verify_full(&p, APP_ROLE);
+    for args in [
+        vec!["-S", "-M", "prepared"],
+        vec!["-M", "extended"],
+        vec!["-M", "simple"],
+    ] {
+        let mut full = vec!["-n", "-c", "2", "-t", "50"];
+        full.extend(args.iter().copied());
+        full.push(&ci);
+        let out = p.env.cgroup.run(&format!("{PG_BIN}/pgbench"), &full);
+        let t = ok(&out, "pgbench", &p);
+        assert!(
+            t.contains("number of transactions actually processed: 100/100"),
+            "{t}"
+        );
+        assert!(t.contains("number of failed transactions: 0"), "{t}");
+    }
+    // Every statement is on record: 100 select-only transactions of one
+    // statement, 200 TPC-B transactions of seven.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = p.statements();
+        let done = st.iter().filter(|s| s["state"] == "complete").count();
+        if done >= 100 + 200 * 7 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {done} statements recorded");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
