@@ -434,3 +434,75 @@ fn pgbench_select_only_and_tpcb_through_the_node() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A hostile job's bytes: a bogus startup length, a message whose length
+/// is below its own header, one claiming 2 GiB, a DataRow-sized lie
+/// mid-login. Each connection ends with a clear error on record; the node
+/// keeps serving.
+#[test]
+fn malformed_postgres_bytes_are_refused_and_the_node_keeps_serving() {
+    let p = PgEnv::new();
+    let script = r#"
+import socket, struct, sys
+host = sys.argv[1]
+def startup():
+    body = struct.pack('!I', 196608) + b'user\0app\0database\0shop\0\0'
+    return struct.pack('!I', len(body) + 4) + body
+cases = {
+    'bogus-startup-length': struct.pack('!II', 0xffffffff, 196608),
+    'unknown-protocol': struct.pack('!II', 8, 0x00090000),
+    'short-message': startup() + b'Q' + struct.pack('!I', 2),
+    'huge-message': startup() + b'Q' + struct.pack('!I', 0x7fffffff),
+    'truncated-bind': startup() + b'B' + struct.pack('!I', 9) + b'\0\0\xff\xff\x00',
+}
+for name, data in cases.items():
+    s = socket.create_connection((host, 5432), timeout=10)
+    s.sendall(data)
+    got = b''
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    print(name, len(got))
+"#;
+    let out = p
+        .env
+        .cgroup
+        .run("python3", &["-c", script, &p.env.remote.remote]);
+    let t = ok(&out, "hostile client", &p);
+    assert_eq!(t.lines().count(), 5, "{t}");
+    // Still serving, and the server is untouched.
+    let ci = verify_full(&p, APP_ROLE);
+    assert_eq!(
+        ok(&p.psql(&ci, &["-c", "SELECT 'fine'"]), "after", &p).trim(),
+        "fine"
+    );
+    let sessions = p.env.node.wait_sessions(6);
+    let errors: Vec<String> = sessions
+        .iter()
+        .filter(|s| s["outcome"]["status"] == "failed")
+        .map(|s| {
+            s["outcome"]["error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(errors.len(), 5, "{sessions:#?}");
+    for want in [
+        "startup packet length",
+        "unsupported protocol version",
+        "length 2 (< 4)",
+        "exceeds the node's limit",
+        "message too short",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "no `{want}` in {errors:?}"
+        );
+    }
+}

@@ -568,6 +568,14 @@ impl ResultMask {
         &self.policy.result
     }
 
+    /// The first applicable rule that scans values with patterns.
+    pub fn scanning_rule(&self) -> Option<usize> {
+        self.rules.iter().copied().find(|r| {
+            let rule = self.policy.rule(*r);
+            !rule.patterns.is_empty() || !rule.packs.is_empty()
+        })
+    }
+
     pub fn rule_id(&self, r: usize) -> &str {
         &self.policy.rule(r).id
     }
@@ -1133,6 +1141,135 @@ fn jws_files(dir: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SQL_BUNDLE: &str = r#"
+version: 1
+name: sql
+rules:
+  - id: no-destructive
+    on: statement
+    targets: [db]
+    sql:
+      shapes: [drop, delete_without_where]
+    action: block
+  - id: payroll
+    on: statement
+    targets: [db]
+    sql:
+      tables: ["hr.*"]
+    action: approve
+  - id: grants
+    on: statement
+    targets: [db]
+    sql:
+      classes: [dcl]
+    patterns:
+      - id: superuser
+        regex: '(?i)superuser'
+    action: block
+  - id: ddl-seen
+    on: statement
+    targets: [db]
+    sql:
+      classes: [ddl]
+    action: log
+  - id: mask-email
+    on: result
+    targets: [db]
+    columns: ["*email*"]
+    action: mask
+"#;
+
+    fn judge(p: &CompiledPolicy, sql: &str) -> (String, Vec<String>) {
+        let facts = crate::postgres::classify::classify(sql);
+        let (v, d) = p
+            .evaluate_statement("db", &WorkloadIdentity::default(), &facts, sql.as_bytes())
+            .unwrap();
+        let verdict = match v {
+            Verdict::Allow => "allow".to_owned(),
+            Verdict::Block { rule, .. } => format!("block {rule}"),
+            Verdict::Approve { rule, .. } => format!("approve {rule}"),
+        };
+        (
+            verdict,
+            d.into_iter()
+                .map(|d| format!("{} {}", d.action, d.rule))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn statement_rules_match_the_parse_tree() {
+        let p = CompiledPolicy::compile(SQL_BUNDLE, "t", 8192).unwrap();
+        assert_eq!(judge(&p, "DELETE FROM users").0, "block no-destructive");
+        assert_eq!(judge(&p, "DELETE FROM users WHERE id = 1").0, "allow");
+        assert_eq!(judge(&p, "drop table t").0, "block no-destructive");
+        // A table glob matches the schema-qualified name.
+        assert_eq!(judge(&p, "SELECT * FROM hr.salaries").0, "approve payroll");
+        assert_eq!(judge(&p, "SELECT * FROM salaries").0, "allow");
+        // Class and pattern must both match.
+        assert_eq!(judge(&p, "ALTER ROLE ci SUPERUSER").0, "block grants");
+        assert_eq!(judge(&p, "GRANT SELECT ON t TO ci").0, "allow");
+        assert_eq!(judge(&p, "SELECT 'superuser'").0, "allow");
+        let (v, d) = judge(&p, "CREATE TABLE t (a int)");
+        assert_eq!((v.as_str(), d), ("allow", vec!["log ddl-seen".to_owned()]));
+        // Fail closed: what the parser refuses is blocked under blocking rules.
+        assert_eq!(judge(&p, "DELETE FORM users").0, "block no-destructive");
+        // Other targets: no statement rules.
+        let facts = crate::postgres::classify::classify("DROP TABLE t");
+        let (v, _) = p
+            .evaluate_statement(
+                "other",
+                &WorkloadIdentity::default(),
+                &facts,
+                b"DROP TABLE t",
+            )
+            .unwrap();
+        assert!(matches!(v, Verdict::Allow));
+        assert!(p.has_statement_rules("db", &WorkloadIdentity::default()));
+        assert!(!p.has_statement_rules("other", &WorkloadIdentity::default()));
+    }
+
+    #[test]
+    fn statement_and_result_rules_are_checked_at_compile() {
+        let bad = |rules: &str| {
+            CompiledPolicy::compile(&format!("version: 1\nname: x\nrules:\n{rules}"), "t", 8192)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(
+            bad("  - id: a\n    on: result\n    columns: [x]\n    action: block\n")
+                .contains("block and approve act on")
+        );
+        assert!(
+            bad("  - id: a\n    on: statement\n    sql: {shapes: [drop]}\n    action: mask\n")
+                .contains("mask acts on")
+        );
+        assert!(
+            bad("  - id: a\n    on: request\n    sql: {shapes: [drop]}\n    action: block\n")
+                .contains("only `on: statement`")
+        );
+        assert!(bad(
+            "  - id: a\n    on: statement\n    sql: {shapes: [explode]}\n    action: block\n"
+        )
+        .contains("explode"));
+        assert!(
+            bad("  - id: a\n    on: response\n    columns: [x]\n    action: mask\n")
+                .contains("only `on: result`")
+        );
+        let p = Arc::new(CompiledPolicy::compile(SQL_BUNDLE, "t", 8192).unwrap());
+        let m = p.result_mask("db", &WorkloadIdentity::default()).unwrap();
+        assert_eq!(
+            m.column_rule("User_Email").map(|r| m.rule_id(r)),
+            Some("mask-email")
+        );
+        assert_eq!(m.column_rule("name"), None);
+        assert!(!m.scans());
+        assert!(p
+            .result_mask("other", &WorkloadIdentity::default())
+            .is_none());
+    }
 
     #[test]
     fn expiry_parses_and_is_checked() {

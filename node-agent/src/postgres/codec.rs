@@ -96,7 +96,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         }
         if len > self.max {
             return Err(PgError::Protocol(format!(
-                "message `{}` of {len} bytes exceeds the node's limit of {} (limits.postgres_max_message_bytes)",
+                "message `{}` of {len} bytes exceeds the node's limit of {} bytes",
                 tag.escape_ascii(),
                 self.max
             )));

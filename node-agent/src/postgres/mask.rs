@@ -169,7 +169,10 @@ pub fn data_row(
                 }
                 None if binary_without_text(type_oid) => Action::Keep,
                 None => {
-                    count(masked, plan.rule_id(first_rule));
+                    count(
+                        masked,
+                        plan.rule_id(plan.scanning_rule().unwrap_or(first_rule)),
+                    );
                     Action::Null
                 }
             }
@@ -276,4 +279,116 @@ pub fn copy_data(
         }
     }
     Ok(changed.then(|| Bytes::from(out)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{identity::WorkloadIdentity, policy::CompiledPolicy};
+
+    fn plan() -> ResultMask {
+        let p = CompiledPolicy::compile(
+            "version: 1\nname: x\nrules:\n  - id: cols\n    on: result\n    columns: [\"*email*\"]\n    action: mask\n  - id: keys\n    on: result\n    packs: [secrets]\n    action: mask\n",
+            "t",
+            8192,
+        )
+        .unwrap();
+        Arc::new(p)
+            .result_mask("db", &WorkloadIdentity::default())
+            .unwrap()
+    }
+
+    fn row(values: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                None => b.put_i32(-1),
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v);
+                }
+            }
+        }
+        b.to_vec()
+    }
+
+    fn field(name: &str, type_oid: u32, format: i16) -> Field {
+        Field {
+            name: name.into(),
+            type_oid,
+            format,
+        }
+    }
+
+    #[test]
+    fn rows_are_masked_by_column_and_pattern_with_valid_lengths() {
+        let plan = plan();
+        let key = b"AKIAQ3EGRXZ7PLM4VB2K";
+        let note = [&b"key "[..], key].concat();
+        let desc = [
+            field("name", 25, 0),
+            field("user_email", 25, 0),
+            field("note", 25, 0),
+            field("n", 23, 1),
+            field("blob", 2249, 1),
+        ];
+        let body = row(&[
+            Some(b"ada"),
+            Some(b"a@x.io"),
+            Some(&note),
+            Some(&[0, 0, 0, 7]),
+            Some(b"??"),
+        ]);
+        let mut masked = BTreeMap::new();
+        let out = data_row(&body, Some(&desc), &[], &plan, &mut masked)
+            .unwrap()
+            .unwrap();
+        let want = row(&[
+            Some(b"ada"),
+            Some(b"******"),
+            Some(b"key ********************"),
+            Some(&[0, 0, 0, 7]),
+            None,
+        ]);
+        assert_eq!(out.to_vec(), want);
+        assert_eq!(masked.get("cols"), Some(&1));
+        assert_eq!(masked.get("keys"), Some(&2));
+        // Nothing to mask: the row goes as it came.
+        let clean = row(&[Some(b"bob"), None]);
+        assert!(data_row(&clean, Some(&desc), &[], &plan, &mut masked)
+            .unwrap()
+            .is_none());
+        // No description: every value masked (fail closed).
+        let out = data_row(&row(&[Some(b"bob")]), None, &[], &plan, &mut masked)
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.to_vec(), row(&[Some(b"***")]));
+        // Lies about lengths are errors, not panics.
+        for bad in [
+            &[0u8, 1, 0, 0, 0, 9, b'x'][..],
+            &[0, 2, 0, 0, 0, 1, b'x'],
+            &[0xff],
+        ] {
+            assert!(data_row(bad, Some(&desc), &[], &plan, &mut masked).is_err());
+        }
+        assert!(row_description(&[0, 1, b'a']).is_err());
+    }
+
+    #[test]
+    fn copy_rows_keep_their_separators() {
+        let plan = plan();
+        let mut masked = BTreeMap::new();
+        let cols = ["name".to_owned(), "email".to_owned()];
+        let out = copy_data(b"ada\ta@x.io\n", Some(&cols), &plan, &mut masked)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&out[..], b"ada\t******\n");
+        let out = copy_data(b"ada\t\\N\n", None, &plan, &mut masked)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&out[..], b"***\t\\N\n");
+    }
 }
