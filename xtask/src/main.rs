@@ -8,7 +8,7 @@
 //!   a fake AI API in a network namespace, a job streaming through the
 //!   node with the `openai` library, the masked answer, replay and verify
 //!   (needs root)
-//! * `bench [passthrough|all-egress|https|scan|stream|all]`  setup, build, and benchmarks
+//! * `bench [passthrough|all-egress|https|pg|scan|stream|record|all]`  setup, build, and benchmarks
 //!   (passthrough and https need root)
 //!
 //! Std only, so that it builds in seconds on a fresh machine.
@@ -139,6 +139,13 @@ fn main() {
             }
             if matches!(which, "stream" | "all") {
                 run(&mut Command::new(target.join("examples/stream_bench")));
+            }
+            if matches!(which, "pg" | "all") {
+                run(Command::new("python3")
+                    .arg(root().join("xtask/bench/pg.py"))
+                    .arg("--sluice")
+                    .arg(target.join("sluice"))
+                    .args(rest.iter().skip(1)));
             }
             if matches!(which, "https" | "all") {
                 run(Command::new("python3")

@@ -15,37 +15,63 @@ pub struct Classified {
 }
 
 /// Splits a simple-protocol query string into statements (as the server
-/// will run them) and classifies each. A string the parser refuses stays
-/// whole, with the parse error.
+/// will run them) and classifies each. One parse for the common case of
+/// one statement; a string the parser refuses stays whole, with the error.
 pub fn split(sql: &str) -> Vec<Classified> {
-    match pg_query::split_with_parser(sql) {
-        Ok(parts) if parts.len() > 1 => parts
-            .into_iter()
-            .map(|p| Classified {
-                text: p.trim().to_owned(),
-                facts: classify(p),
+    let parsed = match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
+        Ok(p) => p,
+        Err(e) => {
+            return vec![Classified {
+                text: sql.to_owned(),
+                facts: SqlFacts {
+                    parse_error: Some(e.to_string()),
+                    ..SqlFacts::default()
+                },
+            }]
+        }
+    };
+    match parsed.protobuf.stmts.len() {
+        0 => Vec::new(),
+        1 => vec![Classified {
+            text: sql.to_owned(),
+            facts: facts_of(&parsed),
+        }],
+        _ => parsed
+            .protobuf
+            .stmts
+            .iter()
+            .map(|raw| {
+                // Locations are byte offsets; a length of 0 means "to the end".
+                let start = usize::try_from(raw.stmt_location)
+                    .unwrap_or(0)
+                    .min(sql.len());
+                let end = match usize::try_from(raw.stmt_len).unwrap_or(0) {
+                    0 => sql.len(),
+                    n => (start + n).min(sql.len()),
+                };
+                let text = sql.get(start..end).unwrap_or(sql).trim();
+                Classified {
+                    text: text.to_owned(),
+                    facts: classify(text),
+                }
             })
             .collect(),
-        Ok(parts) if parts.is_empty() => Vec::new(),
-        _ => vec![Classified {
-            text: sql.to_owned(),
-            facts: classify(sql),
-        }],
     }
 }
 
 /// Facts about one statement (a query string holding several is judged
 /// by its most dangerous: every shape and table, the first class).
 pub fn classify(sql: &str) -> SqlFacts {
-    let parsed = match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
-        Ok(p) => p,
-        Err(e) => {
-            return SqlFacts {
-                parse_error: Some(e.to_string()),
-                ..SqlFacts::default()
-            }
-        }
-    };
+    match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
+        Ok(p) => facts_of(&p),
+        Err(e) => SqlFacts {
+            parse_error: Some(e.to_string()),
+            ..SqlFacts::default()
+        },
+    }
+}
+
+fn facts_of(parsed: &pg_query::ParseResult) -> SqlFacts {
     let mut facts = SqlFacts::default();
     for raw in &parsed.protobuf.stmts {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
