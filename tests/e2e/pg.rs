@@ -209,6 +209,13 @@ impl PgEnv {
 
     /// With extra node configuration.
     pub fn with(extra: impl Fn(&Path) -> String) -> Self {
+        Self::custom(true, "", extra)
+    }
+
+    /// `trust_server`: whether the node is told the server's CA;
+    /// `target_extra`: more YAML lines for the `shop-db` target.
+    pub fn custom(trust_server: bool, target_extra: &str, extra: impl Fn(&Path) -> String) -> Self {
+        let target_extra = target_extra.to_owned();
         let certs = tempfile::tempdir().unwrap();
         make_certs(certs.path());
         let ca = certs.path().join("ca.pem");
@@ -217,7 +224,7 @@ impl PgEnv {
         let env = Env::build(
             |r| {
                 format!(
-                    "  - name: shop-db\n    addresses: [\"{}\"]\n    ports: [5432]\n    tls: intercept\n    sni: [{DB_NAME}]\n",
+                    "  - name: shop-db\n    addresses: [\"{}\"]\n    ports: [5432]\n    tls: intercept\n    sni: [{DB_NAME}]\n{target_extra}",
                     r.remote
                 )
             },
@@ -227,9 +234,13 @@ impl PgEnv {
                 let out = sluice(&["policy", "keygen", &keys.join("team").display().to_string()]);
                 assert!(out.status.success(), "{}", text(&out));
                 std::fs::write(dir.join("db.pass"), format!("{pw}\n")).unwrap();
+                let roots = if trust_server {
+                    format!("tls:\n  extra_upstream_roots: [\"{}\"]\n", ca.display())
+                } else {
+                    String::new()
+                };
                 format!(
-                    "tls:\n  extra_upstream_roots: [\"{}\"]\npolicy:\n  trusted_keys: [\"{}\"]\n  watch_dir: \"{}\"\n{}",
-                    ca.display(),
+                    "{roots}policy:\n  trusted_keys: [\"{}\"]\n  watch_dir: \"{}\"\n{}",
                     keys.join("team.pub").display(),
                     dir.join("policy.d").display(),
                     extra(dir)

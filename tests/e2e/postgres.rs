@@ -206,6 +206,17 @@ fn sslmodes_and_channel_binding() {
     ));
     assert!(text(&out).contains("channel binding"), "{}", text(&out));
 
+    // PG17 direct TLS negotiation (libpq 17 in psycopg): a ClientHello
+    // first, ALPN `postgresql`, no SSLRequest.
+    let direct = format!("{} sslnegotiation=direct", verify_full(&p, APP_ROLE));
+    let out = p.env.cgroup.run(
+        "python3",
+        &["-c", "import psycopg, sys; c = psycopg.connect(sys.argv[1]); print(c.execute('select current_user').fetchone()[0], c.pgconn.ssl_in_use)", &direct],
+    );
+    let t = ok(&out, "direct TLS", &p);
+    // libpq does not fall back from direct negotiation: TLS it is.
+    assert_eq!(t.trim(), "app True");
+
     // A role without a node credential: the job's own SCRAM is relayed
     // when it connects in plaintext to the node...
     let relay = format!(
@@ -455,6 +466,13 @@ cases = {
     'huge-message': startup() + b'Q' + struct.pack('!I', 0x7fffffff),
     'truncated-bind': startup() + b'B' + struct.pack('!I', 9) + b'\0\0\xff\xff\x00',
 }
+# Kerberos encryption is declined (`N`), and the session goes on in the clear.
+s = socket.create_connection((host, 5432), timeout=10)
+s.sendall(struct.pack('!II', 8, 80877104))
+print('gssenc', s.recv(1))
+s.sendall(startup())
+print('after-gssenc', s.recv(1))
+s.close()
 for name, data in cases.items():
     s = socket.create_connection((host, 5432), timeout=10)
     s.sendall(data)
@@ -474,14 +492,18 @@ for name, data in cases.items():
         .cgroup
         .run("python3", &["-c", script, &p.env.remote.remote]);
     let t = ok(&out, "hostile client", &p);
-    assert_eq!(t.lines().count(), 5, "{t}");
+    assert_eq!(t.lines().count(), 7, "{t}");
+    assert!(
+        t.contains("gssenc b'N'") && t.contains("after-gssenc b'R'"),
+        "{t}"
+    );
     // Still serving, and the server is untouched.
     let ci = verify_full(&p, APP_ROLE);
     assert_eq!(
         ok(&p.psql(&ci, &["-c", "SELECT 'fine'"]), "after", &p).trim(),
         "fine"
     );
-    let sessions = p.env.node.wait_sessions(6);
+    let sessions = p.env.node.wait_sessions(7);
     let errors: Vec<String> = sessions
         .iter()
         .filter(|s| s["outcome"]["status"] == "failed")
@@ -492,7 +514,9 @@ for name, data in cases.items():
                 .to_owned()
         })
         .collect();
-    assert_eq!(errors.len(), 5, "{sessions:#?}");
+    // The five hostile ones (the GSSENC client hanging up mid-login may
+    // add a sixth).
+    assert!(errors.len() >= 5, "{sessions:#?}");
     for want in [
         "startup packet length",
         "unsupported protocol version",
@@ -505,4 +529,39 @@ for name, data in cases.items():
             "no `{want}` in {errors:?}"
         );
     }
+}
+
+/// The server's certificate is verified (fail closed, with the reason for
+/// the job); plaintext to the server is an explicit per-target choice.
+#[test]
+fn the_server_is_verified_and_plaintext_upstream_is_opt_in() {
+    let p = PgEnv::custom(false, "", |_| String::new());
+    let out = p.psql(
+        &p.conninfo(APP_ROLE, "sslmode=require"),
+        &["-c", "SELECT 1"],
+    );
+    let t = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        t.contains("sluice: server: TLS with the server as `db.fake.test`")
+            && t.contains("certificate"),
+        "{t}"
+    );
+    let s = p.env.node.wait_sessions(1);
+    assert_eq!(s[0]["outcome"]["status"], "upstream_failed", "{s:#?}");
+    drop(p);
+
+    let p = PgEnv::custom(
+        false,
+        "    postgres:\n      upstream_tls: disable\n",
+        |_| String::new(),
+    );
+    let out = p.psql(
+        &verify_full(&p, APP_ROLE),
+        &["-c", "SELECT 'plain upstream'"],
+    );
+    assert_eq!(ok(&out, "plaintext upstream", &p).trim(), "plain upstream");
+    let s = p.env.node.wait_sessions(1);
+    // No TLS to the server: no channel binding either.
+    assert_eq!(s[0]["database"]["method"], "SCRAM-SHA-256", "{s:#?}");
 }

@@ -3,6 +3,11 @@
 //! statements, and each gets a class, the shapes rules block by name, and
 //! the tables it touches. What the parser refuses is reported as such;
 //! the policy decides what that means (fail closed under blocking rules).
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, OnceLock},
+};
+
 use pg_query::NodeEnum;
 
 use crate::record::statement::{Shape, SqlFacts, StatementClass};
@@ -18,6 +23,63 @@ pub struct Classified {
 /// will run them) and classifies each. One parse for the common case of
 /// one statement; a string the parser refuses stays whole, with the error.
 pub fn split(sql: &str) -> Vec<Classified> {
+    if let Some(hit) = cache().get(sql) {
+        return hit.to_vec();
+    }
+    let out = split_uncached(sql);
+    cache().put(sql, &out);
+    out
+}
+
+/// Statements repeat (BEGIN, COMMIT, an ORM's queries): their facts are
+/// kept for the next time, keyed by the exact text, bounded.
+const CACHE_ENTRIES: usize = 2048;
+const CACHE_MAX_SQL: usize = 4096;
+
+#[derive(Default)]
+struct Cache {
+    map: HashMap<Arc<str>, Arc<[Classified]>>,
+    order: VecDeque<Arc<str>>,
+}
+
+struct Shared(Mutex<Cache>);
+
+impl Shared {
+    fn get(&self, sql: &str) -> Option<Arc<[Classified]>> {
+        if sql.len() > CACHE_MAX_SQL {
+            return None;
+        }
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .get(sql)
+            .cloned()
+    }
+
+    fn put(&self, sql: &str, v: &[Classified]) {
+        if sql.len() > CACHE_MAX_SQL {
+            return;
+        }
+        let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if c.map.len() >= CACHE_ENTRIES {
+            if let Some(old) = c.order.pop_front() {
+                c.map.remove(&old);
+            }
+        }
+        let key: Arc<str> = sql.into();
+        if c.map.insert(key.clone(), v.into()).is_none() {
+            c.order.push_back(key);
+        }
+    }
+}
+
+fn cache() -> &'static Shared {
+    static CACHE: OnceLock<Shared> = OnceLock::new();
+    CACHE.get_or_init(|| Shared(Mutex::new(Cache::default())))
+}
+
+fn split_uncached(sql: &str) -> Vec<Classified> {
     let parsed = match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
         Ok(p) => p,
         Err(e) => {
@@ -62,6 +124,11 @@ pub fn split(sql: &str) -> Vec<Classified> {
 /// Facts about one statement (a query string holding several is judged
 /// by its most dangerous: every shape and table, the first class).
 pub fn classify(sql: &str) -> SqlFacts {
+    if let Some(hit) = cache().get(sql) {
+        if let [one] = &hit[..] {
+            return one.facts.clone();
+        }
+    }
     match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
         Ok(p) => facts_of(&p),
         Err(e) => SqlFacts {
@@ -388,6 +455,10 @@ mod tests {
         assert_eq!(parts[1].facts.shapes, vec![Shape::DeleteWithoutWhere]);
         assert_eq!(parts[2].facts.class, Some(StatementClass::Read));
         assert_eq!(split("select 1").len(), 1);
+        // A second time from the cache, the same.
+        let again = split("select 1; DELETE FROM users; select ';' as x");
+        assert_eq!(again[1].facts, parts[1].facts);
+        assert_eq!(classify("select 1").class, Some(StatementClass::Read));
         assert!(split("").is_empty());
         assert!(split("select (")
             .first()
