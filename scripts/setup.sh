@@ -8,14 +8,23 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in libhyperscan-dev pkg-config bpftool iproute2 curl openssl ca-certificates python3 postgresql libclang-dev; do
+# prometheus: the real scraper of the metrics test (its own service is
+# kept from starting: the test runs one on loopback).
+for pkg in libhyperscan-dev pkg-config bpftool iproute2 curl openssl ca-certificates python3 postgresql libclang-dev prometheus; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  made_policy=0
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  if ((made_policy)); then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # Real clients and servers for the end-to-end suite: the `openai` and

@@ -56,6 +56,30 @@ pub struct Config {
     pub policy: PolicySettings,
     #[serde(default)]
     pub identity: IdentitySettings,
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+}
+
+/// The Prometheus endpoint (`GET /metrics`, OpenMetrics text).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Loopback by default; `null` turns the endpoint off. A port already
+    /// taken is logged and the node runs on without metrics.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+fn default_metrics_listen() -> Option<std::net::SocketAddr> {
+    Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464)))
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            listen: default_metrics_listen(),
+        }
+    }
 }
 
 /// Where a connection's CI identity is read from (docs/ARCHITECTURE.md,

@@ -164,6 +164,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         per_identity: Default::default(),
         health: Default::default(),
         counters: Counters::default(),
+        metrics: Default::default(),
     });
     for (_, l) in listeners {
         tokio::spawn(proxy.clone().serve(l));
@@ -186,6 +187,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         cgroup_root: root.clone(),
     });
     tokio::spawn(server.serve(control_listener));
+    if let Some(addr) = cfg.metrics.listen {
+        let p = proxy.clone();
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+            p.metrics
+                .render(|m| p.refresh_metrics(m))
+                .unwrap_or_default()
+        });
+        tokio::spawn(crate::metrics::serve(addr, render));
+    }
 
     info!(
         cgroups = ?redirector.cgroups(),

@@ -10,6 +10,7 @@ pub mod export;
 pub mod http;
 pub mod identity;
 pub mod keys;
+pub mod metrics;
 pub mod names;
 pub mod policy;
 pub mod postgres;

@@ -73,6 +73,7 @@ pub struct Proxy {
     pub per_identity: ConnLimiter,
     pub health: Arc<RecordHealth>,
     pub counters: Counters,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Whether the store is taking writes. Set by any failed write or flush,
@@ -227,11 +228,52 @@ impl Proxy {
     }
 
     fn record(&self, r: &ConnectionRecord, kind: &str) {
+        self.observe(r);
         if let Err(e) = self.store.put(r, kind) {
             self.counters.record_errors.fetch_add(1, Ordering::Relaxed);
             self.health.failed(&e);
             warn!(session = r.id, error = %e, "recording failed");
         }
+    }
+
+    /// Node-wide values, read when metrics are scraped.
+    pub fn refresh_metrics(&self, m: &crate::metrics::Metrics) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        m.connections_active
+            .set(gauge(self.counters.active.load(Ordering::Relaxed)));
+        m.record_errors
+            .set(gauge(self.counters.record_errors.load(Ordering::Relaxed)));
+        m.approvals_pending
+            .set(gauge(self.approvals.list().len() as u64));
+        m.jobs_quarantined.set(gauge(self.quarantine.len() as u64));
+        let policy = self.policy.current();
+        m.policy_version.set(gauge(policy.version));
+        m.policy_applied_seconds.set(gauge(policy.loaded_ms / 1000));
+        const KERNEL: [&str; 14] = [
+            "redirected",
+            "udp_refused",
+            "foreign_netns_refused",
+            "rekeyed",
+            "closed",
+            "raw_sockets_refused",
+            "packet_sockets_refused",
+            "cgroup_escapes_refused",
+            "bpf_refused",
+            "packet_sockets_killed",
+            "bpf_killed",
+            "shared_files_killed",
+            "fd_take_killed",
+            "events_lost",
+        ];
+        for (name, v) in KERNEL.iter().zip(self.redirector.kernel_stats()) {
+            m.kernel_counter(name, v);
+        }
+    }
+
+    /// A connection's final record, counted for metrics.
+    fn observe(&self, r: &ConnectionRecord) {
+        let workload = crate::metrics::workload_label(&r.identity, &self.policy.current());
+        self.metrics.connection(r, &workload);
     }
 
     /// Refuses (and records) a connection that has an open record.
@@ -325,6 +367,9 @@ impl Proxy {
             (r, recorded)
         };
         let (upstream, (mut r, recorded)) = tokio::join!(connect, attribute);
+        if r.outcome != Outcome::Open {
+            self.observe(&r);
+        }
         tracing::Span::current().record("workload", r.identity.id.as_str());
         if let Err(e) = recorded {
             // Fail closed: what cannot be recorded is not forwarded.
@@ -451,6 +496,7 @@ impl Proxy {
             self.suspensions.clone(),
             self.health.clone(),
             self.limits.clone(),
+            self.metrics.clone(),
         ))
     }
 

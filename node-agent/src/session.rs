@@ -32,6 +32,9 @@ pub struct Session {
     pub suspensions: Arc<Suspensions>,
     pub health: Arc<RecordHealth>,
     pub limits: Limits,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The bundle's workload name for the identity (metrics label).
+    pub workload_name: String,
     /// Sequence of the next exchange or statement on this connection.
     next_seq: AtomicU32,
 }
@@ -48,8 +51,12 @@ impl Session {
         suspensions: Arc<Suspensions>,
         health: Arc<RecordHealth>,
         limits: Limits,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
+        let workload_name = crate::metrics::workload_label(&identity, &policy.current());
         Self {
+            metrics,
+            workload_name,
             id,
             identity,
             target,
@@ -85,6 +92,16 @@ impl Session {
             Decision::node_block("identity-suspended", s.reason.clone()),
             s.reason,
         ))
+    }
+
+    /// An exchange or statement completed: counted for metrics.
+    pub fn observe_exchange(&self, ex: &crate::record::Exchange) {
+        self.metrics.exchange(&self.target, &self.workload_name, ex);
+    }
+
+    pub fn observe_statement(&self, st: &crate::record::Statement) {
+        self.metrics
+            .statement(&self.target, &self.workload_name, st);
     }
 
     /// A failed record write: the store's health goes to failing (new

@@ -576,9 +576,11 @@ impl Env {
             remote.start_https();
         }
         let cgroup = Cgroup::new(idx);
+        // Each node its own metrics port (beside its proxy port).
         let config = format!(
-            "proxy:\n  port: {}\nwatch:\n  cgroups:\n    - path: {}\ntargets:\n{}workloads:\n  - name: e2e-jobs\n    cgroup: \"/{}-*\"\n{}",
+            "proxy:\n  port: {}\nmetrics:\n  listen: \"127.0.0.1:{}\"\nwatch:\n  cgroups:\n    - path: {}\ntargets:\n{}workloads:\n  - name: e2e-jobs\n    cgroup: \"/{}-*\"\n{}",
             16000 + 300 * slot() + idx,
+            18000 + 300 * slot() + idx,
             cgroup.rel,
             targets(&remote),
             prefix(),
@@ -600,6 +602,17 @@ impl Env {
         let old = std::mem::replace(&mut self.node, Node::placeholder());
         drop(old);
         self.node = Node::start(self.dir.path(), &self.config);
+    }
+
+    /// Where this node serves `/metrics`.
+    pub fn metrics_addr(&self) -> String {
+        let port = self
+            .config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("listen: \"127.0.0.1:"))
+            .and_then(|p| p.trim_end_matches('"').parse::<u16>().ok())
+            .expect("metrics port in the test config");
+        format!("127.0.0.1:{port}")
     }
 
     pub fn state_dir(&self) -> PathBuf {

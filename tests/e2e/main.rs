@@ -5,6 +5,7 @@
 mod capacity;
 mod containment;
 mod evidence;
+mod fleet;
 mod foundation;
 mod fronting;
 mod harness;

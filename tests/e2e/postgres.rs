@@ -177,6 +177,20 @@ fn psql_statements_are_recorded_refused_and_masked() {
     );
     let export = text(&p.env.node.cli(&["sessions", "export", &id]));
     assert!(export.contains(r#""type":"statement""#), "{export}");
+    // And the node's metrics count them by rule and class.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", &format!("http://{}/metrics", p.env.metrics_addr())])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        metrics.contains(r#"sluice_policy_decisions_total{target="shop-db",rule="no-destructive-sql",action="block"} 3"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"sluice_statements_total{target="shop-db",workload="e2e-jobs",class="write",outcome="refused"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[test]

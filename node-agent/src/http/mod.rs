@@ -682,6 +682,7 @@ impl HttpSession {
 
     async fn finish(&self, mut ex: Exchange, durable: Option<oneshot::Sender<()>>) {
         ex.state = ExchangeState::Complete;
+        self.observe_exchange(&ex);
         // In the kernel when this returns (survives kill -9); on disk
         // within `records.fsync_interval_ms` (group commit).
         if let Err(e) = self.store.put_exchange(&ex) {

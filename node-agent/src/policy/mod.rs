@@ -128,6 +128,8 @@ pub enum Verdict {
 
 pub struct CompiledPolicy {
     pub version: u64,
+    /// When this node compiled it (start-up or push), Unix ms.
+    pub loaded_ms: u64,
     /// From the bundle's `expires_at`.
     pub expires_at: Option<SystemTime>,
     pub name: String,
@@ -399,6 +401,7 @@ impl CompiledPolicy {
         let result = Scanner::compile(res, max_window)?;
         Ok(Self {
             version: bundle.version,
+            loaded_ms: crate::record::now_ms(),
             expires_at,
             name: bundle.name.clone(),
             signer: signer.to_owned(),
@@ -454,6 +457,15 @@ impl CompiledPolicy {
             .iter()
             .enumerate()
             .any(|(i, r)| r.on == dir && pred(r.action) && self.rule_applies(i, target, identity))
+    }
+
+    /// The bundle's name for this identity's workload (bounded: a metrics
+    /// label), `-` when none matches.
+    pub fn workload_name(&self, identity: &WorkloadIdentity) -> &str {
+        self.workloads
+            .iter()
+            .find(|w| w.matches(identity))
+            .map_or("-", |w| w.name.as_str())
     }
 
     pub fn has_request_rules(&self, target: &str, identity: &WorkloadIdentity) -> bool {

@@ -276,6 +276,7 @@ pub fn finish(ctx: &Session, s: &mut InFlight) {
             detail: Some(format!("{n} value(s) masked in the result")),
         });
     }
+    ctx.observe_statement(&s.record);
     if let Err(e) = ctx.store.put_statement(&s.record) {
         ctx.record_failed(&e);
     }

@@ -346,6 +346,7 @@ impl Frontend {
                     refused + 1
                 )
             });
+            self.ctx.observe_statement(&st);
             if let Err(e) = self.ctx.store.put_statement(&st) {
                 self.ctx.record_failed(&e);
             }

@@ -1,0 +1,157 @@
+//! Fleet operations: the node's Prometheus endpoint, scraped by a real
+//! Prometheus server (Debian's) on loopback.
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::harness::{text, Env};
+
+struct Prometheus {
+    child: Child,
+    api: String,
+}
+
+impl Prometheus {
+    fn start(env: &Env) -> Self {
+        let dir = env.dir.path().join("prometheus");
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: sluice\n    static_configs:\n      - targets: [\"{}\"]\n",
+                env.metrics_addr()
+            ),
+        )
+        .unwrap();
+        let port: u16 = env
+            .metrics_addr()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+            + 1000;
+        let api = format!("127.0.0.1:{port}");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={api}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("start prometheus (installed by scripts/setup.sh)");
+        Prometheus { child, api }
+    }
+
+    /// The value of an instant query's single result, if any.
+    fn query(&self, q: &str) -> Option<f64> {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-G",
+                &format!("http://{}/api/v1/query", self.api),
+            ])
+            .args(["--data-urlencode", &format!("query={q}")])
+            .output()
+            .ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    fn wait(&self, q: &str, want: impl Fn(f64) -> bool, env: &Env) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(v) = self.query(q) {
+                if want(v) {
+                    return v;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus: `{q}` is {:?}\nnode log:\n{}",
+                self.query(q),
+                env.node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_counters_that_move() {
+    let env = Env::https("");
+    let _trust = env.trust_node_ca();
+    let get = |n: usize| {
+        for _ in 0..n {
+            let out = env.curl(
+                "api.fake.test",
+                443,
+                "/json",
+                &["-o", "/dev/null", "-w", "%{http_code}"],
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "200",
+                "{}",
+                text(&out)
+            );
+        }
+    };
+    get(3);
+    let prom = Prometheus::start(&env);
+    prom.wait("up{job=\"sluice\"}", |v| v == 1.0, &env);
+    prom.wait(
+        "sum(sluice_exchanges_total{target=\"fake-api\",status=\"2xx\"})",
+        |v| v == 3.0,
+        &env,
+    );
+    prom.wait(
+        "sum(sluice_connections_total{outcome=\"closed\",workload=\"e2e-jobs\"})",
+        |v| v >= 3.0,
+        &env,
+    );
+    prom.wait(
+        "sum(sluice_kernel_events_total{event=\"redirected\"})",
+        |v| v >= 3.0,
+        &env,
+    );
+    prom.wait(
+        "sum(sluice_bytes_total{target=\"fake-api\",direction=\"down\"})",
+        |v| v > 0.0,
+        &env,
+    );
+    // More traffic, and the counters move.
+    get(2);
+    prom.wait(
+        "sum(sluice_exchanges_total{target=\"fake-api\"})",
+        |v| v == 5.0,
+        &env,
+    );
+    // The endpoint answers in the OpenMetrics text format.
+    let out = Command::new("curl")
+        .args(["-sS", &format!("http://{}/metrics", env.metrics_addr())])
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("# TYPE sluice_connections counter") && body.ends_with("# EOF\n"),
+        "{body}"
+    );
+    assert!(body.contains("sluice_policy_version 0"), "{body}");
+}
