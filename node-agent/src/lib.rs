@@ -6,6 +6,7 @@ pub mod config;
 pub mod contain;
 pub mod control;
 pub mod daemon;
+pub mod doctor;
 pub mod export;
 pub mod http;
 pub mod identity;

@@ -48,6 +48,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// Check what this host gives the node: kernel features, cgroups,
+    /// targets, the CA and how runtimes trust it, the running node.
+    Doctor {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the running node's state.
     Status {
         #[arg(long)]
@@ -437,6 +447,56 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Ca { cmd } => return ca_command(cmd),
+        Cmd::Doctor {
+            config,
+            state_dir,
+            json,
+        } => {
+            let cfg = config::Config::load(config.as_deref())?;
+            let state = state_dir.unwrap_or_else(|| cfg.state_dir.clone());
+            let mut checks = node_agent::doctor::run(&cfg, &state);
+            checks.push(match control::call(&sock(), &Request::Status).await {
+                Ok(Response::Status(s)) => node_agent::doctor::Check {
+                    level: if s.recording != "ok" {
+                        node_agent::doctor::Level::Fail
+                    } else if s.containment.starts_with("degraded") {
+                        node_agent::doctor::Level::Warn
+                    } else {
+                        node_agent::doctor::Level::Ok
+                    },
+                    name: "node".into(),
+                    detail: format!(
+                        "running (pid {}, policy v{}, recording {}, containment {})",
+                        s.pid, s.policy_version, s.recording, s.containment
+                    ),
+                },
+                Ok(_) | Err(_) => node_agent::doctor::Check {
+                    level: node_agent::doctor::Level::Warn,
+                    name: "node".into(),
+                    detail: format!("not reachable on {}", sock().display()),
+                },
+            });
+            let failed = checks
+                .iter()
+                .any(|c| c.level == node_agent::doctor::Level::Fail);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                for c in &checks {
+                    let tag = match c.level {
+                        node_agent::doctor::Level::Ok => "ok  ",
+                        node_agent::doctor::Level::Warn => "warn",
+                        node_agent::doctor::Level::Fail => "FAIL",
+                    };
+                    println!("{tag}  {:<20} {}", c.name, c.detail);
+                }
+            }
+            return Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
         Cmd::Detach { config } => {
             let cfg = config::Config::load(config.as_deref())?;
             let root = node_agent::redirect::cgroup2_root()?;

@@ -155,3 +155,60 @@ fn prometheus_scrapes_counters_that_move() {
     );
     assert!(body.contains("sluice_policy_version 0"), "{body}");
 }
+
+#[test]
+fn doctor_reports_what_the_host_gives_the_node() {
+    let env = Env::https("");
+    let doctor = || {
+        let out = env.node.cli(&[
+            "doctor",
+            "--json",
+            "--config",
+            &env.config_path().display().to_string(),
+            "--state-dir",
+            &env.state_dir().display().to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "doctor found a failure: {}",
+            text(&out)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array().unwrap().clone()
+    };
+    let find = |checks: &[Value], name: &str| -> Value {
+        checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no `{name}` check: {checks:#?}"))
+    };
+    let before = doctor();
+    for name in [
+        "kernel",
+        "privileges",
+        "bpffs",
+        "cgroup v2",
+        "watched cgroup",
+        "node CA",
+    ] {
+        assert_eq!(find(&before, name)["level"], "ok", "{before:#?}");
+    }
+    assert_eq!(find(&before, "system trust store")["level"], "warn");
+    assert!(find(&before, "system trust store")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("sluice ca install"));
+    let node = find(&before, "node");
+    assert!(
+        node["detail"].as_str().unwrap().starts_with("running (pid"),
+        "{node}"
+    );
+    let _trust = env.trust_node_ca();
+    let after = doctor();
+    assert_eq!(
+        find(&after, "system trust store")["level"],
+        "ok",
+        "{after:#?}"
+    );
+}
