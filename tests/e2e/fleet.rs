@@ -212,3 +212,119 @@ fn doctor_reports_what_the_host_gives_the_node() {
         "{after:#?}"
     );
 }
+
+/// Purges the package if a check fails half-way.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = Command::new("dpkg").args(["--purge", "sluice"]).output();
+    }
+}
+
+#[test]
+fn the_deb_installs_and_purges_cleanly() {
+    crate::harness::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/build-deb.sh"
+    ))
+    .arg(crate::harness::SLUICE)
+    .arg(dir.path())
+    .arg("0.0.0~e2e")
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let deb = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let info = Command::new("dpkg-deb")
+        .args(["--info", &deb])
+        .output()
+        .unwrap();
+    assert!(text(&info).contains("Package: sluice"), "{}", text(&info));
+
+    let _lock = crate::harness::trust_store_lock();
+    let _installed = Installed;
+    let out = Command::new("dpkg").args(["-i", &deb]).output().unwrap();
+    assert!(out.status.success(), "dpkg -i: {}", text(&out));
+    for path in [
+        "/usr/bin/sluice",
+        "/lib/systemd/system/sluice.service",
+        "/etc/sluice/sluice.yaml",
+        "/var/lib/sluice",
+    ] {
+        assert!(
+            std::path::Path::new(path).exists(),
+            "{path} missing after install"
+        );
+    }
+    let mode = std::fs::metadata("/var/lib/sluice").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o700);
+    let unit = std::fs::read_to_string("/lib/systemd/system/sluice.service").unwrap();
+    for line in [
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/sluice",
+        "CapabilityBoundingSet=CAP_BPF",
+        "LimitNOFILE=",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(unit.contains(line), "unit lacks {line}");
+    }
+    let check = Command::new("/usr/bin/sluice")
+        .args(["config", "check", "/etc/sluice/sluice.yaml"])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    // The node's CA, made and trusted as an operator would.
+    for action in ["init", "install"] {
+        let out = Command::new("/usr/bin/sluice")
+            .args(["ca", action, "--config", "/etc/sluice/sluice.yaml"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ca {action}: {}", text(&out));
+    }
+    let pem = std::fs::read_to_string("/var/lib/sluice/ca/ca.pem").unwrap();
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let bundle = || {
+        std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt")
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<String>()
+    };
+    assert!(
+        bundle().contains(&body),
+        "the CA is not in the system bundle after `ca install`"
+    );
+
+    let out = Command::new("dpkg")
+        .args(["--purge", "sluice"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dpkg --purge: {}", text(&out));
+    for path in [
+        "/usr/bin/sluice",
+        "/lib/systemd/system/sluice.service",
+        "/etc/sluice",
+        "/var/lib/sluice",
+    ] {
+        assert!(
+            !std::path::Path::new(path).exists(),
+            "{path} left after purge"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir("/usr/local/share/ca-certificates")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("sluice-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "CA files left: {left:?}");
+    assert!(
+        !bundle().contains(&body),
+        "the CA is still in the system bundle after purge"
+    );
+}

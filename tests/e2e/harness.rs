@@ -654,7 +654,7 @@ static TRUST_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// `update-ca-certificates` is not safe to run concurrently (two runs
 /// rewrite the bundle from different directory listings): serialise it
 /// across threads and across processes (other checkouts' suites).
-fn trust_store_lock() -> (std::sync::MutexGuard<'static, ()>, std::fs::File) {
+pub fn trust_store_lock() -> (std::sync::MutexGuard<'static, ()>, std::fs::File) {
     use std::os::fd::AsRawFd;
     let guard = TRUST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let f = std::fs::OpenOptions::new()

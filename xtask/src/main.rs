@@ -9,6 +9,7 @@
 //!   node with the `openai` library, the masked answer, replay and verify
 //!   (needs root)
 //! * `bench [passthrough|all-egress|https|pg|scan|stream|record|all]`  setup, build, and benchmarks
+//! * `deb`    setup, release build, and `target/debian/sluice_VERSION_ARCH.deb`
 //!   (passthrough and https need root)
 //!
 //! Std only, so that it builds in seconds on a fresh machine.
@@ -106,6 +107,15 @@ fn main() {
                 .arg("--sluice")
                 .arg(root().join("target/release/sluice")));
         }
+        Some("deb") => {
+            // target/debian/sluice_VERSION_ARCH.deb from the release binary.
+            setup();
+            run(cargo().args(["build", "--release", "-p", "node-agent", "--bin", "sluice"]));
+            run(Command::new(root().join("packaging/build-deb.sh"))
+                .arg(root().join("target/release/sluice"))
+                .arg(root().join("target/debian"))
+                .arg(env!("CARGO_PKG_VERSION")));
+        }
         Some("bench") => {
             setup_bench();
             run(cargo().args([
@@ -160,7 +170,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup|build|test|run|demo|bench> [args]");
+            eprintln!("usage: cargo xtask <setup|build|test|run|demo|bench|deb> [args]");
             exit(2);
         }
     }
