@@ -8,9 +8,10 @@
 set -euo pipefail
 
 need_apt=()
-# prometheus: the real scraper of the metrics test (its own service is
-# kept from starting: the test runs one on loopback).
-for pkg in libhyperscan-dev pkg-config bpftool iproute2 curl openssl ca-certificates python3 postgresql libclang-dev prometheus; do
+# prometheus and nats-server: the real scraper and evidence stream of the
+# fleet tests (their own services are kept from starting: the tests run
+# theirs on loopback).
+for pkg in libhyperscan-dev pkg-config bpftool iproute2 curl openssl ca-certificates python3 postgresql libclang-dev prometheus nats-server; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

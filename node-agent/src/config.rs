@@ -58,6 +58,89 @@ pub struct Config {
     pub identity: IdentitySettings,
     #[serde(default)]
     pub metrics: MetricsSettings,
+    #[serde(default)]
+    pub spool: SpoolSettings,
+    #[serde(default)]
+    pub ship: ShipSettings,
+}
+
+/// The evidence spool: every chain event, once on disk, as a JSON line in
+/// bounded rotating segments (`spool/`), for shipping (`ship.nats`) or any
+/// log shipper. On when `ship.nats` is set or `enabled: true`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSettings {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Default: `<state_dir>/spool`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default = "default_spool_max")]
+    pub max_bytes: u64,
+    #[serde(default = "default_spool_segment")]
+    pub segment_bytes: u64,
+    #[serde(default)]
+    pub when_full: WhenFull,
+}
+
+fn default_spool_max() -> u64 {
+    1 << 30
+}
+fn default_spool_segment() -> u64 {
+    16 << 20
+}
+
+impl Default for SpoolSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            dir: None,
+            max_bytes: default_spool_max(),
+            segment_bytes: default_spool_segment(),
+            when_full: WhenFull::default(),
+        }
+    }
+}
+
+/// What a full spool does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// New connections are refused until shipping frees space (nothing
+    /// recorded goes unshipped).
+    #[default]
+    FailClosed,
+    /// The oldest segment is dropped, counted and alarmed.
+    DropOldest,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipSettings {
+    #[serde(default)]
+    pub nats: Option<NatsSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSettings {
+    /// `nats://host:4222`
+    pub url: String,
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Events go to `<subject_prefix>.<node>.<identity>`.
+    #[serde(default = "default_subject_prefix")]
+    pub subject_prefix: String,
+    /// This node's name in subjects (default: the host name).
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+fn default_stream() -> String {
+    "SLUICE".into()
+}
+fn default_subject_prefix() -> String {
+    "sluice.evidence".into()
 }
 
 /// The Prometheus endpoint (`GET /metrics`, OpenMetrics text).

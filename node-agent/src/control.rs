@@ -259,6 +259,11 @@ pub struct Status {
     /// while the store does not take writes.
     #[serde(default)]
     pub recording: String,
+    /// The evidence spool and shipping (`off` when neither is on).
+    #[serde(default)]
+    pub spool: String,
+    #[serde(default)]
+    pub shipping_connected: bool,
 }
 
 pub struct ControlServer {
@@ -454,6 +459,14 @@ impl ControlServer {
                     upstream_failures: c.upstream_failed.load(Ordering::Relaxed),
                     record_errors: c.record_errors.load(Ordering::Relaxed),
                     recording: p.health.describe(),
+                    spool: p
+                        .spool
+                        .as_ref()
+                        .map_or_else(|| "off".into(), |s| s.describe()),
+                    shipping_connected: p
+                        .spool
+                        .as_ref()
+                        .is_some_and(|s| s.connected.load(Ordering::Relaxed)),
                     records_stored: p.store.count(),
                     policy_version: p.policy.current().version,
                     policy_floor: p.policy.floor(),

@@ -137,6 +137,30 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     let suspensions = Arc::new(Suspensions::open(&store)?);
 
+    // The evidence spool (and shipping) follow the log on their own.
+    let spool = if cfg.spool.enabled || cfg.ship.nats.is_some() {
+        let node = cfg
+            .ship
+            .nats
+            .as_ref()
+            .and_then(|n| n.node.clone())
+            .unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "node".into())
+            });
+        let dir = cfg
+            .spool
+            .dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("spool"));
+        Some(
+            crate::spool::Spool::open(dir, cfg.spool.clone(), node)
+                .context("opening the evidence spool")?,
+        )
+    } else {
+        None
+    };
     let proxy = Arc::new(Proxy {
         redirector: redirector.clone(),
         identities: IdentityResolver::new(
@@ -165,6 +189,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         health: Default::default(),
         counters: Counters::default(),
         metrics: Default::default(),
+        spool: spool.as_ref().map(|s| s.status.clone()),
     });
     for (_, l) in listeners {
         tokio::spawn(proxy.clone().serve(l));
@@ -180,6 +205,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .spawn(give_back_memory)
         .context("starting the memory trimmer")?;
 
+    if let Some(sp) = &spool {
+        sp.spawn(store.clone(), proxy.health.clone())
+            .context("starting the spool thread")?;
+        if let Some(n) = cfg.ship.nats.clone() {
+            tokio::spawn(crate::spool::ship::run(sp.clone(), n));
+        }
+    }
     let control_listener = control::bind(&socket)?;
     let server = Arc::new(ControlServer {
         proxy: proxy.clone(),

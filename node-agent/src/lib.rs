@@ -20,6 +20,7 @@ pub mod record;
 pub mod redirect;
 pub mod scan;
 pub mod session;
+pub mod spool;
 pub mod suspend;
 pub mod targets;
 pub mod tls;

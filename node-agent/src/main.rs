@@ -83,6 +83,17 @@ enum Cmd {
         /// A file from `sessions export` (jsonl or har); no node needed.
         #[arg(long)]
         export: Option<PathBuf>,
+        /// A NATS server holding shipped evidence: check a node's chain
+        /// from the stream alone (no node needed).
+        #[arg(long, conflicts_with_all = ["export", "session"])]
+        stream: Option<String>,
+        /// The node, as its events' subjects name it.
+        #[arg(long, requires = "stream")]
+        node: Option<String>,
+        #[arg(long, default_value = "SLUICE")]
+        stream_name: String,
+        #[arg(long, default_value = "sluice.evidence")]
+        subject_prefix: String,
     },
     /// The node's internal CA.
     Ca {
@@ -679,6 +690,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => {
                     println!("BROKEN: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+        Cmd::Verify {
+            stream: Some(url),
+            node,
+            stream_name,
+            subject_prefix,
+            ..
+        } => {
+            let node = node.context("--node names the node whose chain to check")?;
+            let r =
+                node_agent::spool::ship::verify_stream(&url, &stream_name, &subject_prefix, &node)
+                    .await?;
+            match r.first_break {
+                None => println!(
+                    "ok: {} event(s) of node {node} in stream {stream_name} (seq {}..{}), chain intact, {} duplicate message(s)",
+                    r.events,
+                    r.first_seq,
+                    r.last_seq,
+                    r.duplicates
+                ),
+                Some(b) => {
+                    println!("BROKEN: {b}");
                     return Ok(ExitCode::from(2));
                 }
             }

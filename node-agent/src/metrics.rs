@@ -84,6 +84,10 @@ pub struct Metrics {
     pub policy_applied_seconds: Gauge,
     pub record_errors: Gauge,
     pub jobs_quarantined: Gauge,
+    pub spool_pending: Gauge,
+    pub spool_bytes: Gauge,
+    pub spool_dropped: Gauge,
+    pub ship_lag_seconds: Gauge,
     /// Scrapes are serialised (kernel counters are topped up per scrape).
     scrape: Mutex<()>,
 }
@@ -105,6 +109,10 @@ impl Default for Metrics {
             policy_applied_seconds: Gauge::default(),
             record_errors: Gauge::default(),
             jobs_quarantined: Gauge::default(),
+            spool_pending: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            spool_dropped: Gauge::default(),
+            ship_lag_seconds: Gauge::default(),
             scrape: Mutex::new(()),
         };
         registry.register(
@@ -166,6 +174,26 @@ impl Default for Metrics {
             "jobs_quarantined",
             "Jobs stopped for working against the node",
             m.jobs_quarantined.clone(),
+        );
+        registry.register(
+            "spool_pending_events",
+            "Events spooled and not yet acknowledged by the stream",
+            m.spool_pending.clone(),
+        );
+        registry.register(
+            "spool_bytes",
+            "Bytes of spool segments on disk",
+            m.spool_bytes.clone(),
+        );
+        registry.register(
+            "spool_dropped_events",
+            "Events dropped from a full spool (spool.when_full: drop-oldest)",
+            m.spool_dropped.clone(),
+        );
+        registry.register(
+            "ship_lag_seconds",
+            "Age of the oldest event not yet acknowledged by the stream",
+            m.ship_lag_seconds.clone(),
         );
         Self { registry, ..m }
     }

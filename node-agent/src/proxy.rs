@@ -74,6 +74,8 @@ pub struct Proxy {
     pub health: Arc<RecordHealth>,
     pub counters: Counters,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The evidence spool and shipping, when on.
+    pub spool: Option<Arc<crate::spool::SpoolStatus>>,
 }
 
 /// Whether the store is taking writes. Set by any failed write or flush,
@@ -267,6 +269,21 @@ impl Proxy {
         ];
         for (name, v) in KERNEL.iter().zip(self.redirector.kernel_stats()) {
             m.kernel_counter(name, v);
+        }
+        if let Some(sp) = &self.spool {
+            let spooled = sp.spooled.load(Ordering::Relaxed);
+            let acked = sp.acked.load(Ordering::Relaxed);
+            m.spool_pending.set(gauge(spooled.saturating_sub(acked)));
+            m.spool_bytes.set(gauge(sp.bytes.load(Ordering::Relaxed)));
+            m.spool_dropped
+                .set(gauge(sp.dropped_events.load(Ordering::Relaxed)));
+            let oldest = sp.oldest_unacked_ms.load(Ordering::Relaxed);
+            let lag = if oldest == 0 || spooled <= acked {
+                0
+            } else {
+                now_ms().saturating_sub(oldest) / 1000
+            };
+            m.ship_lag_seconds.set(gauge(lag));
         }
     }
 

@@ -156,14 +156,20 @@ fn commit(s: &Shared, st: &mut State, force_checkpoint: bool) -> Result<(), Reco
     // never points past the log on disk.
     {
         let mut ix = s.index.lock().unwrap_or_else(|e| e.into_inner());
-        let (files, batch) = {
+        let (files, batch, durable) = {
             let mut h = s.head.lock().unwrap_or_else(|e| e.into_inner());
-            (h.log.take_unsynced()?, std::mem::take(&mut h.pending))
+            (
+                h.log.take_unsynced()?,
+                std::mem::take(&mut h.pending),
+                h.seq,
+            )
         };
         s.apply(&mut ix, batch)?;
         for f in files {
             f.sync_data()?;
         }
+        s.durable
+            .store(durable, std::sync::atomic::Ordering::Release);
         ix.persist()?;
     }
     // Checkpoints (and node state) in sled.

@@ -260,6 +260,36 @@ pub struct Injection {
     pub client_presented: Vec<Header>,
 }
 
+/// A position in the record log (where the next event starts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPos {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// One event as stored: the exact body bytes that were hashed.
+#[derive(Clone, Debug)]
+pub struct RawEvent {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub connection: u64,
+    pub kind: String,
+    pub body: Vec<u8>,
+    pub prev: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+impl RawEvent {
+    /// Whether `hash` is what `prev` and the content give (the chain rule).
+    pub fn hash_ok(&self) -> bool {
+        chain::link_hash(
+            &self.prev,
+            self.seq,
+            &chain::content_digest(self.at_ms, self.connection, &self.kind, &self.body),
+        ) == self.hash
+    }
+}
+
 /// One link of the hash chain, as the control API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Event {
@@ -429,6 +459,9 @@ struct Shared {
     log_dir: PathBuf,
     key: NodeKey,
     durability: Durability,
+    /// Sequence number below which every event is fsync'd (set by the
+    /// commit thread): what may leave the node (spool, shipping).
+    durable: AtomicU64,
 }
 
 pub struct RecordStore {
@@ -877,6 +910,8 @@ impl RecordStore {
             log_dir,
             key,
             durability,
+            // Recovery leaves the log as it finds it on disk.
+            durable: AtomicU64::new(head.0),
         });
         let commit = commit::spawn(s.clone())?;
         let store = Self {
@@ -1052,6 +1087,79 @@ impl RecordStore {
             },
         )?;
         Ok(())
+    }
+
+    /// Every event below this sequence number is on disk (fsync'd).
+    pub fn durable_seq(&self) -> u64 {
+        self.s.durable.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Events in chain order starting at `from` (the log's start when
+    /// `None`), up to `max` of them and only below `below_seq`; returns
+    /// them with where to continue.
+    pub fn read_events(
+        &self,
+        from: Option<LogPos>,
+        below_seq: u64,
+        max: usize,
+    ) -> Result<(Vec<RawEvent>, Option<LogPos>), RecordError> {
+        let mut out = Vec::new();
+        let mut next = from;
+        let start = from.map(|p| (p.segment, p.offset)).unwrap_or((0, 0));
+        let mut bad = None;
+        for (n, path) in log::segments(&self.s.log_dir, "log")? {
+            if n < start.0 {
+                continue;
+            }
+            let offset = if n == start.0 { start.1 } else { 0 };
+            let mut stop = false;
+            let (end, _) = log::scan(&path, n, offset, |loc, payload| {
+                if out.len() >= max {
+                    stop = true;
+                    return false;
+                }
+                match chain::Link::decode(payload) {
+                    Ok(l) if l.seq < below_seq => {
+                        out.push(RawEvent {
+                            seq: l.seq,
+                            at_ms: l.at_ms,
+                            connection: l.connection,
+                            kind: l.kind,
+                            body: l.body,
+                            prev: l.prev,
+                            hash: l.hash,
+                        });
+                        next = Some(LogPos {
+                            segment: n,
+                            offset: loc.offset + 4 + payload.len() as u64,
+                        });
+                        true
+                    }
+                    Ok(_) => {
+                        stop = true;
+                        false
+                    }
+                    Err(e) => {
+                        bad = Some(format!("segment {n} offset {}: {e}", loc.offset));
+                        false
+                    }
+                }
+            })?;
+            if let Some(e) = bad {
+                return Err(RecordError::Log(e));
+            }
+            if stop {
+                break;
+            }
+            // A later segment starts after this one's end.
+            if next.is_none_or(|p| p.segment < n) && end > 0 {
+                next = Some(LogPos {
+                    segment: n,
+                    offset: end,
+                });
+            }
+        }
+        Ok((out, next))
     }
 
     /// A session's statements, in order (each as its latest event has it).

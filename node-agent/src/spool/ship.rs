@@ -1,0 +1,270 @@
+//! Shipping the spool to NATS JetStream: at-least-once, in order, each
+//! event published with its chain hash as `Nats-Msg-Id` (the stream drops
+//! a re-sent event as a duplicate), to `<prefix>.<node>.<identity>`. The
+//! acknowledged position is persisted after each acknowledged batch, so a
+//! restarted node or a returning server resumes where the stream left off.
+//! Shipping runs beside the data path and never blocks it: the spool is
+//! the buffer (and its bound the backpressure, `spool.when_full`).
+use std::{collections::VecDeque, sync::atomic::Ordering, sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use bytes::Bytes;
+use tracing::{info, warn};
+
+use super::{line, segments, Spool};
+use crate::config::NatsSettings;
+
+/// Events published before their acknowledgements are awaited.
+const IN_FLIGHT: usize = 256;
+/// The stream's de-duplication window (re-sends after a restart or an
+/// outage shorter than this are dropped by the server).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error(transparent)]
+    Spool(#[from] super::SpoolError),
+}
+
+fn nats(e: impl std::fmt::Display) -> ShipError {
+    ShipError::Nats(e.to_string())
+}
+
+/// The stream evidence goes to (created if missing).
+pub async fn stream(
+    js: &jetstream::Context,
+    cfg: &NatsSettings,
+) -> Result<stream::Stream, ShipError> {
+    js.get_or_create_stream(stream::Config {
+        name: cfg.stream.clone(),
+        subjects: vec![format!("{}.>", cfg.subject_prefix)],
+        duplicate_window: DUPLICATE_WINDOW,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(nats)
+}
+
+/// Ships until the process ends, reconnecting with backoff.
+pub async fn run(spool: Arc<Spool>, cfg: NatsSettings) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match session(&spool, &cfg).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => {
+                spool.status.connected.store(false, Ordering::Relaxed);
+                warn!(error = %e, url = %cfg.url, "evidence shipping interrupted; retrying");
+                *spool
+                    .status
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn session(spool: &Arc<Spool>, cfg: &NatsSettings) -> Result<(), ShipError> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(cfg.url.as_str())
+        .await
+        .map_err(nats)?;
+    let js = jetstream::new(client);
+    stream(&js, cfg).await?;
+    spool.status.connected.store(true, Ordering::Relaxed);
+    *spool
+        .status
+        .last_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = None;
+    info!(url = %cfg.url, stream = %cfg.stream, "shipping evidence to NATS JetStream");
+    let prefix = format!("{}.{}", cfg.subject_prefix, line::token(&spool.node));
+    loop {
+        let shipped = ship_available(spool, &js, &prefix).await?;
+        if shipped == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Publishes every spooled line at or after the acknowledged position;
+/// returns how many were acknowledged.
+async fn ship_available(
+    spool: &Arc<Spool>,
+    js: &jetstream::Context,
+    prefix: &str,
+) -> Result<usize, ShipError> {
+    let acked = spool.status.acked.load(Ordering::Relaxed);
+    let segs = segments(&spool.dir).map_err(|e| {
+        ShipError::Spool(super::SpoolError::Io {
+            path: spool.dir.clone(),
+            source: e,
+        })
+    })?;
+    let mut in_flight: VecDeque<(u64, u64, PublishAckFuture)> = VecDeque::new();
+    let mut next = acked;
+    let mut count = 0;
+    for (i, (first, path)) in segs.iter().enumerate() {
+        // Skip segments wholly before the acknowledged position.
+        if segs.get(i + 1).is_some_and(|(n, _)| *n <= acked) {
+            continue;
+        }
+        let _ = first;
+        let text = tokio::fs::read(path).await.map_err(|e| {
+            ShipError::Spool(super::SpoolError::Io {
+                path: path.clone(),
+                source: e,
+            })
+        })?;
+        // Only whole lines: the spool may be writing the last one.
+        let end = text.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+        for raw in text[..end].split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(ev) = serde_json::from_slice::<line::In>(raw) else {
+                warn!(segment = %path.display(), "unreadable spool line skipped");
+                continue;
+            };
+            if ev.seq < next {
+                continue;
+            }
+            let subject = format!("{prefix}.{}", line::token(&ev.actor));
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(Bytes::copy_from_slice(raw))
+                .message_id(&ev.hash);
+            let ack = js.send_publish(subject, publish).await.map_err(nats)?;
+            in_flight.push_back((ev.seq, ev.at_ms, ack));
+            next = ev.seq + 1;
+            if in_flight.len() >= IN_FLIGHT {
+                count += settle(spool, &mut in_flight, IN_FLIGHT / 2).await?;
+            }
+        }
+    }
+    count += settle(spool, &mut in_flight, 0).await?;
+    if count > 0 {
+        spool.release();
+    }
+    Ok(count)
+}
+
+/// Awaits acknowledgements, oldest first, until `keep` remain; the
+/// acknowledged position moves (and is persisted) as they arrive.
+async fn settle(
+    spool: &Arc<Spool>,
+    in_flight: &mut VecDeque<(u64, u64, PublishAckFuture)>,
+    keep: usize,
+) -> Result<usize, ShipError> {
+    let mut n = 0;
+    let mut last = None;
+    while in_flight.len() > keep {
+        let Some((seq, _, ack)) = in_flight.pop_front() else {
+            break;
+        };
+        ack.await.map_err(nats)?;
+        last = Some(seq);
+        n += 1;
+    }
+    if let Some(seq) = last {
+        spool.set_acked(seq + 1)?;
+        let oldest = in_flight.front().map_or(0, |(_, at, _)| *at);
+        spool
+            .status
+            .oldest_unacked_ms
+            .store(oldest, Ordering::Relaxed);
+    }
+    Ok(n)
+}
+
+/// What `verify --stream` found.
+#[derive(Debug, Default)]
+pub struct StreamReport {
+    pub events: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Messages carrying an event already seen (0 when de-duplication
+    /// held).
+    pub duplicates: u64,
+    pub first_break: Option<String>,
+}
+
+/// Checks a node's chain from the stream alone: every event's hash from
+/// its content, each `prev` the hash before it, no sequence number
+/// missing between the first and the last.
+pub async fn verify_stream(
+    url: &str,
+    stream_name: &str,
+    prefix: &str,
+    node: &str,
+) -> Result<StreamReport, ShipError> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(nats)?;
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream(stream_name).await.map_err(nats)?;
+    let state = stream.info().await.map_err(nats)?.state.clone();
+    let want = format!("{prefix}.{}.", line::token(node));
+    let mut events: std::collections::BTreeMap<u64, crate::record::RawEvent> = Default::default();
+    let mut report = StreamReport::default();
+    for seq in state.first_sequence.max(1)..=state.last_sequence {
+        let msg = match stream.get_raw_message(seq).await {
+            Ok(m) => m,
+            // Deleted or purged messages leave holes in stream sequence.
+            Err(_) => continue,
+        };
+        if !msg.subject.starts_with(&want) {
+            continue;
+        }
+        let Ok(line) = serde_json::from_slice::<line::In>(&msg.payload) else {
+            report.first_break = Some(format!("stream message {seq} is not a spool line"));
+            return Ok(report);
+        };
+        let Some(ev) = line.event() else {
+            report.first_break = Some(format!(
+                "stream message {seq} (event {}) is malformed",
+                line.seq
+            ));
+            return Ok(report);
+        };
+        if events.insert(ev.seq, ev).is_some() {
+            report.duplicates += 1;
+        }
+    }
+    let mut prev: Option<&crate::record::RawEvent> = None;
+    for ev in events.values() {
+        if !ev.hash_ok() {
+            report.first_break = Some(format!(
+                "event {} does not hash to its recorded hash (altered)",
+                ev.seq
+            ));
+            return Ok(report);
+        }
+        if let Some(p) = prev {
+            if ev.seq != p.seq + 1 {
+                report.first_break = Some(format!(
+                    "events {}..{} are missing from the stream",
+                    p.seq + 1,
+                    ev.seq - 1
+                ));
+                return Ok(report);
+            }
+            if ev.prev != p.hash {
+                report.first_break = Some(format!(
+                    "event {} does not follow event {} (prev hash differs)",
+                    ev.seq, p.seq
+                ));
+                return Ok(report);
+            }
+        }
+        prev = Some(ev);
+    }
+    report.events = events.len() as u64;
+    report.first_seq = events.keys().next().copied().unwrap_or_default();
+    report.last_seq = events.keys().last().copied().unwrap_or_default();
+    Ok(report)
+}
