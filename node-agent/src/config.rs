@@ -134,6 +134,15 @@ pub struct NatsSettings {
     /// This node's name in subjects (default: the host name).
     #[serde(default)]
     pub node: Option<String>,
+    /// Signed bundles from the fleet: this key-value bucket's `bundle` key
+    /// is watched and applied as if pushed (signature, trusted keys and
+    /// policy floor checked here). `null`: not watched.
+    #[serde(default = "default_bundles_bucket")]
+    pub bundles_bucket: Option<String>,
+}
+
+fn default_bundles_bucket() -> Option<String> {
+    Some("SLUICE_BUNDLES".into())
 }
 
 fn default_stream() -> String {

@@ -212,6 +212,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             tokio::spawn(crate::spool::ship::run(sp.clone(), n));
         }
     }
+    if let Some(n) = &cfg.ship.nats {
+        if let Some(bucket) = n.bundles_bucket.clone() {
+            tokio::spawn(crate::policy::fleet::watch(
+                proxy.policy.clone(),
+                n.url.clone(),
+                bucket,
+            ));
+        }
+    }
     let control_listener = control::bind(&socket)?;
     let server = Arc::new(ControlServer {
         proxy: proxy.clone(),

@@ -139,6 +139,15 @@ enum PolicyCmd {
     },
     /// Push a signed bundle to the running node.
     Push { file: PathBuf },
+    /// Roll a signed bundle out to the fleet: every node watching the NATS
+    /// key-value bucket applies it (each checks signature and floor).
+    Publish {
+        file: PathBuf,
+        #[arg(long)]
+        nats: String,
+        #[arg(long, default_value = "SLUICE_BUNDLES")]
+        bucket: String,
+    },
     /// The policy in force.
     Show {
         #[arg(long)]
@@ -866,6 +875,18 @@ async fn policy_command(cmd: PolicyCmd, socket: &std::path::Path) -> anyhow::Res
                 b.name,
                 b.version,
                 out.display()
+            );
+        }
+        PolicyCmd::Publish { file, nats, bucket } => {
+            let jws = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            // Refuse what no node would take: it must at least be signed.
+            policy::sign::verify_unsigned_shape(&jws)?;
+            let rev = policy::fleet::publish(&nats, &bucket, &jws).await?;
+            println!(
+                "published {} to {bucket}/{} (revision {rev})",
+                file.display(),
+                policy::fleet::KEY
             );
         }
         PolicyCmd::Push { file } => {

@@ -487,3 +487,73 @@ fn evidence_is_shipped_to_jetstream_once_in_order_through_outages_and_kill_9() {
     let t = wait_stream_matches(&env, &nats);
     assert!(t.contains(", 0 duplicate"), "{t}");
 }
+
+fn fleet_bundle(version: u64, _dir: &std::path::Path) -> String {
+    format!(
+        "version: {version}\nname: fleet-v{version}\nrules:\n  - id: fleet-block\n    on: request\n    patterns: [{{id: x, regex: 'fleet-forbidden'}}]\n    action: block\n"
+    )
+}
+
+#[test]
+fn a_bundle_published_to_the_fleet_reaches_a_running_node_and_bad_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(&dir.path().join("nats"));
+    let p = crate::harness::PolicyEnv::with_settings(
+        fleet_bundle,
+        &format!(
+            "ship:\n  nats:\n    url: \"{}\"\n    node: e2e-node\n",
+            nats.url()
+        ),
+    );
+    let publish = |file: &std::path::Path| {
+        crate::harness::sluice(&[
+            "policy",
+            "publish",
+            &file.display().to_string(),
+            "--nats",
+            &nats.url(),
+        ])
+    };
+    let out = publish(&p.signed(11, "team"));
+    assert!(out.status.success(), "{}", text(&out));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.version() != 11 {
+        assert!(
+            Instant::now() < deadline,
+            "bundle 11 never arrived:\n{}",
+            p.env.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Signed by a key this node does not trust: refused here (the
+    // transport is not trusted), audited, and 11 stays in force.
+    let out = crate::harness::sluice(&[
+        "policy",
+        "keygen",
+        &p.keys.join("other").display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let wait_audit = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let audit = text(&p.env.node.cli(&["audit", "--kind", "policy"]));
+            if audit.contains(what) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "`{what}` not audited:\n{audit}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let out = publish(&p.signed(12, "other"));
+    assert!(out.status.success(), "{}", text(&out));
+    wait_audit("does not trust");
+    // An older version, properly signed: not newer than the one in force.
+    let out = publish(&p.signed(9, "team"));
+    assert!(out.status.success(), "{}", text(&out));
+    wait_audit("bundle version 9 is not newer");
+    assert_eq!(p.version(), 11);
+    // Not a signed bundle at all: refused by the publisher.
+    let junk = dir.path().join("junk.jws");
+    std::fs::write(&junk, "version: 99\n").unwrap();
+    assert!(!publish(&junk).status.success());
+}

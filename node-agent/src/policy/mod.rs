@@ -2,6 +2,7 @@
 //! and rule tables, swapped in atomically so live connections keep going
 //! (each request reads the policy in force when it starts).
 pub mod bundle;
+pub mod fleet;
 pub mod sign;
 
 use std::{
