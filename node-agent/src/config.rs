@@ -672,6 +672,21 @@ impl Config {
         if !self.proxy.listen_v6.is_loopback() {
             return Err(bad("proxy.listen_v6".into(), "must be ::1".into()));
         }
+        if self.spool.enabled
+            && self.ship.nats.is_none()
+            && self.spool.when_full == WhenFull::FailClosed
+        {
+            return Err(bad(
+                "spool.when_full".into(),
+                "a spool without `ship.nats` is drained by nothing the node knows of (file shippers do not delete): set `when_full: drop-oldest`, or configure `ship.nats`".into(),
+            ));
+        }
+        if self.spool.segment_bytes == 0 || self.spool.max_bytes < self.spool.segment_bytes {
+            return Err(bad(
+                "spool.max_bytes".into(),
+                "must be at least `spool.segment_bytes` (and that more than 0)".into(),
+            ));
+        }
         if self.watch.cgroups.is_empty() && self.watch.patterns.is_empty() {
             return Err(bad(
                 "watch.cgroups".into(),

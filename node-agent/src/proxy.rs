@@ -405,6 +405,18 @@ impl Proxy {
             refuse(client);
             return;
         }
+        if self
+            .spool
+            .as_ref()
+            .is_some_and(|s| s.full.load(Ordering::Relaxed))
+        {
+            return self.refuse_recorded(
+                r,
+                client,
+                "evidence spool full (spool.when_full: fail-closed): recording cannot be shipped"
+                    .into(),
+            );
+        }
         if let Some(why) = self
             .quarantine
             .reason_for(r.identity.cgroup_path.as_deref())

@@ -557,3 +557,88 @@ fn a_bundle_published_to_the_fleet_reaches_a_running_node_and_bad_ones_do_not() 
     std::fs::write(&junk, "version: 99\n").unwrap();
     assert!(!publish(&junk).status.success());
 }
+
+#[test]
+fn a_full_spool_fails_closed_or_drops_the_oldest_as_configured() {
+    // Shipping to a NATS that is not there: the spool fills.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = Env::https(&format!(
+        "spool:\n  max_bytes: 16384\n  segment_bytes: 4096\nship:\n  nats:\n    url: \"nats://127.0.0.1:{port}\"\n    node: e2e-node\n"
+    ));
+    let _trust = env.trust_node_ca();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let refused = loop {
+        let out = env.curl(
+            "api.fake.test",
+            443,
+            "/json",
+            &["-o", "/dev/null", "-w", "%{http_code}"],
+        );
+        if String::from_utf8_lossy(&out.stdout) != "200" {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spool never filled: {}",
+            env.node.status()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!refused.status.success(), "{}", text(&refused));
+    let status = env.node.status();
+    assert!(
+        status["spool"].as_str().unwrap().contains("FULL"),
+        "{status:#}"
+    );
+    assert_eq!(status["shipping_connected"], false);
+    let last = env.node.sessions();
+    assert!(
+        last.iter().any(|s| s["outcome"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("evidence spool full"))),
+        "{last:#?}"
+    );
+    drop(env);
+
+    // drop-oldest: the node keeps serving and says what it dropped.
+    let env = Env::https("spool:\n  enabled: true\n  max_bytes: 16384\n  segment_bytes: 4096\n  when_full: drop-oldest\n");
+    let _trust = env.trust_node_ca();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = env.curl(
+            "api.fake.test",
+            443,
+            "/json",
+            &["-o", "/dev/null", "-w", "%{http_code}"],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "200",
+            "{}",
+            text(&out)
+        );
+        if env.node.status()["spool"]
+            .as_str()
+            .unwrap()
+            .contains("DROPPED")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing dropped: {}",
+            env.node.status()
+        );
+    }
+    let bytes: u64 = std::fs::read_dir(env.state_dir().join("spool"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(bytes <= 16384 + 8192, "spool holds {bytes} bytes");
+}

@@ -65,6 +65,8 @@ pub struct SpoolStatus {
     pub acked: AtomicU64,
     pub bytes: AtomicU64,
     pub dropped_events: AtomicU64,
+    /// Fail-closed spool that cannot take more (full, or writes failing):
+    /// new connections are refused until it can.
     pub full: AtomicBool,
     pub connected: AtomicBool,
     /// `at_ms` of the oldest event not yet acknowledged (0: none).
@@ -223,20 +225,20 @@ impl Spool {
                         Ok(false) => std::thread::sleep(Duration::from_millis(100)),
                         Err(e) => {
                             error!(error = %e, "spool write failed");
-                            *this.status.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(e.to_string());
+                            *this
+                                .status
+                                .last_error
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                            // Fail closed: what cannot be spooled stops new
+                            // connections (`Proxy` checks `full`).
                             if this.settings.when_full == WhenFull::FailClosed {
-                                health.failed(&e);
+                                this.status.full.store(true, Ordering::Relaxed);
                             }
                             std::thread::sleep(Duration::from_millis(500));
                         }
                     }
-                    // Fail closed: a full spool stops new connections.
-                    if this.status.full.load(Ordering::Relaxed)
-                        && this.settings.when_full == WhenFull::FailClosed
-                    {
-                        health.failed(&"the evidence spool is full (spool.max_bytes); shipping has not freed space");
-                    }
+                    let _ = &health;
                 }
             })?;
         Ok(())
@@ -286,6 +288,7 @@ impl Spool {
         if let Some(first) = first {
             self.write(first, &batch, events.first().map_or(0, |e| e.at_ms))?;
         }
+        self.status.full.store(false, Ordering::Relaxed);
         cur.pos = next;
         cur.next_seq = last_seq;
         let c = serde_json::to_vec(cur).unwrap_or_default();
