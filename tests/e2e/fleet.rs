@@ -642,3 +642,17 @@ fn a_full_spool_fails_closed_or_drops_the_oldest_as_configured() {
         .sum();
     assert!(bytes <= 16384 + 8192, "spool holds {bytes} bytes");
 }
+
+#[test]
+fn the_documented_alert_rules_load_in_prometheus() {
+    let out = Command::new("promtool")
+        .args([
+            "check",
+            "rules",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/alerts.yml"),
+        ])
+        .output()
+        .expect("promtool (Debian's prometheus package)");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("SUCCESS"), "{}", text(&out));
+}
