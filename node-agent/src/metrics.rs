@@ -64,6 +64,14 @@ pub struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApprovalLabels {
+    pub target: String,
+    pub rule: String,
+    /// approved, denied, timed_out
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KernelLabels {
     pub event: String,
 }
@@ -77,6 +85,7 @@ pub struct Metrics {
     pub exchanges: Family<ExchangeLabels, Counter>,
     pub statements: Family<StatementLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
+    pub approvals_decided: Family<ApprovalLabels, Counter>,
     pub kernel: Family<KernelLabels, Counter>,
     pub connections_active: Gauge,
     pub approvals_pending: Gauge,
@@ -102,6 +111,7 @@ impl Default for Metrics {
             exchanges: Family::default(),
             statements: Family::default(),
             decisions: Family::default(),
+            approvals_decided: Family::default(),
             kernel: Family::default(),
             connections_active: Gauge::default(),
             approvals_pending: Gauge::default(),
@@ -139,6 +149,11 @@ impl Default for Metrics {
             "policy_decisions",
             "Policy decisions (mask, block, approve, log), by target, rule and action",
             m.decisions.clone(),
+        );
+        registry.register(
+            "approvals_decided",
+            "Held requests and statements decided, by target, rule and decision",
+            m.approvals_decided.clone(),
         );
         registry.register(
             "kernel_events",
@@ -311,6 +326,22 @@ impl Metrics {
 
     fn decided(&self, target: &str, decisions: &[Decision]) {
         for d in decisions {
+            if d.action == "approve" {
+                // The approval's outcome, as recorded in the decision.
+                let detail = d.detail.as_deref().unwrap_or_default();
+                let decision = ["approved", "denied", "timed_out"]
+                    .into_iter()
+                    .find(|k| detail.contains(&format!("\"decision\":\"{k}\"")));
+                if let Some(decision) = decision {
+                    self.approvals_decided
+                        .get_or_create(&ApprovalLabels {
+                            target: target.into(),
+                            rule: d.rule.clone(),
+                            decision: decision.into(),
+                        })
+                        .inc();
+                }
+            }
             self.decisions
                 .get_or_create(&DecisionLabels {
                     target: target.into(),

@@ -390,6 +390,15 @@ fn approvals_and_suspension_apply_to_statements() {
     assert!(out.status.success(), "{}", text(&out));
     let out = held.wait_with_output().unwrap();
     assert_eq!(ok(&out, "held select", &p).trim(), "100");
+    let metrics = std::process::Command::new("curl")
+        .args(["-sS", &format!("http://{}/metrics", p.env.metrics_addr())])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains(r#"sluice_approvals_decided_total{target="shop-db",rule="payroll-needs-approval",decision="approved"} 1"#),
+        "{metrics}"
+    );
 
     // Suspended: the open session's next statement is refused, and new
     // sessions are not let in.
