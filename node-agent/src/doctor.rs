@@ -43,7 +43,90 @@ pub fn run(cfg: &Config, state_dir: &Path) -> Vec<Check> {
     cgroups(cfg, &mut out);
     targets(cfg, &mut out);
     ca(state_dir, &mut out);
+    fleet(cfg, state_dir, &mut out);
     out
+}
+
+/// NATS reachable (a TCP connection to the configured server), the spool
+/// directory writable and how far it is behind.
+fn fleet(cfg: &Config, state_dir: &Path, out: &mut Vec<Check>) {
+    let Some(n) = &cfg.ship.nats else {
+        out.push(check(
+            Level::Ok,
+            "NATS",
+            "evidence shipping not configured (ship.nats)",
+        ));
+        return;
+    };
+    let hostport = n
+        .url
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("nats://")
+        .trim_start_matches("tls://")
+        .rsplit('@')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let hostport = if hostport.contains(':') {
+        hostport
+    } else {
+        format!("{hostport}:4222")
+    };
+    let reach = hostport
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())
+        .and_then(|mut a| a.next().ok_or_else(|| "no address".to_owned()))
+        .and_then(|a| {
+            std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(3))
+                .map_err(|e| e.to_string())
+        });
+    out.push(match reach {
+        Ok(_) => check(Level::Ok, "NATS", format!("{} reachable", n.url)),
+        Err(e) => check(
+            Level::Warn,
+            "NATS",
+            format!(
+                "{} not reachable ({e}): evidence waits in the spool, the bundle in force stays",
+                n.url
+            ),
+        ),
+    });
+    let dir = cfg
+        .spool
+        .dir
+        .clone()
+        .unwrap_or_else(|| state_dir.join("spool"));
+    let probe = dir.join(".doctor");
+    let writable = std::fs::create_dir_all(&dir)
+        .and_then(|_| std::fs::write(&probe, b"x"))
+        .and_then(|_| std::fs::remove_file(&probe));
+    out.push(match writable {
+        Ok(()) => {
+            let bytes: u64 = crate::spool::segments(&dir)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|(_, p)| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum();
+            let pct = bytes * 100 / cfg.spool.max_bytes.max(1);
+            check(
+                if pct >= 80 { Level::Warn } else { Level::Ok },
+                "spool",
+                format!(
+                    "{} writable, {bytes} bytes ({pct}% of spool.max_bytes, when full: {:?})",
+                    dir.display(),
+                    cfg.spool.when_full
+                ),
+            )
+        }
+        Err(e) => check(
+            Level::Fail,
+            "spool",
+            format!("{} not writable: {e}", dir.display()),
+        ),
+    });
 }
 
 fn kernel(out: &mut Vec<Check>) {

@@ -458,6 +458,18 @@ fn evidence_is_shipped_to_jetstream_once_in_order_through_outages_and_kill_9() {
     get(&env, 3);
     let t = wait_stream_matches(&env, &nats);
     assert!(t.contains(", 0 duplicate"), "{t}");
+    let doctor = env.node.cli(&[
+        "doctor",
+        "--config",
+        &env.config_path().display().to_string(),
+        "--state-dir",
+        &env.state_dir().display().to_string(),
+    ]);
+    let d = text(&doctor);
+    assert!(
+        d.contains("reachable") && d.contains("spool") && d.contains("writable"),
+        "{d}"
+    );
 
     // The server goes away: the node keeps serving and spooling.
     nats.down();
