@@ -40,6 +40,17 @@ pub enum Outcome {
     TimedOut,
 }
 
+impl Outcome {
+    /// Why the held request or statement may not go on (`None`: approved).
+    pub fn denial(&self, timeout_secs: u64) -> Option<String> {
+        match self {
+            Outcome::Approved { .. } => None,
+            Outcome::Denied { reason, .. } => Some(format!("denied: {reason}")),
+            Outcome::TimedOut => Some(format!("no approval within {timeout_secs}s")),
+        }
+    }
+}
+
 /// Requests held at once, in all and per identity: beyond, a new request
 /// is denied at once (a job must not grow the queue, or bury requests an
 /// operator should see, by firing held requests in a loop).

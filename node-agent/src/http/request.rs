@@ -11,12 +11,7 @@ use hyper::{body::Incoming, http::request::Parts, StatusCode};
 use tracing::{info, warn};
 
 use super::{decode::Encoding, HttpSession, CREDENTIAL_HEADERS};
-use crate::{
-    approvals::{self, Pending},
-    policy::Verdict,
-    record::Exchange,
-    scan::json,
-};
+use crate::{approvals::Pending, policy::Verdict, record::Exchange, scan::json};
 
 /// A request the node answers itself.
 pub struct Refusal {
@@ -209,13 +204,7 @@ impl HttpSession {
                 if let Some(d) = ex.decisions.iter_mut().find(|d| d.rule == rule) {
                     d.detail = Some(detail);
                 }
-                let denial = match outcome {
-                    approvals::Outcome::Approved { .. } => None,
-                    approvals::Outcome::Denied { reason, .. } => Some(format!("denied: {reason}")),
-                    approvals::Outcome::TimedOut => {
-                        Some(format!("no approval within {timeout_secs}s"))
-                    }
-                };
+                let denial = outcome.denial(timeout_secs);
                 // A suspension while held also denies.
                 let denial = denial.or_else(|| {
                     self.suspensions

@@ -32,12 +32,7 @@ fn subject(bucket: &str) -> String {
 }
 
 async fn bucket(url: &str, name: &str) -> Result<(jetstream::Context, stream::Stream), FleetError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
-        .await
-        .map_err(nats)?;
-    let js = jetstream::new(client);
+    let js = crate::spool::ship::connect(url).await.map_err(nats)?;
     let s = js
         .get_or_create_stream(stream::Config {
             name: format!("KV_{name}"),

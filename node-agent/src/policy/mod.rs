@@ -127,6 +127,27 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    /// The verdict of a matched `block` or `approve` rule.
+    fn of(r: &bundle::Rule) -> Self {
+        let message = r
+            .message
+            .clone()
+            .unwrap_or_else(|| format!("matched policy rule {}", r.id));
+        match r.action {
+            Action::Block => Verdict::Block {
+                rule: r.id.clone(),
+                message,
+            },
+            _ => Verdict::Approve {
+                rule: r.id.clone(),
+                message,
+                timeout_secs: r.timeout_secs.unwrap_or(60),
+            },
+        }
+    }
+}
+
 pub struct CompiledPolicy {
     pub version: u64,
     /// When this node compiled it (start-up or push), Unix ms.
@@ -525,21 +546,7 @@ impl CompiledPolicy {
                 });
             }
             if decisive {
-                let message = r
-                    .message
-                    .clone()
-                    .unwrap_or_else(|| format!("matched policy rule {}", r.id));
-                verdict = match r.action {
-                    Action::Block => Verdict::Block {
-                        rule: r.id.clone(),
-                        message,
-                    },
-                    _ => Verdict::Approve {
-                        rule: r.id.clone(),
-                        message,
-                        timeout_secs: r.timeout_secs.unwrap_or(60),
-                    },
-                };
+                verdict = Verdict::of(r);
             }
         }
         Ok((verdict, decisions))
@@ -701,21 +708,7 @@ impl CompiledPolicy {
                 detail: r.message.clone(),
             });
             if decisive {
-                let message = r
-                    .message
-                    .clone()
-                    .unwrap_or_else(|| format!("matched policy rule {}", r.id));
-                verdict = match r.action {
-                    Action::Block => Verdict::Block {
-                        rule: r.id.clone(),
-                        message,
-                    },
-                    _ => Verdict::Approve {
-                        rule: r.id.clone(),
-                        message,
-                        timeout_secs: r.timeout_secs.unwrap_or(60),
-                    },
-                };
+                verdict = Verdict::of(r);
             }
         }
         Ok((verdict, decisions))

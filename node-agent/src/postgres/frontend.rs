@@ -294,13 +294,7 @@ impl Frontend {
                 if let Some(d) = record.decisions.iter_mut().find(|d| d.rule == rule) {
                     d.detail = Some(serde_json::to_string(&outcome).unwrap_or_default());
                 }
-                let denial = match outcome {
-                    approvals::Outcome::Approved { .. } => None,
-                    approvals::Outcome::Denied { reason, .. } => Some(format!("denied: {reason}")),
-                    approvals::Outcome::TimedOut => {
-                        Some(format!("no approval within {timeout_secs}s"))
-                    }
-                };
+                let denial = outcome.denial(timeout_secs);
                 let denial = denial.or_else(|| {
                     self.ctx
                         .suspended()

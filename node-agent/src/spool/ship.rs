@@ -32,6 +32,16 @@ fn nats(e: impl std::fmt::Display) -> ShipError {
     ShipError::Nats(e.to_string())
 }
 
+/// A JetStream context on `url` (5 s to connect); shipping, the fleet's
+/// bundle and `verify --stream` all start here.
+pub async fn connect(url: &str) -> Result<jetstream::Context, async_nats::ConnectError> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await?;
+    Ok(jetstream::new(client))
+}
+
 /// The stream evidence goes to (created if missing).
 pub async fn stream(
     js: &jetstream::Context,
@@ -70,12 +80,7 @@ pub async fn run(spool: Arc<Spool>, cfg: NatsSettings) {
 }
 
 async fn session(spool: &Arc<Spool>, cfg: &NatsSettings) -> Result<(), ShipError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(cfg.url.as_str())
-        .await
-        .map_err(nats)?;
-    let js = jetstream::new(client);
+    let js = connect(&cfg.url).await.map_err(nats)?;
     stream(&js, cfg).await?;
     spool.status.connected.store(true, Ordering::Relaxed);
     *spool
@@ -200,12 +205,7 @@ pub async fn verify_stream(
     prefix: &str,
     node: &str,
 ) -> Result<StreamReport, ShipError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
-        .await
-        .map_err(nats)?;
-    let js = jetstream::new(client);
+    let js = connect(url).await.map_err(nats)?;
     let mut stream = js.get_stream(stream_name).await.map_err(nats)?;
     let state = stream.info().await.map_err(nats)?.state.clone();
     let want = format!("{prefix}.{}.", line::token(node));
