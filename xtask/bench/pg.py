@@ -219,6 +219,10 @@ def main():
                 server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 server.kill()
+            # runuser may go before its postgres does: stop it by its data dir.
+            sh("pkill -INT -f 'postgres -D %s'" % os.path.join(tmp, "pg", "data"), check=False)
+            time.sleep(1)
+            sh("pkill -KILL -f 'postgres -D %s'" % os.path.join(tmp, "pg", "data"), check=False)
         sh("ip netns del %s" % NS, check=False)
         sh("ip link del %s" % HOST_IF, check=False)
         try:
