@@ -139,6 +139,14 @@ pub struct NatsSettings {
     /// policy floor checked here). `null`: not watched.
     #[serde(default = "default_bundles_bucket")]
     pub bundles_bucket: Option<String>,
+    /// PEM roots for the server's TLS certificate; set, TLS is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// User name; the password is read from `password_file` (0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 fn default_bundles_bucket() -> Option<String> {

@@ -216,7 +216,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         if let Some(bucket) = n.bundles_bucket.clone() {
             tokio::spawn(crate::policy::fleet::watch(
                 proxy.policy.clone(),
-                n.url.clone(),
+                crate::spool::ship::Endpoint::from(n),
                 bucket,
             ));
         }

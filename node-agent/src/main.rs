@@ -94,6 +94,8 @@ enum Cmd {
         stream_name: String,
         #[arg(long, default_value = "sluice.evidence")]
         subject_prefix: String,
+        #[command(flatten)]
+        nats_auth: NatsAuth,
     },
     /// The node's internal CA.
     Ca {
@@ -147,6 +149,8 @@ enum PolicyCmd {
         nats: String,
         #[arg(long, default_value = "SLUICE_BUNDLES")]
         bucket: String,
+        #[command(flatten)]
+        nats_auth: NatsAuth,
     },
     /// The policy in force.
     Show {
@@ -708,12 +712,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             node,
             stream_name,
             subject_prefix,
+            nats_auth,
             ..
         } => {
             let node = node.context("--node names the node whose chain to check")?;
-            let r =
-                node_agent::spool::ship::verify_stream(&url, &stream_name, &subject_prefix, &node)
-                    .await?;
+            let r = node_agent::spool::ship::verify_stream(
+                &nats_auth.endpoint(url),
+                &stream_name,
+                &subject_prefix,
+                &node,
+            )
+            .await?;
             match r.first_break {
                 None => println!(
                     "ok: {} event(s) of node {node} in stream {stream_name} (seq {}..{}), chain intact, {} duplicate message(s)",
@@ -740,6 +749,29 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// TLS roots and a user for a NATS server (as in `ship.nats`).
+#[derive(clap::Args, Debug)]
+struct NatsAuth {
+    /// PEM roots for the server's certificate (TLS then required).
+    #[arg(long)]
+    nats_ca: Option<PathBuf>,
+    #[arg(long, requires = "nats_password_file")]
+    nats_user: Option<String>,
+    #[arg(long)]
+    nats_password_file: Option<PathBuf>,
+}
+
+impl NatsAuth {
+    fn endpoint(self, url: String) -> node_agent::spool::ship::Endpoint {
+        node_agent::spool::ship::Endpoint {
+            url,
+            tls_ca: self.nats_ca,
+            user: self.nats_user,
+            password_file: self.nats_password_file,
+        }
+    }
 }
 
 async fn fetch_session(
@@ -877,12 +909,17 @@ async fn policy_command(cmd: PolicyCmd, socket: &std::path::Path) -> anyhow::Res
                 out.display()
             );
         }
-        PolicyCmd::Publish { file, nats, bucket } => {
+        PolicyCmd::Publish {
+            file,
+            nats,
+            bucket,
+            nats_auth,
+        } => {
             let jws = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             // Refuse what no node would take: it must at least be signed.
             policy::sign::verify_unsigned_shape(&jws)?;
-            let rev = policy::fleet::publish(&nats, &bucket, &jws).await?;
+            let rev = policy::fleet::publish(&nats_auth.endpoint(nats), &bucket, &jws).await?;
             println!(
                 "published {} to {bucket}/{} (revision {rev})",
                 file.display(),

@@ -335,10 +335,15 @@ struct Nats {
     child: Option<Child>,
     port: u16,
     dir: std::path::PathBuf,
+    args: Vec<String>,
 }
 
 impl Nats {
     fn start(dir: &std::path::Path) -> Self {
+        Self::start_with(dir, Vec::new())
+    }
+
+    fn start_with(dir: &std::path::Path, args: Vec<String>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -348,6 +353,7 @@ impl Nats {
             child: None,
             port,
             dir: dir.to_owned(),
+            args,
         };
         n.up();
         n
@@ -365,6 +371,7 @@ impl Nats {
                 "-sd",
             ])
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("nats.log")).unwrap())
             .spawn()
@@ -667,4 +674,101 @@ fn the_documented_alert_rules_load_in_prometheus() {
         .expect("promtool (Debian's prometheus package)");
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("SUCCESS"), "{}", text(&out));
+}
+
+#[test]
+fn evidence_ships_over_tls_with_a_nats_user_and_strangers_read_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    crate::harness::must(&format!(
+        "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=nats-e2e-ca 2>/dev/null \
+         && openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null \
+         && printf 'subjectAltName=IP:127.0.0.1\\n' > ext.cnf \
+         && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext.cnf 2>/dev/null"
+    ));
+    let password = format!("pw-{}", std::process::id());
+    std::fs::write(dir.path().join("nats.pass"), format!("{password}\n")).unwrap();
+    let nats = Nats::start_with(
+        &dir.path().join("nats"),
+        vec![
+            "--tls".into(),
+            "--tlscert".into(),
+            format!("{d}/server.crt"),
+            "--tlskey".into(),
+            format!("{d}/server.key"),
+            "--user".into(),
+            "sluice".into(),
+            "--pass".into(),
+            password,
+        ],
+    );
+    let url = nats.url();
+    let cfg = format!(
+        "ship:\n  nats:\n    url: \"{url}\"\n    node: e2e-node\n    tls_ca: \"{d}/ca.pem\"\n    user: sluice\n    password_file: \"{d}/nats.pass\"\n"
+    );
+    let env = Env::https_with(move |_| cfg.clone());
+    let _trust = env.trust_node_ca();
+    let out = env.curl(
+        "api.fake.test",
+        443,
+        "/json",
+        &["-o", "/dev/null", "-w", "%{http_code}"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        text(&out)
+    );
+    let (ca, pass_file) = (format!("{d}/ca.pem"), format!("{d}/nats.pass"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let want = local_events(&env);
+        let out = crate::harness::sluice(&[
+            "verify",
+            "--stream",
+            &url,
+            "--node",
+            "e2e-node",
+            "--nats-ca",
+            &ca,
+            "--nats-user",
+            "sluice",
+            "--nats-password-file",
+            &pass_file,
+        ]);
+        let t = text(&out);
+        if out.status.success() && t.contains(&format!("ok: {want} event(s)")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stream never caught up: {t}\n{}",
+            env.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Without the user, or without trusting the server, nothing is read.
+    let out = crate::harness::sluice(&[
+        "verify",
+        "--stream",
+        &url,
+        "--node",
+        "e2e-node",
+        "--nats-ca",
+        &ca,
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = crate::harness::sluice(&[
+        "verify",
+        "--stream",
+        &url,
+        "--node",
+        "e2e-node",
+        "--nats-user",
+        "sluice",
+        "--nats-password-file",
+        &pass_file,
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
 }

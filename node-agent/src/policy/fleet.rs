@@ -31,8 +31,11 @@ fn subject(bucket: &str) -> String {
     format!("$KV.{bucket}.{KEY}")
 }
 
-async fn bucket(url: &str, name: &str) -> Result<(jetstream::Context, stream::Stream), FleetError> {
-    let js = crate::spool::ship::connect(url).await.map_err(nats)?;
+async fn bucket(
+    ep: &crate::spool::ship::Endpoint,
+    name: &str,
+) -> Result<(jetstream::Context, stream::Stream), FleetError> {
+    let js = crate::spool::ship::connect(ep).await.map_err(nats)?;
     let s = js
         .get_or_create_stream(stream::Config {
             name: format!("KV_{name}"),
@@ -50,8 +53,12 @@ async fn bucket(url: &str, name: &str) -> Result<(jetstream::Context, stream::St
 
 /// Puts a signed bundle where every node will see it; returns the
 /// bucket's revision.
-pub async fn publish(url: &str, bucket_name: &str, jws: &str) -> Result<u64, FleetError> {
-    let (js, _) = bucket(url, bucket_name).await?;
+pub async fn publish(
+    ep: &crate::spool::ship::Endpoint,
+    bucket_name: &str,
+    jws: &str,
+) -> Result<u64, FleetError> {
+    let (js, _) = bucket(ep, bucket_name).await?;
     let ack = js
         .publish(subject(bucket_name), jws.trim().to_owned().into())
         .await
@@ -62,10 +69,15 @@ pub async fn publish(url: &str, bucket_name: &str, jws: &str) -> Result<u64, Fle
 }
 
 /// Watches the bucket and applies each new bundle, until the process ends.
-pub async fn watch(engine: Arc<PolicyEngine>, url: String, bucket_name: String) {
+pub async fn watch(
+    engine: Arc<PolicyEngine>,
+    ep: crate::spool::ship::Endpoint,
+    bucket_name: String,
+) {
+    let url = ep.url.clone();
     let mut backoff = Duration::from_millis(500);
     loop {
-        match watch_once(&engine, &url, &bucket_name).await {
+        match watch_once(&engine, &ep, &bucket_name).await {
             Ok(()) => backoff = Duration::from_millis(500),
             Err(e) => {
                 warn!(error = %e, %url, "fleet bundle watch interrupted; the bundle in force stays");
@@ -76,9 +88,13 @@ pub async fn watch(engine: Arc<PolicyEngine>, url: String, bucket_name: String) 
     }
 }
 
-async fn watch_once(engine: &Arc<PolicyEngine>, url: &str, name: &str) -> Result<(), FleetError> {
-    let (_, store) = bucket(url, name).await?;
-    info!(%url, bucket = name, "following the fleet's bundle");
+async fn watch_once(
+    engine: &Arc<PolicyEngine>,
+    ep: &crate::spool::ship::Endpoint,
+    name: &str,
+) -> Result<(), FleetError> {
+    let (_, store) = bucket(ep, name).await?;
+    info!(url = %ep.url, bucket = name, "following the fleet's bundle");
     let mut seen = 0u64;
     loop {
         match store.get_last_raw_message_by_subject(&subject(name)).await {

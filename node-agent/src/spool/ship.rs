@@ -32,13 +32,44 @@ fn nats(e: impl std::fmt::Display) -> ShipError {
     ShipError::Nats(e.to_string())
 }
 
-/// A JetStream context on `url` (5 s to connect); shipping, the fleet's
-/// bundle and `verify --stream` all start here.
-pub async fn connect(url: &str) -> Result<jetstream::Context, async_nats::ConnectError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
-        .await?;
+/// How to reach the NATS server: its URL, TLS roots (TLS then required)
+/// and a user with a password file.
+#[derive(Clone, Debug, Default)]
+pub struct Endpoint {
+    pub url: String,
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub user: Option<String>,
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+impl From<&NatsSettings> for Endpoint {
+    fn from(n: &NatsSettings) -> Self {
+        Self {
+            url: n.url.clone(),
+            tls_ca: n.tls_ca.clone(),
+            user: n.user.clone(),
+            password_file: n.password_file.clone(),
+        }
+    }
+}
+
+/// A JetStream context (5 s to connect); shipping, the fleet's bundle and
+/// `verify --stream` all start here.
+pub async fn connect(ep: &Endpoint) -> Result<jetstream::Context, ShipError> {
+    let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
+    if let Some(ca) = &ep.tls_ca {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some(user) = &ep.user {
+        let path = ep
+            .password_file
+            .as_ref()
+            .ok_or_else(|| ShipError::Nats("`user` needs `password_file`".into()))?;
+        let pass = std::fs::read_to_string(path)
+            .map_err(|e| ShipError::Nats(format!("{}: {e}", path.display())))?;
+        opts = opts.user_and_password(user.clone(), pass.trim().to_owned());
+    }
+    let client = opts.connect(ep.url.as_str()).await.map_err(nats)?;
     Ok(jetstream::new(client))
 }
 
@@ -80,7 +111,7 @@ pub async fn run(spool: Arc<Spool>, cfg: NatsSettings) {
 }
 
 async fn session(spool: &Arc<Spool>, cfg: &NatsSettings) -> Result<(), ShipError> {
-    let js = connect(&cfg.url).await.map_err(nats)?;
+    let js = connect(&Endpoint::from(cfg)).await?;
     stream(&js, cfg).await?;
     spool.status.connected.store(true, Ordering::Relaxed);
     *spool
@@ -200,12 +231,12 @@ pub struct StreamReport {
 /// its content, each `prev` the hash before it, no sequence number
 /// missing between the first and the last.
 pub async fn verify_stream(
-    url: &str,
+    ep: &Endpoint,
     stream_name: &str,
     prefix: &str,
     node: &str,
 ) -> Result<StreamReport, ShipError> {
-    let js = connect(url).await.map_err(nats)?;
+    let js = connect(ep).await?;
     let mut stream = js.get_stream(stream_name).await.map_err(nats)?;
     let state = stream.info().await.map_err(nats)?.state.clone();
     let want = format!("{prefix}.{}.", line::token(node));
