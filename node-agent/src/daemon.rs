@@ -206,7 +206,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .context("starting the memory trimmer")?;
 
     if let Some(sp) = &spool {
-        sp.spawn(store.clone(), proxy.health.clone())
+        sp.spawn(store.clone())
             .context("starting the spool thread")?;
         if let Some(n) = cfg.ship.nats.clone() {
             tokio::spawn(crate::spool::ship::run(sp.clone(), n));

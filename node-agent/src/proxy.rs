@@ -384,9 +384,6 @@ impl Proxy {
             (r, recorded)
         };
         let (upstream, (mut r, recorded)) = tokio::join!(connect, attribute);
-        if r.outcome != Outcome::Open {
-            self.observe(&r);
-        }
         tracing::Span::current().record("workload", r.identity.id.as_str());
         if let Err(e) = recorded {
             // Fail closed: what cannot be recorded is not forwarded.
@@ -394,6 +391,15 @@ impl Proxy {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             self.health.failed(&e);
             warn!(error = %e, "cannot record the connection; refusing");
+            refuse(client);
+            return;
+        }
+        // Refused at attribution (not attributable to one job, or a loop
+        // to the proxy itself): already recorded as such.
+        if r.outcome != Outcome::Open {
+            self.observe(&r);
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(outcome = ?r.outcome, "refusing connection");
             refuse(client);
             return;
         }
@@ -448,12 +454,6 @@ impl Proxy {
             };
             r.ended_at_ms = Some(now_ms());
             self.record(&r, "connection.refused");
-            refuse(client);
-            return;
-        }
-        if r.identity.unattributed.is_some() {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(outcome = ?r.outcome, "connection not attributable to one job; refusing");
             refuse(client);
             return;
         }

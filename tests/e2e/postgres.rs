@@ -205,6 +205,16 @@ fn sslmodes_and_channel_binding() {
         ok(&select(&verify_full(&p, APP_ROLE)), "verify-full", &p).trim(),
         APP_ROLE
     );
+    // A replication connection would stream rows past every rule: refused.
+    let out = p.psql(
+        &format!("{} replication=database", verify_full(&p, APP_ROLE)),
+        &["-c", "IDENTIFY_SYSTEM"],
+    );
+    let t = text(&out);
+    assert!(
+        !out.status.success() && t.contains("replication connections"),
+        "{t}"
+    );
     // Without the node's CA, verify-full refuses the node (nothing else
     // vouches for `db.fake.test`).
     let out = select(&p.conninfo(

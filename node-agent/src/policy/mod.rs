@@ -209,21 +209,22 @@ pub fn builtin_pack_scanner(name: &str, max_window: usize) -> Result<Scanner, Po
         .ok_or_else(|| PolicyError::Parse(format!("no built-in pack `{name}`")))?;
     let pack: Pack = serde_yaml::from_str(yaml)
         .map_err(|e| PolicyError::Parse(format!("built-in pack {name}: {e}")))?;
-    let specs = pack
-        .patterns
-        .into_iter()
-        .map(|d| PatternSpec {
-            id: d.id,
-            rule: 0,
-            regex: d.regex,
-            caseless: d.caseless,
-            luhn: d.luhn,
-            prefilter: d.prefilter,
-            min_entropy: d.min_entropy,
-            deny: d.deny,
-        })
-        .collect();
+    let specs = pack.patterns.into_iter().map(|d| spec(d, 0)).collect();
     Ok(Scanner::compile(specs, max_window)?)
+}
+
+/// A bundle pattern as the scanner takes it, for rule `rule`.
+fn spec(d: bundle::PatternDef, rule: usize) -> PatternSpec {
+    PatternSpec {
+        id: d.id,
+        rule,
+        regex: d.regex,
+        caseless: d.caseless,
+        luhn: d.luhn,
+        prefilter: d.prefilter,
+        min_entropy: d.min_entropy,
+        deny: d.deny,
+    }
 }
 
 impl CompiledPolicy {
@@ -359,16 +360,7 @@ impl CompiledPolicy {
                 Direction::Result => &mut res,
             };
             for d in defs {
-                target.push(PatternSpec {
-                    id: d.id,
-                    rule: i,
-                    regex: d.regex,
-                    caseless: d.caseless,
-                    luhn: d.luhn,
-                    prefilter: d.prefilter,
-                    min_entropy: d.min_entropy,
-                    deny: d.deny,
-                });
+                target.push(spec(d, i));
             }
         }
         let mut bundle = bundle;

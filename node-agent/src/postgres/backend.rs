@@ -81,11 +81,17 @@ impl Backend {
                 match f.queue.front_mut() {
                     Some(Entry::Describe { portal, name }) => {
                         let (portal, name) = (*portal, std::mem::take(name));
-                        if portal {
-                            f.portal_desc.insert(name, fields);
+                        let map = if portal {
+                            &mut f.portal_desc
                         } else {
-                            f.statement_desc.insert(name, fields);
+                            &mut f.statement_desc
+                        };
+                        // Bounded: a job describing without end only loses
+                        // descriptions (its rows are then masked whole).
+                        if map.len() >= super::MAX_NAMED && !map.contains_key(&name) {
+                            map.clear();
                         }
+                        map.insert(name, fields);
                         f.queue.pop_front();
                     }
                     Some(Entry::Statement(s)) => s.desc = Some(fields),

@@ -158,8 +158,12 @@ impl Frontend {
                     let name = codec::cstr(&mut body)?;
                     if kind == b'P' {
                         self.portals.remove(&name);
+                        let mut f = lock(&self.flow);
+                        f.portal_desc.remove(&name);
+                        f.portal_statement.remove(&name);
                     } else {
                         self.statements.remove(&name);
+                        lock(&self.flow).statement_desc.remove(&name);
                     }
                     self.forward(&msg);
                 }

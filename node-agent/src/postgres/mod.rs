@@ -253,6 +253,21 @@ async fn run<C: Io + 'static>(
         application: param("application_name"),
     };
     let mut client = Reader::new(client, MAX_MESSAGE);
+    // A replication connection streams table contents as CopyData in its
+    // own grammar: neither statement rules nor result masking could see
+    // it. Refused (fail closed).
+    if let Some(mode) = param("replication").filter(|v| {
+        !matches!(
+            v.to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        )
+    }) {
+        let reason = format!(
+            "replication connections (replication={mode}) are not inspected: their rows would bypass statement rules and result masking"
+        );
+        fatal(&mut client, "42501", &format!("sluice: {reason}")).await;
+        return Err(PgError::Refused(reason));
+    }
     if let Some((_, reason)) = ctx.suspended() {
         let msg = codec::error_response(
             "FATAL",

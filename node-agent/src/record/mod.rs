@@ -1052,14 +1052,27 @@ impl RecordStore {
     }
 
     fn write_exchange(&self, ex: &Exchange, kind: &str) -> Result<(), RecordError> {
-        let body = serde_json::to_vec(ex).map_err(RecordError::Encode)?;
+        self.write_numbered(ex, ex.session, ex.seq, ex.state, kind)
+    }
+
+    /// An exchange or statement: numbered within its session, open while
+    /// `started` (marked interrupted at the next start if it stays so).
+    fn write_numbered<T: Serialize>(
+        &self,
+        record: &T,
+        session: u64,
+        seq: u32,
+        state: ExchangeState,
+        kind: &str,
+    ) -> Result<(), RecordError> {
+        let body = serde_json::to_vec(record).map_err(RecordError::Encode)?;
         self.s.append(
-            ex.session,
+            session,
             kind,
             &body,
             View::Exchange {
-                seq: ex.seq,
-                open: ex.state == ExchangeState::Started,
+                seq,
+                open: state == ExchangeState::Started,
             },
         )?;
         Ok(())
@@ -1076,17 +1089,7 @@ impl RecordStore {
     }
 
     fn write_statement(&self, st: &Statement, kind: &str) -> Result<(), RecordError> {
-        let body = serde_json::to_vec(st).map_err(RecordError::Encode)?;
-        self.s.append(
-            st.session,
-            kind,
-            &body,
-            View::Exchange {
-                seq: st.seq,
-                open: st.state == ExchangeState::Started,
-            },
-        )?;
-        Ok(())
+        self.write_numbered(st, st.session, st.seq, st.state, kind)
     }
 
     /// Every event below this sequence number is on disk (fsync'd).
@@ -1164,40 +1167,34 @@ impl RecordStore {
 
     /// A session's statements, in order (each as its latest event has it).
     pub fn statements(&self, session: u64) -> Result<Vec<Statement>, RecordError> {
-        let Some(slot) = self.s.index()?.get(session)? else {
-            return Ok(Vec::new());
-        };
-        let mut by_seq: std::collections::BTreeMap<u32, Statement> = Default::default();
-        for l in self.s.session_events(&slot, session)? {
-            if !l.kind.starts_with("statement") {
-                continue;
-            }
-            let st: Statement =
-                serde_json::from_slice(&l.body).map_err(|source| RecordError::Corrupt {
-                    key: format!("session {session} event {}", l.seq),
-                    source,
-                })?;
-            by_seq.insert(st.seq, st);
-        }
-        Ok(by_seq.into_values().collect())
+        self.latest_numbered(session, "statement", |st: &Statement| st.seq)
     }
 
     /// A session's exchanges, in order (each as its latest event has it).
     pub fn exchanges(&self, session: u64) -> Result<Vec<Exchange>, RecordError> {
+        self.latest_numbered(session, "exchange", |ex: &Exchange| ex.seq)
+    }
+
+    /// The latest version of each numbered record of one kind in a session.
+    fn latest_numbered<T: serde::de::DeserializeOwned>(
+        &self,
+        session: u64,
+        kind: &str,
+        seq: impl Fn(&T) -> u32,
+    ) -> Result<Vec<T>, RecordError> {
         let Some(slot) = self.s.index()?.get(session)? else {
             return Ok(Vec::new());
         };
-        let mut by_seq: std::collections::BTreeMap<u32, Exchange> = Default::default();
+        let mut by_seq: std::collections::BTreeMap<u32, T> = Default::default();
         for l in self.s.session_events(&slot, session)? {
-            if !l.kind.starts_with("exchange") {
+            if !l.kind.starts_with(kind) {
                 continue;
             }
-            let ex: Exchange =
-                serde_json::from_slice(&l.body).map_err(|source| RecordError::Corrupt {
-                    key: format!("session {session} event {}", l.seq),
-                    source,
-                })?;
-            by_seq.insert(ex.seq, ex);
+            let r: T = serde_json::from_slice(&l.body).map_err(|source| RecordError::Corrupt {
+                key: format!("session {session} event {}", l.seq),
+                source,
+            })?;
+            by_seq.insert(seq(&r), r);
         }
         Ok(by_seq.into_values().collect())
     }

@@ -28,7 +28,6 @@ use tracing::{error, warn};
 
 use crate::{
     config::{SpoolSettings, WhenFull},
-    proxy::RecordHealth,
     record::{LogPos, RecordStore},
 };
 
@@ -153,6 +152,13 @@ impl Spool {
             node,
         });
         s.status.acked.store(s.acked(), Ordering::Relaxed);
+        // What is spooled already (lines past the cursor included: a crash
+        // between a segment's fsync and the cursor's rename).
+        let spooled = s
+            .cursor()
+            .next_seq
+            .max(s.last_spooled().map_or(0, |l| l + 1));
+        s.status.spooled.store(spooled, Ordering::Relaxed);
         s.status.bytes.store(s.disk_bytes(), Ordering::Relaxed);
         Ok(s)
     }
@@ -206,11 +212,7 @@ impl Spool {
     }
 
     /// Follows the record log on its own thread until the process ends.
-    pub fn spawn(
-        self: &Arc<Self>,
-        store: Arc<RecordStore>,
-        health: Arc<RecordHealth>,
-    ) -> std::io::Result<()> {
+    pub fn spawn(self: &Arc<Self>, store: Arc<RecordStore>) -> std::io::Result<()> {
         let this = self.clone();
         std::thread::Builder::new()
             .name("sluice-spool".into())
@@ -238,7 +240,6 @@ impl Spool {
                             std::thread::sleep(Duration::from_millis(500));
                         }
                     }
-                    let _ = &health;
                 }
             })?;
         Ok(())

@@ -121,8 +121,12 @@ async fn session(spool: &Arc<Spool>, cfg: &NatsSettings) -> Result<(), ShipError
         .unwrap_or_else(|e| e.into_inner()) = None;
     info!(url = %cfg.url, stream = %cfg.stream, "shipping evidence to NATS JetStream");
     let prefix = format!("{}.{}", cfg.subject_prefix, line::token(&spool.node));
+    // How far this session has read the spool (segment, byte offset): only
+    // new lines are read again. A new session starts from the
+    // acknowledged position.
+    let mut read_to = None;
     loop {
-        let shipped = ship_available(spool, &js, &prefix).await?;
+        let shipped = ship_available(spool, &js, &prefix, &mut read_to).await?;
         if shipped == 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -135,8 +139,12 @@ async fn ship_available(
     spool: &Arc<Spool>,
     js: &jetstream::Context,
     prefix: &str,
+    read_to: &mut Option<(u64, u64)>,
 ) -> Result<usize, ShipError> {
     let acked = spool.status.acked.load(Ordering::Relaxed);
+    if spool.status.spooled.load(Ordering::Relaxed) <= acked {
+        return Ok(0);
+    }
     let segs = segments(&spool.dir).map_err(|e| {
         ShipError::Spool(super::SpoolError::Io {
             path: spool.dir.clone(),
@@ -147,12 +155,18 @@ async fn ship_available(
     let mut next = acked;
     let mut count = 0;
     for (i, (first, path)) in segs.iter().enumerate() {
-        // Skip segments wholly before the acknowledged position.
-        if segs.get(i + 1).is_some_and(|(n, _)| *n <= acked) {
+        // Skip segments wholly before the acknowledged position, or
+        // already read by this session.
+        if segs.get(i + 1).is_some_and(|(n, _)| *n <= acked)
+            || read_to.is_some_and(|(seg, _)| *first < seg)
+        {
             continue;
         }
-        let _ = first;
-        let text = tokio::fs::read(path).await.map_err(|e| {
+        let from = match *read_to {
+            Some((seg, off)) if seg == *first => off,
+            _ => 0,
+        };
+        let text = read_from(path, from).await.map_err(|e| {
             ShipError::Spool(super::SpoolError::Io {
                 path: path.clone(),
                 source: e,
@@ -179,12 +193,23 @@ async fn ship_available(
                 count += settle(spool, &mut in_flight, IN_FLIGHT / 2).await?;
             }
         }
+        *read_to = Some((*first, from + end as u64));
     }
     count += settle(spool, &mut in_flight, 0).await?;
     if count > 0 {
         spool.release();
     }
     Ok(count)
+}
+
+/// A spool segment's bytes from `offset` on.
+async fn read_from(path: &std::path::Path, offset: u64) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut f = tokio::fs::File::open(path).await?;
+    f.seek(std::io::SeekFrom::Start(offset)).await?;
+    let mut out = Vec::new();
+    f.read_to_end(&mut out).await?;
+    Ok(out)
 }
 
 /// Awaits acknowledgements, oldest first, until `keep` remain; the
