@@ -61,7 +61,7 @@ fi
 # network namespace.
 if [[ "${1:-}" == "bench" ]]; then
   need_bench=()
-  for pkg in nginx wrk nghttp2-client; do
+  for pkg in nginx wrk nghttp2-client pgbouncer; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_bench+=("$pkg")
   done
   if ((${#need_bench[@]})); then

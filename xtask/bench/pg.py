@@ -8,6 +8,13 @@ in one run.
           upstream, every statement classified with libpg_query, judged by
           a statement rule, recorded; rows under a masking rule) -> server
 
+  pgbouncer  the peer: Debian's PgBouncer (C, single-threaded, session
+          pooling) terminating the client's TLS and opening its own to the
+          server, with SCRAM on both sides: the same hops as the node, none
+          of its work on statements (no parse, no rules, no records). It
+          shows what two TLS sessions and four sockets per statement cost on
+          this machine before Sluice does anything.
+
 Workloads: select-only (-S) and TPC-B (pgbench's default), at 1 and 8
 clients, best of --runs interleaved runs of --secs seconds each. The server
 (Debian's PostgreSQL, initdb'd into a temporary directory, fsync off) lives
@@ -33,6 +40,7 @@ HOST_IP, DB_IP = "10.215.0.1", "10.215.0.2"
 CGROUP = "sluice-pgbench"
 NAME = "db.bench.test"
 SLUICE_PORT = 15997
+BOUNCER_PORT = 15998
 PG = "/usr/lib/postgresql/15/bin"
 PASSWORD = "bench-%d" % os.getpid()
 
@@ -95,6 +103,10 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--scale", type=int, default=10)
+    # Narrower runs, e.g. to profile one case: --workloads select-only --clients 8 --variants sluice
+    ap.add_argument("--workloads", default="select-only,tpc-b")
+    ap.add_argument("--clients", default="1,8")
+    ap.add_argument("--variants", default="direct,sluice,pgbouncer")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("pg bench needs root (network namespace, cgroup, eBPF)")
@@ -102,7 +114,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="sluice-pgbench-")
     os.chmod(tmp, 0o755)
     cg = os.path.join(cgroup2_root(), CGROUP)
-    server = node = None
+    server = node = bouncer = None
     try:
         sh("ip netns add %s" % NS)
         sh("ip link add %s type veth peer name %s" % (HOST_IF, PEER_IF))
@@ -171,25 +183,56 @@ def main():
         subprocess.run([sluice, "--socket", csock, "policy", "push", bundle[:-5] + ".jws"], check=True,
                        capture_output=True)
 
+        # The peer: PgBouncer with TLS on both sides, as the postgres user
+        # (it refuses to run as root), serving the server's certificate.
+        with open(os.path.join(pg, "userlist.txt"), "w") as f:
+            f.write('"bench" "%s"\n' % PASSWORD)
+        with open(os.path.join(pg, "pgbouncer.ini"), "w") as f:
+            f.write("[databases]\nbench = host=%s port=5432 dbname=bench\n"
+                    "[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = %d\nunix_socket_dir =\n"
+                    "auth_type = scram-sha-256\nauth_file = %s/userlist.txt\npool_mode = session\n"
+                    "max_client_conn = 64\ndefault_pool_size = 16\n"
+                    "client_tls_sslmode = require\nclient_tls_cert_file = %s/server.crt\n"
+                    "client_tls_key_file = %s/server.key\nserver_tls_sslmode = verify-ca\n"
+                    "server_tls_ca_file = %s/ca.pem\nlogfile = %s/pgbouncer.log\n"
+                    % (DB_IP, BOUNCER_PORT, pg, pg, pg, pg, pg))
+        shutil.copy(os.path.join(tmp, "ca.pem"), pg)
+        sh("chown -R postgres:postgres %s && chmod 600 %s/userlist.txt" % (pg, pg))
+        bouncer = subprocess.Popen(["runuser", "-u", "postgres", "--", "/usr/sbin/pgbouncer",
+                                    os.path.join(pg, "pgbouncer.ini")],
+                                   stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "pgbouncer.err"), "w"))
+        wait_until("pgbouncer", lambda: sh("%s/pg_isready -q -h 127.0.0.1 -p %d" % (PG, BOUNCER_PORT),
+                                           check=False).returncode == 0, proc=bouncer)
+        # runuser stays as the parent: the CPU to count is pgbouncer's own.
+        bouncer_pid = int(sh("pgrep -u postgres -x pgbouncer").stdout.split()[0])
+
         direct = ("host=%s hostaddr=%s dbname=bench user=bench sslmode=verify-full sslrootcert=%s/ca.pem"
                   % (NAME, DB_IP, tmp))
         via = ("host=%s hostaddr=%s dbname=bench user=bench sslmode=verify-full sslrootcert=%s/ca/ca.pem"
                % (NAME, DB_IP, state))
+        peer = ("host=%s hostaddr=127.0.0.1 port=%d dbname=bench user=bench sslmode=verify-full "
+                "sslrootcert=%s/ca.pem" % (NAME, BOUNCER_PORT, tmp))
         env = dict(os.environ, PGPASSWORD=PASSWORD)
         results = {}
         node_cpu = {}
-        cases = [(w, c) for w in ("select-only", "tpc-b") for c in (1, 8)]
+        cases = [(w, int(c)) for w in a.workloads.split(",") for c in a.clients.split(",")]
+        variants = a.variants.split(",")
         for run in range(a.runs):
             for (w, c) in cases:
-                for variant in ("direct", "sluice"):
+                for variant in variants:
                     if variant == "direct":
                         tps = pgbench(direct, c, w == "select-only", a.secs, env=env)
                     else:
-                        before = cpu_secs(node.pid)
-                        tps = pgbench(via, c, w == "select-only", a.secs, cgroup=cg)
-                        # Node CPU per transaction (connection set-up included).
-                        used = cpu_secs(node.pid) - before
-                        node_cpu[(w, c)] = min(node_cpu.get((w, c), 1e9), used / max(tps * a.secs, 1) * 1e6)
+                        pid = node.pid if variant == "sluice" else bouncer_pid
+                        before = cpu_secs(pid)
+                        if variant == "sluice":
+                            tps = pgbench(via, c, w == "select-only", a.secs, cgroup=cg)
+                        else:
+                            tps = pgbench(peer, c, w == "select-only", a.secs, env=env)
+                        # CPU per transaction (connection set-up included).
+                        used = cpu_secs(pid) - before
+                        k = (w, c, variant)
+                        node_cpu[k] = min(node_cpu.get(k, 1e9), used / max(tps * a.secs, 1) * 1e6)
                     key = (w, c, variant)
                     results[key] = max(results.get(key, 0.0), tps)
                     print("run %d %-11s %d client(s) %-6s %9.0f tps" % (run + 1, w, c, variant, tps), flush=True)
@@ -198,11 +241,15 @@ def main():
         print("pgbench through Sluice (TLS both sides, node SCRAM-PLUS login, per-statement audit,")
         print("a statement rule and a masking rule), best of %d runs of %ds, scale %d:" % (a.runs, a.secs, a.scale))
         print()
-        print("| workload | clients | direct tps | Sluice tps | Sluice / direct | node CPU per transaction |")
-        print("|---|---|---|---|---|---|")
+        print("| workload | clients | direct tps | Sluice tps | Sluice / direct | PgBouncer / direct "
+              "| Sluice / PgBouncer | CPU per transaction: Sluice, PgBouncer |")
+        print("|---|---|---|---|---|---|---|---|")
         for (w, c) in cases:
-            d, s = results[(w, c, "direct")], results[(w, c, "sluice")]
-            print("| %s | %d | %.0f | %.0f | %.2f× | %.0f µs |" % (w, c, d, s, s / d, node_cpu[(w, c)]))
+            if len(variants) < 3:
+                continue
+            d, s, b = (results[(w, c, v)] for v in ("direct", "sluice", "pgbouncer"))
+            print("| %s | %d | %.0f | %.0f | %.2f× | %.2f× | %.2f× | %.0f µs, %.0f µs |"
+                  % (w, c, d, s, s / d, b / d, s / b, node_cpu[(w, c, "sluice")], node_cpu[(w, c, "pgbouncer")]))
         if status.returncode == 0:
             print("\nnode status after the run: %s" % status.stdout.strip()[:400])
     finally:
@@ -213,6 +260,12 @@ def main():
             except subprocess.TimeoutExpired:
                 node.kill()
             subprocess.run([sluice, "detach", "--config", os.path.join(tmp, "sluice.yaml")], capture_output=True)
+        if bouncer is not None:
+            sh("pkill -INT -u postgres -x pgbouncer", check=False)
+            try:
+                bouncer.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                bouncer.kill()
         if server is not None:
             server.send_signal(2)
             try:

@@ -23,12 +23,49 @@ pub struct Classified {
 /// will run them) and classifies each. One parse for the common case of
 /// one statement; a string the parser refuses stays whole, with the error.
 pub fn split(sql: &str) -> Vec<Classified> {
-    if let Some(hit) = cache().get(sql) {
+    if let Some(hit) = exact().get(sql) {
         return hit.to_vec();
     }
-    let out = split_uncached(sql);
-    cache().put(sql, &out);
+    let key = shape_key(sql);
+    if let Some(facts) = key.as_deref().and_then(|k| shapes().get(k)) {
+        return vec![Classified {
+            text: sql.to_owned(),
+            facts,
+        }];
+    }
+    let (out, constants_irrelevant) = split_uncached(sql);
+    exact().put(sql, out.clone().into());
+    if let (Some(k), [one], true) = (key, &out[..], constants_irrelevant) {
+        shapes().put(&k, one.facts.clone());
+    }
     out
+}
+
+/// Facts about one statement (a query string holding several is judged
+/// by its most dangerous: every shape and table, the first class).
+pub fn classify(sql: &str) -> SqlFacts {
+    if let Some(hit) = exact().get(sql) {
+        if let [one] = &hit[..] {
+            return one.facts.clone();
+        }
+    }
+    let key = shape_key(sql);
+    if let Some(facts) = key.as_deref().and_then(|k| shapes().get(k)) {
+        return facts;
+    }
+    match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
+        Ok(p) => {
+            let facts = facts_of(&p);
+            if let (Some(k), true) = (key, constants_irrelevant(&p)) {
+                shapes().put(&k, facts.clone());
+            }
+            facts
+        }
+        Err(e) => SqlFacts {
+            parse_error: Some(e.to_string()),
+            ..SqlFacts::default()
+        },
+    }
 }
 
 /// Statements repeat (BEGIN, COMMIT, an ORM's queries): their facts are
@@ -36,29 +73,36 @@ pub fn split(sql: &str) -> Vec<Classified> {
 const CACHE_ENTRIES: usize = 2048;
 const CACHE_MAX_SQL: usize = 4096;
 
-#[derive(Default)]
-struct Cache {
-    map: HashMap<Arc<str>, Arc<[Classified]>>,
+/// A bounded map, oldest entry out first.
+struct Cache<V> {
+    map: HashMap<Arc<str>, V>,
     order: VecDeque<Arc<str>>,
 }
 
-struct Shared(Mutex<Cache>);
+struct Shared<V>(Mutex<Cache<V>>);
 
-impl Shared {
-    fn get(&self, sql: &str) -> Option<Arc<[Classified]>> {
-        if sql.len() > CACHE_MAX_SQL {
+impl<V: Clone> Shared<V> {
+    fn new() -> Self {
+        Shared(Mutex::new(Cache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }))
+    }
+
+    fn get(&self, key: &str) -> Option<V> {
+        if key.len() > CACHE_MAX_SQL {
             return None;
         }
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .map
-            .get(sql)
+            .get(key)
             .cloned()
     }
 
-    fn put(&self, sql: &str, v: &[Classified]) {
-        if sql.len() > CACHE_MAX_SQL {
+    fn put(&self, key: &str, v: V) {
+        if key.len() > CACHE_MAX_SQL {
             return;
         }
         let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -67,32 +111,109 @@ impl Shared {
                 c.map.remove(&old);
             }
         }
-        let key: Arc<str> = sql.into();
-        if c.map.insert(key.clone(), v.into()).is_none() {
+        let key: Arc<str> = key.into();
+        if c.map.insert(key.clone(), v).is_none() {
             c.order.push_back(key);
         }
     }
 }
 
-fn cache() -> &'static Shared {
-    static CACHE: OnceLock<Shared> = OnceLock::new();
-    CACHE.get_or_init(|| Shared(Mutex::new(Cache::default())))
+/// Facts by exact query text.
+fn exact() -> &'static Shared<Arc<[Classified]>> {
+    static CACHE: OnceLock<Shared<Arc<[Classified]>>> = OnceLock::new();
+    CACHE.get_or_init(Shared::new)
 }
 
-fn split_uncached(sql: &str) -> Vec<Classified> {
+/// Facts by statement shape: the text with each constant replaced by its
+/// kind (`shape_key`). Applications and drivers send the same statement
+/// with different literals (`WHERE aid = 81723`) far more often than the
+/// same text twice; parsing each costs more than everything else the node
+/// does per statement. Only statements whose facts cannot depend on a
+/// constant's value go in (see `constants_irrelevant`).
+fn shapes() -> &'static Shared<SqlFacts> {
+    static CACHE: OnceLock<Shared<SqlFacts>> = OnceLock::new();
+    CACHE.get_or_init(Shared::new)
+}
+
+/// The statement with its constants (numbers, strings, bit strings)
+/// replaced by a marker of their kind, cut into tokens by Postgres's own
+/// scanner (libpg_query), so a quote or comment is read exactly as the
+/// server reads it. Two texts with one key have the same tokens but for
+/// constant values, so the grammar takes the same path through both: the
+/// same statement type, tables, clauses. `None` for anything but one
+/// statement (a `;` only at the end), or what the scanner refuses.
+fn shape_key(sql: &str) -> Option<String> {
+    use pg_query::protobuf::Token;
+    // No tokens at all would hand the crate a null array (it builds a
+    // slice from it): whitespace has no shape anyway.
+    if sql.len() > CACHE_MAX_SQL || sql.trim().is_empty() {
+        return None;
+    }
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let mut key = String::with_capacity(sql.len());
+    let mut at = 0;
+    let last = tokens.len().checked_sub(1)?;
+    for (i, t) in tokens.iter().enumerate() {
+        let start = usize::try_from(t.start).ok()?;
+        let end = usize::try_from(t.end).ok()?;
+        let marker = match Token::try_from(t.token).ok()? {
+            Token::Ascii59 if i != last => return None,
+            Token::Iconst => "\0i",
+            Token::Fconst => "\0f",
+            Token::Sconst => "\0s",
+            Token::Usconst => "\0u",
+            Token::Bconst => "\0b",
+            Token::Xconst => "\0x",
+            _ => continue,
+        };
+        key.push_str(sql.get(at..start)?);
+        key.push_str(marker);
+        at = end;
+    }
+    key.push_str(sql.get(at..)?);
+    Some(key)
+}
+
+/// Whether the facts of this parse hold for every statement of its shape:
+/// one plain query or DML statement, whose class, shapes and tables come
+/// from its structure alone. Utility statements are out: their options
+/// take constants that matter (`EXPLAIN (ANALYZE 1)` runs what
+/// `EXPLAIN (ANALYZE 0)` does not).
+fn constants_irrelevant(parsed: &pg_query::ParseResult) -> bool {
+    match &parsed.protobuf.stmts[..] {
+        [one] => matches!(
+            one.stmt.as_ref().and_then(|n| n.node.as_ref()),
+            Some(
+                NodeEnum::SelectStmt(_)
+                    | NodeEnum::InsertStmt(_)
+                    | NodeEnum::UpdateStmt(_)
+                    | NodeEnum::DeleteStmt(_)
+                    | NodeEnum::MergeStmt(_)
+            )
+        ),
+        _ => false,
+    }
+}
+
+/// Parses a query string: its statements, and whether the facts of a
+/// single one may be kept for its shape.
+fn split_uncached(sql: &str) -> (Vec<Classified>, bool) {
     let parsed = match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
         Ok(p) => p,
         Err(e) => {
-            return vec![Classified {
-                text: sql.to_owned(),
-                facts: SqlFacts {
-                    parse_error: Some(e.to_string()),
-                    ..SqlFacts::default()
-                },
-            }]
+            return (
+                vec![Classified {
+                    text: sql.to_owned(),
+                    facts: SqlFacts {
+                        parse_error: Some(e.to_string()),
+                        ..SqlFacts::default()
+                    },
+                }],
+                false,
+            )
         }
     };
-    match parsed.protobuf.stmts.len() {
+    let out = match parsed.protobuf.stmts.len() {
         0 => Vec::new(),
         1 => vec![Classified {
             text: sql.to_owned(),
@@ -118,24 +239,8 @@ fn split_uncached(sql: &str) -> Vec<Classified> {
                 }
             })
             .collect(),
-    }
-}
-
-/// Facts about one statement (a query string holding several is judged
-/// by its most dangerous: every shape and table, the first class).
-pub fn classify(sql: &str) -> SqlFacts {
-    if let Some(hit) = cache().get(sql) {
-        if let [one] = &hit[..] {
-            return one.facts.clone();
-        }
-    }
-    match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
-        Ok(p) => facts_of(&p),
-        Err(e) => SqlFacts {
-            parse_error: Some(e.to_string()),
-            ..SqlFacts::default()
-        },
-    }
+    };
+    (out, constants_irrelevant(&parsed))
 }
 
 fn facts_of(parsed: &pg_query::ParseResult) -> SqlFacts {
@@ -146,6 +251,29 @@ fn facts_of(parsed: &pg_query::ParseResult) -> SqlFacts {
         };
         let (class, shapes) = describe(node);
         facts.class.get_or_insert(class);
+        for s in shapes {
+            if !facts.shapes.contains(&s) {
+                facts.shapes.push(s);
+            }
+        }
+    }
+    // A data-modifying statement inside another (`WITH d AS (DELETE FROM
+    // users RETURNING *) SELECT ...`) runs as surely as a top-level one:
+    // it makes the whole a write and brings its shapes.
+    for (node, depth, _, _) in parsed.protobuf.nodes() {
+        let nested = match node {
+            _ if depth == 0 => continue,
+            pg_query::NodeRef::DeleteStmt(d) => NodeEnum::DeleteStmt(Box::new(d.clone())),
+            pg_query::NodeRef::UpdateStmt(u) => NodeEnum::UpdateStmt(Box::new(u.clone())),
+            pg_query::NodeRef::InsertStmt(_) | pg_query::NodeRef::MergeStmt(_) => {
+                NodeEnum::InsertStmt(Box::default())
+            }
+            _ => continue,
+        };
+        let (class, shapes) = describe(&nested);
+        if facts.class == Some(StatementClass::Read) {
+            facts.class = Some(class);
+        }
         for s in shapes {
             if !facts.shapes.contains(&s) {
                 facts.shapes.push(s);
@@ -421,9 +549,73 @@ mod tests {
         let f = classify("PREPARE p AS DELETE FROM users");
         assert_eq!(f.shapes, vec![Shape::DeleteWithoutWhere]);
 
+        // Data-modifying statements inside a WITH run too.
+        let f = classify("WITH d AS (DELETE FROM users RETURNING *) SELECT count(*) FROM d");
+        assert_eq!(
+            (f.class, f.shapes),
+            (Some(StatementClass::Write), vec![Shape::DeleteWithoutWhere])
+        );
+        let f = classify(
+            "WITH a AS (SELECT 1), b AS (UPDATE accounts SET balance = 0 RETURNING 1) \
+             INSERT INTO log SELECT * FROM b",
+        );
+        assert_eq!(f.shapes, vec![Shape::UpdateWithoutWhere]);
+        assert_eq!(f.tables, vec!["accounts", "log"]);
+
         let f = classify("SELEC * FRM users");
         assert!(f.parse_error.is_some());
         assert_eq!(f.class, None);
+    }
+
+    #[test]
+    fn statements_differing_only_in_constants_share_facts() {
+        // One shape, whatever the literals; the scanner reads quotes and
+        // comments as the server does.
+        let a = shape_key("SELECT abalance FROM pgbench_accounts WHERE aid = 81723;");
+        let b = shape_key("SELECT abalance FROM pgbench_accounts WHERE aid = 5;");
+        assert!(a.is_some());
+        assert_eq!(a, b);
+        assert_eq!(
+            shape_key("select * from t where s = 'it''s' and x = 1.5e3"),
+            shape_key("select * from t where s = 'x' and x = 2.0")
+        );
+        // Not the same shape: another table, another kind of constant, a
+        // keyword where a literal was.
+        assert_ne!(
+            shape_key("SELECT * FROM a WHERE id = 1"),
+            shape_key("SELECT * FROM b WHERE id = 1")
+        );
+        assert_ne!(
+            shape_key("SELECT * FROM a WHERE id = 1"),
+            shape_key("SELECT * FROM a WHERE id = '1'")
+        );
+        assert_ne!(
+            shape_key("DELETE FROM a WHERE 1 = 1"),
+            shape_key("DELETE FROM a WHERE true")
+        );
+        // A string cannot hide statements from the key: the `;` inside it
+        // is not a token, one outside it is.
+        assert!(shape_key("SELECT ';DROP TABLE x'").is_some());
+        assert_eq!(shape_key("SELECT 1; DROP TABLE x"), None);
+        // Unterminated quote: the scanner refuses, no key.
+        assert_eq!(shape_key("SELECT 'abc"), None);
+
+        // A shape seen once answers for the next literal, with its facts.
+        let first = split("UPDATE shape_t SET v = 1 WHERE id = 7");
+        let next = split("UPDATE shape_t SET v = 99 WHERE id = 12345");
+        assert_eq!(next[0].text, "UPDATE shape_t SET v = 99 WHERE id = 12345");
+        assert_eq!(next[0].facts, first[0].facts);
+        assert_eq!(next[0].facts.tables, vec!["shape_t"]);
+        // Utility statements are never answered by shape: their constants
+        // can decide what runs.
+        let off = classify("EXPLAIN (ANALYZE 0) DELETE FROM shape_u");
+        let on = classify("EXPLAIN (ANALYZE 1) DELETE FROM shape_u");
+        assert_eq!(off.shapes, vec![Shape::DeleteWithoutWhere]);
+        assert_eq!(on.shapes, vec![Shape::DeleteWithoutWhere]);
+        let _ = classify("SET statement_timeout = 5");
+        assert!(shapes()
+            .get(&shape_key("SET statement_timeout = 6").unwrap())
+            .is_none());
     }
 
     #[test]
