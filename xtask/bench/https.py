@@ -10,6 +10,12 @@ speed for an HTTPS API, side by side in one run, three ways:
              on responses, a block rule on requests (the cost of enforcement)
   mitmproxy  client -> mitmdump on 127.0.0.1 (explicit proxy, CONNECT)
              -> upstream
+  nginx-proxy (nginx/wrk/h2load part) the peer: a second nginx on the host,
+             2 workers, terminating the client's TLS and proxying over
+             verified, kept-alive TLS to the upstream: the same hops as the
+             node (two TLS sessions, four sockets per exchange) and none of
+             its work (no redirect, identity, policy, records). What those
+             hops cost on this machine before Sluice does anything.
 
 Reports ratios against direct, for the load at each --conns level (default
 1 and 8 keep-alive connections). The upstream (tests/fixtures/fake_upstream.rs)
@@ -45,6 +51,7 @@ MITM_PORT = 18914
 CGROUP_ENF = "sluice-hbench-enf"
 VARIANTS = ["direct", "sluice", "enforced", "mitmproxy"]
 NGINX_PORT = 4443
+PEER_PORT = 4444
 
 BUNDLE = """version: 1
 name: hbench-enforcement
@@ -196,13 +203,64 @@ def start_nginx(tmp, body_bytes):
     return proc
 
 
-def in_place(tmp, cgroup, cmd):
-    """`cmd` with HOST resolving to the upstream (a private /etc/hosts in
-    a mount namespace of its own: wrk and h2load take the TLS name from the
-    URL and have no --resolve) and, for the Sluice variants, in `cgroup`."""
-    hosts = os.path.join(tmp, "hosts")
+PEER_CONF = """worker_processes 2;
+pid %(tmp)s/peer.pid;
+error_log %(tmp)s/peer-error.log warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path %(tmp)s/peer-body;
+    proxy_temp_path %(tmp)s/peer-proxy;
+    fastcgi_temp_path %(tmp)s/peer-fastcgi;
+    uwsgi_temp_path %(tmp)s/peer-uwsgi;
+    scgi_temp_path %(tmp)s/peer-scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    upstream api { server %(ip)s:%(port)d; keepalive 256; keepalive_requests 100000000; }
+    server {
+        listen 127.0.0.1:%(peer)d ssl http2;
+        ssl_certificate %(tmp)s/api.crt;
+        ssl_certificate_key %(tmp)s/api.key;
+        ssl_protocols TLSv1.3;
+        location / {
+            proxy_pass https://api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_server_name on;
+            proxy_ssl_name %(host)s;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate %(ca)s;
+            proxy_ssl_session_reuse on;
+            proxy_ssl_protocols TLSv1.3;
+        }
+    }
+}
+"""
+
+
+def start_peer(tmp, upstream_ca):
+    conf = os.path.join(tmp, "peer.conf")
+    with open(conf, "w") as f:
+        f.write(PEER_CONF % {"tmp": tmp, "ip": REMOTE_IP, "port": NGINX_PORT, "peer": PEER_PORT,
+                             "host": HOST, "ca": upstream_ca})
+    proc = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"],
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "peer.log"), "w"))
+    wait_until("nginx proxy", lambda: can_connect("127.0.0.1", PEER_PORT), proc=proc,
+               log=os.path.join(tmp, "peer.log"))
+    time.sleep(0.3)
+    if proc.poll() is not None:
+        raise RuntimeError("nginx proxy exited (%s): %s" % (proc.returncode,
+                                                             open(os.path.join(tmp, "peer-error.log")).read()[-2000:]))
+    return proc
+
+
+def in_place(tmp, cgroup, cmd, ip=REMOTE_IP):
+    """`cmd` with HOST resolving to `ip` (a private /etc/hosts in a mount
+    namespace of its own: wrk and h2load take the TLS name from the URL and
+    have no --resolve) and, for the Sluice variants, in `cgroup`."""
+    hosts = os.path.join(tmp, "hosts-%s" % ip)
     with open(hosts, "w") as f:
-        f.write("127.0.0.1 localhost\n%s %s\n" % (REMOTE_IP, HOST))
+        f.write("127.0.0.1 localhost\n%s %s\n" % (ip, HOST))
     enter = "echo $$ > %s/cgroup.procs && " % cgroup if cgroup else ""
     return ["unshare", "-m", "sh", "-c", 'mount --bind %s /etc/hosts && %sexec "$@"' % (hosts, enter),
             "sh"] + cmd
@@ -254,25 +312,36 @@ def parse_h2load(out):
     return res
 
 
-def tools_bench(a, tmp, cg, cg_enf, sluice, sock):
+def tools_bench(a, tmp, cg, cg_enf, sluice, sock, upstream_ca):
     for tool in ("nginx", "wrk", "h2load", "unshare"):
         if shutil.which(tool) is None:
             raise RuntimeError("%s is not installed (scripts/setup.sh bench installs it)" % tool)
     nginx = start_nginx(tmp, a.body_bytes)
-    variants = ["direct", "sluice", "enforced"]
-    where = {"direct": None, "sluice": cg, "enforced": cg_enf}
-    url = "https://%s:%d/bytes" % (HOST, NGINX_PORT)
+    peer = None
+    variants = ["direct", "sluice", "enforced", "nginx-proxy"]
+    where = {"direct": None, "sluice": cg, "enforced": cg_enf, "nginx-proxy": None}
     dur = "%ds" % max(1, int(a.duration_secs))
-    loads = [("wrk %d conn" % c, ["wrk", "--latency", "-t", str(min(c, 2)), "-c", str(c), "-d", dur, url],
-              parse_wrk) for c in (int(x) for x in a.tool_conns.split(","))]
-    loads.append(("h2load 8x10", ["h2load", "-c", "8", "-m", "10", "-t", "2", "-D", dur, url], parse_h2load))
+
+    def loads_for(port):
+        url = "https://%s:%d/bytes" % (HOST, port)
+        out = [("wrk %d conn" % c, ["wrk", "--latency", "-t", str(min(c, 2)), "-c", str(c), "-d", dur, url],
+                parse_wrk) for c in (int(x) for x in a.tool_conns.split(","))]
+        out.append(("h2load 8x10", ["h2load", "-c", "8", "-m", "10", "-t", "2", "-D", dur, url], parse_h2load))
+        return out
+    loads = loads_for(NGINX_PORT)
+    peer_loads = {name: cmd for name, cmd, _ in loads_for(PEER_PORT)}
     results = {v: {name: [] for name, _, _ in loads} for v in variants}
     try:
+        peer = start_peer(tmp, upstream_ca)
         for i in range(a.runs):
             for name, cmd, parse in loads:
                 for v in variants:
                     try:
-                        r = subprocess.run(in_place(tmp, where[v], cmd), capture_output=True, text=True,
+                        if v == "nginx-proxy":
+                            place = in_place(tmp, None, peer_loads[name], ip="127.0.0.1")
+                        else:
+                            place = in_place(tmp, where[v], cmd)
+                        r = subprocess.run(place, capture_output=True, text=True,
                                            timeout=a.duration_secs + 30)
                         res = parse(r.stdout) if r.returncode == 0 else {"failed": (r.stderr or r.stdout)[-500:]}
                         if res.get("errors"):
@@ -282,8 +351,10 @@ def tools_bench(a, tmp, cg, cg_enf, sluice, sock):
                     print("run %d %-9s %-12s %s" % (i + 1, v, name, json.dumps(res)), flush=True)
                     results[v][name].append(res)
     finally:
-        nginx.terminate()
-        nginx.wait()
+        for proc in (nginx, peer):
+            if proc is not None:
+                proc.terminate()
+                proc.wait()
 
     def best(v, name, key, lower):
         vals = [r[key] for r in results[v][name] if "failed" not in r and not r.get("errors") and key in r]
@@ -295,7 +366,8 @@ def tools_bench(a, tmp, cg, cg_enf, sluice, sock):
     print("nginx %s upstream (TLS 1.3, 1 worker), %d B bodies, %s per run, best of %d interleaved runs"
           % (subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1],
              a.body_bytes, dur, a.runs))
-    hdr = "%-24s %11s %11s %11s %9s %9s" % ("metric", "direct", "sluice", "enforced", "sluice/d", "enf/d")
+    hdr = "%-24s %11s %11s %11s %11s %9s %9s %9s" % ("metric", "direct", "sluice", "enforced", "nginx-prx",
+                                                     "sluice/d", "enf/d", "nginx/d")
     print(hdr)
     print("-" * len(hdr))
     failed = []
@@ -306,11 +378,11 @@ def tools_bench(a, tmp, cg, cg_enf, sluice, sock):
         for label, key, lower, fmt in metrics:
             d = best("direct", name, key, lower)
             cells, ratios = [fmt % d if d is not None else "FAILED"], []
-            for v in ("sluice", "enforced"):
+            for v in ("sluice", "enforced", "nginx-proxy"):
                 x = best(v, name, key, lower)
                 cells.append(fmt % x if x is not None else "FAILED")
                 ratios.append("%.2f" % (x / d) if x is not None and d else "-")
-            print("%-24s %11s %11s %11s %9s %9s" % tuple(["%s, %s" % (name, label)] + cells + ratios))
+            print("%-24s %11s %11s %11s %11s %9s %9s %9s" % tuple(["%s, %s" % (name, label)] + cells + ratios))
         for v in variants:
             if best(v, name, "rps", False) is None:
                 failed.append("%s %s" % (v, name))
@@ -318,7 +390,9 @@ def tools_bench(a, tmp, cg, cg_enf, sluice, sock):
              for c in (int(x) for x in a.tool_conns.split(","))]
     for c, s, d in added:
         if s is not None and d is not None:
-            print("added p50 at %d conn: %.0f us" % (c, (s - d) * 1000))
+            p = best("nginx-proxy", "wrk %d conn" % c, "p50_ms", True)
+            print("added p50 at %d conn: %.0f us (nginx proxy: %s)"
+                  % (c, (s - d) * 1000, "%.0f us" % ((p - d) * 1000) if p is not None else "-"))
     if failed:
         raise RuntimeError("variants with no clean run: %s" % ", ".join(failed))
 
@@ -540,7 +614,7 @@ def main():
             else:
                 print("mitmproxy: UNAVAILABLE: %s" % mitm_error)
         if not a.no_tools:
-            tools_bench(a, tmp, cg, cg_enf, sluice, sock)
+            tools_bench(a, tmp, cg, cg_enf, sluice, sock, upstream_ca)
     finally:
         stop(mitm)
         if ca_installed:
