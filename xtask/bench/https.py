@@ -254,6 +254,18 @@ def start_peer(tmp, upstream_ca):
     return proc
 
 
+def memory(pid):
+    """Resident memory of a process: total, anonymous (heap, stacks) and
+    file-backed (the binary and libraries), from /proc/PID/status."""
+    fields = {}
+    for line in open("/proc/%d/status" % pid):
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "RssAnon", "RssFile"):
+            fields[k] = int(v.split()[0]) / 1024
+    return "%.1f MiB resident (%.1f MiB anonymous, %.1f MiB file-backed)" % (
+        fields.get("VmRSS", 0), fields.get("RssAnon", 0), fields.get("RssFile", 0))
+
+
 def in_place(tmp, cgroup, cmd, ip=REMOTE_IP):
     """`cmd` with HOST resolving to `ip` (a private /etc/hosts in a mount
     namespace of its own: wrk and h2load take the TLS name from the URL and
@@ -318,7 +330,7 @@ def tools_bench(a, tmp, cg, cg_enf, sluice, sock, upstream_ca):
             raise RuntimeError("%s is not installed (scripts/setup.sh bench installs it)" % tool)
     nginx = start_nginx(tmp, a.body_bytes)
     peer = None
-    variants = ["direct", "sluice", "enforced", "nginx-proxy"]
+    variants = a.tool_variants.split(",")
     where = {"direct": None, "sluice": cg, "enforced": cg_enf, "nginx-proxy": None}
     dur = "%ds" % max(1, int(a.duration_secs))
 
@@ -357,7 +369,8 @@ def tools_bench(a, tmp, cg, cg_enf, sluice, sock, upstream_ca):
                 proc.wait()
 
     def best(v, name, key, lower):
-        vals = [r[key] for r in results[v][name] if "failed" not in r and not r.get("errors") and key in r]
+        vals = [r[key] for r in results.get(v, {}).get(name, [])
+                if "failed" not in r and not r.get("errors") and key in r]
         if not vals:
             return None
         return min(vals) if lower else max(vals)
@@ -414,6 +427,8 @@ def main():
     ap.add_argument("--tool-conns", default="1,8,64",
                     help="wrk connection counts against nginx, comma-separated")
     ap.add_argument("--no-tools", action="store_true", help="skip the nginx/wrk/h2load part")
+    ap.add_argument("--tool-variants", default="direct,sluice,enforced,nginx-proxy",
+                    help="variants in the nginx/wrk/h2load part (e.g. only sluice, to profile it)")
     ap.add_argument("--no-client", action="store_true", help="skip the Rust client part")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -489,6 +504,10 @@ def main():
         # Set first: a failed install may still have left the certificate.
         ca_installed = True
         ca_tool("install")
+        # Idle memory, with the bundle compiled (the trimmer hands back the
+        # compile's peak every 5 s).
+        time.sleep(6)
+        print("node idle memory (release, this bundle): %s" % memory(node.pid), flush=True)
 
         mitm_error, mitm_ca, mitm_version = None, None, None
         if a.no_mitmproxy:

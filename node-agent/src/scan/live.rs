@@ -12,9 +12,9 @@ use std::sync::Mutex;
 use regex_automata::{
     hybrid::dfa::{Cache, DFA},
     nfa::thompson,
-    util::syntax,
     Anchored, Input, MatchKind,
 };
+use regex_syntax::hir::{Hir, HirKind, Repetition};
 
 use super::ScanError;
 
@@ -27,22 +27,39 @@ impl Liveness {
     /// `patterns` as (regex, caseless), in the scanner's dialect (bytes,
     /// no Unicode classes).
     pub fn build(patterns: &[(String, bool)]) -> Result<Self, ScanError> {
+        Self::build_with(patterns, relax)
+    }
+
+    fn build_with(patterns: &[(String, bool)], relax: fn(Hir) -> Hir) -> Result<Self, ScanError> {
         if patterns.is_empty() {
             return Ok(Self {
                 dfa: None,
                 caches: Mutex::new(Vec::new()),
             });
         }
-        let exprs: Vec<String> = patterns
+        let bad =
+            |e: &dyn std::fmt::Display| ScanError::Hyperscan(format!("hold-back automaton: {e}"));
+        let hirs = patterns
             .iter()
             .map(|(re, caseless)| {
-                if *caseless {
-                    format!("(?i:{re})")
-                } else {
-                    format!("(?:{re})")
-                }
+                regex_syntax::ParserBuilder::new()
+                    .case_insensitive(*caseless)
+                    .unicode(false)
+                    .utf8(false)
+                    .build()
+                    .parse(re)
+                    .map(relax)
+                    .map_err(|e| bad(&e))
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
+        let nfa = thompson::Compiler::new()
+            .configure(
+                thompson::Config::new()
+                    .utf8(false)
+                    .which_captures(thompson::WhichCaptures::None),
+            )
+            .build_many_from_hir(&hirs)
+            .map_err(|e| bad(&e))?;
         let dfa = DFA::builder()
             .configure(
                 DFA::config()
@@ -50,10 +67,8 @@ impl Liveness {
                     .match_kind(MatchKind::All)
                     .cache_capacity(4 << 20),
             )
-            .syntax(syntax::Config::new().unicode(false).utf8(false))
-            .thompson(thompson::Config::new().utf8(false))
-            .build_many(&exprs)
-            .map_err(|e| ScanError::Hyperscan(format!("hold-back automaton: {e}")))?;
+            .build_from_nfa(nfa)
+            .map_err(|e| bad(&e))?;
         Ok(Self {
             dfa: Some(dfa),
             caches: Mutex::new(Vec::new()),
@@ -85,6 +100,41 @@ impl Liveness {
             .unwrap_or_else(|e| e.into_inner())
             .push(cache);
         result
+    }
+}
+
+/// Counts up to this stay exact in the hold-back automaton.
+const EXACT_COUNTS: u32 = 16;
+
+/// The pattern with its long counted repetitions opened up (`x{60,250}`
+/// becomes `x{16,}`, `x{3}` stays) and no captures. An automaton over
+/// counted classes holds a copy of the class per count: the built-in
+/// packs came to 5 MiB per scanner, resident for good. Opened up, a run
+/// can only stay alive longer, never die sooner, so the answer errs
+/// towards holding back, the safe side; how far back is still capped by
+/// the longest exact match (`Scanner::first_live` looks no further).
+fn relax(hir: Hir) -> Hir {
+    match hir.into_kind() {
+        HirKind::Repetition(r) => {
+            let sub = Box::new(relax(*r.sub));
+            if r.max.is_some_and(|m| m <= EXACT_COUNTS) {
+                Hir::repetition(Repetition { sub, ..r })
+            } else {
+                Hir::repetition(Repetition {
+                    min: r.min.min(EXACT_COUNTS),
+                    max: None,
+                    greedy: r.greedy,
+                    sub,
+                })
+            }
+        }
+        HirKind::Capture(c) => relax(*c.sub),
+        HirKind::Concat(v) => Hir::concat(v.into_iter().map(relax).collect()),
+        HirKind::Alternation(v) => Hir::alternation(v.into_iter().map(relax).collect()),
+        HirKind::Empty => Hir::empty(),
+        HirKind::Literal(l) => Hir::literal(l.0),
+        HirKind::Class(c) => Hir::class(c),
+        HirKind::Look(l) => Hir::look(l),
     }
 }
 
@@ -126,6 +176,50 @@ mod tests {
             (r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b".into(), false),
         ])
         .unwrap()
+    }
+
+    #[test]
+    fn the_built_in_packs_fit_in_little_memory_and_hold_no_less() {
+        let pats: Vec<(String, bool)> = ["secrets", "pii"]
+            .iter()
+            .flat_map(|p| {
+                let s = crate::policy::builtin_pack_scanner(p, 4096).unwrap();
+                (0..s.len())
+                    .map(|i| (s.pattern(i).regex.clone(), s.pattern(i).caseless))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let relaxed = Liveness::build(&pats).unwrap();
+        let counted = Liveness::build_with(&pats, |h| h).unwrap();
+        let size = |l: &Liveness| l.dfa.as_ref().unwrap().get_nfa().memory_usage();
+        assert!(size(&counted) > 4 << 20, "counted: {}", size(&counted));
+        assert!(size(&relaxed) < 1 << 20, "relaxed: {}", size(&relaxed));
+        // Wherever the exact automaton holds back, the relaxed one holds at
+        // least as much; on prose they agree (the last word: it could still
+        // become `report.password = "...`).
+        let texts: Vec<Vec<u8>> = vec![
+            b"The build passed. Nothing to report.".to_vec(),
+            b"export AWS_ACCESS_KEY_ID=AKIA".to_vec(),
+            format!("token: ghp_{}", "a".repeat(30)).into_bytes(),
+            format!("token: ghp_{} and more", "b".repeat(36)).into_bytes(),
+            b"password = \"hunter2hunter2".to_vec(),
+            b"card 4111 1111 1111 11".to_vec(),
+            b"mail me at alice@exam".to_vec(),
+            b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA".to_vec(),
+            b"npm _authToken=abcdefabcdefabcdefabcdef".to_vec(),
+        ];
+        for t in &texts {
+            let (r, c) = (relaxed.first_live(t, 0), counted.first_live(t, 0));
+            assert!(
+                r <= c,
+                "{:?}: relaxed holds from {r}, exact from {c}",
+                String::from_utf8_lossy(t)
+            );
+        }
+        let prose = &texts[0];
+        assert_eq!(relaxed.first_live(prose, 0), counted.first_live(prose, 0));
+        assert_eq!(relaxed.first_live(prose, 0), prose.len() - " report.".len());
+        assert!(relaxed.first_live(&texts[1], 0) <= texts[1].len() - 4);
     }
 
     #[test]
