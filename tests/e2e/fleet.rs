@@ -144,11 +144,7 @@ fn prometheus_scrapes_counters_that_move() {
         &env,
     );
     // The endpoint answers in the OpenMetrics text format.
-    let out = Command::new("curl")
-        .args(["-sS", &format!("http://{}/metrics", env.metrics_addr())])
-        .output()
-        .unwrap();
-    let body = String::from_utf8_lossy(&out.stdout);
+    let body = env.metrics();
     assert!(
         body.contains("# TYPE sluice_connections counter") && body.ends_with("# EOF\n"),
         "{body}"

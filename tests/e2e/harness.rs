@@ -604,6 +604,16 @@ impl Env {
         self.node = Node::start(self.dir.path(), &self.config);
     }
 
+    /// The node's `/metrics` page, as a scraper gets it.
+    pub fn metrics(&self) -> String {
+        let out = Command::new("curl")
+            .args(["-sS", &format!("http://{}/metrics", self.metrics_addr())])
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "scraping /metrics: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Where this node serves `/metrics`.
     pub fn metrics_addr(&self) -> String {
         let port = self

@@ -78,7 +78,11 @@ fn psql_statements_are_recorded_refused_and_masked() {
     let script = p.env.dir.path().join("script.sql");
     std::fs::write(
         &script,
-        "DELETE FROM users;\nSELECT count(*) FROM users;\nDROP TABLE users;\nSELECT 'still-usable';\nBEGIN;\nSELECT 2;\nCOMMIT;\n",
+        "DELETE FROM users;\nSELECT count(*) FROM users;\nDROP TABLE users;\nSELECT 'still-usable';\nBEGIN;\nSELECT 2;\nCOMMIT;\n\
+         UPDATE users SET note = 'a' WHERE name = 'nobody';\n\
+         UPDATE users SET note = 'b' WHERE name = 'no one';\n\
+         WITH d AS (DELETE FROM users RETURNING *) SELECT count(*) FROM d;\n\
+         SELECT 'after-cte';\n",
     )
     .unwrap();
     let out = p.psql(&ci, &["-f", &script.display().to_string()]);
@@ -88,14 +92,17 @@ fn psql_statements_are_recorded_refused_and_masked() {
     );
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),
-        vec!["1", "still-usable", "2"],
+        vec!["1", "still-usable", "2", "after-cte"],
         "{stderr}"
     );
+    // DELETE, DROP, and the DELETE inside a WITH (it runs as surely as a
+    // top-level one); the UPDATEs with a WHERE ran, the second judged by
+    // the first's shape.
     assert_eq!(
         stderr
             .matches("sluice: statement refused by policy rule `no-destructive-sql`")
             .count(),
-        2,
+        3,
         "{stderr}"
     );
     assert!(
@@ -126,6 +133,27 @@ fn psql_statements_are_recorded_refused_and_masked() {
     assert_eq!(delete["decisions"][0]["action"], "block");
     assert_eq!(delete["db_user"], APP_ROLE);
     assert_eq!(delete["db_name"], "shop");
+    let cte = p.wait_statement(|s| {
+        s["db_query"]
+            .as_str()
+            .is_some_and(|q| q.starts_with("WITH d AS (DELETE"))
+    });
+    assert_eq!(
+        (&cte["class"], &cte["shapes"], &cte["sqlstate"]),
+        (
+            &serde_json::json!("write"),
+            &serde_json::json!(["delete_without_where"]),
+            &serde_json::json!("42501")
+        ),
+        "{cte:#}"
+    );
+    let second = p.wait_statement(|s| {
+        s["db_query"]
+            .as_str()
+            .is_some_and(|q| q.contains("'no one'"))
+    });
+    assert_eq!(second["command_tag"], "UPDATE 0", "{second:#}");
+    assert_eq!(second["tables"], serde_json::json!(["users"]));
     let eve = p.wait_statement(|s| s["db_query"].as_str().is_some_and(|q| q.contains("'eve'")));
     assert!(
         eve["error"].as_str().unwrap().contains("not run"),
@@ -178,17 +206,13 @@ fn psql_statements_are_recorded_refused_and_masked() {
     let export = text(&p.env.node.cli(&["sessions", "export", &id]));
     assert!(export.contains(r#""type":"statement""#), "{export}");
     // And the node's metrics count them by rule and class.
-    let out = std::process::Command::new("curl")
-        .args(["-sS", &format!("http://{}/metrics", p.env.metrics_addr())])
-        .output()
-        .unwrap();
-    let metrics = String::from_utf8_lossy(&out.stdout);
+    let metrics = p.env.metrics();
     assert!(
-        metrics.contains(r#"sluice_policy_decisions_total{target="shop-db",rule="no-destructive-sql",action="block"} 3"#),
+        metrics.contains(r#"sluice_policy_decisions_total{target="shop-db",rule="no-destructive-sql",action="block"} 4"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"sluice_statements_total{target="shop-db",workload="e2e-jobs",class="write",outcome="refused"} 1"#),
+        metrics.contains(r#"sluice_statements_total{target="shop-db",workload="e2e-jobs",class="write",outcome="refused"} 2"#),
         "{metrics}"
     );
 }
@@ -400,11 +424,7 @@ fn approvals_and_suspension_apply_to_statements() {
     assert!(out.status.success(), "{}", text(&out));
     let out = held.wait_with_output().unwrap();
     assert_eq!(ok(&out, "held select", &p).trim(), "100");
-    let metrics = std::process::Command::new("curl")
-        .args(["-sS", &format!("http://{}/metrics", p.env.metrics_addr())])
-        .output()
-        .unwrap();
-    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let metrics = p.env.metrics();
     assert!(
         metrics.contains(r#"sluice_approvals_decided_total{target="shop-db",rule="payroll-needs-approval",decision="approved"} 1"#),
         "{metrics}"

@@ -266,6 +266,34 @@ def memory(pid):
         fields.get("VmRSS", 0), fields.get("RssAnon", 0), fields.get("RssFile", 0))
 
 
+def held_memory(n, cg, node, sluice, sock):
+    """The node's memory while a job holds `n` intercepted keep-alive
+    connections (one GET answered on each), and after they close."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "fixtures",
+                          "https_client.py")
+    active = lambda: json.loads(subprocess.run([sluice, "--socket", sock, "status", "--json"],
+                                               capture_output=True, text=True).stdout)["connections_active"]
+    before = memory(node.pid)
+    holder = subprocess.Popen(["sh", "-c", 'echo $$ > %s/cgroup.procs && exec "$@"' % cg, "sh", "python3",
+                               script, "hold", REMOTE_IP, HOST, "443", str(n)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        held = json.loads(holder.stdout.readline())
+        if held.get("ok") != n:
+            raise RuntimeError("holding %d connections: %s" % (n, held))
+        during = memory(node.pid)
+        holder.stdin.write("close\n")
+        holder.stdin.flush()
+        holder.stdout.readline()
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_until("the node to let the connections go", lambda: active() == 0)
+    time.sleep(7)  # the trimmer's period and then some
+    print("\nnode memory, %d intercepted keep-alive connections held by a job:" % n)
+    print("  before: %s\n  held:   %s\n  after:  %s" % (before, during, memory(node.pid)))
+
+
 def in_place(tmp, cgroup, cmd, ip=REMOTE_IP):
     """`cmd` with HOST resolving to `ip` (a private /etc/hosts in a mount
     namespace of its own: wrk and h2load take the TLS name from the URL and
@@ -430,6 +458,8 @@ def main():
     ap.add_argument("--tool-variants", default="direct,sluice,enforced,nginx-proxy",
                     help="variants in the nginx/wrk/h2load part (e.g. only sluice, to profile it)")
     ap.add_argument("--no-client", action="store_true", help="skip the Rust client part")
+    ap.add_argument("--hold", type=int, default=1000,
+                    help="measure the node's memory holding this many intercepted connections (0: skip)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (eBPF, cgroups, network namespaces, system trust store)")
@@ -469,13 +499,13 @@ def main():
         keys = os.path.join(tmp, "team")
         subprocess.run([sluice, "policy", "keygen", keys], check=True, capture_output=True)
         with open(cfg, "w") as f:
-            f.write("proxy:\n  port: %d\nwatch:\n  cgroups: [{path: %s}, {path: %s}]\n"
+            f.write("proxy:\n  port: %d\n  limits: {max_connections_per_identity: %d, idle_timeout_secs: 600}\nwatch:\n  cgroups: [{path: %s}, {path: %s}]\n"
                     "targets:\n  - name: hbench-api\n    addresses: [\"%s\"]\n    ports: [443, %d]\n"
                     "    tls: intercept\n    sni: [%s]\n"
                     "workloads:\n  - name: hbench\n    cgroup: \"/%s*\"\n"
                     "tls:\n  extra_upstream_roots: [\"%s\"]\n"
                     "policy:\n  trusted_keys: [\"%s.pub\"]\n"
-                    % (SLUICE_PORT, CGROUP, CGROUP_ENF, REMOTE_IP, NGINX_PORT, HOST, CGROUP, upstream_ca, keys))
+                    % (SLUICE_PORT, a.hold + 64, CGROUP, CGROUP_ENF, REMOTE_IP, NGINX_PORT, HOST, CGROUP, upstream_ca, keys))
         sock = os.path.join(tmp, "control.sock")
         node_log = os.path.join(tmp, "sluice.log")
 
@@ -505,8 +535,9 @@ def main():
         ca_installed = True
         ca_tool("install")
         # Idle memory, with the bundle compiled (the trimmer hands back the
-        # compile's peak every 5 s).
-        time.sleep(6)
+        # compile's peak every 5 s; blocking-pool threads, with their stacks
+        # and arenas, go after 10 s idle).
+        time.sleep(15)
         print("node idle memory (release, this bundle): %s" % memory(node.pid), flush=True)
 
         mitm_error, mitm_ca, mitm_version = None, None, None
@@ -634,6 +665,8 @@ def main():
                 print("mitmproxy: UNAVAILABLE: %s" % mitm_error)
         if not a.no_tools:
             tools_bench(a, tmp, cg, cg_enf, sluice, sock, upstream_ca)
+        if a.hold:
+            held_memory(a.hold, cg, node, sluice, sock)
     finally:
         stop(mitm)
         if ca_installed:

@@ -9,11 +9,10 @@ use std::sync::{
     Arc,
 };
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
-    codec::{self, Message, Reader},
+    codec::{self, Message, Outbox, Reader},
     lock, mask, Entry, InFlight, PgError, Shared,
 };
 use crate::{
@@ -24,7 +23,7 @@ use crate::{
 pub struct Backend {
     ctx: Arc<Session>,
     flow: Shared,
-    out: BytesMut,
+    out: Outbox,
 }
 
 impl Backend {
@@ -32,7 +31,7 @@ impl Backend {
         Self {
             ctx,
             flow,
-            out: BytesMut::with_capacity(16 * 1024),
+            out: Outbox::with_capacity(16 * 1024),
         }
     }
 
@@ -48,26 +47,17 @@ impl Backend {
     {
         loop {
             let Some(msg) = server.next().await? else {
-                self.flush(&mut client).await?;
-                return Ok(());
+                return self.out.send(&mut client).await;
             };
             activity.fetch_add(1, Ordering::Relaxed);
             let done = self.handle(msg)?;
             for mut st in done {
                 finish(&self.ctx, &mut st);
             }
-            if !server.has_message() || self.out.len() > 64 * 1024 {
-                self.flush(&mut client).await?;
-            }
+            self.out
+                .send_unless_more(server.has_message(), &mut client)
+                .await?;
         }
-    }
-
-    async fn flush<W: AsyncWrite + Unpin>(&mut self, client: &mut W) -> Result<(), PgError> {
-        if !self.out.is_empty() {
-            client.write_all(&self.out).await.map_err(PgError::Io)?;
-            self.out.clear();
-        }
-        client.flush().await.map_err(PgError::Io)
     }
 
     /// Handles one server message; returns the statements it ended (their

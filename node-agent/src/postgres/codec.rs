@@ -2,7 +2,7 @@
 //! directions, the startup packets, and the few messages the node writes
 //! itself. Every length read from the network is checked before use.
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::PgError;
 
@@ -40,6 +40,55 @@ impl Message {
         let mut b = BytesMut::new();
         self.encode(&mut b);
         b.freeze()
+    }
+}
+
+/// What a pump has to send, batched: messages that arrived together go
+/// out in one write (one TLS record, one system call), as the server and
+/// libpq batch them.
+pub struct Outbox(BytesMut);
+
+/// A batch is sent at this size even if more messages are waiting.
+const MAX_BATCH: usize = 64 * 1024;
+
+impl Outbox {
+    pub fn with_capacity(n: usize) -> Self {
+        Self(BytesMut::with_capacity(n))
+    }
+
+    /// Sends the batch unless the reader already holds the next message
+    /// (`more`: it would join the batch) and the batch is still small.
+    pub async fn send_unless_more<W: AsyncWrite + Unpin>(
+        &mut self,
+        more: bool,
+        to: &mut W,
+    ) -> Result<(), PgError> {
+        if more && self.0.len() <= MAX_BATCH {
+            return Ok(());
+        }
+        self.send(to).await
+    }
+
+    /// Sends whatever is batched.
+    pub async fn send<W: AsyncWrite + Unpin>(&mut self, to: &mut W) -> Result<(), PgError> {
+        if !self.0.is_empty() {
+            to.write_all(&self.0).await.map_err(PgError::Io)?;
+            self.0.clear();
+        }
+        to.flush().await.map_err(PgError::Io)
+    }
+}
+
+impl std::ops::Deref for Outbox {
+    type Target = BytesMut;
+    fn deref(&self) -> &BytesMut {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Outbox {
+    fn deref_mut(&mut self) -> &mut BytesMut {
+        &mut self.0
     }
 }
 

@@ -15,13 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use super::{
     classify,
-    codec::{self, Message, Reader},
+    codec::{self, Message, Outbox, Reader},
     lock, DbSession, Entry, InFlight, PgError, Portal, Prepared, Shared, MAX_IN_FLIGHT, MAX_NAMED,
 };
 use crate::{
@@ -46,7 +45,7 @@ pub struct Frontend {
     /// Extended protocol after a refusal: the ErrorResponse to give at the
     /// next Sync; messages until then are dropped (as the server would).
     discarding: Option<Message>,
-    out: BytesMut,
+    out: Outbox,
 }
 
 /// A refusal: the rule (or node reason) and what the client is told.
@@ -64,7 +63,7 @@ impl Frontend {
             statements: HashMap::new(),
             portals: HashMap::new(),
             discarding: None,
-            out: BytesMut::with_capacity(8192),
+            out: Outbox::with_capacity(8192),
         }
     }
 
@@ -80,28 +79,18 @@ impl Frontend {
     {
         loop {
             let Some(msg) = client.next().await? else {
-                self.flush(&mut server).await?;
-                return Ok(());
+                return self.out.send(&mut server).await;
             };
             activity.fetch_add(1, Ordering::Relaxed);
             let end = msg.tag == b'X';
             self.handle(msg, &mut server).await?;
             if end {
-                self.flush(&mut server).await?;
-                return Ok(());
+                return self.out.send(&mut server).await;
             }
-            if !client.has_message() || self.out.len() > 64 * 1024 {
-                self.flush(&mut server).await?;
-            }
+            self.out
+                .send_unless_more(client.has_message(), &mut server)
+                .await?;
         }
-    }
-
-    async fn flush<W: AsyncWrite + Unpin>(&mut self, server: &mut W) -> Result<(), PgError> {
-        if !self.out.is_empty() {
-            server.write_all(&self.out).await.map_err(PgError::Io)?;
-            self.out.clear();
-        }
-        server.flush().await.map_err(PgError::Io)
     }
 
     fn forward(&mut self, msg: &Message) {
@@ -275,7 +264,7 @@ impl Frontend {
                 timeout_secs,
             } => {
                 // What came before goes on; this statement waits.
-                self.flush(server).await?;
+                self.out.send(server).await?;
                 let pending = approvals::Pending {
                     id: 0,
                     session: self.ctx.id,
