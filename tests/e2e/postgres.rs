@@ -618,3 +618,75 @@ fn the_server_is_verified_and_plaintext_upstream_is_opt_in() {
     // No TLS to the server: no channel binding either.
     assert_eq!(s[0]["database"]["method"], "SCRAM-SHA-256", "{s:#?}");
 }
+
+#[test]
+fn backslash_escapes_cannot_hide_a_statement_from_the_node() {
+    let p = PgEnv::new();
+    let ci = verify_full(&p, APP_ROLE);
+    // With standard strings a backslash is an ordinary character: nothing
+    // changes for the session.
+    let out = ok(
+        &p.psql(&ci, &["-c", r"SELECT 'a\b'"]),
+        "standard strings",
+        &p,
+    );
+    assert_eq!(out.trim(), r"a\b");
+
+    // The job makes the server read backslashes as escapes, then sends one
+    // query string that the node's parser reads as a SELECT of two
+    // strings, and such a server as a SELECT and a DROP.
+    let trick = r"SELECT '\', 'x; DROP TABLE users; --'";
+    let out = p.psql(
+        &ci,
+        &["-c", "SET standard_conforming_strings = off", "-c", trick],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        stderr.contains("sluice: statement refused by policy rule `no-destructive-sql`")
+            && stderr.contains("standard_conforming_strings is off"),
+        "{stderr}"
+    );
+    assert_eq!(
+        p.pg.admin(
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'users'",
+            "shop"
+        )
+        .trim(),
+        "1",
+        "the table survived"
+    );
+    let refused = p.wait_statement(|s| s["db_query"] == trick);
+    assert_eq!(refused["sqlstate"], "42501", "{refused:#}");
+
+    // A setting the session starts with (the client's `options`) counts
+    // the same, and a statement without a backslash still runs.
+    let ci_off = format!("{ci} options='-c standard_conforming_strings=off'");
+    let out = p.psql(&ci_off, &["-c", "SELECT 'plain'", "-c", trick]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "plain",
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("standard_conforming_strings is off"),
+        "{stderr}"
+    );
+
+    // Pipelined: the setting is changed by a statement still in flight
+    // when the trick arrives (extended protocol, no Sync between). The
+    // node waits for the server's answer before judging. To the node's
+    // parser this trick selects two strings; to the server it reads
+    // `payroll`, a table under an approval rule.
+    let out = p.python(
+        "pg_escapes.py",
+        &[&ci, r"SELECT '\', ' , (SELECT salary FROM payroll) --'"],
+    );
+    let said = ok(&out, "pipelined escapes", &p);
+    assert!(said.contains("refused"), "{said}");
+    assert!(
+        said.contains("standard_conforming_strings is off"),
+        "{said}"
+    );
+}

@@ -34,6 +34,9 @@ pub struct Login {
     pub mode: &'static str,
     /// `trust`, `password`, `md5`, `SCRAM-SHA-256` or `SCRAM-SHA-256-PLUS`.
     pub method: String,
+    /// The server starts the session with `standard_conforming_strings`
+    /// off (a role or database setting, or the client's `options`).
+    pub backslash_escapes: bool,
 }
 
 pub struct NodeCredential<'a> {
@@ -64,6 +67,7 @@ pub async fn login(
             "relay"
         },
         method: "trust".into(),
+        backslash_escapes: false,
     };
     let mut scram: Option<ScramSha256> = None;
     loop {
@@ -193,7 +197,13 @@ pub async fn login(
                 send(client, &msg).await?;
                 return Ok(login);
             }
-            // ParameterStatus, BackendKeyData, notices, NegotiateProtocolVersion.
+            b'S' => {
+                if let Some(on) = super::backslash_escapes(&msg.body) {
+                    login.backslash_escapes = on;
+                }
+                send(client, &msg).await?;
+            }
+            // BackendKeyData, notices, NegotiateProtocolVersion.
             _ => send(client, &msg).await?,
         }
     }

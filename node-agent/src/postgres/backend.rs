@@ -51,6 +51,12 @@ impl Backend {
             };
             activity.fetch_add(1, Ordering::Relaxed);
             let done = self.handle(msg)?;
+            {
+                let f = lock(&self.flow);
+                if f.waiting {
+                    f.progress.notify_waiters();
+                }
+            }
             for mut st in done {
                 finish(&self.ctx, &mut st);
             }
@@ -65,6 +71,11 @@ impl Backend {
     fn handle(&mut self, msg: Message) -> Result<Vec<InFlight>, PgError> {
         let mut done = Vec::new();
         let mut f = lock(&self.flow);
+        match msg.tag {
+            b'C' => f.unreported = true,
+            b'Z' => f.unreported = false,
+            _ => {}
+        }
         match msg.tag {
             b'T' => {
                 let fields = Arc::new(mask::row_description(&msg.body)?);
@@ -101,6 +112,7 @@ impl Backend {
                     portal_desc,
                     statement_desc,
                     portal_statement,
+                    ..
                 } = &mut *f;
                 let rewritten = match queue.front_mut() {
                     Some(Entry::Statement(s)) => {
@@ -231,6 +243,12 @@ impl Backend {
                             break;
                         }
                     }
+                }
+                msg.encode(&mut self.out);
+            }
+            b'S' => {
+                if let Some(on) = super::backslash_escapes(&msg.body) {
+                    f.backslash_escapes = on;
                 }
                 msg.encode(&mut self.out);
             }

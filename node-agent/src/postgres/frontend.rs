@@ -48,6 +48,10 @@ pub struct Frontend {
     out: Outbox,
 }
 
+/// How long a statement with a backslash waits for the statements before
+/// it to finish (`Frontend::lexed_differently`).
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A refusal: the rule (or node reason) and what the client is told.
 struct Refusal {
     rule: String,
@@ -220,6 +224,72 @@ impl Frontend {
 
     /// Judges one statement: suspension, then the policy's statement rules
     /// (holding for a human on `approve`). `Err` is the refusal.
+    /// Whether the server may cut this text into tokens otherwise than
+    /// the node's parser did, and why. With `standard_conforming_strings`
+    /// off, a backslash escapes a quote inside '...': `SELECT '\', 'x;
+    /// DROP TABLE users; --'` is one harmless SELECT to the parser and a
+    /// DROP to such a server. Only text with a backslash can differ.
+    /// Statements already sent may change the setting (`SET`, a function)
+    /// and the server reports it only with its next ReadyForQuery, so the
+    /// answer waits until the server has answered everything before this
+    /// text (asked to send what it holds with a Flush). If statements ran
+    /// since the last ReadyForQuery (a pipeline without Sync), the setting
+    /// is unknown and the text counts as differing, as does one whose
+    /// predecessors do not finish in time (fail closed).
+    async fn lexed_differently<W: AsyncWrite + Unpin>(
+        &mut self,
+        sql: &str,
+        server: &mut W,
+    ) -> Result<Option<String>, PgError> {
+        const DIFFERS: &str = "the server may read a backslash in a string as an escape \
+             (standard_conforming_strings is off) and the node's parser does not: \
+             it cannot tell what this statement runs";
+        if !sql.contains('\\') {
+            return Ok(None);
+        }
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        let mut flushed = false;
+        let verdict = loop {
+            let progress = {
+                let mut f = lock(&self.flow);
+                if f.queue.is_empty() {
+                    f.waiting = false;
+                    break if f.backslash_escapes {
+                        Some(DIFFERS.to_owned())
+                    } else if f.unreported {
+                        Some(format!(
+                            "{DIFFERS} (statements before it in this pipeline may have changed the setting; send a Sync first)"
+                        ))
+                    } else {
+                        None
+                    };
+                }
+                f.waiting = true;
+                f.progress.clone()
+            };
+            let woken = progress.notified();
+            tokio::pin!(woken);
+            // Registered before looking again: no wake-up is lost between.
+            woken.as_mut().enable();
+            if lock(&self.flow).queue.is_empty() {
+                continue;
+            }
+            if !flushed {
+                self.forward(&Message::new(b'H', bytes::Bytes::new()));
+                self.out.send(server).await?;
+                flushed = true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                lock(&self.flow).waiting = false;
+                break Some(format!(
+                    "{DIFFERS} (statements before it did not finish within {}s)",
+                    SETTLE_TIMEOUT.as_secs()
+                ));
+            }
+        };
+        Ok(verdict)
+    }
+
     async fn judge<W: AsyncWrite + Unpin>(
         &mut self,
         record: &mut Statement,
@@ -347,7 +417,12 @@ impl Frontend {
         server: &mut W,
     ) -> Result<(), PgError> {
         let sql = codec::cstr(&mut &msg.body[..])?;
-        let parts = classify::split(&sql);
+        let mut parts = classify::split(&sql);
+        if let Some(why) = self.lexed_differently(&sql, server).await? {
+            for p in &mut parts {
+                p.facts.parse_error = Some(why.clone());
+            }
+        }
         let mut records: Vec<Statement> = parts
             .iter()
             .map(|p| self.new_record("simple", None, &p.text, p.facts.clone()))
@@ -422,7 +497,10 @@ impl Frontend {
         let mut body = &msg.body[..];
         let name = codec::cstr(&mut body)?;
         let sql = codec::cstr(&mut body)?;
-        let facts = classify::classify(&sql);
+        let mut facts = classify::classify(&sql);
+        if let Some(why) = self.lexed_differently(&sql, server).await? {
+            facts.parse_error = Some(why);
+        }
         let mut record = self.new_record(
             "extended",
             (!name.is_empty()).then(|| name.clone()),

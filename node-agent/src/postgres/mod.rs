@@ -178,6 +178,24 @@ struct Flow {
     /// Portal → statement (row descriptions of a statement apply to its
     /// portals, with the Bind's result formats).
     portal_statement: HashMap<String, String>,
+    /// The server said `standard_conforming_strings` is off: it reads a
+    /// backslash in '...' as an escape, the node's parser does not.
+    backslash_escapes: bool,
+    /// A statement completed since the last ReadyForQuery: it may have
+    /// changed a setting the server reports only at the next one.
+    unreported: bool,
+    /// The frontend waits for the queue to empty (`progress` wakes it).
+    waiting: bool,
+    progress: Arc<tokio::sync::Notify>,
+}
+
+/// `name\0value\0` of a ParameterStatus: whether it reports
+/// `standard_conforming_strings`, and then whether it is off.
+fn backslash_escapes(body: &[u8]) -> Option<bool> {
+    let mut b = body;
+    let name = codec::cstr(&mut b).ok()?;
+    let value = codec::cstr(&mut b).ok()?;
+    (name == "standard_conforming_strings").then(|| value != "on")
 }
 
 type Shared = Arc<Mutex<Flow>>;
@@ -326,6 +344,7 @@ async fn run<C: Io + 'static>(
         method: login.method.clone(),
     });
     let flow: Shared = Default::default();
+    lock(&flow).backslash_escapes = login.backslash_escapes;
     let (client_io, client_buf) = client.into_parts();
     let (server_io, server_buf) = server.into_parts();
     let (cr, cw) = tokio::io::split(client_io);
