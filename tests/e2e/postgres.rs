@@ -689,4 +689,26 @@ fn backslash_escapes_cannot_hide_a_statement_from_the_node() {
         said.contains("standard_conforming_strings is off"),
         "{said}"
     );
+
+    // The same trick through the client encoding: in GBK, 0xBF 0x5C is one
+    // character, so the server sees the E-string end at the next quote
+    // and a DROP after it; undecodable to the node, it is refused.
+    let out = p.python(
+        "pg_encoding.py",
+        &[&ci, "SELECT E'\u{bf}\\' ; DROP TABLE users; --'"],
+    );
+    let said = ok(&out, "GBK escapes", &p);
+    assert!(
+        said.contains("refused") && said.contains("not UTF-8"),
+        "{said}"
+    );
+    assert_eq!(
+        p.pg.admin(
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'users'",
+            "shop"
+        )
+        .trim(),
+        "1",
+        "the table survived"
+    );
 }

@@ -281,6 +281,21 @@ pub fn cstr(data: &mut &[u8]) -> Result<String, PgError> {
     Ok(s)
 }
 
+/// A NUL-terminated string that must be UTF-8 to be read as the server
+/// reads it: `(text, true)` if it is, the lossy text and `false` if not.
+pub fn cstr_exact(data: &mut &[u8]) -> Result<(String, bool), PgError> {
+    let end = data
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| PgError::Protocol("string without its terminating NUL".into()))?;
+    let out = match std::str::from_utf8(&data[..end]) {
+        Ok(s) => (s.to_owned(), true),
+        Err(_) => (String::from_utf8_lossy(&data[..end]).into_owned(), false),
+    };
+    *data = &data[end + 1..];
+    Ok(out)
+}
+
 /// Big-endian integers off the front of `data`, checked.
 pub fn take_i16(data: &mut &[u8]) -> Result<i16, PgError> {
     if data.len() < 2 {

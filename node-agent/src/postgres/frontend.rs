@@ -236,11 +236,23 @@ impl Frontend {
     /// since the last ReadyForQuery (a pipeline without Sync), the setting
     /// is unknown and the text counts as differing, as does one whose
     /// predecessors do not finish in time (fail closed).
+    ///
+    /// Text that is not UTF-8 differs too: in the client encodings where a
+    /// multibyte character may end in an ASCII byte (GBK, Big5, SJIS...),
+    /// `E'\xbf\' ; DROP ...'` closes its string on the server, whose `\`
+    /// is inside a character, and not in the node, which cannot decode it.
     async fn lexed_differently<W: AsyncWrite + Unpin>(
         &mut self,
         sql: &str,
+        utf8: bool,
         server: &mut W,
     ) -> Result<Option<String>, PgError> {
+        if !utf8 {
+            return Ok(Some(
+                "the statement is not UTF-8 (client_encoding): the node cannot read it as the server will"
+                    .into(),
+            ));
+        }
         const DIFFERS: &str = "the server may read a backslash in a string as an escape \
              (standard_conforming_strings is off) and the node's parser does not: \
              it cannot tell what this statement runs";
@@ -416,9 +428,9 @@ impl Frontend {
         msg: Message,
         server: &mut W,
     ) -> Result<(), PgError> {
-        let sql = codec::cstr(&mut &msg.body[..])?;
+        let (sql, utf8) = codec::cstr_exact(&mut &msg.body[..])?;
         let mut parts = classify::split(&sql);
-        if let Some(why) = self.lexed_differently(&sql, server).await? {
+        if let Some(why) = self.lexed_differently(&sql, utf8, server).await? {
             for p in &mut parts {
                 p.facts.parse_error = Some(why.clone());
             }
@@ -496,9 +508,9 @@ impl Frontend {
         }
         let mut body = &msg.body[..];
         let name = codec::cstr(&mut body)?;
-        let sql = codec::cstr(&mut body)?;
+        let (sql, utf8) = codec::cstr_exact(&mut body)?;
         let mut facts = classify::classify(&sql);
-        if let Some(why) = self.lexed_differently(&sql, server).await? {
+        if let Some(why) = self.lexed_differently(&sql, utf8, server).await? {
             facts.parse_error = Some(why);
         }
         let mut record = self.new_record(
