@@ -163,60 +163,62 @@ def start_mitmdump(tmp, upstream_ca):
 
 
 # ---------------------------------------------------------------- nginx, wrk, h2load
-NGINX_CONF = """worker_processes 1;
-pid %(tmp)s/nginx.pid;
-error_log %(tmp)s/nginx-error.log warn;
+def nginx_conf(tmp, name, workers, body):
+    """An nginx configuration whose files all live in `tmp` under `name`,
+    with `body` inside its http block."""
+    return """worker_processes %(workers)d;
+pid %(tmp)s/%(name)s.pid;
+error_log %(tmp)s/%(name)s-error.log warn;
 events { worker_connections 8192; }
 http {
     access_log off;
-    client_body_temp_path %(tmp)s/nginx-body;
-    proxy_temp_path %(tmp)s/nginx-proxy;
-    fastcgi_temp_path %(tmp)s/nginx-fastcgi;
-    uwsgi_temp_path %(tmp)s/nginx-uwsgi;
-    scgi_temp_path %(tmp)s/nginx-scgi;
+    client_body_temp_path %(tmp)s/%(name)s-body;
+    proxy_temp_path %(tmp)s/%(name)s-proxy;
+    fastcgi_temp_path %(tmp)s/%(name)s-fastcgi;
+    uwsgi_temp_path %(tmp)s/%(name)s-uwsgi;
+    scgi_temp_path %(tmp)s/%(name)s-scgi;
     keepalive_requests 100000000;
     keepalive_timeout 300s;
-    server {
+%(body)s
+}
+""" % {"tmp": tmp, "name": name, "workers": workers, "body": body}
+
+
+def run_nginx(tmp, name, conf_text, ip, port, netns=None):
+    """Starts nginx with `conf_text` (in `netns` if given) and waits until
+    it answers on ip:port; fails loudly if it exits (something else on the
+    port: never measure the wrong server)."""
+    conf = os.path.join(tmp, "%s.conf" % name)
+    with open(conf, "w") as f:
+        f.write(conf_text)
+    cmd = ["nginx", "-c", conf, "-g", "daemon off;"]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns] + cmd
+    log = os.path.join(tmp, "%s.log" % name)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    wait_until(name, lambda: can_connect(ip, port), proc=proc, log=log)
+    time.sleep(0.3)
+    if proc.poll() is not None:
+        raise RuntimeError("%s exited (%s): %s" % (name, proc.returncode,
+                                                   open(os.path.join(tmp, "%s-error.log" % name)).read()[-2000:]))
+    return proc
+
+
+def start_nginx(tmp, body_bytes):
+    """The upstream: 1 worker, TLS 1.3, h2, a fixed body at /bytes."""
+    body = """    server {
         listen %(ip)s:%(port)d ssl http2;
         ssl_certificate %(tmp)s/api.crt;
         ssl_certificate_key %(tmp)s/api.key;
         ssl_protocols TLSv1.3;
         location = /bytes { default_type application/octet-stream; return 200 "%(body)s"; }
-    }
-}
-"""
+    }""" % {"tmp": tmp, "ip": REMOTE_IP, "port": NGINX_PORT, "body": "n" * body_bytes}
+    return run_nginx(tmp, "nginx", nginx_conf(tmp, "nginx", 1, body), REMOTE_IP, NGINX_PORT, netns=NS)
 
 
-def start_nginx(tmp, body_bytes):
-    conf = os.path.join(tmp, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(NGINX_CONF % {"tmp": tmp, "ip": REMOTE_IP, "port": NGINX_PORT, "body": "n" * body_bytes})
-    proc = subprocess.Popen(["ip", "netns", "exec", NS, "nginx", "-c", conf, "-g", "daemon off;"],
-                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "nginx.log"), "w"))
-    wait_until("nginx", lambda: can_connect(REMOTE_IP, NGINX_PORT), proc=proc,
-               log=os.path.join(tmp, "nginx.log"))
-    time.sleep(0.3)
-    if proc.poll() is not None:
-        # Something else answered on the port: never measure the wrong server.
-        raise RuntimeError("nginx exited (%s): %s" % (proc.returncode,
-                                                       open(os.path.join(tmp, "nginx-error.log")).read()[-2000:]))
-    return proc
-
-
-PEER_CONF = """worker_processes 2;
-pid %(tmp)s/peer.pid;
-error_log %(tmp)s/peer-error.log warn;
-events { worker_connections 8192; }
-http {
-    access_log off;
-    client_body_temp_path %(tmp)s/peer-body;
-    proxy_temp_path %(tmp)s/peer-proxy;
-    fastcgi_temp_path %(tmp)s/peer-fastcgi;
-    uwsgi_temp_path %(tmp)s/peer-uwsgi;
-    scgi_temp_path %(tmp)s/peer-scgi;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-    upstream api { server %(ip)s:%(port)d; keepalive 256; keepalive_requests 100000000; }
+def start_peer(tmp, upstream_ca):
+    """The peer: a TLS-terminating reverse proxy to the upstream, 2 workers."""
+    body = """    upstream api { server %(ip)s:%(port)d; keepalive 256; keepalive_requests 100000000; }
     server {
         listen 127.0.0.1:%(peer)d ssl http2;
         ssl_certificate %(tmp)s/api.crt;
@@ -233,25 +235,9 @@ http {
             proxy_ssl_session_reuse on;
             proxy_ssl_protocols TLSv1.3;
         }
-    }
-}
-"""
-
-
-def start_peer(tmp, upstream_ca):
-    conf = os.path.join(tmp, "peer.conf")
-    with open(conf, "w") as f:
-        f.write(PEER_CONF % {"tmp": tmp, "ip": REMOTE_IP, "port": NGINX_PORT, "peer": PEER_PORT,
-                             "host": HOST, "ca": upstream_ca})
-    proc = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"],
-                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "peer.log"), "w"))
-    wait_until("nginx proxy", lambda: can_connect("127.0.0.1", PEER_PORT), proc=proc,
-               log=os.path.join(tmp, "peer.log"))
-    time.sleep(0.3)
-    if proc.poll() is not None:
-        raise RuntimeError("nginx proxy exited (%s): %s" % (proc.returncode,
-                                                             open(os.path.join(tmp, "peer-error.log")).read()[-2000:]))
-    return proc
+    }""" % {"tmp": tmp, "ip": REMOTE_IP, "port": NGINX_PORT, "peer": PEER_PORT, "host": HOST,
+            "ca": upstream_ca}
+    return run_nginx(tmp, "peer", nginx_conf(tmp, "peer", 2, body), "127.0.0.1", PEER_PORT)
 
 
 def memory(pid):
