@@ -389,6 +389,12 @@ pub struct Limits {
     /// HTTP/1.1: time allowed for a request's header block.
     #[serde(default = "default_header_read")]
     pub header_read_timeout_secs: u64,
+    /// HTTP/1.1: an upstream connection with no request for this long is
+    /// closed while the job's connection stays open; the next request
+    /// opens a new one (verified like the first). Idle keep-alive
+    /// connections then cost the node only their job side. 0: never.
+    #[serde(default = "default_upstream_idle")]
+    pub upstream_idle_secs: u64,
     /// HTTP/2: streams a client (and we, upstream) may have open at once.
     #[serde(default = "default_h2_streams")]
     pub http2_max_concurrent_streams: u32,
@@ -404,6 +410,7 @@ impl Default for Limits {
             max_connections_per_identity: default_max_conns(),
             idle_timeout_secs: default_idle(),
             header_read_timeout_secs: default_header_read(),
+            upstream_idle_secs: default_upstream_idle(),
             http2_max_concurrent_streams: default_h2_streams(),
             http_max_buffer_bytes: default_http_buffer(),
         }
@@ -415,6 +422,9 @@ fn default_max_conns() -> usize {
 }
 fn default_idle() -> u64 {
     600
+}
+fn default_upstream_idle() -> u64 {
+    15
 }
 fn default_header_read() -> u64 {
     30

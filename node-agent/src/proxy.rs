@@ -595,6 +595,7 @@ impl Proxy {
         };
         let sni = name.as_str().to_owned();
         let alpn = proxyable_alpn(&hello.alpn);
+        let upstream_addr = upstream.peer_addr().ok();
         let up = match tls.connect_upstream(upstream, &sni, &alpn).await {
             Ok(s) => s,
             Err(e) => {
@@ -664,7 +665,13 @@ impl Proxy {
         });
         let h2 = negotiated.as_deref() == Some(b"h2");
         info!(%sni, h2, "TLS intercepted");
-        match http::serve(down, up, h2, session).await {
+        let redial = upstream_addr.map(|addr| http::Redial {
+            tls: tls.clone(),
+            addr,
+            sni: sni.clone(),
+            connect_timeout: self.connect_timeout,
+        });
+        match http::serve(down, up, h2, session, redial).await {
             Ok(()) => Outcome::Closed,
             Err(e) => Outcome::Failed {
                 error: e.to_string(),

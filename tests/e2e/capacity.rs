@@ -131,3 +131,75 @@ fn a_thousand_intercepted_connections_fit_the_memory_budget_and_are_given_back()
         "{s:#}"
     );
 }
+
+/// An idle keep-alive connection lets its upstream connection go
+/// (`limits.upstream_idle_secs`) and gets a new, verified one with its
+/// next request; the job's connection is never touched.
+#[test]
+fn idle_keep_alive_connections_let_their_upstream_go_and_get_a_new_one() {
+    const N: usize = 5;
+    let mut env = Env::https("");
+    env.config = env.config.replacen(
+        "proxy:\n",
+        "proxy:\n  limits:\n    upstream_idle_secs: 2\n",
+        1,
+    );
+    env.restart();
+    let _trust = env.trust_node_ca();
+    let ip = env.remote.remote.clone();
+    let script = format!("{FIXTURES}/https_client.py");
+    let mut holder = env
+        .cgroup
+        .command(
+            "python3",
+            &[&script, "hold", &ip, "api.fake.test", "443", &N.to_string()],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the holder");
+    let mut out = BufReader::new(holder.stdout.take().expect("stdout"));
+    let mut stdin = holder.stdin.take().expect("stdin");
+    let mut said = |line: &str| -> Value {
+        stdin.write_all(line.as_bytes()).expect("tell the holder");
+        let mut answer = String::new();
+        out.read_line(&mut answer).expect("holder output");
+        serde_json::from_str(answer.trim())
+            .unwrap_or_else(|e| panic!("holder said {answer:?} ({e})\n{}", env.node.log_text()))
+    };
+    let held = said("");
+    assert_eq!(held["ok"], N, "{held}");
+    // At once: the same upstream connections.
+    assert_eq!(said("again\n")["ok"], N);
+    // Idle past the limit: the upstream side is let go; the next request
+    // opens a new one.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert_eq!(said("again\n")["ok"], N);
+    let _ = said("close\n");
+    let _ = holder.wait();
+
+    let entries = env.remote.https_entries();
+    let port = |tag: &str| -> u64 {
+        entries
+            .iter()
+            .find(|e| e["query"].as_str() == Some(&format!("tag={tag}")))
+            .and_then(|e| e["peer_port"].as_u64())
+            .unwrap_or_else(|| panic!("no request {tag} upstream: {entries:#?}"))
+    };
+    for i in 0..N {
+        let (first, kept, after_idle) = (
+            port(&format!("hold-{i}")),
+            port(&format!("again1-{i}")),
+            port(&format!("again2-{i}")),
+        );
+        assert_eq!(first, kept, "connection {i}: kept while in use");
+        assert_ne!(
+            first, after_idle,
+            "connection {i}: a new upstream after idling"
+        );
+    }
+    // The job's connections were never closed: N accepted, all intercepted.
+    let s = env.node.status();
+    assert_eq!(s["connections_accepted"], N as u64, "{s:#}");
+}

@@ -268,6 +268,10 @@ def held_memory(n, cg, node, sluice, sock):
         if held.get("ok") != n:
             raise RuntimeError("holding %d connections: %s" % (n, held))
         during = memory(node.pid)
+        # Past limits.upstream_idle_secs (default 15): the idle upstream
+        # connections are let go, the job's stay open.
+        time.sleep(20)
+        idle = memory(node.pid)
         holder.stdin.write("close\n")
         holder.stdin.flush()
         holder.stdout.readline()
@@ -277,7 +281,8 @@ def held_memory(n, cg, node, sluice, sock):
     wait_until("the node to let the connections go", lambda: active() == 0)
     time.sleep(7)  # the trimmer's period and then some
     print("\nnode memory, %d intercepted keep-alive connections held by a job:" % n)
-    print("  before: %s\n  held:   %s\n  after:  %s" % (before, during, memory(node.pid)))
+    print("  before:             %s\n  held:               %s\n  held, idle for 20s: %s\n"
+          "  after close:        %s" % (before, during, idle, memory(node.pid)))
 
 
 def in_place(tmp, cgroup, cmd, ip=REMOTE_IP):

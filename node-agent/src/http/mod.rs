@@ -97,8 +97,116 @@ impl std::ops::Deref for HttpSession {
 }
 
 enum Upstream {
-    H1(Mutex<hyper::client::conn::http1::SendRequest<Tap<UpBody>>>),
+    H1(Mutex<H1Upstream>),
     H2(hyper::client::conn::http2::SendRequest<Tap<UpBody>>),
+}
+
+/// How to open the upstream again: the address the job dialled, the name
+/// the first connection was verified for, and the node's TLS context.
+pub struct Redial {
+    pub tls: Arc<crate::tls::TlsContext>,
+    pub addr: std::net::SocketAddr,
+    pub sni: String,
+    pub connect_timeout: std::time::Duration,
+}
+
+/// An HTTP/1.1 upstream connection that is let go when idle and opened
+/// again on the next request.
+struct H1Upstream {
+    sender: Option<hyper::client::conn::http1::SendRequest<Tap<UpBody>>>,
+    redial: Option<Redial>,
+    max_buf: usize,
+    used: Instant,
+}
+
+impl H1Upstream {
+    fn new(
+        sender: hyper::client::conn::http1::SendRequest<Tap<UpBody>>,
+        redial: Option<Redial>,
+        max_buf: usize,
+    ) -> Self {
+        Self {
+            sender: Some(sender),
+            redial,
+            max_buf,
+            used: Instant::now(),
+        }
+    }
+
+    /// The connection, opened again if it was let go or has closed.
+    async fn ready(
+        &mut self,
+    ) -> Result<&mut hyper::client::conn::http1::SendRequest<Tap<UpBody>>, String> {
+        self.used = Instant::now();
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let Some(r) = &self.redial else {
+                return Err("the upstream connection has closed".into());
+            };
+            let tcp =
+                tokio::time::timeout(r.connect_timeout, tokio::net::TcpStream::connect(r.addr))
+                    .await
+                    .map_err(|_| format!("connecting to {} again timed out", r.addr))?
+                    .map_err(|e| format!("connecting to {} again: {e}", r.addr))?;
+            let tls = r
+                .tls
+                .connect_upstream(tcp, &r.sni, &[b"http/1.1".to_vec()])
+                .await
+                .map_err(|e| format!("TLS to {} again: {e}", r.sni))?;
+            self.sender = Some(
+                h1_handshake(tls, self.max_buf)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let sender = self
+            .sender
+            .as_mut()
+            .ok_or_else(|| "no upstream connection".to_owned())?;
+        sender.ready().await.map_err(|e| e.to_string())?;
+        Ok(sender)
+    }
+}
+
+/// Opens hyper's HTTP/1.1 client on an upstream stream; its connection
+/// task ends when the sender is dropped and nothing is in flight.
+async fn h1_handshake<U>(
+    upstream: U,
+    max_buf: usize,
+) -> Result<hyper::client::conn::http1::SendRequest<Tap<UpBody>>, HttpError>
+where
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(max_buf)
+        .handshake(TokioIo::new(upstream))
+        .await
+        .map_err(HttpError::UpstreamHandshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            debug!(error = %e, "upstream h1 connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// Lets an idle HTTP/1.1 upstream connection go, every so often, for as
+/// long as the connection is served.
+async fn let_go_when_idle(up: &Upstream, idle: std::time::Duration) {
+    let Upstream::H1(h1) = up else {
+        return std::future::pending().await;
+    };
+    if idle.is_zero() {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(idle / 2).await;
+        // Busy (a request is being sent): not idle.
+        if let Ok(mut h1) = h1.try_lock() {
+            if h1.redial.is_some() && h1.sender.is_some() && h1.used.elapsed() >= idle {
+                h1.sender = None;
+            }
+        }
+    }
 }
 
 /// Serves one intercepted connection until either side closes.
@@ -107,6 +215,7 @@ pub async fn serve<D, U>(
     upstream: U,
     h2: bool,
     session: Arc<HttpSession>,
+    redial: Option<Redial>,
 ) -> Result<(), HttpError>
 where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -134,19 +243,13 @@ where
         });
         Upstream::H2(sender)
     } else {
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .max_buf_size(lim.http_max_buffer_bytes.max(8192))
-            .handshake(TokioIo::new(upstream))
-            .await
-            .map_err(HttpError::UpstreamHandshake)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(error = %e, "upstream h1 connection ended");
-            }
-        });
-        Upstream::H1(Mutex::new(sender))
+        let max_buf = lim.http_max_buffer_bytes.max(8192);
+        let sender = h1_handshake(upstream, max_buf).await?;
+        Upstream::H1(Mutex::new(H1Upstream::new(sender, redial, max_buf)))
     };
     let up = Arc::new(up);
+    let reaper = up.clone();
+    let idle = std::time::Duration::from_secs(lim.upstream_idle_secs);
     let svc = service_fn(move |req| {
         let up = up.clone();
         let session = session.clone();
@@ -168,14 +271,16 @@ where
     } else {
         // A client that trickles its header block is cut after the
         // timeout (slowloris), and a header block beyond the buffer is 431.
-        hyper::server::conn::http1::Builder::new()
+        let serving = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(std::time::Duration::from_secs(lim.header_read_timeout_secs))
             .max_buf_size(lim.http_max_buffer_bytes.max(8192))
             .serve_connection(io, svc)
-            .with_upgrades()
-            .await
-            .map_err(HttpError::Serve)
+            .with_upgrades();
+        tokio::select! {
+            r = serving => r.map_err(HttpError::Serve),
+            _ = let_go_when_idle(&reaper, idle) => Ok(()),
+        }
     }
 }
 
@@ -315,14 +420,18 @@ impl HttpSession {
         let (req_tap, req_rx) = Tap::new(up_body, self.body_cap);
         let up_req = Request::from_parts(parts, req_tap);
         let result = match up {
-            Upstream::H1(sender) => {
-                let mut sender = sender.lock().await;
-                match sender.ready().await {
-                    Ok(()) => sender.send_request(up_req).await,
+            Upstream::H1(h1) => {
+                let mut h1 = h1.lock().await;
+                match h1.ready().await {
+                    Ok(sender) => sender.send_request(up_req).await.map_err(|e| e.to_string()),
                     Err(e) => Err(e),
                 }
             }
-            Upstream::H2(sender) => sender.clone().send_request(up_req).await,
+            Upstream::H2(sender) => sender
+                .clone()
+                .send_request(up_req)
+                .await
+                .map_err(|e| e.to_string()),
         };
         let resp = match result {
             Ok(r) => r,
