@@ -52,6 +52,7 @@ CGROUP_ENF = "sluice-hbench-enf"
 VARIANTS = ["direct", "sluice", "enforced", "mitmproxy"]
 NGINX_PORT = 4443
 PEER_PORT = 4444
+TRUST_LOCK = "/run/lock/sluice-e2e-trust.lock"  # tests/e2e/harness.rs: trust_store_lock
 
 BUNDLE = """version: 1
 name: hbench-enforcement
@@ -107,11 +108,13 @@ def stop(proc, grace=10):
 
 def ca_tool_runner(sluice, cfg, state):
     def run(action):
-        # update-ca-certificates --fresh run concurrently elsewhere (the e2e
-        # suite does it too) can make ours fail; it is idempotent, so retry.
+        # The e2e suite changes the system trust store too: both take its
+        # lock, so neither runs update-ca-certificates under the other's
+        # feet. Anything else doing so concurrently can still make ours
+        # fail; it is idempotent, so retry.
         for attempt in range(5):
-            r = subprocess.run([sluice, "ca", action, "--config", cfg, "--state-dir", state],
-                               capture_output=True, text=True)
+            r = subprocess.run(["flock", TRUST_LOCK, sluice, "ca", action, "--config", cfg,
+                                "--state-dir", state], capture_output=True, text=True)
             if r.returncode == 0:
                 return
             time.sleep(1 + attempt)
