@@ -655,7 +655,8 @@ fn a_full_spool_fails_closed_or_drops_the_oldest_as_configured() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
         .map(|e| e.metadata().unwrap().len())
         .sum();
-    assert!(bytes <= 16384 + 8192, "spool holds {bytes} bytes");
+    // The bound holds even under a burst (room is made a segment at a time).
+    assert!(bytes <= 16384, "spool holds {bytes} bytes");
 }
 
 #[test]

@@ -276,18 +276,33 @@ impl Spool {
             return Ok(false);
         }
         let mut batch = Vec::new();
-        let mut first = None;
+        // Where each line starts, with its event's sequence number.
+        let mut starts: Vec<(u64, usize)> = Vec::new();
         for ev in &events {
             if last.is_some_and(|l| ev.seq <= l) {
                 continue;
             }
-            first.get_or_insert(ev.seq);
+            starts.push((ev.seq, batch.len()));
             batch.extend_from_slice(&line::encode(ev, &self.node));
             batch.push(b'\n');
         }
         let last_seq = events.last().map_or(cur.next_seq, |e| e.seq + 1);
-        if let Some(first) = first {
-            self.write(first, &batch, events.first().map_or(0, |e| e.at_ms))?;
+        let oldest_ms = events.first().map_or(0, |e| e.at_ms);
+        match self.settings.when_full {
+            // All or nothing: a batch that does not fit is not written at
+            // all (and retried whole once there is room).
+            WhenFull::FailClosed => {
+                if let Some((first, _)) = starts.first() {
+                    self.write(*first, &batch, oldest_ms)?;
+                }
+            }
+            // A segment's worth at a time, so a burst cannot take the
+            // spool past its bound: room is made before each.
+            WhenFull::DropOldest => {
+                for (first, range) in groups(&starts, batch.len(), self.settings.segment_bytes) {
+                    self.write(first, &batch[range], oldest_ms)?;
+                }
+            }
         }
         self.status.full.store(false, Ordering::Relaxed);
         cur.pos = next;
@@ -299,6 +314,7 @@ impl Spool {
     }
 
     fn write(&self, first: u64, batch: &[u8], oldest_ms: u64) -> Result<(), SpoolError> {
+        // `segs` is re-read per call: a group may have started a segment.
         let mut segs = segments(&self.dir).map_err(io(&self.dir))?;
         let mut total = self.disk_bytes();
         while total + batch.len() as u64 > self.settings.max_bytes {
@@ -311,18 +327,21 @@ impl Spool {
                     });
                 }
                 WhenFull::DropOldest => {
-                    if segs.len() < 2 {
+                    if segs.is_empty() {
                         break;
                     }
                     let (n, path) = segs.remove(0);
-                    let dropped = segs[0].0.saturating_sub(n);
+                    // Up to the next segment, or to this batch if it was
+                    // the last one.
+                    let next = segs.first().map_or(first, |s| s.0);
+                    let dropped = next.saturating_sub(n);
                     warn!(segment = %path.display(), events = dropped, "SPOOL FULL: oldest segment dropped (spool.when_full: drop-oldest)");
                     let _ = std::fs::remove_file(&path);
                     self.status
                         .dropped_events
                         .fetch_add(dropped, Ordering::Relaxed);
                     // What was dropped will not be shipped: move past it.
-                    let acked = self.status.acked.load(Ordering::Relaxed).max(segs[0].0);
+                    let acked = self.status.acked.load(Ordering::Relaxed).max(next);
                     self.set_acked(acked)?;
                     total = self.disk_bytes();
                 }
@@ -353,5 +372,38 @@ impl Spool {
             .bytes
             .store(total + batch.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// Consecutive lines (`starts`: sequence number and offset of each, the
+/// batch `len` bytes long) in groups of at most `max` bytes (at least one
+/// line each), as (first sequence number, byte range).
+fn groups(starts: &[(u64, usize)], len: usize, max: u64) -> Vec<(u64, std::ops::Range<usize>)> {
+    let max = usize::try_from(max).unwrap_or(usize::MAX).max(1);
+    let mut out: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
+    for (i, (seq, at)) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).map_or(len, |(_, next)| *next);
+        match out.last_mut() {
+            Some((_, r)) if end - r.start <= max => r.end = end,
+            _ => out.push((*seq, *at..end)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::groups;
+
+    #[test]
+    fn lines_are_grouped_up_to_a_segment() {
+        // Lines of 10, 10, 30 and 5 bytes, at most 25 per group.
+        let starts = [(7, 0), (8, 10), (9, 20), (10, 50)];
+        assert_eq!(
+            groups(&starts, 55, 25),
+            vec![(7, 0..20), (9, 20..50), (10, 50..55)]
+        );
+        assert_eq!(groups(&starts, 55, 1000), vec![(7, 0..55)]);
+        assert!(groups(&[], 0, 10).is_empty());
     }
 }
