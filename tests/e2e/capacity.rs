@@ -202,4 +202,26 @@ fn idle_keep_alive_connections_let_their_upstream_go_and_get_a_new_one() {
     // The job's connections were never closed: N accepted, all intercepted.
     let s = env.node.status();
     assert_eq!(s["connections_accepted"], N as u64, "{s:#}");
+
+    // A response that streams for longer than the limit is not idle: the
+    // upstream stays until its last event.
+    let out = env.cgroup.run(
+        "python3",
+        &[
+            &script,
+            "sse",
+            &ip,
+            "api.fake.test",
+            "443",
+            "/sse?n=8&ms=600",
+        ],
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("sse client ({e}): {}", text(&out)));
+    assert_eq!(
+        seen["events"].as_array().map(Vec::len),
+        Some(8),
+        "{seen}\n{}",
+        env.node.log_text()
+    );
 }

@@ -190,8 +190,10 @@ where
 }
 
 /// Lets an idle HTTP/1.1 upstream connection go, every so often, for as
-/// long as the connection is served.
-async fn let_go_when_idle(up: &Upstream, idle: std::time::Duration) {
+/// long as the connection is served. Idle: no request for `idle`, and the
+/// last exchange has ended (its response body too: dropping hyper's
+/// sender while a body streams would cut the body off).
+async fn let_go_when_idle(up: &Upstream, idle: std::time::Duration, session: &HttpSession) {
     let Upstream::H1(h1) = up else {
         return std::future::pending().await;
     };
@@ -200,7 +202,23 @@ async fn let_go_when_idle(up: &Upstream, idle: std::time::Duration) {
     }
     loop {
         tokio::time::sleep(idle / 2).await;
-        // Busy (a request is being sent): not idle.
+        let exchange_open = match session.prev_durable.try_lock() {
+            Ok(mut prev) => match prev.as_mut().map(|rx| rx.try_recv()) {
+                Some(Err(oneshot::error::TryRecvError::Empty)) => true,
+                // Done: nothing left to wait for (a receiver must not be
+                // polled again once it has answered).
+                Some(_) => {
+                    *prev = None;
+                    false
+                }
+                None => false,
+            },
+            Err(_) => true,
+        };
+        if exchange_open {
+            continue;
+        }
+        // Locked: a request is being sent.
         if let Ok(mut h1) = h1.try_lock() {
             if h1.redial.is_some() && h1.sender.is_some() && h1.used.elapsed() >= idle {
                 h1.sender = None;
@@ -248,7 +266,7 @@ where
         Upstream::H1(Mutex::new(H1Upstream::new(sender, redial, max_buf)))
     };
     let up = Arc::new(up);
-    let reaper = up.clone();
+    let reaper = (up.clone(), session.clone());
     let idle = std::time::Duration::from_secs(lim.upstream_idle_secs);
     let svc = service_fn(move |req| {
         let up = up.clone();
@@ -279,7 +297,7 @@ where
             .with_upgrades();
         tokio::select! {
             r = serving => r.map_err(HttpError::Serve),
-            _ = let_go_when_idle(&reaper, idle) => Ok(()),
+            _ = let_go_when_idle(&reaper.0, idle, &reaper.1) => Ok(()),
         }
     }
 }
