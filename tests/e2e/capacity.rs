@@ -35,8 +35,12 @@ fn rss_mib(pid: u64) -> u64 {
 /// node while they are held, closes them, waits until the node has let
 /// them go and handed the memory back (its trimmer runs every 5 s), and
 /// measures again. Returns (held, after) in MiB.
-fn round(env: &Env, pid: u64) -> (u64, u64) {
-    let ip = env.remote.remote.clone();
+/// The job's side: `https_client.py hold`, `n` keep-alive connections to
+/// the fake API, driven through its stdin and stdout.
+fn spawn_holder(
+    env: &Env,
+    n: usize,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let script = format!("{FIXTURES}/https_client.py");
     let mut holder = env
         .cgroup
@@ -45,10 +49,10 @@ fn round(env: &Env, pid: u64) -> (u64, u64) {
             &[
                 &script,
                 "hold",
-                &ip,
+                &env.remote.remote,
                 "api.fake.test",
                 "443",
-                &CONNS.to_string(),
+                &n.to_string(),
             ],
         )
         .stdin(Stdio::piped())
@@ -56,7 +60,12 @@ fn round(env: &Env, pid: u64) -> (u64, u64) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the holder");
-    let mut out = BufReader::new(holder.stdout.take().expect("stdout"));
+    let out = BufReader::new(holder.stdout.take().expect("stdout"));
+    (holder, out)
+}
+
+fn round(env: &Env, pid: u64) -> (u64, u64) {
+    let (mut holder, mut out) = spawn_holder(env, CONNS);
     let mut line = String::new();
     out.read_line(&mut line).expect("holder output");
     let held: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| {
@@ -146,20 +155,7 @@ fn idle_keep_alive_connections_let_their_upstream_go_and_get_a_new_one() {
     );
     env.restart();
     let _trust = env.trust_node_ca();
-    let ip = env.remote.remote.clone();
-    let script = format!("{FIXTURES}/https_client.py");
-    let mut holder = env
-        .cgroup
-        .command(
-            "python3",
-            &[&script, "hold", &ip, "api.fake.test", "443", &N.to_string()],
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the holder");
-    let mut out = BufReader::new(holder.stdout.take().expect("stdout"));
+    let (mut holder, mut out) = spawn_holder(&env, N);
     let mut stdin = holder.stdin.take().expect("stdin");
     let mut said = |line: &str| -> Value {
         stdin.write_all(line.as_bytes()).expect("tell the holder");
@@ -208,9 +204,9 @@ fn idle_keep_alive_connections_let_their_upstream_go_and_get_a_new_one() {
     let out = env.cgroup.run(
         "python3",
         &[
-            &script,
+            &format!("{FIXTURES}/https_client.py"),
             "sse",
-            &ip,
+            &env.remote.remote,
             "api.fake.test",
             "443",
             "/sse?n=8&ms=600",

@@ -97,22 +97,7 @@ impl Drop for Prometheus {
 fn prometheus_scrapes_counters_that_move() {
     let env = Env::https("");
     let _trust = env.trust_node_ca();
-    let get = |n: usize| {
-        for _ in 0..n {
-            let out = env.curl(
-                "api.fake.test",
-                443,
-                "/json",
-                &["-o", "/dev/null", "-w", "%{http_code}"],
-            );
-            assert_eq!(
-                String::from_utf8_lossy(&out.stdout),
-                "200",
-                "{}",
-                text(&out)
-            );
-        }
-    };
+    let get = |n: usize| env.get_ok(n);
     get(3);
     let prom = Prometheus::start(&env);
     prom.wait("up{job=\"sluice\"}", |v| v == 1.0, &env);
@@ -442,22 +427,7 @@ fn evidence_is_shipped_to_jetstream_once_in_order_through_outages_and_kill_9() {
         format!("ship:\n  nats:\n    url: \"{url}\"\n    node: e2e-node\n")
     });
     let _trust = env.trust_node_ca();
-    let get = |env: &Env, n: usize| {
-        for _ in 0..n {
-            let out = env.curl(
-                "api.fake.test",
-                443,
-                "/json",
-                &["-o", "/dev/null", "-w", "%{http_code}"],
-            );
-            assert_eq!(
-                String::from_utf8_lossy(&out.stdout),
-                "200",
-                "{}",
-                text(&out)
-            );
-        }
-    };
+    let get = |env: &Env, n: usize| env.get_ok(n);
     get(&env, 3);
     let t = wait_stream_matches(&env, &nats);
     assert!(t.contains(", 0 duplicate"), "{t}");
@@ -587,13 +557,8 @@ fn a_full_spool_fails_closed_or_drops_the_oldest_as_configured() {
     let _trust = env.trust_node_ca();
     let deadline = Instant::now() + Duration::from_secs(60);
     let refused = loop {
-        let out = env.curl(
-            "api.fake.test",
-            443,
-            "/json",
-            &["-o", "/dev/null", "-w", "%{http_code}"],
-        );
-        if String::from_utf8_lossy(&out.stdout) != "200" {
+        let (code, out) = env.status_of("/json");
+        if code != "200" {
             break out;
         }
         assert!(
@@ -624,18 +589,7 @@ fn a_full_spool_fails_closed_or_drops_the_oldest_as_configured() {
     let _trust = env.trust_node_ca();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let out = env.curl(
-            "api.fake.test",
-            443,
-            "/json",
-            &["-o", "/dev/null", "-w", "%{http_code}"],
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "200",
-            "{}",
-            text(&out)
-        );
+        env.get_ok(1);
         if env.node.status()["spool"]
             .as_str()
             .unwrap()
@@ -705,18 +659,7 @@ fn evidence_ships_over_tls_with_a_nats_user_and_strangers_read_nothing() {
     );
     let env = Env::https_with(move |_| cfg.clone());
     let _trust = env.trust_node_ca();
-    let out = env.curl(
-        "api.fake.test",
-        443,
-        "/json",
-        &["-o", "/dev/null", "-w", "%{http_code}"],
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "200",
-        "{}",
-        text(&out)
-    );
+    env.get_ok(1);
     let (ca, pass_file) = (format!("{d}/ca.pem"), format!("{d}/nats.pass"));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -648,6 +648,26 @@ impl Env {
     }
 
     /// curl in the watched cgroup, resolving `host` to the remote.
+    /// GET `path` on the fake API from the job: the status code curl saw
+    /// (`000` when it got none) and the whole output.
+    pub fn status_of(&self, path: &str) -> (String, Output) {
+        let out = self.curl(
+            "api.fake.test",
+            443,
+            path,
+            &["-o", "/dev/null", "-w", "%{http_code}"],
+        );
+        (String::from_utf8_lossy(&out.stdout).into_owned(), out)
+    }
+
+    /// `n` GETs of `/json` from the job, each answered 200.
+    pub fn get_ok(&self, n: usize) {
+        for _ in 0..n {
+            let (code, out) = self.status_of("/json");
+            assert_eq!(code, "200", "{}", text(&out));
+        }
+    }
+
     pub fn curl(&self, host: &str, port: u16, path: &str, extra: &[&str]) -> Output {
         let url = format!("https://{host}:{port}{path}");
         let resolve = format!("{host}:{port}:{}", self.remote.remote);

@@ -51,12 +51,6 @@ impl Backend {
             };
             activity.fetch_add(1, Ordering::Relaxed);
             let done = self.handle(msg)?;
-            {
-                let f = lock(&self.flow);
-                if f.waiting {
-                    f.progress.notify_waiters();
-                }
-            }
             for mut st in done {
                 finish(&self.ctx, &mut st);
             }
@@ -253,6 +247,11 @@ impl Backend {
                 msg.encode(&mut self.out);
             }
             _ => msg.encode(&mut self.out),
+        }
+        // The frontend may be waiting for the queue to empty
+        // (`Frontend::lexed_differently`).
+        if f.waiting {
+            f.progress.notify_waiters();
         }
         Ok(done)
     }
