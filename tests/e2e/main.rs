@@ -4,6 +4,7 @@
 //! node. They need root and fail loudly without it; they never skip.
 mod capacity;
 mod containment;
+mod documents;
 mod evidence;
 mod fleet;
 mod foundation;

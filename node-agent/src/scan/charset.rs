@@ -23,16 +23,28 @@ enum Utf {
 fn detect(b: &[u8]) -> Option<Utf> {
     let starts = |p: &[u8]| b.starts_with(p);
     if starts(&[0, 0, 0xFE, 0xFF]) {
-        return Some(Utf::U32 { be: true, bom: true });
+        return Some(Utf::U32 {
+            be: true,
+            bom: true,
+        });
     }
     if starts(&[0xFF, 0xFE, 0, 0]) {
-        return Some(Utf::U32 { be: false, bom: true });
+        return Some(Utf::U32 {
+            be: false,
+            bom: true,
+        });
     }
     if starts(&[0xFE, 0xFF]) {
-        return Some(Utf::U16 { be: true, bom: true });
+        return Some(Utf::U16 {
+            be: true,
+            bom: true,
+        });
     }
     if starts(&[0xFF, 0xFE]) {
-        return Some(Utf::U16 { be: false, bom: true });
+        return Some(Utf::U16 {
+            be: false,
+            bom: true,
+        });
     }
     if starts(&[0xEF, 0xBB, 0xBF]) {
         return Some(Utf::U8Bom);
@@ -40,24 +52,42 @@ fn detect(b: &[u8]) -> Option<Utf> {
     if b.len() >= 4 {
         if b[0] == 0 {
             return Some(if b[1] != 0 {
-                Utf::U16 { be: true, bom: false }
+                Utf::U16 {
+                    be: true,
+                    bom: false,
+                }
             } else {
-                Utf::U32 { be: true, bom: false }
+                Utf::U32 {
+                    be: true,
+                    bom: false,
+                }
             });
         }
         if b[1] == 0 {
             return Some(if b[2] != 0 || b[3] != 0 {
-                Utf::U16 { be: false, bom: false }
+                Utf::U16 {
+                    be: false,
+                    bom: false,
+                }
             } else {
-                Utf::U32 { be: false, bom: false }
+                Utf::U32 {
+                    be: false,
+                    bom: false,
+                }
             });
         }
     } else if b.len() == 2 {
         if b[0] == 0 {
-            return Some(Utf::U16 { be: true, bom: false });
+            return Some(Utf::U16 {
+                be: true,
+                bom: false,
+            });
         }
         if b[1] == 0 {
-            return Some(Utf::U16 { be: false, bom: false });
+            return Some(Utf::U16 {
+                be: false,
+                bom: false,
+            });
         }
     }
     None
@@ -153,7 +183,11 @@ mod tests {
         for be in [true, false] {
             for bom in [true, false] {
                 let b = enc16(doc, be, bom);
-                assert_eq!(json_text(&b).unwrap().as_ref(), doc.as_bytes(), "{be} {bom}");
+                assert_eq!(
+                    json_text(&b).unwrap().as_ref(),
+                    doc.as_bytes(),
+                    "{be} {bom}"
+                );
             }
         }
         let mut b32 = vec![0xFF, 0xFE, 0, 0];

@@ -289,7 +289,23 @@ fn decode(b: &[u8], s: usize, e: usize) -> Result<(Vec<u8>, Vec<Span>), &'static
 /// Every string value of `input` (which must be exactly one JSON value,
 /// surrounding whitespace allowed), in document order.
 pub fn strings(input: &[u8]) -> Result<Vec<JsonString>, JsonError> {
-    texts_of(input, false)
+    texts_of(input, Read::Strings)
+}
+
+/// What a walk reads as text.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Strings,
+    /// Streamed events: strings and byte arrays (logprobs' `bytes` spell
+    /// the answer again); keys and numbers of event envelopes are schema.
+    Stream,
+    /// A whole document: everything (`texts`).
+    Document,
+}
+
+/// Strings and byte arrays of one streamed event (see `texts`).
+pub fn stream_texts(input: &[u8]) -> Result<Vec<JsonString>, JsonError> {
+    texts_of(input, Read::Stream)
 }
 
 /// Everything in a JSON document a reader can take as text, in document
@@ -299,10 +315,10 @@ pub fn strings(input: &[u8]) -> Result<Vec<JsonString>, JsonError> {
 /// Masking a number or a byte element rewrites the whole token (see
 /// `mask_numbers`).
 pub fn texts(input: &[u8]) -> Result<Vec<JsonString>, JsonError> {
-    texts_of(input, true)
+    texts_of(input, Read::Document)
 }
 
-fn texts_of(input: &[u8], rich: bool) -> Result<Vec<JsonString>, JsonError> {
+fn texts_of(input: &[u8], read: Read) -> Result<Vec<JsonString>, JsonError> {
     let mut p = Parser { b: input, i: 0 };
     let root = p.value(0)?;
     p.ws();
@@ -312,7 +328,7 @@ fn texts_of(input: &[u8], rich: bool) -> Result<Vec<JsonString>, JsonError> {
     let mut out = Vec::new();
     let mut w = Walk {
         b: input,
-        rich,
+        read,
         out: &mut out,
     };
     w.walk(&root, &mut String::new(), "")?;
@@ -462,8 +478,7 @@ fn discriminators(b: &[u8], fields: &[Field]) -> String {
 
 struct Walk<'a, 'o> {
     b: &'a [u8],
-    /// Keys, numbers and byte arrays too (`texts`), not only strings.
-    rich: bool,
+    read: Read,
     out: &'o mut Vec<JsonString>,
 }
 
@@ -489,7 +504,7 @@ impl Walk<'_, '_> {
             }
             Node::Scalar(s, e) => {
                 let lit = &b[*s..*e];
-                if self.rich && !matches!(lit, b"true" | b"false" | b"null") {
+                if self.read == Read::Document && !matches!(lit, b"true" | b"false" | b"null") {
                     // Every digit maps to the whole token: a mask rewrites it.
                     let span = Span {
                         start: *s as u32,
@@ -499,7 +514,7 @@ impl Walk<'_, '_> {
                 }
             }
             Node::Arr(items) => {
-                if self.rich {
+                if self.read != Read::Strings {
                     if let Some((bytes, origin)) = byte_array(b, items) {
                         self.push(path.clone(), leaf, bytes, origin);
                         return Ok(());
@@ -528,7 +543,7 @@ impl Walk<'_, '_> {
                     let l2 = path.len();
                     path.push('/');
                     path.push_str(&name);
-                    if self.rich {
+                    if self.read == Read::Document {
                         let (s, e) = f.raw;
                         let (decoded, origin) =
                             decode(b, s, e).map_err(|what| JsonError { at: s, what })?;
@@ -595,14 +610,21 @@ mod tests {
         let runs = runs(&t);
         let joined: Vec<String> = runs
             .iter()
-            .map(|r| r.iter().map(|&i| String::from_utf8_lossy(&t[i].decoded)).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|&i| String::from_utf8_lossy(&t[i].decoded))
+                    .collect()
+            })
             .collect();
         assert!(
             joined.contains(&"production password".to_owned()),
             "{joined:?}"
         );
         // Plain strings() is unchanged: strings only.
-        assert!(strings(doc).unwrap().iter().all(|s| !s.key.ends_with("#key")));
+        assert!(strings(doc)
+            .unwrap()
+            .iter()
+            .all(|s| !s.key.ends_with("#key")));
     }
 
     #[test]

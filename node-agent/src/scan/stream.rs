@@ -752,7 +752,7 @@ fn document_segments(texts: Vec<super::json::JsonString>) -> Vec<Segment> {
 
 /// Segments of one NDJSON line: its JSON strings, or the line as text.
 fn line_segments(line: &[u8]) -> Vec<Segment> {
-    match super::json::strings(line) {
+    match super::json::stream_texts(line) {
         Ok(strings) => strings
             .into_iter()
             .map(|s| Segment {
@@ -806,7 +806,7 @@ fn render(body: &[u8], masks: &mut Vec<Span>) -> Vec<u8> {
     });
     let numbers: HashMap<u32, Vec<u8>> = if numeric {
         super::json::mask_numbers(body, masks)
-            .unwrap_or_default()
+            .unwrap_or_else(|| sse::mask_numbers(body, masks))
             .into_iter()
             .map(|(span, text)| (span.start, text))
             .collect()
@@ -1126,7 +1126,11 @@ mod tests {
             .map(|b| b.as_u64().unwrap() as u8)
             .collect();
         assert_eq!(String::from_utf8(bytes).unwrap(), tokens);
-        assert_eq!(v["card"], "*".repeat(16), "a masked number becomes a masked string");
+        assert_eq!(
+            v["card"],
+            "*".repeat(16),
+            "a masked number becomes a masked string"
+        );
         assert!(v["by_key"].get("AKIAIOSFODNN7EXAMPLE").is_none(), "{v}");
         assert_eq!(v["by_key"]["*".repeat(20)], true);
         assert_eq!(v["n"], 3, "numbers that match nothing stay numbers");
@@ -1135,6 +1139,47 @@ mod tests {
         let plain = br#"{"a": [1, 2, 300], "b": {"x y": 12.5e3}, "c": [104, 105]}"#;
         let (out, _) = run(Framing::Json, &[plain.to_vec()]);
         assert_eq!(out, plain);
+    }
+
+    #[test]
+    fn streamed_logprobs_tokens_and_bytes_are_masked_and_stay_json() {
+        let toks = ["key ", "AK", "IAIO", "SFOD", "NN7E", "XAMP", "LE", " ok"];
+        let mut evs: Vec<Vec<u8>> = toks
+            .iter()
+            .map(|t| {
+                let v = serde_json::json!({"id": "c1", "choices": [{"index": 0,
+                    "delta": {"content": t},
+                    "logprobs": {"content": [{"token": t, "logprob": -0.5, "bytes": t.as_bytes()}]}}]});
+                format!("data: {v}\n\n").into_bytes()
+            })
+            .collect();
+        evs.push(b"data: [DONE]\n\n".to_vec());
+        let (out, _) = run(Framing::Sse, &evs);
+        let (mut content, mut tokens, mut bytes) = (String::new(), String::new(), Vec::new());
+        for ev in String::from_utf8(out).unwrap().split("\n\n") {
+            let Some(d) = ev.strip_prefix("data: ") else {
+                continue;
+            };
+            if d == "[DONE]" {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(d).expect("events stay JSON");
+            let c = &v["choices"][0];
+            content.push_str(c["delta"]["content"].as_str().unwrap());
+            let lp = &c["logprobs"]["content"][0];
+            tokens.push_str(lp["token"].as_str().unwrap());
+            bytes.extend(
+                lp["bytes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8),
+            );
+        }
+        let want = format!("key {} ok", "*".repeat(20));
+        assert_eq!(content, want);
+        assert_eq!(tokens, want);
+        assert_eq!(String::from_utf8(bytes).unwrap(), want);
     }
 
     #[test]
