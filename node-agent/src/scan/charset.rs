@@ -94,7 +94,7 @@ fn detect(b: &[u8]) -> Option<Utf> {
 }
 
 fn utf16(b: &[u8], be: bool) -> Result<String, &'static str> {
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return Err("odd number of bytes");
     }
     let units = b.chunks_exact(2).map(|c| {
@@ -110,7 +110,7 @@ fn utf16(b: &[u8], be: bool) -> Result<String, &'static str> {
 }
 
 fn utf32(b: &[u8], be: bool) -> Result<String, &'static str> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err("length not a multiple of 4");
     }
     b.chunks_exact(4)
