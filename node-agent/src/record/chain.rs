@@ -18,12 +18,9 @@
 //! written (no re-serialisation: `verify` hashes the stored bytes).
 //! Events written before this format (JSON objects, hex hashes over a
 //! canonical JSON body) are still read and verified.
-use sha2::{Digest, Sha256};
 
-pub type Hash = [u8; 32];
+pub use sluice_evidence::chain::{content_digest, link_hash, Hash, GENESIS};
 
-/// The `prev` of the first event.
-pub const GENESIS: Hash = [0; 32];
 const V1: u8 = 1;
 const FIXED: usize = 1 + 8 + 8 + 8 + 32 + 32 + 2;
 
@@ -40,29 +37,6 @@ pub struct Link {
     pub hash: Hash,
     /// Written in the JSON format that preceded this one.
     pub legacy: bool,
-}
-
-pub fn content_digest(at_ms: u64, connection: u64, kind: &str, body: &[u8]) -> Hash {
-    let mut h = Sha256::new();
-    for part in [
-        &at_ms.to_be_bytes()[..],
-        &connection.to_be_bytes(),
-        kind.as_bytes(),
-        body,
-    ] {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part);
-    }
-    h.finalize().into()
-}
-
-pub fn link_hash(prev: &Hash, seq: u64, digest: &Hash) -> Hash {
-    let mut h = Sha256::new();
-    h.update(b"sluice-chain-v1");
-    h.update(prev);
-    h.update(seq.to_be_bytes());
-    h.update(digest);
-    h.finalize().into()
 }
 
 /// Appends the stored form of a new link to `out`; returns its hash.
@@ -193,6 +167,7 @@ impl Link {
 
 /// The hash of the JSON event format (hex `prev`, canonical body).
 fn legacy_hash(prev: &str, seq: u64, at_ms: u64, connection: u64, kind: &str, body: &[u8]) -> Hash {
+    use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for part in [
         prev.as_bytes(),
