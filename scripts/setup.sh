@@ -11,7 +11,9 @@ need_apt=()
 # prometheus and nats-server: the real scraper and evidence stream of the
 # fleet tests (their own services are kept from starting: the tests run
 # theirs on loopback).
-for pkg in libhyperscan-dev pkg-config bpftool iproute2 curl openssl ca-certificates python3 postgresql libclang-dev prometheus nats-server; do
+# libsqlite3-dev: the console's embedded store; chromium and chromium-driver:
+# the real browser the console's pages are tested in (headless).
+for pkg in libhyperscan-dev pkg-config bpftool iproute2 curl openssl ca-certificates python3 postgresql libclang-dev prometheus nats-server libsqlite3-dev chromium chromium-driver; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
@@ -33,8 +35,10 @@ fi
 # grpcio (gRPC client and server), websockets, brotli and zstandard (the
 # fake API's compressed answers), psycopg 3 (a real Postgres driver, with its
 # own libpq). Pinned so a fresh machine tests the same.
-PY_PKGS=(openai==3.57.0 anthropic==2.14.0 grpcio==1.85.3 websockets==17.4 brotli==1.2.1 zstandard==0.25.0 psycopg[binary]==3.2.13)
-if ! python3 -c 'import openai, anthropic, grpc, websockets, brotli, zstandard, psycopg' >/dev/null 2>&1; then
+# selenium: the WebDriver client that drives Chromium (through Debian's
+# chromedriver, never a downloaded one) in the console's tests.
+PY_PKGS=(openai==3.57.0 anthropic==2.14.0 grpcio==1.85.3 websockets==17.4 brotli==1.2.1 zstandard==0.25.0 psycopg[binary]==3.2.13 selenium==4.38.0)
+if ! python3 -c 'import openai, anthropic, grpc, websockets, brotli, zstandard, psycopg, selenium' >/dev/null 2>&1; then
   echo "setup: installing Python packages: ${PY_PKGS[*]}"
   python3 -m pip install --quiet --disable-pip-version-check "${PY_PKGS[@]}"
 fi

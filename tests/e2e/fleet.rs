@@ -7,7 +7,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::harness::{text, Env};
+use crate::harness::{text, Env, Nats};
 
 struct Prometheus {
     child: Child,
@@ -308,79 +308,6 @@ fn the_deb_installs_and_purges_cleanly() {
         !bundle().contains(&body),
         "the CA is still in the system bundle after purge"
     );
-}
-
-/// A JetStream-enabled nats-server on loopback, its store in the test's
-/// directory (kept across restarts).
-struct Nats {
-    child: Option<Child>,
-    port: u16,
-    dir: std::path::PathBuf,
-    args: Vec<String>,
-}
-
-impl Nats {
-    fn start(dir: &std::path::Path) -> Self {
-        Self::start_with(dir, Vec::new())
-    }
-
-    fn start_with(dir: &std::path::Path, args: Vec<String>) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut n = Nats {
-            child: None,
-            port,
-            dir: dir.to_owned(),
-            args,
-        };
-        n.up();
-        n
-    }
-
-    fn up(&mut self) {
-        std::fs::create_dir_all(&self.dir).unwrap();
-        let child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(&self.dir)
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join("nats.log")).unwrap())
-            .spawn()
-            .expect("start nats-server (installed by scripts/setup.sh)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn down(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.down();
-    }
 }
 
 fn local_events(env: &Env) -> u64 {

@@ -973,3 +973,76 @@ pub fn edit_frame(f: &Frame, edit: impl FnOnce(&mut Vec<u8>)) {
     out.extend_from_slice(&bytes[end..]);
     std::fs::write(&f.path, out).unwrap();
 }
+
+/// A JetStream-enabled nats-server on loopback, its store in the test's
+/// directory (kept across restarts).
+pub struct Nats {
+    child: Option<Child>,
+    pub port: u16,
+    dir: std::path::PathBuf,
+    args: Vec<String>,
+}
+
+impl Nats {
+    pub fn start(dir: &std::path::Path) -> Self {
+        Self::start_with(dir, Vec::new())
+    }
+
+    pub fn start_with(dir: &std::path::Path, args: Vec<String>) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut n = Nats {
+            child: None,
+            port,
+            dir: dir.to_owned(),
+            args,
+        };
+        n.up();
+        n
+    }
+
+    pub fn up(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("nats.log")).unwrap())
+            .spawn()
+            .expect("start nats-server (installed by scripts/setup.sh)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
