@@ -21,7 +21,8 @@ use tracing::{info, warn};
 use super::{
     classify,
     codec::{self, Message, Outbox, Reader},
-    lock, DbSession, Entry, InFlight, PgError, Portal, Prepared, Shared, MAX_IN_FLIGHT, MAX_NAMED,
+    copy, lock, DbSession, Entry, InFlight, PgError, Portal, Prepared, Shared, MAX_IN_FLIGHT,
+    MAX_NAMED,
 };
 use crate::{
     approvals,
@@ -446,6 +447,28 @@ impl Frontend {
                 break;
             }
         }
+        let policy = self.ctx.policy();
+        let mask = policy.result_mask(&self.ctx.target, &self.ctx.identity);
+        let copies: Vec<Option<copy::CopyOut>> = parts
+            .iter()
+            .map(|p| copy_out(&mask, &p.facts, &p.text))
+            .collect();
+        // Binary rows are not rewritten: a binary COPY a column rule may
+        // apply to is refused (fail closed), the query string with it.
+        if let (None, Some(plan)) = (&refusal, &mask) {
+            if let Some(i) = copies
+                .iter()
+                .position(|c| c.as_ref().is_some_and(|c| c.binary_needs_masking(plan)))
+            {
+                refusal = Some((
+                    i,
+                    Refusal {
+                        rule: "binary-copy-masked".into(),
+                        message: "COPY in binary format of columns under masking rules is not masked by the node; use text or CSV format".into(),
+                    },
+                ));
+            }
+        }
         if refusal.is_none() {
             if let Err(e) = records
                 .iter()
@@ -474,20 +497,36 @@ impl Frontend {
             self.forward(&Message::new(b'Q', &b"\0"[..]));
             return Ok(());
         }
-        let policy = self.ctx.policy();
-        for (st, part) in records.into_iter().zip(&parts) {
-            let mask = policy.result_mask(&self.ctx.target, &self.ctx.identity);
-            let copy_columns = copy_columns(&mask, &part.facts, &part.text);
+        // `COPY table TO STDOUT` alone, under column rules, with nothing
+        // naming its columns: the node asks the catalog first, once
+        // everything before it is answered (so nothing unsynced of the
+        // extended protocol is in the way of a query of its own).
+        if let ([Some(c)], Some(plan)) = (&copies[..], &mask) {
+            let settled = matches!(
+                lock(&self.flow).queue.back(),
+                None | Some(Entry::GroupEnd { .. })
+            );
+            if let (true, Some((schema, table))) = (settled && c.needs_probe(plan), &c.table) {
+                let mut probe = copy::probe_sql(schema.as_deref(), table).into_bytes();
+                probe.push(0);
+                self.push(Entry::Probe {
+                    columns: Vec::new(),
+                    failed: false,
+                })?;
+                self.forward(&Message::new(b'Q', probe));
+            }
+        }
+        for (st, copy) in records.into_iter().zip(copies) {
             self.push(Entry::Statement(Box::new(InFlight {
                 record: st,
                 started: Instant::now(),
                 portal: None,
                 result_formats: Vec::new(),
                 desc: None,
-                mask,
+                mask: policy.result_mask(&self.ctx.target, &self.ctx.identity),
                 masked: Default::default(),
                 copy_out: false,
-                copy_columns,
+                copy,
             })))?;
         }
         self.push(Entry::GroupEnd {
@@ -699,7 +738,7 @@ impl Frontend {
             .ctx
             .policy()
             .result_mask(&self.ctx.target, &self.ctx.identity);
-        let copy_columns = copy_columns(&mask, &st.sql, sql);
+        let copy = copy_out(&mask, &st.sql, sql);
         self.push(Entry::Statement(Box::new(InFlight {
             record: st,
             started: Instant::now(),
@@ -709,7 +748,7 @@ impl Frontend {
             mask,
             masked: Default::default(),
             copy_out: false,
-            copy_columns,
+            copy,
         })))
     }
 
@@ -746,17 +785,16 @@ impl Frontend {
     }
 }
 
-/// For a COPY under result masking: its columns, if the statement names
-/// them.
-fn copy_columns(
+/// For a COPY TO STDOUT under result masking: how it writes its rows.
+fn copy_out(
     mask: &Option<crate::policy::ResultMask>,
     facts: &SqlFacts,
     sql: &str,
-) -> Option<Vec<String>> {
+) -> Option<copy::CopyOut> {
     if mask.is_none() || facts.class != Some(crate::record::statement::StatementClass::Copy) {
         return None;
     }
-    classify::copy_out_columns(sql)
+    copy::copy_out(sql)
 }
 
 /// The built-in `secrets` pack, compiled on first need: credentials are
