@@ -16,7 +16,6 @@ use super::{
     lock, mask, notice, Entry, InFlight, PgError, Shared,
 };
 use crate::{
-    policy::ResultMask,
     record::{Decision, ExchangeState},
     session::Session,
 };
@@ -227,6 +226,26 @@ impl Backend {
                 }
                 msg.encode(&mut self.out);
             }
+            // FunctionCallResponse: the call's result (length, bytes).
+            b'V' => {
+                let mut body = msg.body.to_vec();
+                let answers = matches!(f.queue.front(), Some(Entry::Statement(_)));
+                if let Some(Entry::Statement(mut s)) =
+                    answers.then(|| f.queue.pop_front()).flatten()
+                {
+                    s.record.command_tag = Some("FUNCTION CALL".into());
+                    if let (Some(plan), Some(v)) = (s.mask.as_ref(), body.get_mut(4..)) {
+                        if plan.scans() {
+                            for (a, b) in mask::spans(v, plan, &mut s.masked)? {
+                                v[a..b].fill(crate::scan::MASK);
+                            }
+                        }
+                    }
+                    s.record.rows_returned = 1;
+                    done.push(*s);
+                }
+                Message::new(b'V', body).encode(&mut self.out);
+            }
             b'N' => self
                 .masked_text(&mut f, msg, notice::fields)?
                 .encode(&mut self.out),
@@ -310,12 +329,23 @@ impl Backend {
 /// reports). At its ReadyForQuery the columns go to the COPY after it;
 /// an error or no rows leave them unknown (masked whole).
 fn probe(f: &mut super::Flow, msg: &Message) -> bool {
-    let Some(Entry::Probe { columns, failed }) = f.queue.front_mut() else {
+    let Some(Entry::Probe {
+        columns,
+        failed,
+        described,
+        statement,
+    }) = f.queue.front_mut()
+    else {
         return false;
     };
     match msg.tag {
+        b'T' if *described => match mask::row_description(&msg.body) {
+            Ok(fields) => columns.extend(fields.into_iter().map(|f| f.name)),
+            Err(_) => *failed = true,
+        },
         b'T' | b'C' | b'I' => {}
         b'E' => *failed = true,
+        b'D' if *described => *failed = true,
         b'D' => match mask::text_values(&msg.body) {
             Some(v) if v.len() == 1 && v[0].is_some() => {
                 columns.extend(v.into_iter().flatten());
@@ -323,14 +353,19 @@ fn probe(f: &mut super::Flow, msg: &Message) -> bool {
             _ => *failed = true,
         },
         b'Z' => {
-            let (columns, failed) = (std::mem::take(columns), *failed);
+            let (columns, failed, n) = (std::mem::take(columns), *failed, *statement);
             f.queue.pop_front();
-            if let Some(Entry::Statement(s)) = f.queue.front_mut() {
-                if let Some(c) = s.copy.as_mut() {
-                    if !failed && !columns.is_empty() {
-                        c.columns = Some(columns);
-                    }
-                }
+            let copy = f
+                .queue
+                .iter_mut()
+                .filter_map(|e| match e {
+                    Entry::Statement(s) => Some(s),
+                    _ => None,
+                })
+                .nth(n)
+                .and_then(|s| s.copy.as_mut());
+            if let (Some(c), false, false) = (copy, failed, columns.is_empty()) {
+                c.columns = Some(columns);
             }
         }
         _ => return false,

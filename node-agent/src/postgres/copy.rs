@@ -37,6 +37,10 @@ pub struct CopyOut {
     /// `COPY table TO` without a column list: the table, to look its
     /// columns up (`probe_sql`).
     pub table: Option<(Option<String>, String)>,
+    /// `COPY (SELECT ...) TO` whose output names the statement does not
+    /// tell (`SELECT *`, unnamed expressions): the query's text, to have
+    /// the server describe it (`describe_sql`).
+    pub query: Option<String>,
 }
 
 impl Default for CopyOut {
@@ -52,6 +56,7 @@ impl Default for CopyOut {
             header: false,
             columns: None,
             table: None,
+            query: None,
         }
     }
 }
@@ -148,19 +153,59 @@ pub fn copy_out(sql: &str) -> Option<CopyOut> {
             (!r.schemaname.is_empty()).then(|| r.schemaname.clone()),
             r.relname.clone(),
         ));
-    } else if let Some(NodeEnum::SelectStmt(q)) = c.query.as_ref().and_then(|q| q.node.as_ref()) {
-        out.columns = query_columns(q);
+    } else {
+        let node = c.query.as_ref().and_then(|q| q.node.as_ref());
+        let targets = match node {
+            Some(NodeEnum::SelectStmt(q)) => Some(&q.target_list),
+            Some(NodeEnum::InsertStmt(q)) => q.returning_clause.as_ref().map(|r| &r.exprs),
+            Some(NodeEnum::UpdateStmt(q)) => q.returning_clause.as_ref().map(|r| &r.exprs),
+            Some(NodeEnum::DeleteStmt(q)) => q.returning_clause.as_ref().map(|r| &r.exprs),
+            _ => None,
+        };
+        out.columns = targets.and_then(|t| query_columns(t));
+        if out.columns.is_none() && matches!(node, Some(NodeEnum::SelectStmt(_))) {
+            out.query = inner_query(sql);
+        }
     }
     Some(out)
 }
 
-/// Output names of a query whose columns are plain column references or
-/// aliased; `None` for `*` or a computed column without an alias.
-fn query_columns(q: &pg_query::protobuf::SelectStmt) -> Option<Vec<String>> {
-    if q.target_list.is_empty() {
+/// The text between `COPY (` and its `)`, cut by the server's own
+/// scanner (a parenthesis in a string or comment is not one).
+fn inner_query(sql: &str) -> Option<String> {
+    use pg_query::protobuf::Token;
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let mut depth = 0usize;
+    let mut start = None;
+    for t in &tokens {
+        match Token::try_from(t.token).unwrap_or(Token::Nul) {
+            Token::Ascii40 => {
+                if depth == 0 {
+                    start = Some(usize::try_from(t.end).ok()?);
+                }
+                depth += 1;
+            }
+            Token::Ascii41 => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    let end = usize::try_from(t.start).ok()?;
+                    return sql.get(start?..end).map(str::to_owned);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Output names of a target (or RETURNING) list of plain column
+/// references or aliased expressions; `None` for `*` or a computed
+/// column without an alias.
+fn query_columns(targets: &[pg_query::protobuf::Node]) -> Option<Vec<String>> {
+    if targets.is_empty() {
         return None;
     }
-    q.target_list
+    targets
         .iter()
         .map(|t| {
             let Some(NodeEnum::ResTarget(r)) = &t.node else {
@@ -180,6 +225,47 @@ fn query_columns(q: &pg_query::protobuf::SelectStmt) -> Option<Vec<String>> {
             }
         })
         .collect()
+}
+
+/// The columns a `COPY table TO` writes when `sql` (an earlier statement
+/// of the same query string) is the plain `CREATE TABLE` of that table:
+/// its column definitions in order, generated ones left out. `None` for
+/// anything else (inherited, typed, partition or LIKE columns).
+pub fn created_columns(sql: &str, schema: Option<&str>, table: &str) -> Option<Vec<String>> {
+    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok()?;
+    let node = parsed
+        .protobuf
+        .stmts
+        .first()?
+        .stmt
+        .as_ref()?
+        .node
+        .as_ref()?;
+    let NodeEnum::CreateStmt(c) = node else {
+        return None;
+    };
+    let r = c.relation.as_ref()?;
+    let same = r.relname == table && (schema.is_none() || Some(r.schemaname.as_str()) == schema);
+    if !same || !c.inh_relations.is_empty() || c.partbound.is_some() || c.of_typename.is_some() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for e in &c.table_elts {
+        match &e.node {
+            Some(NodeEnum::ColumnDef(d)) => {
+                let generated = d.constraints.iter().any(|k| {
+                    matches!(&k.node, Some(NodeEnum::Constraint(k))
+                        if k.contype == pg_query::protobuf::ConstrType::ConstrGenerated as i32)
+                });
+                if !generated {
+                    out.push(d.colname.clone());
+                }
+            }
+            Some(NodeEnum::Constraint(_)) => {}
+            _ => return None,
+        }
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// `E'...'` for any text, whatever `standard_conforming_strings` says.
@@ -206,6 +292,14 @@ pub fn probe_sql(schema: Option<&str>, table: &str) -> String {
     )
 }
 
+/// A query that has the server describe `COPY (query) TO`'s columns
+/// without running it: no rows are fetched (`LIMIT 0`), so nothing in it
+/// is evaluated; one that cannot stand as a subquery fails, and the
+/// columns stay unknown.
+pub fn describe_sql(query: &str) -> String {
+    format!("SELECT * FROM ({query}\n) AS sluice_copy_columns LIMIT 0")
+}
+
 impl CopyOut {
     /// Whether a column rule could apply to a binary COPY (the node does
     /// not rewrite binary rows: such a COPY is refused).
@@ -222,7 +316,7 @@ impl CopyOut {
     /// rules apply and nothing in the statement names them.
     pub fn needs_probe(&self, plan: &ResultMask) -> bool {
         self.columns.is_none()
-            && self.table.is_some()
+            && (self.table.is_some() || self.query.is_some())
             && !(self.header && self.format != Format::Binary)
             && plan.rules.iter().any(|r| plan.has_columns(*r))
     }
@@ -262,8 +356,12 @@ impl CopyOut {
             }
         } else if column_rules {
             let fill = self.mask_byte();
-            for (i, f) in self.fields(&out).into_iter().enumerate() {
-                let rule = match &self.columns {
+            let fields = self.fields(&out);
+            // A row that does not fit the columns (the table changed since
+            // they were learned): every field is unknown.
+            let columns = self.columns.as_ref().filter(|c| c.len() == fields.len());
+            for (i, f) in fields.into_iter().enumerate() {
+                let rule = match columns {
                     Some(cols) => cols.get(i).and_then(|c| plan.column_rule(c)),
                     None => plan.rules.iter().copied().find(|r| plan.has_columns(*r)),
                 };
@@ -447,6 +545,15 @@ mod tests {
             ),
             ["1\tada\n"]
         );
+        // A row with more fields than the columns known: all unknown.
+        assert_eq!(
+            run(
+                "COPY users (id, name) TO STDOUT",
+                &["1\tada\tx\n"],
+                "nothing"
+            ),
+            ["*\t***\t*\n"]
+        );
         // Unknown columns: every field masked (fail closed), NULLs kept.
         assert_eq!(
             run(
@@ -479,12 +586,32 @@ mod tests {
                 .columns,
             Some(vec!["name".into(), "mail".into()])
         );
-        assert!(copy_out("COPY (SELECT lower(email) FROM users) TO STDOUT")
-            .unwrap()
-            .columns
-            .is_none());
+        let q = copy_out("COPY (SELECT lower(email) FROM users /* ) */ WHERE x = ')') TO STDOUT")
+            .unwrap();
+        assert!(q.columns.is_none());
+        assert_eq!(
+            q.query.as_deref(),
+            Some("SELECT lower(email) FROM users /* ) */ WHERE x = ')'")
+        );
+        assert!(q.needs_probe(&plan("email")));
+        assert_eq!(
+            copy_out("COPY (DELETE FROM t WHERE a = 1 RETURNING a, b AS email) TO STDOUT")
+                .unwrap()
+                .columns,
+            Some(vec!["a".into(), "email".into()])
+        );
         assert!(copy_out("COPY users FROM STDIN").is_none());
         assert!(copy_out("COPY users TO '/tmp/x'").is_none());
+        assert_eq!(
+            created_columns(
+                "CREATE TABLE t (a text, g text GENERATED ALWAYS AS (a) STORED, b int, PRIMARY KEY (b))",
+                None,
+                "t"
+            ),
+            Some(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(created_columns("CREATE TABLE t (LIKE u)", None, "t"), None);
+        assert_eq!(created_columns("CREATE TABLE u (a text)", None, "t"), None);
         let b = copy_out("COPY users (name) TO STDOUT (FORMAT binary)").unwrap();
         assert!(!b.binary_needs_masking(&plan("email")));
         assert!(b.binary_needs_masking(&plan("name")));

@@ -449,7 +449,7 @@ impl Frontend {
         }
         let policy = self.ctx.policy();
         let mask = policy.result_mask(&self.ctx.target, &self.ctx.identity);
-        let copies: Vec<Option<copy::CopyOut>> = parts
+        let mut copies: Vec<Option<copy::CopyOut>> = parts
             .iter()
             .map(|p| copy_out(&mask, &p.facts, &p.text))
             .collect();
@@ -497,21 +497,48 @@ impl Frontend {
             self.forward(&Message::new(b'Q', &b"\0"[..]));
             return Ok(());
         }
-        // `COPY table TO STDOUT` alone, under column rules, with nothing
-        // naming its columns: the node asks the catalog first, once
-        // everything before it is answered (so nothing unsynced of the
-        // extended protocol is in the way of a query of its own).
-        if let ([Some(c)], Some(plan)) = (&copies[..], &mask) {
-            let settled = matches!(
-                lock(&self.flow).queue.back(),
-                None | Some(Entry::GroupEnd { .. })
-            );
-            if let (true, Some((schema, table))) = (settled && c.needs_probe(plan), &c.table) {
-                let mut probe = copy::probe_sql(schema.as_deref(), table).into_bytes();
+        // A `COPY ... TO STDOUT` under column rules whose statement names
+        // no columns: the node asks the server first (the catalog for a
+        // table, a description for a query), once everything before is
+        // answered (nothing unsynced of the extended protocol in the way
+        // of a query of its own). One probe per such COPY of the string,
+        // all before it: a COPY whose table the string itself changes
+        // first gets rows that do not fit the columns, masked whole.
+        let settled = matches!(
+            lock(&self.flow).queue.back(),
+            None | Some(Entry::GroupEnd { .. })
+        );
+        if let (true, Some(plan)) = (settled, &mask) {
+            for i in 0..copies.len() {
+                // A table the same string creates first: its columns are
+                // in the CREATE TABLE (no catalog has it yet).
+                if let Some(c) = copies[i].as_mut().filter(|c| c.needs_probe(plan)) {
+                    if let Some((schema, table)) = c.table.clone() {
+                        c.columns = parts[..i].iter().rev().find_map(|p| {
+                            copy::created_columns(&p.text, schema.as_deref(), &table)
+                        });
+                    }
+                }
+                let Some(c) = copies[i].as_ref().filter(|c| c.needs_probe(plan)) else {
+                    continue;
+                };
+                let (sql, described) = match (&c.table, &c.query) {
+                    (Some((schema, table)), _) => {
+                        (copy::probe_sql(schema.as_deref(), table), false)
+                    }
+                    (None, Some(q)) => (copy::describe_sql(q), true),
+                    (None, None) => continue,
+                };
+                if sql.contains('\0') {
+                    continue;
+                }
+                let mut probe = sql.into_bytes();
                 probe.push(0);
                 self.push(Entry::Probe {
                     columns: Vec::new(),
                     failed: false,
+                    described,
+                    statement: i,
                 })?;
                 self.forward(&Message::new(b'Q', probe));
             }
@@ -752,15 +779,12 @@ impl Frontend {
         })))
     }
 
-    /// The legacy fast-path function call: it runs server code the node
-    /// cannot read, so it is refused where statement rules apply.
+    /// The legacy fast-path function call (large objects use it): it runs
+    /// server code the node cannot read as SQL, so it is refused where
+    /// rules that can block apply, and recorded like a statement (its
+    /// result masked by the result rules' patterns) where none do.
     fn function_call(&mut self, msg: Message) -> Result<(), PgError> {
         if self.discarding.is_some() {
-            return Ok(());
-        }
-        let policy = self.ctx.policy();
-        if !policy.has_statement_rules(&self.ctx.target, &self.ctx.identity) {
-            self.forward(&msg);
             return Ok(());
         }
         let oid = codec::take_i32(&mut &msg.body[..]).unwrap_or(0);
@@ -770,17 +794,38 @@ impl Frontend {
             &format!("[fast-path function call, oid {oid}]"),
             SqlFacts::default(),
         );
-        let r = Refusal {
-            rule: "function-call".into(),
-            message: "fast-path function calls are not inspected; use SELECT".into(),
+        let policy = self.ctx.policy();
+        let refusal = if policy.has_statement_rules(&self.ctx.target, &self.ctx.identity) {
+            Some(Refusal {
+                rule: "function-call".into(),
+                message: "fast-path function calls are not inspected; use SELECT".into(),
+            })
+        } else if let Err(e) = self.ctx.store.start_statement(&st) {
+            self.ctx.record_failed(&e);
+            Some(Refusal {
+                rule: "not-recorded".into(),
+                message: format!("the node cannot record this statement: {e}"),
+            })
+        } else {
+            None
         };
-        let err = self.error_for(&r);
-        self.record_refused(vec![st], 0, &r);
+        if let Some(r) = refusal {
+            let err = self.error_for(&r);
+            self.record_refused(vec![st], 0, &r);
+            self.push(Entry::GroupEnd {
+                inject: Some(err),
+                swallow_empty: true,
+            })?;
+            self.forward(&Message::new(b'Q', &b"\0"[..]));
+            return Ok(());
+        }
+        // Answered by FunctionCallResponse (or an error), then ReadyForQuery.
+        self.start(st, None, Vec::new(), "")?;
         self.push(Entry::GroupEnd {
-            inject: Some(err),
-            swallow_empty: true,
+            inject: None,
+            swallow_empty: false,
         })?;
-        self.forward(&Message::new(b'Q', &b"\0"[..]));
+        self.forward(&msg);
         Ok(())
     }
 }

@@ -160,6 +160,12 @@ enum Entry {
     Probe {
         columns: Vec<String>,
         failed: bool,
+        /// The columns are the RowDescription's (`copy::describe_sql`),
+        /// not the rows' (`copy::probe_sql`).
+        described: bool,
+        /// Which statement of the query string after the probes is the
+        /// COPY (0 = the first).
+        statement: usize,
     },
     /// Describe of a portal (`true`) or statement, awaiting T or n.
     Describe {
