@@ -22,6 +22,7 @@ pub const READER_PASSWORD: &str = "reader-pw-e2e";
 pub struct PgServer {
     child: Child,
     pub sock: PathBuf,
+    pub port: u16,
 }
 
 impl PgServer {
@@ -33,8 +34,13 @@ impl PgServer {
         dir: &Path,
         app_password: &str,
         trust_tcp: bool,
+        port: u16,
     ) -> Self {
-        let pg = dir.join("pg");
+        let pg = dir.join(if port == 5432 {
+            "pg".to_owned()
+        } else {
+            format!("pg-{port}")
+        });
         let data = pg.join("data");
         let sock = pg.join("sock");
         std::fs::create_dir_all(&sock).unwrap();
@@ -53,7 +59,7 @@ impl PgServer {
             data.display()
         ));
         let conf = format!(
-            "listen_addresses = '{addr}'\nport = 5432\nunix_socket_directories = '{sock}'\nssl = on\nssl_cert_file = '{pg}/server.crt'\nssl_key_file = '{pg}/server.key'\nfsync = off\nsynchronous_commit = off\nmax_connections = 120\npassword_encryption = 'scram-sha-256'\n",
+            "listen_addresses = '{addr}'\nport = {port}\nunix_socket_directories = '{sock}'\nssl = on\nssl_cert_file = '{pg}/server.crt'\nssl_key_file = '{pg}/server.key'\nfsync = off\nsynchronous_commit = off\nmax_connections = 120\npassword_encryption = 'scram-sha-256'\n",
             addr = remote.remote,
             sock = sock.display(),
             pg = pg.display()
@@ -76,13 +82,13 @@ impl PgServer {
             .arg("-D")
             .arg(&data)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("postgres.log")).unwrap())
+            .stderr(std::fs::File::create(pg.join("postgres.log")).unwrap())
             .spawn()
             .expect("start postgres");
-        let server = PgServer { child, sock };
+        let server = PgServer { child, sock, port };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !sh(&format!(
-            "{PG_BIN}/pg_isready -q -h {} -p 5432",
+            "{PG_BIN}/pg_isready -q -h {} -p {port}",
             server.sock.display()
         ))
         .status
@@ -91,7 +97,7 @@ impl PgServer {
             assert!(
                 Instant::now() < deadline,
                 "postgres did not start:\n{}",
-                std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default()
+                std::fs::read_to_string(pg.join("postgres.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -113,6 +119,8 @@ impl PgServer {
             .arg(format!("{PG_BIN}/psql"))
             .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.sock)
+            .arg("-p")
+            .arg(self.port.to_string())
             .args(["-d", db, "-c", sql])
             .output()
             .expect("run admin psql");
@@ -193,6 +201,9 @@ pub struct PgOptions {
     pub target_extra: String,
     /// TCP logins need no password (the regression suite's setting).
     pub trust_tcp: bool,
+    /// A second server on port 5433, target `shop-db-2` (same address,
+    /// same `tls`, no other settings).
+    pub second_server: bool,
 }
 
 impl Default for PgOptions {
@@ -204,6 +215,7 @@ impl Default for PgOptions {
             pin: None,
             target_extra: String::new(),
             trust_tcp: false,
+            second_server: false,
         }
     }
 }
@@ -211,6 +223,8 @@ impl Default for PgOptions {
 /// A node, a watched cgroup, a Postgres server and a signed bundle.
 pub struct PgEnv {
     pub pg: PgServer,
+    /// `PgOptions::second_server`.
+    pub pg2: Option<PgServer>,
     pub env: Env,
     pub keys: PathBuf,
     /// The server's certificate and key (`server.crt`), and its CA
@@ -309,15 +323,23 @@ impl PgEnv {
         }
         let trust_server = o.trust_server;
         let tls = o.tls;
+        let second = o.second_server;
         let ca = certs.path().join("ca.pem");
         let app_password = format!("app-{:016x}", rand_u64());
         let pw = app_password.clone();
         let env = Env::build(
             |r| {
-                format!(
+                let mut t = format!(
                     "  - name: shop-db\n    addresses: [\"{}\"]\n    ports: [5432]\n    tls: {tls}\n    sni: [{DB_NAME}]\n{target_extra}",
                     r.remote
-                )
+                );
+                if second {
+                    t.push_str(&format!(
+                        "  - name: shop-db-2\n    addresses: [\"{}\"]\n    ports: [5433]\n    protocol: postgres\n    tls: {tls}\n    sni: [{DB_NAME}]\n",
+                        r.remote
+                    ));
+                }
+                t
             },
             move |_, dir| {
                 let keys = dir.join("keys");
@@ -345,10 +367,22 @@ impl PgEnv {
             env.dir.path(),
             &app_password,
             o.trust_tcp,
+            5432,
         );
+        let pg2 = second.then(|| {
+            PgServer::start(
+                &env.remote,
+                certs.path(),
+                env.dir.path(),
+                &app_password,
+                o.trust_tcp,
+                5433,
+            )
+        });
         let keys = env.dir.path().join("keys");
         let p = PgEnv {
             pg,
+            pg2,
             env,
             keys,
             certs,
