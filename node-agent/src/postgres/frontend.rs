@@ -519,15 +519,20 @@ impl Frontend {
                         });
                     }
                 }
-                let Some(c) = copies[i].as_ref().filter(|c| c.needs_probe(plan)) else {
+                // Only text the node read as the server will: a probe
+                // wraps the job's query in one of its own.
+                let Some(c) = copies[i]
+                    .as_ref()
+                    .filter(|c| c.needs_probe(plan) && parts[i].facts.parse_error.is_none())
+                else {
                     continue;
                 };
                 let (sql, described) = match (&c.table, &c.query) {
                     (Some((schema, table)), _) => {
                         (copy::probe_sql(schema.as_deref(), table), false)
                     }
-                    (None, Some(q)) => (copy::describe_sql(q), true),
-                    (None, None) => continue,
+                    (None, Some(q)) if !q.contains('\\') => (copy::describe_sql(q), true),
+                    _ => continue,
                 };
                 if sql.contains('\0') {
                     continue;
