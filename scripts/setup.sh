@@ -59,6 +59,30 @@ if ! command -v bpf-linker >/dev/null 2>&1 || ! bpf-linker --version >/dev/null 
   LLVM_PREFIX="$prefix" cargo +nightly install bpf-linker --locked \
     --no-default-features --features llvm-22
 fi
+# Postgres invisibility suite (tests/e2e/pg_regress.rs): PostgreSQL 15's own
+# regression SQL, from Debian's `postgresql-15` source package, unpacked into
+# a cache directory (never into the repository). A deb-src entry of its own
+# (bookworm main: the security archive's pool is not always mirrored) so the
+# machine's other sources are left as they are. The server under test is
+# the installed one; both runs use the same SQL, so a point-release
+# difference between the two changes nothing that is compared.
+PG_REGRESS_CACHE=/var/cache/sluice-test/pg-regress
+if [[ ! -f "$PG_REGRESS_CACHE/ready" ]]; then
+  echo "setup: fetching PostgreSQL 15's regression suite (Debian source package)"
+  src_list=/etc/apt/sources.list.d/sluice-test-deb-src.sources
+  if [[ ! -f "$src_list" ]]; then
+    printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' > "$src_list"
+  fi
+  apt-get update -qq
+  dpkg -s dpkg-dev >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dpkg-dev >/dev/null
+  rm -rf "$PG_REGRESS_CACHE.tmp" && mkdir -p "$PG_REGRESS_CACHE.tmp"
+  (cd "$PG_REGRESS_CACHE.tmp" && apt-get source -qq --download-only postgresql-15 >/dev/null \
+    && dpkg-source --no-check -x postgresql-15_*.dsc src >/dev/null)
+  rm -rf "$PG_REGRESS_CACHE" && mkdir -p "$PG_REGRESS_CACHE"
+  mv "$PG_REGRESS_CACHE.tmp/src/src/test/regress" "$PG_REGRESS_CACHE/regress"
+  rm -rf "$PG_REGRESS_CACHE.tmp"
+  touch "$PG_REGRESS_CACHE/ready"
+fi
 # Benchmarks only (`scripts/setup.sh bench`, run by `cargo xtask bench`): a
 # real upstream and real load tools. The package's own nginx service is kept
 # from starting (policy-rc.d for the install): the bench runs its own, in a

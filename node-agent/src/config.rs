@@ -541,6 +541,13 @@ pub enum Protocol {
 pub struct PostgresTarget {
     #[serde(default)]
     pub upstream_tls: UpstreamTls,
+    /// With `upstream_tls: verify`: the server's certificate is accepted
+    /// when its SHA-256 is one of these (any name, any issuer), instead of
+    /// being verified against the roots. For self-signed servers (a
+    /// `CA:TRUE` certificate from `openssl req -x509` is no end entity to
+    /// the roots' verification); two entries let a certificate rotate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub server_cert_sha256: Vec<crate::tls::pin::CertSha256>,
 }
 
 /// TLS from the node to the database server.
@@ -577,6 +584,16 @@ impl Target {
     /// (`0.0.0.0/0` or `::/0`); the SNI alone decides.
     pub fn all_egress(&self) -> bool {
         self.addresses.iter().any(|a| a.0.prefix_len() == 0)
+    }
+}
+
+impl Target {
+    /// Whether the node verifies a server's certificate for this target
+    /// (it then needs trust roots, intercepted or not).
+    pub fn verifies_server(&self) -> bool {
+        self.tls == TlsMode::Intercept
+            || (self.protocol() == Protocol::Postgres
+                && self.postgres.upstream_tls == UpstreamTls::Verify)
     }
 }
 
@@ -868,6 +885,19 @@ pub fn validate_targets(targets: &[Target], prefix: &str) -> Result<(), (String,
                     "`postgres` targets name their servers (`hosts` or `addresses`), not all egress".into(),
                 ));
             }
+            if !t.postgres.server_cert_sha256.is_empty()
+                && t.postgres.upstream_tls == UpstreamTls::Disable
+            {
+                return Err((
+                    format!("{prefix}[{i}].postgres.server_cert_sha256"),
+                    "pins the server's TLS certificate, but `upstream_tls: disable` speaks plaintext to it: remove one of them".into(),
+                ));
+            }
+        } else if !t.postgres.server_cert_sha256.is_empty() {
+            return Err((
+                format!("{prefix}[{i}].postgres.server_cert_sha256"),
+                "only applies to `protocol: postgres` targets".into(),
+            ));
         }
         if t.unknown_sni == UnknownSni::Splice && t.tls != TlsMode::Intercept {
             return Err((
@@ -966,6 +996,32 @@ mod tests {
             "{MINIMAL}targets:\n  - name: x\n    addresses: [\"0.0.0.0/32\"]\n"
         ));
         assert!(e.contains("targets[0].addresses[0]"), "{e}");
+    }
+
+    #[test]
+    fn postgres_server_pins_are_checked() {
+        let t = |pg: &str| {
+            format!("{MINIMAL}targets:\n  - name: db\n    addresses: [\"10.1.2.3\"]\n    ports: [5432]\n    tls: none\n    postgres:\n{pg}")
+        };
+        let pin = "AB:".repeat(31) + "CD";
+        let cfg =
+            Config::parse(&t(&format!("      server_cert_sha256: [\"{pin}\"]\n")), "t").unwrap();
+        assert_eq!(cfg.targets[0].postgres.server_cert_sha256[0].0[31], 0xcd);
+        assert!(cfg.targets[0].verifies_server());
+        let e = err(&t("      server_cert_sha256: [\"abcd\"]\n"));
+        assert!(
+            e.contains("server_cert_sha256") && e.contains("not a SHA-256 certificate fingerprint"),
+            "{e}"
+        );
+        let e = err(&t(&format!(
+            "      upstream_tls: disable\n      server_cert_sha256: [\"{pin}\"]\n"
+        )));
+        assert!(
+            e.contains("targets[0].postgres.server_cert_sha256") && e.contains("plaintext"),
+            "{e}"
+        );
+        let cfg = Config::parse(&t("      upstream_tls: disable\n"), "t").unwrap();
+        assert!(!cfg.targets[0].verifies_server());
     }
 
     #[test]

@@ -106,6 +106,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .spawn(move || guard.run())
         .context("starting the containment guard")?;
     let tls = tls_context(&cfg, &state_dir)?;
+    let upstream_tls = upstream_tls(&cfg, &state_dir, tls.as_deref())?;
     let policy = Arc::new(PolicyEngine::load(
         &cfg.policy.trusted_keys,
         &state_dir,
@@ -175,6 +176,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         store: store.clone(),
         targets: live.clone(),
         tls,
+        upstream_tls,
         body_cap: cfg.records.body_cap_bytes,
         policy,
         approvals: Arc::new(Approvals::default()),
@@ -314,6 +316,35 @@ fn tls_context(cfg: &Config, state_dir: &Path) -> anyhow::Result<Option<Arc<TlsC
         ca,
         &cfg.tls.extra_upstream_roots,
     )?)))
+}
+
+/// The upstream trust roots for every target that verifies a server: the
+/// intercepting context's, or, with nothing intercepted (a Postgres target
+/// with `tls: none` still verifies its server), loaded alone, without the
+/// node's CA if it has one. A bundle may add such targets later, so the
+/// roots are loaded whenever they can be; only a configured target that
+/// needs them makes their absence an error.
+fn upstream_tls(
+    cfg: &Config,
+    state_dir: &Path,
+    tls: Option<&TlsContext>,
+) -> anyhow::Result<Option<Arc<crate::tls::Upstream>>> {
+    if let Some(t) = tls {
+        return Ok(Some(t.upstream().clone()));
+    }
+    let own_ca = std::fs::read_to_string(crate::tls::ca::cert_path(&state_dir.join("ca")))
+        .ok()
+        .and_then(|pem| crate::tls::pem_certs(&pem).into_iter().next());
+    match crate::tls::Upstream::load(&cfg.tls.extra_upstream_roots, own_ca.as_ref()) {
+        Ok(u) => Ok(Some(Arc::new(u))),
+        Err(e) if cfg.targets.iter().any(Target::verifies_server) => {
+            Err(anyhow::Error::new(e).context("upstream TLS trust roots"))
+        }
+        Err(e) => {
+            warn!(error = %e, "no upstream trust roots: targets that verify a server will fail");
+            Ok(None)
+        }
+    }
 }
 
 /// glibc keeps freed memory in its per-thread arenas: the transient peak

@@ -58,6 +58,8 @@ pub struct Proxy {
     pub store: Arc<RecordStore>,
     pub targets: Arc<crate::targets::LiveTargets>,
     pub tls: Option<Arc<TlsContext>>,
+    /// Trust roots for servers the node verifies (also without a CA).
+    pub upstream_tls: Option<Arc<crate::tls::Upstream>>,
     pub body_cap: usize,
     pub policy: Arc<crate::policy::PolicyEngine>,
     pub approvals: Arc<crate::approvals::Approvals>,
@@ -489,7 +491,7 @@ impl Proxy {
             (Protocol::Postgres, _) => {
                 let endpoint = crate::postgres::Endpoint {
                     client_tls: self.tls.clone().filter(|_| mode == TlsMode::Intercept),
-                    upstream_tls: self.tls.clone(),
+                    upstream_tls: self.upstream_tls.clone(),
                     target: targets.target(origin.target_id).cloned(),
                     dst,
                 };

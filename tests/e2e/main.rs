@@ -14,6 +14,8 @@ mod harness;
 mod hostile;
 mod masking;
 mod pg;
+mod pg_regress;
+mod pg_side;
 mod policy;
 mod postgres;
 #[path = "../../node-agent/tests/samples/mod.rs"]

@@ -22,13 +22,25 @@ pub const READER_PASSWORD: &str = "reader-pw-e2e";
 pub struct PgServer {
     child: Child,
     pub sock: PathBuf,
+    pub port: u16,
 }
 
 impl PgServer {
     /// initdb as the `postgres` user, TLS on, SCRAM for TCP logins,
     /// listening on the namespace's target address.
-    fn start(remote: &Remote, certs: &Path, dir: &Path, app_password: &str) -> Self {
-        let pg = dir.join("pg");
+    fn start(
+        remote: &Remote,
+        certs: &Path,
+        dir: &Path,
+        app_password: &str,
+        trust_tcp: bool,
+        port: u16,
+    ) -> Self {
+        let pg = dir.join(if port == 5432 {
+            "pg".to_owned()
+        } else {
+            format!("pg-{port}")
+        });
         let data = pg.join("data");
         let sock = pg.join("sock");
         std::fs::create_dir_all(&sock).unwrap();
@@ -47,7 +59,7 @@ impl PgServer {
             data.display()
         ));
         let conf = format!(
-            "listen_addresses = '{addr}'\nport = 5432\nunix_socket_directories = '{sock}'\nssl = on\nssl_cert_file = '{pg}/server.crt'\nssl_key_file = '{pg}/server.key'\nfsync = off\nsynchronous_commit = off\nmax_connections = 120\npassword_encryption = 'scram-sha-256'\n",
+            "listen_addresses = '{addr}'\nport = {port}\nunix_socket_directories = '{sock}'\nssl = on\nssl_cert_file = '{pg}/server.crt'\nssl_key_file = '{pg}/server.key'\nfsync = off\nsynchronous_commit = off\nmax_connections = 120\npassword_encryption = 'scram-sha-256'\n",
             addr = remote.remote,
             sock = sock.display(),
             pg = pg.display()
@@ -56,6 +68,10 @@ impl PgServer {
         pc.push_str(&conf);
         std::fs::write(data.join("postgresql.conf"), pc).unwrap();
         let mut hba = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap();
+        if trust_tcp {
+            // What pg_regress's own clusters do: no passwords in the way.
+            hba.insert_str(0, "host all all 0.0.0.0/0 trust\n");
+        }
         hba.push_str("host all all 0.0.0.0/0 scram-sha-256\n");
         std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
         let child = Command::new("ip")
@@ -66,13 +82,13 @@ impl PgServer {
             .arg("-D")
             .arg(&data)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("postgres.log")).unwrap())
+            .stderr(std::fs::File::create(pg.join("postgres.log")).unwrap())
             .spawn()
             .expect("start postgres");
-        let server = PgServer { child, sock };
+        let server = PgServer { child, sock, port };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !sh(&format!(
-            "{PG_BIN}/pg_isready -q -h {} -p 5432",
+            "{PG_BIN}/pg_isready -q -h {} -p {port}",
             server.sock.display()
         ))
         .status
@@ -81,7 +97,7 @@ impl PgServer {
             assert!(
                 Instant::now() < deadline,
                 "postgres did not start:\n{}",
-                std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default()
+                std::fs::read_to_string(pg.join("postgres.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -103,6 +119,8 @@ impl PgServer {
             .arg(format!("{PG_BIN}/psql"))
             .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.sock)
+            .arg("-p")
+            .arg(self.port.to_string())
             .args(["-d", db, "-c", sql])
             .output()
             .expect("run admin psql");
@@ -146,12 +164,72 @@ fn make_certs(dir: &Path) {
     ));
 }
 
+/// A self-signed server certificate as `openssl req -x509` makes it
+/// (`CA:TRUE`, its own issuer), with the target's name.
+fn make_self_signed(dir: &Path) {
+    let d = dir.display();
+    must(&format!(
+        "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout server.key -out server.crt -days 2 -subj /CN={DB_NAME} -addext subjectAltName=DNS:{DB_NAME} 2>/dev/null \
+         && cp server.crt ca.pem"
+    ));
+}
+
+/// The SHA-256 fingerprint `openssl x509 -fingerprint` prints for a
+/// certificate file (`sha256 Fingerprint=AB:CD:...`).
+pub fn openssl_fingerprint(cert: &Path) -> String {
+    let out = sh(&format!(
+        "openssl x509 -noout -fingerprint -sha256 -in {}",
+        cert.display()
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// How a test's Postgres node and server are set up.
+pub struct PgOptions {
+    /// Whether the node is told the server's CA (`tls.extra_upstream_roots`).
+    pub trust_server: bool,
+    /// The target's `tls`: `intercept` or `none` (the job speaks plaintext
+    /// to the node; the node still verifies the server).
+    pub tls: &'static str,
+    /// The server's certificate is self-signed (`CA:TRUE`).
+    pub self_signed: bool,
+    /// Pin the server's certificate (`postgres.server_cert_sha256`) by
+    /// this fingerprint, or by the real one with `Some("")`.
+    pub pin: Option<String>,
+    /// More YAML lines for the `shop-db` target.
+    pub target_extra: String,
+    /// TCP logins need no password (the regression suite's setting).
+    pub trust_tcp: bool,
+    /// A second server on port 5433, target `shop-db-2` (same address,
+    /// same `tls`, no other settings).
+    pub second_server: bool,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            trust_server: true,
+            tls: "intercept",
+            self_signed: false,
+            pin: None,
+            target_extra: String::new(),
+            trust_tcp: false,
+            second_server: false,
+        }
+    }
+}
+
 /// A node, a watched cgroup, a Postgres server and a signed bundle.
 pub struct PgEnv {
     pub pg: PgServer,
+    /// `PgOptions::second_server`.
+    pub pg2: Option<PgServer>,
     pub env: Env,
     pub keys: PathBuf,
-    _certs: tempfile::TempDir,
+    /// The server's certificate and key (`server.crt`), and its CA
+    /// (`ca.pem`: the certificate itself when self-signed).
+    pub certs: tempfile::TempDir,
 }
 
 /// The standard statement and result rules (bundle `version`).
@@ -215,18 +293,53 @@ impl PgEnv {
     /// `trust_server`: whether the node is told the server's CA;
     /// `target_extra`: more YAML lines for the `shop-db` target.
     pub fn custom(trust_server: bool, target_extra: &str, extra: impl Fn(&Path) -> String) -> Self {
-        let target_extra = target_extra.to_owned();
+        Self::build(
+            PgOptions {
+                trust_server,
+                target_extra: target_extra.to_owned(),
+                ..PgOptions::default()
+            },
+            extra,
+        )
+    }
+
+    pub fn build(o: PgOptions, extra: impl Fn(&Path) -> String) -> Self {
         let certs = tempfile::tempdir().unwrap();
-        make_certs(certs.path());
+        if o.self_signed {
+            make_self_signed(certs.path());
+        } else {
+            make_certs(certs.path());
+        }
+        let mut target_extra = o.target_extra.clone();
+        if let Some(pin) = &o.pin {
+            let pin = if pin.is_empty() {
+                openssl_fingerprint(&certs.path().join("server.crt"))
+            } else {
+                pin.clone()
+            };
+            target_extra.push_str(&format!(
+                "    postgres:\n      server_cert_sha256: [\"{pin}\"]\n"
+            ));
+        }
+        let trust_server = o.trust_server;
+        let tls = o.tls;
+        let second = o.second_server;
         let ca = certs.path().join("ca.pem");
         let app_password = format!("app-{:016x}", rand_u64());
         let pw = app_password.clone();
         let env = Env::build(
             |r| {
-                format!(
-                    "  - name: shop-db\n    addresses: [\"{}\"]\n    ports: [5432]\n    tls: intercept\n    sni: [{DB_NAME}]\n{target_extra}",
+                let mut t = format!(
+                    "  - name: shop-db\n    addresses: [\"{}\"]\n    ports: [5432]\n    tls: {tls}\n    sni: [{DB_NAME}]\n{target_extra}",
                     r.remote
-                )
+                );
+                if second {
+                    t.push_str(&format!(
+                        "  - name: shop-db-2\n    addresses: [\"{}\"]\n    ports: [5433]\n    protocol: postgres\n    tls: {tls}\n    sni: [{DB_NAME}]\n",
+                        r.remote
+                    ));
+                }
+                t
             },
             move |_, dir| {
                 let keys = dir.join("keys");
@@ -248,13 +361,31 @@ impl PgEnv {
             },
             false,
         );
-        let pg = PgServer::start(&env.remote, certs.path(), env.dir.path(), &app_password);
+        let pg = PgServer::start(
+            &env.remote,
+            certs.path(),
+            env.dir.path(),
+            &app_password,
+            o.trust_tcp,
+            5432,
+        );
+        let pg2 = second.then(|| {
+            PgServer::start(
+                &env.remote,
+                certs.path(),
+                env.dir.path(),
+                &app_password,
+                o.trust_tcp,
+                5433,
+            )
+        });
         let keys = env.dir.path().join("keys");
         let p = PgEnv {
             pg,
+            pg2,
             env,
             keys,
-            _certs: certs,
+            certs,
         };
         p.push_bundle(10);
         p.pg.admin(
@@ -271,9 +402,14 @@ impl PgEnv {
     }
 
     pub fn push_bundle(&self, version: u64) {
+        self.push_yaml(version, &bundle(version, self.env.dir.path()));
+    }
+
+    /// Signs and pushes a bundle of the test's own (`version` in its name).
+    pub fn push_yaml(&self, version: u64, yaml_text: &str) {
         let dir = self.env.dir.path();
         let yaml = dir.join(format!("pg-bundle-v{version}.yaml"));
-        std::fs::write(&yaml, bundle(version, dir)).unwrap();
+        std::fs::write(&yaml, yaml_text).unwrap();
         let out = sluice(&[
             "policy",
             "sign",
@@ -351,6 +487,31 @@ impl PgEnv {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// A bundle whose only statement rule logs (every class), with the
+/// node-held credential and `result_rules` (YAML list items, or nothing).
+pub fn log_only_bundle(version: u64, dir: &Path, result_rules: &str) -> String {
+    format!(
+        r#"version: {version}
+name: pg-log-only
+workloads:
+  - name: jobs
+    cgroup: "/se2e*"
+credentials:
+  - target: shop-db
+    source: file:{dir}/db.pass
+    user: {APP_ROLE}
+rules:
+  - id: audit-statements
+    on: statement
+    targets: [shop-db]
+    sql:
+      classes: [read, write, ddl, dcl, copy, transaction, session, admin, procedure, other]
+    action: log
+{result_rules}"#,
+        dir = dir.display()
+    )
 }
 
 fn rand_u64() -> u64 {

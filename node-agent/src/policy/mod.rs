@@ -600,9 +600,12 @@ impl ResultMask {
 
 impl CompiledPolicy {
     /// Whether any `on: statement` rule that can block or hold applies
-    /// (an unparsable statement is then refused: fail closed).
+    /// (an unparsable statement is then refused: fail closed). `log`
+    /// rules change nothing, so they refuse nothing either.
     pub fn has_statement_rules(&self, target: &str, identity: &WorkloadIdentity) -> bool {
-        self.any_rule(Direction::Statement, target, identity, |_| true)
+        self.any_rule(Direction::Statement, target, identity, |a| {
+            matches!(a, Action::Block | Action::Approve)
+        })
     }
 
     /// The masking plan for results on this target, or `None`.
@@ -1226,6 +1229,14 @@ rules:
         assert!(matches!(v, Verdict::Allow));
         assert!(p.has_statement_rules("db", &WorkloadIdentity::default()));
         assert!(!p.has_statement_rules("other", &WorkloadIdentity::default()));
+        // Log rules alone cannot refuse anything.
+        let log_only = CompiledPolicy::compile(
+            "version: 1\nname: x\nrules:\n  - id: audit\n    on: statement\n    targets: [db]\n    sql:\n      classes: [ddl]\n    action: log\n",
+            "t",
+            8192,
+        )
+        .unwrap();
+        assert!(!log_only.has_statement_rules("db", &WorkloadIdentity::default()));
     }
 
     #[test]

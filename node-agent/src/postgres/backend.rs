@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
     codec::{self, Message, Outbox, Reader},
-    lock, mask, Entry, InFlight, PgError, Shared,
+    lock, mask, notice, Entry, InFlight, PgError, Shared,
 };
 use crate::{
     record::{Decision, ExchangeState},
@@ -65,6 +65,9 @@ impl Backend {
     fn handle(&mut self, msg: Message) -> Result<Vec<InFlight>, PgError> {
         let mut done = Vec::new();
         let mut f = lock(&self.flow);
+        if matches!(f.queue.front(), Some(Entry::Probe { .. })) && probe(&mut f, &msg) {
+            return Ok(done);
+        }
         match msg.tag {
             b'C' => f.unreported = true,
             b'Z' => f.unreported = false,
@@ -143,10 +146,10 @@ impl Backend {
                 let rewritten = match f.queue.front_mut() {
                     Some(Entry::Statement(s)) if s.copy_out => {
                         s.record.rows_returned += 1;
+                        let s = &mut **s;
                         match s.mask.as_ref() {
-                            Some(plan) => mask::copy_data(
+                            Some(plan) => s.copy.get_or_insert_with(Default::default).row(
                                 &msg.body,
-                                s.copy_columns.as_deref(),
                                 plan,
                                 &mut s.masked,
                             )?,
@@ -192,6 +195,9 @@ impl Backend {
                 _ => msg.encode(&mut self.out),
             },
             b'E' => {
+                // Masked before anything reads it: the record keeps what
+                // the client sees.
+                let msg = self.masked_text(&mut f, msg, notice::fields)?;
                 let fields = codec::error_fields(&msg.body);
                 let field = |c: u8| fields.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone());
                 match f.queue.front() {
@@ -220,6 +226,32 @@ impl Backend {
                 }
                 msg.encode(&mut self.out);
             }
+            // FunctionCallResponse: the call's result (length, bytes).
+            b'V' => {
+                let mut body = msg.body.to_vec();
+                let answers = matches!(f.queue.front(), Some(Entry::Statement(_)));
+                if let Some(Entry::Statement(mut s)) =
+                    answers.then(|| f.queue.pop_front()).flatten()
+                {
+                    s.record.command_tag = Some("FUNCTION CALL".into());
+                    if let (Some(plan), Some(v)) = (s.mask.as_ref(), body.get_mut(4..)) {
+                        if plan.scans() {
+                            for (a, b) in mask::spans(v, plan, &mut s.masked)? {
+                                v[a..b].fill(crate::scan::MASK);
+                            }
+                        }
+                    }
+                    s.record.rows_returned = 1;
+                    done.push(*s);
+                }
+                Message::new(b'V', body).encode(&mut self.out);
+            }
+            b'N' => self
+                .masked_text(&mut f, msg, notice::fields)?
+                .encode(&mut self.out),
+            b'A' => self
+                .masked_text(&mut f, msg, notice::notification)?
+                .encode(&mut self.out),
             b'Z' => {
                 while let Some(e) = f.queue.pop_front() {
                     match e {
@@ -229,7 +261,7 @@ impl Backend {
                             });
                             done.push(*s);
                         }
-                        Entry::Describe { .. } => {}
+                        Entry::Describe { .. } | Entry::Probe { .. } => {}
                         Entry::GroupEnd { inject, .. } => {
                             if let Some(err) = inject {
                                 err.encode(&mut self.out);
@@ -255,6 +287,90 @@ impl Backend {
         }
         Ok(done)
     }
+}
+
+impl Backend {
+    /// An error, notice or notification with the result rules' pattern
+    /// matches masked: those of the statement it answers, else the rules
+    /// in force (a notice or notification between statements). Matches
+    /// count toward the statement's masking decision when there is one.
+    fn masked_text(
+        &self,
+        f: &mut super::Flow,
+        msg: Message,
+        rewrite: notice::Rewrite,
+    ) -> Result<Message, PgError> {
+        let body = match f.queue.front_mut() {
+            Some(Entry::Statement(s)) => {
+                let s = &mut **s;
+                match &s.mask {
+                    Some(plan) if plan.scans() => rewrite(&msg.body, plan, &mut s.masked)?,
+                    _ => None,
+                }
+            }
+            _ => match self
+                .ctx
+                .policy()
+                .result_mask(&self.ctx.target, &self.ctx.identity)
+            {
+                Some(plan) if plan.scans() => rewrite(&msg.body, &plan, &mut Default::default())?,
+                _ => None,
+            },
+        };
+        Ok(match body {
+            Some(b) => Message::new(msg.tag, b),
+            None => msg,
+        })
+    }
+}
+
+/// A message answering the node's column probe (`copy::probe_sql`):
+/// taken in (`true`), or left to the usual handling (notices, parameter
+/// reports). At its ReadyForQuery the columns go to the COPY after it;
+/// an error or no rows leave them unknown (masked whole).
+fn probe(f: &mut super::Flow, msg: &Message) -> bool {
+    let Some(Entry::Probe {
+        columns,
+        failed,
+        described,
+        statement,
+    }) = f.queue.front_mut()
+    else {
+        return false;
+    };
+    match msg.tag {
+        b'T' if *described => match mask::row_description(&msg.body) {
+            Ok(fields) => columns.extend(fields.into_iter().map(|f| f.name)),
+            Err(_) => *failed = true,
+        },
+        b'T' | b'C' | b'I' => {}
+        b'E' => *failed = true,
+        b'D' if *described => *failed = true,
+        b'D' => match mask::text_values(&msg.body) {
+            Some(v) if v.len() == 1 && v[0].is_some() => {
+                columns.extend(v.into_iter().flatten());
+            }
+            _ => *failed = true,
+        },
+        b'Z' => {
+            let (columns, failed, n) = (std::mem::take(columns), *failed, *statement);
+            f.queue.pop_front();
+            let copy = f
+                .queue
+                .iter_mut()
+                .filter_map(|e| match e {
+                    Entry::Statement(s) => Some(s),
+                    _ => None,
+                })
+                .nth(n)
+                .and_then(|s| s.copy.as_mut());
+            if let (Some(c), false, false) = (copy, failed, columns.is_empty()) {
+                c.columns = Some(columns);
+            }
+        }
+        _ => return false,
+    }
+    true
 }
 
 type Descs<'a> = (

@@ -291,73 +291,6 @@ fn facts_of(parsed: &pg_query::ParseResult) -> SqlFacts {
     facts
 }
 
-/// Column names of a `COPY ... TO STDOUT` in text format, in order, when
-/// the statement itself names them (a column list, or a query whose
-/// columns are plain column references or aliased). `None` when the node
-/// cannot tell (CSV or binary format, `COPY table TO` without a list,
-/// computed columns): column masking then covers every value.
-pub fn copy_out_columns(sql: &str) -> Option<Vec<String>> {
-    let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok()?;
-    let node = parsed
-        .protobuf
-        .stmts
-        .first()?
-        .stmt
-        .as_ref()?
-        .node
-        .as_ref()?;
-    let NodeEnum::CopyStmt(c) = node else {
-        return None;
-    };
-    if c.is_from {
-        return None;
-    }
-    for o in &c.options {
-        if let Some(NodeEnum::DefElem(d)) = &o.node {
-            let arg = d.arg.as_ref().and_then(|a| match &a.node {
-                Some(NodeEnum::String(s)) => Some(s.sval.to_ascii_lowercase()),
-                _ => None,
-            });
-            if d.defname == "format" && arg.as_deref() != Some("text") {
-                return None;
-            }
-        }
-    }
-    if !c.attlist.is_empty() {
-        return c
-            .attlist
-            .iter()
-            .map(|n| match &n.node {
-                Some(NodeEnum::String(s)) => Some(s.sval.clone()),
-                _ => None,
-            })
-            .collect();
-    }
-    let Some(NodeEnum::SelectStmt(q)) = c.query.as_ref().and_then(|q| q.node.as_ref()) else {
-        return None;
-    };
-    q.target_list
-        .iter()
-        .map(|t| {
-            let Some(NodeEnum::ResTarget(r)) = &t.node else {
-                return None;
-            };
-            if !r.name.is_empty() {
-                return Some(r.name.clone());
-            }
-            match r.val.as_ref().and_then(|v| v.node.as_ref()) {
-                Some(NodeEnum::ColumnRef(cr)) => {
-                    match cr.fields.last().and_then(|f| f.node.as_ref()) {
-                        Some(NodeEnum::String(s)) => Some(s.sval.clone()),
-                        _ => None,
-                    }
-                }
-                _ => None,
-            }
-        })
-        .collect()
-}
-
 fn describe(node: &NodeEnum) -> (StatementClass, Vec<Shape>) {
     use StatementClass as C;
     match node {
@@ -616,27 +549,6 @@ mod tests {
         assert!(shapes()
             .get(&shape_key("SET statement_timeout = 6").unwrap())
             .is_none());
-    }
-
-    #[test]
-    fn copy_out_columns_when_the_statement_names_them() {
-        let cols = |s: &str| copy_out_columns(s);
-        assert_eq!(
-            cols("COPY (SELECT name, u.email AS mail, note FROM users u) TO STDOUT"),
-            Some(vec!["name".into(), "mail".into(), "note".into()])
-        );
-        assert_eq!(
-            cols("COPY users (name, email) TO STDOUT"),
-            Some(vec!["name".into(), "email".into()])
-        );
-        assert_eq!(cols("COPY users TO STDOUT"), None);
-        assert_eq!(cols("COPY (SELECT * FROM users) TO STDOUT"), None);
-        assert_eq!(
-            cols("COPY (SELECT lower(email) FROM users) TO STDOUT"),
-            None
-        );
-        assert_eq!(cols("COPY users (name) TO STDOUT WITH (FORMAT csv)"), None);
-        assert_eq!(cols("COPY users (name) FROM STDIN"), None);
     }
 
     #[test]

@@ -21,7 +21,8 @@ use tracing::{info, warn};
 use super::{
     classify,
     codec::{self, Message, Outbox, Reader},
-    lock, DbSession, Entry, InFlight, PgError, Portal, Prepared, Shared, MAX_IN_FLIGHT, MAX_NAMED,
+    copy, lock, DbSession, Entry, InFlight, PgError, Portal, Prepared, Shared, MAX_IN_FLIGHT,
+    MAX_NAMED,
 };
 use crate::{
     approvals,
@@ -446,6 +447,28 @@ impl Frontend {
                 break;
             }
         }
+        let policy = self.ctx.policy();
+        let mask = policy.result_mask(&self.ctx.target, &self.ctx.identity);
+        let mut copies: Vec<Option<copy::CopyOut>> = parts
+            .iter()
+            .map(|p| copy_out(&mask, &p.facts, &p.text))
+            .collect();
+        // Binary rows are not rewritten: a binary COPY a column rule may
+        // apply to is refused (fail closed), the query string with it.
+        if let (None, Some(plan)) = (&refusal, &mask) {
+            if let Some(i) = copies
+                .iter()
+                .position(|c| c.as_ref().is_some_and(|c| c.binary_needs_masking(plan)))
+            {
+                refusal = Some((
+                    i,
+                    Refusal {
+                        rule: "binary-copy-masked".into(),
+                        message: "COPY in binary format of columns under masking rules is not masked by the node; use text or CSV format".into(),
+                    },
+                ));
+            }
+        }
         if refusal.is_none() {
             if let Err(e) = records
                 .iter()
@@ -474,20 +497,68 @@ impl Frontend {
             self.forward(&Message::new(b'Q', &b"\0"[..]));
             return Ok(());
         }
-        let policy = self.ctx.policy();
-        for (st, part) in records.into_iter().zip(&parts) {
-            let mask = policy.result_mask(&self.ctx.target, &self.ctx.identity);
-            let copy_columns = copy_columns(&mask, &part.facts, &part.text);
+        // A `COPY ... TO STDOUT` under column rules whose statement names
+        // no columns: the node asks the server first (the catalog for a
+        // table, a description for a query), once everything before is
+        // answered (nothing unsynced of the extended protocol in the way
+        // of a query of its own). One probe per such COPY of the string,
+        // all before it: a COPY whose table the string itself changes
+        // first gets rows that do not fit the columns, masked whole.
+        let settled = matches!(
+            lock(&self.flow).queue.back(),
+            None | Some(Entry::GroupEnd { .. })
+        );
+        if let (true, Some(plan)) = (settled, &mask) {
+            for i in 0..copies.len() {
+                // A table the same string creates first: its columns are
+                // in the CREATE TABLE (no catalog has it yet).
+                if let Some(c) = copies[i].as_mut().filter(|c| c.needs_probe(plan)) {
+                    if let Some((schema, table)) = c.table.clone() {
+                        c.columns = parts[..i].iter().rev().find_map(|p| {
+                            copy::created_columns(&p.text, schema.as_deref(), &table)
+                        });
+                    }
+                }
+                // Only text the node read as the server will: a probe
+                // wraps the job's query in one of its own.
+                let Some(c) = copies[i]
+                    .as_ref()
+                    .filter(|c| c.needs_probe(plan) && parts[i].facts.parse_error.is_none())
+                else {
+                    continue;
+                };
+                let (sql, described) = match (&c.table, &c.query) {
+                    (Some((schema, table)), _) => {
+                        (copy::probe_sql(schema.as_deref(), table), false)
+                    }
+                    (None, Some(q)) if !q.contains('\\') => (copy::describe_sql(q), true),
+                    _ => continue,
+                };
+                if sql.contains('\0') {
+                    continue;
+                }
+                let mut probe = sql.into_bytes();
+                probe.push(0);
+                self.push(Entry::Probe {
+                    columns: Vec::new(),
+                    failed: false,
+                    described,
+                    statement: i,
+                })?;
+                self.forward(&Message::new(b'Q', probe));
+            }
+        }
+        for (st, copy) in records.into_iter().zip(copies) {
             self.push(Entry::Statement(Box::new(InFlight {
                 record: st,
                 started: Instant::now(),
                 portal: None,
                 result_formats: Vec::new(),
                 desc: None,
-                mask,
+                mask: policy.result_mask(&self.ctx.target, &self.ctx.identity),
                 masked: Default::default(),
                 copy_out: false,
-                copy_columns,
+                copy,
             })))?;
         }
         self.push(Entry::GroupEnd {
@@ -699,7 +770,7 @@ impl Frontend {
             .ctx
             .policy()
             .result_mask(&self.ctx.target, &self.ctx.identity);
-        let copy_columns = copy_columns(&mask, &st.sql, sql);
+        let copy = copy_out(&mask, &st.sql, sql);
         self.push(Entry::Statement(Box::new(InFlight {
             record: st,
             started: Instant::now(),
@@ -709,19 +780,16 @@ impl Frontend {
             mask,
             masked: Default::default(),
             copy_out: false,
-            copy_columns,
+            copy,
         })))
     }
 
-    /// The legacy fast-path function call: it runs server code the node
-    /// cannot read, so it is refused where statement rules apply.
+    /// The legacy fast-path function call (large objects use it): it runs
+    /// server code the node cannot read as SQL, so it is refused where
+    /// rules that can block apply, and recorded like a statement (its
+    /// result masked by the result rules' patterns) where none do.
     fn function_call(&mut self, msg: Message) -> Result<(), PgError> {
         if self.discarding.is_some() {
-            return Ok(());
-        }
-        let policy = self.ctx.policy();
-        if !policy.has_statement_rules(&self.ctx.target, &self.ctx.identity) {
-            self.forward(&msg);
             return Ok(());
         }
         let oid = codec::take_i32(&mut &msg.body[..]).unwrap_or(0);
@@ -731,32 +799,52 @@ impl Frontend {
             &format!("[fast-path function call, oid {oid}]"),
             SqlFacts::default(),
         );
-        let r = Refusal {
-            rule: "function-call".into(),
-            message: "fast-path function calls are not inspected; use SELECT".into(),
+        let policy = self.ctx.policy();
+        let refusal = if policy.has_statement_rules(&self.ctx.target, &self.ctx.identity) {
+            Some(Refusal {
+                rule: "function-call".into(),
+                message: "fast-path function calls are not inspected; use SELECT".into(),
+            })
+        } else if let Err(e) = self.ctx.store.start_statement(&st) {
+            self.ctx.record_failed(&e);
+            Some(Refusal {
+                rule: "not-recorded".into(),
+                message: format!("the node cannot record this statement: {e}"),
+            })
+        } else {
+            None
         };
-        let err = self.error_for(&r);
-        self.record_refused(vec![st], 0, &r);
+        if let Some(r) = refusal {
+            let err = self.error_for(&r);
+            self.record_refused(vec![st], 0, &r);
+            self.push(Entry::GroupEnd {
+                inject: Some(err),
+                swallow_empty: true,
+            })?;
+            self.forward(&Message::new(b'Q', &b"\0"[..]));
+            return Ok(());
+        }
+        // Answered by FunctionCallResponse (or an error), then ReadyForQuery.
+        self.start(st, None, Vec::new(), "")?;
         self.push(Entry::GroupEnd {
-            inject: Some(err),
-            swallow_empty: true,
+            inject: None,
+            swallow_empty: false,
         })?;
-        self.forward(&Message::new(b'Q', &b"\0"[..]));
+        self.forward(&msg);
         Ok(())
     }
 }
 
-/// For a COPY under result masking: its columns, if the statement names
-/// them.
-fn copy_columns(
+/// For a COPY TO STDOUT under result masking: how it writes its rows.
+fn copy_out(
     mask: &Option<crate::policy::ResultMask>,
     facts: &SqlFacts,
     sql: &str,
-) -> Option<Vec<String>> {
+) -> Option<copy::CopyOut> {
     if mask.is_none() || facts.class != Some(crate::record::statement::StatementClass::Copy) {
         return None;
     }
-    classify::copy_out_columns(sql)
+    copy::copy_out(sql)
 }
 
 /// The built-in `secrets` pack, compiled on first need: credentials are

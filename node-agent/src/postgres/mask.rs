@@ -1,5 +1,5 @@
-//! Result masking: DataRow values (and COPY OUT rows) under `on: result`
-//! rules. A column whose name matches a rule's `columns` glob is masked
+//! Result masking: DataRow values under `on: result` rules (COPY rows:
+//! `copy.rs`). A column whose name matches a rule's `columns` glob is masked
 //! whole; other text values are scanned with the rules' patterns and
 //! their matches masked in place. Masks keep the value's length (`*`), so
 //! only rows whose values become NULL change size, and every length
@@ -208,7 +208,7 @@ pub fn data_row(
 }
 
 /// Pattern matches of the applicable rules in one value.
-fn spans(
+pub(super) fn spans(
     v: &[u8],
     plan: &ResultMask,
     masked: &mut BTreeMap<String, u64>,
@@ -231,54 +231,21 @@ fn count(masked: &mut BTreeMap<String, u64>, rule: &str) {
     *masked.entry(rule.to_owned()).or_default() += 1;
 }
 
-/// Masks one COPY OUT row (text format): values of masked columns whole
-/// when the statement names its columns, every value when it does not
-/// (fail closed); then pattern matches in place. Tabs, line ends and the
-/// `\N` of NULL are kept, so the row still parses.
-pub fn copy_data(
-    body: &[u8],
-    columns: Option<&[String]>,
-    plan: &ResultMask,
-    masked: &mut BTreeMap<String, u64>,
-) -> Result<Option<Bytes>, PgError> {
-    let mut out = body.to_vec();
-    let mut changed = false;
-    let column_rules = plan.rules.iter().any(|r| plan.has_columns(*r));
-    if column_rules {
-        let mut start = 0;
-        let line_end = out
-            .iter()
-            .rposition(|b| *b != b'\n' && *b != b'\r')
-            .map_or(0, |p| p + 1);
-        for (i, field) in out[..line_end]
-            .split(|b| *b == b'\t')
-            .map(<[u8]>::len)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .enumerate()
-        {
-            let rule = match columns {
-                Some(cols) => cols.get(i).and_then(|c| plan.column_rule(c)),
-                None => plan.rules.iter().copied().find(|r| plan.has_columns(*r)),
-            };
-            let value = start..start + field;
-            if let Some(rule) = rule {
-                if &out[value.clone()] != b"\\N" && field > 0 {
-                    out[value].fill(MASK);
-                    count(masked, plan.rule_id(rule));
-                    changed = true;
-                }
-            }
-            start += field + 1;
-        }
+/// The values of a DataRow as text (the node's own probe's answer).
+pub fn text_values(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let mut rest = body;
+    let n = codec::take_i16(&mut rest).ok()?.max(0) as usize;
+    let mut out = Vec::with_capacity(n.min(16));
+    for _ in 0..n {
+        let len = codec::take_i32(&mut rest).ok()?;
+        out.push(if len < 0 {
+            None
+        } else {
+            let v = codec::take_bytes(&mut rest, len as usize).ok()?;
+            Some(String::from_utf8_lossy(v).into_owned())
+        });
     }
-    if plan.scans() {
-        for (a, b) in spans(&out.clone(), plan, masked)? {
-            out[a..b].fill(MASK);
-            changed = true;
-        }
-    }
-    Ok(changed.then(|| Bytes::from(out)))
+    Some(out)
 }
 
 #[cfg(test)]
@@ -375,20 +342,5 @@ mod tests {
             assert!(data_row(bad, Some(&desc), &[], &plan, &mut masked).is_err());
         }
         assert!(row_description(&[0, 1, b'a']).is_err());
-    }
-
-    #[test]
-    fn copy_rows_keep_their_separators() {
-        let plan = plan();
-        let mut masked = BTreeMap::new();
-        let cols = ["name".to_owned(), "email".to_owned()];
-        let out = copy_data(b"ada\ta@x.io\n", Some(&cols), &plan, &mut masked)
-            .unwrap()
-            .unwrap();
-        assert_eq!(&out[..], b"ada\t******\n");
-        let out = copy_data(b"ada\t\\N\n", None, &plan, &mut masked)
-            .unwrap()
-            .unwrap();
-        assert_eq!(&out[..], b"***\t\\N\n");
     }
 }

@@ -17,8 +17,10 @@ mod auth;
 mod backend;
 pub mod classify;
 mod codec;
+mod copy;
 mod frontend;
 mod mask;
+mod notice;
 mod startup;
 
 use std::{
@@ -76,7 +78,7 @@ pub struct Endpoint {
     /// Set when the target is `tls: intercept` and the node has a CA.
     pub client_tls: Option<Arc<TlsContext>>,
     /// Trust roots for the server's certificate.
-    pub upstream_tls: Option<Arc<TlsContext>>,
+    pub upstream_tls: Option<Arc<crate::tls::Upstream>>,
     pub target: Option<Target>,
     pub dst: OrigDstAddr,
 }
@@ -147,12 +149,24 @@ struct InFlight {
     masked: std::collections::BTreeMap<String, u64>,
     /// COPY TO STDOUT in progress: CopyData rows are results.
     copy_out: bool,
-    /// Its columns, when the statement names them (`classify`).
-    copy_columns: Option<Vec<String>>,
+    /// How a COPY TO STDOUT under masking writes its rows (`copy.rs`).
+    copy: Option<copy::CopyOut>,
 }
 
 enum Entry {
     Statement(Box<InFlight>),
+    /// The node's own catalog query for the columns of the COPY after it
+    /// (`copy::probe_sql`): answered to the node, never to the client.
+    Probe {
+        columns: Vec<String>,
+        failed: bool,
+        /// The columns are the RowDescription's (`copy::describe_sql`),
+        /// not the rows' (`copy::probe_sql`).
+        described: bool,
+        /// Which statement of the query string after the probes is the
+        /// COPY (0 = the first).
+        statement: usize,
+    },
     /// Describe of a portal (`true`) or statement, awaiting T or n.
     Describe {
         portal: bool,

@@ -163,16 +163,15 @@ pub async fn connect_server(
     ep: &Endpoint,
     name: &str,
 ) -> Result<(Box<dyn Io>, Option<Vec<u8>>), PgError> {
-    let mode = ep
-        .target
-        .as_ref()
-        .map(|t| t.postgres.upstream_tls)
-        .unwrap_or_default();
-    if mode == UpstreamTls::Disable {
+    let pg = ep.target.as_ref().map(|t| &t.postgres);
+    if pg.is_some_and(|p| p.upstream_tls == UpstreamTls::Disable) {
         return Ok((Box::new(tcp), None));
     }
+    let pins = pg.map(|p| &p.server_cert_sha256[..]).unwrap_or_default();
     let tls = ep.upstream_tls.clone().ok_or_else(|| {
-        PgError::Upstream("TLS to the server needs the node's TLS context (trust roots)".into())
+        PgError::Upstream(
+            "TLS to the server needs trust roots and the node has none (system store empty, no tls.extra_upstream_roots)".into(),
+        )
     })?;
     tcp.write_all(&codec::ssl_request())
         .await
@@ -185,10 +184,17 @@ pub async fn connect_server(
             answer[0].escape_ascii()
         )));
     }
+    let option = format!(
+        "postgres.server_cert_sha256 of target `{}`",
+        ep.target.as_ref().map_or("?", |t| t.name.as_str())
+    );
     let up = tls
-        .connect_upstream(tcp, name, &[ALPN.to_vec()])
+        .connect_checked(tcp, name, &[ALPN.to_vec()], pins, &option)
         .await
-        .map_err(|e| PgError::Upstream(format!("TLS with the server as `{name}`: {e}")))?;
+        .map_err(|e| {
+            let why = crate::tls::pin::explain(&e).unwrap_or_else(|| e.to_string());
+            PgError::Upstream(format!("TLS with the server as `{name}`: {why}"))
+        })?;
     let binding = up
         .get_ref()
         .1
