@@ -231,7 +231,7 @@ fn a_nodes_sessions_are_searched_replayed_and_verified_in_the_console_in_a_real_
     let replay = format!("{}/sessions/e2e-node/{}", console.base, posted["id"]);
     let states = browser(&[
         format!("open:{}/sessions", console.base),
-        "fill:input[name=repository]=acme/widgets".into(),
+        "fill:input[name=repository]|acme/widgets".into(),
         "click:button[type=submit]".into(),
         "shot:sessions".into(),
         format!("open:{replay}"),
