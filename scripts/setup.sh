@@ -4,7 +4,8 @@
 # libclang for the bindings of the real Postgres parser, libpg_query),
 # Python test clients (openai, grpcio, websockets, brotli, zstandard),
 # Node.js with connect-node (the Connect/gRPC test), the nightly rust-src
-# component, and bpf-linker built against the nightly's own LLVM (see shared/TOOLCHAIN.md). Fast when everything is already there.
+# component, and bpf-linker built against the nightly's own LLVM (see
+# shared/TOOLCHAIN.md). Fast when everything is already there.
 set -euo pipefail
 
 need_apt=()
