@@ -311,6 +311,22 @@ fn websocket_json_deltas_are_joined_and_client_json_is_judged_decoded() {
             .any(|e| e["sent"].as_str() == Some(text.as_str())),
         "the server sent the token in the clear: {sent:?}"
     );
+    // A reply that ends in what could begin a token (`gh`) is held back
+    // until the server goes quiet, then sent: `response.done` behind it
+    // arrives (the client gives up after 10 s).
+    let tail = "The next one starts with gh";
+    let started = std::time::Instant::now();
+    let v = run(&[&format!("deltas:4:{}", b64(tail))]);
+    assert_eq!(
+        v["text"].as_str(),
+        Some(tail),
+        "{v:#}\n{}",
+        env.node.log_text()
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "{v:#}"
+    );
 
     // A client message is judged on its decoded JSON strings: the escaped
     // space reads `production password` to the upstream's JSON parser.

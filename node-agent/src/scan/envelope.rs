@@ -158,7 +158,7 @@ pub fn segments(payload: &[u8], kind: Payload, flags: u8) -> Vec<Segment> {
                     kind: if s.content {
                         SegmentKind::Content
                     } else {
-                        SegmentKind::Field
+                        SegmentKind::Typed
                     },
                     decoded: s.decoded,
                     origin: s.origin,
@@ -210,7 +210,7 @@ fn raw_segment(key: &str, bytes: &[u8], base: usize) -> Vec<Segment> {
     }
     vec![Segment {
         key: key.into(),
-        kind: SegmentKind::Field,
+        kind: SegmentKind::Typed,
         decoded: bytes.to_vec(),
         origin: (0..bytes.len())
             .map(|k| Span {
@@ -333,10 +333,10 @@ mod tests {
         assert_eq!(
             keys,
             [
-                ("json/type", SegmentKind::Field),
+                ("json/type", SegmentKind::Typed),
                 ("json/parts/text", SegmentKind::Content),
                 ("json/parts/text", SegmentKind::Content),
-                ("json/id", SegmentKind::Field),
+                ("json/id", SegmentKind::Typed),
             ]
         );
         let end = segments(br#"{"error":{"message":"m"}}"#, Payload::Json, END_STREAM);

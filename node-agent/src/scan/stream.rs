@@ -29,8 +29,11 @@ pub const MAX_HELD: usize = 8 << 20;
 const MAX_STREAMS: usize = 1024;
 /// Shortest repeated `Field` value taken for metadata (an id, a model
 /// name) rather than more of the text: a secret streamed in pieces this
-/// short repeats a piece now and then.
+/// short repeats a piece now and then (see `metadata`).
 const MIN_METADATA: usize = 5;
+/// Leading bytes two consecutive values of a field share when they are a
+/// series of ids (`event_6`, `event_7`) rather than pieces of one text.
+const SERIES_PREFIX: usize = 4;
 
 /// How a response body is framed, from its content type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +62,11 @@ pub enum SegmentKind {
     /// Any other field: continues only while consecutive units carry it
     /// with a new value (a repeated id or model name is not appended).
     Field,
+    /// A field of a schema-typed message (gRPC/Connect, protobuf or
+    /// JSON): continues across messages that do not carry it (another
+    /// case of a `oneof`, a heartbeat, an empty string proto3 leaves out);
+    /// a repeated value is metadata as for `Field`.
+    Typed,
     /// Complete on its own (a string of a whole JSON document): scanned
     /// alone, at once.
     Alone,
@@ -542,14 +550,11 @@ impl Units {
         }
         for seg in segs {
             let known = self.streams.contains_key(&seg.key);
-            // A short value that repeats is text (`N` then `N` of a key
-            // streamed one character per message), not metadata.
-            let repeat = seg.kind == SegmentKind::Field
-                && seg.decoded.len() >= MIN_METADATA
+            let repeat = matches!(seg.kind, SegmentKind::Field | SegmentKind::Typed)
                 && self
                     .streams
                     .get(&seg.key)
-                    .is_some_and(|s| s.last_value == seg.decoded);
+                    .is_some_and(|s| metadata(&s.last_value, &seg.decoded));
             if repeat {
                 self.settle_stream(ctx, &seg.key, true)?;
             }
@@ -577,7 +582,9 @@ impl Units {
             }
             let st = self.streams.entry(seg.key.clone()).or_default();
             st.kind = Some(seg.kind);
-            if seg.kind == SegmentKind::Field && seg.decoded.len() <= 1024 {
+            if matches!(seg.kind, SegmentKind::Field | SegmentKind::Typed)
+                && seg.decoded.len() <= 1024
+            {
                 st.last_value.clone_from(&seg.decoded);
             } else {
                 st.last_value.clear();
@@ -668,6 +675,20 @@ impl Units {
         }
         Ok(out)
     }
+}
+
+/// Whether a field's value, after `prev` in the unit before, is metadata
+/// (scanned alone) rather than more of a text: the same value again (an
+/// id, a model name), or one of a series (`event_7` after `event_6`: a
+/// per-message id, which joined up would read as one long word and be
+/// held back). A short value is text either way: a secret streamed one
+/// character per message repeats a character now and then (`N` then `N`).
+fn metadata(prev: &[u8], value: &[u8]) -> bool {
+    if value.len() < MIN_METADATA || prev.len() < MIN_METADATA {
+        return false;
+    }
+    let common = prev.iter().zip(value).take_while(|(a, b)| a == b).count();
+    prev == value || common >= SERIES_PREFIX
 }
 
 fn unit_mut(queue: &mut VecDeque<Unit>, first: u64, id: u64) -> Option<&mut Unit> {
@@ -1060,6 +1081,26 @@ mod tests {
     }
 
     #[test]
+    fn a_heartbeat_between_protobuf_messages_does_not_end_the_text() {
+        let pb = |f: u8, b: &[u8]| [&[(f << 3) | 2, b.len() as u8][..], b].concat();
+        let mut stream = envelope::frame(0, &pb(1, b"token ghp_A1b2C3d4E5f6G7h8")).unwrap();
+        // Another case of the oneof: no field 1.
+        stream.extend(envelope::frame(0, &pb(5, &pb(1, b"working"))).unwrap());
+        stream.extend(envelope::frame(0, &pb(1, b"I9j0K1l2M3n4O5p6Q7r8 ok")).unwrap());
+        let (out, _) = run(
+            Framing::Envelope {
+                payload: Payload::Proto,
+                codec: Codec::Identity,
+            },
+            &[stream],
+        );
+        let s = String::from_utf8_lossy(&out);
+        assert!(s.contains("token ****") && s.contains("**** ok"), "{s}");
+        assert!(!s.contains("C3d4") && !s.contains("I9j0"), "{s}");
+        assert!(s.contains("working"), "{s}");
+    }
+
+    #[test]
     fn unmasked_compressed_messages_go_out_as_they_came() {
         let mut m = vec![0x0a, 11];
         m.extend_from_slice(b"hello there");
@@ -1148,6 +1189,29 @@ mod tests {
             )
         );
         assert!(String::from_utf8_lossy(&out).contains("ping"));
+    }
+
+    #[test]
+    fn websocket_json_deltas_flow_while_ids_change_per_message() {
+        let mut m = StreamMasker::new(scanner(), Framing::WebSocket, Box::new(|_| true));
+        let words = "Sure, here is how to do it, step by step, in order. ";
+        let mut sent = 0;
+        let n = words.len() / 4;
+        for (i, part) in words.as_bytes().chunks(4).enumerate() {
+            let v = serde_json::json!({
+                "type": "response.text.delta", "event_id": format!("event_{i}"),
+                "response_id": "resp_1", "output_index": 0, "content_index": 0,
+                "delta": std::str::from_utf8(part).unwrap(),
+            });
+            let out = m
+                .push(&crate::scan::ws::text_frame(v.to_string().as_bytes()))
+                .unwrap();
+            sent += ws_messages(&out).len();
+        }
+        // A per-message id joined up would be one long live word.
+        assert!(sent + 2 >= n, "{sent} of {n} messages flowed");
+        assert!(metadata(b"event_6", b"event_7") && metadata(b"resp_1", b"resp_1"));
+        assert!(!metadata(b"N", b"N") && !metadata(b"A1b2C3d", b"E4f5G6h"));
     }
 
     #[test]
