@@ -155,7 +155,9 @@ pub fn segments(payload: &[u8], kind: Payload, flags: u8) -> Vec<Segment> {
                 .into_iter()
                 .map(|s| Segment {
                     key: format!("json{}", field_path(&s.key)),
-                    kind: if s.content {
+                    kind: if !in_string(payload, &s.origin) {
+                        SegmentKind::Alone
+                    } else if s.content {
                         SegmentKind::Content
                     } else {
                         SegmentKind::Typed
@@ -195,6 +197,18 @@ fn field_path(key: &str) -> String {
         }
     }
     out
+}
+
+/// Whether a JSON text's bytes sit in a string value (its first byte
+/// follows a quote). Anything else the JSON scanner may hand out as text
+/// (a number) stands alone: joined with the next message's (`index` 1, 2,
+/// 3, ...) it would become a long digit run a card rule could match, and
+/// a mask inside a number is not JSON.
+pub fn in_string(body: &[u8], origin: &[Span]) -> bool {
+    origin
+        .first()
+        .and_then(|o| (o.start as usize).checked_sub(1))
+        .is_some_and(|i| body.get(i) == Some(&b'"'))
 }
 
 fn alone(mut segs: Vec<Segment>) -> Vec<Segment> {
@@ -339,6 +353,14 @@ mod tests {
                 ("json/id", SegmentKind::Typed),
             ]
         );
+        let doc = br#"{"a":12,"b":"x"}"#;
+        let at = |i: usize| {
+            [Span {
+                start: i as u32,
+                len: 1,
+            }]
+        };
+        assert!(!in_string(doc, &at(5)) && in_string(doc, &at(13)));
         let end = segments(br#"{"error":{"message":"m"}}"#, Payload::Json, END_STREAM);
         assert_eq!(end[0].kind, SegmentKind::Alone);
         let t = segments(b"grpc-status: 0\r\n", Payload::Proto, TRAILERS);

@@ -236,7 +236,9 @@ fn finish_text(frames: Vec<(Vec<u8>, usize)>, text: Vec<u8>, out: &mut Vec<WsPie
             .into_iter()
             .map(|s| Segment {
                 key: format!("ws{}", s.key),
-                kind: if s.content {
+                kind: if !super::envelope::in_string(&text, &s.origin) {
+                    SegmentKind::Alone
+                } else if s.content {
                     SegmentKind::Content
                 } else {
                     SegmentKind::Field
