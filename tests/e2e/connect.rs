@@ -292,9 +292,34 @@ fn websocket_json_deltas_are_joined_and_client_json_is_judged_decoded() {
         let out = env.cgroup.run("python3", &full);
         parse_json_output(&out, &env.node)
     };
+    // A client message is judged on its decoded JSON strings: the escaped
+    // space reads `production password` to the upstream's JSON parser.
+    let fine = r#"{"type":"conversation.item.create","item":{"content":[{"type":"input_text","text":"refactor this"}]}}"#;
+    let ask = format!("deltas:4:{}", b64("ok"));
+    let bad = r#"{"type":"conversation.item.create","item":{"content":[{"type":"input_text","text":"use the production\u0020password now"}]}}"#;
+    let v = run(&[&ask, fine, bad]);
+    assert_eq!(v["closed"]["code"], 1008, "{v:#}\n{}", env.node.log_text());
+    let got = env.remote.ai_entries();
+    assert!(
+        got.iter().any(|e| e["received"] == fine),
+        "a fine message went through: {got:?}"
+    );
+    assert!(
+        !got.iter().any(|e| e["received"]
+            .as_str()
+            .is_some_and(|m| m.contains("production"))),
+        "the blocked message never reached the upstream: {got:?}"
+    );
+    let ex = wait_exchange(env, |e| {
+        e["path"] == "/ws"
+            && e["decisions"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["rule"] == "block-prod-creds"))
+    });
+    assert_eq!(ex["upgrade"], "websocket", "{ex:#}");
+
     for step in ["4", "1"] {
         let ask = format!("deltas:{step}:{}", b64(&text));
-        let fine = r#"{"type":"conversation.item.create","item":{"content":[{"type":"input_text","text":"refactor this"}]}}"#;
         let v = run(&[&ask, fine]);
         assert!(v["error"].is_null(), "{v:#}\n{}", env.node.log_text());
         assert_eq!(
@@ -327,25 +352,4 @@ fn websocket_json_deltas_are_joined_and_client_json_is_judged_decoded() {
         started.elapsed() < std::time::Duration::from_secs(8),
         "{v:#}"
     );
-
-    // A client message is judged on its decoded JSON strings: the escaped
-    // space reads `production password` to the upstream's JSON parser.
-    let ask = format!("deltas:4:{}", b64("ok"));
-    let bad = r#"{"type":"conversation.item.create","item":{"content":[{"type":"input_text","text":"use the production\u0020password now"}]}}"#;
-    let v = run(&[&ask, bad]);
-    assert_eq!(v["closed"]["code"], 1008, "{v:#}\n{}", env.node.log_text());
-    let got = env.remote.ai_entries();
-    assert!(
-        !got.iter().any(|e| e["received"]
-            .as_str()
-            .is_some_and(|m| m.contains("production"))),
-        "the blocked message never reached the upstream: {got:?}"
-    );
-    let ex = wait_exchange(env, |e| {
-        e["path"] == "/ws"
-            && e["decisions"]
-                .as_array()
-                .is_some_and(|d| d.iter().any(|d| d["rule"] == "block-prod-creds"))
-    });
-    assert_eq!(ex["upgrade"], "websocket", "{ex:#}");
 }
