@@ -5,6 +5,7 @@
 mod capacity;
 mod connect;
 mod containment;
+mod documents;
 mod evidence;
 mod fleet;
 mod foundation;

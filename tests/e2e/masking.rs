@@ -38,7 +38,7 @@ rules:
 }
 
 /// A fresh GitHub-token-shaped secret (never a real one).
-fn github_token() -> String {
+pub(crate) fn github_token() -> String {
     let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -50,7 +50,7 @@ fn github_token() -> String {
     format!("ghp_{tail}")
 }
 
-const AWS: &str = "AKIAQ5TESTKEYSLUICE7";
+pub(crate) const AWS: &str = "AKIAQ5TESTKEYSLUICE7";
 
 struct Ai {
     // Dropped first: uninstalling the node's CA needs its state dir, which
@@ -81,7 +81,7 @@ impl Ai {
     }
 }
 
-fn masked(text: &str, secrets: &[&str]) -> String {
+pub(crate) fn masked(text: &str, secrets: &[&str]) -> String {
     let mut t = text.to_owned();
     for s in secrets {
         t = t.replace(s, &"*".repeat(s.len()));

@@ -135,7 +135,11 @@ where
                         }
                     }
                     Err(frame) => {
-                        if let Ok(t) = frame.into_trailers() {
+                        if let Ok(mut t) = frame.into_trailers() {
+                            if let Err(e) = super::response::mask_headers(&mut t, &mut this.masker)
+                            {
+                                return this.fail(e);
+                            }
                             this.trailers = Some(t);
                         }
                     }

@@ -418,6 +418,12 @@ impl HttpSession {
                 hyper::header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
             );
+            // A masked value must not come back in pieces: each 206 part
+            // would be scanned alone, and two ranges put the value back
+            // together. The whole representation (200) is valid for a
+            // range request.
+            parts.headers.remove(hyper::header::RANGE);
+            parts.headers.remove(hyper::header::IF_RANGE);
         }
         // Recorded (in the kernel) before a byte goes upstream; what cannot
         // be recorded is not forwarded.
@@ -508,7 +514,7 @@ impl HttpSession {
             };
             let (p, target, identity) =
                 (policy.clone(), self.target.clone(), self.identity.clone());
-            let masker = StreamMasker::new(
+            let mut masker = StreamMasker::new(
                 policy.clone(),
                 framing,
                 Box::new(move |rule| {
@@ -516,6 +522,22 @@ impl HttpSession {
                         && p.rule_applies(rule, &target, &identity)
                 }),
             );
+            if let Err(e) = response::mask_headers(&mut parts.headers, &mut masker) {
+                let msg = format!("response headers cannot be inspected: {e}");
+                ex.error = Some(msg.clone());
+                drop(body);
+                return self
+                    .refuse(
+                        ex,
+                        started,
+                        durable_tx,
+                        StatusCode::BAD_GATEWAY,
+                        serde_json::json!({ "error": msg }),
+                    )
+                    .await;
+            }
+            // The record keeps what the client got, as for bodies.
+            ex.response_headers = headers(&parts.headers);
             MaskBody::new(body, decoder, masker, report.clone()).boxed()
         } else {
             body.map_err(|e| Box::new(e) as BoxError).boxed()

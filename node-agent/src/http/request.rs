@@ -10,8 +10,16 @@ use http_body_util::BodyExt;
 use hyper::{body::Incoming, http::request::Parts, StatusCode};
 use tracing::{info, warn};
 
-use super::{decode::Encoding, HttpSession, CREDENTIAL_HEADERS};
-use crate::{approvals::Pending, policy::Verdict, record::Exchange, scan::json};
+use super::{
+    decode::{decode_chain, Encoding},
+    HttpSession, CREDENTIAL_HEADERS,
+};
+use crate::{
+    approvals::Pending,
+    policy::Verdict,
+    record::Exchange,
+    scan::{charset, json},
+};
 
 /// A request the node answers itself.
 pub struct Refusal {
@@ -60,13 +68,22 @@ fn percent_decode(s: &str, plus_is_space: bool) -> Vec<u8> {
     out
 }
 
-/// The text request rules scan: body, unescaped JSON strings, URL and
-/// headers, separated by newlines so nothing matches across parts.
+/// The text request rules scan: body, the texts of a JSON body (unescaped
+/// strings, keys, numbers, byte arrays; content parts also joined), URL
+/// and headers, separated by newlines so nothing matches across parts.
 pub fn inspection_text(parts: &Parts, body: &[u8]) -> Vec<u8> {
     let mut text = Vec::with_capacity(body.len() * 2 + 256);
     text.extend_from_slice(body);
-    if let Ok(strings) = json::strings(body) {
-        for s in strings {
+    if let Ok(texts) = json::texts(body) {
+        // Content parts (`[{"text":"produc"},{"text":"tion password"}]`)
+        // reach the model as one text: judged joined as well as alone.
+        for run in json::runs(&texts) {
+            text.push(b'\n');
+            for &i in &run {
+                text.extend_from_slice(&texts[i].decoded);
+            }
+        }
+        for s in texts {
             text.push(b'\n');
             text.extend_from_slice(&s.decoded);
         }
@@ -132,17 +149,26 @@ impl HttpSession {
         ex.request_body.truncated = bytes.len() > self.body_cap;
         ex.request_body.complete = true;
 
-        // Fail closed: what cannot be decoded cannot be judged.
-        let encoding = parts
-            .headers
-            .get(hyper::header::CONTENT_ENCODING)
-            .map(|v| v.to_str().unwrap_or("(not text)"));
-        let decoded = match Encoding::parse(encoding).and_then(|e| {
-            e.map(|e| e.decode_all(&bytes, self.max_scan_request))
-                .transpose()
+        // Fail closed: what cannot be decoded cannot be judged. Every coding of every Content-Encoding header, last applied first.
+        let decoded = match Encoding::parse_all(
+            parts
+                .headers
+                .get_all(hyper::header::CONTENT_ENCODING)
+                .iter()
+                .map(|v| v.as_bytes()),
+        )
+        .and_then(|c| decode_chain(&c, &bytes, self.max_scan_request))
+        .map_err(|e| e.to_string())
+        .and_then(|d| {
+            // JSON in UTF-16/32 or behind a BOM is judged as the text it is.
+            let t = charset::json_text(&d).map_err(|e| e.to_string())?;
+            let text = match t {
+                std::borrow::Cow::Borrowed(s) if s.len() == d.len() => None,
+                other => Some(other.into_owned()),
+            };
+            Ok(text.unwrap_or(d))
         }) {
-            Ok(Some(d)) => d,
-            Ok(None) => bytes.to_vec(),
+            Ok(d) => d,
             Err(e) => {
                 let msg = format!("request body cannot be inspected: {e}");
                 ex.error = Some(msg.clone());

@@ -2,12 +2,12 @@
 //! the content type, its Content-Encoding), and the header changes that
 //! follow (a decoded body goes on as identity, a length that may change
 //! is dropped).
-use hyper::header::{HeaderMap, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 
 use super::decode::{DecodeError, Decoder, Encoding};
 use crate::scan::{
     envelope::{Codec, Payload},
-    Framing, ScanError,
+    Framing, ScanError, StreamMasker,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +62,14 @@ pub fn framing(h: &HeaderMap) -> Result<Framing, ResponseError> {
 /// fixes the headers the client will see.
 pub fn prepare(h: &mut HeaderMap) -> Result<(Framing, Option<Decoder>), ResponseError> {
     let framing = framing(h)?;
-    let encoding = Encoding::parse(header(h, CONTENT_ENCODING.as_str()))?;
-    let decoder = encoding.map(Decoder::new).transpose()?;
+    // Every Content-Encoding header counts (a first `identity` must not
+    // hide a second `gzip`).
+    let codings = Encoding::parse_all(h.get_all(CONTENT_ENCODING).iter().map(|v| v.as_bytes()))?;
+    let decoder = if codings.is_empty() {
+        None
+    } else {
+        Some(Decoder::new(&codings)?)
+    };
     if decoder.is_some() {
         h.remove(CONTENT_ENCODING);
         h.remove(CONTENT_LENGTH);
@@ -73,6 +79,27 @@ pub fn prepare(h: &mut HeaderMap) -> Result<(Framing, Option<Decoder>), Response
         h.remove(CONTENT_LENGTH);
     }
     Ok((framing, decoder))
+}
+
+/// Masks response header (or trailer) values by the response rules:
+/// `grpc-message`, error detail headers and the like reach the client
+/// as much as the body does.
+pub fn mask_headers(h: &mut HeaderMap, masker: &mut StreamMasker) -> Result<(), ScanError> {
+    let before: Vec<Vec<u8>> = h.values().map(|v| v.as_bytes().to_vec()).collect();
+    let mut values = before.clone();
+    masker.mask_values(&mut values)?;
+    if values == before {
+        return Ok(());
+    }
+    for (v, (new, old)) in h.values_mut().zip(values.iter().zip(&before)) {
+        if new != old {
+            // `*` for bytes of a valid value is still a valid value.
+            if let Ok(m) = HeaderValue::from_bytes(new) {
+                *v = m;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ const CONTENT_FIELDS: &[&str] = &[
     "arguments",
     "delta",
     "response",
+    // logprobs: each token of the answer, and its UTF-8 bytes.
+    "token",
+    "bytes",
 ];
 
 /// Fields that tell parallel streams apart (choice n, content block n,
@@ -61,7 +64,15 @@ enum Node {
     Str(usize, usize),
     Scalar(usize, usize),
     Arr(Vec<Node>),
-    Obj(Vec<(Vec<u8>, Node)>),
+    Obj(Vec<Field>),
+}
+
+struct Field {
+    /// Decoded name.
+    name: Vec<u8>,
+    /// Raw range of the name between its quotes.
+    raw: (usize, usize),
+    value: Node,
 }
 
 struct Parser<'a> {
@@ -105,8 +116,12 @@ impl<'a> Parser<'a> {
                         return Err(self.err("expected `:`"));
                     }
                     self.i += 1;
-                    let v = self.value(depth + 1)?;
-                    fields.push((key, v));
+                    let value = self.value(depth + 1)?;
+                    fields.push(Field {
+                        name: key,
+                        raw: (s, e),
+                        value,
+                    });
                     self.ws();
                     match self.b.get(self.i) {
                         Some(b',') => self.i += 1,
@@ -274,6 +289,36 @@ fn decode(b: &[u8], s: usize, e: usize) -> Result<(Vec<u8>, Vec<Span>), &'static
 /// Every string value of `input` (which must be exactly one JSON value,
 /// surrounding whitespace allowed), in document order.
 pub fn strings(input: &[u8]) -> Result<Vec<JsonString>, JsonError> {
+    texts_of(input, Read::Strings)
+}
+
+/// What a walk reads as text.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Strings,
+    /// Streamed events: strings and byte arrays (logprobs' `bytes` spell
+    /// the answer again); keys and numbers of event envelopes are schema.
+    Stream,
+    /// A whole document: everything (`texts`).
+    Document,
+}
+
+/// Strings and byte arrays of one streamed event (see `texts`).
+pub fn stream_texts(input: &[u8]) -> Result<Vec<JsonString>, JsonError> {
+    texts_of(input, Read::Stream)
+}
+
+/// Everything in a JSON document a reader can take as text, in document
+/// order: string values, object keys (path `…/name#key`), numbers (their
+/// literal, every digit mapped to the whole token), and arrays of integers
+/// 0..=255 read as bytes (logprobs' `bytes`: one decoded byte per element).
+/// Masking a number or a byte element rewrites the whole token (see
+/// `mask_numbers`).
+pub fn texts(input: &[u8]) -> Result<Vec<JsonString>, JsonError> {
+    texts_of(input, Read::Document)
+}
+
+fn texts_of(input: &[u8], read: Read) -> Result<Vec<JsonString>, JsonError> {
     let mut p = Parser { b: input, i: 0 };
     let root = p.value(0)?;
     p.ws();
@@ -281,8 +326,127 @@ pub fn strings(input: &[u8]) -> Result<Vec<JsonString>, JsonError> {
         return Err(p.err("trailing bytes after the value"));
     }
     let mut out = Vec::new();
-    walk(input, &root, &mut String::new(), "", &mut out)?;
+    let mut w = Walk {
+        b: input,
+        read,
+        out: &mut out,
+    };
+    w.walk(&root, &mut String::new(), "")?;
     Ok(out)
+}
+
+/// The values of `texts` or `strings` that read as one text: those whose
+/// paths differ only in their innermost array position (content parts
+/// `messages[0].content[i].text`, logprobs `content[i].token`), joined in
+/// document order. Only groups of two or more; indexes into `strings`.
+pub fn runs(strings: &[JsonString]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut at: std::collections::HashMap<String, usize> = Default::default();
+    for (i, s) in strings.iter().enumerate() {
+        let Some(k) = without_innermost_index(&s.key) else {
+            continue;
+        };
+        match at.get(&k) {
+            Some(g) => groups[*g].1.push(i),
+            None => {
+                at.insert(k.clone(), groups.len());
+                groups.push((k, vec![i]));
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .filter(|(_, g)| g.len() > 1)
+        .map(|(_, g)| g)
+        .collect()
+}
+
+/// `/a[0]/b[3]/text` → `/a[0]/b[]/text`; `None` without a numeric index.
+fn without_innermost_index(key: &str) -> Option<String> {
+    let close = key.rfind(']')?;
+    let open = key[..close].rfind('[')?;
+    let inner = &key[open + 1..close];
+    if inner.is_empty() || !inner.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some(format!("{}[]{}", &key[..open + 1], &key[close..]))
+}
+
+/// What a masked number token becomes so that the document stays valid
+/// JSON: a byte element the byte of `*` (42), any other number a string of
+/// one `*` per character of its literal.
+pub fn mask_numbers(body: &[u8], masks: &[Span]) -> Option<Vec<(Span, Vec<u8>)>> {
+    let mut p = Parser { b: body, i: 0 };
+    let root = p.value(0).ok()?;
+    let mut found = Vec::new();
+    numbers(body, &root, false, &mut found);
+    let wanted: std::collections::HashSet<(u32, u16)> =
+        masks.iter().map(|m| (m.start, m.len)).collect();
+    let out: Vec<(Span, Vec<u8>)> = found
+        .into_iter()
+        .filter_map(|(s, e, byte)| {
+            let span = Span {
+                start: s as u32,
+                len: u16::try_from(e - s).ok()?,
+            };
+            wanted.contains(&(span.start, span.len)).then(|| {
+                let text = if byte {
+                    b"42".to_vec()
+                } else {
+                    let mut t = vec![b'"'];
+                    t.extend(std::iter::repeat_n(super::MASK, e - s));
+                    t.push(b'"');
+                    t
+                };
+                (span, text)
+            })
+        })
+        .collect();
+    Some(out)
+}
+
+fn numbers(b: &[u8], n: &Node, in_bytes: bool, out: &mut Vec<(usize, usize, bool)>) {
+    match n {
+        Node::Scalar(s, e) => out.push((*s, *e, in_bytes)),
+        Node::Str(..) => {}
+        Node::Arr(items) => {
+            let bytes = byte_array(b, items).is_some();
+            for i in items {
+                numbers(b, i, bytes, out);
+            }
+        }
+        Node::Obj(fields) => {
+            for f in fields {
+                numbers(b, &f.value, false, out);
+            }
+        }
+    }
+}
+
+/// An array that holds text as bytes: every element an integer literal
+/// 0..=255, at least one. Its bytes, each with its element's token.
+fn byte_array(b: &[u8], items: &[Node]) -> Option<(Vec<u8>, Vec<Span>)> {
+    if items.is_empty() {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(items.len());
+    let mut origin = Vec::with_capacity(items.len());
+    for i in items {
+        let Node::Scalar(s, e) = i else {
+            return None;
+        };
+        let lit = &b[*s..*e];
+        if lit.is_empty() || lit.len() > 3 || !lit.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let v: u16 = std::str::from_utf8(lit).ok()?.parse().ok()?;
+        bytes.push(u8::try_from(v).ok()?);
+        origin.push(Span {
+            start: *s as u32,
+            len: (e - s) as u16,
+        });
+    }
+    Some((bytes, origin))
 }
 
 fn scalar_text(b: &[u8], n: &Node) -> Option<String> {
@@ -295,11 +459,11 @@ fn scalar_text(b: &[u8], n: &Node) -> Option<String> {
     }
 }
 
-fn discriminators(b: &[u8], fields: &[(Vec<u8>, Node)]) -> String {
+fn discriminators(b: &[u8], fields: &[Field]) -> String {
     let mut d = String::new();
     for name in DISCRIMINATORS {
-        if let Some((_, v)) = fields.iter().find(|(k, _)| k == name.as_bytes()) {
-            if let Some(t) = scalar_text(b, v) {
+        if let Some(f) = fields.iter().find(|f| f.name == name.as_bytes()) {
+            if let Some(t) = scalar_text(b, &f.value) {
                 if !d.is_empty() {
                     d.push(',');
                 }
@@ -312,57 +476,87 @@ fn discriminators(b: &[u8], fields: &[(Vec<u8>, Node)]) -> String {
     d
 }
 
-fn walk(
-    b: &[u8],
-    n: &Node,
-    path: &mut String,
-    leaf: &str,
-    out: &mut Vec<JsonString>,
-) -> Result<(), JsonError> {
-    match n {
-        Node::Str(s, e) => {
-            let (decoded, origin) = decode(b, *s, *e).map_err(|what| JsonError { at: *s, what })?;
-            if !decoded.is_empty() {
-                out.push(JsonString {
-                    key: path.clone(),
-                    content: CONTENT_FIELDS.contains(&leaf),
-                    decoded,
-                    origin,
-                });
-            }
+struct Walk<'a, 'o> {
+    b: &'a [u8],
+    read: Read,
+    out: &'o mut Vec<JsonString>,
+}
+
+impl Walk<'_, '_> {
+    fn push(&mut self, key: String, leaf: &str, decoded: Vec<u8>, origin: Vec<Span>) {
+        if !decoded.is_empty() {
+            self.out.push(JsonString {
+                key,
+                content: CONTENT_FIELDS.contains(&leaf),
+                decoded,
+                origin,
+            });
         }
-        Node::Scalar(..) => {}
-        Node::Arr(items) => {
-            for (i, item) in items.iter().enumerate() {
-                let len = path.len();
-                match item {
-                    Node::Obj(f) if f.iter().any(|(k, _)| k == b"index") => {
-                        path.push_str(&format!("[{}]", discriminators(b, f)))
-                    }
-                    _ => path.push_str(&format!("[{i}]")),
+    }
+
+    fn walk(&mut self, n: &Node, path: &mut String, leaf: &str) -> Result<(), JsonError> {
+        let b = self.b;
+        match n {
+            Node::Str(s, e) => {
+                let (decoded, origin) =
+                    decode(b, *s, *e).map_err(|what| JsonError { at: *s, what })?;
+                self.push(path.clone(), leaf, decoded, origin);
+            }
+            Node::Scalar(s, e) => {
+                let lit = &b[*s..*e];
+                if self.read == Read::Document && !matches!(lit, b"true" | b"false" | b"null") {
+                    // Every digit maps to the whole token: a mask rewrites it.
+                    let span = Span {
+                        start: *s as u32,
+                        len: u16::try_from(lit.len()).unwrap_or(u16::MAX),
+                    };
+                    self.push(path.clone(), leaf, lit.to_vec(), vec![span; lit.len()]);
                 }
-                walk(b, item, path, leaf, out)?;
+            }
+            Node::Arr(items) => {
+                if self.read != Read::Strings {
+                    if let Some((bytes, origin)) = byte_array(b, items) {
+                        self.push(path.clone(), leaf, bytes, origin);
+                        return Ok(());
+                    }
+                }
+                for (i, item) in items.iter().enumerate() {
+                    let len = path.len();
+                    match item {
+                        Node::Obj(f) if f.iter().any(|f| f.name == b"index") => {
+                            path.push_str(&format!("[{}]", discriminators(b, f)))
+                        }
+                        _ => path.push_str(&format!("[{i}]")),
+                    }
+                    self.walk(item, path, leaf)?;
+                    path.truncate(len);
+                }
+            }
+            Node::Obj(fields) => {
+                let d = discriminators(b, fields);
+                let len = path.len();
+                if !d.is_empty() && !path.ends_with(']') {
+                    path.push_str(&format!("{{{d}}}"));
+                }
+                for f in fields {
+                    let name = String::from_utf8_lossy(&f.name).into_owned();
+                    let l2 = path.len();
+                    path.push('/');
+                    path.push_str(&name);
+                    if self.read == Read::Document {
+                        let (s, e) = f.raw;
+                        let (decoded, origin) =
+                            decode(b, s, e).map_err(|what| JsonError { at: s, what })?;
+                        self.push(format!("{path}#key"), "", decoded, origin);
+                    }
+                    self.walk(&f.value, path, &name)?;
+                    path.truncate(l2);
+                }
                 path.truncate(len);
             }
         }
-        Node::Obj(fields) => {
-            let d = discriminators(b, fields);
-            let len = path.len();
-            if !d.is_empty() && !path.ends_with(']') {
-                path.push_str(&format!("{{{d}}}"));
-            }
-            for (k, v) in fields {
-                let name = String::from_utf8_lossy(k);
-                let l2 = path.len();
-                path.push('/');
-                path.push_str(&name);
-                walk(b, v, path, &name, out)?;
-                path.truncate(l2);
-            }
-            path.truncate(len);
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -399,6 +593,38 @@ mod tests {
             d.key,
             "{type=response.output_text.delta,output_index=0,content_index=0}/delta"
         );
+    }
+
+    #[test]
+    fn texts_have_keys_numbers_and_byte_arrays_and_runs_join_parts() {
+        let doc = br#"{"messages":[{"content":[{"type":"text","text":"produc"},{"type":"text","text":"tion password"}]}],"kA":[104,105],"n":-1.5e3,"t":true}"#;
+        let t = texts(doc).unwrap();
+        let keys: Vec<&str> = t.iter().map(|s| s.key.as_str()).collect();
+        assert!(keys.contains(&"/kA#key"), "{keys:?}");
+        let bytes = t.iter().find(|s| s.key == "/kA").unwrap();
+        assert_eq!(bytes.decoded, b"hi");
+        assert_eq!(bytes.origin[1].len, 3, "a byte maps to its element");
+        let n = t.iter().find(|s| s.key == "/n").unwrap();
+        assert_eq!(n.decoded, b"-1.5e3");
+        assert!(t.iter().all(|s| s.decoded != b"true"));
+        let runs = runs(&t);
+        let joined: Vec<String> = runs
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|&i| String::from_utf8_lossy(&t[i].decoded))
+                    .collect()
+            })
+            .collect();
+        assert!(
+            joined.contains(&"production password".to_owned()),
+            "{joined:?}"
+        );
+        // Plain strings() is unchanged: strings only.
+        assert!(strings(doc)
+            .unwrap()
+            .iter()
+            .all(|s| !s.key.ends_with("#key")));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 
 use hyperscan::prelude::*;
 
+pub mod charset;
 pub mod envelope;
 pub mod json;
 pub mod live;

@@ -89,7 +89,7 @@ pub fn segments(raw: &[u8]) -> Vec<Segment> {
     if payload.is_empty() {
         return Vec::new();
     }
-    match json::strings(&payload) {
+    match json::stream_texts(&payload) {
         Ok(strings) => strings
             .into_iter()
             .map(|s| {
@@ -126,6 +126,46 @@ pub fn segments(raw: &[u8]) -> Vec<Segment> {
             origin: map,
         }],
     }
+}
+
+/// `json::mask_numbers` for the JSON payload of each single `data:` line
+/// of an event (streamed logprobs carry byte arrays), in event offsets.
+pub fn mask_numbers(event: &[u8], masks: &[Span]) -> Vec<(Span, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    for line in event.split_inclusive(|b| *b == b'\n') {
+        let start = pos;
+        pos += line.len();
+        let Some(v) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let off = start + 5 + usize::from(v.first() == Some(&b' '));
+        let end = start + line.trim_ascii_end().len();
+        if off >= end {
+            continue;
+        }
+        let inside: Vec<Span> = masks
+            .iter()
+            .filter(|m| (m.start as usize) >= off && (m.start as usize) < end)
+            .map(|m| Span {
+                start: m.start - off as u32,
+                len: m.len,
+            })
+            .collect();
+        if inside.is_empty() {
+            continue;
+        }
+        for (sp, text) in json::mask_numbers(&event[off..end], &inside).unwrap_or_default() {
+            out.push((
+                Span {
+                    start: sp.start + off as u32,
+                    len: sp.len,
+                },
+                text,
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -271,6 +271,57 @@ impl StreamMasker {
         matches!(self.mode, Mode::Raw { .. })
     }
 
+    /// Masks short values that are each whole on their own (response
+    /// header and trailer values: `grpc-message`, error details) in place,
+    /// `*` per byte. Percent-encoded values are also read decoded (a
+    /// gRPC client shows `grpc-message` decoded) and a match there masks
+    /// its escapes. One scan for all of them: they are joined by newlines.
+    pub fn mask_values(&mut self, values: &mut [Vec<u8>]) -> Result<(), ScanError> {
+        let scanner = (*self.scanner).as_ref();
+        let mut text = Vec::new();
+        // Per byte of `text`: (value, start, len) it came from.
+        let mut origin: Vec<Option<(usize, usize, usize)>> = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            text.extend_from_slice(v);
+            origin.extend((0..v.len()).map(|k| Some((i, k, 1))));
+            text.push(b'\n');
+            origin.push(None);
+            if v.contains(&b'%') {
+                let mut k = 0;
+                while k < v.len() {
+                    let hex = (v[k] == b'%')
+                        .then(|| v.get(k + 1..k + 3))
+                        .flatten()
+                        .and_then(|h| std::str::from_utf8(h).ok())
+                        .and_then(|h| u8::from_str_radix(h, 16).ok());
+                    let (byte, len) = hex.map_or((v[k], 1), |b| (b, 3));
+                    text.push(byte);
+                    origin.push(Some((i, k, len)));
+                    k += len;
+                }
+                text.push(b'\n');
+                origin.push(None);
+            }
+        }
+        let s = settle(
+            scanner,
+            &self.applies,
+            &mut self.masked,
+            &text,
+            0,
+            true,
+            true,
+        )?;
+        for (a, b) in s.masks {
+            for (i, k, len) in origin[a..b].iter().flatten().copied() {
+                if let Some(bytes) = values.get_mut(i).and_then(|v| v.get_mut(k..k + len)) {
+                    bytes.fill(MASK);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Feeds a chunk; returns what may be sent on now.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<u8>, ScanError> {
         self.step(chunk, false)
@@ -437,17 +488,8 @@ impl Units {
                 buf.extend_from_slice(chunk);
                 if last {
                     let doc = std::mem::take(buf);
-                    let segs = match super::json::strings(&doc) {
-                        // Each value on its own: one document, no joining.
-                        Ok(strings) => strings
-                            .into_iter()
-                            .map(|s| Segment {
-                                key: s.key,
-                                kind: SegmentKind::Alone,
-                                decoded: s.decoded,
-                                origin: s.origin,
-                            })
-                            .collect(),
+                    let segs = match super::json::texts(&doc) {
+                        Ok(texts) => document_segments(texts),
                         Err(_) => line_segments(&doc),
                     };
                     new_units.push((doc, None, segs, false));
@@ -696,9 +738,39 @@ fn unit_mut(queue: &mut VecDeque<Unit>, first: u64, id: u64) -> Option<&mut Unit
     queue.get_mut(idx)
 }
 
+/// Segments of one JSON document: each text on its own (one document, no
+/// joining across units), and the texts that read as one (token arrays,
+/// content parts: see `json::runs`) also joined, so a secret spelt a
+/// token per element is seen whole while each element keeps its own
+/// boundaries.
+fn document_segments(texts: Vec<super::json::JsonString>) -> Vec<Segment> {
+    let mut out: Vec<Segment> = Vec::with_capacity(texts.len());
+    for run in super::json::runs(&texts) {
+        let mut decoded = Vec::new();
+        let mut origin = Vec::new();
+        for &i in &run {
+            decoded.extend_from_slice(&texts[i].decoded);
+            origin.extend_from_slice(&texts[i].origin);
+        }
+        out.push(Segment {
+            key: String::new(),
+            kind: SegmentKind::Alone,
+            decoded,
+            origin,
+        });
+    }
+    out.extend(texts.into_iter().map(|s| Segment {
+        key: s.key,
+        kind: SegmentKind::Alone,
+        decoded: s.decoded,
+        origin: s.origin,
+    }));
+    out
+}
+
 /// Segments of one NDJSON line: its JSON strings, or the line as text.
 fn line_segments(line: &[u8]) -> Vec<Segment> {
-    match super::json::strings(line) {
+    match super::json::stream_texts(line) {
         Ok(strings) => strings
             .into_iter()
             .map(|s| Segment {
@@ -743,6 +815,22 @@ fn render(body: &[u8], masks: &mut Vec<Span>) -> Vec<u8> {
     }
     masks.sort_by_key(|s| s.start);
     masks.dedup();
+    // A masked JSON number (or byte of a byte array) is rewritten whole so
+    // that the document stays valid JSON; only worth a second parse when a
+    // mask covers a digit.
+    let numeric = masks.iter().any(|m| {
+        body.get(m.start as usize)
+            .is_some_and(|c| c.is_ascii_digit() || *c == b'-')
+    });
+    let numbers: HashMap<u32, Vec<u8>> = if numeric {
+        super::json::mask_numbers(body, masks)
+            .unwrap_or_else(|| sse::mask_numbers(body, masks))
+            .into_iter()
+            .map(|(span, text)| (span.start, text))
+            .collect()
+    } else {
+        HashMap::new()
+    };
     let mut out = Vec::with_capacity(body.len());
     let mut at = 0usize;
     for m in masks.iter() {
@@ -751,7 +839,10 @@ fn render(body: &[u8], masks: &mut Vec<Span>) -> Vec<u8> {
             continue;
         }
         out.extend_from_slice(&body[at..s]);
-        out.push(MASK);
+        match numbers.get(&m.start) {
+            Some(text) => out.extend_from_slice(text),
+            None => out.push(MASK),
+        }
         at = e;
     }
     out.extend_from_slice(&body[at..]);
@@ -1239,6 +1330,123 @@ mod tests {
         let (out, _) = run(Framing::Json, &[big[..1000].to_vec(), big[1000..].to_vec()]);
         assert_eq!(out.len(), big.len());
         assert!(!String::from_utf8_lossy(&out).contains(TOKEN));
+    }
+
+    #[test]
+    fn json_documents_mask_token_arrays_byte_arrays_numbers_and_keys() {
+        // A chat completion with logprobs: the answer is masked in
+        // `content`, but the tokens and their bytes spell it again.
+        let toks = ["key ", "AK", "IAIO", "SFOD", "NN7E", "XAMP", "LE"];
+        let logprobs: Vec<serde_json::Value> = toks
+            .iter()
+            .map(|t| serde_json::json!({"token": t, "logprob": -0.1, "bytes": t.as_bytes()}))
+            .collect();
+        let doc = serde_json::json!({
+            "choices": [{"index": 0, "message": {"content": toks.concat()},
+                         "logprobs": {"content": logprobs}}],
+            "card": 4111111111111111u64,
+            "by_key": {"AKIAIOSFODNN7EXAMPLE": true},
+            "n": 3,
+        })
+        .to_string();
+        let cards = Arc::new(
+            Scanner::compile(
+                vec![
+                    PatternSpec::new("aws-access-key", 0, r"\b(?:AKIA|ASIA)[A-Z2-7]{16}\b"),
+                    PatternSpec::new("card", 0, r"\b4[0-9]{15}\b"),
+                ],
+                4096,
+            )
+            .unwrap(),
+        );
+        let mut m = StreamMasker::new(cards, Framing::Json, Box::new(|_| true));
+        let mut out = m.push(doc.as_bytes()).unwrap();
+        out.extend(m.finish().unwrap());
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("still JSON");
+        let lp = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+        let tokens: String = lp.iter().map(|t| t["token"].as_str().unwrap()).collect();
+        assert_eq!(tokens, format!("key {}", "*".repeat(20)));
+        let bytes: Vec<u8> = lp
+            .iter()
+            .flat_map(|t| t["bytes"].as_array().unwrap().clone())
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), tokens);
+        assert_eq!(
+            v["card"],
+            "*".repeat(16),
+            "a masked number becomes a masked string"
+        );
+        assert!(v["by_key"].get("AKIAIOSFODNN7EXAMPLE").is_none(), "{v}");
+        assert_eq!(v["by_key"]["*".repeat(20)], true);
+        assert_eq!(v["n"], 3, "numbers that match nothing stay numbers");
+        assert_eq!(v["choices"][0]["logprobs"]["content"][0]["logprob"], -0.1);
+        // Nothing to mask: byte for byte.
+        let plain = br#"{"a": [1, 2, 300], "b": {"x y": 12.5e3}, "c": [104, 105]}"#;
+        let (out, _) = run(Framing::Json, &[plain.to_vec()]);
+        assert_eq!(out, plain);
+    }
+
+    #[test]
+    fn streamed_logprobs_tokens_and_bytes_are_masked_and_stay_json() {
+        let toks = ["key ", "AK", "IAIO", "SFOD", "NN7E", "XAMP", "LE", " ok"];
+        let mut evs: Vec<Vec<u8>> = toks
+            .iter()
+            .map(|t| {
+                let v = serde_json::json!({"id": "c1", "choices": [{"index": 0,
+                    "delta": {"content": t},
+                    "logprobs": {"content": [{"token": t, "logprob": -0.5, "bytes": t.as_bytes()}]}}]});
+                format!("data: {v}\n\n").into_bytes()
+            })
+            .collect();
+        evs.push(b"data: [DONE]\n\n".to_vec());
+        let (out, _) = run(Framing::Sse, &evs);
+        let (mut content, mut tokens, mut bytes) = (String::new(), String::new(), Vec::new());
+        for ev in String::from_utf8(out).unwrap().split("\n\n") {
+            let Some(d) = ev.strip_prefix("data: ") else {
+                continue;
+            };
+            if d == "[DONE]" {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(d).expect("events stay JSON");
+            let c = &v["choices"][0];
+            content.push_str(c["delta"]["content"].as_str().unwrap());
+            let lp = &c["logprobs"]["content"][0];
+            tokens.push_str(lp["token"].as_str().unwrap());
+            bytes.extend(
+                lp["bytes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8),
+            );
+        }
+        let want = format!("key {} ok", "*".repeat(20));
+        assert_eq!(content, want);
+        assert_eq!(tokens, want);
+        assert_eq!(String::from_utf8(bytes).unwrap(), want);
+    }
+
+    #[test]
+    fn header_values_are_masked_raw_and_percent_decoded() {
+        let mut m = StreamMasker::new(scanner(), Framing::Raw, Box::new(|_| true));
+        let mut values = vec![
+            b"application/grpc".to_vec(),
+            b"bad key %41KIAIOSFODNN7EXAMPLE%20here".to_vec(),
+            format!("token={TOKEN}").into_bytes(),
+        ];
+        m.mask_values(&mut values).unwrap();
+        assert_eq!(values[0], b"application/grpc");
+        assert_eq!(
+            String::from_utf8_lossy(&values[1]),
+            format!("bad key {}%20here", "*".repeat(22))
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&values[2]),
+            format!("token={}", "*".repeat(TOKEN.len()))
+        );
+        assert_eq!(m.masked.values().sum::<u64>(), 2);
     }
 
     #[test]

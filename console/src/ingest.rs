@@ -1,0 +1,127 @@
+//! Ingest: a durable JetStream consumer on the evidence stream (console
+//! replicas may share it: each message goes to one of them). Each event
+//! is checked against its node's chain head (`sluice_evidence::follow`),
+//! stored with the new head and its projection in one transaction, and
+//! only then acknowledged: a console that dies mid-way gets the message
+//! again, and a re-delivery is recognised by its hash.
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, consumer};
+use futures_util::StreamExt;
+use sluice_evidence::{
+    follow::{self, Step},
+    line::Line,
+};
+use tracing::{info, warn};
+
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn nats(e: impl std::fmt::Display) -> IngestError {
+    IngestError::Nats(e.to_string())
+}
+
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub url: String,
+    pub stream: String,
+    pub subject_prefix: String,
+    /// The durable consumer's name (shared by replicas).
+    pub durable: String,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Judges and stores one message's payload.
+pub fn take(store: &Store, payload: &[u8], stream_seq: Option<u64>) -> Result<(), StoreError> {
+    let line = match Line::parse(payload) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(stream_seq, error = %e, "evidence stream message is not an event");
+            return store.ingest_error(stream_seq, &e.to_string(), now_ms());
+        }
+    };
+    let head = store.head(&line.node)?;
+    let held = store.held(&line.node, line.seq)?;
+    let (step, new_head) = follow::step(head.as_ref(), &line, held);
+    match &step {
+        Step::Duplicate => return Ok(()),
+        Step::Linked => {}
+        Step::Flagged { state, detail } => {
+            warn!(node = %line.node, seq = line.seq, state = state.as_str(), %detail, "node chain flagged");
+        }
+        Step::Conflict { detail } => {
+            warn!(node = %line.node, seq = line.seq, %detail, "node chain broken");
+        }
+    }
+    store.apply(
+        &line,
+        &new_head,
+        !matches!(step, Step::Conflict { .. }),
+        now_ms(),
+    )
+}
+
+/// Follows the stream until the process ends, reconnecting with backoff.
+pub async fn run(store: Arc<Store>, src: Source) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match session(&store, &src).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => {
+                warn!(error = %e, url = %src.url, "evidence ingest interrupted; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn session(store: &Arc<Store>, src: &Source) -> Result<(), IngestError> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(src.url.as_str())
+        .await
+        .map_err(nats)?;
+    let js = jetstream::new(client);
+    // The nodes create the stream; until one has, there is nothing to read.
+    let stream = js.get_stream(&src.stream).await.map_err(nats)?;
+    let consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &src.durable,
+            consumer::pull::Config {
+                durable_name: Some(src.durable.clone()),
+                filter_subject: format!("{}.>", src.subject_prefix),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::Explicit,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(nats)?;
+    info!(stream = %src.stream, durable = %src.durable, "ingesting evidence");
+    let mut messages = consumer.messages().await.map_err(nats)?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(nats)?;
+        let stream_seq = m.info().ok().map(|i| i.stream_sequence);
+        let st = store.clone();
+        let payload = m.payload.clone();
+        tokio::task::spawn_blocking(move || take(&st, &payload, stream_seq))
+            .await
+            .map_err(|e| IngestError::Nats(format!("ingest task: {e}")))??;
+        m.ack().await.map_err(nats)?;
+    }
+    Ok(())
+}

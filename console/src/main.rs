@@ -1,0 +1,95 @@
+//! `sluice-console`: the fleet's evidence in one place. It follows the
+//! nodes' evidence stream on NATS JetStream, verifies each node's chain,
+//! keeps everything in its store (an embedded SQLite file by default) and
+//! serves the web UI and its JSON API.
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+mod ingest;
+mod pages;
+mod store;
+mod web;
+
+#[derive(Parser)]
+#[command(name = "sluice-console", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Ingest the evidence stream and serve the UI.
+    Run {
+        /// NATS server the nodes ship to.
+        #[arg(
+            long,
+            env = "SLUICE_CONSOLE_NATS",
+            default_value = "nats://127.0.0.1:4222"
+        )]
+        nats: String,
+        /// JetStream stream of the evidence (the nodes' `ship.nats.stream`).
+        #[arg(long, default_value = "SLUICE")]
+        stream: String,
+        /// The nodes' `ship.nats.subject_prefix`.
+        #[arg(long, default_value = "sluice.evidence")]
+        subject_prefix: String,
+        /// Durable consumer name; replicas sharing it share the work.
+        #[arg(long, default_value = "sluice-console")]
+        durable: String,
+        /// Where the embedded store lives.
+        #[arg(long, default_value = "/var/lib/sluice-console")]
+        state_dir: PathBuf,
+        /// Address of the web UI. Loopback by default: there is no login
+        /// yet, so expose it only behind an authenticating proxy.
+        #[arg(long, default_value = "127.0.0.1:8470")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run {
+            nats,
+            stream,
+            subject_prefix,
+            durable,
+            state_dir,
+            listen,
+        } => {
+            std::fs::create_dir_all(&state_dir)
+                .with_context(|| format!("state directory {}", state_dir.display()))?;
+            let store = Arc::new(
+                store::Store::open(&state_dir.join("console.db")).context("opening the store")?,
+            );
+            tokio::spawn(ingest::run(
+                store.clone(),
+                ingest::Source {
+                    url: nats,
+                    stream,
+                    subject_prefix,
+                    durable,
+                },
+            ));
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            tracing::info!(%listen, "console serving");
+            axum::serve(listener, web::router(store))
+                .with_graceful_shutdown(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await
+                .context("serving")?;
+        }
+    }
+    Ok(())
+}
