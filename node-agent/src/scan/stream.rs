@@ -122,6 +122,19 @@ struct Unit {
     reframe: Option<Reframe>,
 }
 
+impl Unit {
+    /// Bytes this unit keeps while it waits: its body and what came in.
+    fn held(&self) -> usize {
+        let original = match &self.reframe {
+            Some(Reframe::Envelope { original, .. } | Reframe::WsText { original }) => {
+                original.len()
+            }
+            None => 0,
+        };
+        self.body.len() + original
+    }
+}
+
 /// `original`: the bytes as they came (the compressed payload of an
 /// envelope, the frames of a WebSocket message), sent when nothing was
 /// masked so that a stream no rule touches stays byte-identical (a
@@ -549,7 +562,7 @@ impl Units {
                 self.settle_stream(&mut ctx, &k, true)?;
             }
         }
-        let held: usize = self.queue.iter().map(|u| u.body.len()).sum();
+        let held: usize = self.queue.iter().map(Unit::held).sum();
         if held > MAX_HELD {
             return Err(ScanError::TooLarge {
                 what: "held-back stream",
