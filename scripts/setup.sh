@@ -3,8 +3,9 @@
 # Installs: Debian packages (hyperscan, bpftool, postgres, iproute2, curl,
 # libclang for the bindings of the real Postgres parser, libpg_query),
 # Python test clients (openai, grpcio, websockets, brotli, zstandard),
-# the nightly rust-src component, and bpf-linker built against the nightly's
-# own LLVM (see shared/TOOLCHAIN.md). Fast when everything is already there.
+# Node.js with connect-node (the Connect/gRPC test), the nightly rust-src
+# component, and bpf-linker built against the nightly's own LLVM (see
+# shared/TOOLCHAIN.md). Fast when everything is already there.
 set -euo pipefail
 
 need_apt=()
@@ -41,6 +42,25 @@ PY_PKGS=(openai==3.57.0 anthropic==2.14.0 grpcio==1.85.3 websockets==17.4 brotli
 if ! python3 -c 'import openai, anthropic, grpc, websockets, brotli, zstandard, psycopg, selenium' >/dev/null 2>&1; then
   echo "setup: installing Python packages: ${PY_PKGS[*]}"
   python3 -m pip install --quiet --disable-pip-version-check "${PY_PKGS[@]}"
+fi
+
+# The real Connect implementation (connect-node client and server,
+# protobuf-es) for the Connect/gRPC/gRPC-Web end-to-end test, pinned by
+# tests/fixtures/connect/package.json and installed outside the checkout.
+# Node.js 20 is the floor of these releases (connect-node 2.2 needs 22).
+CONNECT_DIR=/var/cache/sluice-test/connect
+CONNECT_PKG="$(dirname "$0")/../tests/fixtures/connect/package.json"
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing Node.js and npm"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if ! cmp -s "$CONNECT_PKG" "$CONNECT_DIR/package.json" || [[ ! -d "$CONNECT_DIR/node_modules/@connectrpc/connect-node" ]]; then
+  echo "setup: installing connect-node and protobuf-es into $CONNECT_DIR"
+  mkdir -p "$CONNECT_DIR"
+  cp "$CONNECT_PKG" "$CONNECT_DIR/package.json"
+  (cd "$CONNECT_DIR" && npm install --no-audit --no-fund --no-package-lock --silent)
 fi
 
 if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then

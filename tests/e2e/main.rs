@@ -3,6 +3,7 @@
 //! own cgroup, its own namespace holding a fake remote server, and its own
 //! node. They need root and fail loudly without it; they never skip.
 mod capacity;
+mod connect;
 mod console;
 mod containment;
 mod documents;

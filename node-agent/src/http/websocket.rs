@@ -17,9 +17,10 @@ use tokio::{
     sync::Mutex,
 };
 
+use super::body::IDLE_FLUSH;
 use crate::{
     policy::{CompiledPolicy, Decision, Verdict},
-    scan::{ws::parse_header, ScanError, StreamMasker},
+    scan::{json, ws::parse_header, ScanError, StreamMasker},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +99,25 @@ where
             let mut buf = vec![0u8; 16 * 1024];
             let res: Result<(), WsError> = async {
                 loop {
-                    let n = ur.read(&mut buf).await?;
+                    // While text is held back (a live tail that more deltas
+                    // could complete), a quiet upstream releases it after
+                    // the idle delay, as for HTTP streams: the server may
+                    // wait for the client, who waits for that text.
+                    let read = if masker.holds() {
+                        tokio::time::timeout(IDLE_FLUSH, ur.read(&mut buf)).await
+                    } else {
+                        Ok(ur.read(&mut buf).await)
+                    };
+                    let Ok(read) = read else {
+                        let out = masker.flush_idle()?;
+                        if !out.is_empty() {
+                            let mut w = cw.lock().await;
+                            w.write_all(&out).await?;
+                            w.flush().await?;
+                        }
+                        continue;
+                    };
+                    let n = read?;
                     let out = if n == 0 {
                         masker.finish()?
                     } else {
@@ -149,6 +168,28 @@ where
     tokio::join!(down, up);
     let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
     std::mem::take(&mut *r)
+}
+
+/// What request rules judge of a client's message: the message, and for
+/// a JSON message its decoded string values (what the upstream's JSON
+/// parser reads: `production\u0020password` is `production password`),
+/// each on its own line, then the generated-text fields (`text`,
+/// `content`, ...) joined as a model reads consecutive content parts.
+pub fn judged_text(message: &[u8]) -> Vec<u8> {
+    let mut text = message.to_vec();
+    if let Ok(strings) = json::strings(message) {
+        let mut parts = Vec::new();
+        for s in &strings {
+            text.push(b'\n');
+            text.extend_from_slice(&s.decoded);
+            if s.content {
+                parts.extend_from_slice(&s.decoded);
+            }
+        }
+        text.push(b'\n');
+        text.extend(parts);
+    }
+    text
 }
 
 async fn client_to_server<R, W, C>(
@@ -204,9 +245,11 @@ where
             if !h.fin {
                 continue;
             }
-            let verdict = judge
-                .policy
-                .evaluate_request(&judge.target, &judge.identity, &message);
+            let verdict = judge.policy.evaluate_request(
+                &judge.target,
+                &judge.identity,
+                &judged_text(&message),
+            );
             let (verdict, decisions) = match verdict {
                 Ok(v) => v,
                 Err(e) => return Err(WsError::Scan(e)),
@@ -262,6 +305,15 @@ where
 mod tests {
     use super::*;
     use crate::scan::ws::parse_header;
+
+    #[test]
+    fn json_messages_are_judged_on_their_decoded_strings() {
+        let m = br#"{"item":{"content":[{"type":"input_text","text":"the production\u0020pass"},{"type":"input_text","text":"word"}]}}"#;
+        let t = String::from_utf8(judged_text(m)).unwrap();
+        assert!(t.contains("\nthe production pass\n"), "{t}");
+        assert!(t.ends_with("\nthe production password"), "{t}");
+        assert_eq!(judged_text(b"plain text"), b"plain text");
+    }
 
     #[test]
     fn close_frames_are_well_formed() {

@@ -137,21 +137,38 @@ pub fn frame(flags: u8, payload: &[u8]) -> Result<Vec<u8>, ScanError> {
     Ok(out)
 }
 
-/// Text segments of one decoded payload.
-pub fn segments(payload: &[u8], kind: Payload, end_stream: bool) -> Vec<Segment> {
-    if kind == Payload::Json || end_stream {
-        return match json::strings(payload) {
+/// gRPC-Web: the message carries the trailers (`grpc-status: 0\r\n...`).
+pub const TRAILERS: u8 = 0x80;
+
+/// Text segments of one decoded payload. JSON payloads are read like
+/// JSON events (SSE): decoded string values keyed by path, generated-text
+/// fields continuing across messages whatever comes between. The end of
+/// a Connect stream and gRPC-Web trailers stand alone: nothing follows.
+pub fn segments(payload: &[u8], kind: Payload, flags: u8) -> Vec<Segment> {
+    let last = flags & (END_STREAM | TRAILERS) != 0;
+    if flags & TRAILERS != 0 {
+        return alone(raw_segment("trailers", payload, 0));
+    }
+    if kind == Payload::Json || last {
+        let segs = match json::strings(payload) {
             Ok(s) => s
                 .into_iter()
                 .map(|s| Segment {
-                    key: format!("json{}", s.key),
-                    kind: SegmentKind::Field,
+                    key: format!("json{}", field_path(&s.key)),
+                    kind: if !in_string(payload, &s.origin) {
+                        SegmentKind::Alone
+                    } else if s.content {
+                        SegmentKind::Content
+                    } else {
+                        SegmentKind::Typed
+                    },
                     decoded: s.decoded,
                     origin: s.origin,
                 })
                 .collect(),
             Err(_) => raw_segment("json/raw", payload, 0),
         };
+        return if last { alone(segs) } else { segs };
     }
     let mut out = Vec::new();
     if walk_proto(payload, 0, "pb", 0, &mut out).is_err() {
@@ -161,13 +178,53 @@ pub fn segments(payload: &[u8], kind: Payload, end_stream: bool) -> Vec<Segment>
     out
 }
 
+/// A JSON string's key by its field path alone, without what tells
+/// parallel SSE streams apart (`{index=3}`, `[index=0]`, `[2]`): a
+/// Connect/gRPC message is typed by its schema, its field path names the
+/// text as field numbers do in protobuf, and a field such as a chunk's
+/// `index` or `type` may change with every message (keyed by it, no two
+/// messages' texts would join). Brackets inside names are dropped alike
+/// in every message, so the same field keeps the same key.
+fn field_path(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    let mut depth = 0usize;
+    for c in key.chars() {
+        match c {
+            '{' | '[' => depth += 1,
+            '}' | ']' => depth = depth.saturating_sub(1),
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Whether a JSON text's bytes sit in a string value (its first byte
+/// follows a quote). Anything else the JSON scanner may hand out as text
+/// (a number) stands alone: joined with the next message's (`index` 1, 2,
+/// 3, ...) it would become a long digit run a card rule could match, and
+/// a mask inside a number is not JSON.
+pub fn in_string(body: &[u8], origin: &[Span]) -> bool {
+    origin
+        .first()
+        .and_then(|o| (o.start as usize).checked_sub(1))
+        .is_some_and(|i| body.get(i) == Some(&b'"'))
+}
+
+fn alone(mut segs: Vec<Segment>) -> Vec<Segment> {
+    for s in &mut segs {
+        s.kind = SegmentKind::Alone;
+    }
+    segs
+}
+
 fn raw_segment(key: &str, bytes: &[u8], base: usize) -> Vec<Segment> {
     if bytes.is_empty() {
         return Vec::new();
     }
     vec![Segment {
         key: key.into(),
-        kind: SegmentKind::Field,
+        kind: SegmentKind::Typed,
         decoded: bytes.to_vec(),
         origin: (0..bytes.len())
             .map(|k| Span {
@@ -236,12 +293,16 @@ fn walk_proto(
     for (field, s, e) in found {
         let sub = &b[s..e];
         let p = format!("{path}/{field}");
-        if looks_like_text(sub) {
-            out.extend(raw_segment(&p, sub, base + s));
-            continue;
-        }
+        // Text first: short ASCII often parses as protobuf too (`hi` is
+        // field 13, varint 105). But a nested message whose first field
+        // is a string of 32 to 126 bytes starts `\n` + a printable length
+        // byte and reads as text: it is a message when it starts with a
+        // control character that is a tag and parses whole.
+        let tag_first = sub.first().is_some_and(|c| c.is_ascii_control());
         let mut nested = Vec::new();
-        if walk_proto(sub, base + s, &p, depth + 1, &mut nested).is_ok() {
+        let message = (tag_first || !looks_like_text(sub))
+            && walk_proto(sub, base + s, &p, depth + 1, &mut nested).is_ok();
+        if message {
             out.extend(nested);
         } else {
             out.extend(raw_segment(&p, sub, base + s));
@@ -266,13 +327,64 @@ mod tests {
         let mut outer = msg(1, b"hello");
         outer.extend(msg(3, &inner));
         outer.extend([0x20, 0x05]); // field 4 varint
-        let s = segments(&outer, Payload::Proto, false);
+        let s = segments(&outer, Payload::Proto, 0);
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].key, "pb/1");
         assert_eq!(s[1].key, "pb/3/2");
         assert_eq!(s[1].decoded, b"ghp_A1");
         let st = s[1].origin[0].start as usize;
         assert_eq!(&outer[st..st + 6], b"ghp_A1");
+    }
+
+    #[test]
+    fn json_keys_are_field_paths_and_text_fields_continue() {
+        let s = segments(
+            br#"{"index":3,"type":"delta","parts":[{"text":"a"},{"index":1,"text":"b"}],"id":"x"}"#,
+            Payload::Json,
+            0,
+        );
+        let keys: Vec<(&str, SegmentKind)> = s.iter().map(|s| (s.key.as_str(), s.kind)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("json/type", SegmentKind::Typed),
+                ("json/parts/text", SegmentKind::Content),
+                ("json/parts/text", SegmentKind::Content),
+                ("json/id", SegmentKind::Typed),
+            ]
+        );
+        let doc = br#"{"a":12,"b":"x"}"#;
+        let at = |i: usize| {
+            [Span {
+                start: i as u32,
+                len: 1,
+            }]
+        };
+        assert!(!in_string(doc, &at(5)) && in_string(doc, &at(13)));
+        let end = segments(br#"{"error":{"message":"m"}}"#, Payload::Json, END_STREAM);
+        assert_eq!(end[0].kind, SegmentKind::Alone);
+        let t = segments(b"grpc-status: 0\r\n", Payload::Proto, TRAILERS);
+        assert_eq!(
+            (t[0].key.as_str(), t[0].kind),
+            ("trailers", SegmentKind::Alone)
+        );
+    }
+
+    #[test]
+    fn a_nested_message_that_reads_as_text_is_walked() {
+        // Inner { text = 1: 40 characters }: `\n(` then text.
+        let text = b"0123456789012345678901234567890123456789";
+        let inner = msg(1, text);
+        assert!(looks_like_text(&inner));
+        let s = segments(&msg(2, &inner), Payload::Proto, 0);
+        assert_eq!(s.len(), 1);
+        assert_eq!(
+            (s[0].key.as_str(), &s[0].decoded[..]),
+            ("pb/2/1", &text[..])
+        );
+        // Plain text that happens to parse as protobuf stays text.
+        let s = segments(&msg(1, b"hi"), Payload::Proto, 0);
+        assert_eq!((s[0].key.as_str(), &s[0].decoded[..]), ("pb/1", &b"hi"[..]));
     }
 
     #[test]

@@ -27,6 +27,13 @@ pub const MAX_UNIT: usize = 4 << 20;
 pub const MAX_HELD: usize = 8 << 20;
 /// Distinct keys followed at once; beyond, new keys are scanned alone.
 const MAX_STREAMS: usize = 1024;
+/// Shortest repeated `Field` value taken for metadata (an id, a model
+/// name) rather than more of the text: a secret streamed in pieces this
+/// short repeats a piece now and then (see `metadata`).
+const MIN_METADATA: usize = 5;
+/// Leading bytes two consecutive values of a field share when they are a
+/// series of ids (`event_6`, `event_7`) rather than pieces of one text.
+const SERIES_PREFIX: usize = 4;
 
 /// How a response body is framed, from its content type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,6 +62,11 @@ pub enum SegmentKind {
     /// Any other field: continues only while consecutive units carry it
     /// with a new value (a repeated id or model name is not appended).
     Field,
+    /// A field of a schema-typed message (gRPC/Connect, protobuf or
+    /// JSON): continues across messages that do not carry it (another
+    /// case of a `oneof`, a heartbeat, an empty string proto3 leaves out);
+    /// a repeated value is metadata as for `Field`.
+    Typed,
     /// Complete on its own (a string of a whole JSON document): scanned
     /// alone, at once.
     Alone,
@@ -92,7 +104,7 @@ enum Mode {
 enum Framer {
     Sse(SseFramer),
     Lines(Vec<u8>),
-    Ws(Vec<u8>),
+    Ws(super::ws::WsFramer),
     Whole(Vec<u8>),
     Envelope {
         framer: EnvelopeFramer,
@@ -106,8 +118,32 @@ struct Unit {
     masks: Vec<Span>,
     /// Logical bytes of this unit not yet settled.
     pending: usize,
-    /// Envelope flags, to re-frame (and re-compress) the body.
-    envelope: Option<u8>,
+    /// How the (masked) body goes out; `None`: as it is.
+    reframe: Option<Reframe>,
+}
+
+impl Unit {
+    /// Bytes this unit keeps while it waits: its body and what came in.
+    fn held(&self) -> usize {
+        let original = match &self.reframe {
+            Some(Reframe::Envelope { original, .. } | Reframe::WsText { original }) => {
+                original.len()
+            }
+            None => 0,
+        };
+        self.body.len() + original
+    }
+}
+
+/// `original`: the bytes as they came (the compressed payload of an
+/// envelope, the frames of a WebSocket message), sent when nothing was
+/// masked so that a stream no rule touches stays byte-identical (a
+/// re-compressed message or a re-framed one would not be).
+enum Reframe {
+    /// In an envelope with these flags (re-compressed if they say so).
+    Envelope { flags: u8, original: Vec<u8> },
+    /// As one WebSocket text frame (a JSON message, its frames joined).
+    WsText { original: Vec<u8> },
 }
 
 #[derive(Clone, Copy)]
@@ -223,7 +259,7 @@ impl StreamMasker {
             },
             Framing::Sse => Mode::Units(Box::new(Units::new(Framer::Sse(SseFramer::default())))),
             Framing::Ndjson => Mode::Units(Box::new(Units::new(Framer::Lines(Vec::new())))),
-            Framing::WebSocket => Mode::Units(Box::new(Units::new(Framer::Ws(Vec::new())))),
+            Framing::WebSocket => Mode::Units(Box::new(Units::new(Framer::Ws(Default::default())))),
             Framing::Json => Mode::Units(Box::new(Units::new(Framer::Whole(Vec::new())))),
             Framing::Envelope { payload, codec } => {
                 Mode::Units(Box::new(Units::new(Framer::Envelope {
@@ -449,43 +485,16 @@ impl Units {
                     });
                 }
             }
-            Framer::Ws(buf) => {
-                buf.extend_from_slice(chunk);
-                while let Some(h) = super::ws::parse_header(buf, MAX_UNIT)? {
-                    if buf.len() < h.total() {
-                        break;
-                    }
-                    if h.rsv1 || h.mask.is_some() {
-                        return Err(ScanError::Framing(
-                            "compressed or masked WebSocket frame from the server".into(),
-                        ));
-                    }
-                    let frame: Vec<u8> = buf.drain(..h.total()).collect();
-                    let segs = if h.is_control() || h.payload_len == 0 {
-                        Vec::new()
-                    } else {
-                        vec![Segment {
-                            key: "ws".into(),
-                            kind: SegmentKind::Content,
-                            decoded: frame[h.header_len..].to_vec(),
-                            origin: (h.header_len..frame.len())
-                                .map(|k| Span {
-                                    start: k as u32,
-                                    len: 1,
-                                })
-                                .collect(),
-                        }]
-                    };
-                    // A whole message is a whole text: nothing after the
-                    // final frame can extend it, so the message goes out
-                    // now (the peer may wait for it before sending more).
-                    let ends = h.fin && !h.is_control();
-                    new_units.push((frame, None, segs, ends));
+            Framer::Ws(f) => {
+                f.push(chunk);
+                let mut pieces = Vec::new();
+                f.pieces(MAX_UNIT, &mut pieces)?;
+                for p in pieces {
+                    let reframe = p.original.map(|original| Reframe::WsText { original });
+                    new_units.push((p.body, reframe, p.segs, p.ends));
                 }
-                if last && !buf.is_empty() {
-                    return Err(ScanError::Framing(
-                        "WebSocket stream ended inside a frame".into(),
-                    ));
+                if last {
+                    f.finish()?;
                 }
             }
             Framer::Whole(buf) => {
@@ -524,22 +533,22 @@ impl Units {
             } => {
                 framer.push(chunk);
                 while let Some((flags, body)) = framer.next_message(MAX_UNIT)? {
-                    let body = if flags & envelope::COMPRESSED != 0 {
-                        codec.decode(&body, MAX_UNIT)?
+                    let (body, original) = if flags & envelope::COMPRESSED != 0 {
+                        (codec.decode(&body, MAX_UNIT)?, body)
                     } else {
-                        body
+                        (body, Vec::new())
                     };
-                    let segs =
-                        envelope::segments(&body, *payload, flags & envelope::END_STREAM != 0);
-                    new_units.push((body, Some(flags), segs, false));
+                    let segs = envelope::segments(&body, *payload, flags);
+                    let reframe = Reframe::Envelope { flags, original };
+                    new_units.push((body, Some(reframe), segs, false));
                 }
                 if last {
                     framer.finish()?;
                 }
             }
         }
-        for (body, envelope, segs, ends_text) in new_units {
-            self.take_unit(&mut ctx, body, envelope, segs)?;
+        for (body, reframe, segs, ends_text) in new_units {
+            self.take_unit(&mut ctx, body, reframe, segs)?;
             if ends_text {
                 let keys: Vec<String> = self.streams.keys().cloned().collect();
                 for k in keys {
@@ -553,7 +562,7 @@ impl Units {
                 self.settle_stream(&mut ctx, &k, true)?;
             }
         }
-        let held: usize = self.queue.iter().map(|u| u.body.len()).sum();
+        let held: usize = self.queue.iter().map(Unit::held).sum();
         if held > MAX_HELD {
             return Err(ScanError::TooLarge {
                 what: "held-back stream",
@@ -567,7 +576,7 @@ impl Units {
         &mut self,
         ctx: &mut Ctx<'_>,
         body: Vec<u8>,
-        envelope: Option<u8>,
+        reframe: Option<Reframe>,
         segs: Vec<Segment>,
     ) -> Result<(), ScanError> {
         let id = self.first + self.queue.len() as u64;
@@ -575,7 +584,7 @@ impl Units {
             body,
             masks: Vec::new(),
             pending: 0,
-            envelope,
+            reframe,
         });
         if segs.iter().any(|g| g.kind != SegmentKind::Alone) {
             // A field absent from this unit has ended.
@@ -596,11 +605,11 @@ impl Units {
         }
         for seg in segs {
             let known = self.streams.contains_key(&seg.key);
-            let repeat = seg.kind == SegmentKind::Field
+            let repeat = matches!(seg.kind, SegmentKind::Field | SegmentKind::Typed)
                 && self
                     .streams
                     .get(&seg.key)
-                    .is_some_and(|s| s.last_value == seg.decoded);
+                    .is_some_and(|s| metadata(&s.last_value, &seg.decoded));
             if repeat {
                 self.settle_stream(ctx, &seg.key, true)?;
             }
@@ -628,7 +637,9 @@ impl Units {
             }
             let st = self.streams.entry(seg.key.clone()).or_default();
             st.kind = Some(seg.kind);
-            if seg.kind == SegmentKind::Field && seg.decoded.len() <= 1024 {
+            if matches!(seg.kind, SegmentKind::Field | SegmentKind::Typed)
+                && seg.decoded.len() <= 1024
+            {
                 st.last_value.clone_from(&seg.decoded);
             } else {
                 st.last_value.clear();
@@ -692,10 +703,16 @@ impl Units {
                 break;
             };
             self.first += 1;
+            let masked = !u.masks.is_empty();
             let body = render(&u.body, &mut u.masks);
-            match u.envelope {
+            match u.reframe {
                 None => out.extend_from_slice(&body),
-                Some(flags) => {
+                Some(Reframe::WsText { original }) if !masked => out.extend(original),
+                Some(Reframe::Envelope { flags, original }) if !masked && !original.is_empty() => {
+                    out.extend(envelope::frame(flags, &original)?)
+                }
+                Some(Reframe::WsText { .. }) => out.extend(super::ws::text_frame(&body)),
+                Some(Reframe::Envelope { flags, .. }) => {
                     let payload = if flags & envelope::COMPRESSED != 0 {
                         match &self.framer {
                             Framer::Envelope { codec, .. } => codec.encode(&body)?,
@@ -713,6 +730,20 @@ impl Units {
         }
         Ok(out)
     }
+}
+
+/// Whether a field's value, after `prev` in the unit before, is metadata
+/// (scanned alone) rather than more of a text: the same value again (an
+/// id, a model name), or one of a series (`event_7` after `event_6`: a
+/// per-message id, which joined up would read as one long word and be
+/// held back). A short value is text either way: a secret streamed one
+/// character per message repeats a character now and then (`N` then `N`).
+fn metadata(prev: &[u8], value: &[u8]) -> bool {
+    if value.len() < MIN_METADATA || prev.len() < MIN_METADATA {
+        return false;
+    }
+    let common = prev.iter().zip(value).take_while(|(a, b)| a == b).count();
+    prev == value || common >= SERIES_PREFIX
 }
 
 fn unit_mut(queue: &mut VecDeque<Unit>, first: u64, id: u64) -> Option<&mut Unit> {
@@ -1066,6 +1097,234 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("I9j0") && !s.contains("C3d4"), "{s}");
+    }
+
+    /// Connect/gRPC messages carrying `text` `step` characters each, in
+    /// field 1 (`nested`: in field 1 of a message in field 2), with the
+    /// chunk's index and a model name, as connect-node sends them.
+    fn connect_messages(text: &str, step: usize, json: bool, nested: bool) -> Vec<u8> {
+        let chars: Vec<char> = text.chars().collect();
+        let mut out = Vec::new();
+        for (seq, part) in chars.chunks(step).enumerate() {
+            let s: String = part.iter().collect();
+            let body = if json {
+                let v = if nested {
+                    serde_json::json!({"inner": {"text": s}, "index": seq, "model": "fake-model-1"})
+                } else {
+                    serde_json::json!({"text": s, "index": seq, "model": "fake-model-1"})
+                };
+                v.to_string().into_bytes()
+            } else {
+                let pb = |f: u8, b: &[u8]| [&[(f << 3) | 2, b.len() as u8][..], b].concat();
+                let mut m = if nested {
+                    pb(2, &pb(1, s.as_bytes()))
+                } else {
+                    pb(1, s.as_bytes())
+                };
+                m.extend([0x18, seq as u8]);
+                m.extend(pb(4, b"fake-model-1"));
+                m
+            };
+            out.extend(envelope::frame(0, &body).unwrap());
+        }
+        out.extend(envelope::frame(envelope::END_STREAM, b"{}").unwrap());
+        out
+    }
+
+    fn connect_text(out: &[u8], json: bool) -> String {
+        let mut f = EnvelopeFramer::default();
+        f.push(out);
+        let mut text = String::new();
+        while let Some((flags, p)) = f.next_message(1 << 20).unwrap() {
+            if flags & envelope::END_STREAM != 0 {
+                continue;
+            }
+            if json {
+                let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+                let t = v["text"].as_str().or(v["inner"]["text"].as_str());
+                text.push_str(t.unwrap());
+            } else {
+                let segs = envelope::segments(&p, Payload::Proto, 0);
+                let t = segs.iter().find(|s| s.key != "pb/4").unwrap();
+                text.push_str(std::str::from_utf8(&t.decoded).unwrap());
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn connect_messages_of_any_size_and_codec_join_per_field() {
+        // A doubled letter (`NN`, `SS`) repeats a one-character value.
+        let aws = "AKIAIOSFODNN7EXAMPLS";
+        let tok = "ghp_A1b2C3d4E5f6G7h8I9j0KK1l2M3n4O5p6Q7r";
+        let text = format!("Keys: {aws} and {tok}. Keep keep-me-4242 intact.");
+        let want = text
+            .replace(aws, &"*".repeat(aws.len()))
+            .replace(tok, &"*".repeat(tok.len()));
+        for json in [true, false] {
+            for nested in [false, true] {
+                for step in [1, 2, 7] {
+                    let stream = connect_messages(&text, step, json, nested);
+                    let payload = if json { Payload::Json } else { Payload::Proto };
+                    let chunks: Vec<Vec<u8>> = stream.chunks(13).map(<[u8]>::to_vec).collect();
+                    let (out, _) = run(
+                        Framing::Envelope {
+                            payload,
+                            codec: Codec::Identity,
+                        },
+                        &chunks,
+                    );
+                    assert_eq!(
+                        connect_text(&out, json),
+                        want,
+                        "json {json} nested {nested} step {step}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_between_protobuf_messages_does_not_end_the_text() {
+        let pb = |f: u8, b: &[u8]| [&[(f << 3) | 2, b.len() as u8][..], b].concat();
+        let mut stream = envelope::frame(0, &pb(1, b"token ghp_A1b2C3d4E5f6G7h8")).unwrap();
+        // Another case of the oneof: no field 1.
+        stream.extend(envelope::frame(0, &pb(5, &pb(1, b"working"))).unwrap());
+        stream.extend(envelope::frame(0, &pb(1, b"I9j0K1l2M3n4O5p6Q7r8 ok")).unwrap());
+        let (out, _) = run(
+            Framing::Envelope {
+                payload: Payload::Proto,
+                codec: Codec::Identity,
+            },
+            &[stream],
+        );
+        let s = String::from_utf8_lossy(&out);
+        assert!(s.contains("token ****") && s.contains("**** ok"), "{s}");
+        assert!(!s.contains("C3d4") && !s.contains("I9j0"), "{s}");
+        assert!(s.contains("working"), "{s}");
+    }
+
+    #[test]
+    fn unmasked_compressed_messages_go_out_as_they_came() {
+        let mut m = vec![0x0a, 11];
+        m.extend_from_slice(b"hello there");
+        let z = Codec::Gzip.encode(&m).unwrap();
+        let mut z2 = z.clone();
+        z2[9] = 0x03; // another OS byte: same data, other bytes
+        let stream = envelope::frame(envelope::COMPRESSED, &z2).unwrap();
+        let (out, _) = run(
+            Framing::Envelope {
+                payload: Payload::Proto,
+                codec: Codec::Gzip,
+            },
+            std::slice::from_ref(&stream),
+        );
+        assert_eq!(out, stream);
+    }
+
+    fn ws_text(fin: bool, op: u8, p: &[u8]) -> Vec<u8> {
+        let mut f = vec![(u8::from(fin) << 7) | op];
+        if p.len() < 126 {
+            f.push(p.len() as u8);
+        } else {
+            f.push(126);
+            f.extend((p.len() as u16).to_be_bytes());
+        }
+        f.extend_from_slice(p);
+        f
+    }
+
+    /// The payloads of the data messages in a server's frame stream.
+    fn ws_messages(mut b: &[u8]) -> Vec<Vec<u8>> {
+        let mut msgs = Vec::new();
+        let mut cur = Vec::new();
+        while let Some(h) = crate::scan::ws::parse_header(b, 1 << 20).unwrap() {
+            if !h.is_control() {
+                cur.extend_from_slice(&b[h.header_len..h.total()]);
+                if h.fin {
+                    msgs.push(std::mem::take(&mut cur));
+                }
+            }
+            b = &b[h.total()..];
+        }
+        assert!(b.is_empty(), "frames end where the stream ends");
+        msgs
+    }
+
+    #[test]
+    fn websocket_json_deltas_join_and_masks_keep_json_and_frames_valid() {
+        let text = format!("Your token is {TOKEN}, keep it.");
+        let mut parts: Vec<String> = text
+            .as_bytes()
+            .chunks(4)
+            .map(|p| String::from_utf8(p.to_vec()).unwrap())
+            .collect();
+        // An escape decodes before joining: `\u0041KIA...` is AKIA....
+        parts.push(r" key \u0041KIAIOSFOD".into());
+        parts.push("NN7EXAMPLE ok".into());
+        let mut stream = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let v = format!(
+                r#"{{"type":"response.text.delta","event_id":"event_{i}","output_index":0,"content_index":0,"delta":"{part}"}}"#
+            );
+            if i == 3 {
+                // Fragmented, with a ping between the fragments.
+                let (a, b) = v.as_bytes().split_at(10);
+                stream.extend(ws_text(false, 1, a));
+                stream.extend(ws_text(true, 9, b"ping"));
+                stream.extend(ws_text(true, 0, b));
+            } else {
+                stream.extend(ws_text(true, 1, v.as_bytes()));
+            }
+        }
+        let chunks: Vec<Vec<u8>> = stream.chunks(50).map(<[u8]>::to_vec).collect();
+        let (out, _) = run(Framing::WebSocket, &chunks);
+        let mut got = String::new();
+        for m in ws_messages(&out) {
+            let v: serde_json::Value = serde_json::from_slice(&m).unwrap();
+            got.push_str(v["delta"].as_str().unwrap());
+        }
+        assert_eq!(
+            got,
+            format!(
+                "Your token is {}, keep it. key {} ok",
+                "*".repeat(TOKEN.len()),
+                "*".repeat(20)
+            )
+        );
+        assert!(String::from_utf8_lossy(&out).contains("ping"));
+    }
+
+    #[test]
+    fn websocket_json_deltas_flow_while_ids_change_per_message() {
+        let mut m = StreamMasker::new(scanner(), Framing::WebSocket, Box::new(|_| true));
+        let words = "Sure, here is how to do it, step by step, in order. ";
+        let mut sent = 0;
+        let n = words.len() / 4;
+        for (i, part) in words.as_bytes().chunks(4).enumerate() {
+            let v = serde_json::json!({
+                "type": "response.text.delta", "event_id": format!("event_{i}"),
+                "response_id": "resp_1", "output_index": 0, "content_index": 0,
+                "delta": std::str::from_utf8(part).unwrap(),
+            });
+            let out = m
+                .push(&crate::scan::ws::text_frame(v.to_string().as_bytes()))
+                .unwrap();
+            sent += ws_messages(&out).len();
+        }
+        // A per-message id joined up would be one long live word.
+        assert!(sent + 2 >= n, "{sent} of {n} messages flowed");
+        assert!(metadata(b"event_6", b"event_7") && metadata(b"resp_1", b"resp_1"));
+        assert!(!metadata(b"N", b"N") && !metadata(b"A1b2C3d", b"E4f5G6h"));
+    }
+
+    #[test]
+    fn websocket_json_without_secrets_is_byte_identical() {
+        let mut stream = ws_text(false, 1, br#"{"type":"x","del"#);
+        stream.extend(ws_text(true, 0, br#"ta":"hello"}"#));
+        stream.extend(ws_text(true, 1, br#"{"type":"x","delta":" world"}"#));
+        let (out, _) = run(Framing::WebSocket, &[stream.clone()]);
+        assert_eq!(out, stream);
     }
 
     #[test]
