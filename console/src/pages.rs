@@ -186,10 +186,11 @@ pub fn sessions(f: &Filter, rows: &[SessionRow]) -> Markup {
     )
 }
 
-fn headers(v: &Value) -> Markup {
+fn headers(label: &str, v: &Value) -> Markup {
     html! {
         @if let Some(hs) = v.as_array() {
             @if !hs.is_empty() {
+                div { strong { (label) } }
                 pre { @for h in hs { (h["name"].as_str().unwrap_or("")) ": " (masked_text(h["value"].as_str().unwrap_or(""))) "\n" } }
             }
         }
@@ -235,11 +236,11 @@ fn exchange(e: &ExchangeRow) -> Markup {
                 div { "credential injected in " code { (r["injected"]["header"].as_str().unwrap_or("")) } " (the job's own was stripped)" }
             }
             @if e.protocol == "http" {
-                (headers(&r["request_headers"]))
-                (body("request", &r["request_body"]))
-                (headers(&r["response_headers"]))
-                (body("response", &r["response_body"]))
-                (headers(&r["response_trailers"]))
+                (headers("request headers", &r["request_headers"]))
+                (body("request body", &r["request_body"]))
+                (headers("response headers", &r["response_headers"]))
+                (body("response body", &r["response_body"]))
+                (headers("response trailers", &r["response_trailers"]))
             }
         }
     }

@@ -9,6 +9,7 @@ use std::{path::Path, sync::Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
+use serde_json::Value;
 use sluice_evidence::{
     chain::Hash,
     follow::{ChainState, Head},
@@ -167,11 +168,24 @@ fn hex32(s: &str) -> Result<Hash, StoreError> {
         .ok_or_else(|| StoreError::BadHash(s.to_owned()))
 }
 
-fn text(v: &serde_json::Value) -> Option<String> {
+fn text(v: &Value) -> Option<String> {
     match v {
         serde_json::Value::Null => None,
         serde_json::Value::String(s) => Some(s.clone()),
         other => Some(other.to_string()),
+    }
+}
+
+/// A connection's outcome in words: its status, and why where the node
+/// says (`refused: identity suspended`).
+fn outcome(v: &Value) -> Option<String> {
+    let status = v["status"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| text(v))?;
+    match v["reason"].as_str().or(v["error"].as_str()) {
+        Some(r) => Some(format!("{status}: {r}")),
+        None => Some(status),
     }
 }
 
@@ -485,7 +499,7 @@ fn project(tx: &rusqlite::Transaction<'_>, line: &Line) -> Result<(), StoreError
                     text(&body["process"]["comm"]),
                     body["started_at_ms"].as_u64().unwrap_or(line.at_ms),
                     body["ended_at_ms"].as_u64(),
-                    text(&body["outcome"]),
+                    outcome(&body["outcome"]),
                     body.to_string(),
                 ],
             )?;
