@@ -9,6 +9,9 @@
 //!   node with the `openai` library, the masked answer, replay and verify
 //!   (needs root)
 //! * `bench [passthrough|all-egress|https|pg|scan|stream|record|all]`  setup, build, and benchmarks
+//! * `console` setup, build, and run the console on this machine: a local
+//!   nats-server with JetStream (loopback, `.sluice-console/nats`) and the
+//!   embedded store (`.sluice-console/`), UI on http://127.0.0.1:8470
 //! * `deb`    setup, release build, and `target/debian/sluice_VERSION_ARCH.deb`
 //!   (passthrough and https need root)
 //!
@@ -107,6 +110,44 @@ fn main() {
                 .arg("--sluice")
                 .arg(root().join("target/release/sluice")));
         }
+        Some("console") => {
+            setup();
+            run(cargo().args(["build", "--release", "-p", "sluice-console"]));
+            let state = root().join(".sluice-console");
+            let nats_dir = state.join("nats");
+            if let Err(e) = std::fs::create_dir_all(&nats_dir) {
+                eprintln!("xtask: {}: {e}", nats_dir.display());
+                exit(1);
+            }
+            // The nodes of this machine ship to nats://127.0.0.1:4222
+            // (`ship.nats.url`); nothing listens beyond loopback.
+            let mut nats = match Command::new("nats-server")
+                .args(["-js", "-a", "127.0.0.1", "-p", "4222", "-sd"])
+                .arg(&nats_dir)
+                .spawn()
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("xtask: cannot start nats-server: {e}");
+                    exit(1);
+                }
+            };
+            let status = Command::new(root().join("target/release/sluice-console"))
+                .args(["run", "--nats", "nats://127.0.0.1:4222", "--state-dir"])
+                .arg(&state)
+                .args(rest.iter())
+                .status();
+            let _ = nats.kill();
+            let _ = nats.wait();
+            match status {
+                Ok(s) if s.success() => {}
+                Ok(s) => exit(s.code().unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("xtask: cannot run sluice-console: {e}");
+                    exit(1);
+                }
+            }
+        }
         Some("deb") => {
             // target/debian/sluice_VERSION_ARCH.deb from the release binary.
             setup();
@@ -170,7 +211,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup|build|test|run|demo|bench|deb> [args]");
+            eprintln!("usage: cargo xtask <setup|build|test|run|console|demo|bench|deb> [args]");
             exit(2);
         }
     }
