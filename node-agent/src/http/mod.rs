@@ -494,10 +494,21 @@ impl HttpSession {
         let (mut parts, body) = resp.into_parts();
         let report = Arc::new(std::sync::Mutex::new(MaskReport::default()));
         let body: ProxyBody = if masks {
-            let (framing, decoder) = match response::prepare(&mut parts.headers) {
+            let (p, target, identity) =
+                (policy.clone(), self.target.clone(), self.identity.clone());
+            let applies: crate::scan::stream::Applies = Box::new(move |rule| {
+                p.rule(rule).action == crate::policy::bundle::Action::Mask
+                    && p.rule_applies(rule, &target, &identity)
+            });
+            // Fail closed: a response that cannot be read is not sent.
+            let prepared = response::prepare(&mut parts.headers).and_then(|(framing, decoder)| {
+                let mut masker = StreamMasker::new(policy.clone(), framing, applies);
+                response::mask_headers(&mut parts.headers, &mut masker)?;
+                Ok((masker, decoder))
+            });
+            let (masker, decoder) = match prepared {
                 Ok(p) => p,
                 Err(e) => {
-                    // Fail closed: a response that cannot be read is not sent.
                     let msg = format!("response cannot be inspected: {e}");
                     ex.error = Some(msg.clone());
                     drop(body);
@@ -512,30 +523,6 @@ impl HttpSession {
                         .await;
                 }
             };
-            let (p, target, identity) =
-                (policy.clone(), self.target.clone(), self.identity.clone());
-            let mut masker = StreamMasker::new(
-                policy.clone(),
-                framing,
-                Box::new(move |rule| {
-                    p.rule(rule).action == crate::policy::bundle::Action::Mask
-                        && p.rule_applies(rule, &target, &identity)
-                }),
-            );
-            if let Err(e) = response::mask_headers(&mut parts.headers, &mut masker) {
-                let msg = format!("response headers cannot be inspected: {e}");
-                ex.error = Some(msg.clone());
-                drop(body);
-                return self
-                    .refuse(
-                        ex,
-                        started,
-                        durable_tx,
-                        StatusCode::BAD_GATEWAY,
-                        serde_json::json!({ "error": msg }),
-                    )
-                    .await;
-            }
             // The record keeps what the client got, as for bodies.
             ex.response_headers = headers(&parts.headers);
             MaskBody::new(body, decoder, masker, report.clone()).boxed()
