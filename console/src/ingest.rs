@@ -96,8 +96,18 @@ async fn session(store: &Arc<Store>, src: &Source) -> Result<(), IngestError> {
         .await
         .map_err(nats)?;
     let js = jetstream::new(client);
-    // The nodes create the stream; until one has, there is nothing to read.
-    let stream = js.get_stream(&src.stream).await.map_err(nats)?;
+    // Created as the nodes create it (same subjects and de-duplication
+    // window), so the console may start before any node has shipped.
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: src.stream.clone(),
+            subjects: vec![format!("{}.>", src.subject_prefix)],
+            duplicate_window: Duration::from_secs(3600),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(nats)?;
     let consumer: consumer::PullConsumer = stream
         .get_or_create_consumer(
             &src.durable,
