@@ -46,6 +46,10 @@ enum Cmd {
         /// yet, so expose it only behind an authenticating proxy.
         #[arg(long, default_value = "127.0.0.1:8470")]
         listen: std::net::SocketAddr,
+        /// Sessions older than this many days are forgotten (checked
+        /// hourly); 0 keeps everything.
+        #[arg(long, default_value_t = 90)]
+        retain_days: u64,
     },
 }
 
@@ -64,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
             durable,
             state_dir,
             listen,
+            retain_days,
         } => {
             std::fs::create_dir_all(&state_dir)
                 .with_context(|| format!("state directory {}", state_dir.display()))?;
@@ -79,6 +84,9 @@ async fn main() -> anyhow::Result<()> {
                     durable,
                 },
             ));
+            if retain_days > 0 {
+                tokio::spawn(retention(store.clone(), retain_days));
+            }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
@@ -92,4 +100,26 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Forgets sessions past the retention age, hourly, off the runtime.
+async fn retention(store: Arc<store::Store>, days: u64) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let cutoff = now.saturating_sub(days.saturating_mul(86_400_000));
+        let st = store.clone();
+        match tokio::task::spawn_blocking(move || st.retain(cutoff)).await {
+            Ok(Ok(n)) if n > 0 => {
+                tracing::info!(sessions = n, days, "retention: sessions forgotten")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
+            Err(e) => tracing::warn!(error = %e, "retention task failed"),
+        }
+    }
 }

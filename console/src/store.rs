@@ -442,6 +442,30 @@ impl Store {
     pub fn node(&self, name: &str) -> Result<Option<NodeRow>, StoreError> {
         Ok(self.nodes()?.into_iter().find(|n| n.name == name))
     }
+
+    /// Retention: forgets sessions that started before `cutoff_ms`, with
+    /// their exchanges and the events of those connections. Nodes and
+    /// their chain heads stay (a later event still links to the head), so
+    /// retention never turns into a gap or a break. Returns the sessions
+    /// forgotten.
+    pub fn retain(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
+            "DELETE FROM events WHERE EXISTS (SELECT 1 FROM sessions s
+               WHERE s.node = events.node AND s.id = events.connection AND s.started_at_ms < ?1)",
+            [cutoff_ms],
+        )?;
+        tx.execute(
+            "DELETE FROM exchanges WHERE EXISTS (SELECT 1 FROM sessions s
+               WHERE s.node = exchanges.node AND s.id = exchanges.session AND s.started_at_ms < ?1)",
+            [cutoff_ms],
+        )?;
+        let n = tx.execute("DELETE FROM sessions WHERE started_at_ms < ?1", [cutoff_ms])?;
+        tx.execute("DELETE FROM ingest_errors WHERE at_ms < ?1", [cutoff_ms])?;
+        tx.commit()?;
+        Ok(n)
+    }
 }
 
 fn session_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
@@ -552,4 +576,112 @@ fn project(tx: &rusqlite::Transaction<'_>, line: &Line) -> Result<(), StoreError
         _ => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_evidence::chain::{content_digest, link_hash, GENESIS};
+
+    fn line(seq: u64, prev: Hash, connection: u64, kind: &str, body: &str) -> Line {
+        let body = body.as_bytes().to_vec();
+        let hash = link_hash(&prev, seq, &content_digest(seq, connection, kind, &body));
+        Line {
+            seq,
+            prev,
+            hash,
+            at_ms: seq,
+            connection,
+            kind: kind.into(),
+            node: "n1".into(),
+            actor: "wl-1".into(),
+            body,
+        }
+    }
+
+    #[test]
+    fn sessions_are_projected_searched_and_retained_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Store::open(&dir.path().join("c.db")).unwrap();
+        let bodies = [
+            (
+                1,
+                "connection.open",
+                r#"{"id":1,"identity":{"id":"wl-1","ci":{"system":"github-actions","repository":"acme/old","actor":"bob"}},"started_at_ms":1000,"outcome":"open"}"#,
+            ),
+            (
+                1,
+                "exchange.completed",
+                r#"{"session":1,"seq":0,"method":"GET","authority":"a","path":"/x","status":200,"started_at_ms":1001,"decisions":[{"rule":"mask-secrets"}],"response_body":{"text":"needle here"}}"#,
+            ),
+            (
+                2,
+                "connection.open",
+                r#"{"id":2,"identity":{"id":"wl-2","ci":{"repository":"acme/new"}},"started_at_ms":900000,"outcome":{"status":"refused","reason":"identity suspended"}}"#,
+            ),
+        ];
+        let mut prev = GENESIS;
+        for (seq, (conn, kind, body)) in bodies.iter().enumerate() {
+            let l = line(seq as u64, prev, *conn, kind, body);
+            let head = Head {
+                seq: l.seq,
+                hash: l.hash,
+                state: ChainState::Verified,
+                detail: None,
+            };
+            st.apply(&l, &head, true, 5).unwrap();
+            prev = l.hash;
+        }
+        let f = |q: Filter| st.sessions(&q).unwrap();
+        assert_eq!(f(Filter::default()).len(), 2);
+        let old = f(Filter {
+            repository: Some("acme/old".into()),
+            ..Default::default()
+        });
+        assert_eq!((old.len(), old[0].exchanges), (1, 1));
+        assert_eq!(old[0].actor.as_deref(), Some("bob"));
+        assert_eq!(
+            f(Filter {
+                q: Some("needle".into()),
+                ..Default::default()
+            })
+            .len(),
+            1
+        );
+        assert_eq!(
+            f(Filter {
+                q: Some("%".into()),
+                ..Default::default()
+            })
+            .len(),
+            0,
+            "LIKE wildcards are text"
+        );
+        assert_eq!(
+            f(Filter {
+                rule: Some("mask-secrets".into()),
+                ..Default::default()
+            })
+            .len(),
+            1
+        );
+        let new = f(Filter {
+            repository: Some("acme/new".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            new[0].outcome.as_deref(),
+            Some("refused: identity suspended")
+        );
+
+        assert_eq!(st.retain(10_000).unwrap(), 1);
+        assert_eq!(f(Filter::default()).len(), 1);
+        assert!(st.held("n1", 0).unwrap().is_none() && st.held("n1", 2).unwrap().is_some());
+        let head = st.head("n1").unwrap().unwrap();
+        assert_eq!(
+            (head.seq, head.state),
+            (2, ChainState::Verified),
+            "the head stays"
+        );
+    }
 }
