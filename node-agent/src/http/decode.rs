@@ -342,9 +342,14 @@ impl Decoder {
     /// Feeds compressed bytes; returns what decoded so far.
     pub fn push(&mut self, data: &[u8]) -> Result<Vec<u8>, DecodeError> {
         self.compressed_in += data.len() as u64;
-        let mut cur = data.to_vec();
-        for s in &mut self.stages {
-            cur = s.push(&cur, self.compressed_in)?;
+        let n = self.compressed_in;
+        let mut stages = self.stages.iter_mut();
+        let Some(first) = stages.next() else {
+            return Ok(data.to_vec());
+        };
+        let mut cur = first.push(data, n)?;
+        for s in stages {
+            cur = s.push(&cur, n)?;
         }
         Ok(cur)
     }

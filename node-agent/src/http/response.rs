@@ -85,16 +85,14 @@ pub fn prepare(h: &mut HeaderMap) -> Result<(Framing, Option<Decoder>), Response
 /// `grpc-message`, error detail headers and the like reach the client
 /// as much as the body does.
 pub fn mask_headers(h: &mut HeaderMap, masker: &mut StreamMasker) -> Result<(), ScanError> {
-    let before: Vec<Vec<u8>> = h.values().map(|v| v.as_bytes().to_vec()).collect();
-    let mut values = before.clone();
-    masker.mask_values(&mut values)?;
-    if values == before {
+    let mut values: Vec<Vec<u8>> = h.values().map(|v| v.as_bytes().to_vec()).collect();
+    if !masker.mask_values(&mut values)? {
         return Ok(());
     }
-    for (v, (new, old)) in h.values_mut().zip(values.iter().zip(&before)) {
-        if new != old {
+    for (v, new) in h.values_mut().zip(values) {
+        if v.as_bytes() != new.as_slice() {
             // `*` for bytes of a valid value is still a valid value.
-            if let Ok(m) = HeaderValue::from_bytes(new) {
+            if let Ok(m) = HeaderValue::from_bytes(&new) {
                 *v = m;
             }
         }

@@ -81,18 +81,16 @@ fn truthy(v: Option<&str>) -> bool {
     })
 }
 
+/// The parse tree of the first statement of a parsed string.
+fn first_statement(parsed: &pg_query::ParseResult) -> Option<&NodeEnum> {
+    parsed.protobuf.stmts.first()?.stmt.as_ref()?.node.as_ref()
+}
+
 /// What a `COPY ... TO STDOUT` statement says about its rows; `None` for
 /// anything else (COPY FROM, to a file, not COPY).
 pub fn copy_out(sql: &str) -> Option<CopyOut> {
     let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok()?;
-    let node = parsed
-        .protobuf
-        .stmts
-        .first()?
-        .stmt
-        .as_ref()?
-        .node
-        .as_ref()?;
+    let node = first_statement(&parsed)?;
     let NodeEnum::CopyStmt(c) = node else {
         return None;
     };
@@ -233,14 +231,7 @@ fn query_columns(targets: &[pg_query::protobuf::Node]) -> Option<Vec<String>> {
 /// anything else (inherited, typed, partition or LIKE columns).
 pub fn created_columns(sql: &str, schema: Option<&str>, table: &str) -> Option<Vec<String>> {
     let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok()?;
-    let node = parsed
-        .protobuf
-        .stmts
-        .first()?
-        .stmt
-        .as_ref()?
-        .node
-        .as_ref()?;
+    let node = first_statement(&parsed)?;
     let NodeEnum::CreateStmt(c) = node else {
         return None;
     };

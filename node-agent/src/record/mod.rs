@@ -279,17 +279,6 @@ pub struct RawEvent {
     pub hash: [u8; 32],
 }
 
-impl RawEvent {
-    /// Whether `hash` is what `prev` and the content give (the chain rule).
-    pub fn hash_ok(&self) -> bool {
-        chain::link_hash(
-            &self.prev,
-            self.seq,
-            &chain::content_digest(self.at_ms, self.connection, &self.kind, &self.body),
-        ) == self.hash
-    }
-}
-
 /// One link of the hash chain, as the control API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Event {

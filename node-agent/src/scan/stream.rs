@@ -289,7 +289,8 @@ impl StreamMasker {
     /// `*` per byte. Percent-encoded values are also read decoded (a
     /// gRPC client shows `grpc-message` decoded) and a match there masks
     /// its escapes. One scan for all of them: they are joined by newlines.
-    pub fn mask_values(&mut self, values: &mut [Vec<u8>]) -> Result<(), ScanError> {
+    /// Returns whether anything was masked.
+    pub fn mask_values(&mut self, values: &mut [Vec<u8>]) -> Result<bool, ScanError> {
         let scanner = (*self.scanner).as_ref();
         let mut text = Vec::new();
         // Per byte of `text`: (value, start, len) it came from.
@@ -325,6 +326,7 @@ impl StreamMasker {
             true,
             true,
         )?;
+        let masked = !s.masks.is_empty();
         for (a, b) in s.masks {
             for (i, k, len) in origin[a..b].iter().flatten().copied() {
                 if let Some(bytes) = values.get_mut(i).and_then(|v| v.get_mut(k..k + len)) {
@@ -332,7 +334,7 @@ impl StreamMasker {
                 }
             }
         }
-        Ok(())
+        Ok(masked)
     }
 
     /// Feeds a chunk; returns what may be sent on now.
@@ -1449,7 +1451,7 @@ mod tests {
             b"bad key %41KIAIOSFODNN7EXAMPLE%20here".to_vec(),
             format!("token={TOKEN}").into_bytes(),
         ];
-        m.mask_values(&mut values).unwrap();
+        assert!(m.mask_values(&mut values).unwrap());
         assert_eq!(values[0], b"application/grpc");
         assert_eq!(
             String::from_utf8_lossy(&values[1]),

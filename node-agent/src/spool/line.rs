@@ -37,42 +37,16 @@ pub struct Head {
     pub seq: u64,
 }
 
-/// A line read back, for `verify --stream`.
+/// What shipping reads back of a line (the whole line, for `verify
+/// --stream` and the console, is `sluice_evidence::line::Line`).
 #[derive(Deserialize)]
 pub struct In<'a> {
     pub seq: u64,
-    pub prev: String,
-    pub hash: String,
-    pub at_ms: u64,
-    pub connection: u64,
-    pub kind: String,
-    pub node: String,
-    pub actor: String,
     #[serde(borrow)]
-    pub body: Option<&'a RawValue>,
-    pub body_base64: Option<String>,
-}
-
-impl In<'_> {
-    /// The event as stored, if the line is well formed.
-    pub fn event(&self) -> Option<RawEvent> {
-        use base64::Engine;
-        let hex32 = |s: &str| -> Option<[u8; 32]> { hex::decode(s).ok()?.try_into().ok() };
-        let body = match (&self.body, &self.body_base64) {
-            (Some(b), _) => b.get().as_bytes().to_vec(),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).ok()?,
-            (None, None) => return None,
-        };
-        Some(RawEvent {
-            seq: self.seq,
-            at_ms: self.at_ms,
-            connection: self.connection,
-            kind: self.kind.clone(),
-            body,
-            prev: hex32(&self.prev)?,
-            hash: hex32(&self.hash)?,
-        })
-    }
+    pub hash: &'a str,
+    pub at_ms: u64,
+    #[serde(borrow)]
+    pub actor: std::borrow::Cow<'a, str>,
 }
 
 /// OCSF class of an event kind.
@@ -173,15 +147,20 @@ mod tests {
         for ev in &events {
             let line = encode(ev, "node-1");
             assert!(!line.contains(&b'\n'));
-            let parsed: In = serde_json::from_slice(&line).unwrap();
-            let back = parsed.event().unwrap();
+            // Read as the console and `verify --stream` read it.
+            let back = sluice_evidence::line::Line::parse(&line).unwrap();
             assert_eq!(back.body, ev.body, "body bytes must survive verbatim");
             assert!(back.hash_ok());
+            let shipped: In = serde_json::from_slice(&line).unwrap();
+            assert_eq!(
+                (shipped.seq, shipped.hash),
+                (ev.seq, hex::encode(ev.hash).as_str())
+            );
         }
         let second_line = encode(&events[1], "n");
-        let second: In = serde_json::from_slice(&second_line).unwrap();
+        let second = sluice_evidence::line::Line::parse(&second_line).unwrap();
         assert_eq!(second.actor, "wl-1");
-        assert_eq!(second.event().unwrap().prev, events[0].hash);
+        assert_eq!(second.prev, events[0].hash);
         // Nothing more until more is durable.
         let (more, _) = store.read_events(next, store.durable_seq(), 100).unwrap();
         assert!(more.is_empty());

@@ -11,6 +11,11 @@ use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use bytes::Bytes;
 use tracing::{info, warn};
 
+use sluice_evidence::{
+    follow::{self, ChainState, Step},
+    line::Line,
+};
+
 use super::{line, segments, Spool};
 use crate::config::NatsSettings;
 
@@ -185,7 +190,7 @@ async fn ship_available(
             let subject = format!("{prefix}.{}", line::token(&ev.actor));
             let publish = jetstream::message::PublishMessage::build()
                 .payload(Bytes::copy_from_slice(raw))
-                .message_id(&ev.hash);
+                .message_id(ev.hash);
             let ack = js.send_publish(subject, publish).await.map_err(nats)?;
             in_flight.push_back((ev.seq, ev.at_ms, ack));
             next = ev.seq + 1;
@@ -265,7 +270,7 @@ pub async fn verify_stream(
     let mut stream = js.get_stream(stream_name).await.map_err(nats)?;
     let state = stream.info().await.map_err(nats)?.state.clone();
     let want = format!("{prefix}.{}.", line::token(node));
-    let mut events: std::collections::BTreeMap<u64, crate::record::RawEvent> = Default::default();
+    let mut events: std::collections::BTreeMap<u64, Line> = Default::default();
     let mut report = StreamReport::default();
     for seq in state.first_sequence.max(1)..=state.last_sequence {
         let msg = match stream.get_raw_message(seq).await {
@@ -276,48 +281,29 @@ pub async fn verify_stream(
         if !msg.subject.starts_with(&want) {
             continue;
         }
-        let Ok(line) = serde_json::from_slice::<line::In>(&msg.payload) else {
-            report.first_break = Some(format!("stream message {seq} is not a spool line"));
-            return Ok(report);
+        let line = match Line::parse(&msg.payload) {
+            Ok(l) => l,
+            Err(e) => {
+                report.first_break = Some(format!("stream message {seq}: {e}"));
+                return Ok(report);
+            }
         };
-        let Some(ev) = line.event() else {
-            report.first_break = Some(format!(
-                "stream message {seq} (event {}) is malformed",
-                line.seq
-            ));
-            return Ok(report);
-        };
-        if events.insert(ev.seq, ev).is_some() {
+        if events.insert(line.seq, line).is_some() {
             report.duplicates += 1;
         }
     }
-    let mut prev: Option<&crate::record::RawEvent> = None;
-    for ev in events.values() {
-        if !ev.hash_ok() {
-            report.first_break = Some(format!(
-                "event {} does not hash to its recorded hash (altered)",
-                ev.seq
-            ));
-            return Ok(report);
-        }
-        if let Some(p) = prev {
-            if ev.seq != p.seq + 1 {
-                report.first_break = Some(format!(
-                    "events {}..{} are missing from the stream",
-                    p.seq + 1,
-                    ev.seq - 1
-                ));
-                return Ok(report);
-            }
-            if ev.prev != p.hash {
-                report.first_break = Some(format!(
-                    "event {} does not follow event {} (prev hash differs)",
-                    ev.seq, p.seq
-                ));
+    // In sequence order, by the rule the console follows arriving events
+    // with; a first event other than 0 is a late start, not a break.
+    let mut head = None;
+    for line in events.values() {
+        let (step, next) = follow::step(head.as_ref(), line, None);
+        if let Step::Flagged { state, detail } = step {
+            if state != ChainState::Partial {
+                report.first_break = Some(detail);
                 return Ok(report);
             }
         }
-        prev = Some(ev);
+        head = Some(next);
     }
     report.events = events.len() as u64;
     report.first_seq = events.keys().next().copied().unwrap_or_default();
