@@ -86,43 +86,32 @@ pub enum Step {
 
 /// Judges `line` against the head (`None`: the node's first event seen),
 /// and `held`, the hash already stored for its sequence number if any.
-/// Returns the step and the new head.
+/// Returns the step and the new head. A head's state only ever gets
+/// worse, and it keeps the first problem's words.
 pub fn step(head: Option<&Head>, line: &Line, held: Option<Hash>) -> (Step, Head) {
-    let flag = |head: Option<&Head>, state: ChainState, detail: String| {
-        let prev_state = head.map_or(ChainState::Verified, |h| h.state);
-        let keep_detail = head
-            .and_then(|h| h.detail.clone())
-            .filter(|_| prev_state != ChainState::Verified && prev_state != ChainState::Partial);
-        (
-            state,
-            prev_state.worst(state),
-            keep_detail.unwrap_or_else(|| detail.clone()),
-            detail,
-        )
+    let prior = head.cloned().unwrap_or(Head {
+        seq: line.seq,
+        hash: line.hash,
+        state: ChainState::Verified,
+        detail: None,
+    });
+    let flag = |mut h: Head, state: ChainState, detail: &str| {
+        if matches!(h.state, ChainState::Verified | ChainState::Partial) {
+            h.detail = Some(detail.to_owned());
+        }
+        h.state = h.state.worst(state);
+        h
     };
     if let Some(h) = held {
-        let head = head.cloned().unwrap_or(Head {
-            seq: line.seq,
-            hash: line.hash,
-            state: ChainState::Partial,
-            detail: None,
-        });
         if h == line.hash && line.hash_ok() {
-            return (Step::Duplicate, head);
+            return (Step::Duplicate, prior);
         }
         let detail = format!(
             "event {} was published again with other content (a re-written tail)",
             line.seq
         );
-        let (_, state, d, detail) = flag(Some(&head), ChainState::Broken, detail);
-        return (
-            Step::Conflict { detail },
-            Head {
-                state,
-                detail: Some(d),
-                ..head
-            },
-        );
+        let next = flag(prior, ChainState::Broken, &detail);
+        return (Step::Conflict { detail }, next);
     }
     let problem = if !line.hash_ok() {
         Some((
@@ -164,34 +153,18 @@ pub fn step(head: Option<&Head>, line: &Line, held: Option<Hash>) -> (Step, Head
             )),
         }
     };
-    let new_head = |state: ChainState, detail: Option<String>| Head {
-        seq: line.seq.max(head.map_or(0, |h| h.seq)),
-        hash: if head.is_some_and(|h| line.seq < h.seq) {
-            head.map_or(line.hash, |h| h.hash)
-        } else {
-            line.hash
-        },
-        state,
-        detail,
-    };
+    // The head moves to the newest event; one that arrives late does not
+    // move it back.
+    let mut next = prior;
+    if head.is_none_or(|h| line.seq >= h.seq) {
+        next.seq = line.seq;
+        next.hash = line.hash;
+    }
     match problem {
-        None => {
-            let state = head.map_or(ChainState::Verified, |h| h.state);
-            (
-                Step::Linked,
-                new_head(state, head.and_then(|h| h.detail.clone())),
-            )
-        }
-        Some((ChainState::Partial, detail)) => (
-            Step::Flagged {
-                state: ChainState::Partial,
-                detail: detail.clone(),
-            },
-            new_head(ChainState::Partial, Some(detail)),
-        ),
+        None => (Step::Linked, next),
         Some((state, detail)) => {
-            let (s, worst, d, detail) = flag(head, state, detail);
-            (Step::Flagged { state: s, detail }, new_head(worst, Some(d)))
+            let next = flag(next, state, &detail);
+            (Step::Flagged { state, detail }, next)
         }
     }
 }
