@@ -7,6 +7,7 @@ use std::{path::PathBuf, sync::Arc};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod auth;
 mod ingest;
 mod pages;
 mod store;
@@ -87,11 +88,17 @@ async fn main() -> anyhow::Result<()> {
             if retain_days > 0 {
                 tokio::spawn(retention(store.clone(), retain_days));
             }
+            let auth = Arc::new(auth::Auth::local());
+            if !auth.allows_listen(&listen) {
+                anyhow::bail!(
+                    "{listen} is not a loopback address: without a login configured the console serves loopback only"
+                );
+            }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             tracing::info!(%listen, "console serving");
-            axum::serve(listener, web::router(store))
+            axum::serve(listener, web::router(web::App { store, auth }))
                 .with_graceful_shutdown(async {
                     let _ = tokio::signal::ctrl_c().await;
                 })

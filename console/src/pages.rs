@@ -291,6 +291,13 @@ pub fn nodes(rows: &[NodeRow]) -> Markup {
     )
 }
 
+pub fn forbidden(why: &str) -> Markup {
+    page(
+        "Not allowed",
+        html! { h1 { "Not allowed" } p { (why) } },
+    )
+}
+
 pub fn not_found(what: &str) -> Markup {
     page("Not found", html! { h1 { "Not found" } p { (what) } })
 }

@@ -13,15 +13,32 @@ use axum::{
 use serde_json::json;
 
 use crate::{
+    auth::{Auth, Principal},
     pages,
     store::{Filter, Store, StoreError},
 };
 
-type Shared = Arc<Store>;
+/// What every handler may use: the store and who is asking (`auth`).
+#[derive(Clone)]
+pub struct App {
+    pub store: Arc<Store>,
+    pub auth: Arc<Auth>,
+}
+
+impl axum::extract::FromRef<App> for Arc<Auth> {
+    fn from_ref(app: &App) -> Self {
+        app.auth.clone()
+    }
+}
+
 
 /// Errors rendered in one place: a status and a message, never a panic.
 pub enum WebError {
     NotFound(String),
+    /// Not logged in (API: 401; pages go to the login).
+    Unauthenticated,
+    /// Logged in, but the role does not allow it.
+    Forbidden(String),
     Store(StoreError),
     Task(String),
 }
@@ -40,6 +57,14 @@ impl IntoResponse for WebError {
                 Html(pages::not_found(&what).into_string()),
             )
                 .into_response(),
+            Self::Unauthenticated => {
+                (StatusCode::UNAUTHORIZED, "log in first").into_response()
+            }
+            Self::Forbidden(why) => (
+                StatusCode::FORBIDDEN,
+                Html(pages::forbidden(&why).into_string()),
+            )
+                .into_response(),
             Self::Store(e) => {
                 tracing::warn!(error = %e, "store query failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "store error").into_response()
@@ -51,7 +76,7 @@ impl IntoResponse for WebError {
 
 /// Runs a store query off the async runtime.
 async fn blocking<T: Send + 'static>(
-    store: &Shared,
+    store: &Arc<Store>,
     f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, WebError> {
     let s = store.clone();
@@ -62,20 +87,22 @@ async fn blocking<T: Send + 'static>(
 }
 
 async fn sessions_page(
-    State(s): State<Shared>,
+    _who: Principal,
+    State(app): State<App>,
     Query(f): Query<Filter>,
 ) -> Result<Html<String>, WebError> {
     let f2 = f.clone();
-    let rows = blocking(&s, move |st| st.sessions(&f2)).await?;
+    let rows = blocking(&app.store, move |st| st.sessions(&f2)).await?;
     Ok(Html(pages::sessions(&f, &rows).into_string()))
 }
 
 async fn replay_page(
-    State(s): State<Shared>,
+    _who: Principal,
+    State(app): State<App>,
     Path((node, id)): Path<(String, u64)>,
 ) -> Result<Html<String>, WebError> {
     let n = node.clone();
-    let (found, info) = blocking(&s, move |st| Ok((st.session(&n, id)?, st.node(&n)?))).await?;
+    let (found, info) = blocking(&app.store, move |st| Ok((st.session(&n, id)?, st.node(&n)?))).await?;
     let (session, ex) =
         found.ok_or_else(|| WebError::NotFound(format!("no session {id} on {node}")))?;
     Ok(Html(
@@ -83,25 +110,27 @@ async fn replay_page(
     ))
 }
 
-async fn nodes_page(State(s): State<Shared>) -> Result<Html<String>, WebError> {
-    let rows = blocking(&s, |st| st.nodes()).await?;
+async fn nodes_page(_who: Principal, State(app): State<App>) -> Result<Html<String>, WebError> {
+    let rows = blocking(&app.store, |st| st.nodes()).await?;
     Ok(Html(pages::nodes(&rows).into_string()))
 }
 
 async fn api_sessions(
-    State(s): State<Shared>,
+    _who: Principal,
+    State(app): State<App>,
     Query(f): Query<Filter>,
 ) -> Result<Json<serde_json::Value>, WebError> {
-    let rows = blocking(&s, move |st| st.sessions(&f)).await?;
+    let rows = blocking(&app.store, move |st| st.sessions(&f)).await?;
     Ok(Json(json!({ "sessions": rows })))
 }
 
 async fn api_session(
-    State(s): State<Shared>,
+    _who: Principal,
+    State(app): State<App>,
     Path((node, id)): Path<(String, u64)>,
 ) -> Result<Json<serde_json::Value>, WebError> {
     let n = node.clone();
-    let (found, info) = blocking(&s, move |st| Ok((st.session(&n, id)?, st.node(&n)?))).await?;
+    let (found, info) = blocking(&app.store, move |st| Ok((st.session(&n, id)?, st.node(&n)?))).await?;
     let (session, ex) =
         found.ok_or_else(|| WebError::NotFound(format!("no session {id} on {node}")))?;
     Ok(Json(json!({
@@ -111,8 +140,8 @@ async fn api_session(
     })))
 }
 
-async fn api_nodes(State(s): State<Shared>) -> Result<Json<serde_json::Value>, WebError> {
-    let rows = blocking(&s, |st| st.nodes()).await?;
+async fn api_nodes(_who: Principal, State(app): State<App>) -> Result<Json<serde_json::Value>, WebError> {
+    let rows = blocking(&app.store, |st| st.nodes()).await?;
     Ok(Json(json!({ "nodes": rows })))
 }
 
@@ -136,7 +165,7 @@ async fn security_headers(req: axum::extract::Request, next: axum::middleware::N
     resp
 }
 
-pub fn router(store: Arc<Store>) -> Router {
+pub fn router(app: App) -> Router {
     Router::new()
         .route("/", get(|| async { Redirect::to("/sessions") }))
         .route("/sessions", get(sessions_page))
@@ -147,5 +176,5 @@ pub fn router(store: Arc<Store>) -> Router {
         .route("/api/nodes", get(api_nodes))
         .route("/healthz", get(|| async { "ok" }))
         .layer(axum::middleware::from_fn(security_headers))
-        .with_state(store)
+        .with_state(app)
 }
