@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod auth;
+mod fleet;
 mod ingest;
 mod pages;
 mod store;
@@ -51,7 +52,25 @@ enum Cmd {
         /// hourly); 0 keeps everything.
         #[arg(long, default_value_t = 90)]
         retain_days: u64,
+        /// Key-value bucket of the fleet's signed suspension list (the
+        /// nodes' `console.suspensions_bucket`).
+        #[arg(long, default_value = sluice_fleet::subjects::SUSPENSIONS_BUCKET)]
+        suspensions_bucket: String,
     },
+    /// Print the console's decision-signing public key (PEM), made on
+    /// first use: list it in each node's `console.keys`.
+    Key {
+        #[arg(long, default_value = "/var/lib/sluice-console")]
+        state_dir: PathBuf,
+    },
+}
+
+/// The decision-signing key in the state directory (made on first use).
+fn signer(state_dir: &std::path::Path) -> anyhow::Result<sluice_fleet::signed::Signer> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("state directory {}", state_dir.display()))?;
+    sluice_fleet::signed::Signer::load_or_create(&state_dir.join("console-signing"))
+        .context("the console's signing key")
 }
 
 #[tokio::main]
@@ -70,12 +89,15 @@ async fn main() -> anyhow::Result<()> {
             state_dir,
             listen,
             retain_days,
+            suspensions_bucket,
         } => {
-            std::fs::create_dir_all(&state_dir)
-                .with_context(|| format!("state directory {}", state_dir.display()))?;
+            let signer = signer(&state_dir)?;
             let store = Arc::new(
                 store::Store::open(&state_dir.join("console.db")).context("opening the store")?,
             );
+            tracing::info!(kid = %signer.kid, "decisions are signed with this key (`sluice-console key` prints it)");
+            let fleet = Arc::new(fleet::Fleet::new(signer, suspensions_bucket)?);
+            tokio::spawn(fleet.clone().run(nats.clone()));
             tokio::spawn(ingest::run(
                 store.clone(),
                 ingest::Source {
@@ -98,13 +120,14 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             tracing::info!(%listen, "console serving");
-            axum::serve(listener, web::router(web::App { store, auth }))
+            axum::serve(listener, web::router(web::App { store, auth, fleet }))
                 .with_graceful_shutdown(async {
                     let _ = tokio::signal::ctrl_c().await;
                 })
                 .await
                 .context("serving")?;
         }
+        Cmd::Key { state_dir } => print!("{}", signer(&state_dir)?.public_pem()),
     }
     Ok(())
 }

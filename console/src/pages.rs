@@ -7,6 +7,8 @@ use serde_json::Value;
 
 use crate::store::{ExchangeRow, Filter, NodeRow, SessionRow, PAGE};
 
+pub mod fleet;
+
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0;color:#1d2330}\
 header{background:#1d2330;color:#fff;padding:.6em 1.2em;display:flex;gap:1.5em;align-items:center}\
 header a{color:#cfe0ff;text-decoration:none}main{padding:1em 1.2em}\
@@ -16,7 +18,8 @@ form.search{display:flex;flex-wrap:wrap;gap:.5em;margin-bottom:1em}form.search i
 .verified{background:#2a7a2a}.partial{background:#7a6a2a}.gap{background:#b36b00}.broken{background:#b00020}\
 pre{background:#f5f6f8;padding:.6em;white-space:pre-wrap;word-break:break-all;max-height:30em;overflow:auto}\
 mark.masked{background:#ffd24d;color:#000}.ex{border:1px solid #ddd;border-radius:.4em;margin:.8em 0;padding:.6em}\
-.muted{color:#667}";
+.muted{color:#667}.flash{padding:.5em .8em;border-radius:.3em}.flash.ok{background:#e3f4e3}.flash.err{background:#fbe3e6}\
+form.decide input{padding:.3em}";
 
 fn page(title: &str, body: Markup) -> Markup {
     html! {
@@ -31,6 +34,8 @@ fn page(title: &str, body: Markup) -> Markup {
                 header {
                     strong { "Sluice console" }
                     a href="/sessions" { "Sessions" }
+                    a href="/approvals" { "Approvals" }
+                    a href="/identities" { "Identities" }
                     a href="/nodes" { "Nodes" }
                 }
                 main { (body) }
@@ -267,35 +272,8 @@ pub fn replay(s: &SessionRow, ex: &[ExchangeRow], node: Option<&NodeRow>) -> Mar
     )
 }
 
-pub fn nodes(rows: &[NodeRow]) -> Markup {
-    page(
-        "Nodes",
-        html! {
-            h1 { "Nodes" }
-            table #nodes {
-                thead { tr { th { "node" } th { "chain" } th { "events" } th { "head" } th { "last event" } th { "detail" } } }
-                tbody {
-                    @for n in rows {
-                        tr {
-                            td { a href=(format!("/sessions?node={}", urlencode(&n.name))) { (n.name) } }
-                            td { (badge(&n.chain_state)) }
-                            td { (n.events) }
-                            td { (n.head_seq) }
-                            td { (time(n.last_event_ms)) }
-                            td { (n.chain_detail.as_deref().unwrap_or("")) }
-                        }
-                    }
-                }
-            }
-        },
-    )
-}
-
 pub fn forbidden(why: &str) -> Markup {
-    page(
-        "Not allowed",
-        html! { h1 { "Not allowed" } p { (why) } },
-    )
+    page("Not allowed", html! { h1 { "Not allowed" } p { (why) } })
 }
 
 pub fn not_found(what: &str) -> Markup {

@@ -1,20 +1,24 @@
-//! The web UI and its JSON API (axum). Read-only for now: searches,
-//! replays, nodes. Every response carries a Content-Security-Policy that
-//! allows no script, no framing and no outside resource.
+//! The web UI and its JSON API (axum): searches, replays, nodes, and the
+//! fleet actions (approvals, suspensions). Every response carries a
+//! Content-Security-Policy that allows no inline script (only the
+//! console's own `/assets/live.js`), no framing and no outside resource.
 use std::sync::Arc;
 
 use axum::{
     extract::{Path, Query, State},
     http::{header, HeaderValue, StatusCode},
     response::{Html, IntoResponse, Redirect, Response},
-    routing::get,
-    Json, Router,
+    routing::{get, post},
+    Form, Json, Router,
 };
+use serde::Deserialize;
 use serde_json::json;
+use sluice_fleet::{approval::Verdict, suspension::Scope};
 
 use crate::{
-    auth::{Auth, Principal},
-    pages,
+    auth::{Auth, Principal, Role},
+    fleet::{Fleet, FleetError},
+    pages::{self, fleet::Flash},
     store::{Filter, Store, StoreError},
 };
 
@@ -23,6 +27,7 @@ use crate::{
 pub struct App {
     pub store: Arc<Store>,
     pub auth: Arc<Auth>,
+    pub fleet: Arc<Fleet>,
 }
 
 impl axum::extract::FromRef<App> for Arc<Auth> {
@@ -31,16 +36,39 @@ impl axum::extract::FromRef<App> for Arc<Auth> {
     }
 }
 
-
 /// Errors rendered in one place: a status and a message, never a panic.
 pub enum WebError {
     NotFound(String),
     /// Not logged in (API: 401; pages go to the login).
+    #[allow(dead_code)]
     Unauthenticated,
     /// Logged in, but the role does not allow it.
     Forbidden(String),
     Store(StoreError),
     Task(String),
+    /// A fleet action that did not happen (API callers get it as JSON).
+    Fleet(FleetError),
+    BadRequest(String),
+}
+
+impl From<FleetError> for WebError {
+    fn from(e: FleetError) -> Self {
+        Self::Fleet(e)
+    }
+}
+
+fn fleet_status(e: &FleetError) -> StatusCode {
+    match e {
+        FleetError::NotHeld { .. } => StatusCode::NOT_FOUND,
+        FleetError::Refused { .. } | FleetError::Conflict | FleetError::ForeignList(_) => {
+            StatusCode::CONFLICT
+        }
+        FleetError::Invalid(_) => StatusCode::BAD_REQUEST,
+        FleetError::NoAnswer { .. } => StatusCode::GATEWAY_TIMEOUT,
+        FleetError::Offline(_) | FleetError::Nats(_) | FleetError::Sign(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
 }
 
 impl From<StoreError> for WebError {
@@ -57,9 +85,7 @@ impl IntoResponse for WebError {
                 Html(pages::not_found(&what).into_string()),
             )
                 .into_response(),
-            Self::Unauthenticated => {
-                (StatusCode::UNAUTHORIZED, "log in first").into_response()
-            }
+            Self::Unauthenticated => (StatusCode::UNAUTHORIZED, "log in first").into_response(),
             Self::Forbidden(why) => (
                 StatusCode::FORBIDDEN,
                 Html(pages::forbidden(&why).into_string()),
@@ -70,6 +96,12 @@ impl IntoResponse for WebError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "store error").into_response()
             }
             Self::Task(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+            Self::Fleet(e) => {
+                (fleet_status(&e), Json(json!({ "error": e.to_string() }))).into_response()
+            }
+            Self::BadRequest(m) => {
+                (StatusCode::BAD_REQUEST, Json(json!({ "error": m }))).into_response()
+            }
         }
     }
 }
@@ -102,7 +134,10 @@ async fn replay_page(
     Path((node, id)): Path<(String, u64)>,
 ) -> Result<Html<String>, WebError> {
     let n = node.clone();
-    let (found, info) = blocking(&app.store, move |st| Ok((st.session(&n, id)?, st.node(&n)?))).await?;
+    let (found, info) = blocking(&app.store, move |st| {
+        Ok((st.session(&n, id)?, st.node(&n)?))
+    })
+    .await?;
     let (session, ex) =
         found.ok_or_else(|| WebError::NotFound(format!("no session {id} on {node}")))?;
     Ok(Html(
@@ -112,7 +147,195 @@ async fn replay_page(
 
 async fn nodes_page(_who: Principal, State(app): State<App>) -> Result<Html<String>, WebError> {
     let rows = blocking(&app.store, |st| st.nodes()).await?;
-    Ok(Html(pages::nodes(&rows).into_string()))
+    Ok(Html(
+        pages::fleet::nodes(&rows, &app.fleet.beats()).into_string(),
+    ))
+}
+
+fn verdict(word: &str) -> Result<Verdict, WebError> {
+    match word {
+        "approve" => Ok(Verdict::Approve),
+        "deny" => Ok(Verdict::Deny),
+        other => Err(WebError::BadRequest(format!(
+            "verdict {other:?}: approve or deny"
+        ))),
+    }
+}
+
+fn scope(word: &str) -> Result<Scope, WebError> {
+    Scope::parse(word).ok_or_else(|| {
+        WebError::BadRequest(format!("scope {word:?}: identity, repository or actor"))
+    })
+}
+
+fn approvals_html(app: &App, who: &Principal, f: Flash) -> Html<String> {
+    Html(pages::fleet::approvals(who, &app.fleet.held(), &app.fleet.recent(), &f).into_string())
+}
+
+async fn approvals_page(who: Principal, State(app): State<App>) -> Html<String> {
+    approvals_html(&app, &who, Flash::None)
+}
+
+#[derive(Deserialize)]
+struct DecideForm {
+    verdict: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// A decision from the page: the result is shown on the page it came
+/// from (no redirect carrying a message a link could forge).
+async fn decide_form(
+    who: Principal,
+    State(app): State<App>,
+    Path((node, id)): Path<(String, u64)>,
+    Form(f): Form<DecideForm>,
+) -> Result<Html<String>, WebError> {
+    who.check_csrf(&f.csrf)?;
+    who.require(Role::Approver)?;
+    let v = verdict(&f.verdict)?;
+    let flash = match app.fleet.decide(&node, id, v, &who.name, &f.reason).await {
+        Ok(m) => Flash::Done(format!("{node}: {m}")),
+        Err(e) => Flash::Failed(e.to_string()),
+    };
+    Ok(approvals_html(&app, &who, flash))
+}
+
+async fn api_approvals(_who: Principal, State(app): State<App>) -> Json<serde_json::Value> {
+    Json(json!({ "held": app.fleet.held(), "recent": app.fleet.recent() }))
+}
+
+#[derive(Deserialize)]
+struct DecideBody {
+    verdict: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn api_decide(
+    who: Principal,
+    State(app): State<App>,
+    Path((node, id)): Path<(String, u64)>,
+    Json(b): Json<DecideBody>,
+) -> Result<Json<serde_json::Value>, WebError> {
+    who.require(Role::Approver)?;
+    let v = verdict(&b.verdict)?;
+    let message = app.fleet.decide(&node, id, v, &who.name, &b.reason).await?;
+    Ok(Json(json!({ "accepted": true, "message": message })))
+}
+
+async fn identities_html(app: &App, who: &Principal, f: Flash) -> Result<Html<String>, WebError> {
+    let list = app.fleet.suspensions().await.ok().map(|(l, _)| l);
+    let recent = blocking(&app.store, |st| st.sessions(&Filter::default())).await?;
+    Ok(Html(
+        pages::fleet::identities(who, list.as_ref(), &recent, &app.fleet.recent(), &f)
+            .into_string(),
+    ))
+}
+
+async fn identities_page(who: Principal, State(app): State<App>) -> Result<Html<String>, WebError> {
+    identities_html(&app, &who, Flash::None).await
+}
+
+#[derive(Deserialize)]
+struct SuspendForm {
+    scope: String,
+    value: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn suspend_form(
+    who: Principal,
+    State(app): State<App>,
+    Form(f): Form<SuspendForm>,
+) -> Result<Html<String>, WebError> {
+    who.check_csrf(&f.csrf)?;
+    who.require(Role::Approver)?;
+    let sc = scope(&f.scope)?;
+    let flash = match app
+        .fleet
+        .change_suspension(sc, &f.value, &f.reason, &who.name, false)
+        .await
+    {
+        Ok(l) => Flash::Done(format!(
+            "{} {} suspended on every node following the console (list version {})",
+            sc.as_str(),
+            f.value.trim(),
+            l.version
+        )),
+        Err(e) => Flash::Failed(e.to_string()),
+    };
+    identities_html(&app, &who, flash).await
+}
+
+async fn resume_form(
+    who: Principal,
+    State(app): State<App>,
+    Form(f): Form<SuspendForm>,
+) -> Result<Html<String>, WebError> {
+    who.check_csrf(&f.csrf)?;
+    who.require(Role::Admin)?;
+    let sc = scope(&f.scope)?;
+    let flash = match app
+        .fleet
+        .change_suspension(sc, &f.value, "", &who.name, true)
+        .await
+    {
+        Ok(l) => Flash::Done(format!(
+            "{} {} resumed (list version {})",
+            sc.as_str(),
+            f.value.trim(),
+            l.version
+        )),
+        Err(e) => Flash::Failed(e.to_string()),
+    };
+    identities_html(&app, &who, flash).await
+}
+
+async fn api_suspensions(
+    _who: Principal,
+    State(app): State<App>,
+) -> Result<Json<serde_json::Value>, WebError> {
+    let (list, _) = app.fleet.suspensions().await?;
+    Ok(Json(
+        json!({ "version": list.version, "entries": list.entries }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct SuspendBody {
+    scope: String,
+    value: String,
+    #[serde(default)]
+    reason: String,
+    /// Lift the suspension instead (admin).
+    #[serde(default)]
+    resume: bool,
+}
+
+async fn api_suspend(
+    who: Principal,
+    State(app): State<App>,
+    Json(b): Json<SuspendBody>,
+) -> Result<Json<serde_json::Value>, WebError> {
+    who.require(if b.resume {
+        Role::Admin
+    } else {
+        Role::Approver
+    })?;
+    let sc = scope(&b.scope)?;
+    let list = app
+        .fleet
+        .change_suspension(sc, &b.value, &b.reason, &who.name, b.resume)
+        .await?;
+    Ok(Json(
+        json!({ "version": list.version, "entries": list.entries }),
+    ))
 }
 
 async fn api_sessions(
@@ -130,7 +353,10 @@ async fn api_session(
     Path((node, id)): Path<(String, u64)>,
 ) -> Result<Json<serde_json::Value>, WebError> {
     let n = node.clone();
-    let (found, info) = blocking(&app.store, move |st| Ok((st.session(&n, id)?, st.node(&n)?))).await?;
+    let (found, info) = blocking(&app.store, move |st| {
+        Ok((st.session(&n, id)?, st.node(&n)?))
+    })
+    .await?;
     let (session, ex) =
         found.ok_or_else(|| WebError::NotFound(format!("no session {id} on {node}")))?;
     Ok(Json(json!({
@@ -140,7 +366,10 @@ async fn api_session(
     })))
 }
 
-async fn api_nodes(_who: Principal, State(app): State<App>) -> Result<Json<serde_json::Value>, WebError> {
+async fn api_nodes(
+    _who: Principal,
+    State(app): State<App>,
+) -> Result<Json<serde_json::Value>, WebError> {
     let rows = blocking(&app.store, |st| st.nodes()).await?;
     Ok(Json(json!({ "nodes": rows })))
 }
@@ -151,7 +380,7 @@ async fn security_headers(req: axum::extract::Request, next: axum::middleware::N
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
     );
     h.insert(
@@ -171,6 +400,23 @@ pub fn router(app: App) -> Router {
         .route("/sessions", get(sessions_page))
         .route("/sessions/{node}/{id}", get(replay_page))
         .route("/nodes", get(nodes_page))
+        .route("/approvals", get(approvals_page))
+        .route("/approvals/{node}/{id}", post(decide_form))
+        .route("/identities", get(identities_page))
+        .route("/identities/suspend", post(suspend_form))
+        .route("/identities/resume", post(resume_form))
+        .route("/api/approvals", get(api_approvals))
+        .route("/api/approvals/{node}/{id}", post(api_decide))
+        .route("/api/suspensions", get(api_suspensions).post(api_suspend))
+        .route(
+            "/assets/live.js",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                    pages::fleet::LIVE_JS,
+                )
+            }),
+        )
         .route("/api/sessions", get(api_sessions))
         .route("/api/sessions/{node}/{id}", get(api_session))
         .route("/api/nodes", get(api_nodes))

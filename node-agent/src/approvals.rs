@@ -1,7 +1,9 @@
 //! Just-in-time approvals: a request that matches an `approve` rule is
-//! held here until an operator approves or denies it over the control
-//! socket (their uid is recorded), or until the rule's timeout, which
-//! means deny.
+//! held here until an operator approves or denies it, over the control
+//! socket (their uid is recorded) or from the console (a signed decision,
+//! `console.rs`; the person and the console's key are recorded), or until
+//! the rule's timeout, which means deny. Each hold and each end is told
+//! to whoever follows `changes()` (the console link).
 use std::{
     collections::HashMap,
     sync::{
@@ -12,7 +14,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::record::now_ms;
 
@@ -30,14 +32,71 @@ pub struct Pending {
     pub preview: String,
     pub created_ms: u64,
     pub expires_ms: u64,
+    /// A random token naming this one hold (signed decisions name it).
+    #[serde(default)]
+    pub hold: String,
+    /// The CI job behind the identity (fleet suspensions by repository or
+    /// actor deny what it holds; the console shows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci: Option<crate::identity::CiJob>,
+}
+
+/// A hold began or ended.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Held(Pending),
+    Ended(Pending, Outcome),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum Outcome {
-    Approved { by_uid: u32 },
-    Denied { by_uid: Option<u32>, reason: String },
+    Approved {
+        /// Decided over the control socket by this uid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by_uid: Option<u32>,
+        /// Decided from the console: who, and the key that signed it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signed: Option<SignedBy>,
+    },
+    Denied {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by_uid: Option<u32>,
+        /// Decided from the console: who, and the key that signed it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signed: Option<SignedBy>,
+        reason: String,
+    },
     TimedOut,
+}
+
+/// Who decided from the console: the person its login names, and the
+/// kid of the console key that signed the decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedBy {
+    pub by: String,
+    pub signer: String,
+}
+
+impl Outcome {
+    pub fn word(&self) -> &'static str {
+        match self {
+            Outcome::Approved { .. } => "approved",
+            Outcome::Denied { .. } => "denied",
+            Outcome::TimedOut => "timed_out",
+        }
+    }
+
+    /// The person or uid who decided, if anyone did.
+    pub fn decider(&self) -> Option<String> {
+        match self {
+            Outcome::Approved { by_uid, signed } | Outcome::Denied { by_uid, signed, .. } => signed
+                .as_ref()
+                .map(|s| s.by.clone())
+                .or_else(|| by_uid.map(|u| format!("uid {u}"))),
+            Outcome::TimedOut => None,
+        }
+    }
 }
 
 impl Outcome {
@@ -61,13 +120,33 @@ pub const MAX_PENDING_PER_IDENTITY: usize = 32;
 pub struct Approvals {
     next: AtomicU64,
     pending: Mutex<HashMap<u64, (Pending, oneshot::Sender<Outcome>)>>,
+    changes: Mutex<Option<mpsc::Sender<Change>>>,
 }
 
+/// Changes queued for the follower; beyond, they are dropped (the
+/// console's heartbeat lists what is held anyway).
+const CHANGES_QUEUED: usize = 1024;
+
 impl Approvals {
+    /// Every hold and end from now on (one follower: a second call takes
+    /// them over).
+    pub fn changes(&self) -> mpsc::Receiver<Change> {
+        let (tx, rx) = mpsc::channel(CHANGES_QUEUED);
+        *self.changes.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
+    fn tell(&self, c: Change) {
+        if let Some(tx) = &*self.changes.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = tx.try_send(c);
+        }
+    }
+
     /// Holds until decided or timed out.
     pub async fn request(&self, mut p: Pending, timeout: Duration) -> Outcome {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         p.id = id;
+        p.hold = crate::keys::random_token();
         p.created_ms = now_ms();
         p.expires_ms = p.created_ms + timeout.as_millis() as u64;
         let (tx, rx) = oneshot::channel();
@@ -80,18 +159,21 @@ impl Approvals {
             if pending.len() >= MAX_PENDING || mine >= MAX_PENDING_PER_IDENTITY {
                 return Outcome::Denied {
                     by_uid: None,
+                    signed: None,
                     reason: format!(
                         "approval queue full ({mine} held for this identity, {} in all; limits {MAX_PENDING_PER_IDENTITY} / {MAX_PENDING})",
                         pending.len()
                     ),
                 };
             }
-            pending.insert(id, (p, tx));
+            pending.insert(id, (p.clone(), tx));
         }
+        self.tell(Change::Held(p.clone()));
         let out = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => Outcome::Denied {
                 by_uid: None,
+                signed: None,
                 reason: "approval dropped".into(),
             },
             Err(_) => Outcome::TimedOut,
@@ -100,7 +182,17 @@ impl Approvals {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
+        self.tell(Change::Ended(p, out.clone()));
         out
+    }
+
+    /// The hold `id`, if it is still waiting.
+    pub fn get(&self, id: u64) -> Option<Pending> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .map(|(p, _)| p.clone())
     }
 
     pub fn list(&self) -> Vec<Pending> {
@@ -128,12 +220,17 @@ impl Approvals {
 
     /// Denies everything a suspended identity is waiting for.
     pub fn deny_workload(&self, workload: &str, reason: &str) -> usize {
+        self.deny_where(|p| p.workload == workload, reason)
+    }
+
+    /// Denies every hold `covered` says is suspended.
+    pub fn deny_where(&self, covered: impl Fn(&Pending) -> bool, reason: &str) -> usize {
         let ids: Vec<u64> = self
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, (p, _))| p.workload == workload)
+            .filter(|(_, (p, _))| covered(p))
             .map(|(id, _)| *id)
             .collect();
         for id in &ids {
@@ -141,6 +238,7 @@ impl Approvals {
                 *id,
                 Outcome::Denied {
                     by_uid: None,
+                    signed: None,
                     reason: reason.to_owned(),
                 },
             );
@@ -167,6 +265,8 @@ mod tests {
             preview: String::new(),
             created_ms: 0,
             expires_ms: 0,
+            hold: String::new(),
+            ci: None,
         }
     }
 
@@ -205,8 +305,20 @@ mod tests {
             MAX_PENDING_PER_IDENTITY
         );
         let id = a.list()[0].id;
-        a.decide(id, Outcome::Approved { by_uid: 0 });
-        assert_eq!(other.await.unwrap(), Outcome::Approved { by_uid: 0 });
+        a.decide(
+            id,
+            Outcome::Approved {
+                by_uid: Some(0),
+                signed: None,
+            },
+        );
+        assert_eq!(
+            other.await.unwrap(),
+            Outcome::Approved {
+                by_uid: Some(0),
+                signed: None
+            }
+        );
         for h in held {
             assert!(matches!(h.await.unwrap(), Outcome::Denied { .. }));
         }

@@ -62,6 +62,33 @@ pub struct Config {
     pub spool: SpoolSettings,
     #[serde(default)]
     pub ship: ShipSettings,
+    /// Following a console (over `ship.nats`): held approvals announced,
+    /// signed decisions and the fleet's suspension list accepted,
+    /// heartbeats sent. `null`: no console.
+    #[serde(default)]
+    pub console: Option<ConsoleSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// The console's decision-signing public keys (PEM; `sluice-console
+    /// key` prints one). Decisions and suspension lists signed by any
+    /// other key are refused.
+    pub keys: Vec<PathBuf>,
+    /// Whether the control socket still takes the deciding calls
+    /// (approve, deny, resume, push). Off: decisions come signed from
+    /// the console, so a root job that reaches the socket through a host
+    /// daemon cannot approve its own request or lift its own suspension.
+    #[serde(default)]
+    pub local_decisions: bool,
+    /// Key-value bucket of the fleet's signed suspension list.
+    #[serde(default = "default_suspensions_bucket")]
+    pub suspensions_bucket: String,
+}
+
+fn default_suspensions_bucket() -> String {
+    sluice_fleet::subjects::SUSPENSIONS_BUCKET.into()
 }
 
 /// The evidence spool: every chain event, once on disk, as a JSON line in
@@ -715,6 +742,20 @@ impl Config {
                 "spool.when_full".into(),
                 "a spool without `ship.nats` is drained by nothing the node knows of (file shippers do not delete): set `when_full: drop-oldest`, or configure `ship.nats`".into(),
             ));
+        }
+        if let Some(c) = &self.console {
+            if self.ship.nats.is_none() {
+                return Err(bad(
+                    "console".into(),
+                    "a console is reached over NATS: configure `ship.nats` too".into(),
+                ));
+            }
+            if c.keys.is_empty() {
+                return Err(bad(
+                    "console.keys".into(),
+                    "names no key: no decision could ever be accepted (`sluice-console key` prints the console's)".into(),
+                ));
+            }
         }
         if self.spool.segment_bytes == 0 || self.spool.max_bytes < self.spool.segment_bytes {
             return Err(bad(

@@ -271,6 +271,10 @@ pub struct ControlServer {
     pub started: Instant,
     /// The cgroup2 mount, to place callers relative to the watched cgroups.
     pub cgroup_root: PathBuf,
+    /// Whether the deciding calls (approve, deny, resume, push) are taken
+    /// here: off when the node follows a console, whose decisions come
+    /// signed (`console.local_decisions`).
+    pub local_decisions: bool,
 }
 
 /// Longest request line read from a caller that is about to be refused.
@@ -420,80 +424,109 @@ impl ControlServer {
         }
     }
 
+    /// What `sluice status` shows (and heartbeats carry).
+    pub fn status(&self) -> Status {
+        let p = &self.proxy;
+        let k = p.redirector.kernel_stats();
+        let c = &p.counters;
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            watched_cgroups: p
+                .redirector
+                .cgroups()
+                .iter()
+                .map(|c| c.display().to_string())
+                .collect(),
+            listen: p.listen.iter().map(|l| l.to_string()).collect(),
+            target_entries: p
+                .redirector
+                .installed()
+                .iter()
+                .map(|e| {
+                    let table = p.targets.current();
+                    let name = table.name(e.target_id).unwrap_or("?");
+                    let port = if e.port == 0 {
+                        "*".to_string()
+                    } else {
+                        e.port.to_string()
+                    };
+                    format!("{name} {} port {port}", e.net)
+                })
+                .collect(),
+            connections_accepted: c.accepted.load(Ordering::Relaxed),
+            connections_forwarded: c.forwarded.load(Ordering::Relaxed),
+            connections_refused: c.refused.load(Ordering::Relaxed),
+            connections_active: c.active.load(Ordering::Relaxed),
+            upstream_failures: c.upstream_failed.load(Ordering::Relaxed),
+            record_errors: c.record_errors.load(Ordering::Relaxed),
+            recording: p.health.describe(),
+            spool: p
+                .spool
+                .as_ref()
+                .map_or_else(|| "off".into(), |s| s.describe()),
+            shipping_connected: p
+                .spool
+                .as_ref()
+                .is_some_and(|s| s.connected.load(Ordering::Relaxed)),
+            records_stored: p.store.count(),
+            policy_version: p.policy.current().version,
+            policy_floor: p.policy.floor(),
+            policy_expired: p.policy.current().expired_at(std::time::SystemTime::now()),
+            kernel_redirected: k.first().copied().unwrap_or_default(),
+            kernel_udp_refused: k.get(1).copied().unwrap_or_default(),
+            kernel_foreign_netns_refused: k.get(2).copied().unwrap_or_default(),
+            kernel_rekeyed: k.get(3).copied().unwrap_or_default(),
+            kernel_closed: k.get(4).copied().unwrap_or_default(),
+            containment: match &p.redirector.containment {
+                Containment::Lsm => "bpf-lsm".into(),
+                Containment::Degraded(why) => format!("degraded: {why}"),
+            },
+            kernel_raw_sockets_refused: k.get(5).copied().unwrap_or_default(),
+            kernel_packet_sockets_refused: k.get(6).copied().unwrap_or_default(),
+            kernel_cgroup_escapes_refused: k.get(7).copied().unwrap_or_default(),
+            kernel_bpf_refused: k.get(8).copied().unwrap_or_default(),
+            kernel_packet_sockets_killed: k.get(9).copied().unwrap_or_default(),
+            kernel_bpf_killed: k.get(10).copied().unwrap_or_default(),
+            escapes_detected: p.redirector.escapes_detected.load(Ordering::Relaxed),
+            kernel_shared_files_killed: k.get(11).copied().unwrap_or_default(),
+            kernel_fd_take_killed: k.get(12).copied().unwrap_or_default(),
+            jobs_stopped: p.redirector.jobs_stopped.load(Ordering::Relaxed),
+            jobs_quarantined: p.quarantine.len() as u64,
+            links_restored: p.redirector.links_restored.load(Ordering::Relaxed),
+        }
+    }
+
     fn dispatch(&self, req: Request, uid: u32) -> Response {
         let p = &self.proxy;
-        match req {
-            Request::Status => {
-                let k = p.redirector.kernel_stats();
-                let c = &p.counters;
-                Response::Status(Status {
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    pid: std::process::id(),
-                    uptime_secs: self.started.elapsed().as_secs(),
-                    watched_cgroups: p
-                        .redirector
-                        .cgroups()
-                        .iter()
-                        .map(|c| c.display().to_string())
-                        .collect(),
-                    listen: p.listen.iter().map(|l| l.to_string()).collect(),
-                    target_entries: p
-                        .redirector
-                        .installed()
-                        .iter()
-                        .map(|e| {
-                            let table = p.targets.current();
-                            let name = table.name(e.target_id).unwrap_or("?");
-                            let port = if e.port == 0 {
-                                "*".to_string()
-                            } else {
-                                e.port.to_string()
-                            };
-                            format!("{name} {} port {port}", e.net)
-                        })
-                        .collect(),
-                    connections_accepted: c.accepted.load(Ordering::Relaxed),
-                    connections_forwarded: c.forwarded.load(Ordering::Relaxed),
-                    connections_refused: c.refused.load(Ordering::Relaxed),
-                    connections_active: c.active.load(Ordering::Relaxed),
-                    upstream_failures: c.upstream_failed.load(Ordering::Relaxed),
-                    record_errors: c.record_errors.load(Ordering::Relaxed),
-                    recording: p.health.describe(),
-                    spool: p
-                        .spool
-                        .as_ref()
-                        .map_or_else(|| "off".into(), |s| s.describe()),
-                    shipping_connected: p
-                        .spool
-                        .as_ref()
-                        .is_some_and(|s| s.connected.load(Ordering::Relaxed)),
-                    records_stored: p.store.count(),
-                    policy_version: p.policy.current().version,
-                    policy_floor: p.policy.floor(),
-                    policy_expired: p.policy.current().expired_at(std::time::SystemTime::now()),
-                    kernel_redirected: k.first().copied().unwrap_or_default(),
-                    kernel_udp_refused: k.get(1).copied().unwrap_or_default(),
-                    kernel_foreign_netns_refused: k.get(2).copied().unwrap_or_default(),
-                    kernel_rekeyed: k.get(3).copied().unwrap_or_default(),
-                    kernel_closed: k.get(4).copied().unwrap_or_default(),
-                    containment: match &p.redirector.containment {
-                        Containment::Lsm => "bpf-lsm".into(),
-                        Containment::Degraded(why) => format!("degraded: {why}"),
-                    },
-                    kernel_raw_sockets_refused: k.get(5).copied().unwrap_or_default(),
-                    kernel_packet_sockets_refused: k.get(6).copied().unwrap_or_default(),
-                    kernel_cgroup_escapes_refused: k.get(7).copied().unwrap_or_default(),
-                    kernel_bpf_refused: k.get(8).copied().unwrap_or_default(),
-                    kernel_packet_sockets_killed: k.get(9).copied().unwrap_or_default(),
-                    kernel_bpf_killed: k.get(10).copied().unwrap_or_default(),
-                    escapes_detected: p.redirector.escapes_detected.load(Ordering::Relaxed),
-                    kernel_shared_files_killed: k.get(11).copied().unwrap_or_default(),
-                    kernel_fd_take_killed: k.get(12).copied().unwrap_or_default(),
-                    jobs_stopped: p.redirector.jobs_stopped.load(Ordering::Relaxed),
-                    jobs_quarantined: p.quarantine.len() as u64,
-                    links_restored: p.redirector.links_restored.load(Ordering::Relaxed),
-                })
+        if !self.local_decisions
+            && matches!(
+                req,
+                Request::ApprovalDecide { .. }
+                    | Request::IdentityResume { .. }
+                    | Request::PolicyPush { .. }
+            )
+        {
+            let op = req.name();
+            warn!(
+                uid,
+                op, "deciding control call refused: this node follows a console"
+            );
+            if let Err(e) = p.store.audit(
+                "control.refused",
+                &serde_json::json!({"uid": uid, "op": op, "reason": "decisions come signed from the console"}),
+            ) {
+                warn!(error = %e, "cannot record control refusal");
             }
+            return Response::Error {
+                message: format!(
+                    "{op} is off on this node: it follows a console, and decisions come signed from there (the node configuration's `console.local_decisions: true` allows it here)"
+                ),
+            };
+        }
+        match req {
+            Request::Status => Response::Status(self.status()),
             Request::SessionsList { filter } => match p.store.list(&filter) {
                 Ok(sessions) => Response::Sessions { sessions },
                 Err(e) => Response::Error {
@@ -532,10 +565,14 @@ impl ControlServer {
                 reason,
             } => {
                 let outcome = if approve {
-                    approvals::Outcome::Approved { by_uid: uid }
+                    approvals::Outcome::Approved {
+                        by_uid: Some(uid),
+                        signed: None,
+                    }
                 } else {
                     approvals::Outcome::Denied {
                         by_uid: Some(uid),
+                        signed: None,
                         reason: reason.unwrap_or_else(|| "denied by approver".into()),
                     }
                 };
@@ -552,6 +589,13 @@ impl ControlServer {
                             "no pending approval {id} (decided, expired or never existed)"
                         ),
                     },
+                }
+            }
+            Request::IdentitySuspend { identity, .. }
+                if identity.is_empty() || identity.contains('\0') =>
+            {
+                Response::Error {
+                    message: "an identity id is neither empty nor holds NUL".into(),
                 }
             }
             Request::IdentitySuspend { identity, reason } => {

@@ -228,8 +228,35 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         proxy: proxy.clone(),
         started: Instant::now(),
         cgroup_root: root.clone(),
+        local_decisions: cfg.console.as_ref().is_none_or(|c| c.local_decisions),
     });
-    tokio::spawn(server.serve(control_listener));
+    tokio::spawn(server.clone().serve(control_listener));
+    if let (Some(c), Some(n), Some(sp)) = (&cfg.console, &cfg.ship.nats, &spool) {
+        let trusted = c
+            .keys
+            .iter()
+            .map(|k| sluice_fleet::signed::Trusted::load(k))
+            .collect::<Result<Vec<_>, _>>()
+            .context("loading `console.keys`")?;
+        let status = {
+            let server = server.clone();
+            Arc::new(move || serde_json::to_value(server.status()).unwrap_or_default())
+        };
+        tokio::spawn(
+            Arc::new(crate::console::Link {
+                node: sp.node.clone(),
+                endpoint: crate::spool::ship::Endpoint::from(n),
+                trusted,
+                suspensions_bucket: c.suspensions_bucket.clone(),
+                local_decisions: c.local_decisions,
+                approvals: proxy.approvals.clone(),
+                suspensions: proxy.suspensions.clone(),
+                store: store.clone(),
+                status,
+            })
+            .run(),
+        );
+    }
     if let Some(addr) = cfg.metrics.listen {
         let p = proxy.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {

@@ -3,6 +3,7 @@
 pub mod addr;
 pub mod approvals;
 pub mod config;
+pub mod console;
 pub mod contain;
 pub mod control;
 pub mod daemon;
@@ -10,7 +11,7 @@ pub mod doctor;
 pub mod export;
 pub mod http;
 pub mod identity;
-pub mod keys;
+pub use sluice_fleet::keys;
 pub mod metrics;
 pub mod names;
 pub mod policy;

@@ -447,7 +447,7 @@ impl Proxy {
         // Intercepted HTTP gets a 403 per request and Postgres an error
         // per statement (clearer to the job); any other suspended
         // connection is refused outright.
-        if let (Some(susp), false) = (self.suspensions.get(&r.identity.id), intercepting) {
+        if let (Some(susp), false) = (self.suspensions.get(&r.identity), intercepting) {
             // Isolated during an incident: no new connections at all.
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             warn!(reason = %susp.reason, "identity suspended; refusing connection");

@@ -87,7 +87,7 @@ impl Session {
     /// Stage: suspension. `Some(decision)` when the identity is suspended
     /// (checked per message: a suspension applies to open connections).
     pub fn suspended(&self) -> Option<(Decision, String)> {
-        let s = self.suspensions.get(&self.identity.id)?;
+        let s = self.suspensions.get(&self.identity)?;
         Some((
             Decision::node_block("identity-suspended", s.reason.clone()),
             s.reason,

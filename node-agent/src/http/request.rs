@@ -220,6 +220,8 @@ impl HttpSession {
                         .into_owned(),
                     created_ms: 0,
                     expires_ms: 0,
+                    hold: String::new(),
+                    ci: self.identity.ci.clone(),
                 };
                 info!(session = self.id, workload = %self.identity.id, %rule, "request held for approval");
                 let outcome = self
@@ -234,7 +236,7 @@ impl HttpSession {
                 // A suspension while held also denies.
                 let denial = denial.or_else(|| {
                     self.suspensions
-                        .get(&self.identity.id)
+                        .get(&self.identity)
                         .map(|s| format!("identity suspended: {}", s.reason))
                 });
                 match denial {

@@ -360,6 +360,8 @@ impl Frontend {
                     preview: sql.chars().take(512).collect(),
                     created_ms: 0,
                     expires_ms: 0,
+                    hold: String::new(),
+                    ci: self.ctx.identity.ci.clone(),
                 };
                 info!(session = self.ctx.id, workload = %self.ctx.workload(), %rule, "statement held for approval");
                 let outcome = self

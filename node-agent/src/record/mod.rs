@@ -1278,6 +1278,19 @@ impl RecordStore {
         self.s.key.public()
     }
 
+    /// The newest signed checkpoint.
+    pub fn last_checkpoint(&self) -> Result<Option<Checkpoint>, RecordError> {
+        let Some((k, v)) = self.s.checkpoints.last()? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|source| RecordError::Corrupt {
+                key: format!("checkpoints/{}", key_u64(&k)),
+                source,
+            })
+    }
+
     /// Signed checkpoints, oldest first.
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, RecordError> {
         let mut out = Vec::new();

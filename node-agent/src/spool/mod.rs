@@ -104,7 +104,7 @@ pub struct Spool {
     pub dir: PathBuf,
     settings: SpoolSettings,
     pub status: Arc<SpoolStatus>,
-    node: String,
+    pub node: String,
 }
 
 /// A segment: first sequence number and path, in order.

@@ -60,3 +60,13 @@ pub fn keygen(prefix: &Path) -> Result<String, KeyFileError> {
         .map_err(|e| err(e.to_string()))?;
     Ok(kid_of(&public))
 }
+
+/// 16 random bytes, hex: names one hold, one session.
+pub fn random_token() -> String {
+    let mut b = [0u8; 16];
+    // The system's generator failing is not something to run on with.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        std::process::abort();
+    }
+    hex::encode(b)
+}
