@@ -33,8 +33,10 @@ mod testpg;
 pub enum StoreError {
     #[error("store: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// Its causes are in the message (not `source`): the log lines
+    /// that print a store error print only its message.
     #[error("store (PostgreSQL): {}", pg::describe(.0))]
-    Postgres(#[from] postgres::Error),
+    Postgres(postgres::Error),
     #[error("store: {0} is not a hash")]
     BadHash(String),
     /// The `--store` value names no store this console has.
@@ -48,6 +50,12 @@ pub enum StoreError {
     Column(usize),
     #[error("store (PostgreSQL): no connection free within {0:?}")]
     Busy(std::time::Duration),
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        StoreError::Postgres(e)
+    }
 }
 
 /// A value bound to a `?N` placeholder: the few types the schema has.
