@@ -289,8 +289,13 @@ impl Postgres {
             };
             match out {
                 Err(e) if client.is_closed() => {
-                    let idle = std::mem::take(&mut self.pool().idle);
-                    self.pool().open -= idle.len();
+                    let idle = {
+                        let mut pool = self.pool();
+                        let idle = std::mem::take(&mut pool.idle);
+                        pool.open -= idle.len();
+                        idle
+                    };
+                    // Closed outside the pool's lock.
                     drop(idle);
                     if !transaction && lease.reused && attempt == 1 {
                         continue;
