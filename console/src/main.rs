@@ -44,6 +44,11 @@ enum Cmd {
         /// Where the embedded store lives.
         #[arg(long, default_value = "/var/lib/sluice-console")]
         state_dir: PathBuf,
+        /// The store: a PostgreSQL URL (`postgres://user@host/db`), or
+        /// unset for the SQLite file `console.db` in --state-dir. Its
+        /// value is never shown (it may carry a password).
+        #[arg(long, env = "SLUICE_CONSOLE_STORE", hide_env_values = true)]
+        store: Option<String>,
         /// Address of the web UI. Loopback by default: there is no login
         /// yet, so expose it only behind an authenticating proxy.
         #[arg(long, default_value = "127.0.0.1:8470")]
@@ -87,14 +92,22 @@ async fn main() -> anyhow::Result<()> {
             subject_prefix,
             durable,
             state_dir,
+            store: location,
             listen,
             retain_days,
             suspensions_bucket,
         } => {
             let signer = signer(&state_dir)?;
-            let store = Arc::new(
-                store::Store::open(&state_dir.join("console.db")).context("opening the store")?,
-            );
+            // Connecting and migrating block: off the runtime.
+            let file = state_dir.join("console.db");
+            let store = tokio::task::spawn_blocking(move || {
+                store::Store::open_location(location.as_deref(), &file)
+            })
+            .await
+            .context("opening the store")?
+            .context("opening the store")?;
+            tracing::info!(backend = store.backend(), "store open");
+            let store = Arc::new(store);
             tracing::info!(kid = %signer.kid, "decisions are signed with this key (`sluice-console key` prints it)");
             let fleet = Arc::new(fleet::Fleet::new(signer, suspensions_bucket)?);
             tokio::spawn(fleet.clone().run(nats.clone()));
