@@ -43,14 +43,21 @@ enum Cmd {
         /// Where the embedded store lives.
         #[arg(long, default_value = "/var/lib/sluice-console")]
         state_dir: PathBuf,
-        /// Address of the web UI. Loopback by default: there is no login
-        /// yet, so expose it only behind an authenticating proxy.
+        /// Address of the web UI. Without a login (--oidc-issuer) only a
+        /// loopback address is accepted.
         #[arg(long, default_value = "127.0.0.1:8470")]
         listen: std::net::SocketAddr,
         /// Sessions older than this many days are forgotten (checked
         /// hourly); 0 keeps everything.
         #[arg(long, default_value_t = 90)]
         retain_days: u64,
+        #[command(flatten)]
+        auth: auth::AuthArgs,
+    },
+    /// API tokens for automation.
+    Token {
+        #[command(subcommand)]
+        cmd: auth::TokenCmd,
     },
 }
 
@@ -70,7 +77,9 @@ async fn main() -> anyhow::Result<()> {
             state_dir,
             listen,
             retain_days,
+            auth,
         } => {
+            let auth = Arc::new(auth::Auth::from_args(auth)?);
             std::fs::create_dir_all(&state_dir)
                 .with_context(|| format!("state directory {}", state_dir.display()))?;
             let store = Arc::new(
@@ -88,7 +97,10 @@ async fn main() -> anyhow::Result<()> {
             if retain_days > 0 {
                 tokio::spawn(retention(store.clone(), retain_days));
             }
-            let auth = Arc::new(auth::Auth::local());
+            tokio::spawn({
+                let auth = auth.clone();
+                async move { auth.probe().await }
+            });
             if !auth.allows_listen(&listen) {
                 anyhow::bail!(
                     "{listen} is not a loopback address: without a login configured the console serves loopback only"
@@ -105,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("serving")?;
         }
+        Cmd::Token { cmd } => auth::run_token(cmd)?,
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ pre{background:#f5f6f8;padding:.6em;white-space:pre-wrap;word-break:break-all;ma
 mark.masked{background:#ffd24d;color:#000}.ex{border:1px solid #ddd;border-radius:.4em;margin:.8em 0;padding:.6em}\
 .muted{color:#667}";
 
-fn page(title: &str, body: Markup) -> Markup {
+pub(crate) fn page(title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -32,6 +32,7 @@ fn page(title: &str, body: Markup) -> Markup {
                     strong { "Sluice console" }
                     a href="/sessions" { "Sessions" }
                     a href="/nodes" { "Nodes" }
+                    (crate::auth::header_badge())
                 }
                 main { (body) }
             }
@@ -292,10 +293,7 @@ pub fn nodes(rows: &[NodeRow]) -> Markup {
 }
 
 pub fn forbidden(why: &str) -> Markup {
-    page(
-        "Not allowed",
-        html! { h1 { "Not allowed" } p { (why) } },
-    )
+    page("Not allowed", html! { h1 { "Not allowed" } p { (why) } })
 }
 
 pub fn not_found(what: &str) -> Markup {

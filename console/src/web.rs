@@ -31,7 +31,6 @@ impl axum::extract::FromRef<App> for Arc<Auth> {
     }
 }
 
-
 /// Errors rendered in one place: a status and a message, never a panic.
 pub enum WebError {
     NotFound(String),
@@ -39,6 +38,8 @@ pub enum WebError {
     Unauthenticated,
     /// Logged in, but the role does not allow it.
     Forbidden(String),
+    /// A login, an API token or a cross-site request refused.
+    Auth(crate::auth::AuthError),
     Store(StoreError),
     Task(String),
 }
@@ -57,9 +58,8 @@ impl IntoResponse for WebError {
                 Html(pages::not_found(&what).into_string()),
             )
                 .into_response(),
-            Self::Unauthenticated => {
-                (StatusCode::UNAUTHORIZED, "log in first").into_response()
-            }
+            Self::Unauthenticated => crate::auth::unauthenticated(),
+            Self::Auth(e) => e.into_response(),
             Self::Forbidden(why) => (
                 StatusCode::FORBIDDEN,
                 Html(pages::forbidden(&why).into_string()),
@@ -102,7 +102,10 @@ async fn replay_page(
     Path((node, id)): Path<(String, u64)>,
 ) -> Result<Html<String>, WebError> {
     let n = node.clone();
-    let (found, info) = blocking(&app.store, move |st| Ok((st.session(&n, id)?, st.node(&n)?))).await?;
+    let (found, info) = blocking(&app.store, move |st| {
+        Ok((st.session(&n, id)?, st.node(&n)?))
+    })
+    .await?;
     let (session, ex) =
         found.ok_or_else(|| WebError::NotFound(format!("no session {id} on {node}")))?;
     Ok(Html(
@@ -130,7 +133,10 @@ async fn api_session(
     Path((node, id)): Path<(String, u64)>,
 ) -> Result<Json<serde_json::Value>, WebError> {
     let n = node.clone();
-    let (found, info) = blocking(&app.store, move |st| Ok((st.session(&n, id)?, st.node(&n)?))).await?;
+    let (found, info) = blocking(&app.store, move |st| {
+        Ok((st.session(&n, id)?, st.node(&n)?))
+    })
+    .await?;
     let (session, ex) =
         found.ok_or_else(|| WebError::NotFound(format!("no session {id} on {node}")))?;
     Ok(Json(json!({
@@ -140,7 +146,10 @@ async fn api_session(
     })))
 }
 
-async fn api_nodes(_who: Principal, State(app): State<App>) -> Result<Json<serde_json::Value>, WebError> {
+async fn api_nodes(
+    _who: Principal,
+    State(app): State<App>,
+) -> Result<Json<serde_json::Value>, WebError> {
     let rows = blocking(&app.store, |st| st.nodes()).await?;
     Ok(Json(json!({ "nodes": rows })))
 }
@@ -175,6 +184,11 @@ pub fn router(app: App) -> Router {
         .route("/api/sessions/{node}/{id}", get(api_session))
         .route("/api/nodes", get(api_nodes))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(crate::auth::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            app.auth.clone(),
+            crate::auth::guard,
+        ))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(app)
 }
