@@ -153,7 +153,7 @@ mod tests {
         let h = "00".repeat(32);
         for (text, want) in [
             (format!("root x {h}"), "line 1: unknown role"),
-            (format!("viewer x\n"), "line 1: expected"),
+            ("viewer x\n".to_string(), "line 1: expected"),
             ("viewer x abcd".to_string(), "64 hex"),
             (
                 format!("viewer x {h}\nadmin x {}", "11".repeat(32)),
