@@ -293,7 +293,10 @@ pub fn nodes(rows: &[NodeRow]) -> Markup {
 }
 
 pub fn forbidden(why: &str) -> Markup {
-    page("Not allowed", html! { h1 { "Not allowed" } p { (why) } })
+    page(
+        "Not allowed",
+        html! { h1 { "Not allowed" } p { (why) } },
+    )
 }
 
 pub fn not_found(what: &str) -> Markup {

@@ -31,6 +31,7 @@ impl axum::extract::FromRef<App> for Arc<Auth> {
     }
 }
 
+
 /// Errors rendered in one place: a status and a message, never a panic.
 pub enum WebError {
     NotFound(String),
@@ -102,10 +103,7 @@ async fn replay_page(
     Path((node, id)): Path<(String, u64)>,
 ) -> Result<Html<String>, WebError> {
     let n = node.clone();
-    let (found, info) = blocking(&app.store, move |st| {
-        Ok((st.session(&n, id)?, st.node(&n)?))
-    })
-    .await?;
+    let (found, info) = blocking(&app.store, move |st| Ok((st.session(&n, id)?, st.node(&n)?))).await?;
     let (session, ex) =
         found.ok_or_else(|| WebError::NotFound(format!("no session {id} on {node}")))?;
     Ok(Html(
@@ -133,10 +131,7 @@ async fn api_session(
     Path((node, id)): Path<(String, u64)>,
 ) -> Result<Json<serde_json::Value>, WebError> {
     let n = node.clone();
-    let (found, info) = blocking(&app.store, move |st| {
-        Ok((st.session(&n, id)?, st.node(&n)?))
-    })
-    .await?;
+    let (found, info) = blocking(&app.store, move |st| Ok((st.session(&n, id)?, st.node(&n)?))).await?;
     let (session, ex) =
         found.ok_or_else(|| WebError::NotFound(format!("no session {id} on {node}")))?;
     Ok(Json(json!({
@@ -146,10 +141,7 @@ async fn api_session(
     })))
 }
 
-async fn api_nodes(
-    _who: Principal,
-    State(app): State<App>,
-) -> Result<Json<serde_json::Value>, WebError> {
+async fn api_nodes(_who: Principal, State(app): State<App>) -> Result<Json<serde_json::Value>, WebError> {
     let rows = blocking(&app.store, |st| st.nodes()).await?;
     Ok(Json(json!({ "nodes": rows })))
 }
