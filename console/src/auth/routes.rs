@@ -60,8 +60,14 @@ where
 pub async fn guard(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let safe = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
-    if !safe && !req.headers().contains_key(header::AUTHORIZATION) && auth.cross_site(req.headers())
-    {
+    // Only a bearer token is exempt: a browser may add Basic credentials
+    // (a proxy's) to a forged form by itself, never a bearer token.
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Bearer "));
+    if !safe && !bearer && auth.cross_site(req.headers()) {
         return WebError::from(AuthError::CrossSite).into_response();
     }
     let (parts, body) = req.into_parts();
