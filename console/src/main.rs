@@ -21,6 +21,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start-up: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Ingest the evidence stream and serve the UI.
@@ -49,8 +51,8 @@ enum Cmd {
         /// value is never shown (it may carry a password).
         #[arg(long, env = "SLUICE_CONSOLE_STORE", hide_env_values = true)]
         store: Option<String>,
-        /// Address of the web UI. Loopback by default: there is no login
-        /// yet, so expose it only behind an authenticating proxy.
+        /// Address of the web UI. Without a login (--oidc-issuer) only a
+        /// loopback address is accepted.
         #[arg(long, default_value = "127.0.0.1:8470")]
         listen: std::net::SocketAddr,
         /// Sessions older than this many days are forgotten (checked
@@ -61,6 +63,13 @@ enum Cmd {
         /// nodes' `console.suspensions_bucket`).
         #[arg(long, default_value = sluice_fleet::subjects::SUSPENSIONS_BUCKET)]
         suspensions_bucket: String,
+        #[command(flatten)]
+        auth: auth::AuthArgs,
+    },
+    /// API tokens for automation.
+    Token {
+        #[command(subcommand)]
+        cmd: auth::TokenCmd,
     },
     /// Print the console's decision-signing public key (PEM), made on
     /// first use: list it in each node's `console.keys`.
@@ -96,7 +105,9 @@ async fn main() -> anyhow::Result<()> {
             listen,
             retain_days,
             suspensions_bucket,
+            auth,
         } => {
+            let auth = Arc::new(auth::Auth::from_args(auth)?);
             let signer = signer(&state_dir)?;
             // Connecting and migrating block: off the runtime.
             let file = state_dir.join("console.db");
@@ -123,7 +134,10 @@ async fn main() -> anyhow::Result<()> {
             if retain_days > 0 {
                 tokio::spawn(retention(store.clone(), retain_days));
             }
-            let auth = Arc::new(auth::Auth::local());
+            tokio::spawn({
+                let auth = auth.clone();
+                async move { auth.probe().await }
+            });
             if !auth.allows_listen(&listen) {
                 anyhow::bail!(
                     "{listen} is not a loopback address: without a login configured the console serves loopback only"
@@ -141,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
                 .context("serving")?;
         }
         Cmd::Key { state_dir } => print!("{}", signer(&state_dir)?.public_pem()),
+        Cmd::Token { cmd } => auth::run_token(cmd)?,
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ mark.masked{background:#ffd24d;color:#000}.ex{border:1px solid #ddd;border-radiu
 .muted{color:#667}.flash{padding:.5em .8em;border-radius:.3em}.flash.ok{background:#e3f4e3}.flash.err{background:#fbe3e6}\
 form.decide input{padding:.3em}";
 
-fn page(title: &str, body: Markup) -> Markup {
+pub(crate) fn page(title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -37,6 +37,7 @@ fn page(title: &str, body: Markup) -> Markup {
                     a href="/approvals" { "Approvals" }
                     a href="/identities" { "Identities" }
                     a href="/nodes" { "Nodes" }
+                    (crate::auth::header_badge())
                 }
                 main { (body) }
             }

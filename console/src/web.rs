@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::{
     extract::{Path, Query, State},
-    http::{header, HeaderValue, StatusCode},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{Html, IntoResponse, Redirect, Response},
     routing::{get, post},
     Form, Json, Router,
@@ -16,7 +16,7 @@ use serde_json::json;
 use sluice_fleet::{approval::Verdict, suspension::Scope};
 
 use crate::{
-    auth::{Auth, Principal, Role},
+    auth::{self, Auth, Principal, Role},
     fleet::{Fleet, FleetError},
     pages::{self, fleet::Flash},
     store::{Filter, Store, StoreError},
@@ -40,10 +40,11 @@ impl axum::extract::FromRef<App> for Arc<Auth> {
 pub enum WebError {
     NotFound(String),
     /// Not logged in (API: 401; pages go to the login).
-    #[allow(dead_code)]
     Unauthenticated,
     /// Logged in, but the role does not allow it.
     Forbidden(String),
+    /// A login, an API token or a cross-site request refused.
+    Auth(crate::auth::AuthError),
     Store(StoreError),
     Task(String),
     /// A fleet action that did not happen (API callers get it as JSON).
@@ -85,7 +86,8 @@ impl IntoResponse for WebError {
                 Html(pages::not_found(&what).into_string()),
             )
                 .into_response(),
-            Self::Unauthenticated => (StatusCode::UNAUTHORIZED, "log in first").into_response(),
+            Self::Unauthenticated => crate::auth::unauthenticated(),
+            Self::Auth(e) => e.into_response(),
             Self::Forbidden(why) => (
                 StatusCode::FORBIDDEN,
                 Html(pages::forbidden(&why).into_string()),
@@ -191,9 +193,10 @@ async fn decide_form(
     who: Principal,
     State(app): State<App>,
     Path((node, id)): Path<(String, u64)>,
+    headers: HeaderMap,
     Form(f): Form<DecideForm>,
 ) -> Result<Html<String>, WebError> {
-    who.check_csrf(&f.csrf)?;
+    auth::state_change(&who, &headers, Some(&f.csrf))?;
     who.require(Role::Approver)?;
     let v = verdict(&f.verdict)?;
     let flash = match app.fleet.decide(&node, id, v, &who.name, &f.reason).await {
@@ -218,8 +221,10 @@ async fn api_decide(
     who: Principal,
     State(app): State<App>,
     Path((node, id)): Path<(String, u64)>,
+    headers: HeaderMap,
     Json(b): Json<DecideBody>,
 ) -> Result<Json<serde_json::Value>, WebError> {
+    auth::state_change(&who, &headers, None)?;
     who.require(Role::Approver)?;
     let v = verdict(&b.verdict)?;
     let message = app.fleet.decide(&node, id, v, &who.name, &b.reason).await?;
@@ -252,9 +257,10 @@ struct SuspendForm {
 async fn suspend_form(
     who: Principal,
     State(app): State<App>,
+    headers: HeaderMap,
     Form(f): Form<SuspendForm>,
 ) -> Result<Html<String>, WebError> {
-    who.check_csrf(&f.csrf)?;
+    auth::state_change(&who, &headers, Some(&f.csrf))?;
     who.require(Role::Approver)?;
     let sc = scope(&f.scope)?;
     let flash = match app
@@ -276,9 +282,10 @@ async fn suspend_form(
 async fn resume_form(
     who: Principal,
     State(app): State<App>,
+    headers: HeaderMap,
     Form(f): Form<SuspendForm>,
 ) -> Result<Html<String>, WebError> {
-    who.check_csrf(&f.csrf)?;
+    auth::state_change(&who, &headers, Some(&f.csrf))?;
     who.require(Role::Admin)?;
     let sc = scope(&f.scope)?;
     let flash = match app
@@ -321,8 +328,10 @@ struct SuspendBody {
 async fn api_suspend(
     who: Principal,
     State(app): State<App>,
+    headers: HeaderMap,
     Json(b): Json<SuspendBody>,
 ) -> Result<Json<serde_json::Value>, WebError> {
+    auth::state_change(&who, &headers, None)?;
     who.require(if b.resume {
         Role::Admin
     } else {
@@ -421,6 +430,11 @@ pub fn router(app: App) -> Router {
         .route("/api/sessions/{node}/{id}", get(api_session))
         .route("/api/nodes", get(api_nodes))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(crate::auth::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            app.auth.clone(),
+            crate::auth::guard,
+        ))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(app)
 }
