@@ -10,7 +10,7 @@
 //! expected last sequence so two consoles cannot lose each other's
 //! change).
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -64,16 +64,6 @@ pub struct NodeBeat {
     pub received_ms: u64,
 }
 
-/// A decision or suspension change made here.
-#[derive(Clone, Debug, Serialize)]
-pub struct Action {
-    pub at_ms: u64,
-    pub by: String,
-    pub action: String,
-    pub subject: String,
-    pub detail: String,
-}
-
 pub struct Fleet {
     pub signer: Signer,
     /// The console's own key: lists in the bucket must verify against it
@@ -83,10 +73,11 @@ pub struct Fleet {
     conn: RwLock<Option<(async_nats::Client, jetstream::Context)>>,
     held: Mutex<BTreeMap<(String, u64), Held>>,
     beats: Mutex<BTreeMap<String, NodeBeat>>,
-    recent: Mutex<VecDeque<Action>>,
+    /// The newest list this console has read or written: a genuinely
+    /// signed but older list republished into the bucket is not built on.
+    newest: Mutex<List>,
 }
 
-const RECENT: usize = 200;
 /// How long the console waits for a node to answer a decision.
 const ANSWER_SECS: u64 = 5;
 
@@ -107,7 +98,7 @@ impl Fleet {
             conn: RwLock::new(None),
             held: Mutex::default(),
             beats: Mutex::default(),
-            recent: Mutex::default(),
+            newest: Mutex::default(),
         })
     }
 
@@ -225,18 +216,6 @@ impl Fleet {
         now_ms().saturating_sub(b.received_ms) > 3 * INTERVAL_SECS * 1000
     }
 
-    pub fn recent(&self) -> Vec<Action> {
-        Self::lock(&self.recent).iter().rev().cloned().collect()
-    }
-
-    fn remember(&self, a: Action) {
-        let mut r = Self::lock(&self.recent);
-        if r.len() >= RECENT {
-            r.pop_front();
-        }
-        r.push_back(a);
-    }
-
     async fn conn(&self) -> Result<(async_nats::Client, jetstream::Context), FleetError> {
         self.conn
             .read()
@@ -315,13 +294,6 @@ impl Fleet {
             Verdict::Deny => "denied",
         };
         info!(%node, id, %by, verdict = word, "decision accepted by the node");
-        self.remember(Action {
-            at_ms: now_ms(),
-            by: by.into(),
-            action: word.into(),
-            subject: format!("{node} request {id}"),
-            detail: reason.into(),
-        });
         Ok(reply.message)
     }
 
@@ -341,6 +313,16 @@ impl Fleet {
                 let token = String::from_utf8_lossy(&m.payload);
                 let (list, _) = signed::verify::<List>(&token, LIST_TYP, &self.trusted)
                     .map_err(|e| FleetError::ForeignList(e.to_string()))?;
+                let mut newest = Self::lock(&self.newest);
+                if list.version < newest.version {
+                    warn!(
+                        bucket = list.version,
+                        newest = newest.version,
+                        "the bucket's suspension list is older than one this console saw (replayed?): the newer one stands"
+                    );
+                    return Ok((newest.clone(), m.sequence));
+                }
+                *newest = list.clone();
                 Ok((list, m.sequence))
             }
             Err(e) if e.to_string().contains("no message found") => Ok((List::default(), 0)),
@@ -410,15 +392,9 @@ impl Fleet {
                 nats(e)
             }
         })?;
+        *Self::lock(&self.newest) = list.clone();
         let word = if resume { "resumed" } else { "suspended" };
         info!(scope = scope.as_str(), %value, %by, version = list.version, "{word} across the fleet");
-        self.remember(Action {
-            at_ms: now_ms(),
-            by: by.into(),
-            action: word.into(),
-            subject: format!("{} {value}", scope.as_str()),
-            detail: reason.into(),
-        });
         // Held requests the new entry covers are denied by their nodes.
         Ok(list)
     }

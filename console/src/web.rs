@@ -17,9 +17,9 @@ use sluice_fleet::{approval::Verdict, suspension::Scope};
 
 use crate::{
     auth::{self, Auth, Principal, Role},
-    fleet::{Fleet, FleetError},
+    fleet::{self, Fleet, FleetError},
     pages::{self, fleet::Flash},
-    store::{Filter, Store, StoreError},
+    store::{AuditRow, Filter, Store, StoreError},
 };
 
 /// What every handler may use: the store and who is asking (`auth`).
@@ -170,12 +170,107 @@ fn scope(word: &str) -> Result<Scope, WebError> {
     })
 }
 
-fn approvals_html(app: &App, who: &Principal, f: Flash) -> Html<String> {
-    Html(pages::fleet::approvals(who, &app.fleet.held(), &app.fleet.recent(), &f).into_string())
+/// The console's audit of fleet actions, by kind of page.
+async fn history(app: &App, kinds: &'static [&'static str]) -> Result<Vec<AuditRow>, WebError> {
+    let rows = blocking(&app.store, |st| st.audits(500)).await?;
+    Ok(rows
+        .into_iter()
+        .filter(|a| kinds.contains(&a.action.as_str()))
+        .take(100)
+        .collect())
 }
 
-async fn approvals_page(who: Principal, State(app): State<App>) -> Html<String> {
-    approvals_html(&app, &who, Flash::None)
+const DECISIONS: &[&str] = &["approve", "deny", "decision.failed"];
+const SUSPENSIONS: &[&str] = &["suspend", "resume", "suspension.failed"];
+
+/// Records a fleet action with the person who asked (a store failure is
+/// logged: the action itself already happened, or was refused).
+async fn audit(
+    app: &App,
+    who: &Principal,
+    action: &str,
+    subject: String,
+    detail: serde_json::Value,
+) {
+    let (who_name, role, action) = (who.name.clone(), who.role.as_str(), action.to_owned());
+    let r = blocking(&app.store, move |st| {
+        st.audit(fleet::now_ms(), &who_name, role, &action, &subject, &detail)
+    })
+    .await;
+    if r.is_err() {
+        tracing::warn!("cannot record a fleet action in the console's audit");
+    }
+}
+
+/// Decides through the fleet and audits the attempt, accepted or not.
+async fn decide(
+    app: &App,
+    who: &Principal,
+    node: &str,
+    id: u64,
+    v: Verdict,
+    reason: &str,
+) -> Result<String, FleetError> {
+    let r = app.fleet.decide(node, id, v, &who.name, reason).await;
+    let (action, detail) = match &r {
+        Ok(m) => (
+            match v {
+                Verdict::Approve => "approve",
+                Verdict::Deny => "deny",
+            },
+            json!({"reason": reason, "node_says": m}),
+        ),
+        Err(e) => (
+            "decision.failed",
+            json!({"error": e.to_string(), "verdict": v}),
+        ),
+    };
+    audit(app, who, action, format!("{node} request {id}"), detail).await;
+    r
+}
+
+async fn change_suspension(
+    app: &App,
+    who: &Principal,
+    sc: Scope,
+    value: &str,
+    reason: &str,
+    resume: bool,
+) -> Result<sluice_fleet::suspension::List, FleetError> {
+    let r = app
+        .fleet
+        .change_suspension(sc, value, reason, &who.name, resume)
+        .await;
+    let (action, detail) = match &r {
+        Ok(l) => (
+            if resume { "resume" } else { "suspend" },
+            json!({"reason": reason, "version": l.version}),
+        ),
+        Err(e) => (
+            "suspension.failed",
+            json!({"error": e.to_string(), "resume": resume}),
+        ),
+    };
+    audit(
+        app,
+        who,
+        action,
+        format!("{} {}", sc.as_str(), value.trim()),
+        detail,
+    )
+    .await;
+    r
+}
+
+async fn approvals_html(app: &App, who: &Principal, f: Flash) -> Result<Html<String>, WebError> {
+    let recent = history(app, DECISIONS).await?;
+    Ok(Html(
+        pages::fleet::approvals(who, &app.fleet.held(), &recent, &f).into_string(),
+    ))
+}
+
+async fn approvals_page(who: Principal, State(app): State<App>) -> Result<Html<String>, WebError> {
+    approvals_html(&app, &who, Flash::None).await
 }
 
 #[derive(Deserialize)]
@@ -199,15 +294,19 @@ async fn decide_form(
     auth::state_change(&who, &headers, Some(&f.csrf))?;
     who.require(Role::Approver)?;
     let v = verdict(&f.verdict)?;
-    let flash = match app.fleet.decide(&node, id, v, &who.name, &f.reason).await {
+    let flash = match decide(&app, &who, &node, id, v, &f.reason).await {
         Ok(m) => Flash::Done(format!("{node}: {m}")),
         Err(e) => Flash::Failed(e.to_string()),
     };
-    Ok(approvals_html(&app, &who, flash))
+    approvals_html(&app, &who, flash).await
 }
 
-async fn api_approvals(_who: Principal, State(app): State<App>) -> Json<serde_json::Value> {
-    Json(json!({ "held": app.fleet.held(), "recent": app.fleet.recent() }))
+async fn api_approvals(
+    _who: Principal,
+    State(app): State<App>,
+) -> Result<Json<serde_json::Value>, WebError> {
+    let recent = history(&app, DECISIONS).await?;
+    Ok(Json(json!({ "held": app.fleet.held(), "recent": recent })))
 }
 
 #[derive(Deserialize)]
@@ -227,16 +326,16 @@ async fn api_decide(
     auth::state_change(&who, &headers, None)?;
     who.require(Role::Approver)?;
     let v = verdict(&b.verdict)?;
-    let message = app.fleet.decide(&node, id, v, &who.name, &b.reason).await?;
+    let message = decide(&app, &who, &node, id, v, &b.reason).await?;
     Ok(Json(json!({ "accepted": true, "message": message })))
 }
 
 async fn identities_html(app: &App, who: &Principal, f: Flash) -> Result<Html<String>, WebError> {
     let list = app.fleet.suspensions().await.ok().map(|(l, _)| l);
     let recent = blocking(&app.store, |st| st.sessions(&Filter::default())).await?;
+    let changes = history(app, SUSPENSIONS).await?;
     Ok(Html(
-        pages::fleet::identities(who, list.as_ref(), &recent, &app.fleet.recent(), &f)
-            .into_string(),
+        pages::fleet::identities(who, list.as_ref(), &recent, &changes, &f).into_string(),
     ))
 }
 
@@ -263,11 +362,7 @@ async fn suspend_form(
     auth::state_change(&who, &headers, Some(&f.csrf))?;
     who.require(Role::Approver)?;
     let sc = scope(&f.scope)?;
-    let flash = match app
-        .fleet
-        .change_suspension(sc, &f.value, &f.reason, &who.name, false)
-        .await
-    {
+    let flash = match change_suspension(&app, &who, sc, &f.value, &f.reason, false).await {
         Ok(l) => Flash::Done(format!(
             "{} {} suspended on every node following the console (list version {})",
             sc.as_str(),
@@ -288,11 +383,7 @@ async fn resume_form(
     auth::state_change(&who, &headers, Some(&f.csrf))?;
     who.require(Role::Admin)?;
     let sc = scope(&f.scope)?;
-    let flash = match app
-        .fleet
-        .change_suspension(sc, &f.value, "", &who.name, true)
-        .await
-    {
+    let flash = match change_suspension(&app, &who, sc, &f.value, "", true).await {
         Ok(l) => Flash::Done(format!(
             "{} {} resumed (list version {})",
             sc.as_str(),
@@ -338,10 +429,7 @@ async fn api_suspend(
         Role::Approver
     })?;
     let sc = scope(&b.scope)?;
-    let list = app
-        .fleet
-        .change_suspension(sc, &b.value, &b.reason, &who.name, b.resume)
-        .await?;
+    let list = change_suspension(&app, &who, sc, &b.value, &b.reason, b.resume).await?;
     Ok(Json(
         json!({ "version": list.version, "entries": list.entries }),
     ))
@@ -380,7 +468,19 @@ async fn api_nodes(
     State(app): State<App>,
 ) -> Result<Json<serde_json::Value>, WebError> {
     let rows = blocking(&app.store, |st| st.nodes()).await?;
-    Ok(Json(json!({ "nodes": rows })))
+    let beats: serde_json::Map<String, serde_json::Value> = app
+        .fleet
+        .beats()
+        .into_iter()
+        .map(|(n, b)| {
+            let silent = Fleet::silent(&b);
+            (
+                n,
+                json!({"heartbeat": b.beat, "received_ms": b.received_ms, "silent": silent}),
+            )
+        })
+        .collect();
+    Ok(Json(json!({ "nodes": rows, "heartbeats": beats })))
 }
 
 async fn security_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -398,7 +498,10 @@ async fn security_headers(req: axum::extract::Request, next: axum::middleware::N
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        // Not `no-referrer`: under it Chromium sends `Origin: null` with
+        // the console's own form posts, which the cross-site guard refuses.
+        // `same-origin` still tells no other site where a link came from.
+        HeaderValue::from_static("same-origin"),
     );
     resp
 }

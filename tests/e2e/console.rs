@@ -347,3 +347,410 @@ fn a_nodes_sessions_are_searched_replayed_and_verified_in_the_console_in_a_real_
         "a break stays flagged"
     );
 }
+
+/// A request and its reply over the plain client protocol (the reply
+/// subject is the caller's own inbox).
+fn nats_request(port: u16, subject: &str, payload: &[u8]) -> Vec<u8> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 65536];
+    let _ = s.read(&mut buf).unwrap(); // INFO
+    let inbox = "_INBOX.e2e-forger";
+    let mut msg = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB {inbox} 1\r\nPUB {subject} {inbox} {}\r\n",
+        payload.len()
+    )
+    .into_bytes();
+    msg.extend_from_slice(payload);
+    msg.extend_from_slice(b"\r\n");
+    s.write_all(&msg).unwrap();
+    let mut got = Vec::new();
+    loop {
+        let n = s.read(&mut buf).expect("a reply from the node");
+        assert!(n > 0, "nats closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(at) = text.find(&format!("MSG {inbox} 1 ")) {
+            let head_end = at + text[at..].find("\r\n").unwrap_or(0);
+            if head_end == at {
+                continue;
+            }
+            let len: usize = text[at..head_end]
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let body_at = head_end + 2;
+            if got.len() >= body_at + len {
+                return got[body_at..body_at + len].to_vec();
+            }
+        }
+        if text.contains("PING\r\n") {
+            s.write_all(b"PONG\r\n").unwrap();
+        }
+    }
+}
+
+fn fleet_bundle(version: u64, _dir: &Path) -> String {
+    format!(
+        r#"version: {version}
+name: e2e-console-fleet
+workloads:
+  - name: e2e
+    cgroup: "/{}-*"
+rules:
+  - id: approve-deploys
+    on: request
+    targets: [fake-api]
+    patterns:
+      - id: deploy
+        regex: 'DEPLOY-TO-PROD'
+    action: approve
+    timeout_secs: 90
+"#,
+        prefix()
+    )
+}
+
+/// A node following the console: ships to NATS as `name`, trusts the
+/// console's key, the fleet bundle in force (dropped into its watch
+/// directory: pushing over the control socket is off).
+fn fleet_node(nats: &Nats, name: &str, console_pub: &Path) -> PolicyEnv {
+    let p = PolicyEnv::with_settings(
+        fleet_bundle,
+        &format!(
+            "ship:\n  nats:\n    url: \"{}\"\n    node: {name}\nconsole:\n  keys: [\"{}\"]\n",
+            nats.url(),
+            console_pub.display()
+        ),
+    );
+    let jws = p.signed(10, "team");
+    let pushed = p.push(&jws);
+    assert!(
+        !pushed.status.success() && text(&pushed).contains("follows a console"),
+        "a push over the control socket is refused when following a console: {}",
+        text(&pushed)
+    );
+    std::fs::copy(&jws, p.env.dir.path().join("policy.d/fleet.jws")).unwrap();
+    wait_for("the bundle from the watch directory", || p.version() == 10);
+    p
+}
+
+/// A job of acme/widgets on `env` (as GitHub Actions runs it): POSTs
+/// `body` to the fake API's echo; returns the status code and the body.
+fn widgets_job(env: &Env, body: &str) -> (u16, String) {
+    let resolve = format!("api.fake.test:443:{}", env.remote.remote);
+    let out = env
+        .cgroup
+        .command(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "100",
+                "--resolve",
+                &resolve,
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                "POST",
+                "--data-binary",
+                body,
+                "https://api.fake.test:443/echo",
+            ],
+        )
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_REPOSITORY", "acme/widgets")
+        .env("GITHUB_RUN_ID", "777")
+        .env("GITHUB_JOB", "deploy")
+        .env("GITHUB_ACTOR", "alice")
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = t.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn held_on(console: &Console, node: &str) -> Value {
+    console.wait_api("/api/approvals", |v| {
+        v["held"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|h| h["node"] == node))
+    })["held"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["node"] == node)
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let console_dir = dir.path().join("console");
+    // The console's key, made on first use, as an admin lists it in
+    // every node's configuration.
+    let key = Command::new(console_bin())
+        .args(["key", "--state-dir"])
+        .arg(&console_dir)
+        .output()
+        .unwrap();
+    assert!(key.status.success(), "{}", text(&key));
+    let console_pub = dir.path().join("console.pub");
+    std::fs::write(&console_pub, &key.stdout).unwrap();
+
+    let nats = Nats::start(&dir.path().join("nats"));
+    let console = Console::start(&console_dir, &nats.url());
+    let a = fleet_node(&nats, "node-a", &console_pub);
+    let b = fleet_node(&nats, "node-b", &console_pub);
+    let _ta = a.env.trust_node_ca();
+    let _tb = b.env.trust_node_ca();
+
+    // Both nodes beat: the bundle in force, and decisions signed only.
+    let nodes = console.wait_api("/api/nodes", |v| {
+        ["node-a", "node-b"]
+            .iter()
+            .all(|n| v["heartbeats"][n]["heartbeat"]["status"]["policy_version"] == 10)
+    });
+    for n in ["node-a", "node-b"] {
+        let hb = &nodes["heartbeats"][n]["heartbeat"];
+        assert_eq!(hb["local_decisions"], false, "{hb:#}");
+        assert_eq!(hb["status"]["version"], env!("CARGO_PKG_VERSION"), "{hb:#}");
+    }
+
+    std::thread::scope(|sc| {
+        // A job on node A asks for a production deploy: held.
+        let held_at = Instant::now();
+        let job = sc.spawn(|| widgets_job(&a.env, "DEPLOY-TO-PROD v1.2"));
+        let h = held_on(&console, "node-a");
+        eprintln!("hold → listed by the console: {:?}", held_at.elapsed());
+        assert_eq!(h["rule"], "approve-deploys", "{h:#}");
+        assert_eq!(h["ci"]["repository"], "acme/widgets", "{h:#}");
+        assert!(h["preview"].as_str().unwrap().contains("DEPLOY-TO-PROD"));
+        let id = h["id"].as_u64().unwrap();
+
+        // The job's root reaching the node's socket (through a host daemon)
+        // cannot approve its own request.
+        let own = a.env.node.cli(&["approvals", "approve", &id.to_string()]);
+        assert!(
+            !own.status.success() && text(&own).contains("follows a console"),
+            "{}",
+            text(&own)
+        );
+        // Forged decisions on NATS: another key; the console's key for
+        // another hold; the console's key for another node. Each is refused
+        // by the node, and the request stays held.
+        let forger =
+            sluice_fleet::signed::Signer::load_or_create(&dir.path().join("forger")).unwrap();
+        let console_key =
+            sluice_fleet::signed::Signer::load(&console_dir.join("console-signing.key")).unwrap();
+        let decision = |node: &str, hold: &str| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            sluice_fleet::approval::Decision {
+                node: node.into(),
+                id,
+                hold: hold.into(),
+                verdict: sluice_fleet::approval::Verdict::Approve,
+                by: "mallory".into(),
+                reason: "forged".into(),
+                iat: now,
+                exp: now + 60,
+            }
+        };
+        let hold = h["hold"].as_str().unwrap();
+        for (token, says) in [
+            (
+                forger
+                    .sign(
+                        sluice_fleet::approval::DECISION_TYP,
+                        &decision("node-a", hold),
+                    )
+                    .unwrap(),
+                "does not trust",
+            ),
+            (
+                console_key
+                    .sign(
+                        sluice_fleet::approval::DECISION_TYP,
+                        &decision("node-a", "0000"),
+                    )
+                    .unwrap(),
+                "no request",
+            ),
+            (
+                console_key
+                    .sign(
+                        sluice_fleet::approval::DECISION_TYP,
+                        &decision("node-b", hold),
+                    )
+                    .unwrap(),
+                "not this one",
+            ),
+            (
+                // A bundle-kind message under the console's key.
+                console_key
+                    .sign("sluice-suspensions+jwt", &decision("node-a", hold))
+                    .unwrap(),
+                "where a sluice-decision+jwt was expected",
+            ),
+        ] {
+            let reply = nats_request(nats.port, "sluice.fleet.decide.node-a", token.as_bytes());
+            let reply: Value = serde_json::from_slice(&reply).unwrap();
+            assert_eq!(reply["accepted"], false, "{reply:#}");
+            assert!(
+                reply["message"].as_str().unwrap().contains(says),
+                "{says}: {reply:#}"
+            );
+        }
+        assert!(!job.is_finished(), "a forged decision released the request");
+        assert_eq!(held_on(&console, "node-a")["hold"], h["hold"]);
+
+        // The approver, in the browser: the page lists the hold live, and
+        // approving it releases the job's request.
+        let decided_at = Instant::now();
+        let states = browser(&[
+            format!("open:{}/approvals", console.base),
+            "wait:div.held[data-node=node-a]".into(),
+            "shot:approvals".into(),
+            "fill:div.held[data-node=node-a] input[name=reason]|change CHG-1234".into(),
+            "click:div.held[data-node=node-a] button[value=approve]".into(),
+            "shot:approved".into(),
+        ]);
+        let after = states.last().unwrap()["text"].as_str().unwrap().to_owned();
+        assert!(
+            after.contains(&format!("node-a: request {id} approved")),
+            "{after}"
+        );
+        assert!(
+            after.contains("change CHG-1234"),
+            "the decision is in the history: {after}"
+        );
+        let (code, body) = job.join().unwrap();
+        eprintln!(
+            "approve click → request released: {:?}",
+            decided_at.elapsed()
+        );
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("DEPLOY-TO-PROD v1.2"), "{body}");
+        // The node recorded who decided, and with which key.
+        let decided = a.env.node.cli(&["audit", "--kind", "approval.decided"]);
+        let d = String::from_utf8_lossy(&decided.stdout).into_owned();
+        assert!(
+            d.contains("\"by\":\"local\"") && d.contains(&console_key.kid),
+            "{d}"
+        );
+        let refused = a.env.node.cli(&["audit", "--kind", "decision.refused"]);
+        let r = String::from_utf8_lossy(&refused.stdout).into_owned();
+        assert!(r.contains("does not trust"), "{r}");
+
+        // Node B runs the same repository's job, allowed; then the
+        // repository is suspended from the console, and B refuses it within
+        // seconds. A request of the repository held on A is denied.
+        let (code, _) = widgets_job(&b.env, "hello");
+        assert_eq!(code, 200);
+        let held_job = sc.spawn(|| widgets_job(&a.env, "DEPLOY-TO-PROD v2"));
+        held_on(&console, "node-a");
+        let suspended_at = Instant::now();
+        let states = browser(&[
+            format!("open:{}/identities", console.base),
+            "fill:#suspend input[name=value]|acme/widgets".into(),
+            "fill:#suspend input[name=reason]|INC-42 leaked token".into(),
+            "click:#suspend button".into(),
+            "shot:suspended".into(),
+        ]);
+        let t = states.last().unwrap()["text"].as_str().unwrap().to_owned();
+        assert!(
+            t.contains("repository acme/widgets suspended on every node"),
+            "{t}"
+        );
+        assert!(t.contains("INC-42 leaked token"), "{t}");
+        let refused_b = loop {
+            let (code, body) = widgets_job(&b.env, "hello");
+            if code == 403 {
+                break body;
+            }
+            assert!(
+                suspended_at.elapsed() < Duration::from_secs(20),
+                "node B still serves the suspended repository: {code} {body}\n{}",
+                b.env.node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        eprintln!(
+            "suspend click → node B refuses: {:?}",
+            suspended_at.elapsed()
+        );
+        assert!(refused_b.contains("INC-42 leaked token"), "{refused_b}");
+        let (code, body) = held_job.join().unwrap();
+        assert_eq!(
+            code, 403,
+            "the held request of the suspended repository: {body}"
+        );
+        assert!(body.contains("suspended"), "{body}");
+        // The job's root cannot lift it through the node's socket.
+        let lift = b
+            .env
+            .node
+            .cli(&["identities", "resume", "repository:acme/widgets"]);
+        assert!(
+            !lift.status.success() && text(&lift).contains("follows a console"),
+            "{}",
+            text(&lift)
+        );
+        // A genuinely signed but older list, empty, republished into the
+        // bucket (anyone on NATS can publish one) does not lift it either:
+        // the node keeps the newest it applied.
+        let now = console.wait_api("/api/suspensions", |v| {
+            v["entries"].as_array().is_some_and(|e| e.len() == 1)
+        });
+        let old = console_key
+            .sign(
+                sluice_fleet::suspension::LIST_TYP,
+                &sluice_fleet::suspension::List {
+                    version: now["version"].as_u64().unwrap() - 1,
+                    entries: Vec::new(),
+                    iat: 0,
+                },
+            )
+            .unwrap();
+        nats_publish(nats.port, "$KV.SLUICE_SUSPENSIONS.list", old.as_bytes());
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            widgets_job(&b.env, "hello").0,
+            403,
+            "a replayed older list lifted the suspension"
+        );
+
+        // Resumed from the console (admin), B serves the repository again.
+        let states = browser(&[
+            format!("open:{}/identities", console.base),
+            "click:table#suspended button".into(),
+            "shot:resumed".into(),
+        ]);
+        assert!(
+            states.last().unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .contains("repository acme/widgets resumed"),
+            "{:#}",
+            states.last().unwrap()
+        );
+        wait_for("node B to serve the resumed repository", || {
+            widgets_job(&b.env, "hello").0 == 200
+        });
+        let states = browser(&[
+            format!("open:{}/nodes", console.base),
+            "shot:nodes-fleet".into(),
+        ]);
+        let t = states[0]["text"].as_str().unwrap();
+        assert!(
+            t.contains("node-a") && t.contains("node-b") && t.contains("signed only"),
+            "{t}"
+        );
+    });
+}

@@ -8,8 +8,8 @@ use sluice_fleet::{approval::Held, suspension::List};
 use super::{opt, page, time, urlencode};
 use crate::{
     auth::{Principal, Role},
-    fleet::{Action, Fleet, NodeBeat},
-    store::{NodeRow, SessionRow},
+    fleet::{Fleet, NodeBeat},
+    store::{AuditRow, NodeRow, SessionRow},
 };
 
 /// A result to show above a page (a decision made, a refusal).
@@ -42,16 +42,19 @@ fn ci(h: &Held) -> Markup {
     }
 }
 
-fn actions(recent: &[Action]) -> Markup {
+fn actions(recent: &[AuditRow]) -> Markup {
     html! {
         @if recent.is_empty() {
-            p.muted { "Nothing decided from this console since it started." }
+            p.muted { "Nothing yet." }
         } @else {
             table #history {
-                thead { tr { th { "when" } th { "who" } th { "what" } th { "on" } th { "reason" } } }
+                thead { tr { th { "when" } th { "who" } th { "role" } th { "what" } th { "on" } th { "detail" } } }
                 tbody {
                     @for a in recent {
-                        tr { td { (time(a.at_ms)) } td { (a.by) } td { (a.action) } td { (a.subject) } td { (a.detail) } }
+                        tr {
+                            td { (time(a.at_ms)) } td { (a.who) } td { (a.role) } td { (a.action) } td { (a.subject) }
+                            td { (a.detail["reason"].as_str().or(a.detail["error"].as_str()).unwrap_or("")) }
+                        }
                     }
                 }
             }
@@ -59,7 +62,7 @@ fn actions(recent: &[Action]) -> Markup {
     }
 }
 
-pub fn approvals(who: &Principal, held: &[Held], recent: &[Action], f: &Flash) -> Markup {
+pub fn approvals(who: &Principal, held: &[Held], recent: &[AuditRow], f: &Flash) -> Markup {
     let ids: Vec<String> = held
         .iter()
         .map(|h| format!("{}/{}", h.node, h.id))
@@ -99,7 +102,7 @@ pub fn approvals(who: &Principal, held: &[Held], recent: &[Action], f: &Flash) -
                     }
                 }
             }
-            h2 { "Decided here" }
+            h2 { "Decided from the console" }
             (actions(recent))
             script src="/assets/live.js" {}
         },
@@ -110,7 +113,7 @@ pub fn identities(
     who: &Principal,
     list: Option<&List>,
     recent: &[SessionRow],
-    history: &[Action],
+    history: &[AuditRow],
     f: &Flash,
 ) -> Markup {
     let mut seen = std::collections::BTreeSet::new();
@@ -175,7 +178,7 @@ pub fn identities(
                     }
                 }
             }
-            h2 { "Changed here" }
+            h2 { "Changed from the console" }
             (actions(history))
         },
     )
