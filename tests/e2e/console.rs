@@ -653,8 +653,36 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
         // seconds. A request of the repository held on A is denied.
         let (code, _) = widgets_job(&b.env, "hello");
         assert_eq!(code, 200);
+        // The approvals page, open before the request is held, shows it
+        // without anyone reloading (its script follows the API).
+        let opened = dir.path().join("approvals-open");
+        let steps = [
+            format!("open:{}/approvals", console.base),
+            format!("touch:{}", opened.display()),
+            "wait:div.held[data-node=node-a]".into(),
+            "shot:approvals-live".into(),
+        ];
+        let live = sc.spawn(move || browser(&steps));
+        wait_for("the approvals page to open", || opened.exists());
         let held_job = sc.spawn(|| widgets_job(&a.env, "DEPLOY-TO-PROD v2"));
         held_on(&console, "node-a");
+        let states = live.join().unwrap();
+        assert!(
+            states[0]["text"]
+                .as_str()
+                .unwrap()
+                .contains("No request is waiting"),
+            "{:#}",
+            states[0]
+        );
+        assert!(
+            states[1]["text"]
+                .as_str()
+                .unwrap()
+                .contains("DEPLOY-TO-PROD v2"),
+            "{:#}",
+            states[1]
+        );
         let suspended_at = Instant::now();
         let states = browser(&[
             format!("open:{}/identities", console.base),
