@@ -9,12 +9,13 @@ use std::{sync::Arc, time::Duration};
 use async_nats::jetstream::{self, consumer};
 use futures_util::StreamExt;
 use sluice_evidence::{
+    checkpoint,
     follow::{self, Step},
     line::Line,
 };
 use tracing::{info, warn};
 
-use crate::store::{Store, StoreError};
+use crate::store::{NodeKey, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -44,8 +45,16 @@ fn now_ms() -> u64 {
         .unwrap_or_default()
 }
 
-/// Judges and stores one message's payload.
-pub fn take(store: &Store, payload: &[u8], stream_seq: Option<u64>) -> Result<(), StoreError> {
+/// Judges and stores one message: an event, or a node's checkpoint.
+pub fn take(
+    store: &Store,
+    subject: &str,
+    payload: &[u8],
+    stream_seq: Option<u64>,
+) -> Result<(), StoreError> {
+    if subject.ends_with(checkpoint::TOKEN) {
+        return take_checkpoint(store, payload, stream_seq);
+    }
     let line = match Line::parse(payload) {
         Ok(l) => l,
         Err(e) => {
@@ -66,12 +75,86 @@ pub fn take(store: &Store, payload: &[u8], stream_seq: Option<u64>) -> Result<()
             warn!(node = %line.node, seq = line.seq, %detail, "node chain broken");
         }
     }
-    store.apply(
-        &line,
-        &new_head,
-        !matches!(step, Step::Conflict { .. }),
-        now_ms(),
-    )
+    let stored = !matches!(step, Step::Conflict { .. });
+    store.apply(&line, &new_head, stored, now_ms())?;
+    // An event the node signed a checkpoint over must be the one signed.
+    if stored {
+        for (n, head) in store.checkpoints_at(&line.node, line.seq)? {
+            if head != hex::encode(line.hash) {
+                flag(
+                    store,
+                    &line.node,
+                    format!(
+                        "event {} differs from the node's signed checkpoint #{n}",
+                        line.seq
+                    ),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn flag(store: &Store, node: &str, detail: String) -> Result<(), StoreError> {
+    warn!(%node, %detail, "node chain broken");
+    store.break_chain(node, &detail)?;
+    Ok(())
+}
+
+/// A node's signed checkpoint: its key pinned on first sight (or as
+/// enrolled), the signature checked, and the event it names compared
+/// with the one held. A re-written tail cannot match the node's key.
+fn take_checkpoint(
+    store: &Store,
+    payload: &[u8],
+    stream_seq: Option<u64>,
+) -> Result<(), StoreError> {
+    let c: checkpoint::Shipped = match serde_json::from_slice(payload) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(stream_seq, error = %e, "checkpoint message is not a checkpoint");
+            return store.ingest_error(stream_seq, &format!("not a checkpoint: {e}"), now_ms());
+        }
+    };
+    let offered = NodeKey {
+        kid: c.node_key.kid.clone(),
+        ed25519: c.node_key.ed25519.clone(),
+        source: "first-sight".into(),
+        at_ms: now_ms(),
+    };
+    let pinned = store.pin_key(&c.node, &offered)?;
+    if pinned.ed25519 != offered.ed25519 {
+        return flag(
+            store,
+            &c.node,
+            format!(
+                "checkpoint #{} is signed by key {}, not the node's {} key {}",
+                c.checkpoint.n, c.node_key.kid, pinned.source, pinned.kid
+            ),
+        );
+    }
+    let key = checkpoint::PublicKey {
+        kid: pinned.kid,
+        alg: "Ed25519".into(),
+        ed25519: pinned.ed25519,
+    };
+    if let Err(why) = c.checkpoint.check(&key) {
+        return flag(store, &c.node, why);
+    }
+    store.add_checkpoint(&c.node, &c.checkpoint)?;
+    if let Some(held) = store.held(&c.node, c.checkpoint.seq)? {
+        if hex::encode(held) != c.checkpoint.head {
+            return flag(
+                store,
+                &c.node,
+                format!(
+                    "event {} differs from the node's signed checkpoint #{}",
+                    c.checkpoint.seq, c.checkpoint.n
+                ),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Follows the stream until the process ends, reconnecting with backoff.
@@ -127,8 +210,8 @@ async fn session(store: &Arc<Store>, src: &Source) -> Result<(), IngestError> {
         let m = m.map_err(nats)?;
         let stream_seq = m.info().ok().map(|i| i.stream_sequence);
         let st = store.clone();
-        let payload = m.payload.clone();
-        tokio::task::spawn_blocking(move || take(&st, &payload, stream_seq))
+        let (subject, payload) = (m.subject.to_string(), m.payload.clone());
+        tokio::task::spawn_blocking(move || take(&st, &subject, &payload, stream_seq))
             .await
             .map_err(|e| IngestError::Nats(format!("ingest task: {e}")))??;
         m.ack().await.map_err(nats)?;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod auth;
+mod bench;
 mod fleet;
 mod ingest;
 mod pages;
@@ -70,6 +71,18 @@ enum Cmd {
     Token {
         #[command(subcommand)]
         cmd: auth::TokenCmd,
+    },
+    /// The store under generated evidence (`cargo xtask bench console`):
+    /// ingest rate and search latency; prints JSON.
+    #[command(hide = true)]
+    Bench {
+        /// The store (default: a SQLite file in a temporary directory).
+        #[arg(long)]
+        store: Option<String>,
+        #[arg(long, default_value_t = 1_000_000)]
+        exchanges: u64,
+        #[arg(long, default_value_t = 50)]
+        per_session: u64,
     },
     /// Print the console's decision-signing public key (PEM), made on
     /// first use: list it in each node's `console.keys`.
@@ -153,6 +166,25 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .await
                 .context("serving")?;
+        }
+        Cmd::Bench {
+            store,
+            exchanges,
+            per_session,
+        } => {
+            let dir =
+                std::env::temp_dir().join(format!("sluice-console-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).context("bench directory")?;
+            let file = dir.join("console.db");
+            let report = tokio::task::spawn_blocking(move || {
+                let st = store::Store::open_location(store.as_deref(), &file)?;
+                bench::run(&st, exchanges, per_session)
+            })
+            .await
+            .context("bench task")?
+            .context("bench")?;
+            let _ = std::fs::remove_dir_all(&dir);
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Cmd::Key { state_dir } => print!("{}", signer(&state_dir)?.public_pem()),
         Cmd::Token { cmd } => auth::run_token(cmd)?,

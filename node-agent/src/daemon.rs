@@ -211,7 +211,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         sp.spawn(store.clone())
             .context("starting the spool thread")?;
         if let Some(n) = cfg.ship.nats.clone() {
-            tokio::spawn(crate::spool::ship::run(sp.clone(), n));
+            tokio::spawn(crate::spool::ship::run(sp.clone(), n, store.clone()));
         }
     }
     if let Some(n) = &cfg.ship.nats {

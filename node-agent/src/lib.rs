@@ -4,6 +4,7 @@ pub mod addr;
 pub mod approvals;
 pub mod config;
 pub mod console;
+pub mod console_cli;
 pub mod contain;
 pub mod control;
 pub mod daemon;

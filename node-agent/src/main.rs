@@ -28,6 +28,13 @@ struct Cli {
     /// Control socket of the running node.
     #[arg(long, global = true, env = "SLUICE_SOCKET")]
     socket: Option<PathBuf>,
+    /// Decide through the fleet's console instead of this host's socket
+    /// (`approvals`, `identities`): its URL, e.g. https://console.example.
+    #[arg(long, global = true, env = "SLUICE_CONSOLE")]
+    console: Option<String>,
+    /// The console API token (`sluice-console token new`), in a file.
+    #[arg(long, global = true, env = "SLUICE_CONSOLE_TOKEN_FILE")]
+    console_token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -167,9 +174,16 @@ enum ApprovalsCmd {
     },
     Approve {
         id: u64,
+        /// The node holding it (with --console).
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     Deny {
         id: u64,
+        #[arg(long)]
+        node: Option<String>,
         #[arg(long)]
         reason: String,
     },
@@ -185,9 +199,14 @@ enum IdentitiesCmd {
         id: String,
         #[arg(long)]
         reason: String,
+        /// With --console: what `id` names (identity, repository, actor).
+        #[arg(long, default_value = "identity")]
+        scope: String,
     },
     Resume {
         id: String,
+        #[arg(long, default_value = "identity")]
+        scope: String,
     },
 }
 
@@ -318,6 +337,115 @@ fn chain(e: &anyhow::Error) -> String {
     out
 }
 
+/// `approvals` and `identities` through a console's API: decisions signed
+/// there, delivered to the node holding the request.
+async fn through_console(
+    url: &str,
+    token: Option<&std::path::Path>,
+    cmd: Cmd,
+) -> anyhow::Result<ExitCode> {
+    let mut c = node_agent::console_cli::ConsoleClient::new(url, token)?;
+    let need_node = |n: Option<String>| n.context("--node names the node holding the request");
+    match cmd {
+        Cmd::Approvals { cmd } => match cmd {
+            ApprovalsCmd::List { json } => {
+                let v = c.get("/api/approvals").await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v["held"])?);
+                } else {
+                    println!(
+                        "{:<16}  {:>5}  {:<24}  {:<24}  {:<40}  EXPIRES",
+                        "NODE", "ID", "REPOSITORY", "RULE", "REQUEST"
+                    );
+                    for h in v["held"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:<16}  {:>5}  {:<24}  {:<24}  {:<40}  {}",
+                            h["node"].as_str().unwrap_or(""),
+                            h["id"],
+                            h["ci"]["repository"].as_str().unwrap_or("-"),
+                            h["rule"].as_str().unwrap_or(""),
+                            format!(
+                                "{} {}{}",
+                                h["method"].as_str().unwrap_or(""),
+                                h["authority"].as_str().unwrap_or(""),
+                                h["path"].as_str().unwrap_or("")
+                            ),
+                            fmt_ms(h["expires_ms"].as_u64().unwrap_or(0))
+                        );
+                    }
+                }
+            }
+            ApprovalsCmd::Approve { id, node, reason } => {
+                let node = need_node(node)?;
+                let v = c
+                    .post(
+                        &format!("/api/approvals/{node}/{id}"),
+                        serde_json::json!({"verdict": "approve", "reason": reason}),
+                    )
+                    .await?;
+                println!("{}", v["message"].as_str().unwrap_or("approved"));
+            }
+            ApprovalsCmd::Deny { id, node, reason } => {
+                let node = need_node(node)?;
+                let v = c
+                    .post(
+                        &format!("/api/approvals/{node}/{id}"),
+                        serde_json::json!({"verdict": "deny", "reason": reason}),
+                    )
+                    .await?;
+                println!("{}", v["message"].as_str().unwrap_or("denied"));
+            }
+        },
+        Cmd::Identities { cmd } => match cmd {
+            IdentitiesCmd::List { json } => {
+                let v = c.get("/api/suspensions").await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    println!(
+                        "suspended across the fleet (list version {}):",
+                        v["version"]
+                    );
+                    for e in v["entries"].as_array().into_iter().flatten() {
+                        println!(
+                            "  {} {}  by {}  since {}: {}",
+                            e["scope"].as_str().unwrap_or(""),
+                            e["value"].as_str().unwrap_or(""),
+                            e["by"].as_str().unwrap_or(""),
+                            fmt_ms(e["at_ms"].as_u64().unwrap_or(0)),
+                            e["reason"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+            }
+            IdentitiesCmd::Suspend { id, reason, scope } => {
+                let v = c
+                    .post(
+                        "/api/suspensions",
+                        serde_json::json!({"scope": scope, "value": id, "reason": reason}),
+                    )
+                    .await?;
+                println!(
+                    "{scope} {id} suspended on every node (list version {})",
+                    v["version"]
+                );
+            }
+            IdentitiesCmd::Resume { id, scope } => {
+                let v = c
+                    .post(
+                        "/api/suspensions",
+                        serde_json::json!({"scope": scope, "value": id, "resume": true}),
+                    )
+                    .await?;
+                println!("{scope} {id} resumed (list version {})", v["version"]);
+            }
+        },
+        // Only these two are sent here (see `dispatch`).
+        _ => bail!("--console takes `approvals` and `identities` only"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let socket = cli.socket.clone();
     let sock = || {
@@ -325,6 +453,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             .clone()
             .unwrap_or_else(config::default_control_socket)
     };
+    if let (Some(url), Cmd::Approvals { .. } | Cmd::Identities { .. }) = (&cli.console, &cli.cmd) {
+        return through_console(url, cli.console_token_file.as_deref(), cli.cmd).await;
+    }
     match cli.cmd {
         Cmd::Run { config, state_dir } => {
             daemon::run(daemon::RunOptions {
@@ -578,7 +709,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            ApprovalsCmd::Approve { id } => {
+            ApprovalsCmd::Approve { id, .. } => {
                 let req = Request::ApprovalDecide {
                     id,
                     approve: true,
@@ -592,7 +723,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     approval.id, approval.method, approval.path, approval.workload
                 );
             }
-            ApprovalsCmd::Deny { id, reason } => {
+            ApprovalsCmd::Deny { id, reason, .. } => {
                 let req = Request::ApprovalDecide {
                     id,
                     approve: false,
@@ -634,7 +765,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            IdentitiesCmd::Suspend { id, reason } => {
+            IdentitiesCmd::Suspend { id, reason, .. } => {
                 let req = Request::IdentitySuspend {
                     identity: id,
                     reason,
@@ -651,7 +782,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     suspension.identity, suspension.reason, denied_held
                 );
             }
-            IdentitiesCmd::Resume { id } => {
+            IdentitiesCmd::Resume { id, .. } => {
                 let Response::Resumed {
                     identity,
                     was_suspended,
@@ -725,10 +856,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             match r.first_break {
                 None => println!(
-                    "ok: {} event(s) of node {node} in stream {stream_name} (seq {}..{}), chain intact, {} duplicate message(s)",
+                    "ok: {} event(s) of node {node} in stream {stream_name} (seq {}..{}), chain intact, {} signed checkpoint(s) hold, {} duplicate message(s)",
                     r.events,
                     r.first_seq,
                     r.last_seq,
+                    r.checkpoints,
                     r.duplicates
                 ),
                 Some(b) => {

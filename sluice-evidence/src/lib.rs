@@ -3,5 +3,6 @@
 //! follower that checks a node's chain as its events arrive. A lower
 //! layer: it imports nothing of the node or the console.
 pub mod chain;
+pub mod checkpoint;
 pub mod follow;
 pub mod line;

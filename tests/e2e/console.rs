@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use base64::Engine;
 use serde_json::Value;
 
 use crate::harness::*;
@@ -527,6 +528,16 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
         let h = held_on(&console, "node-a");
         eprintln!("hold → listed by the console: {:?}", held_at.elapsed());
         assert_eq!(h["rule"], "approve-deploys", "{h:#}");
+        // An operator anywhere sees it from the CLI, through the console.
+        let listed = crate::harness::sluice(&["--console", &console.base, "approvals", "list"]);
+        let t = text(&listed);
+        assert!(
+            listed.status.success()
+                && t.contains("node-a")
+                && t.contains("acme/widgets")
+                && t.contains("approve-deploys"),
+            "{t}"
+        );
         assert_eq!(h["ci"]["repository"], "acme/widgets", "{h:#}");
         assert!(h["preview"].as_str().unwrap().contains("DEPLOY-TO-PROD"));
         let id = h["id"].as_u64().unwrap();
@@ -771,6 +782,44 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
         wait_for("node B to serve the resumed repository", || {
             widgets_job(&b.env, "hello").0 == 200
         });
+        // Denied from the CLI through the console: the job gets the reason.
+        let denied_job = sc.spawn(|| widgets_job(&a.env, "DEPLOY-TO-PROD v3"));
+        let h = held_on(&console, "node-a");
+        let id = h["id"].as_u64().unwrap().to_string();
+        let out = crate::harness::sluice(&[
+            "--console",
+            &console.base,
+            "approvals",
+            "deny",
+            &id,
+            "--node",
+            "node-a",
+            "--reason",
+            "no change ticket",
+        ]);
+        assert!(
+            out.status.success() && text(&out).contains("denied"),
+            "{}",
+            text(&out)
+        );
+        let (code, body) = denied_job.join().unwrap();
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains("no change ticket"), "{body}");
+        // A decision on what is no longer held is refused with the reason.
+        let again = crate::harness::sluice(&[
+            "--console",
+            &console.base,
+            "approvals",
+            "approve",
+            &id,
+            "--node",
+            "node-a",
+        ]);
+        assert!(
+            !again.status.success() && text(&again).contains("no request"),
+            "{}",
+            text(&again)
+        );
         let states = browser(&[
             format!("open:{}/nodes", console.base),
             "shot:nodes-fleet".into(),
@@ -780,5 +829,94 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
             t.contains("node-a") && t.contains("node-b") && t.contains("signed only"),
             "{t}"
         );
+
+        // Signed checkpoints travel in the stream: the console pins each
+        // node's key on first sight and checks every checkpoint against
+        // it and the event it covers; `verify --stream` checks them too.
+        let nodes = console.wait_api("/api/nodes", |v| {
+            v["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 2 && n.iter().all(|n| n["checkpoint_n"].is_u64()))
+        });
+        for n in nodes["nodes"].as_array().unwrap() {
+            assert_eq!(n["chain_state"], "verified", "{n:#}");
+            assert_eq!(n["key_source"], "first-sight", "{n:#}");
+        }
+        let out = crate::harness::sluice(&["verify", "--stream", &nats.url(), "--node", "node-a"]);
+        let t = text(&out);
+        assert!(
+            out.status.success() && !t.contains(" 0 signed checkpoint"),
+            "{t}"
+        );
+        // A checkpoint for node B under another key, as anyone on NATS
+        // could publish it: node B's chain is flagged, node A's is not.
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        use ring::signature::KeyPair;
+        let raw = pair.public_key().as_ref().to_vec();
+        let kid = sluice_fleet::keys::kid_of(&raw);
+        let head = [7u8; 32];
+        let cp = sluice_evidence::checkpoint::Checkpoint {
+            n: 999,
+            seq: 0,
+            head: hex::encode(head),
+            at_ms: 1,
+            kid: kid.clone(),
+            sig: base64::engine::general_purpose::STANDARD.encode(
+                pair.sign(&sluice_evidence::checkpoint::message(999, 0, &head, 1))
+                    .as_ref(),
+            ),
+        };
+        let forged = sluice_evidence::checkpoint::Shipped {
+            node: "node-b".into(),
+            checkpoint: cp,
+            node_key: sluice_evidence::checkpoint::PublicKey {
+                kid: kid.clone(),
+                alg: "Ed25519".into(),
+                ed25519: base64::engine::general_purpose::STANDARD.encode(&raw),
+            },
+        };
+        nats_publish(
+            nats.port,
+            "sluice.evidence.node-b.$checkpoint",
+            serde_json::to_string(&forged).unwrap().as_bytes(),
+        );
+        let nodes = console.wait_api("/api/nodes", |v| {
+            v["nodes"].as_array().is_some_and(|n| {
+                n.iter()
+                    .any(|n| n["name"] == "node-b" && n["chain_state"] == "broken")
+            })
+        });
+        let b_row = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "node-b")
+            .unwrap();
+        assert!(
+            b_row["chain_detail"].as_str().unwrap().contains(&format!(
+                "signed by key {kid}, not the node's first-sight key"
+            )),
+            "{b_row:#}"
+        );
+        let a_row = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "node-a")
+            .unwrap();
+        assert_eq!(a_row["chain_state"], "verified", "{a_row:#}");
+        let out = crate::harness::sluice(&["verify", "--stream", &nats.url(), "--node", "node-b"]);
+        assert!(
+            !out.status.success() && text(&out).contains("forged"),
+            "{}",
+            text(&out)
+        );
+        let states = browser(&[
+            format!("open:{}/nodes", console.base),
+            "shot:nodes-checkpoints".into(),
+        ]);
+        assert!(states[0]["text"].as_str().unwrap().contains("first-sight"));
     });
 }

@@ -8,7 +8,7 @@
 //!   a fake AI API in a network namespace, a job streaming through the
 //!   node with the `openai` library, the masked answer, replay and verify
 //!   (needs root)
-//! * `bench [passthrough|all-egress|https|pg|scan|stream|record|all]`  setup, build, and benchmarks
+//! * `bench [passthrough|all-egress|https|pg|scan|stream|record|console|all]`  setup, build, and benchmarks
 //! * `console` setup, build, and run the console on this machine: a local
 //!   nats-server with JetStream (loopback, `.sluice-console/nats`) and the
 //!   embedded store (`.sluice-console/`), UI on http://127.0.0.1:8470
@@ -196,6 +196,14 @@ fn main() {
                     .arg(root().join("xtask/bench/pg.py"))
                     .arg("--sluice")
                     .arg(target.join("sluice"))
+                    .args(rest.iter().skip(1)));
+            }
+            if matches!(which, "console" | "all") {
+                run(cargo().args(["build", "--release", "-p", "sluice-console"]));
+                run(Command::new("python3")
+                    .arg(root().join("xtask/bench/console.py"))
+                    .arg("--console")
+                    .arg(target.join("sluice-console"))
                     .args(rest.iter().skip(1)));
             }
             if matches!(which, "https" | "all") {

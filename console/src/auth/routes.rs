@@ -358,8 +358,11 @@ async fn logged_out() -> Html<String> {
     )
 }
 
-async fn whoami(who: Principal) -> Json<Principal> {
-    Json(who)
+/// Who the credential is, and the CSRF token its state changes carry
+/// (readable only same-origin, as on the pages; `sluice --console` reads
+/// it in local mode).
+async fn whoami(who: Principal) -> Json<serde_json::Value> {
+    Json(json!({"name": who.name, "role": who.role, "via": who.via, "csrf": who.csrf}))
 }
 
 /// Lets automation (and the tests) check a credential: passes the CSRF

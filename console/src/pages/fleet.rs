@@ -195,7 +195,7 @@ pub fn nodes(rows: &[NodeRow], beats: &std::collections::BTreeMap<String, NodeBe
             h1 { "Nodes" }
             table #nodes {
                 thead { tr {
-                    th { "node" } th { "chain" } th { "events" } th { "head" } th { "last event" }
+                    th { "node" } th { "chain" } th { "events" } th { "head" } th { "checkpoint" } th { "node key" } th { "last event" }
                     th { "heartbeat" } th { "version" } th { "policy" } th { "containment" } th { "spool" } th { "decisions" } th { "detail" }
                 } }
                 tbody {
@@ -207,6 +207,17 @@ pub fn nodes(rows: &[NodeRow], beats: &std::collections::BTreeMap<String, NodeBe
                             td { (super::badge(n.map_or("partial", |n| n.chain_state.as_str()))) }
                             td { (n.map_or(0, |n| n.events)) }
                             td { (n.map_or(0, |n| n.head_seq)) }
+                            td.checkpoint {
+                                @match n.and_then(|n| n.checkpoint_n.zip(n.checkpoint_seq)) {
+                                    Some((c, s)) => { "#" (c) " covers " (s) }
+                                    None => span.muted { "none yet" },
+                                }
+                            }
+                            td.key {
+                                @if let Some(k) = n.and_then(|n| n.key_kid.as_deref()) {
+                                    code { (k) } " " span.muted { (n.and_then(|n| n.key_source.as_deref()).unwrap_or("")) }
+                                }
+                            }
                             td { (n.map_or("–".into(), |n| time(n.last_event_ms))) }
                             @match b {
                                 None => { td.muted { "never" } td {} td {} td {} td {} td {} }

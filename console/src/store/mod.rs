@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sluice_evidence::{
     chain::Hash,
+    checkpoint::Checkpoint,
     follow::{ChainState, Head},
     line::Line,
 };
@@ -225,6 +226,12 @@ pub struct NodeRow {
     pub chain_state: String,
     pub chain_detail: Option<String>,
     pub events: u64,
+    /// The checkpoint key in force and how it came to be trusted.
+    pub key_kid: Option<String>,
+    pub key_source: Option<String>,
+    /// The newest signed checkpoint: its number and the event it covers.
+    pub checkpoint_n: Option<u64>,
+    pub checkpoint_seq: Option<u64>,
 }
 
 /// One thing a console user did (approved, denied, suspended …).
@@ -237,6 +244,17 @@ pub struct AuditRow {
     pub action: String,
     pub subject: String,
     pub detail: serde_json::Value,
+}
+
+/// A node's checkpoint key as the console keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeKey {
+    pub kid: String,
+    /// The raw 32-byte Ed25519 key, base64.
+    pub ed25519: String,
+    /// `first-sight` or `enrolled`.
+    pub source: String,
+    pub at_ms: u64,
 }
 
 /// Search filters: every field given must match.
@@ -502,6 +520,104 @@ impl Store {
         })
     }
 
+    /// The node's checkpoint key: enrolled by an admin, or pinned on
+    /// first sight (`source` says which).
+    pub fn node_key(&self, node: &str) -> Result<Option<NodeKey>, StoreError> {
+        self.db.read(|ex| {
+            first(
+                ex,
+                "SELECT kid, ed25519, source, at_ms FROM node_keys WHERE node = ?1",
+                &[Arg::text(node)],
+                |r| {
+                    Ok(NodeKey {
+                        kid: r.text(0)?,
+                        ed25519: r.text(1)?,
+                        source: r.text(2)?,
+                        at_ms: r.u64(3)?,
+                    })
+                },
+            )
+        })
+    }
+
+    /// Keeps `key` as the node's unless one is already kept; returns the
+    /// one in force.
+    pub fn pin_key(&self, node: &str, key: &NodeKey) -> Result<NodeKey, StoreError> {
+        self.db.write(|ex| {
+            ex.execute(
+                "INSERT INTO node_keys (node, kid, ed25519, source, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT DO NOTHING",
+                &[
+                    Arg::text(node),
+                    Arg::text(&key.kid),
+                    Arg::text(&key.ed25519),
+                    Arg::text(&key.source),
+                    Arg::int(key.at_ms)?,
+                ],
+            )?;
+            Ok(())
+        })?;
+        self.node_key(node)?.ok_or(StoreError::Column(0))
+    }
+
+    /// Stores a verified checkpoint (a re-delivery changes nothing).
+    pub fn add_checkpoint(&self, node: &str, cp: &Checkpoint) -> Result<(), StoreError> {
+        self.db.write(|ex| {
+            ex.execute(
+                "INSERT INTO checkpoints (node, n, seq, head, at_ms, kid, sig) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT DO NOTHING",
+                &[
+                    Arg::text(node),
+                    Arg::int(cp.n)?,
+                    Arg::int(cp.seq)?,
+                    Arg::text(&cp.head),
+                    Arg::int(cp.at_ms)?,
+                    Arg::text(&cp.kid),
+                    Arg::text(&cp.sig),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The checkpoints covering event `seq` of the node: (number, head).
+    pub fn checkpoints_at(&self, node: &str, seq: u64) -> Result<Vec<(u64, String)>, StoreError> {
+        self.db.read(|ex| {
+            rows(
+                ex,
+                "SELECT n, head FROM checkpoints WHERE node = ?1 AND seq = ?2",
+                &[Arg::text(node), Arg::int(seq)?],
+                |r| Ok((r.u64(0)?, r.text(1)?)),
+            )
+        })
+    }
+
+    /// The node's newest checkpoint: (number, seq, at_ms).
+    pub fn last_checkpoint(&self, node: &str) -> Result<Option<(u64, u64, u64)>, StoreError> {
+        self.db.read(|ex| {
+            first(
+                ex,
+                "SELECT n, seq, at_ms FROM checkpoints WHERE node = ?1 ORDER BY n DESC LIMIT 1",
+                &[Arg::text(node)],
+                |r| Ok((r.u64(0)?, r.u64(1)?, r.u64(2)?)),
+            )
+        })
+    }
+
+    /// Marks the node's chain broken (keeping the first problem's words
+    /// if it already is); false if the node has no events here yet.
+    pub fn break_chain(&self, node: &str, detail: &str) -> Result<bool, StoreError> {
+        self.db.write(|ex| {
+            let n = ex.execute(
+                "UPDATE nodes SET chain_state = 'broken',
+                   chain_detail = CASE WHEN chain_state = 'broken' THEN chain_detail ELSE ?2 END
+                 WHERE name = ?1",
+                &[Arg::text(node), Arg::text(detail)],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
     /// A message on the stream that is not an event (kept so that it is
     /// seen; the node it claims cannot be trusted).
     pub fn ingest_error(
@@ -573,8 +689,11 @@ impl Store {
         self.db.read(|ex| {
             rows(
                 ex,
-                "SELECT name, first_seen_ms, last_event_ms, head_seq, chain_state, chain_detail, events
-                 FROM nodes ORDER BY name",
+                "SELECT n.name, n.first_seen_ms, n.last_event_ms, n.head_seq, n.chain_state, n.chain_detail, n.events,
+                   k.kid, k.source,
+                   (SELECT MAX(c.n) FROM checkpoints c WHERE c.node = n.name),
+                   (SELECT MAX(c.seq) FROM checkpoints c WHERE c.node = n.name)
+                 FROM nodes n LEFT JOIN node_keys k ON k.node = n.name ORDER BY n.name",
                 &[],
                 |r| {
                     Ok(NodeRow {
@@ -585,6 +704,10 @@ impl Store {
                         chain_state: r.text(4)?,
                         chain_detail: r.opt_text(5)?,
                         events: r.u64(6)?,
+                        key_kid: r.opt_text(7)?,
+                        key_source: r.opt_text(8)?,
+                        checkpoint_n: r.opt_u64(9)?,
+                        checkpoint_seq: r.opt_u64(10)?,
                     })
                 },
             )

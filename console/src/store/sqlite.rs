@@ -97,6 +97,26 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_by_time ON audit (at_ms DESC, id DESC);
 "#,
+    r#"
+CREATE TABLE node_keys (
+    node TEXT PRIMARY KEY,
+    kid TEXT NOT NULL,
+    ed25519 TEXT NOT NULL,
+    source TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE TABLE checkpoints (
+    node TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    head TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kid TEXT NOT NULL,
+    sig TEXT NOT NULL,
+    PRIMARY KEY (node, n)
+);
+CREATE INDEX checkpoints_by_seq ON checkpoints (node, seq);
+"#,
 ];
 
 pub(super) struct Sqlite {

@@ -12,14 +12,15 @@
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+use ring::signature::{Ed25519KeyPair, KeyPair};
 use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
+
+pub use sluice_evidence::checkpoint::{message, Checkpoint, PublicKey};
 
 use super::chain::{link_hash, Hash};
 use crate::keys;
 
-const DOMAIN: &[u8] = b"sluice-checkpoint-v1\n";
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,16 +33,6 @@ pub enum KeyError {
 pub struct NodeKey {
     pair: Ed25519KeyPair,
     pub kid: String,
-}
-
-/// The public half, as exports carry it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PublicKey {
-    /// SHA-256 of the raw key, first 8 bytes, hex (as policy keys).
-    pub kid: String,
-    pub alg: String,
-    /// The raw 32-byte Ed25519 key, base64.
-    pub ed25519: String,
 }
 
 impl NodeKey {
@@ -86,60 +77,6 @@ impl NodeKey {
             kid: self.kid.clone(),
             sig: B64.encode(sig.as_ref()),
         }
-    }
-}
-
-fn message(n: u64, seq: u64, head: &Hash, at_ms: u64) -> Vec<u8> {
-    let mut m = DOMAIN.to_vec();
-    m.extend_from_slice(&n.to_be_bytes());
-    m.extend_from_slice(&seq.to_be_bytes());
-    m.extend_from_slice(head);
-    m.extend_from_slice(&at_ms.to_be_bytes());
-    m
-}
-
-/// A signed statement: "events 0..=seq exist and event `seq` has hash
-/// `head`".
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Checkpoint number, counting up (never reused, even if the chain is
-    /// cut and continued).
-    pub n: u64,
-    /// The last event it covers.
-    pub seq: u64,
-    /// That event's hash, hex.
-    pub head: String,
-    pub at_ms: u64,
-    pub kid: String,
-    /// Ed25519 signature, base64.
-    pub sig: String,
-}
-
-impl Checkpoint {
-    pub fn head_hash(&self) -> Option<Hash> {
-        hex::decode(&self.head).ok()?.try_into().ok()
-    }
-
-    /// Checks the signature against `key`; the error says why not.
-    pub fn check(&self, key: &PublicKey) -> Result<(), String> {
-        if self.kid != key.kid {
-            return Err(format!(
-                "checkpoint #{} is forged: signed by key {}, not this node's key {}",
-                self.n, self.kid, key.kid
-            ));
-        }
-        let forged = || {
-            format!(
-                "checkpoint #{} (seq {}) is forged: its signature does not verify with the node key {}",
-                self.n, self.seq, key.kid
-            )
-        };
-        let raw = B64.decode(&key.ed25519).map_err(|_| forged())?;
-        let sig = B64.decode(&self.sig).map_err(|_| forged())?;
-        let head = self.head_hash().ok_or_else(forged)?;
-        UnparsedPublicKey::new(&ED25519, raw)
-            .verify(&message(self.n, self.seq, &head, self.at_ms), &sig)
-            .map_err(|_| forged())
     }
 }
 

@@ -1280,15 +1280,7 @@ impl RecordStore {
 
     /// The newest signed checkpoint.
     pub fn last_checkpoint(&self) -> Result<Option<Checkpoint>, RecordError> {
-        let Some((k, v)) = self.s.checkpoints.last()? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&v)
-            .map(Some)
-            .map_err(|source| RecordError::Corrupt {
-                key: format!("checkpoints/{}", key_u64(&k)),
-                source,
-            })
+        self.s.latest_checkpoint()
     }
 
     /// Signed checkpoints, oldest first.

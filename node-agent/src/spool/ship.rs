@@ -17,7 +17,7 @@ use sluice_evidence::{
 };
 
 use super::{line, segments, Spool};
-use crate::config::NatsSettings;
+use crate::{config::NatsSettings, record::RecordStore};
 
 /// Events published before their acknowledgements are awaited.
 const IN_FLIGHT: usize = 256;
@@ -95,10 +95,10 @@ pub async fn stream(
 }
 
 /// Ships until the process ends, reconnecting with backoff.
-pub async fn run(spool: Arc<Spool>, cfg: NatsSettings) {
+pub async fn run(spool: Arc<Spool>, cfg: NatsSettings, store: Arc<RecordStore>) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match session(&spool, &cfg).await {
+        match session(&spool, &cfg, &store).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 spool.status.connected.store(false, Ordering::Relaxed);
@@ -115,7 +115,11 @@ pub async fn run(spool: Arc<Spool>, cfg: NatsSettings) {
     }
 }
 
-async fn session(spool: &Arc<Spool>, cfg: &NatsSettings) -> Result<(), ShipError> {
+async fn session(
+    spool: &Arc<Spool>,
+    cfg: &NatsSettings,
+    store: &Arc<RecordStore>,
+) -> Result<(), ShipError> {
     let js = connect(&Endpoint::from(cfg)).await?;
     stream(&js, cfg).await?;
     spool.status.connected.store(true, Ordering::Relaxed);
@@ -130,12 +134,52 @@ async fn session(spool: &Arc<Spool>, cfg: &NatsSettings) -> Result<(), ShipError
     // new lines are read again. A new session starts from the
     // acknowledged position.
     let mut read_to = None;
+    let mut checkpoint_shipped = None;
     loop {
         let shipped = ship_available(spool, &js, &prefix, &mut read_to).await?;
+        ship_checkpoint(spool, store, &js, &prefix, &mut checkpoint_shipped).await?;
         if shipped == 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Publishes the newest signed checkpoint once every event it covers is
+/// acknowledged in the stream, so that the stream alone proves the chain
+/// (a re-written tail cannot match the node's signature). De-duplicated
+/// by key and number.
+async fn ship_checkpoint(
+    spool: &Arc<Spool>,
+    store: &Arc<RecordStore>,
+    js: &jetstream::Context,
+    prefix: &str,
+    shipped: &mut Option<u64>,
+) -> Result<(), ShipError> {
+    let st = store.clone();
+    let Ok(Ok(Some(cp))) = tokio::task::spawn_blocking(move || st.last_checkpoint()).await else {
+        return Ok(());
+    };
+    if shipped.is_some_and(|n| n >= cp.n) || cp.seq >= spool.status.acked.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let msg = sluice_evidence::checkpoint::Shipped {
+        node: spool.node.clone(),
+        node_key: store.node_key(),
+        checkpoint: cp.clone(),
+    };
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(serde_json::to_vec(&msg).unwrap_or_default().into())
+        .message_id(format!("checkpoint-{}-{}", cp.kid, cp.n));
+    js.send_publish(
+        format!("{prefix}.{}", sluice_evidence::checkpoint::TOKEN),
+        publish,
+    )
+    .await
+    .map_err(nats)?
+    .await
+    .map_err(nats)?;
+    *shipped = Some(cp.n);
+    Ok(())
 }
 
 /// Publishes every spooled line at or after the acknowledged position;
@@ -254,6 +298,8 @@ pub struct StreamReport {
     /// Messages carrying an event already seen (0 when de-duplication
     /// held).
     pub duplicates: u64,
+    /// Signed checkpoints found, each checked (signature, covered event).
+    pub checkpoints: u64,
     pub first_break: Option<String>,
 }
 
@@ -271,6 +317,7 @@ pub async fn verify_stream(
     let state = stream.info().await.map_err(nats)?.state.clone();
     let want = format!("{prefix}.{}.", line::token(node));
     let mut events: std::collections::BTreeMap<u64, Line> = Default::default();
+    let mut checkpoints = Vec::new();
     let mut report = StreamReport::default();
     for seq in state.first_sequence.max(1)..=state.last_sequence {
         let msg = match stream.get_raw_message(seq).await {
@@ -279,6 +326,17 @@ pub async fn verify_stream(
             Err(_) => continue,
         };
         if !msg.subject.starts_with(&want) {
+            continue;
+        }
+        if msg.subject.ends_with(sluice_evidence::checkpoint::TOKEN) {
+            match serde_json::from_slice::<sluice_evidence::checkpoint::Shipped>(&msg.payload) {
+                Ok(c) => checkpoints.push(c),
+                Err(e) => {
+                    report.first_break =
+                        Some(format!("stream message {seq}: not a checkpoint: {e}"));
+                    return Ok(report);
+                }
+            }
             continue;
         }
         let line = match Line::parse(&msg.payload) {
@@ -304,6 +362,26 @@ pub async fn verify_stream(
             }
         }
         head = Some(next);
+    }
+    // Every checkpoint signed by one key, and each covered event as signed.
+    for c in &checkpoints {
+        let first_key = &checkpoints[0].node_key;
+        let problem =
+            c.checkpoint
+                .check(first_key)
+                .err()
+                .or_else(|| match events.get(&c.checkpoint.seq) {
+                    Some(l) if hex::encode(l.hash) != c.checkpoint.head => Some(format!(
+                        "event {} differs from the node's signed checkpoint #{}",
+                        c.checkpoint.seq, c.checkpoint.n
+                    )),
+                    _ => None,
+                });
+        if let Some(p) = problem {
+            report.first_break = Some(p);
+            return Ok(report);
+        }
+        report.checkpoints += 1;
     }
     report.events = events.len() as u64;
     report.first_seq = events.keys().next().copied().unwrap_or_default();
