@@ -14,7 +14,10 @@ use sluice_evidence::{
 };
 use tracing::{info, warn};
 
-use crate::store::{Store, StoreError};
+use crate::{
+    notify::Notifier,
+    store::{Store, StoreError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -45,7 +48,12 @@ fn now_ms() -> u64 {
 }
 
 /// Judges and stores one message's payload.
-pub fn take(store: &Store, payload: &[u8], stream_seq: Option<u64>) -> Result<(), StoreError> {
+pub fn take(
+    store: &Store,
+    notify: &Notifier,
+    payload: &[u8],
+    stream_seq: Option<u64>,
+) -> Result<(), StoreError> {
     let line = match Line::parse(payload) {
         Ok(l) => l,
         Err(e) => {
@@ -66,19 +74,18 @@ pub fn take(store: &Store, payload: &[u8], stream_seq: Option<u64>) -> Result<()
             warn!(node = %line.node, seq = line.seq, %detail, "node chain broken");
         }
     }
-    store.apply(
-        &line,
-        &new_head,
-        !matches!(step, Step::Conflict { .. }),
-        now_ms(),
-    )
+    let stored = !matches!(step, Step::Conflict { .. });
+    store.apply(&line, &new_head, stored, now_ms())?;
+    let before = head.map_or(follow::ChainState::Verified, |h| h.state);
+    notify.ingested(&line, before, &new_head, stored);
+    Ok(())
 }
 
 /// Follows the stream until the process ends, reconnecting with backoff.
-pub async fn run(store: Arc<Store>, src: Source) {
+pub async fn run(store: Arc<Store>, notify: Notifier, src: Source) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match session(&store, &src).await {
+        match session(&store, &notify, &src).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 warn!(error = %e, url = %src.url, "evidence ingest interrupted; retrying");
@@ -89,7 +96,7 @@ pub async fn run(store: Arc<Store>, src: Source) {
     }
 }
 
-async fn session(store: &Arc<Store>, src: &Source) -> Result<(), IngestError> {
+async fn session(store: &Arc<Store>, notify: &Notifier, src: &Source) -> Result<(), IngestError> {
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
         .connect(src.url.as_str())
@@ -128,7 +135,8 @@ async fn session(store: &Arc<Store>, src: &Source) -> Result<(), IngestError> {
         let stream_seq = m.info().ok().map(|i| i.stream_sequence);
         let st = store.clone();
         let payload = m.payload.clone();
-        tokio::task::spawn_blocking(move || take(&st, &payload, stream_seq))
+        let n = notify.clone();
+        tokio::task::spawn_blocking(move || take(&st, &n, &payload, stream_seq))
             .await
             .map_err(|e| IngestError::Nats(format!("ingest task: {e}")))??;
         m.ack().await.map_err(nats)?;
