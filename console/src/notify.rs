@@ -823,3 +823,530 @@ async fn deliver(
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::{
+        body::Bytes,
+        extract::{Path as UrlPath, State},
+        http::{HeaderMap, StatusCode},
+        routing::post,
+        Router,
+    };
+    use sluice_fleet::approval::Ci;
+
+    const SECRET: &[u8] = b"test-secret-made-for-this-test-0123";
+    const BASE: &str = "https://console.example";
+
+    #[derive(Clone, Debug)]
+    struct Got {
+        path: String,
+        headers: HeaderMap,
+        body: Vec<u8>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Receiver {
+        got: Arc<Mutex<Vec<Got>>>,
+        flaky: Arc<AtomicU64>,
+    }
+
+    impl Receiver {
+        fn got(&self) -> Vec<Got> {
+            self.got.lock().unwrap().clone()
+        }
+
+        async fn wait(&self, path: &str, n: usize, within: Duration) -> Vec<Got> {
+            let end = Instant::now() + within;
+            loop {
+                let g: Vec<Got> = self.got().into_iter().filter(|g| g.path == path).collect();
+                if g.len() >= n || Instant::now() > end {
+                    return g;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// A Slack hook (`/slack`), a JSON hook (`/json`) and one that
+    /// fails twice before it takes anything (`/flaky`), on loopback.
+    async fn receiver() -> (Receiver, String) {
+        async fn take(
+            State(r): State<Receiver>,
+            UrlPath(path): UrlPath<String>,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> StatusCode {
+            let path = format!("/{path}");
+            let status = if path == "/flaky" && r.flaky.fetch_add(1, Ordering::SeqCst) < 2 {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::OK
+            };
+            r.got.lock().unwrap().push(Got {
+                path,
+                headers,
+                body: body.to_vec(),
+            });
+            status
+        }
+        let r = Receiver::default();
+        let app = Router::new()
+            .route("/{*path}", post(take))
+            .with_state(r.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        (r, format!("http://{addr}"))
+    }
+
+    /// Accepts connections and never answers.
+    async fn silent() -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        format!("http://{addr}/never")
+    }
+
+    fn notifier(hooks: &[(&str, Format)], tuning: Tuning) -> Notifier {
+        Notifier::start(Config {
+            hooks: hooks
+                .iter()
+                .map(|(u, f)| Hook::new((*u).into(), *f).unwrap())
+                .collect(),
+            key: Some(hmac::Key::new(hmac::HMAC_SHA256, SECRET)),
+            base: BASE.into(),
+            tuning,
+        })
+    }
+
+    fn fast() -> Tuning {
+        Tuning {
+            queue: 64,
+            attempts: 4,
+            backoff: Duration::from_millis(20),
+            timeout: Duration::from_millis(500),
+        }
+    }
+
+    fn held(id: u64, hold: &str) -> Held {
+        Held {
+            node: "node-x".into(),
+            id,
+            hold: hold.into(),
+            session: 7,
+            identity: "wl-1".into(),
+            ci: Some(Ci {
+                system: "github".into(),
+                repository: Some("acme/app".into()),
+                ..Default::default()
+            }),
+            rule: "prod-deploy".into(),
+            message: "needs a person".into(),
+            method: "POST".into(),
+            authority: "api2.cursor.sh".into(),
+            path: "/v1/chat".into(),
+            preview: "SECRET-PROMPT-TEXT".into(),
+            created_ms: 1_000,
+            expires_ms: 61_000,
+        }
+    }
+
+    fn line(seq: u64, connection: u64, kind: &str, body: &str) -> Line {
+        Line {
+            seq,
+            prev: [0; 32],
+            hash: [0; 32],
+            at_ms: 5_000 + seq,
+            connection,
+            kind: kind.into(),
+            node: "node-x".into(),
+            actor: "wl-1".into(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn head(state: ChainState, detail: &str) -> Head {
+        Head {
+            seq: 9,
+            hash: [0; 32],
+            state,
+            detail: Some(detail.into()),
+        }
+    }
+
+    const REFUSED: &str = r#"{"id":3,"identity":{"id":"wl-1","ci":{"repository":"acme/app"}},"outcome":{"status":"refused","reason":"identity suspended: incident 42"}}"#;
+    const FORGED: &str = r#"{"kind":"ci-identity-claim","session":4,"identity":"wl-1","trusted":{"repository":"acme/app"},"claimed":{"repository":"acme/prod"},"pid":99,"comm":"curl"}"#;
+    const TAMPER: &str = r#"{"call":"bpf","pid":98,"comm":"evil","job_stopped":true}"#;
+
+    fn every_kind() -> Vec<Alert> {
+        vec![
+            Alert::ApprovalPending(Box::new(held(1, "h-1"))),
+            Alert::chain(
+                "node-x",
+                ChainState::Verified,
+                &head(ChainState::Broken, "altered"),
+            )
+            .unwrap(),
+            Alert::chain(
+                "node-y",
+                ChainState::Verified,
+                &head(ChainState::Gap, "events 3..4 are missing"),
+            )
+            .unwrap(),
+            Alert::from_line(&line(1, 3, "connection.refused", REFUSED)).unwrap(),
+            Alert::from_line(&line(2, 0, "anomaly.identity", FORGED)).unwrap(),
+            Alert::from_line(&line(3, 0, "containment.tamper", TAMPER)).unwrap(),
+        ]
+    }
+
+    fn verify(key: &[u8], g: &Got) -> bool {
+        let ts = g.headers["x-sluice-timestamp"].to_str().unwrap();
+        let sig = g.headers["x-sluice-signature"].to_str().unwrap();
+        let Some(mac) = sig
+            .strip_prefix("sha256=")
+            .and_then(|h| hex::decode(h).ok())
+        else {
+            return false;
+        };
+        let mut msg = format!("{ts}.").into_bytes();
+        msg.extend_from_slice(&g.body);
+        hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, key), &msg, &mac).is_ok()
+    }
+
+    #[tokio::test]
+    async fn every_kind_reaches_a_slack_and_a_signed_json_hook() {
+        let (r, url) = receiver().await;
+        let n = notifier(
+            &[
+                (&format!("{url}/slack"), Format::Slack),
+                (&format!("{url}/json"), Format::Json),
+            ],
+            fast(),
+        );
+        let alerts = every_kind();
+        let kinds: Vec<&str> = alerts.iter().map(Alert::kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                "approval.pending",
+                "chain.broken",
+                "chain.gap",
+                "identity.suspended_trying",
+                "anomaly",
+                "anomaly"
+            ]
+        );
+        for a in alerts {
+            n.alert(a);
+        }
+        let slack = r.wait("/slack", 6, Duration::from_secs(10)).await;
+        let json = r.wait("/json", 6, Duration::from_secs(10)).await;
+        assert_eq!((slack.len(), json.len()), (6, 6));
+
+        for g in &slack {
+            let v: Value = serde_json::from_slice(&g.body).unwrap();
+            let text = v["text"].as_str().unwrap();
+            assert!(text.contains(BASE), "{text}");
+            assert!(v["blocks"].as_array().is_some_and(|b| !b.is_empty()), "{v}");
+            assert!(!g.headers.contains_key("x-sluice-signature"));
+        }
+        let slack_text: Vec<String> = slack
+            .iter()
+            .map(|g| serde_json::from_slice::<Value>(&g.body).unwrap()["text"].to_string())
+            .collect();
+        assert!(slack_text.iter().any(|t| t.contains("/approvals")));
+        // The held body's preview stays in the console.
+        assert!(!slack_text.iter().any(|t| t.contains("SECRET-PROMPT")));
+
+        let mut got_kinds = Vec::new();
+        for g in &json {
+            assert!(verify(SECRET, g), "signature does not verify");
+            assert!(!verify(b"another-secret-entirely-0123456", g));
+            let v: Value = serde_json::from_slice(&g.body).unwrap();
+            for f in ["kind", "at_ms", "node", "summary", "link", "detail"] {
+                assert!(!v[f].is_null(), "{f} missing: {v}");
+            }
+            assert!(v["link"].as_str().unwrap().starts_with(BASE));
+            assert_eq!(g.headers["x-sluice-event"], v["kind"].as_str().unwrap());
+            assert!(!v.to_string().contains("SECRET-PROMPT"), "{v}");
+            got_kinds.push(v["kind"].as_str().unwrap().to_owned());
+            match v["kind"].as_str().unwrap() {
+                "approval.pending" => {
+                    assert_eq!(v["link"], format!("{BASE}/approvals"));
+                    assert_eq!(v["detail"]["rule"], "prod-deploy");
+                }
+                "chain.broken" | "chain.gap" => assert_eq!(v["link"], format!("{BASE}/nodes")),
+                "identity.suspended_trying" => {
+                    assert_eq!(v["link"], format!("{BASE}/sessions/node-x/3"));
+                    assert_eq!(v["detail"]["identity"], "wl-1");
+                    assert!(v["summary"].as_str().unwrap().contains("incident 42"));
+                }
+                "anomaly" => assert!(v["detail"]["event_kind"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(['a', 'c'])),
+                k => panic!("unexpected kind {k}"),
+            }
+        }
+        got_kinds.sort();
+        assert_eq!(
+            got_kinds,
+            [
+                "anomaly",
+                "anomaly",
+                "approval.pending",
+                "chain.broken",
+                "chain.gap",
+                "identity.suspended_trying"
+            ]
+        );
+        // A body altered in transit no longer verifies.
+        let mut forged = json[0].clone();
+        forged.body.extend_from_slice(b" ");
+        assert!(!verify(SECRET, &forged));
+        assert_eq!(n.stats().delivered, 12);
+    }
+
+    #[tokio::test]
+    async fn a_failing_hook_is_retried_until_it_takes_the_alert_once() {
+        let (r, url) = receiver().await;
+        let n = notifier(&[(&format!("{url}/flaky"), Format::Json)], fast());
+        n.alert(Alert::ApprovalPending(Box::new(held(1, "h-1"))));
+        let got = r.wait("/flaky", 3, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 3, "500, 500, then 200");
+        // The same delivery each time, each attempt signed afresh.
+        assert!(got.iter().all(|g| verify(SECRET, g)));
+        assert!(got
+            .iter()
+            .all(|g| g.headers["x-sluice-delivery"] == got[0].headers["x-sluice-delivery"]));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(r.got().len(), 3, "nothing after the 200");
+        assert_eq!(
+            n.stats(),
+            Stats {
+                delivered: 1,
+                failed: 0,
+                dropped: 0
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hook_that_never_answers_does_not_hold_up_the_others() {
+        let (r, url) = receiver().await;
+        let dead = silent().await;
+        let n = notifier(
+            &[
+                (&dead, Format::Json),
+                (&format!("{url}/json"), Format::Json),
+            ],
+            Tuning {
+                attempts: 2,
+                timeout: Duration::from_millis(300),
+                ..fast()
+            },
+        );
+        let start = Instant::now();
+        n.alert(Alert::from_line(&line(2, 0, "anomaly.identity", FORGED)).unwrap());
+        n.alert(Alert::from_line(&line(3, 0, "containment.tamper", TAMPER)).unwrap());
+        let got = r.wait("/json", 2, Duration::from_secs(5)).await;
+        assert_eq!(got.len(), 2);
+        assert!(
+            start.elapsed() < Duration::from_millis(300),
+            "waited on the dead hook"
+        );
+        // The dead hook's attempts time out and are given up.
+        let end = Instant::now() + Duration::from_secs(5);
+        while n.stats().failed < 2 && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(n.stats().failed, 2);
+        assert_eq!(n.stats().delivered, 2);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_and_never_blocks() {
+        let dead = silent().await;
+        let n = notifier(
+            &[(&dead, Format::Slack)],
+            Tuning {
+                queue: 4,
+                timeout: Duration::from_secs(30),
+                ..fast()
+            },
+        );
+        let start = Instant::now();
+        for seq in 0..2_000 {
+            n.alert(Alert::from_line(&line(seq, 0, "anomaly.identity", FORGED)).unwrap());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        let s = n.stats();
+        // One in flight at most, four waiting: the rest dropped.
+        assert!(s.dropped >= 2_000 - 5, "{s:?}");
+        assert_eq!(s.delivered + s.failed, 0);
+    }
+
+    #[tokio::test]
+    async fn a_hold_alerts_once_and_a_suspended_identity_once_per_quiet_period() {
+        let (r, url) = receiver().await;
+        let n = notifier(&[(&format!("{url}/json"), Format::Json)], fast());
+        for _ in 0..3 {
+            n.alert(Alert::ApprovalPending(Box::new(held(1, "h-1"))));
+        }
+        // Another hold (a new request with the same number after a
+        // node restart) is another alert.
+        n.alert(Alert::ApprovalPending(Box::new(held(1, "h-2"))));
+        for seq in 0..5 {
+            n.alert(Alert::from_line(&line(seq, 3, "connection.refused", REFUSED)).unwrap());
+        }
+        let other = REFUSED.replace("\"id\":\"wl-1\"", "\"id\":\"wl-2\"");
+        n.alert(Alert::from_line(&line(9, 3, "connection.refused", &other)).unwrap());
+        let got = r.wait("/json", 4, Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let kinds: Vec<String> = r
+            .got()
+            .iter()
+            .map(|g| serde_json::from_slice::<Value>(&g.body).unwrap()["kind"].to_string())
+            .collect();
+        assert_eq!(got.len(), 4, "{kinds:?}");
+        assert_eq!(r.got().len(), 4, "{kinds:?}");
+    }
+
+    #[test]
+    fn chain_alerts_are_transitions_into_broken_or_gap() {
+        let gap = head(ChainState::Gap, "missing");
+        let broken = head(ChainState::Broken, "altered");
+        let partial = head(ChainState::Partial, "joined late");
+        assert_eq!(
+            Alert::chain("n", ChainState::Verified, &gap).map(|a| a.kind()),
+            Some("chain.gap")
+        );
+        assert!(Alert::chain("n", ChainState::Gap, &gap).is_none());
+        assert_eq!(
+            Alert::chain("n", ChainState::Gap, &broken).map(|a| a.kind()),
+            Some("chain.broken")
+        );
+        assert!(Alert::chain("n", ChainState::Broken, &broken).is_none());
+        assert!(Alert::chain("n", ChainState::Verified, &partial).is_none());
+    }
+
+    #[test]
+    fn which_events_are_alerts() {
+        let kind = |k: &str, body: &str| Alert::from_line(&line(1, 2, k, body)).map(|a| a.kind());
+        assert_eq!(
+            kind("connection.refused", REFUSED),
+            Some("identity.suspended_trying")
+        );
+        // Intercepted HTTP and SQL: the node's own decision on the request.
+        let ex = r#"{"session":2,"seq":1,"method":"POST","decisions":[{"rule":"identity-suspended","action":"block","detail":"incident 42"}]}"#;
+        assert_eq!(
+            kind("exchange.completed", ex),
+            Some("identity.suspended_trying")
+        );
+        assert_eq!(
+            kind("statement.completed", ex),
+            Some("identity.suspended_trying")
+        );
+        // Refused for another reason, or a rule merely named "suspended".
+        let other = r#"{"id":3,"outcome":{"status":"refused","reason":"identity has 9 connections open (limit 8)"}}"#;
+        assert_eq!(kind("connection.refused", other), None);
+        let ex2 = r#"{"session":2,"decisions":[{"rule":"suspended-words","action":"block"}]}"#;
+        assert_eq!(kind("exchange.completed", ex2), None);
+        assert_eq!(kind("connection.open", r#"{"id":1}"#), None);
+        assert_eq!(kind("approval.decided", r#"{"by":"x"}"#), None);
+        assert_eq!(kind("anomaly.identity", FORGED), Some("anomaly"));
+        assert_eq!(kind("containment.escape", "not json"), Some("anomaly"));
+
+        let a = Alert::from_line(&line(1, 0, "anomaly.identity", FORGED)).unwrap();
+        assert_eq!(a.path(), "/sessions/node-x/4");
+        let s = a.summary();
+        assert!(s.contains("acme/prod") && s.contains("curl"), "{s}");
+        let a = Alert::from_line(&line(1, 0, "containment.tamper", TAMPER)).unwrap();
+        assert_eq!(a.path(), "/nodes");
+    }
+
+    #[test]
+    fn slack_text_cannot_carry_links_from_the_node() {
+        let mut h = held(1, "h");
+        h.ci = Some(Ci {
+            system: "github".into(),
+            repository: Some("<https://evil.example|click> <!channel>".into()),
+            ..Default::default()
+        });
+        let note = Note {
+            id: "x".into(),
+            link: format!("{BASE}/approvals"),
+            alert: Alert::ApprovalPending(Box::new(h)),
+        };
+        let v = slack_body(&note).to_string();
+        assert!(!v.contains("<https://evil"), "{v}");
+        assert!(!v.contains("<!channel>"), "{v}");
+        assert!(v.contains("&lt;!channel&gt;"), "{v}");
+    }
+
+    #[test]
+    fn configuration_is_checked_at_start() {
+        let listen: std::net::SocketAddr = "127.0.0.1:8470".parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let args = |json: &[&str], file: Option<&Path>| NotifyArgs {
+            webhook_json: json.iter().map(|s| (*s).into()).collect(),
+            webhook_secret_file: file.map(Path::to_path_buf),
+            ..Default::default()
+        };
+        let err = |a| Config::from_args(a, &listen).err().unwrap().to_string();
+
+        let e = err(args(&["https://hooks.example/x"], Some(&secret)));
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c =
+            Config::from_args(args(&["https://hooks.example/x"], Some(&secret)), &listen).unwrap();
+        assert_eq!(c.base, "http://127.0.0.1:8470");
+        assert_eq!(c.hooks[0].label, "https://hooks.example");
+
+        let e = err(args(&["https://hooks.example/x"], None));
+        assert!(e.contains("--webhook-secret-file"), "{e}");
+        // Plain http off loopback: refused, and the URL's path (a Slack
+        // hook's credential) is not repeated.
+        let e = err(NotifyArgs {
+            webhook_slack: vec!["http://hooks.example/services/T0/B0/XYZSECRET".into()],
+            ..Default::default()
+        });
+        assert!(e.contains("loopback") && !e.contains("XYZSECRET"), "{e}");
+
+        std::fs::write(&secret, "short\n").unwrap();
+        let e = err(args(&["https://hooks.example/x"], Some(&secret)));
+        assert!(e.contains("16 bytes"), "{e}");
+
+        let c = Config::from_args(
+            NotifyArgs {
+                public_url: Some("https://console.corp.example/".into()),
+                ..Default::default()
+            },
+            &listen,
+        )
+        .unwrap();
+        assert_eq!(c.base, "https://console.corp.example");
+        assert!(Config::from_args(
+            NotifyArgs {
+                public_url: Some("console.corp".into()),
+                ..Default::default()
+            },
+            &listen,
+        )
+        .is_err());
+    }
+}
