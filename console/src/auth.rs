@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::web::WebError;
 
-mod fetch;
+pub mod fetch;
 mod oidc;
 mod routes;
 mod session;

@@ -11,6 +11,7 @@ use sluice_evidence::chain::{content_digest, link_hash, Hash};
 
 use crate::{
     ingest,
+    notify::Notifier,
     store::{Filter, Store, StoreError},
 };
 
@@ -59,12 +60,19 @@ pub fn run(
     let sessions = exchanges.div_ceil(per_session.max(1));
     let started = Instant::now();
     let mut events = 0u64;
+    let notify = Notifier::disabled();
     let mut take = |conn: u64, kind: &str, body: String, prev: &mut Hash, seq: &mut u64| {
         let (payload, hash) = line(node, *seq, prev, conn, kind, &body);
         *prev = hash;
         *seq += 1;
         events += 1;
-        ingest::take(store, "sluice.evidence.bench-node.wl", &payload, None)
+        ingest::take(
+            store,
+            &notify,
+            "sluice.evidence.bench-node.wl",
+            &payload,
+            None,
+        )
     };
     for s in 1..=sessions {
         let repo = format!("acme/repo-{}", s as usize % REPOS);

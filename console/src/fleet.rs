@@ -31,6 +31,8 @@ use sluice_fleet::{
 use tokio::sync::RwLock;
 use tracing::{info, warn};
 
+use crate::notify::Alert;
+
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
     #[error("NATS is not reachable yet: {0}")]
@@ -76,6 +78,7 @@ pub struct Fleet {
     /// The newest list this console has read or written: a genuinely
     /// signed but older list republished into the bucket is not built on.
     newest: Mutex<List>,
+    notify: crate::notify::Notifier,
 }
 
 /// How long the console waits for a node to answer a decision.
@@ -89,7 +92,11 @@ pub fn now_ms() -> u64 {
 }
 
 impl Fleet {
-    pub fn new(signer: Signer, bucket: String) -> Result<Self, FleetError> {
+    pub fn new(
+        signer: Signer,
+        bucket: String,
+        notify: crate::notify::Notifier,
+    ) -> Result<Self, FleetError> {
         let own = Trusted::from_pem(&signer.public_pem()).map_err(FleetError::Invalid)?;
         Ok(Self {
             signer,
@@ -99,6 +106,7 @@ impl Fleet {
             held: Mutex::default(),
             beats: Mutex::default(),
             newest: Mutex::default(),
+            notify,
         })
     }
 
@@ -163,6 +171,8 @@ impl Fleet {
         match n {
             Notice::Held(h) => {
                 info!(node = %h.node, id = h.id, rule = %h.rule, "request held on a node");
+                // Once per hold: the notifier remembers holds it alerted.
+                self.notify.alert(Alert::ApprovalPending(h.clone()));
                 held.insert((h.node.clone(), h.id), *h);
             }
             Notice::Ended { node, id, hold, .. } => {
@@ -183,6 +193,12 @@ impl Fleet {
             let mut held = Self::lock(&self.held);
             held.retain(|(node, _), _| node != &b.node);
             for h in &b.held {
+                // A hold whose notice this console missed; one already
+                // alerted is not alerted again.
+                if h.expires_ms > now_ms() {
+                    self.notify
+                        .alert(Alert::ApprovalPending(Box::new(h.clone())));
+                }
                 held.insert((h.node.clone(), h.id), h.clone());
             }
         }

@@ -15,7 +15,10 @@ use sluice_evidence::{
 };
 use tracing::{info, warn};
 
-use crate::store::{NodeKey, Store, StoreError};
+use crate::{
+    notify::Notifier,
+    store::{NodeKey, Store, StoreError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -48,12 +51,13 @@ fn now_ms() -> u64 {
 /// Judges and stores one message: an event, or a node's checkpoint.
 pub fn take(
     store: &Store,
+    notify: &Notifier,
     subject: &str,
     payload: &[u8],
     stream_seq: Option<u64>,
 ) -> Result<(), StoreError> {
     if subject.ends_with(checkpoint::TOKEN) {
-        return take_checkpoint(store, payload, stream_seq);
+        return take_checkpoint(store, notify, payload, stream_seq);
     }
     let line = match Line::parse(payload) {
         Ok(l) => l,
@@ -77,12 +81,15 @@ pub fn take(
     }
     let stored = !matches!(step, Step::Conflict { .. });
     store.apply(&line, &new_head, stored, now_ms())?;
+    let before = head.map_or(follow::ChainState::Verified, |h| h.state);
+    notify.ingested(&line, before, &new_head, stored);
     // An event the node signed a checkpoint over must be the one signed.
     if stored {
         for (n, head) in store.checkpoints_at(&line.node, line.seq)? {
             if head != hex::encode(line.hash) {
                 flag(
                     store,
+                    notify,
                     &line.node,
                     format!(
                         "event {} differs from the node's signed checkpoint #{n}",
@@ -95,9 +102,15 @@ pub fn take(
     Ok(())
 }
 
-fn flag(store: &Store, node: &str, detail: String) -> Result<(), StoreError> {
+fn flag(store: &Store, notify: &Notifier, node: &str, detail: String) -> Result<(), StoreError> {
     warn!(%node, %detail, "node chain broken");
+    let before = store.head(node)?;
     store.break_chain(node, &detail)?;
+    if let (Some(before), Some(after)) = (before, store.head(node)?) {
+        if let Some(a) = crate::notify::Alert::chain(node, before.state, &after) {
+            notify.alert(a);
+        }
+    }
     Ok(())
 }
 
@@ -106,6 +119,7 @@ fn flag(store: &Store, node: &str, detail: String) -> Result<(), StoreError> {
 /// with the one held. A re-written tail cannot match the node's key.
 fn take_checkpoint(
     store: &Store,
+    notify: &Notifier,
     payload: &[u8],
     stream_seq: Option<u64>,
 ) -> Result<(), StoreError> {
@@ -126,6 +140,7 @@ fn take_checkpoint(
     if pinned.ed25519 != offered.ed25519 {
         return flag(
             store,
+            notify,
             &c.node,
             format!(
                 "checkpoint #{} is signed by key {}, not the node's {} key {}",
@@ -139,13 +154,14 @@ fn take_checkpoint(
         ed25519: pinned.ed25519,
     };
     if let Err(why) = c.checkpoint.check(&key) {
-        return flag(store, &c.node, why);
+        return flag(store, notify, &c.node, why);
     }
     store.add_checkpoint(&c.node, &c.checkpoint)?;
     if let Some(held) = store.held(&c.node, c.checkpoint.seq)? {
         if hex::encode(held) != c.checkpoint.head {
             return flag(
                 store,
+                notify,
                 &c.node,
                 format!(
                     "event {} differs from the node's signed checkpoint #{}",
@@ -158,10 +174,10 @@ fn take_checkpoint(
 }
 
 /// Follows the stream until the process ends, reconnecting with backoff.
-pub async fn run(store: Arc<Store>, src: Source) {
+pub async fn run(store: Arc<Store>, notify: Notifier, src: Source) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match session(&store, &src).await {
+        match session(&store, &notify, &src).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 warn!(error = %e, url = %src.url, "evidence ingest interrupted; retrying");
@@ -172,7 +188,7 @@ pub async fn run(store: Arc<Store>, src: Source) {
     }
 }
 
-async fn session(store: &Arc<Store>, src: &Source) -> Result<(), IngestError> {
+async fn session(store: &Arc<Store>, notify: &Notifier, src: &Source) -> Result<(), IngestError> {
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
         .connect(src.url.as_str())
@@ -211,7 +227,8 @@ async fn session(store: &Arc<Store>, src: &Source) -> Result<(), IngestError> {
         let stream_seq = m.info().ok().map(|i| i.stream_sequence);
         let st = store.clone();
         let (subject, payload) = (m.subject.to_string(), m.payload.clone());
-        tokio::task::spawn_blocking(move || take(&st, &subject, &payload, stream_seq))
+        let n = notify.clone();
+        tokio::task::spawn_blocking(move || take(&st, &n, &subject, &payload, stream_seq))
             .await
             .map_err(|e| IngestError::Nats(format!("ingest task: {e}")))??;
         m.ack().await.map_err(nats)?;

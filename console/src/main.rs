@@ -11,6 +11,7 @@ mod auth;
 mod bench;
 mod fleet;
 mod ingest;
+mod notify;
 mod pages;
 mod store;
 mod web;
@@ -66,6 +67,8 @@ enum Cmd {
         suspensions_bucket: String,
         #[command(flatten)]
         auth: auth::AuthArgs,
+        #[command(flatten)]
+        notify: notify::NotifyArgs,
     },
     /// API tokens for automation.
     Token {
@@ -119,8 +122,10 @@ async fn main() -> anyhow::Result<()> {
             retain_days,
             suspensions_bucket,
             auth,
+            notify,
         } => {
             let auth = Arc::new(auth::Auth::from_args(auth)?);
+            let notifier = notify::Notifier::start(notify::Config::from_args(notify, &listen)?);
             let signer = signer(&state_dir)?;
             // Connecting and migrating block: off the runtime.
             let file = state_dir.join("console.db");
@@ -133,10 +138,15 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(backend = store.backend(), "store open");
             let store = Arc::new(store);
             tracing::info!(kid = %signer.kid, "decisions are signed with this key (`sluice-console key` prints it)");
-            let fleet = Arc::new(fleet::Fleet::new(signer, suspensions_bucket)?);
+            let fleet = Arc::new(fleet::Fleet::new(
+                signer,
+                suspensions_bucket,
+                notifier.clone(),
+            )?);
             tokio::spawn(fleet.clone().run(nats.clone()));
             tokio::spawn(ingest::run(
                 store.clone(),
+                notifier,
                 ingest::Source {
                     url: nats,
                     stream,

@@ -671,7 +671,7 @@ async fn viewer_logs_in_sees_who_and_cannot_change_what_a_viewer_may_not() {
     let r = b.get(&format!("{}/api/whoami", c.base)).await;
     assert_eq!(
         r.json(),
-        json!({"name": "alice", "role": "viewer", "via": "session"})
+        json!({"name": "alice", "role": "viewer", "via": "session", "csrf": csrf})
     );
 
     let check = format!("{}/api/whoami/check", c.base);

@@ -1,6 +1,6 @@
-//! The console's few outbound calls (OIDC discovery, JWKS, token): one
-//! HTTP/1.1 request per connection over hyper, TLS by rustls against the
-//! host's trust store. Plain http only to loopback (a local identity
+//! The console's few outbound calls (OIDC discovery, JWKS, token,
+//! webhooks): one HTTP/1.1 request per connection over hyper, TLS by
+//! rustls against the host's trust store. Plain http only to loopback (a local identity
 //! provider, or the tests' stand-in), so a code or a secret never crosses
 //! a network in the clear. Bounded in time and size.
 use std::{
@@ -74,19 +74,41 @@ pub async fn call(
     form: Option<String>,
     authorization: Option<String>,
 ) -> Result<Reply, AuthError> {
-    tokio::time::timeout(TIMEOUT, call_inner(method, url, form, authorization))
+    let mut out = Outgoing {
+        method,
+        content_type: form
+            .is_some()
+            .then_some("application/x-www-form-urlencoded"),
+        body: form.unwrap_or_default().into_bytes(),
+        headers: Vec::new(),
+    };
+    if let Some(a) = authorization {
+        out.headers.push((header::AUTHORIZATION.as_str(), a));
+    }
+    send_to(url, out, TIMEOUT)
         .await
-        .map_err(|_| AuthError::Provider(format!("{url}: no answer in {TIMEOUT:?}")))?
+        .map_err(|why| AuthError::Provider(format!("{url}: {why}")))
 }
 
-async fn call_inner(
-    method: Method,
-    url: &str,
-    form: Option<String>,
-    authorization: Option<String>,
-) -> Result<Reply, AuthError> {
-    let fail = |why: String| AuthError::Provider(format!("{url}: {why}"));
-    let uri = check_url(url).map_err(AuthError::Provider)?;
+/// A request to send with [`send_to`].
+pub struct Outgoing {
+    pub method: Method,
+    pub content_type: Option<&'static str>,
+    pub body: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// One request to `url` (checked by [`check_url`]) within `timeout`. The
+/// error does not name the URL: a webhook's URL is itself a secret, the
+/// caller says which one failed.
+pub async fn send_to(url: &str, out: Outgoing, timeout: Duration) -> Result<Reply, String> {
+    tokio::time::timeout(timeout, call_inner(url, out))
+        .await
+        .map_err(|_| format!("no answer in {timeout:?}"))?
+}
+
+async fn call_inner(url: &str, out: Outgoing) -> Result<Reply, String> {
+    let uri = check_url(url).map_err(|_| "not https, nor http to loopback".to_string())?;
     let https = uri.scheme_str() == Some("https");
     let host = uri.host().unwrap_or_default().to_string();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
@@ -100,20 +122,20 @@ async fn call_inner(
         .unwrap_or_else(|| "/".into());
 
     let mut req = Request::builder()
-        .method(method)
+        .method(out.method)
         .uri(path)
         .header(header::HOST, authority)
         .header(header::ACCEPT, "application/json")
         .header(header::USER_AGENT, "sluice-console");
-    if form.is_some() {
-        req = req.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    if let Some(ct) = out.content_type {
+        req = req.header(header::CONTENT_TYPE, ct);
     }
-    if let Some(a) = authorization {
-        req = req.header(header::AUTHORIZATION, a);
+    for (name, value) in out.headers {
+        req = req.header(name, value);
     }
     let req = req
-        .body(Full::new(bytes_of(form.unwrap_or_default())))
-        .map_err(|e| fail(e.to_string()))?;
+        .body(Full::new(hyper::body::Bytes::from(out.body)))
+        .map_err(|e| e.to_string())?;
 
     let bare = host
         .trim_start_matches('[')
@@ -121,22 +143,17 @@ async fn call_inner(
         .to_string();
     let tcp = tokio::net::TcpStream::connect((bare.as_str(), port))
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     if https {
-        let name =
-            rustls::pki_types::ServerName::try_from(bare).map_err(|e| fail(e.to_string()))?;
-        let tls = tokio_rustls::TlsConnector::from(tls().map_err(fail)?)
+        let name = rustls::pki_types::ServerName::try_from(bare).map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(tls()?)
             .connect(name, tcp)
             .await
-            .map_err(|e| fail(format!("TLS: {e}")))?;
-        send(tls, req).await.map_err(fail)
+            .map_err(|e| format!("TLS: {e}"))?;
+        send(tls, req).await
     } else {
-        send(tcp, req).await.map_err(fail)
+        send(tcp, req).await
     }
-}
-
-fn bytes_of(s: String) -> hyper::body::Bytes {
-    hyper::body::Bytes::from(s.into_bytes())
 }
 
 async fn send<S>(io: S, req: Request<Full<hyper::body::Bytes>>) -> Result<Reply, String>
