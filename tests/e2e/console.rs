@@ -470,15 +470,31 @@ fn widgets_job(env: &Env, body: &str) -> (u16, String) {
         .unwrap();
     let t = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = t.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    let code = code.trim().parse().unwrap_or(0);
+    if code == 0 {
+        // No answer: say what curl saw.
+        return (
+            0,
+            format!("{body}\ncurl: {}", String::from_utf8_lossy(&out.stderr)),
+        );
+    }
+    (code, body.to_owned())
 }
 
-fn held_on(console: &Console, node: &str) -> Value {
-    console.wait_api("/api/approvals", |v| {
-        v["held"]
-            .as_array()
-            .is_some_and(|h| h.iter().any(|h| h["node"] == node))
-    })["held"]
+fn held_on(console: &Console, node: &str, env: &Env) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !console.api("/api/approvals")["held"]
+        .as_array()
+        .is_some_and(|h| h.iter().any(|h| h["node"] == node))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "nothing held on {node}; its log:\n{}",
+            env.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    console.api("/api/approvals")["held"]
         .as_array()
         .unwrap()
         .iter()
@@ -525,7 +541,7 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
         // A job on node A asks for a production deploy: held.
         let held_at = Instant::now();
         let job = sc.spawn(|| widgets_job(&a.env, "DEPLOY-TO-PROD v1.2"));
-        let h = held_on(&console, "node-a");
+        let h = held_on(&console, "node-a", &a.env);
         eprintln!("hold → listed by the console: {:?}", held_at.elapsed());
         assert_eq!(h["rule"], "approve-deploys", "{h:#}");
         // An operator anywhere sees it from the CLI, through the console.
@@ -619,7 +635,7 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
             );
         }
         assert!(!job.is_finished(), "a forged decision released the request");
-        assert_eq!(held_on(&console, "node-a")["hold"], h["hold"]);
+        assert_eq!(held_on(&console, "node-a", &a.env)["hold"], h["hold"]);
 
         // The approver, in the browser: the page lists the hold live, and
         // approving it releases the job's request.
@@ -676,7 +692,7 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
         let live = sc.spawn(move || browser(&steps));
         wait_for("the approvals page to open", || opened.exists());
         let held_job = sc.spawn(|| widgets_job(&a.env, "DEPLOY-TO-PROD v2"));
-        held_on(&console, "node-a");
+        held_on(&console, "node-a", &a.env);
         let states = live.join().unwrap();
         assert!(
             states[0]["text"]
@@ -759,10 +775,12 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
             .unwrap();
         nats_publish(nats.port, "$KV.SLUICE_SUSPENSIONS.list", old.as_bytes());
         std::thread::sleep(Duration::from_secs(3));
+        let (code, body) = widgets_job(&b.env, "hello");
         assert_eq!(
-            widgets_job(&b.env, "hello").0,
+            code,
             403,
-            "a replayed older list lifted the suspension"
+            "a replayed older list lifted the suspension: {body}\n{}",
+            b.env.node.log_text()
         );
 
         // Resumed from the console (admin), B serves the repository again.
@@ -782,9 +800,12 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
         wait_for("node B to serve the resumed repository", || {
             widgets_job(&b.env, "hello").0 == 200
         });
+        wait_for("node A to serve the resumed repository", || {
+            widgets_job(&a.env, "hello").0 == 200
+        });
         // Denied from the CLI through the console: the job gets the reason.
         let denied_job = sc.spawn(|| widgets_job(&a.env, "DEPLOY-TO-PROD v3"));
-        let h = held_on(&console, "node-a");
+        let h = held_on(&console, "node-a", &a.env);
         let id = h["id"].as_u64().unwrap().to_string();
         let out = crate::harness::sluice(&[
             "--console",
