@@ -17,6 +17,8 @@ Needs root.
 """
 import argparse
 import json
+import socket
+import urllib.request
 import os
 import random
 import shutil
@@ -64,9 +66,16 @@ def make_certs(d):
     return ca, crt, key
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sluice", required=True)
+    p.add_argument("--console", help="sluice-console binary: the demo's evidence goes to it too")
     a = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("cargo xtask demo needs root (eBPF, cgroups, a network namespace)")
@@ -96,6 +105,22 @@ def main():
             stderr=subprocess.DEVNULL))
         print(f"fake API at https://{NAME}:7443 ({API_IP}), streaming OpenAI chat completions")
 
+        console_url = None
+        ship = ""
+        if a.console:
+            step("A local NATS JetStream and the console (loopback only)")
+            nats_port, console_port = free_port(), free_port()
+            procs.append(subprocess.Popen(
+                ["nats-server", "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", f"{work}/nats"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            console_url = f"http://127.0.0.1:{console_port}"
+            procs.append(subprocess.Popen(
+                [a.console, "run", "--nats", f"nats://127.0.0.1:{nats_port}", "--listen",
+                 f"127.0.0.1:{console_port}", "--state-dir", f"{work}/console"],
+                stdout=subprocess.DEVNULL, stderr=open(f"{work}/console.log", "w")))
+            ship = f"ship:\n  nats:\n    url: nats://127.0.0.1:{nats_port}\n    node: demo-node\n"
+            print(f"console at {console_url}, evidence over nats://127.0.0.1:{nats_port}")
+
         step("The node, on the example policy (mask secrets in cursor-api answers)")
         with open(cfg, "w") as f:
             f.write(f"""proxy:
@@ -113,7 +138,7 @@ targets:
     sni: [{NAME}]
 tls:
   extra_upstream_roots: ["{ca}"]
-""")
+{ship}""")
         node_log = open(f"{work}/sluice.log", "w")
         node = subprocess.Popen([*cli, "run", "--config", cfg, "--state-dir", state],
                                 stderr=node_log, stdout=node_log)
@@ -158,6 +183,25 @@ tls:
         run([*cli, "verify", "--session", sid])
         if leaked:
             sys.exit(1)
+        if console_url:
+            step("The same session in the console")
+            found = None
+            for _ in range(150):
+                try:
+                    with urllib.request.urlopen(f"{console_url}/api/sessions?node=demo-node", timeout=5) as r:
+                        rows = json.load(r)["sessions"]
+                    found = next((x for x in rows if str(x["id"]) == sid and x["exchanges"] > 0), None)
+                except OSError:
+                    pass
+                if found:
+                    break
+                time.sleep(0.2)
+            if not found:
+                sys.exit("the console never showed the session: " + open(f"{work}/console.log").read())
+            print(f"open {console_url}/sessions/demo-node/{sid}  (the replay, masked spans marked)")
+            print(f"     {console_url}/nodes  (the node's chain: verified)")
+            if sys.stdin.isatty():
+                input("press Enter to stop the demo (the console stays up until then) ")
     finally:
         step("Cleaning up")
         subprocess.run([*cli, "ca", "uninstall", "--config", cfg, "--state-dir", state], capture_output=True)

@@ -87,6 +87,21 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         per_session: u64,
     },
+    /// Enroll a node's checkpoint key (its `node-signing.pub`, in the
+    /// node's state directory): the console then trusts that key only,
+    /// instead of the first it sees.
+    Enroll {
+        /// The node's name in subjects (`ship.nats.node`).
+        #[arg(long)]
+        node: String,
+        /// The node's public key file (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long, default_value = "/var/lib/sluice-console")]
+        state_dir: PathBuf,
+        #[arg(long, env = "SLUICE_CONSOLE_STORE", hide_env_values = true)]
+        store: Option<String>,
+    },
     /// Print the console's decision-signing public key (PEM), made on
     /// first use: list it in each node's `console.keys`.
     Key {
@@ -195,6 +210,33 @@ async fn main() -> anyhow::Result<()> {
             .context("bench")?;
             let _ = std::fs::remove_dir_all(&dir);
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Cmd::Enroll {
+            node,
+            key,
+            state_dir,
+            store,
+        } => {
+            let text = std::fs::read_to_string(&key)
+                .with_context(|| format!("node key {}", key.display()))?;
+            let raw = sluice_fleet::keys::public_raw_from_pem(&text)
+                .map_err(|e| anyhow::anyhow!("node key {}: {e}", key.display()))?;
+            let k = store::NodeKey {
+                kid: sluice_fleet::keys::kid_of(&raw),
+                ed25519: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &raw),
+                source: "enrolled".into(),
+                at_ms: fleet::now_ms(),
+            };
+            let file = state_dir.join("console.db");
+            let kid = k.kid.clone();
+            let n = node.clone();
+            tokio::task::spawn_blocking(move || {
+                store::Store::open_location(store.as_deref(), &file)?.enroll_key(&n, &k)
+            })
+            .await
+            .context("enroll task")?
+            .context("enrolling the key")?;
+            println!("node {node}: key {kid} enrolled");
         }
         Cmd::Key { state_dir } => print!("{}", signer(&state_dir)?.public_pem()),
         Cmd::Token { cmd } => auth::run_token(cmd)?,

@@ -70,3 +70,16 @@ pub fn random_token() -> String {
     }
     hex::encode(b)
 }
+
+/// The raw 32-byte Ed25519 key of a PEM public key (SPKI), as
+/// `keygen` writes `PREFIX.pub`.
+pub fn public_raw_from_pem(text: &str) -> Result<Vec<u8>, String> {
+    use rustls_pki_types::{pem::PemObject, SubjectPublicKeyInfoDer};
+    let der = SubjectPublicKeyInfoDer::from_pem_slice(text.as_bytes())
+        .map_err(|e| format!("not a PEM public key: {e}"))?;
+    der.as_ref()
+        .strip_prefix(&ED25519_SPKI_PREFIX[..])
+        .filter(|r| r.len() == 32)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| "not an Ed25519 public key".to_owned())
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::signature::{Ed25519KeyPair, KeyPair};
-use rustls_pki_types::{pem::PemObject, PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer};
+use rustls_pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::keys::{self, KeyFileError, ED25519_SPKI_PREFIX};
@@ -101,16 +101,10 @@ impl Trusted {
     }
 
     pub fn from_pem(text: &str) -> Result<Self, String> {
-        let der = SubjectPublicKeyInfoDer::from_pem_slice(text.as_bytes())
-            .map_err(|e| format!("not a PEM public key: {e}"))?;
-        let raw = der
-            .as_ref()
-            .strip_prefix(&ED25519_SPKI_PREFIX[..])
-            .filter(|r| r.len() == 32)
-            .ok_or("not an Ed25519 public key")?;
+        let raw = keys::public_raw_from_pem(text)?;
         let key = DecodingKey::from_ed_pem(text.as_bytes()).map_err(|e| e.to_string())?;
         Ok(Self {
-            kid: keys::kid_of(raw),
+            kid: keys::kid_of(&raw),
             key,
         })
     }

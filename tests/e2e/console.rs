@@ -522,6 +522,16 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
     let console = Console::start(&console_dir, &nats.url());
     let a = fleet_node(&nats, "node-a", &console_pub);
     let b = fleet_node(&nats, "node-b", &console_pub);
+    // An admin enrolls node A's checkpoint key (its node-signing.pub);
+    // node B's is pinned on first sight.
+    let enrolled = Command::new(console_bin())
+        .args(["enroll", "--node", "node-a", "--key"])
+        .arg(a.env.state_dir().join("node-signing.pub"))
+        .arg("--state-dir")
+        .arg(&console_dir)
+        .output()
+        .unwrap();
+    assert!(enrolled.status.success(), "{}", text(&enrolled));
     let _ta = a.env.trust_node_ca();
     let _tb = b.env.trust_node_ca();
 
@@ -861,7 +871,12 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
         });
         for n in nodes["nodes"].as_array().unwrap() {
             assert_eq!(n["chain_state"], "verified", "{n:#}");
-            assert_eq!(n["key_source"], "first-sight", "{n:#}");
+            let want = if n["name"] == "node-a" {
+                "enrolled"
+            } else {
+                "first-sight"
+            };
+            assert_eq!(n["key_source"], want, "{n:#}");
         }
         let out = crate::harness::sluice(&["verify", "--stream", &nats.url(), "--node", "node-a"]);
         let t = text(&out);

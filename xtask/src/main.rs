@@ -105,10 +105,13 @@ fn main() {
             }
             setup();
             run(cargo().args(["build", "--release", "-p", "node-agent", "--bin", "sluice"]));
+            run(cargo().args(["build", "--release", "-p", "sluice-console"]));
             run(Command::new("python3")
                 .arg(root().join("xtask/demo.py"))
                 .arg("--sluice")
-                .arg(root().join("target/release/sluice")));
+                .arg(root().join("target/release/sluice"))
+                .arg("--console")
+                .arg(root().join("target/release/sluice-console")));
         }
         Some("console") => {
             setup();

@@ -560,6 +560,24 @@ impl Store {
         self.node_key(node)?.ok_or(StoreError::Column(0))
     }
 
+    /// An admin's word on the node's key: replaces whatever was pinned.
+    pub fn enroll_key(&self, node: &str, key: &NodeKey) -> Result<(), StoreError> {
+        self.db.write(|ex| {
+            ex.execute(
+                "INSERT INTO node_keys (node, kid, ed25519, source, at_ms) VALUES (?1, ?2, ?3, 'enrolled', ?4)
+                 ON CONFLICT (node) DO UPDATE SET kid = excluded.kid, ed25519 = excluded.ed25519,
+                   source = 'enrolled', at_ms = excluded.at_ms",
+                &[
+                    Arg::text(node),
+                    Arg::text(&key.kid),
+                    Arg::text(&key.ed25519),
+                    Arg::int(key.at_ms)?,
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Stores a verified checkpoint (a re-delivery changes nothing).
     pub fn add_checkpoint(&self, node: &str, cp: &Checkpoint) -> Result<(), StoreError> {
         self.db.write(|ex| {
