@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod auth;
 mod bench;
+mod export;
 mod fleet;
 mod ingest;
 mod notify;

@@ -147,6 +147,30 @@ async fn replay_page(
     ))
 }
 
+/// A session as JSON lines with its proof (`sluice verify --export`).
+async fn export_jsonl(
+    _who: Principal,
+    State(app): State<App>,
+    Path((node, id)): Path<(String, u64)>,
+) -> Result<Response, WebError> {
+    let n = node.clone();
+    let text = blocking(&app.store, move |st| crate::export::jsonl(st, &n, id))
+        .await?
+        .ok_or_else(|| WebError::NotFound(format!("no session {id} on {node}")))?;
+    let file = format!(
+        "attachment; filename=\"sluice-{}-{id}.jsonl\"",
+        node.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson".to_owned()),
+            (header::CONTENT_DISPOSITION, file),
+        ],
+        text,
+    )
+        .into_response())
+}
+
 async fn nodes_page(_who: Principal, State(app): State<App>) -> Result<Html<String>, WebError> {
     let rows = blocking(&app.store, |st| st.nodes()).await?;
     Ok(Html(
@@ -531,6 +555,7 @@ pub fn router(app: App) -> Router {
         )
         .route("/api/sessions", get(api_sessions))
         .route("/api/sessions/{node}/{id}", get(api_session))
+        .route("/api/sessions/{node}/{id}/export.jsonl", get(export_jsonl))
         .route("/api/nodes", get(api_nodes))
         .route("/healthz", get(|| async { "ok" }))
         .merge(crate::auth::routes())

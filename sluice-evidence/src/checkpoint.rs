@@ -8,7 +8,7 @@ use base64::Engine;
 use ring::signature::{UnparsedPublicKey, ED25519};
 use serde::{Deserialize, Serialize};
 
-use crate::chain::Hash;
+use crate::chain::{link_hash, Hash};
 
 const DOMAIN: &[u8] = b"sluice-checkpoint-v1\n";
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -74,6 +74,88 @@ impl Checkpoint {
         UnparsedPublicKey::new(&ED25519, raw)
             .verify(&message(self.n, self.seq, &head, self.at_ms), &sig)
             .map_err(|_| forged())
+    }
+}
+
+/// One link between a session's first event and a checkpoint, as an
+/// export carries it: the session's own events in full (their body is the
+/// exact stored JSON), other events by content digest only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProofLink {
+    pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+/// What an export carries so that an investigator can check, offline, that
+/// the session's events are in the node's chain up to a signed checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub node_key: PublicKey,
+    /// The first checkpoint at or after the session's last event; none
+    /// when the node has not signed one since.
+    pub checkpoint: Option<Checkpoint>,
+    /// Hash of the event before `links[0]`, hex.
+    pub prev: String,
+    pub links: Vec<ProofLink>,
+}
+
+impl Evidence {
+    /// Offline check: the checkpoint's signature, then the chain from
+    /// `prev` through every link to the checkpoint's head. Returns the
+    /// number of the session's own events it covered.
+    pub fn verify(&self) -> Result<usize, String> {
+        let cp = self
+            .checkpoint
+            .as_ref()
+            .ok_or("no checkpoint covers this session yet")?;
+        cp.check(&self.node_key)?;
+        let mut prev: Hash = hex::decode(&self.prev)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or("bad prev hash")?;
+        let mut own = 0;
+        let mut last = None;
+        for l in &self.links {
+            if let Some(prev_seq) = last {
+                if l.seq != prev_seq + 1 {
+                    return Err(format!("link {} does not follow {prev_seq}", l.seq));
+                }
+            }
+            let digest: Hash = match (&l.digest, &l.body) {
+                (_, Some(body)) => {
+                    own += 1;
+                    crate::chain::content_digest(
+                        l.at_ms.unwrap_or_default(),
+                        l.connection.unwrap_or_default(),
+                        l.kind.as_deref().unwrap_or_default(),
+                        body.as_bytes(),
+                    )
+                }
+                (Some(d), None) => hex::decode(d)
+                    .ok()
+                    .and_then(|v| v.try_into().ok())
+                    .ok_or_else(|| format!("link {}: bad digest", l.seq))?,
+                (None, None) => return Err(format!("link {} has neither body nor digest", l.seq)),
+            };
+            prev = link_hash(&prev, l.seq, &digest);
+            last = Some(l.seq);
+        }
+        if last != Some(cp.seq) || cp.head_hash() != Some(prev) {
+            return Err(format!(
+                "the session's events do not lead to checkpoint #{} (seq {})",
+                cp.n, cp.seq
+            ));
+        }
+        Ok(own)
     }
 }
 

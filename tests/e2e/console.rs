@@ -567,6 +567,7 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
         assert_eq!(h["ci"]["repository"], "acme/widgets", "{h:#}");
         assert!(h["preview"].as_str().unwrap().contains("DEPLOY-TO-PROD"));
         let id = h["id"].as_u64().unwrap();
+        let first_session = h["session"].as_u64().unwrap();
 
         // The job's root reaching the node's socket (through a host daemon)
         // cannot approve its own request.
@@ -878,6 +879,49 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
             };
             assert_eq!(n["key_source"], want, "{n:#}");
         }
+        // The approved request's session, exported from the console alone
+        // with its proof, checks offline against node A's signed chain;
+        // altered, it does not.
+        let export = dir.path().join("export.jsonl");
+        let proof_at = Instant::now();
+        loop {
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "10", "-o"])
+                .arg(&export)
+                .arg(format!(
+                    "{}/api/sessions/node-a/{}/export.jsonl",
+                    console.base, first_session
+                ))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", text(&out));
+            let t = std::fs::read_to_string(&export).unwrap();
+            if t.contains("\"checkpoint\":{") {
+                assert!(t.contains("DEPLOY-TO-PROD v1.2"), "{t}");
+                break;
+            }
+            assert!(
+                proof_at.elapsed() < Duration::from_secs(60),
+                "no proof yet: {t}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let ok = crate::harness::sluice(&["verify", "--export", &export.display().to_string()]);
+        assert!(
+            ok.status.success() && text(&ok).contains("lead to signed checkpoint"),
+            "{}",
+            text(&ok)
+        );
+        let altered = std::fs::read_to_string(&export)
+            .unwrap()
+            .replace("DEPLOY-TO-PROD v1.2", "DEPLOY-TO-PROD v1.3");
+        std::fs::write(&export, altered).unwrap();
+        let bad = crate::harness::sluice(&["verify", "--export", &export.display().to_string()]);
+        assert!(
+            !bad.status.success() && text(&bad).contains("BROKEN"),
+            "{}",
+            text(&bad)
+        );
         let out = crate::harness::sluice(&["verify", "--stream", &nats.url(), "--node", "node-a"]);
         let t = text(&out);
         assert!(

@@ -91,6 +91,7 @@ impl Arg {
 trait Row {
     fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError>;
     fn opt_i64(&self, i: usize) -> Result<Option<i64>, StoreError>;
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, StoreError>;
 
     fn text(&self, i: usize) -> Result<String, StoreError> {
         self.opt_text(i)?.ok_or(StoreError::Column(i))
@@ -244,6 +245,30 @@ pub struct AuditRow {
     pub action: String,
     pub subject: String,
     pub detail: serde_json::Value,
+}
+
+/// One stored event, as shipped.
+#[derive(Clone, Debug)]
+pub struct EventRow {
+    pub seq: u64,
+    pub hash: String,
+    pub prev: String,
+    pub at_ms: u64,
+    pub connection: u64,
+    pub kind: String,
+    pub body: Vec<u8>,
+}
+
+fn event_row(r: &dyn Row) -> Result<EventRow, StoreError> {
+    Ok(EventRow {
+        seq: r.u64(0)?,
+        hash: r.text(1)?,
+        prev: r.text(2)?,
+        at_ms: r.u64(3)?,
+        connection: r.u64(4)?,
+        kind: r.text(5)?,
+        body: r.opt_bytes(6)?.unwrap_or_default(),
+    })
 }
 
 /// A node's checkpoint key as the console keeps it.
@@ -575,6 +600,60 @@ impl Store {
                 ],
             )?;
             Ok(())
+        })
+    }
+
+    /// The node's events from `from` to `to` (inclusive), in order, as
+    /// shipped; what an export's proof is built from.
+    pub fn events_between(
+        &self,
+        node: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        self.db.read(|ex| {
+            rows(
+                ex,
+                "SELECT seq, hash, prev, at_ms, connection, kind, body FROM events
+                 WHERE node = ?1 AND seq >= ?2 AND seq <= ?3 ORDER BY seq",
+                &[Arg::text(node), Arg::int(from)?, Arg::int(to)?],
+                event_row,
+            )
+        })
+    }
+
+    /// The first and last sequence numbers of a connection's events.
+    pub fn session_span(&self, node: &str, id: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        self.db.read(|ex| {
+            first(
+                ex,
+                "SELECT MIN(seq), MAX(seq) FROM events WHERE node = ?1 AND connection = ?2",
+                &[Arg::text(node), Arg::int(id)?],
+                |r| Ok(r.opt_u64(0)?.zip(r.opt_u64(1)?)),
+            )
+            .map(Option::flatten)
+        })
+    }
+
+    /// The first checkpoint at or after event `seq`.
+    pub fn checkpoint_from(&self, node: &str, seq: u64) -> Result<Option<Checkpoint>, StoreError> {
+        self.db.read(|ex| {
+            first(
+                ex,
+                "SELECT n, seq, head, at_ms, kid, sig FROM checkpoints
+                 WHERE node = ?1 AND seq >= ?2 ORDER BY seq, n LIMIT 1",
+                &[Arg::text(node), Arg::int(seq)?],
+                |r| {
+                    Ok(Checkpoint {
+                        n: r.u64(0)?,
+                        seq: r.u64(1)?,
+                        head: r.text(2)?,
+                        at_ms: r.u64(3)?,
+                        kid: r.text(4)?,
+                        sig: r.text(5)?,
+                    })
+                },
+            )
         })
     }
 

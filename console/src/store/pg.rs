@@ -406,4 +406,7 @@ impl Row for PgRow {
     fn opt_i64(&self, i: usize) -> Result<Option<i64>, StoreError> {
         Ok(self.0.try_get(i)?)
     }
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.0.try_get(i)?)
+    }
 }

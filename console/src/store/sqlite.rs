@@ -209,4 +209,7 @@ impl Row for LiteRow<'_, '_> {
     fn opt_i64(&self, i: usize) -> Result<Option<i64>, StoreError> {
         Ok(self.0.get(i)?)
     }
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.0.get(i)?)
+    }
 }

@@ -1,0 +1,120 @@
+//! A session as evidence, from the console alone (the runner host may be
+//! long gone): JSON lines in the node's export format — the connection
+//! record, its exchanges and statements, and the proof: the session's own
+//! events in full and every other event between them and the node's next
+//! signed checkpoint by content digest, with the node's pinned key. The
+//! node's CLI checks it offline (`sluice verify --export FILE`), by the
+//! same `Evidence::verify` the node's own exports use.
+use serde_json::{json, Value};
+use sluice_evidence::{
+    chain::content_digest,
+    checkpoint::{Evidence, ProofLink, PublicKey},
+};
+
+use crate::store::{Store, StoreError};
+
+/// The JSONL export, or `None` if the console has no such session.
+pub fn jsonl(store: &Store, node: &str, id: u64) -> Result<Option<String>, StoreError> {
+    let Some((_, exchanges)) = store.session(node, id)? else {
+        return Ok(None);
+    };
+    let evidence = evidence(store, node, id)?;
+    let own = match store.session_span(node, id)? {
+        Some((first, last)) => store.events_between(node, first, last)?,
+        None => Vec::new(),
+    };
+    // The connection record as the node last wrote it.
+    let session: Value = own
+        .iter()
+        .rev()
+        .filter(|e| e.connection == id && e.kind.starts_with("connection"))
+        .find_map(|e| serde_json::from_slice(&e.body).ok())
+        .unwrap_or(Value::Null);
+    let mut out = String::new();
+    let mut line = |v: Value| {
+        out.push_str(&v.to_string());
+        out.push('\n');
+    };
+    line(json!({ "type": "session", "session": session, "node": node }));
+    for x in exchanges {
+        if x.protocol == "sql" {
+            line(json!({ "type": "statement", "statement": x.record }));
+        } else {
+            line(json!({ "type": "exchange", "exchange": x.record }));
+        }
+    }
+    match evidence {
+        Ok(e) => line(json!({ "type": "evidence", "evidence": e })),
+        Err(why) => line(json!({ "type": "evidence", "evidence": null, "missing": why })),
+    }
+    Ok(Some(out))
+}
+
+/// The proof for a session, or why there is none yet.
+pub fn evidence(
+    store: &Store,
+    node: &str,
+    id: u64,
+) -> Result<Result<Evidence, String>, StoreError> {
+    let Some((first, last)) = store.session_span(node, id)? else {
+        return Ok(Err("no event of this session is held".into()));
+    };
+    let Some(key) = store.node_key(node)? else {
+        return Ok(Err(
+            "no key is known for this node yet (no checkpoint received)".into(),
+        ));
+    };
+    let Some(cp) = store.checkpoint_from(node, last)? else {
+        return Ok(Err(format!(
+            "no signed checkpoint covers event {last} yet (the node signs one every few seconds)"
+        )));
+    };
+    let events = store.events_between(node, first, cp.seq)?;
+    if events.len() as u64 != cp.seq - first + 1 {
+        return Ok(Err(format!(
+            "events {first}..={} are not all held here (retention, or the console joined late)",
+            cp.seq
+        )));
+    }
+    let links = events
+        .iter()
+        .map(|e| {
+            if e.connection == id {
+                ProofLink {
+                    seq: e.seq,
+                    digest: None,
+                    at_ms: Some(e.at_ms),
+                    connection: Some(e.connection),
+                    kind: Some(e.kind.clone()),
+                    body: Some(String::from_utf8_lossy(&e.body).into_owned()),
+                }
+            } else {
+                ProofLink {
+                    seq: e.seq,
+                    digest: Some(hex::encode(content_digest(
+                        e.at_ms,
+                        e.connection,
+                        &e.kind,
+                        &e.body,
+                    ))),
+                    at_ms: None,
+                    connection: None,
+                    kind: None,
+                    body: None,
+                }
+            }
+        })
+        .collect();
+    let ev = Evidence {
+        node_key: PublicKey {
+            kid: key.kid,
+            alg: "Ed25519".into(),
+            ed25519: key.ed25519,
+        },
+        checkpoint: Some(cp),
+        prev: events.first().map(|e| e.prev.clone()).unwrap_or_default(),
+        links,
+    };
+    // Offered only if it holds: a console never hands out a proof that fails.
+    Ok(ev.verify().map(|_| ev))
+}
