@@ -416,6 +416,99 @@ impl Fleet {
     }
 }
 
+/// The bundle in the fleet's bucket, as far as the console can tell
+/// without the team's keys (each node verifies it against its own).
+#[derive(Clone, Debug, Serialize)]
+pub struct PublishedBundle {
+    pub name: String,
+    pub version: u64,
+    pub signer: String,
+    pub revision: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct BundleClaims {
+    name: String,
+    version: u64,
+}
+
+/// Reads a bundle JWS's claims without checking its signature.
+fn bundle_claims(jws: &str) -> Result<(BundleClaims, String), FleetError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        FleetError::Invalid(format!(
+            "not a signed bundle (`sluice policy sign` makes one): {e}"
+        ))
+    };
+    let header = jsonwebtoken::decode_header(jws.trim()).map_err(|e| bad(&e))?;
+    let kid = header
+        .kid
+        .ok_or_else(|| bad(&"the JWS names no signing key"))?;
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+    v.insecure_disable_signature_validation();
+    v.required_spec_claims.clear();
+    v.validate_exp = false;
+    v.validate_aud = false;
+    let data = jsonwebtoken::decode::<BundleClaims>(
+        jws.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(&[]),
+        &v,
+    )
+    .map_err(|e| bad(&e))?;
+    Ok((data.claims, kid))
+}
+
+impl Fleet {
+    /// The bundle the nodes follow (`None`: none published yet).
+    pub async fn bundle(&self, bucket_name: &str) -> Result<Option<PublishedBundle>, FleetError> {
+        let (_, js) = self.conn().await?;
+        let s = bucket(&js, bucket_name).await?;
+        match s
+            .get_last_raw_message_by_subject(&subjects::kv_subject(bucket_name, "bundle"))
+            .await
+        {
+            Ok(m) => {
+                let (c, kid) = bundle_claims(&String::from_utf8_lossy(&m.payload))?;
+                Ok(Some(PublishedBundle {
+                    name: c.name,
+                    version: c.version,
+                    signer: kid,
+                    revision: m.sequence,
+                }))
+            }
+            Err(e) if e.to_string().contains("no message found") => Ok(None),
+            Err(e) => Err(nats(e)),
+        }
+    }
+
+    /// Publishes a signed bundle for every node following the bucket; each
+    /// applies it only if signed by a key it trusts and newer than its floor.
+    pub async fn publish_bundle(
+        &self,
+        bucket_name: &str,
+        jws: &str,
+    ) -> Result<PublishedBundle, FleetError> {
+        let (c, kid) = bundle_claims(jws)?;
+        let (_, js) = self.conn().await?;
+        bucket(&js, bucket_name).await?;
+        let ack = js
+            .publish(
+                subjects::kv_subject(bucket_name, "bundle"),
+                jws.trim().to_owned().into(),
+            )
+            .await
+            .map_err(nats)?
+            .await
+            .map_err(nats)?;
+        info!(name = %c.name, version = c.version, signer = %kid, "bundle published to the fleet");
+        Ok(PublishedBundle {
+            name: c.name,
+            version: c.version,
+            signer: kid,
+            revision: ack.sequence,
+        })
+    }
+}
+
 /// The suspension list's stream, in the key-value layout the nodes read.
 async fn bucket(js: &jetstream::Context, name: &str) -> Result<stream::Stream, FleetError> {
     js.get_or_create_stream(stream::Config {

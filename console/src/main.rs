@@ -66,6 +66,10 @@ enum Cmd {
         /// nodes' `console.suspensions_bucket`).
         #[arg(long, default_value = sluice_fleet::subjects::SUSPENSIONS_BUCKET)]
         suspensions_bucket: String,
+        /// Key-value bucket of the fleet's signed bundle (the nodes'
+        /// `ship.nats.bundles_bucket`).
+        #[arg(long, default_value = "SLUICE_BUNDLES")]
+        bundles_bucket: String,
         #[command(flatten)]
         auth: auth::AuthArgs,
         #[command(flatten)]
@@ -137,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             retain_days,
             suspensions_bucket,
+            bundles_bucket,
             auth,
             notify,
         } => {
@@ -186,12 +191,20 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             tracing::info!(%listen, "console serving");
-            axum::serve(listener, web::router(web::App { store, auth, fleet }))
-                .with_graceful_shutdown(async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await
-                .context("serving")?;
+            axum::serve(
+                listener,
+                web::router(web::App {
+                    store,
+                    auth,
+                    fleet,
+                    bundles_bucket: Arc::from(bundles_bucket.as_str()),
+                }),
+            )
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("serving")?;
         }
         Cmd::Bench {
             store,

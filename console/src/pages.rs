@@ -36,6 +36,7 @@ pub(crate) fn page(title: &str, body: Markup) -> Markup {
                     a href="/sessions" { "Sessions" }
                     a href="/approvals" { "Approvals" }
                     a href="/identities" { "Identities" }
+                    a href="/policy" { "Policy" }
                     a href="/nodes" { "Nodes" }
                     (crate::auth::header_badge())
                 }

@@ -28,6 +28,8 @@ pub struct App {
     pub store: Arc<Store>,
     pub auth: Arc<Auth>,
     pub fleet: Arc<Fleet>,
+    /// The fleet's bundle bucket (`--bundles-bucket`).
+    pub bundles_bucket: Arc<str>,
 }
 
 impl axum::extract::FromRef<App> for Arc<Auth> {
@@ -169,6 +171,108 @@ async fn export_jsonl(
         text,
     )
         .into_response())
+}
+
+async fn policy_html(app: &App, who: &Principal, f: Flash) -> Result<Html<String>, WebError> {
+    let published = app.fleet.bundle(&app.bundles_bucket).await;
+    let changes = history(app, POLICY).await?;
+    Ok(Html(
+        pages::fleet::policy(who, &published, &app.fleet.beats(), &changes, &f).into_string(),
+    ))
+}
+
+const POLICY: &[&str] = &["publish", "publish.failed"];
+
+async fn policy_page(who: Principal, State(app): State<App>) -> Result<Html<String>, WebError> {
+    policy_html(&app, &who, Flash::None).await
+}
+
+#[derive(Deserialize)]
+struct PublishForm {
+    jws: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn publish(
+    app: &App,
+    who: &Principal,
+    jws: &str,
+) -> Result<fleet::PublishedBundle, FleetError> {
+    let r = app.fleet.publish_bundle(&app.bundles_bucket, jws).await;
+    let (action, subject, detail) = match &r {
+        Ok(b) => (
+            "publish",
+            format!("bundle {} v{}", b.name, b.version),
+            json!({"signer": b.signer, "revision": b.revision}),
+        ),
+        Err(e) => (
+            "publish.failed",
+            "bundle".to_owned(),
+            json!({"error": e.to_string()}),
+        ),
+    };
+    audit(app, who, action, subject, detail).await;
+    r
+}
+
+async fn publish_form(
+    who: Principal,
+    State(app): State<App>,
+    headers: HeaderMap,
+    Form(f): Form<PublishForm>,
+) -> Result<Html<String>, WebError> {
+    auth::state_change(&who, &headers, Some(&f.csrf))?;
+    who.require(Role::Admin)?;
+    let flash = match publish(&app, &who, &f.jws).await {
+        Ok(b) => Flash::Done(format!(
+            "bundle {} version {} (signed by {}) published; each node applies it if it trusts the key",
+            b.name, b.version, b.signer
+        )),
+        Err(e) => Flash::Failed(e.to_string()),
+    };
+    policy_html(&app, &who, flash).await
+}
+
+async fn api_policy(
+    _who: Principal,
+    State(app): State<App>,
+) -> Result<Json<serde_json::Value>, WebError> {
+    let published = app.fleet.bundle(&app.bundles_bucket).await?;
+    let nodes: serde_json::Map<String, serde_json::Value> = app
+        .fleet
+        .beats()
+        .into_iter()
+        .map(|(n, b)| {
+            (
+                n,
+                json!({
+                    "policy_version": b.beat.status["policy_version"],
+                    "policy_floor": b.beat.status["policy_floor"],
+                    "policy_expired": b.beat.status["policy_expired"],
+                }),
+            )
+        })
+        .collect();
+    Ok(Json(json!({ "published": published, "nodes": nodes })))
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    jws: String,
+}
+
+async fn api_publish(
+    who: Principal,
+    State(app): State<App>,
+    headers: HeaderMap,
+    Json(b): Json<PublishBody>,
+) -> Result<Json<serde_json::Value>, WebError> {
+    auth::state_change(&who, &headers, None)?;
+    who.require(Role::Admin)?;
+    Ok(Json(
+        json!({ "published": publish(&app, &who, &b.jws).await? }),
+    ))
 }
 
 async fn nodes_page(_who: Principal, State(app): State<App>) -> Result<Html<String>, WebError> {
@@ -541,6 +645,8 @@ pub fn router(app: App) -> Router {
         .route("/identities", get(identities_page))
         .route("/identities/suspend", post(suspend_form))
         .route("/identities/resume", post(resume_form))
+        .route("/policy", get(policy_page).post(publish_form))
+        .route("/api/policy", get(api_policy).post(api_publish))
         .route("/api/approvals", get(api_approvals))
         .route("/api/approvals/{node}/{id}", post(api_decide))
         .route("/api/suspensions", get(api_suspensions).post(api_suspend))

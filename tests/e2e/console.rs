@@ -993,6 +993,28 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
             "{}",
             text(&out)
         );
+        // A bundle published from the console (pushing over a node's
+        // socket is off): node A applies it (signed by a key it trusts),
+        // node B, whose team key is another, refuses it.
+        let jws = std::fs::read_to_string(a.signed(11, "team")).unwrap();
+        let states = browser(&[
+            format!("open:{}/policy", console.base),
+            format!("fill:#publish textarea[name=jws]|{}", jws.trim()),
+            "click:#publish button".into(),
+            "shot:policy".into(),
+        ]);
+        let t = states.last().unwrap()["text"].as_str().unwrap().to_owned();
+        assert!(t.contains("version 11") && t.contains("published"), "{t}");
+        console.wait_api("/api/policy", |v| {
+            v["nodes"]["node-a"]["policy_version"] == 11
+        });
+        wait_for("node B to refuse the bundle signed by A's team key", || {
+            b.env
+                .node
+                .log_text()
+                .contains("bundle from the fleet refused")
+        });
+        assert_eq!(b.version(), 10);
         let states = browser(&[
             format!("open:{}/nodes", console.base),
             "shot:nodes-checkpoints".into(),

@@ -184,6 +184,57 @@ pub fn identities(
     )
 }
 
+/// The bundle the fleet follows, what each node has in force, and (admin)
+/// publishing a signed bundle.
+pub fn policy(
+    who: &Principal,
+    published: &Result<Option<crate::fleet::PublishedBundle>, crate::fleet::FleetError>,
+    beats: &std::collections::BTreeMap<String, NodeBeat>,
+    history: &[AuditRow],
+    f: &Flash,
+) -> Markup {
+    page(
+        "Policy",
+        html! {
+            h1 { "Policy" }
+            (flash(f))
+            h2 { "Published for the fleet" }
+            @match published {
+                Ok(Some(b)) => p #published { "bundle " strong { (b.name) } " version " strong { (b.version) } ", signed by key " code { (b.signer) } " (bucket revision " (b.revision) "). Each node checks the signature against its own trusted keys." },
+                Ok(None) => p.muted #published { "No bundle published yet: nodes run the bundle they were given." },
+                Err(e) => p.flash.err { (e.to_string()) },
+            }
+            h2 { "In force per node" }
+            table #policy-nodes {
+                thead { tr { th { "node" } th { "version in force" } th { "floor" } th { "expired" } th { "heartbeat" } } }
+                tbody {
+                    @for (name, b) in beats {
+                        tr data-node=(name) {
+                            td { (name) }
+                            td.version { (b.beat.status["policy_version"].as_u64().unwrap_or(0)) }
+                            td { (b.beat.status["policy_floor"].as_u64().unwrap_or(0)) }
+                            td { @if b.beat.status["policy_expired"].as_bool().unwrap_or(false) { span.badge.broken { "expired" } } @else { "no" } }
+                            td { (time(b.received_ms)) }
+                        }
+                    }
+                }
+            }
+            @if who.role >= Role::Admin {
+                h2 { "Publish a signed bundle" }
+                form #publish method="post" action="/policy" {
+                    (csrf(who))
+                    p.muted { "Paste the JWS from " code { "sluice policy sign" } "." }
+                    textarea name="jws" rows="6" cols="100" required {}
+                    br;
+                    button { "Publish to every node" }
+                }
+            }
+            h2 { "Published from the console" }
+            (actions(history))
+        },
+    )
+}
+
 /// The node table, with what each node's last heartbeat says.
 pub fn nodes(rows: &[NodeRow], beats: &std::collections::BTreeMap<String, NodeBeat>) -> Markup {
     let mut names: std::collections::BTreeSet<&str> =
