@@ -169,6 +169,14 @@ impl Approvals {
             pending.insert(id, (p.clone(), tx));
         }
         self.tell(Change::Held(p.clone()));
+        // Whatever ends the wait — a decision, the timeout, or the client
+        // going away (the connection's task drops this future) — the slot
+        // is given back and the end is told.
+        let mut hold = Hold {
+            approvals: self,
+            pending: Some(p),
+            outcome: None,
+        };
         let out = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => Outcome::Denied {
@@ -178,11 +186,7 @@ impl Approvals {
             },
             Err(_) => Outcome::TimedOut,
         };
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        self.tell(Change::Ended(p, out.clone()));
+        hold.outcome = Some(out.clone());
         out
     }
 
@@ -247,6 +251,32 @@ impl Approvals {
     }
 }
 
+/// One request's place in the queue, for as long as it waits.
+struct Hold<'a> {
+    approvals: &'a Approvals,
+    pending: Option<Pending>,
+    outcome: Option<Outcome>,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        self.approvals
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&p.id);
+        let out = self.outcome.take().unwrap_or_else(|| Outcome::Denied {
+            by_uid: None,
+            signed: None,
+            reason: "the client went away while the request was held".into(),
+        });
+        self.approvals.tell(Change::Ended(p, out));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +297,35 @@ mod tests {
             expires_ms: 0,
             hold: String::new(),
             ci: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hold_whose_client_goes_away_gives_its_slot_back() {
+        let a = Arc::new(Approvals::default());
+        let mut changes = a.changes();
+        let b = a.clone();
+        let waiting =
+            tokio::spawn(
+                async move { b.request(pending("wl-gone"), Duration::from_secs(60)).await },
+            );
+        while a.list().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // The connection's task ends (the client closed): the future drops.
+        waiting.abort();
+        let _ = waiting.await;
+        assert!(
+            a.list().is_empty(),
+            "the slot is still taken: {:?}",
+            a.list()
+        );
+        assert!(matches!(changes.recv().await, Some(Change::Held(_))));
+        match changes.recv().await {
+            Some(Change::Ended(_, Outcome::Denied { reason, .. })) => {
+                assert!(reason.contains("went away"), "{reason}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 

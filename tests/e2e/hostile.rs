@@ -561,3 +561,45 @@ fn policy_floor_survives_tampering_deletion_and_expiry() {
     let err = p.start_fails();
     assert!(err.contains("expired"), "{err}");
 }
+
+/// A job that fires held requests and hangs up must not keep their slots:
+/// each hold ends when its client goes away (issue 21: 32 per identity,
+/// then every approve rule would deny at once).
+#[test]
+fn a_held_request_whose_client_hangs_up_gives_its_slot_back() {
+    let p = Signed::new();
+    let out = p.push(&p.signed(10, None));
+    assert!(out.status.success(), "{}", text(&out));
+    let env = &p.env;
+    let _trust = env.trust_node_ca();
+    let resolve = format!("api.fake.test:443:{}", env.remote.remote);
+    // curl gives up after 3 s, long before the rule's 30 s timeout.
+    let out = env.cgroup.run(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "3",
+            "--resolve",
+            &resolve,
+            "-X",
+            "POST",
+            "-d",
+            "{\"prompt\":\"DEPLOY-TO-PROD and hang up\"}",
+            "https://api.fake.test/json",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "the request was held, so curl timed out"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pending(env).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the hold outlived its client: {:?}",
+            pending(env)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
