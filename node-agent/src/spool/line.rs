@@ -101,25 +101,9 @@ pub fn encode(ev: &RawEvent, node: &str) -> Vec<u8> {
     serde_json::to_vec(&out).unwrap_or_default()
 }
 
-/// A subject token: letters, digits, `-` and `_` only.
-pub fn token(s: &str) -> String {
-    let t: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if t.is_empty() {
-        "_".into()
-    } else {
-        t
-    }
-}
+/// A subject token: letters, digits, `-` and `_` only (one rule for the
+/// evidence and the fleet's subjects).
+pub use sluice_fleet::subjects::token;
 
 #[cfg(test)]
 mod tests {
