@@ -66,13 +66,22 @@ pub struct NodeBeat {
     pub received_ms: u64,
 }
 
+#[derive(Clone)]
+struct Conn {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    list: stream::Stream,
+}
+
 pub struct Fleet {
     pub signer: Signer,
     /// The console's own key: lists in the bucket must verify against it
     /// (or against `also_trusted`) before the console builds on them.
     trusted: Vec<Trusted>,
     bucket: String,
-    conn: RwLock<Option<(async_nats::Client, jetstream::Context)>>,
+    /// The connection, and the suspension list's stream (made once per
+    /// connection, not per read).
+    conn: RwLock<Option<Conn>>,
     held: Mutex<BTreeMap<(String, u64), Held>>,
     beats: Mutex<BTreeMap<String, NodeBeat>>,
     /// The newest list this console has read or written: a genuinely
@@ -134,13 +143,17 @@ impl Fleet {
             .await
             .map_err(nats)?;
         let js = jetstream::new(client.clone());
-        bucket(&js, &self.bucket).await?;
+        let list = bucket(&js, &self.bucket).await?;
         let mut held = client.subscribe(subjects::HELD_ALL).await.map_err(nats)?;
         let mut beats = client
             .subscribe(subjects::HEARTBEAT_ALL)
             .await
             .map_err(nats)?;
-        *self.conn.write().await = Some((client, js));
+        *self.conn.write().await = Some(Conn {
+            client: client.clone(),
+            js,
+            list,
+        });
         info!(%url, "following the fleet's holds and heartbeats");
         loop {
             tokio::select! {
@@ -232,7 +245,7 @@ impl Fleet {
         now_ms().saturating_sub(b.received_ms) > 3 * INTERVAL_SECS * 1000
     }
 
-    async fn conn(&self) -> Result<(async_nats::Client, jetstream::Context), FleetError> {
+    async fn conn(&self) -> Result<Conn, FleetError> {
         self.conn
             .read()
             .await
@@ -271,7 +284,7 @@ impl Fleet {
                 exp: iat + DECISION_TTL_SECS,
             },
         )?;
-        let (client, _) = self.conn().await?;
+        let client = self.conn().await?.client;
         let answer = tokio::time::timeout(
             Duration::from_secs(ANSWER_SECS),
             client.request(subjects::decide(node), token.into()),
@@ -316,8 +329,7 @@ impl Fleet {
     /// The suspension list in the bucket (verified), and the sequence it
     /// is at (0: none yet).
     pub async fn suspensions(&self) -> Result<(List, u64), FleetError> {
-        let (_, js) = self.conn().await?;
-        let s = bucket(&js, &self.bucket).await?;
+        let s = self.conn().await?.list;
         match s
             .get_last_raw_message_by_subject(&subjects::kv_subject(
                 &self.bucket,
@@ -385,7 +397,7 @@ impl Fleet {
         list.version = (list.version + 1).max(now_ms());
         list.iat = now_ms() / 1000;
         let token = self.signer.sign(LIST_TYP, &list)?;
-        let (_, js) = self.conn().await?;
+        let js = self.conn().await?.js;
         let mut headers = HeaderMap::new();
         // Optimistic concurrency: the bucket refuses the write if anyone
         // wrote the list since it was read.
@@ -460,7 +472,7 @@ fn bundle_claims(jws: &str) -> Result<(BundleClaims, String), FleetError> {
 impl Fleet {
     /// The bundle the nodes follow (`None`: none published yet).
     pub async fn bundle(&self, bucket_name: &str) -> Result<Option<PublishedBundle>, FleetError> {
-        let (_, js) = self.conn().await?;
+        let js = self.conn().await?.js;
         let s = bucket(&js, bucket_name).await?;
         match s
             .get_last_raw_message_by_subject(&subjects::kv_subject(bucket_name, "bundle"))
@@ -488,7 +500,7 @@ impl Fleet {
         jws: &str,
     ) -> Result<PublishedBundle, FleetError> {
         let (c, kid) = bundle_claims(jws)?;
-        let (_, js) = self.conn().await?;
+        let js = self.conn().await?.js;
         bucket(&js, bucket_name).await?;
         let ack = js
             .publish(

@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_nats::jetstream::{self, stream};
 use futures_util::StreamExt;
 use sluice_fleet::{
     approval::{Ci, Decision, Held, Notice, Reply, Verdict, DECISION_TYP},
@@ -110,7 +109,9 @@ impl Link {
             .subscribe(subjects::decide(&self.node))
             .await
             .map_err(nats)?;
-        let bucket = suspension_bucket(&js, &self.suspensions_bucket).await?;
+        let bucket = crate::spool::ship::kv_stream(&js, &self.suspensions_bucket)
+            .await
+            .map_err(nats)?;
         let list_subject =
             subjects::kv_subject(&self.suspensions_bucket, subjects::SUSPENSIONS_KEY);
         info!(url = %self.endpoint.url, node = %self.node, "following the console");
@@ -337,23 +338,4 @@ impl Link {
             held: self.approvals.list().iter().map(|p| self.held(p)).collect(),
         }
     }
-}
-
-/// The suspension list's stream (created if missing, as the bundle
-/// bucket is: the console and the nodes may start in any order).
-pub async fn suspension_bucket(
-    js: &jetstream::Context,
-    name: &str,
-) -> Result<stream::Stream, LinkError> {
-    js.get_or_create_stream(stream::Config {
-        name: subjects::kv_stream(name),
-        subjects: vec![format!("$KV.{name}.>")],
-        max_messages_per_subject: 16,
-        storage: stream::StorageType::File,
-        allow_rollup: true,
-        deny_delete: true,
-        ..Default::default()
-    })
-    .await
-    .map_err(nats)
 }

@@ -36,16 +36,7 @@ async fn bucket(
     name: &str,
 ) -> Result<(jetstream::Context, stream::Stream), FleetError> {
     let js = crate::spool::ship::connect(ep).await.map_err(nats)?;
-    let s = js
-        .get_or_create_stream(stream::Config {
-            name: format!("KV_{name}"),
-            subjects: vec![format!("$KV.{name}.>")],
-            max_messages_per_subject: 16,
-            storage: stream::StorageType::File,
-            allow_rollup: true,
-            deny_delete: true,
-            ..Default::default()
-        })
+    let s = crate::spool::ship::kv_stream(&js, name)
         .await
         .map_err(nats)?;
     Ok((js, s))

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::signature::{Ed25519KeyPair, KeyPair};
-use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer};
+use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -43,7 +43,6 @@ pub struct TrustedKey {
 }
 
 pub use crate::keys::kid_of;
-use crate::keys::ED25519_SPKI_PREFIX;
 
 /// Writes `PREFIX.key` (0600, PKCS#8) and `PREFIX.pub` (SPKI); returns the kid.
 pub fn keygen(prefix: &Path) -> Result<String, SignError> {
@@ -59,16 +58,11 @@ pub fn load_trusted(path: &Path) -> Result<TrustedKey, SignError> {
         message: m,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let der = SubjectPublicKeyInfoDer::from_pem_slice(text.as_bytes())
-        .map_err(|e| err(format!("not a PEM public key: {e}")))?;
-    let raw = der
-        .as_ref()
-        .strip_prefix(&ED25519_SPKI_PREFIX[..])
-        .filter(|r| r.len() == 32)
-        .ok_or_else(|| err("not an Ed25519 public key (use `sluice policy keygen`)".into()))?;
+    let raw = crate::keys::public_raw_from_pem(&text)
+        .map_err(|e| err(format!("{e} (use `sluice policy keygen`)")))?;
     let key = DecodingKey::from_ed_pem(text.as_bytes()).map_err(|e| err(e.to_string()))?;
     Ok(TrustedKey {
-        kid: kid_of(raw),
+        kid: kid_of(&raw),
         key,
     })
 }

@@ -94,6 +94,24 @@ pub async fn stream(
     .map_err(nats)
 }
 
+/// A stream in NATS's key-value layout (`KV_<bucket>`, subjects
+/// `$KV.<bucket>.>`), created if missing; the fleet's bundle and
+/// suspension list live in one each, read at the stream level (Debian's
+/// nats-server 2.9 does not speak the client's key-value API).
+pub async fn kv_stream(js: &jetstream::Context, bucket: &str) -> Result<stream::Stream, ShipError> {
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 16,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        ..Default::default()
+    })
+    .await
+    .map_err(nats)
+}
+
 /// Ships until the process ends, reconnecting with backoff.
 pub async fn run(spool: Arc<Spool>, cfg: NatsSettings, store: Arc<RecordStore>) {
     let mut backoff = Duration::from_millis(200);
