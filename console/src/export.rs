@@ -13,8 +13,16 @@ use sluice_evidence::{
 
 use crate::store::{Store, StoreError};
 
-/// The JSONL export, or `None` if the console has no such session.
-pub fn jsonl(store: &Store, node: &str, id: u64) -> Result<Option<String>, StoreError> {
+/// What an export is made of: the connection record as the node last
+/// wrote it, the exchanges and statements, and the proof (or why there is
+/// none yet).
+struct Parts {
+    session: Value,
+    exchanges: Vec<crate::store::ExchangeRow>,
+    evidence: Result<Evidence, String>,
+}
+
+fn parts(store: &Store, node: &str, id: u64) -> Result<Option<Parts>, StoreError> {
     let Some((_, exchanges)) = store.session(node, id)? else {
         return Ok(None);
     };
@@ -23,31 +31,65 @@ pub fn jsonl(store: &Store, node: &str, id: u64) -> Result<Option<String>, Store
         Some((first, last)) => store.events_between(node, first, last)?,
         None => Vec::new(),
     };
-    // The connection record as the node last wrote it.
     let session: Value = own
         .iter()
         .rev()
         .filter(|e| e.connection == id && e.kind.starts_with("connection"))
         .find_map(|e| serde_json::from_slice(&e.body).ok())
         .unwrap_or(Value::Null);
+    Ok(Some(Parts {
+        session,
+        exchanges,
+        evidence,
+    }))
+}
+
+/// The JSONL export, or `None` if the console has no such session.
+pub fn jsonl(store: &Store, node: &str, id: u64) -> Result<Option<String>, StoreError> {
+    let Some(p) = parts(store, node, id)? else {
+        return Ok(None);
+    };
     let mut out = String::new();
     let mut line = |v: Value| {
         out.push_str(&v.to_string());
         out.push('\n');
     };
-    line(json!({ "type": "session", "session": session, "node": node }));
-    for x in exchanges {
+    line(json!({ "type": "session", "session": p.session, "node": node }));
+    for x in p.exchanges {
         if x.protocol == "sql" {
             line(json!({ "type": "statement", "statement": x.record }));
         } else {
             line(json!({ "type": "exchange", "exchange": x.record }));
         }
     }
-    match evidence {
+    match p.evidence {
         Ok(e) => line(json!({ "type": "evidence", "evidence": e })),
         Err(why) => line(json!({ "type": "evidence", "evidence": null, "missing": why })),
     }
     Ok(Some(out))
+}
+
+/// The HAR export (HTTP exchanges; a Postgres session's statements are in
+/// `log._statements`), the proof in `log._evidence`, or `None`.
+pub fn har(store: &Store, node: &str, id: u64) -> Result<Option<Value>, StoreError> {
+    let Some(p) = parts(store, node, id)? else {
+        return Ok(None);
+    };
+    let (sql, http): (Vec<_>, Vec<_>) = p.exchanges.into_iter().partition(|x| x.protocol == "sql");
+    let http: Vec<Value> = http.into_iter().map(|x| x.record).collect();
+    let evidence = match &p.evidence {
+        Ok(e) => serde_json::to_value(e).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    let mut har = sluice_evidence::har::build(&p.session, &http, &evidence, "sluice-console");
+    har["log"]["_node"] = json!(node);
+    if !sql.is_empty() {
+        har["log"]["_statements"] = sql.into_iter().map(|x| x.record).collect();
+    }
+    if let Err(why) = p.evidence {
+        har["log"]["_evidence_missing"] = json!(why);
+    }
+    Ok(Some(har))
 }
 
 /// The proof for a session, or why there is none yet.

@@ -268,7 +268,7 @@ pub fn replay(s: &SessionRow, ex: &[ExchangeRow], node: Option<&NodeRow>) -> Mar
                 tr { th { "started" } td { (time(s.started_at_ms)) } }
                 tr { th { "outcome" } td { (opt(&s.outcome)) } }
             }
-            p { a #export href=(format!("/api/sessions/{}/{}/export.jsonl", urlencode(&s.node), s.id)) { "Export JSONL with proof" } span.muted { " (check it offline: sluice verify --export FILE)" } }
+            p { a #export href=(format!("/api/sessions/{}/{}/export.jsonl", urlencode(&s.node), s.id)) { "Export JSONL with proof" } " · " a #export-har href=(format!("/api/sessions/{}/{}/export.har", urlencode(&s.node), s.id)) { "HAR" } span.muted { " (check it offline: sluice verify --export FILE)" } }
             h2 { (ex.len()) " exchange(s) and statement(s)" }
             @for e in ex { (exchange(e)) }
         },

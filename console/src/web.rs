@@ -173,6 +173,31 @@ async fn export_jsonl(
         .into_response())
 }
 
+/// A session as HAR 1.2 (browser dev tools open it) with its proof in
+/// `log._evidence` (`sluice verify --export` checks it too).
+async fn export_har(
+    _who: Principal,
+    State(app): State<App>,
+    Path((node, id)): Path<(String, u64)>,
+) -> Result<Response, WebError> {
+    let n = node.clone();
+    let har = blocking(&app.store, move |st| crate::export::har(st, &n, id))
+        .await?
+        .ok_or_else(|| WebError::NotFound(format!("no session {id} on {node}")))?;
+    let file = format!(
+        "attachment; filename=\"sluice-{}-{id}.har\"",
+        node.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::CONTENT_DISPOSITION, file),
+        ],
+        har.to_string(),
+    )
+        .into_response())
+}
+
 async fn policy_html(app: &App, who: &Principal, f: Flash) -> Result<Html<String>, WebError> {
     let published = app.fleet.bundle(&app.bundles_bucket).await;
     let changes = history(app, POLICY).await?;
@@ -662,6 +687,7 @@ pub fn router(app: App) -> Router {
         .route("/api/sessions", get(api_sessions))
         .route("/api/sessions/{node}/{id}", get(api_session))
         .route("/api/sessions/{node}/{id}/export.jsonl", get(export_jsonl))
+        .route("/api/sessions/{node}/{id}/export.har", get(export_har))
         .route("/api/nodes", get(api_nodes))
         .route("/healthz", get(|| async { "ok" }))
         .merge(crate::auth::routes())

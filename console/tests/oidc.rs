@@ -1148,3 +1148,81 @@ async fn local_mode_is_admin_on_loopback_names_only() {
         .unwrap();
     assert_eq!(r.status, 403, "{}", r.body);
 }
+
+// ---- a real browser: Debian's Chromium through the whole login ---------
+
+/// Runs `tests/fixtures/browser.py` (Chromium headless over WebDriver) off
+/// the runtime, so the provider stand-in keeps answering meanwhile.
+async fn chromium(steps: Vec<String>) -> Vec<Value> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(format!("{root}/tests/fixtures/browser.py"))
+            .arg("--shots")
+            .arg(format!("{root}/target/e2e-artifacts/console-login"))
+            .args(&steps)
+            .output()
+            .expect("run the browser (chromium, chromium-driver and selenium come from scripts/setup.sh)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "browser: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn a_real_browser_logs_in_through_the_provider_and_gets_its_role() {
+    let idp = Idp::start(es256("k1")).await;
+    let c = console(&idp, None, false).await;
+
+    // A viewer: the page asked for, through the provider and back, with
+    // who and the role in the header and no suspend form; a request the
+    // page's own script makes with its cookies and CSRF token is refused.
+    idp.next_login("vera", &["staff"], Fault::None);
+    let steps = vec![
+        format!("open:{}/identities", c.base),
+        "shot:login-viewer-identities".into(),
+        r#"js:fetch('/api/whoami').then(r => r.json()).then(w => fetch('/identities/suspend', {method: 'POST', headers: {'content-type': 'application/x-www-form-urlencoded'}, body: 'csrf=' + w.csrf + '&scope=repository&value=acme%2Fwidgets&reason=x'})).then(r => done(r.status), e => done(String(e)))"#.into(),
+        "click:form#logout button".into(),
+    ];
+    let s = chromium(steps).await;
+    assert_eq!(s[0]["url"], format!("{}/identities", c.base), "{s:#?}");
+    let page = s[0]["text"].as_str().unwrap();
+    assert!(page.contains("vera · viewer"), "{page}");
+    assert!(!page.contains("Suspend on every node"), "{page}");
+    assert_eq!(s[1]["js"], 403, "a viewer's suspend: {s:#?}");
+    // Logged out: the header no longer names her.
+    assert!(
+        !s[2]["text"].as_str().unwrap().contains("vera · viewer"),
+        "{s:#?}"
+    );
+
+    // An admin (another person, another browser profile): the same page
+    // offers the suspend form, and the console's audit names them.
+    idp.next_login("sam", &["security"], Fault::None);
+    let s = chromium(vec![
+        format!("open:{}/identities", c.base),
+        "wait:form#suspend".into(),
+        "shot:login-admin-identities".into(),
+    ])
+    .await;
+    let page = s[0]["text"].as_str().unwrap();
+    assert!(page.contains("sam · admin"), "{page}");
+    assert!(page.contains("Suspend on every node"), "{page}");
+
+    // A person the groups do not map is told so by the console, in the
+    // browser, and gets no session.
+    idp.next_login("mallory", &["contractors"], Fault::None);
+    let s = chromium(vec![format!("open:{}/identities", c.base)]).await;
+    let page = s[0]["text"].as_str().unwrap();
+    assert!(!page.contains("mallory ·"), "{page}");
+    assert!(
+        page.contains("mallory is in no group that this console maps to a role"),
+        "the refusal says why: {page}"
+    );
+}

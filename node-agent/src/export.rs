@@ -10,20 +10,9 @@ pub(crate) fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
 }
 
+/// Who made the session (the same line the HAR's comment carries).
 fn who(s: &ConnectionRecord) -> String {
-    let i = &s.identity;
-    match &i.ci {
-        Some(ci) => format!(
-            "{} {} run {} job {} by {} ({})",
-            ci.system,
-            ci.repository.as_deref().unwrap_or("?"),
-            ci.run_id.as_deref().unwrap_or("?"),
-            ci.job.as_deref().unwrap_or("?"),
-            ci.actor.as_deref().unwrap_or("?"),
-            i.id
-        ),
-        None => format!("{} ({})", i.cgroup_path.as_deref().unwrap_or("?"), i.id),
-    }
+    sluice_evidence::har::who(&serde_json::to_value(s).unwrap_or(Value::Null))
 }
 
 fn body_preview(b: &BodyRecord, out: &mut String) {
@@ -273,122 +262,14 @@ pub fn evidence_of(text: &str) -> Option<Evidence> {
         .and_then(|v| serde_json::from_value(v["evidence"].clone()).ok())
 }
 
-fn har_headers(h: &[Header]) -> Value {
-    Value::Array(
-        h.iter()
-            .map(|x| json!({ "name": x.name, "value": x.value }))
-            .collect(),
-    )
-}
-
-fn header<'a>(h: &'a [Header], name: &str) -> Option<&'a str> {
-    h.iter()
-        .find(|x| x.name.eq_ignore_ascii_case(name))
-        .map(|x| x.value.as_str())
-}
-
-fn har_version(v: &str) -> &'static str {
-    match v {
-        "HTTP/2.0" => "HTTP/2",
-        "HTTP/1.0" => "HTTP/1.0",
-        _ => "HTTP/1.1",
-    }
-}
-
-/// HAR 1.2, the evidence in `log._evidence` (custom fields start with `_`).
+/// HAR 1.2, the evidence in `log._evidence` (one writer with the
+/// console's: `sluice_evidence::har`).
 pub fn har(s: &ConnectionRecord, exchanges: &[Exchange], evidence: &Evidence) -> Value {
-    let entries: Vec<Value> = exchanges
+    let session = serde_json::to_value(s).unwrap_or(Value::Null);
+    let exchanges: Vec<Value> = exchanges
         .iter()
-        .map(|ex| {
-            let url = format!("https://{}{}", ex.authority, ex.path);
-            let query: Vec<Value> = ex
-                .path
-                .split_once('?')
-                .map(|(_, q)| {
-                    q.split('&')
-                        .filter(|p| !p.is_empty())
-                        .map(|p| {
-                            let (n, v) = p.split_once('=').unwrap_or((p, ""));
-                            json!({ "name": n, "value": v })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let mut request = json!({
-                "method": ex.method,
-                "url": url,
-                "httpVersion": har_version(&ex.http_version),
-                "cookies": [],
-                "headers": har_headers(&ex.request_headers),
-                "queryString": query,
-                "headersSize": -1,
-                "bodySize": ex.request_body.size,
-            });
-            if ex.request_body.size > 0 {
-                let mut post = json!({
-                    "mimeType": header(&ex.request_headers, "content-type").unwrap_or("application/octet-stream"),
-                    "text": ex.request_body.text.clone().or_else(|| ex.request_body.base64.clone()).unwrap_or_default(),
-                });
-                if ex.request_body.text.is_none() {
-                    post["comment"] = json!("base64");
-                }
-                request["postData"] = post;
-            }
-            let mut content = json!({
-                "size": ex.response_body.size,
-                "mimeType": header(&ex.response_headers, "content-type").unwrap_or(""),
-            });
-            if let Some(t) = &ex.response_body.text {
-                content["text"] = json!(t);
-            } else if let Some(b) = &ex.response_body.base64 {
-                content["text"] = json!(b);
-                content["encoding"] = json!("base64");
-            }
-            if ex.response_body.truncated {
-                content["comment"] = json!("body truncated at the node's capture cap");
-            }
-            let ttfb = ex.ttfb_ms.unwrap_or(ex.duration_ms);
-            let mut entry = json!({
-                "startedDateTime": rfc3339(ex.started_at_ms),
-                "time": ex.duration_ms,
-                "request": request,
-                "response": {
-                    "status": ex.status.unwrap_or(0),
-                    "statusText": ex.status
-                        .and_then(|s| hyper::StatusCode::from_u16(s).ok())
-                        .and_then(|s| s.canonical_reason())
-                        .unwrap_or(""),
-                    "httpVersion": har_version(&ex.http_version),
-                    "cookies": [],
-                    "headers": har_headers(&ex.response_headers),
-                    "content": content,
-                    "redirectURL": header(&ex.response_headers, "location").unwrap_or(""),
-                    "headersSize": -1,
-                    "bodySize": ex.response_body.size,
-                },
-                "cache": {},
-                "timings": {
-                    "send": 0,
-                    "wait": ttfb,
-                    "receive": (ex.duration_ms - ttfb).max(0.0),
-                },
-                "serverIPAddress": s.original_dst.map(|d| d.0.ip().to_string()).unwrap_or_default(),
-                "connection": s.id.to_string(),
-            });
-            if let Some(e) = &ex.error {
-                entry["comment"] = json!(e);
-            }
-            entry
-        })
+        .filter_map(|x| serde_json::to_value(x).ok())
         .collect();
-    json!({
-        "log": {
-            "version": "1.2",
-            "creator": { "name": "sluice", "version": env!("CARGO_PKG_VERSION") },
-            "comment": format!("session {} — {}", s.id, who(s)),
-            "pages": [],
-            "entries": entries,
-            "_evidence": evidence,
-        }
-    })
+    let evidence = serde_json::to_value(evidence).unwrap_or(Value::Null);
+    sluice_evidence::har::build(&session, &exchanges, &evidence, "sluice")
 }

@@ -821,8 +821,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let evidence = export::evidence_of(&text).with_context(|| {
                 format!("{}: no evidence (export from this version)", file.display())
             })?;
-            match evidence.verify() {
-                Ok(own) => {
+            // The proof first, then that the file shows what it proves.
+            match evidence
+                .verify()
+                .and_then(|own| Ok((own, sluice_evidence::shown::check(&text, &evidence)?)))
+            {
+                Ok((own, shown)) => {
                     let cp = evidence.checkpoint.as_ref().map(|c| (c.n, c.seq));
                     println!(
                         "ok: {own} event(s) of the session lead to signed checkpoint #{} (event {}), node key {} ({})",
@@ -830,7 +834,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         cp.map(|c| c.1).unwrap_or_default(),
                         evidence.node_key.kid,
                         evidence.node_key.ed25519
-                    )
+                    );
+                    println!("ok: the {shown} record(s) the file shows are the proven events");
                 }
                 Err(e) => {
                     println!("BROKEN: {e}");

@@ -5,4 +5,6 @@
 pub mod chain;
 pub mod checkpoint;
 pub mod follow;
+pub mod har;
 pub mod line;
+pub mod shown;

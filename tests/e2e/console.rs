@@ -912,6 +912,50 @@ fn the_console_approves_a_held_request_and_suspends_a_repository_on_another_node
             "{}",
             text(&ok)
         );
+        assert!(
+            text(&ok).contains("record(s) the file shows are the proven events"),
+            "{}",
+            text(&ok)
+        );
+        // The same session as HAR (what browser dev tools open), with the
+        // same proof: it checks; one entry edited (its proof left alone)
+        // does not.
+        let har_file = dir.path().join("export.har");
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "10", "-o"])
+            .arg(&har_file)
+            .arg(format!(
+                "{}/api/sessions/node-a/{}/export.har",
+                console.base, first_session
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let har: Value = serde_json::from_slice(&std::fs::read(&har_file).unwrap()).unwrap();
+        assert_eq!(har["log"]["version"], "1.2", "{har:#}");
+        let entry = &har["log"]["entries"][0];
+        assert_eq!(entry["request"]["method"], "POST", "{har:#}");
+        assert!(
+            entry["request"]["postData"]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("DEPLOY-TO-PROD v1.2")),
+            "{har:#}"
+        );
+        let ok = crate::harness::sluice(&["verify", "--export", &har_file.display().to_string()]);
+        assert!(
+            ok.status.success() && text(&ok).contains("are the proven events"),
+            "{}",
+            text(&ok)
+        );
+        let mut edited = har.clone();
+        edited["log"]["entries"][0]["response"]["status"] = serde_json::json!(599);
+        std::fs::write(&har_file, edited.to_string()).unwrap();
+        let bad = crate::harness::sluice(&["verify", "--export", &har_file.display().to_string()]);
+        assert!(
+            !bad.status.success() && text(&bad).contains("BROKEN: HAR entry 0 differs"),
+            "{}",
+            text(&bad)
+        );
         let altered = std::fs::read_to_string(&export)
             .unwrap()
             .replace("DEPLOY-TO-PROD v1.2", "DEPLOY-TO-PROD v1.3");

@@ -381,6 +381,14 @@ fn suspended_identity_is_denied_including_held_requests_and_resumes() {
         t.ends_with("\n403") && t.contains("identity suspended") && t.contains("incident 42"),
         "{t}"
     );
+    // A client still uploading when the refusal comes reads the refusal
+    // (HTTP/2 and HTTP/1.1), not a reset stream: its body arrives only
+    // after the node has answered.
+    for version in ["--http2", "--http1.1"] {
+        let (code, body) = late_upload(env, version);
+        assert_eq!(code, 403, "{version}: {body}");
+        assert!(body.contains("identity suspended"), "{version}: {body}");
+    }
     let listed = env.node.cli_json(&["identities", "list", "--json"]);
     assert_eq!(listed["suspended"][0]["identity"], id);
 
@@ -393,6 +401,50 @@ fn suspended_identity_is_denied_including_held_requests_and_resumes() {
         audit.contains("identity.suspended") && audit.contains("identity.resumed"),
         "{audit}"
     );
+}
+
+/// A POST whose body curl reads from stdin and sends half a second after
+/// the request's head (so the node answers while it is still uploading).
+fn late_upload(env: &Env, version: &str) -> (u16, String) {
+    use std::io::Write;
+    let resolve = format!("api.fake.test:443:{}", env.remote.remote);
+    let mut child = env
+        .cgroup
+        .command(
+            "curl",
+            &[
+                "-sS",
+                version,
+                "--max-time",
+                "30",
+                "--resolve",
+                &resolve,
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                "POST",
+                "-T",
+                "-",
+                "https://api.fake.test:443/echo",
+            ],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // The node may have closed its side already; the answer is what counts.
+    let _ = stdin.write_all(&vec![b'x'; 64 * 1024]);
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = t.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        format!("{body}\ncurl: {}", String::from_utf8_lossy(&out.stderr)),
+    )
 }
 
 #[test]

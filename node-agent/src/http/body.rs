@@ -323,6 +323,39 @@ impl<B> Drop for Tap<B> {
     }
 }
 
+/// Most of a refused request's body read and thrown away, off the
+/// exchange: a client still uploading when the refusal comes (HTTP/2: the
+/// response ends the stream while its DATA is in flight) must read the
+/// refusal, not a stream reset or a connection closed under it. Bounded so
+/// a refused job cannot keep the node reading.
+pub fn discard<B>(body: B)
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+{
+    const MOST: u64 = 1 << 20;
+    tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        let mut read = 0u64;
+        let within = tokio::time::sleep(std::time::Duration::from_secs(5));
+        tokio::pin!(within);
+        while read < MOST {
+            tokio::select! {
+                frame = body.frame() => match frame {
+                    Some(Ok(f)) => {
+                        if let Some(d) = f.data_ref() {
+                            read += bytes::Buf::remaining(d) as u64;
+                        }
+                    }
+                    _ => break,
+                },
+                _ = &mut within => break,
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -354,6 +354,7 @@ impl HttpSession {
         let policy = self.policy();
         if let Some((decision, reason)) = self.suspended() {
             ex.decisions.push(decision);
+            body::discard(req.into_body());
             let body = serde_json::json!({
                 "error": "identity suspended",
                 "identity": self.identity.id,
@@ -364,6 +365,7 @@ impl HttpSession {
                 .await;
         }
         if let Err(r) = self.check_authority(req.headers(), req.uri(), &mut ex) {
+            body::discard(req.into_body());
             return self.refuse(ex, started, durable_tx, r.status, r.body).await;
         }
         let masks = policy.masks_responses(&self.target, &self.identity);
@@ -389,6 +391,7 @@ impl HttpSession {
                 "error": "upgrade refused",
                 "reason": format!("policy rules apply to this target and `{proto}` streams are not inspected here (policy.websocket: {:?}); the upgrade would bypass them", self.websocket),
             });
+            body::discard(req.into_body());
             return self
                 .refuse(ex, started, durable_tx, StatusCode::FORBIDDEN, body)
                 .await;
@@ -409,6 +412,7 @@ impl HttpSession {
             parts.headers.remove("sec-websocket-extensions");
         }
         if let Err(r) = self.inject_credential(&policy, &mut parts, &mut ex) {
+            body::discard(up_body);
             return self.refuse(ex, started, durable_tx, r.status, r.body).await;
         }
         if masks {
