@@ -543,6 +543,7 @@ impl Proxy {
         targets: &crate::targets::TargetTable,
         target_id: u32,
     ) -> Outcome {
+        let counts = client.counts.clone();
         let (hello, prefix) = match tokio::time::timeout(
             HELLO_TIMEOUT,
             hello::read_client_hello(&mut client),
@@ -673,11 +674,26 @@ impl Proxy {
             sni: sni.clone(),
             connect_timeout: self.connect_timeout,
         });
-        match http::serve(down, up, h2, session, redial).await {
-            Ok(()) => Outcome::Closed,
-            Err(e) => Outcome::Failed {
-                error: e.to_string(),
+        let received: http::clock::Received = {
+            let counts = counts.clone();
+            Arc::new(move || counts.up.load(Ordering::Relaxed))
+        };
+        let idle = self.idle();
+        tokio::select! {
+            served = http::serve(down, up, h2, session, redial, received) => match served {
+                Ok(()) => Outcome::Closed,
+                Err(e) => Outcome::Failed {
+                    error: e.to_string(),
+                },
             },
+            // Nothing in either direction (no request, no streamed byte)
+            // for the idle limit.
+            _ = idle_for(idle, || counts.up.load(Ordering::Relaxed) + counts.down.load(Ordering::Relaxed)) => {
+                info!(idle_secs = idle.as_secs(), "intercepted connection idle; closed");
+                Outcome::Failed {
+                    error: format!("idle for {}s (limits.idle_timeout_secs)", idle.as_secs()),
+                }
+            }
         }
     }
 

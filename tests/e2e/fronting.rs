@@ -631,3 +631,75 @@ fn full_disk_fails_closed_and_status_says_so() {
     let verify = env.node.cli(&["verify"]);
     assert!(verify.status.success(), "{}", text(&verify));
 }
+
+/// A keep-alive connection that is quiet between requests for longer
+/// than the header timeout is still served on the same socket (hyper's
+/// own header timer runs while it waits for the next request, and cut
+/// such connections after 30 s whatever `idle_timeout_secs` said); a
+/// later head trickled byte by byte is still cut by the header timeout.
+#[test]
+fn a_quiet_keep_alive_connection_is_kept_and_a_slow_later_head_is_cut() {
+    let env = Env::https("");
+    let cfg = env.config.replacen(
+        "proxy:\n",
+        "proxy:\n  limits:\n    idle_timeout_secs: 60\n    header_read_timeout_secs: 2\n",
+        1,
+    );
+    let mut env = env;
+    env.config = cfg;
+    env.restart();
+    let _trust = env.trust_node_ca();
+    let ip = env.remote.remote.clone();
+    let script = format!(
+        r#"
+import socket, ssl, json, time
+ctx = ssl.create_default_context()
+s = ctx.wrap_socket(socket.create_connection(("{ip}", 443), timeout=30), server_hostname="api.fake.test")
+def get(tag):
+    s.sendall(("GET /json?tag=%s HTTP/1.1\r\nHost: api.fake.test\r\n\r\n" % tag).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return "closed"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            return "closed"
+        body += chunk
+    return head.split(b"\r\n")[0].decode()
+out = {{"first": get("one")}}
+time.sleep(5)
+try:
+    out["after_quiet"] = get("two")
+except OSError as e:
+    out["after_quiet"] = repr(e)
+s.sendall(b"GET /json HTTP/1.1\r\nHost: api")
+t0 = time.time()
+try:
+    out["slow"] = s.recv(100).decode("latin-1")
+except OSError as e:
+    out["slow"] = repr(e)
+out["slow_after"] = time.time() - t0
+print(json.dumps(out))
+"#
+    );
+    let out = env.cgroup.run("python3", &["-c", &script]);
+    let res: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(res["first"], "HTTP/1.1 200 OK", "{res}");
+    assert_eq!(
+        res["after_quiet"], "HTTP/1.1 200 OK",
+        "the same connection serves a request after 5 s of quiet: {res}"
+    );
+    let after = res["slow_after"].as_f64().unwrap_or(0.0);
+    assert!(
+        (1.0..10.0).contains(&after) && res["slow"].as_str().is_some_and(|s| !s.contains("200 OK")),
+        "a later head trickled in is cut after the header timeout (2 s): {res}"
+    );
+    let sessions = env.node.wait_sessions(1);
+    assert_eq!(sessions.len(), 1, "one connection: {sessions:#?}");
+}

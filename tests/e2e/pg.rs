@@ -256,7 +256,7 @@ rules:
     on: statement
     targets: [shop-db]
     sql:
-      tables: [payroll]
+      tables: [payroll, "hr.*"]
     action: approve
     timeout_secs: 30
   - id: log-ddl

@@ -706,3 +706,135 @@ fn backslash_escapes_cannot_hide_a_statement_from_the_node() {
     );
     assert!(users_table_exists(&p), "the table survived");
 }
+
+/// Starts `sql` from the job, waits for it to be held by `rule` and
+/// denies it; returns what psql said.
+fn held_then_denied(p: &PgEnv, ci: &str, sql: &str, rule: &str) -> String {
+    let held = p
+        .env
+        .cgroup
+        .command(
+            &format!("{PG_BIN}/psql"),
+            &["-X", "-q", "-At", ci, "-c", sql],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pending = loop {
+        let list = p.env.node.cli_json(&["approvals", "list", "--json"]);
+        if let Some(a) = list.as_array().and_then(|a| a.first()).cloned() {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{sql}` was not held:\n{}",
+            p.env.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(pending["rule"], rule, "{sql}: {pending}");
+    let out = p.env.node.cli(&[
+        "approvals",
+        "deny",
+        &pending["id"].to_string(),
+        "--reason",
+        "not this way",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    text(&held.wait_with_output().unwrap())
+}
+
+/// The SQL of issue 21 against the example rules: what runs inside a DO
+/// block, a function created and called in one string, a WHERE that
+/// filters nothing, SQL handed to a function, and a search path changed
+/// before an unqualified name. Each is refused (or held) and its table
+/// is intact; ordinary statements of the same kinds still run.
+#[test]
+fn sql_rules_see_what_runs_inside_blocks_functions_and_the_search_path() {
+    let p = PgEnv::new();
+    let ci = verify_full(&p, APP_ROLE);
+    p.pg.admin(
+        "CREATE TABLE t1 (x int); CREATE TABLE t2 (x int); CREATE TABLE t3 (x int); \
+         CREATE TABLE t4 (x int); \
+         INSERT INTO t1 VALUES (1), (2); INSERT INTO t2 VALUES (1), (2); \
+         INSERT INTO t3 VALUES (1), (2); INSERT INTO t4 VALUES (1), (2); \
+         ALTER TABLE t1 OWNER TO app; ALTER TABLE t2 OWNER TO app; \
+         ALTER TABLE t3 OWNER TO app; ALTER TABLE t4 OWNER TO app; \
+         CREATE SCHEMA hr; CREATE TABLE hr.salaries (who text, amount int); \
+         INSERT INTO hr.salaries VALUES ('ceo', 1000000); \
+         GRANT USAGE ON SCHEMA hr TO app; GRANT SELECT ON hr.salaries TO app; \
+         GRANT CREATE ON SCHEMA public TO app;",
+        "shop",
+    );
+    let count = |t: &str| p.pg.admin(&format!("SELECT count(*) FROM {t}"), "shop");
+    for (sql, table) in [
+        ("DO $x$ BEGIN EXECUTE 'TRUNCATE t1'; END $x$", "t1"),
+        (
+            "CREATE FUNCTION wipe() RETURNS void LANGUAGE plpgsql AS $$ BEGIN TRUNCATE t2; END $$; SELECT wipe()",
+            "t2",
+        ),
+        ("DELETE FROM t3 WHERE true", "t3"),
+        ("DELETE FROM t3 WHERE 1=1", "t3"),
+        ("DO $$ BEGIN EXECUTE 'TRUNC' || 'ATE t4'; END $$", "t4"),
+        // Built at run time: cannot be judged, refused under blocking rules.
+        ("DO $$ BEGIN EXECUTE format('TRUNCATE %I', 't4'); END $$", "t4"),
+        (
+            "CREATE FUNCTION wipe2() RETURNS void LANGUAGE sql AS 'DELETE FROM t4'; SELECT wipe2()",
+            "t4",
+        ),
+    ] {
+        let out = p.psql(&ci, &["-c", sql]);
+        let said = text(&out);
+        assert!(!out.status.success(), "`{sql}` ran: {said}");
+        assert!(
+            said.contains("sluice: statement refused by policy rule `no-destructive-sql`"),
+            "`{sql}`: {said}"
+        );
+        assert!(count(table).contains('2'), "{table} intact after `{sql}`");
+    }
+    let refused = p.wait_statement(|s| {
+        s["db_query"] == "DO $$ BEGIN EXECUTE format('TRUNCATE %I', 't4'); END $$"
+    });
+    assert!(
+        refused["decisions"][0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("built at run time")),
+        "{refused:#}"
+    );
+
+    // Tables read through a function or an unqualified name on a changed
+    // path are held by the table rule (and denied here).
+    for sql in [
+        "SELECT query_to_xml('select * from payroll', true, true, '')",
+        "SELECT table_to_xml('payroll', true, true, '')",
+        "SET search_path = hr; SELECT * FROM salaries",
+        "SELECT set_config('search_path', 'hr', false); SELECT amount FROM salaries",
+    ] {
+        let said = held_then_denied(&p, &ci, sql, "payroll-needs-approval");
+        assert!(
+            !said.contains("1000000") && !said.contains("<salary>100"),
+            "`{sql}`: {said}"
+        );
+        assert!(
+            said.contains("denied") || said.contains("refused"),
+            "`{sql}`: {said}"
+        );
+    }
+
+    // Ordinary statements of the same kinds still run.
+    for (sql, want) in [
+        ("DO $$ BEGIN PERFORM 1; END $$", ""),
+        ("DELETE FROM t3 WHERE x = 1", ""),
+        ("SELECT count(*) FROM t3", "1"),
+        (
+            "SELECT query_to_xml('select 42 as n', true, true, '') IS NOT NULL",
+            "t",
+        ),
+        ("SET search_path = public; SELECT count(*) FROM t1", "2"),
+    ] {
+        let out = ok(&p.psql(&ci, &["-c", sql]), sql, &p);
+        assert_eq!(out.trim(), want, "{sql}");
+    }
+}

@@ -36,6 +36,7 @@ use crate::{
 };
 
 mod body;
+pub mod clock;
 pub mod decode;
 mod request;
 mod response;
@@ -234,6 +235,7 @@ pub async fn serve<D, U>(
     h2: bool,
     session: Arc<HttpSession>,
     redial: Option<Redial>,
+    received: clock::Received,
 ) -> Result<(), HttpError>
 where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -290,7 +292,7 @@ where
         // A client that trickles its header block is cut after the
         // timeout (slowloris), and a header block beyond the buffer is 431.
         let serving = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
+            .timer(clock::HeaderClock::new(received))
             .header_read_timeout(std::time::Duration::from_secs(lim.header_read_timeout_secs))
             .max_buf_size(lim.http_max_buffer_bytes.max(8192))
             .serve_connection(io, svc)

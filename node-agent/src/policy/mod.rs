@@ -648,11 +648,14 @@ impl CompiledPolicy {
             }
             let decisive = matches!(verdict, Verdict::Allow)
                 && matches!(r.action, Action::Block | Action::Approve);
-            if let Some(e) = &facts.parse_error {
+            let unjudgeable = match (&facts.parse_error, &facts.dynamic) {
+                (Some(e), _) => Some(format!("statement could not be parsed ({e})")),
+                (None, Some(d)) => Some(format!("statement runs SQL the node cannot read ({d})")),
+                (None, None) => None,
+            };
+            if let Some(why) = &unjudgeable {
                 if decisive {
-                    let message = format!(
-                        "statement could not be parsed ({e}); refused because blocking rules apply"
-                    );
+                    let message = format!("{why}; refused because blocking rules apply");
                     decisions.push(Decision {
                         rule: r.id.clone(),
                         action: "block".into(),
@@ -682,9 +685,19 @@ impl CompiledPolicy {
                     && (m.shapes.is_empty() || m.shapes.iter().any(|s| facts.shapes.contains(s)))
                     && (m.tables.is_empty()
                         || self.table_globs.get(&i).is_some_and(|globs| {
-                            facts.tables.iter().any(|t| {
+                            facts.tables.iter().chain(&facts.resolved).any(|t| {
                                 let bare = t.rsplit('.').next().unwrap_or(t);
-                                globs.iter().any(|g| g.matches(t) || g.matches(bare))
+                                // `*.t`: a table in a schema only known when
+                                // it runs; the glob's table part decides.
+                                let any_schema = t.strip_prefix("*.");
+                                globs.iter().any(|g| {
+                                    g.matches(t)
+                                        || g.matches(bare)
+                                        || any_schema.is_some_and(|b| {
+                                            let part = g.as_str().rsplit('.').next().unwrap_or("");
+                                            glob::Pattern::new(part).is_ok_and(|p| p.matches(b))
+                                        })
+                                })
                             })
                         }))
             });

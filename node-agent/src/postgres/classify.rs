@@ -10,7 +10,8 @@ use std::{
 
 use pg_query::NodeEnum;
 
-use crate::record::statement::{Shape, SqlFacts, StatementClass};
+use super::nested;
+use crate::record::statement::{SearchPathChange, Shape, SqlFacts, StatementClass};
 
 /// One statement of a query string: its text and what it is.
 #[derive(Debug, Clone)]
@@ -55,8 +56,8 @@ pub fn classify(sql: &str) -> SqlFacts {
     }
     match pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) {
         Ok(p) => {
-            let facts = facts_of(&p);
-            if let (Some(k), true) = (key, constants_irrelevant(&p)) {
+            let (facts, constants_matter) = facts_of(sql, &p);
+            if let (Some(k), true) = (key, !constants_matter && constants_irrelevant(&p)) {
                 shapes().put(&k, facts.clone());
             }
             facts
@@ -213,12 +214,17 @@ fn split_uncached(sql: &str) -> (Vec<Classified>, bool) {
             )
         }
     };
+    let mut constants_matter = false;
     let out = match parsed.protobuf.stmts.len() {
         0 => Vec::new(),
-        1 => vec![Classified {
-            text: sql.to_owned(),
-            facts: facts_of(&parsed),
-        }],
+        1 => {
+            let (facts, matter) = facts_of(sql, &parsed);
+            constants_matter = matter;
+            vec![Classified {
+                text: sql.to_owned(),
+                facts,
+            }]
+        }
         _ => parsed
             .protobuf
             .stmts
@@ -240,10 +246,12 @@ fn split_uncached(sql: &str) -> (Vec<Classified>, bool) {
             })
             .collect(),
     };
-    (out, constants_irrelevant(&parsed))
+    (out, !constants_matter && constants_irrelevant(&parsed))
 }
 
-fn facts_of(parsed: &pg_query::ParseResult) -> SqlFacts {
+/// The facts of a parsed statement, and whether its constants decide
+/// what runs (SQL handed to a function as a string).
+fn facts_of(sql: &str, parsed: &pg_query::ParseResult) -> (SqlFacts, bool) {
     let mut facts = SqlFacts::default();
     for raw in &parsed.protobuf.stmts {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
@@ -285,10 +293,66 @@ fn facts_of(parsed: &pg_query::ParseResult) -> SqlFacts {
         .into_iter()
         .map(|t| t.to_ascii_lowercase())
         .collect();
-    tables.sort();
-    tables.dedup();
+    // What runs inside: bodies, SQL given to functions, every relation
+    // the whole tree names (the crate's walk skips some node types).
+    let tree = serde_json::to_value(&parsed.protobuf).unwrap_or_default();
+    let inner = nested::find(sql, &tree);
+    tables.extend(inner.tables);
     facts.tables = tables;
-    facts
+    for s in inner.shapes {
+        if !facts.shapes.contains(&s) {
+            facts.shapes.push(s);
+        }
+    }
+    facts.dynamic = inner.dynamic;
+    facts.parse_error = inner.parse_error;
+    facts.search_path = inner.search_path;
+    for text in &inner.sql {
+        match nested::deeper(|| split(text)) {
+            Some(parts) => parts.into_iter().for_each(|p| absorb(&mut facts, p.facts)),
+            None => {
+                facts
+                    .dynamic
+                    .get_or_insert_with(|| "SQL nested too deep to follow".into());
+            }
+        }
+    }
+    facts.tables.sort();
+    facts.tables.dedup();
+    (facts, inner.constants_matter)
+}
+
+/// Adds what a statement run inside another does to the outer one's
+/// facts: a write inside a read makes it a write; shapes, tables, errors
+/// and path changes add up.
+fn absorb(facts: &mut SqlFacts, inner: SqlFacts) {
+    if facts.class == Some(StatementClass::Read)
+        && inner.class.is_some_and(|c| c != StatementClass::Read)
+    {
+        facts.class = inner.class;
+    }
+    for s in inner.shapes {
+        if !facts.shapes.contains(&s) {
+            facts.shapes.push(s);
+        }
+    }
+    facts.tables.extend(inner.tables);
+    if facts.parse_error.is_none() {
+        facts.parse_error = inner.parse_error;
+    }
+    if facts.dynamic.is_none() {
+        facts.dynamic = inner.dynamic;
+    }
+    facts.search_path = match (facts.search_path.take(), inner.search_path) {
+        (Some(SearchPathChange::Unknown), _) | (_, Some(SearchPathChange::Unknown)) => {
+            Some(SearchPathChange::Unknown)
+        }
+        (Some(SearchPathChange::Set(mut a)), Some(SearchPathChange::Set(b))) => {
+            a.extend(b);
+            Some(SearchPathChange::Set(a))
+        }
+        (a, b) => a.or(b),
+    };
 }
 
 fn describe(node: &NodeEnum) -> (StatementClass, Vec<Shape>) {
@@ -304,7 +368,7 @@ fn describe(node: &NodeEnum) -> (StatementClass, Vec<Shape>) {
         NodeEnum::InsertStmt(_) | NodeEnum::MergeStmt(_) => (C::Write, vec![]),
         NodeEnum::UpdateStmt(u) => (
             C::Write,
-            if u.where_clause.is_none() {
+            if no_filter(u.where_clause.as_deref()) {
                 vec![Shape::UpdateWithoutWhere]
             } else {
                 vec![]
@@ -312,7 +376,7 @@ fn describe(node: &NodeEnum) -> (StatementClass, Vec<Shape>) {
         ),
         NodeEnum::DeleteStmt(d) => (
             C::Write,
-            if d.where_clause.is_none() {
+            if no_filter(d.where_clause.as_deref()) {
                 vec![Shape::DeleteWithoutWhere]
             } else {
                 vec![]
@@ -371,6 +435,11 @@ fn describe(node: &NodeEnum) -> (StatementClass, Vec<Shape>) {
         n if is_ddl(n) => (C::Ddl, vec![]),
         _ => (C::Other, vec![]),
     }
+}
+
+/// No WHERE, or one every row passes (`WHERE true`, `1 = 1`).
+fn no_filter(w: Option<&pg_query::protobuf::Node>) -> bool {
+    w.is_none_or(|w| serde_json::to_value(w).is_ok_and(|v| nested::trivially_true(&v)))
 }
 
 fn inner(
@@ -493,7 +562,9 @@ mod tests {
              INSERT INTO log SELECT * FROM b",
         );
         assert_eq!(f.shapes, vec![Shape::UpdateWithoutWhere]);
-        assert_eq!(f.tables, vec!["accounts", "log"]);
+        // A CTE's name counts as a table: a real table of that name may be
+        // read outside the CTE's scope, and rules err on the side of seeing.
+        assert_eq!(f.tables, vec!["accounts", "b", "log"]);
 
         let f = classify("SELEC * FRM users");
         assert!(f.parse_error.is_some());
@@ -549,6 +620,119 @@ mod tests {
         assert!(shapes()
             .get(&shape_key("SET statement_timeout = 6").unwrap())
             .is_none());
+    }
+
+    #[test]
+    fn what_runs_inside_a_statement_is_judged_with_it() {
+        let shapes = |sql: &str| classify(sql).shapes;
+        // A WHERE that does not look at the row is no WHERE.
+        for sql in [
+            "DELETE FROM t WHERE true",
+            "DELETE FROM t WHERE 1=1",
+            "UPDATE t SET a = 0 WHERE 'x' = 'x' OR id = 4",
+            "DELETE FROM t WHERE id = id",
+            "DELETE FROM t WHERE (id > 3 OR true) AND 2 > 1",
+        ] {
+            assert!(
+                shapes(sql)
+                    .iter()
+                    .any(|s| matches!(s, Shape::DeleteWithoutWhere | Shape::UpdateWithoutWhere)),
+                "{sql}"
+            );
+        }
+        // An arm that does not read the row may be true for every row:
+        // the whole is judged as no WHERE.
+        assert_eq!(
+            shapes("DELETE FROM t WHERE id = 3 OR current_user = 'me'"),
+            vec![Shape::DeleteWithoutWhere]
+        );
+        assert!(shapes("DELETE FROM t WHERE id = 3 OR id = 4").is_empty());
+        assert!(shapes("DELETE FROM t WHERE id > 3 AND true").is_empty());
+
+        // DO blocks: statements, EXECUTE of constants, built strings.
+        let f = classify("DO $x$ BEGIN EXECUTE 'TRUNCATE t'; END $x$");
+        assert_eq!(f.shapes, vec![Shape::Truncate], "{f:?}");
+        assert_eq!(f.class, Some(StatementClass::Procedure));
+        let f = classify("DO $$ BEGIN EXECUTE 'TRUNC' || 'ATE t'; END $$");
+        assert_eq!(f.shapes, vec![Shape::Truncate], "{f:?}");
+        let f = classify("DO $$ BEGIN DELETE FROM t; PERFORM 1; END $$");
+        assert_eq!(f.shapes, vec![Shape::DeleteWithoutWhere], "{f:?}");
+        assert_eq!(f.tables, vec!["t"]);
+        let f =
+            classify("DO $$ DECLARE n text := 't'; BEGIN EXECUTE format('TRUNCATE %I', n); END $$");
+        assert!(f.dynamic.is_some(), "{f:?}");
+        let f = classify("DO $$ BEGIN PERFORM 1; END $$");
+        assert!(
+            f.dynamic.is_none() && f.shapes.is_empty() && f.parse_error.is_none(),
+            "{f:?}"
+        );
+        assert!(classify("DO LANGUAGE plpython3u $$ import os $$")
+            .dynamic
+            .is_some());
+        // A function created and called in one string.
+        let parts = split(
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$ BEGIN TRUNCATE t; END $$; SELECT f()",
+        );
+        assert_eq!(
+            parts[0].facts.shapes,
+            vec![Shape::Truncate],
+            "{:?}",
+            parts[0]
+        );
+        let f = classify("CREATE FUNCTION g() RETURNS void LANGUAGE sql AS 'DELETE FROM t'");
+        assert_eq!(f.shapes, vec![Shape::DeleteWithoutWhere], "{f:?}");
+        let f = classify(
+            "CREATE FUNCTION g() RETURNS void LANGUAGE sql BEGIN ATOMIC DELETE FROM t; END",
+        );
+        assert_eq!(f.shapes, vec![Shape::DeleteWithoutWhere], "{f:?}");
+        assert!(
+            classify("CREATE FUNCTION h() RETURNS int LANGUAGE c AS 'x', 'y'")
+                .dynamic
+                .is_some()
+        );
+
+        // Functions that run SQL or read a table by name.
+        let f = classify("SELECT query_to_xml('select * from payroll', true, true, '')");
+        assert_eq!(f.tables, vec!["payroll"], "{f:?}");
+        assert_eq!(f.dynamic, None);
+        let f = classify("SELECT query_to_xml('select * from public.t2', true, true, '')");
+        assert_eq!(f.tables, vec!["public.t2"], "{f:?}");
+        let f = classify("SELECT table_to_xml('hr.Salaries', true, true, '')");
+        assert_eq!(f.tables, vec!["hr.salaries"], "{f:?}");
+        assert!(classify("SELECT query_to_xml(q, true, true, '') FROM qs")
+            .dynamic
+            .is_some());
+        let f = classify("SELECT dblink_exec('dbname=x', 'DROP TABLE t')");
+        assert_eq!(f.shapes, vec![Shape::Drop], "{f:?}");
+        assert_eq!(
+            classify("SELECT pg_read_file('/etc/passwd')").shapes,
+            vec![Shape::ServerFiles]
+        );
+        // Hidden in node types the crate's table walk skips.
+        let f = classify("SELECT ARRAY[(SELECT x FROM payroll)]");
+        assert!(f.tables.contains(&"payroll".to_string()), "{f:?}");
+        // The constants of such calls decide: never answered by shape.
+        let _ = classify("SELECT query_to_xml('select 1', true, true, '')");
+        let f = classify("SELECT query_to_xml('select * from secret', true, true, '')");
+        assert_eq!(f.tables, vec!["secret"]);
+
+        // The search path.
+        assert_eq!(
+            classify("SET search_path = hr, \"$user\"").search_path,
+            Some(SearchPathChange::Set(vec!["hr".into(), "$user".into()]))
+        );
+        assert_eq!(
+            classify("SELECT set_config('search_path', 'hr', false)").search_path,
+            Some(SearchPathChange::Set(vec!["hr".into()]))
+        );
+        assert_eq!(
+            classify("SELECT set_config(name, 'hr', false) FROM t").search_path,
+            Some(SearchPathChange::Unknown)
+        );
+        assert_eq!(
+            classify("RESET search_path").search_path,
+            Some(SearchPathChange::Set(vec![]))
+        );
     }
 
     #[test]

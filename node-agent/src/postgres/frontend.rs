@@ -47,6 +47,8 @@ pub struct Frontend {
     /// next Sync; messages until then are dropped (as the server would).
     discarding: Option<Message>,
     out: Outbox,
+    /// Where unqualified table names may resolve.
+    search_path: super::search_path::SearchPath,
 }
 
 /// How long a statement with a backslash waits for the statements before
@@ -62,6 +64,7 @@ struct Refusal {
 impl Frontend {
     pub fn new(ctx: Arc<Session>, db: DbSession, flow: Shared) -> Self {
         Self {
+            search_path: super::search_path::SearchPath::new(&db.user),
             ctx,
             db,
             flow,
@@ -438,6 +441,10 @@ impl Frontend {
                 p.facts.parse_error = Some(why.clone());
             }
         }
+        // In order: a SET early in the string applies to what follows.
+        for p in &mut parts {
+            self.search_path.follow(&mut p.facts);
+        }
         let mut records: Vec<Statement> = parts
             .iter()
             .map(|p| self.new_record("simple", None, &p.text, p.facts.clone()))
@@ -586,6 +593,7 @@ impl Frontend {
         if let Some(why) = self.lexed_differently(&sql, utf8, server).await? {
             facts.parse_error = Some(why);
         }
+        self.search_path.follow(&mut facts);
         let mut record = self.new_record(
             "extended",
             (!name.is_empty()).then(|| name.clone()),
@@ -612,6 +620,7 @@ impl Frontend {
                 sql: sql.into(),
                 facts,
                 decisions: record.decisions,
+                path_generation: self.search_path.generation,
             },
         );
         self.forward(&msg);
@@ -664,7 +673,31 @@ impl Frontend {
                     ..SqlFacts::default()
                 },
                 decisions: Vec::new(),
+                path_generation: self.search_path.generation,
             });
+        // Judged when prepared, with the schemas its unqualified tables
+        // could be in then; the path has grown since: prepare it again.
+        if prepared.path_generation != self.search_path.generation
+            && prepared.facts.tables.iter().any(|t| !t.contains('.'))
+            && self
+                .ctx
+                .policy()
+                .has_statement_rules(&self.ctx.target, &self.ctx.identity)
+        {
+            let r = Refusal {
+                rule: "search-path-changed".into(),
+                message: "the search path changed after this statement was prepared; prepare it again so the node can judge the tables it reads".into(),
+            };
+            let record = self.new_record(
+                "extended",
+                (!statement.is_empty()).then(|| statement.clone()),
+                &prepared.sql,
+                prepared.facts.clone(),
+            );
+            self.discarding = Some(self.error_for(&r));
+            self.record_refused(vec![record], 0, &r);
+            return Ok(());
+        }
         if !portal.is_empty()
             && !self.portals.contains_key(&portal)
             && self.portals.len() >= MAX_NAMED

@@ -20,7 +20,9 @@ mod codec;
 mod copy;
 mod frontend;
 mod mask;
+mod nested;
 mod notice;
+mod search_path;
 mod startup;
 
 use std::{
@@ -118,6 +120,8 @@ struct Prepared {
     sql: Arc<str>,
     facts: crate::record::SqlFacts,
     decisions: Vec<crate::record::Decision>,
+    /// `SearchPath::generation` when it was judged.
+    path_generation: u32,
 }
 
 #[derive(Clone, Debug)]

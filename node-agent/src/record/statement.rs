@@ -42,6 +42,21 @@ pub enum Shape {
     /// COPY ... TO PROGRAM / FROM PROGRAM: a shell command on the server.
     CopyProgram,
     AlterSystem,
+    /// Functions that read or write files on the database server
+    /// (`pg_read_file`, `pg_ls_dir`, `lo_import`, `lo_export`...).
+    ServerFiles,
+}
+
+/// What a statement does to the schemas unqualified names resolve in
+/// (`SET search_path`, `set_config('search_path', ...)`), as far as the
+/// parser can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SearchPathChange {
+    /// Set to these schemas (`$user` as written), or back to the
+    /// default (empty).
+    Set(Vec<String>),
+    /// Set to something only known when it runs.
+    Unknown,
 }
 
 /// What the Postgres parser found out about one statement
@@ -57,6 +72,21 @@ pub struct SqlFacts {
     /// Set when the parser refused the statement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parse_error: Option<String>,
+    /// Set when the statement runs SQL that only exists when it runs (an
+    /// `EXECUTE` of a built string in a DO block, a function body in a
+    /// language the node does not read): why. Like a parse error, rules
+    /// cannot judge it, so it is refused where blocking rules apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic: Option<String>,
+    /// The statement changes the search path (the session follows it to
+    /// qualify unqualified tables); not part of the record.
+    #[serde(skip)]
+    pub search_path: Option<SearchPathChange>,
+    /// Unqualified tables qualified with each schema they may resolve to
+    /// on this connection (`postgres::search_path`); matched by rules
+    /// with `tables`, not recorded.
+    #[serde(skip)]
+    pub resolved: Vec<String>,
 }
 
 /// One statement: a simple-protocol statement (one per statement of a
