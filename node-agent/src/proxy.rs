@@ -660,6 +660,7 @@ impl Proxy {
         };
         let session = Arc::new(HttpSession {
             ctx: self.session(r),
+            exact_name: targets.names_exactly(target_id, &sni),
             authority: sni.clone(),
             body_cap: self.body_cap,
             prev_durable: Default::default(),

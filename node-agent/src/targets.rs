@@ -170,6 +170,17 @@ impl TargetTable {
         self.by_id.get(&id).map(|(t, _)| t.name.as_str())
     }
 
+    /// Whether `name` is one of the target's exact names (not only
+    /// under one of its wildcards).
+    pub fn names_exactly(&self, id: u32, name: &str) -> bool {
+        let (Some((_, names)), Ok(name)) = (self.by_id.get(&id), DnsName::parse(name)) else {
+            return false;
+        };
+        names
+            .iter()
+            .any(|p| matches!(p, NamePattern::Exact(_)) && p.matches(&name))
+    }
+
     /// The target's configuration (names, ports, protocol settings).
     pub fn target(&self, id: u32) -> Option<&Target> {
         self.by_id.get(&id).map(|(t, _)| t)
@@ -307,6 +318,21 @@ mod tests {
             alpn: vec![],
             ech,
         }
+    }
+
+    #[test]
+    fn exact_names_are_told_from_wildcard_ones() {
+        let mut t = target();
+        t[0].tls = TlsMode::Intercept;
+        t[0].sni = vec!["*.openai.azure.com".into()];
+        let id = target_id("api");
+        let table = TargetTable::new(&t);
+        // api.example.test is a host name: exact; a subdomain of the
+        // wildcard is not (it could be anyone's).
+        assert!(table.names_exactly(id, "API.example.test"));
+        assert!(!table.names_exactly(id, "attacker.openai.azure.com"));
+        assert!(!table.names_exactly(id, "other.test"));
+        assert!(!table.names_exactly(id + 1, "api.example.test"));
     }
 
     #[test]

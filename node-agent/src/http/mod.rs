@@ -78,6 +78,9 @@ pub struct HttpSession {
     pub ctx: Arc<Session>,
     /// The name the TLS session was opened for (the SNI, a target name).
     pub authority: String,
+    /// The name is one of the target's exact names, not only under a
+    /// wildcard (node credentials go to wildcard names only when listed).
+    pub exact_name: bool,
     pub body_cap: usize,
     /// HTTP/1.1: the previous exchange's "stored durably" signal. The next
     /// request on the connection waits for it, so a completed exchange is
@@ -676,6 +679,23 @@ impl HttpSession {
         let Some(cred) = policy.credential(&self.target) else {
             return Ok(());
         };
+        let for_this_name = if cred.hosts.is_empty() {
+            self.exact_name
+        } else {
+            cred.applies_to(&self.authority)
+        };
+        if !for_this_name {
+            ex.decisions.push(Decision {
+                rule: "credential-not-for-name".into(),
+                action: "log".into(),
+                patterns: vec![],
+                detail: Some(format!(
+                    "`{}` matches the target only by a wildcard; the node credential is not injected (list it in credentials.hosts)",
+                    self.authority
+                )),
+            });
+            return Ok(());
+        }
         let mut presented = Vec::new();
         for h in &cred.strip {
             for v in parts.headers.get_all(h.as_str()) {

@@ -182,6 +182,17 @@ pub struct CredentialDef {
     /// password of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Postgres targets: also give the secret to a server that asks for
+    /// it in clear text or as MD5. Off by default: the secret goes only
+    /// into SCRAM, which never hands it to the server (a server that
+    /// merely asks is not trusted with it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub weak_auth: bool,
+    /// HTTP targets: the names (exact, or `*.example.com`) the credential
+    /// is injected for. Empty: the target's exact names only; a wildcard
+    /// target name gives it to a subdomain only when listed here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 fn default_cred_header() -> String {

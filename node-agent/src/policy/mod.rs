@@ -89,6 +89,23 @@ pub struct Credential {
     /// The secret alone (Postgres logins), and the role it is for.
     pub secret: Secret,
     pub user: Option<String>,
+    /// Postgres: the secret may answer a cleartext or MD5 challenge.
+    pub weak_auth: bool,
+    /// HTTP: the names it is injected for (empty: exact target names).
+    pub hosts: Vec<crate::names::NamePattern>,
+}
+
+impl Credential {
+    /// Whether `authority` (the TLS name the session was verified for) is
+    /// one of `hosts`. Without `hosts` the caller allows only the
+    /// target's exact names: a wildcard target name alone does not let the
+    /// credential go to any subdomain (one an attacker owns included).
+    pub fn applies_to(&self, authority: &str) -> bool {
+        let Ok(name) = crate::names::DnsName::parse(authority) else {
+            return false;
+        };
+        self.hosts.iter().any(|h| h.matches(&name))
+    }
 }
 
 struct WorkloadMatch {
@@ -382,6 +399,15 @@ impl CompiledPolicy {
                     strip: c.strip.iter().map(|s| s.to_ascii_lowercase()).collect(),
                     secret: Secret(secret.expose().to_owned()),
                     user: c.user.clone(),
+                    weak_auth: c.weak_auth,
+                    hosts: c
+                        .hosts
+                        .iter()
+                        .map(|h| {
+                            crate::names::NamePattern::parse(h)
+                                .map_err(|e| bad("credentials.hosts".into(), format!("`{h}`: {e}")))
+                        })
+                        .collect::<Result<_, _>>()?,
                 },
             );
             secrets.push((c.target.clone(), secret));

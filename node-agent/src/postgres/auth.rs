@@ -42,6 +42,18 @@ pub struct Login {
 pub struct NodeCredential<'a> {
     pub user: &'a str,
     pub password: &'a str,
+    /// The bundle allows answering cleartext and MD5 challenges.
+    pub weak_auth: bool,
+}
+
+/// A server that asks for the password itself (cleartext) or a hash a
+/// replay can reuse (MD5) is not given the node's secret unless the
+/// credential says so: any server reachable on a target address could
+/// ask.
+fn refuse_weak(method: &str) -> PgError {
+    PgError::Upstream(format!(
+        "the server asks for the password by {method}; the node's credential is only used with SCRAM (set `weak_auth: true` on the credential to allow {method})"
+    ))
 }
 
 /// Runs the login until the server's first ReadyForQuery, which is
@@ -80,6 +92,9 @@ pub async fn login(
                 let code = codec::take_i32(&mut body)?;
                 match (code, &credential) {
                     (0, _) => send(client, &codec::auth_ok()).await?,
+                    (3 | 5, Some(c)) if !c.weak_auth => {
+                        return Err(refuse_weak(if code == 3 { "cleartext password" } else { "MD5" }))
+                    }
                     (3, Some(c)) => {
                         login.method = "password".into();
                         let mut b = BytesMut::new();
@@ -251,4 +266,69 @@ fn mechanisms(mut body: &[u8]) -> Result<Vec<String>, PgError> {
         out.push(m);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{duplex, AsyncReadExt};
+
+    use super::*;
+
+    /// A server that opens with `code` (3 cleartext, 5 MD5); returns the
+    /// login's result and every byte the server was sent.
+    async fn challenged(code: i32, weak_auth: bool) -> (Result<Login, PgError>, Vec<u8>) {
+        let (client_side, _job) = duplex(1 << 16);
+        let (server_side, mut fake_server) = duplex(1 << 16);
+        let mut client = Reader::new(Box::new(client_side) as Box<dyn Io>, 1 << 20);
+        let mut server = Reader::new(Box::new(server_side) as Box<dyn Io>, 1 << 20);
+        let mut body = BytesMut::new();
+        body.put_i32(code);
+        if code == 5 {
+            body.put_slice(&[1, 2, 3, 4]);
+        }
+        fake_server
+            .write_all(&Message::new(b'R', body.freeze()).to_bytes())
+            .await
+            .unwrap();
+        let cred = NodeCredential {
+            user: "app",
+            password: "node-secret-7f3a",
+            weak_auth,
+        };
+        let result = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            login(
+                &mut client,
+                &mut server,
+                bytes::Bytes::from_static(b"startup"),
+                Some(cred),
+                false,
+                None,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| Err(PgError::Upstream("still waiting for the server".into())));
+        drop(server);
+        let mut sent = Vec::new();
+        fake_server.read_to_end(&mut sent).await.unwrap();
+        (result, sent)
+    }
+
+    #[tokio::test]
+    async fn the_node_secret_is_not_given_to_a_server_that_asks_for_it() {
+        for code in [3, 5] {
+            let (result, sent) = challenged(code, false).await;
+            let err = result.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("weak_auth"), "code {code}: {err}");
+            assert_eq!(sent, b"startup", "code {code}: only the startup went out");
+        }
+        // Allowed explicitly: answered (cleartext carries the secret).
+        let (_, sent) = challenged(3, true).await;
+        assert!(
+            sent.windows(16).any(|w| w == b"node-secret-7f3a"),
+            "{sent:?}"
+        );
+        let (_, sent) = challenged(5, true).await;
+        assert!(sent.len() > b"startup".len() && sent.windows(3).any(|w| w == b"md5"));
+    }
 }

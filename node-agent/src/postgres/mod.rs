@@ -330,6 +330,7 @@ async fn run<C: Io + 'static>(
     let node_cred = cred.map(|c| auth::NodeCredential {
         user: c.user.as_deref().unwrap_or(&user),
         password: c.secret.expose(),
+        weak_auth: c.weak_auth,
     });
     let startup = codec::startup_message(version, &params);
     let login = auth::login(
