@@ -401,19 +401,7 @@ fn approvals_and_suspension_apply_to_statements() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let pending = loop {
-        let list = p.env.node.cli_json(&["approvals", "list", "--json"]);
-        if let Some(a) = list.as_array().and_then(|a| a.first()).cloned() {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no held statement:\n{}",
-            p.env.node.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let pending = first_pending(&p, "SELECT salary FROM payroll");
     assert_eq!(pending["rule"], "payroll-needs-approval");
     assert_eq!(pending["method"], "SQL");
     assert!(pending["preview"].as_str().unwrap().contains("payroll"));
@@ -707,6 +695,23 @@ fn backslash_escapes_cannot_hide_a_statement_from_the_node() {
     assert!(users_table_exists(&p), "the table survived");
 }
 
+/// The first held approval, waited for (`sql` names it in the failure).
+fn first_pending(p: &PgEnv, sql: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = p.env.node.cli_json(&["approvals", "list", "--json"]);
+        if let Some(a) = list.as_array().and_then(|a| a.first()).cloned() {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{sql}` was not held:\n{}",
+            p.env.node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Starts `sql` from the job, waits for it to be held by `rule` and
 /// denies it; returns what psql said.
 fn held_then_denied(p: &PgEnv, ci: &str, sql: &str, rule: &str) -> String {
@@ -721,19 +726,7 @@ fn held_then_denied(p: &PgEnv, ci: &str, sql: &str, rule: &str) -> String {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let pending = loop {
-        let list = p.env.node.cli_json(&["approvals", "list", "--json"]);
-        if let Some(a) = list.as_array().and_then(|a| a.first()).cloned() {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "`{sql}` was not held:\n{}",
-            p.env.node.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let pending = first_pending(p, sql);
     assert_eq!(pending["rule"], rule, "{sql}: {pending}");
     let out = p.env.node.cli(&[
         "approvals",
