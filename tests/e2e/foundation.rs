@@ -514,10 +514,13 @@ fn a_dead_node_fails_closed_and_a_new_one_takes_over() {
     assert_eq!(r["status"], 200);
     assert_eq!(count(&pins), 8, "replaced, not added to");
 
-    // `sluice detach` is the explicit way out (8 per cgroup, plus the 3
-    // global BPF LSM links where the kernel takes them, else the one
-    // packet-socket guard on `sys_enter`).
+    // `sluice detach` is the explicit way out once the node is stopped (a
+    // running node puts back links it finds unpinned): 8 per cgroup, plus
+    // the 3 global BPF LSM links where the kernel takes them, else the one
+    // packet-socket guard on `sys_enter`.
     let lsm = env.node.status()["containment"] == "bpf-lsm";
+    env.node.stop();
+    assert_eq!(count(&pins), 8, "a stopped node leaves its hooks (fail closed)");
     let out = env.node.detach();
     let want = if lsm { 11 } else { 9 };
     assert!(

@@ -469,7 +469,8 @@ impl Node {
             .expect("run sluice detach")
     }
 
-    fn stop(&mut self) {
+    /// SIGTERM, then SIGKILL after 5 s. The hooks stay pinned.
+    pub fn stop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(5);
