@@ -67,6 +67,21 @@ pub struct Config {
     /// heartbeats sent. `null`: no console.
     #[serde(default)]
     pub console: Option<ConsoleSettings>,
+    #[serde(default)]
+    pub decisions: DecisionSettings,
+}
+
+/// Who may approve, deny and resume on this node: a decision counts only
+/// when signed by one of these keys (or by the console's, `console.keys`).
+/// Being root on the host is not enough: a root job reaches the control
+/// socket through any host daemon that runs commands for it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionSettings {
+    /// Operators' Ed25519 public keys (PEM; `sluice operator keygen`
+    /// makes a pair). Keep the private keys off the runners.
+    #[serde(default)]
+    pub keys: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

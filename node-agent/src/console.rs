@@ -14,7 +14,7 @@ use std::{
 
 use futures_util::StreamExt;
 use sluice_fleet::{
-    approval::{Ci, Decision, Held, Notice, Reply, Verdict, DECISION_TYP},
+    approval::{Ci, Held, Notice, Reply, Verdict},
     heartbeat::{Heartbeat, INTERVAL_SECS},
     signed::{self, Trusted},
     subjects,
@@ -24,7 +24,8 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    approvals::{Approvals, Change, Outcome, Pending, SignedBy},
+    approvals::{Approvals, Change, Pending},
+    decision::{Deciders, DecisionRefused},
     record::{now_ms, RecordStore},
     spool::ship::Endpoint,
     suspend::{FleetListError, Suspensions},
@@ -40,24 +41,16 @@ fn nats(e: impl std::fmt::Display) -> LinkError {
     LinkError::Nats(e.to_string())
 }
 
-/// Why a decision was not applied (the reply says it; the node logs it).
-#[derive(Debug, thiserror::Error)]
-pub enum DecisionRefused {
-    #[error("{0}")]
-    Signature(#[from] signed::SignedError),
-    #[error("the decision is for node {0}, not this one")]
-    OtherNode(String),
-    #[error("no request {0} is held here with that hold token (decided, expired, or never held)")]
-    NotHeld(u64),
-}
-
 /// What the heartbeat reads of the node (its `sluice status`).
 pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 pub struct Link {
     pub node: String,
     pub endpoint: Endpoint,
+    /// The console's keys: the suspension list is signed by one.
     pub trusted: Vec<Trusted>,
+    /// Who may decide on what this node holds (`decision.rs`).
+    pub deciders: Arc<Deciders>,
     pub suspensions_bucket: String,
     pub local_decisions: bool,
     pub approvals: Arc<Approvals>,
@@ -201,33 +194,7 @@ impl Link {
 
     /// Verifies and applies one signed decision; says what it did.
     async fn decide(&self, token: &str) -> Result<String, DecisionRefused> {
-        let (d, kid): (Decision, String) = signed::verify(token, DECISION_TYP, &self.trusted)?;
-        if d.node != self.node {
-            return Err(DecisionRefused::OtherNode(d.node));
-        }
-        match self.approvals.get(d.id) {
-            Some(p) if !p.hold.is_empty() && p.hold == d.hold => {}
-            _ => return Err(DecisionRefused::NotHeld(d.id)),
-        }
-        let signed = Some(SignedBy {
-            by: d.by.clone(),
-            signer: kid.clone(),
-        });
-        let outcome = match d.verdict {
-            Verdict::Approve => Outcome::Approved {
-                by_uid: None,
-                signed,
-            },
-            Verdict::Deny => Outcome::Denied {
-                by_uid: None,
-                signed,
-                reason: if d.reason.trim().is_empty() {
-                    "denied by approver".into()
-                } else {
-                    d.reason.clone()
-                },
-            },
-        };
+        let (d, outcome, kid) = self.deciders.approval(&self.approvals, token)?;
         let audit = serde_json::json!({"approval": d.id, "outcome": outcome, "via": "console", "reason": d.reason});
         let Some(approval) = self.approvals.decide(d.id, outcome) else {
             return Err(DecisionRefused::NotHeld(d.id));

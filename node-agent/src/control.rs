@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::{
     approvals::{self, Pending},
+    decision::{Deciders, DecisionRefused},
     policy::PolicySummary,
     proxy::Proxy,
     record::{ConnectionRecord, Exchange, Filter},
@@ -64,6 +65,10 @@ pub enum Request {
         id: u64,
         approve: bool,
         reason: Option<String>,
+        /// The decision, signed by a key the node trusts (`decision.rs`):
+        /// it must name this node, this hold, and the same verdict.
+        #[serde(default)]
+        signed: Option<String>,
     },
     IdentitySuspend {
         identity: String,
@@ -71,6 +76,9 @@ pub enum Request {
     },
     IdentityResume {
         identity: String,
+        /// A signed `sluice_fleet::suspension::Resume` for it.
+        #[serde(default)]
+        signed: Option<String>,
     },
     IdentitiesList,
     Audit {
@@ -193,6 +201,10 @@ pub struct RecentIdentity {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
+    /// The name signed decisions must carry (`ship.nats.node`, else the
+    /// host name).
+    #[serde(default)]
+    pub node: String,
     pub pid: u32,
     pub uptime_secs: u64,
     pub watched_cgroups: Vec<String>,
@@ -275,6 +287,10 @@ pub struct ControlServer {
     /// here: off when the node follows a console, whose decisions come
     /// signed (`console.local_decisions`).
     pub local_decisions: bool,
+    /// Whose signed decisions are applied here.
+    pub deciders: Arc<Deciders>,
+    /// Whether the node follows a console (its keys also sign decisions).
+    pub console: bool,
 }
 
 /// Longest request line read from a caller that is about to be refused.
@@ -356,7 +372,7 @@ impl ControlServer {
         }
     }
 
-    async fn handle(&self, stream: UnixStream) {
+    async fn handle(self: Arc<Self>, stream: UnixStream) {
         let (uid, pid) = match stream.peer_cred() {
             Ok(c) => (c.uid(), c.pid()),
             Err(e) => {
@@ -386,12 +402,14 @@ impl ControlServer {
                     .map(|r| r.name().to_owned())
                     .unwrap_or_else(|_| "unknown".into());
                 warn!(uid, ?pid, op, %message, "control request from a watched cgroup refused");
-                if let Err(e) = self.proxy.store.audit(
-                    "control.refused",
-                    &serde_json::json!({"uid": uid, "pid": pid, "cgroup": cgroup, "op": op, "reason": message}),
-                ) {
-                    warn!(error = %e, "cannot record control refusal");
-                }
+                let store = self.proxy.store.clone();
+                let body = serde_json::json!({"uid": uid, "pid": pid, "cgroup": cgroup, "op": op, "reason": message});
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = store.audit("control.refused", &body) {
+                        warn!(error = %e, "cannot record control refusal");
+                    }
+                })
+                .await;
                 let _ = write(&mut w, &Response::Error { message }).await;
                 return;
             }
@@ -412,7 +430,14 @@ impl ControlServer {
             let resp = match serde_json::from_str::<Request>(&line) {
                 Ok(req) => {
                     info!(uid, op = req.name(), "control request");
-                    self.dispatch(req, uid)
+                    // Off the data path's runtime: verify, audit scans and
+                    // every fsync-waited write block.
+                    let this = self.clone();
+                    tokio::task::spawn_blocking(move || this.dispatch(req, uid))
+                        .await
+                        .unwrap_or_else(|e| Response::Error {
+                            message: format!("control call failed: {e}"),
+                        })
                 }
                 Err(e) => Response::Error {
                     message: format!("malformed request: {e}"),
@@ -431,6 +456,7 @@ impl ControlServer {
         let c = &p.counters;
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
+            node: self.deciders.node.clone(),
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
             watched_cgroups: p
@@ -498,6 +524,56 @@ impl ControlServer {
         }
     }
 
+    fn unsigned(&self, op: &'static str) -> DecisionRefused {
+        DecisionRefused::Unsigned {
+            op,
+            console: if self.console {
+                ", or the console's"
+            } else {
+                ""
+            },
+        }
+    }
+
+    /// A signed approve or deny that matches what the caller asked.
+    fn signed_approval(
+        &self,
+        id: u64,
+        approve: bool,
+        signed: Option<&str>,
+    ) -> Result<(approvals::Outcome, String), DecisionRefused> {
+        let token = signed.ok_or_else(|| self.unsigned("approval_decide"))?;
+        let (d, outcome, _) = self.deciders.approval(&self.proxy.approvals, token)?;
+        if d.id != id {
+            return Err(DecisionRefused::OtherRequest {
+                signed: d.id,
+                asked: id,
+            });
+        }
+        if matches!(outcome, approvals::Outcome::Approved { .. }) != approve {
+            return Err(DecisionRefused::OtherVerdict {
+                signed: outcome.word().into(),
+                asked: if approve { "approve" } else { "deny" }.into(),
+            });
+        }
+        Ok((outcome, d.by))
+    }
+
+    /// A deciding call without a decision the node applies: refused, and
+    /// on the audit chain (who tried what, and why it did not count).
+    fn refuse_decision(&self, op: &str, uid: u32, e: &DecisionRefused) -> Response {
+        warn!(uid, op, error = %e, "decision refused");
+        if let Err(err) = self.proxy.store.audit(
+            "control.refused",
+            &serde_json::json!({"uid": uid, "op": op, "reason": e.to_string()}),
+        ) {
+            warn!(error = %err, "cannot record control refusal");
+        }
+        Response::Error {
+            message: e.to_string(),
+        }
+    }
+
     fn dispatch(&self, req: Request, uid: u32) -> Response {
         let p = &self.proxy;
         if !self.local_decisions
@@ -562,35 +638,32 @@ impl ControlServer {
             Request::ApprovalDecide {
                 id,
                 approve,
-                reason,
-            } => {
-                let outcome = if approve {
-                    approvals::Outcome::Approved {
-                        by_uid: Some(uid),
-                        signed: None,
+                reason: _,
+                signed,
+            } => match self.signed_approval(id, approve, signed.as_deref()) {
+                Ok((mut outcome, by)) => {
+                    // Who signed it, and who handed it in.
+                    if let approvals::Outcome::Approved { by_uid, .. }
+                    | approvals::Outcome::Denied { by_uid, .. } = &mut outcome
+                    {
+                        *by_uid = Some(uid);
                     }
-                } else {
-                    approvals::Outcome::Denied {
-                        by_uid: Some(uid),
-                        signed: None,
-                        reason: reason.unwrap_or_else(|| "denied by approver".into()),
-                    }
-                };
-                let audit = serde_json::json!({"approval": id, "outcome": outcome});
-                match p.approvals.decide(id, outcome) {
-                    Some(approval) => {
-                        if let Err(e) = p.store.audit("approval.decided", &audit) {
-                            warn!(error = %e, "cannot record approval decision");
+                    let audit = serde_json::json!({"approval": id, "outcome": outcome, "via": "control", "by_uid": uid});
+                    match p.approvals.decide(id, outcome) {
+                        Some(approval) => {
+                            if let Err(e) = p.store.audit("approval.decided", &audit) {
+                                warn!(error = %e, "cannot record approval decision");
+                            }
+                            info!(approval = id, %by, uid, session = approval.session, workload = %approval.workload, "signed decision applied");
+                            Response::Decided { approval }
                         }
-                        Response::Decided { approval }
+                        None => Response::Error {
+                            message: DecisionRefused::NotHeld(id).to_string(),
+                        },
                     }
-                    None => Response::Error {
-                        message: format!(
-                            "no pending approval {id} (decided, expired or never existed)"
-                        ),
-                    },
                 }
-            }
+                Err(e) => self.refuse_decision("approval_decide", uid, &e),
+            },
             Request::IdentitySuspend { identity, .. }
                 if identity.is_empty() || identity.contains('\0') =>
             {
@@ -615,15 +688,30 @@ impl ControlServer {
                     },
                 }
             }
-            Request::IdentityResume { identity } => {
-                match p.suspensions.resume(&p.store, &identity, uid) {
-                    Ok(was_suspended) => Response::Resumed {
-                        identity,
-                        was_suspended,
+            Request::IdentityResume { identity, signed } => {
+                let verified = match signed.as_deref() {
+                    None => Err(self.unsigned("identity_resume")),
+                    Some(t) => self.deciders.resume(&p.suspensions, t),
+                };
+                match verified {
+                    Ok((r, _)) if r.identity != identity => self.refuse_decision(
+                        "identity_resume",
+                        uid,
+                        &DecisionRefused::NotSuspended(identity),
+                    ),
+                    Ok((_, by)) => match p.suspensions.resume(&p.store, &identity, uid, &by) {
+                        Ok(was_suspended) => {
+                            info!(%identity, by = %by.by, signer = %by.signer, uid, "suspension lifted");
+                            Response::Resumed {
+                                identity,
+                                was_suspended,
+                            }
+                        }
+                        Err(e) => Response::Error {
+                            message: e.to_string(),
+                        },
                     },
-                    Err(e) => Response::Error {
-                        message: e.to_string(),
-                    },
+                    Err(e) => self.refuse_decision("identity_resume", uid, &e),
                 }
             }
             Request::Audit { kind } => match p.store.audit_events(&kind) {

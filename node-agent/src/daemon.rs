@@ -139,17 +139,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let suspensions = Arc::new(Suspensions::open(&store)?);
 
     // The evidence spool (and shipping) follow the log on their own.
+    let node = cfg
+        .ship
+        .nats
+        .as_ref()
+        .and_then(|n| n.node.clone())
+        .unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "node".into())
+        });
     let spool = if cfg.spool.enabled || cfg.ship.nats.is_some() {
-        let node = cfg
-            .ship
-            .nats
-            .as_ref()
-            .and_then(|n| n.node.clone())
-            .unwrap_or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_owned())
-                    .unwrap_or_else(|_| "node".into())
-            });
+        let node = node.clone();
         let dir = cfg
             .spool
             .dir
@@ -223,21 +224,37 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             ));
         }
     }
+    let load_keys = |keys: &[PathBuf], what: &str| {
+        keys.iter()
+            .map(|k| sluice_fleet::signed::Trusted::load(k))
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("loading `{what}`"))
+    };
+    let console_keys = match &cfg.console {
+        Some(c) => load_keys(&c.keys, "console.keys")?,
+        None => Vec::new(),
+    };
+    let mut deciding = load_keys(&cfg.decisions.keys, "decisions.keys")?;
+    deciding.extend(console_keys.iter().cloned());
+    if deciding.is_empty() {
+        warn!("no key may sign decisions (`decisions.keys`, `console.keys`): held requests can only time out into denials, and suspensions are lifted by no one");
+    }
+    let deciders = Arc::new(crate::decision::Deciders {
+        node: node.clone(),
+        trusted: deciding,
+    });
     let control_listener = control::bind(&socket)?;
     let server = Arc::new(ControlServer {
         proxy: proxy.clone(),
         started: Instant::now(),
         cgroup_root: root.clone(),
         local_decisions: cfg.console.as_ref().is_none_or(|c| c.local_decisions),
+        deciders: deciders.clone(),
+        console: cfg.console.is_some(),
     });
     tokio::spawn(server.clone().serve(control_listener));
     if let (Some(c), Some(n), Some(sp)) = (&cfg.console, &cfg.ship.nats, &spool) {
-        let trusted = c
-            .keys
-            .iter()
-            .map(|k| sluice_fleet::signed::Trusted::load(k))
-            .collect::<Result<Vec<_>, _>>()
-            .context("loading `console.keys`")?;
+        let trusted = console_keys;
         let status = {
             let server = server.clone();
             Arc::new(move || serde_json::to_value(server.status()).unwrap_or_default())
@@ -247,6 +264,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 node: sp.node.clone(),
                 endpoint: crate::spool::ship::Endpoint::from(n),
                 trusted,
+                deciders,
                 suspensions_bucket: c.suspensions_bucket.clone(),
                 local_decisions: c.local_decisions,
                 approvals: proxy.approvals.clone(),

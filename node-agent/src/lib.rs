@@ -8,6 +8,7 @@ pub mod console_cli;
 pub mod contain;
 pub mod control;
 pub mod daemon;
+pub mod decision;
 pub mod doctor;
 pub mod export;
 pub mod http;

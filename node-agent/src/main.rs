@@ -124,6 +124,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: IdentitiesCmd,
     },
+    /// Operator keys, which sign approvals, denials and resumes.
+    Operator {
+        #[command(subcommand)]
+        cmd: OperatorCmd,
+    },
     /// Node-level audit trail (policy pushes, approvals, suspensions,
     /// refused control calls, `anomaly` events such as forged CI identities).
     Audit {
@@ -179,6 +184,8 @@ enum ApprovalsCmd {
         node: Option<String>,
         #[arg(long, default_value = "")]
         reason: String,
+        #[command(flatten)]
+        signing: Signing,
     },
     Deny {
         id: u64,
@@ -186,7 +193,45 @@ enum ApprovalsCmd {
         node: Option<String>,
         #[arg(long)]
         reason: String,
+        #[command(flatten)]
+        signing: Signing,
     },
+}
+
+/// How a decision on this host's socket is signed: the node applies it
+/// only under a key in its `decisions.keys` (or the console's).
+#[derive(clap::Args)]
+struct Signing {
+    /// The operator's Ed25519 private key (`sluice operator keygen`).
+    #[arg(long, env = "SLUICE_OPERATOR_KEY")]
+    key: Option<PathBuf>,
+    /// Who decides, as the record names them (default: $SUDO_USER, $USER).
+    #[arg(long)]
+    by: Option<String>,
+}
+
+impl Signing {
+    fn signer(&self, op: &str) -> anyhow::Result<(sluice_fleet::signed::Signer, String)> {
+        let Some(key) = &self.key else {
+            bail!("{op} needs a decision signed by an operator key the node trusts: --key PATH (or SLUICE_OPERATOR_KEY); `sluice operator keygen PREFIX` makes a pair, the node lists PREFIX.pub in `decisions.keys`");
+        };
+        let signer = sluice_fleet::signed::Signer::load(key)?;
+        let by = self
+            .by
+            .clone()
+            .or_else(|| std::env::var("SUDO_USER").ok())
+            .or_else(|| std::env::var("USER").ok())
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| "operator".into());
+        Ok((signer, by))
+    }
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Create an operator's Ed25519 key pair: PREFIX.key (0600) and
+    /// PREFIX.pub (for `decisions.keys`). Keep PREFIX.key off the runners.
+    Keygen { prefix: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -207,6 +252,8 @@ enum IdentitiesCmd {
         id: String,
         #[arg(long, default_value = "identity")]
         scope: String,
+        #[command(flatten)]
+        signing: Signing,
     },
 }
 
@@ -375,7 +422,9 @@ async fn through_console(
                     }
                 }
             }
-            ApprovalsCmd::Approve { id, node, reason } => {
+            ApprovalsCmd::Approve {
+                id, node, reason, ..
+            } => {
                 let node = need_node(node)?;
                 let v = c
                     .post(
@@ -385,7 +434,9 @@ async fn through_console(
                     .await?;
                 println!("{}", v["message"].as_str().unwrap_or("approved"));
             }
-            ApprovalsCmd::Deny { id, node, reason } => {
+            ApprovalsCmd::Deny {
+                id, node, reason, ..
+            } => {
                 let node = need_node(node)?;
                 let v = c
                     .post(
@@ -430,7 +481,7 @@ async fn through_console(
                     v["version"]
                 );
             }
-            IdentitiesCmd::Resume { id, scope } => {
+            IdentitiesCmd::Resume { id, scope, .. } => {
                 let v = c
                     .post(
                         "/api/suspensions",
@@ -709,11 +760,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            ApprovalsCmd::Approve { id, .. } => {
+            ApprovalsCmd::Approve {
+                id,
+                reason,
+                signing,
+                ..
+            } => {
+                let signed = sign_decision(&sock(), &signing, id, true, &reason).await?;
                 let req = Request::ApprovalDecide {
                     id,
                     approve: true,
                     reason: None,
+                    signed: Some(signed),
                 };
                 let Response::Decided { approval } = control::call(&sock(), &req).await? else {
                     bail!("unexpected reply");
@@ -723,11 +781,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     approval.id, approval.method, approval.path, approval.workload
                 );
             }
-            ApprovalsCmd::Deny { id, reason, .. } => {
+            ApprovalsCmd::Deny {
+                id,
+                reason,
+                signing,
+                ..
+            } => {
+                let signed = sign_decision(&sock(), &signing, id, false, &reason).await?;
                 let req = Request::ApprovalDecide {
                     id,
                     approve: false,
                     reason: Some(reason),
+                    signed: Some(signed),
                 };
                 let Response::Decided { approval } = control::call(&sock(), &req).await? else {
                     bail!("unexpected reply");
@@ -782,11 +847,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     suspension.identity, suspension.reason, denied_held
                 );
             }
-            IdentitiesCmd::Resume { id, .. } => {
+            IdentitiesCmd::Resume { id, signing, .. } => {
+                let signed = sign_resume(&sock(), &signing, &id).await?;
+                let req = Request::IdentityResume {
+                    identity: id,
+                    signed: Some(signed),
+                };
                 let Response::Resumed {
                     identity,
                     was_suspended,
-                } = control::call(&sock(), &Request::IdentityResume { identity: id }).await?
+                } = control::call(&sock(), &req).await?
                 else {
                     bail!("unexpected reply");
                 };
@@ -797,6 +867,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         },
+        Cmd::Operator {
+            cmd: OperatorCmd::Keygen { prefix },
+        } => {
+            let kid = sluice_fleet::keys::keygen(&prefix)?;
+            println!(
+                "operator key {kid}: {} (private, keep it off the runners) and {} (list it in the nodes' `decisions.keys`)",
+                prefix.with_extension("key").display(),
+                prefix.with_extension("pub").display()
+            );
+        }
         Cmd::Audit { kind } => {
             let Response::Audit { events } =
                 control::call(&sock(), &Request::Audit { kind }).await?
@@ -909,6 +989,83 @@ impl NatsAuth {
             password_file: self.nats_password_file,
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// The node's name, which a signed decision must carry.
+async fn node_name(socket: &std::path::Path) -> anyhow::Result<String> {
+    let Response::Status(st) = control::call(socket, &Request::Status).await? else {
+        bail!("unexpected reply");
+    };
+    Ok(st.node)
+}
+
+/// Signs an approve or deny of held request `id` for the node behind
+/// `socket` (its name and the hold token are read from it first).
+async fn sign_decision(
+    socket: &std::path::Path,
+    signing: &Signing,
+    id: u64,
+    approve: bool,
+    reason: &str,
+) -> anyhow::Result<String> {
+    let (signer, by) = signing.signer(if approve { "approve" } else { "deny" })?;
+    let Response::Approvals { pending } = control::call(socket, &Request::ApprovalsList).await?
+    else {
+        bail!("unexpected reply");
+    };
+    let Some(held) = pending.into_iter().find(|p| p.id == id) else {
+        bail!("no pending approval {id} (decided, expired or never existed)");
+    };
+    let iat = unix_now();
+    let decision = sluice_fleet::approval::Decision {
+        node: node_name(socket).await?,
+        id,
+        hold: held.hold,
+        verdict: if approve {
+            sluice_fleet::approval::Verdict::Approve
+        } else {
+            sluice_fleet::approval::Verdict::Deny
+        },
+        by,
+        reason: reason.to_owned(),
+        iat,
+        exp: iat + sluice_fleet::approval::DECISION_TTL_SECS,
+    };
+    Ok(signer.sign(sluice_fleet::approval::DECISION_TYP, &decision)?)
+}
+
+/// Signs the resume of the node's own suspension of `identity`.
+async fn sign_resume(
+    socket: &std::path::Path,
+    signing: &Signing,
+    identity: &str,
+) -> anyhow::Result<String> {
+    let (signer, by) = signing.signer("resume")?;
+    let Response::Identities { suspended, .. } =
+        control::call(socket, &Request::IdentitiesList).await?
+    else {
+        bail!("unexpected reply");
+    };
+    let Some(s) = suspended.into_iter().find(|s| s.identity == identity) else {
+        bail!("{identity} is not suspended on this node");
+    };
+    let iat = unix_now();
+    let resume = sluice_fleet::suspension::Resume {
+        node: node_name(socket).await?,
+        identity: identity.to_owned(),
+        suspended_at_ms: s.at_ms,
+        by,
+        iat,
+        exp: iat + sluice_fleet::approval::DECISION_TTL_SECS,
+    };
+    Ok(signer.sign(sluice_fleet::suspension::RESUME_TYP, &resume)?)
 }
 
 async fn fetch_session(

@@ -1,6 +1,7 @@
 //! Identity suspension for incident response: a suspended workload's new
 //! requests (and connections) are refused and its held approvals denied.
-//! Two sources: the node's own (the control socket, by identity) and the
+//! Two sources: the node's own (the control socket, by identity; lifted
+//! only by a signed resume) and the
 //! fleet's signed list from the console (by identity, repository or
 //! actor; `console.rs` verifies it). Both are kept in sled so a restart
 //! does not lift a suspension, and every change is on the audit chain.
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sluice_fleet::suspension::{Entry, List};
 
 use crate::{
+    approvals::SignedBy,
     identity::WorkloadIdentity,
     record::{now_ms, RecordError, RecordStore},
 };
@@ -215,11 +217,23 @@ impl Suspensions {
         Ok(s)
     }
 
+    /// The node's own suspension of `identity` (not the fleet's).
+    pub fn local(&self, identity: &str) -> Option<Suspension> {
+        self.cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(identity)
+            .cloned()
+    }
+
+    /// Lifts the node's own suspension of `identity`, on a signed resume
+    /// (`decision::Deciders::resume`) sent by `uid`.
     pub fn resume(
         &self,
         store: &RecordStore,
         identity: &str,
         uid: u32,
+        signed: &SignedBy,
     ) -> Result<bool, RecordError> {
         let was = self
             .cache
@@ -230,7 +244,7 @@ impl Suspensions {
         if was {
             store.audit(
                 "identity.resumed",
-                &serde_json::json!({"identity": identity, "by_uid": uid, "at_ms": now_ms()}),
+                &serde_json::json!({"identity": identity, "by_uid": uid, "signed": signed, "at_ms": now_ms()}),
             )?;
             self.tree.remove(identity.as_bytes())?;
             store.flush_blocking()?;

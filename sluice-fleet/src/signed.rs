@@ -83,6 +83,7 @@ impl Signer {
 }
 
 /// A public key messages are accepted from.
+#[derive(Clone)]
 pub struct Trusted {
     pub kid: String,
     key: DecodingKey,

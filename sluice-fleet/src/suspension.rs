@@ -8,6 +8,24 @@ use serde::{Deserialize, Serialize};
 /// The JWS `typ` of a suspension list.
 pub const LIST_TYP: &str = "sluice-suspensions+jwt";
 
+/// The JWS `typ` of an operator's resume of one node-local suspension.
+pub const RESUME_TYP: &str = "sluice-resume+jwt";
+
+/// An operator lifts one suspension on one node (the claims of a signed
+/// JWS). It names the suspension by the time it began, so a resume signed
+/// for an earlier incident cannot lift a later suspension of the same
+/// identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub node: String,
+    pub identity: String,
+    pub suspended_at_ms: u64,
+    /// The person who decided (`sluice identities resume --by`).
+    pub by: String,
+    pub iat: u64,
+    pub exp: u64,
+}
+
 /// What an entry suspends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

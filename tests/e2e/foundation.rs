@@ -520,7 +520,11 @@ fn a_dead_node_fails_closed_and_a_new_one_takes_over() {
     // packet-socket guard on `sys_enter`.
     let lsm = env.node.status()["containment"] == "bpf-lsm";
     env.node.stop();
-    assert_eq!(count(&pins), 8, "a stopped node leaves its hooks (fail closed)");
+    assert_eq!(
+        count(&pins),
+        8,
+        "a stopped node leaves its hooks (fail closed)"
+    );
     let out = env.node.detach();
     let want = if lsm { 11 } else { 9 };
     assert!(

@@ -331,10 +331,32 @@ pub struct Node {
     child: Child,
 }
 
+/// The test operator's private key in `dir` (made on first use; its
+/// `.pub` is what the node's `decisions.keys` lists).
+pub fn operator_key(dir: &Path) -> PathBuf {
+    let prefix = dir.join("operator");
+    let key = prefix.with_extension("key");
+    if !key.exists() {
+        node_agent::keys::keygen(&prefix).expect("operator keygen");
+    }
+    key
+}
+
 impl Node {
     pub fn start(dir: &Path, config: &str) -> Self {
         let cfg_path = dir.join("sluice.yaml");
-        std::fs::write(&cfg_path, config).unwrap();
+        // The operator's key signs approvals and resumes (`cli` passes it);
+        // it lives in the test's directory, as on an operator's laptop.
+        let operator = operator_key(dir);
+        let config = if config.contains("\ndecisions:") || config.starts_with("decisions:") {
+            config.to_owned()
+        } else {
+            format!(
+                "decisions:\n  keys: [\"{}\"]\n{config}",
+                operator.with_extension("pub").display()
+            )
+        };
+        std::fs::write(&cfg_path, &config).unwrap();
         let socket = dir.join("control.sock");
         let log = dir.join("sluice.log");
         let port = config
@@ -398,8 +420,11 @@ impl Node {
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(SLUICE)
-            .arg("--socket")
+        let mut cmd = Command::new(SLUICE);
+        if let Some(dir) = self.config.parent().filter(|d| !d.as_os_str().is_empty()) {
+            cmd.env("SLUICE_OPERATOR_KEY", operator_key(dir));
+        }
+        cmd.arg("--socket")
             .arg(&self.socket)
             .args(args)
             .output()

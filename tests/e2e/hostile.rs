@@ -399,11 +399,17 @@ fn root_job_cannot_approve_its_own_request_or_lift_its_own_suspension() {
     let aid = approval["id"].to_string();
     let identity = approval["workload"].as_str().unwrap().to_owned();
     let sock = env.node.socket.display().to_string();
+    // The worst case: the operator's private key was left on the runner.
+    let key = operator_key(env.dir.path());
 
-    // Root, inside the watched cgroup: refused, and the request stays held.
+    // Root, inside the watched cgroup, key in hand: the socket refuses it,
+    // and the request stays held.
     let me = env
         .cgroup
-        .run(SLUICE, &["--socket", &sock, "approvals", "approve", &aid]);
+        .command(SLUICE, &["--socket", &sock, "approvals", "approve", &aid])
+        .env("SLUICE_OPERATOR_KEY", &key)
+        .output()
+        .unwrap();
     assert!(!me.status.success(), "approve from the job must fail");
     assert!(
         text(&me).contains("watched cgroup"),
@@ -420,6 +426,7 @@ fn root_job_cannot_approve_its_own_request_or_lift_its_own_suspension() {
             "echo $$ > {}/cgroup.procs && exec {SLUICE} --socket {sock} approvals approve {aid}",
             sub.display()
         ))
+        .env("SLUICE_OPERATOR_KEY", &key)
         .output()
         .unwrap();
     assert!(
@@ -428,7 +435,49 @@ fn root_job_cannot_approve_its_own_request_or_lift_its_own_suspension() {
         text(&out)
     );
     let _ = std::fs::remove_dir(&sub);
-    // The operator, outside, denies it.
+
+    // A host daemon outside the watched cgroups runs commands for anyone
+    // who asks (here, the job): its calls pass the cgroup check, but an
+    // approve needs a decision signed by an operator key the node trusts.
+    let daemon = HostDaemon::start(env.dir.path());
+    let raw = |json: String| {
+        daemon.ask(
+            env,
+            &format!("python3 {FIXTURES}/host_daemon.py raw {sock} '{json}'"),
+        )
+    };
+    let out = raw(format!(
+        r#"{{"op":"approval_decide","id":{aid},"approve":true}}"#
+    ));
+    assert!(
+        out.contains("needs a decision signed by an operator key"),
+        "{out}"
+    );
+    let out = daemon.ask(
+        env,
+        &format!("{SLUICE} --socket {sock} approvals approve {aid}"),
+    );
+    assert!(
+        out.contains("needs a decision signed") && out.contains("exit 1"),
+        "{out}"
+    );
+    // The job makes a key of its own and signs with it: not trusted.
+    let mallory = env.dir.path().join("mallory");
+    let out = env
+        .cgroup
+        .run(SLUICE, &["operator", "keygen", mallory.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = daemon.ask(
+        env,
+        &format!(
+            "{SLUICE} --socket {sock} approvals approve {aid} --key {}",
+            mallory.with_extension("key").display()
+        ),
+    );
+    assert!(out.contains("does not trust"), "{out}");
+    assert_eq!(pending(env).len(), 1, "still held");
+
+    // The operator, with their key, denies it.
     let out = env
         .node
         .cli(&["approvals", "deny", &aid, "--reason", "not from the job"]);
@@ -440,33 +489,110 @@ fn root_job_cannot_approve_its_own_request_or_lift_its_own_suspension() {
         text(&out)
     );
 
-    // Suspended by the operator; the job cannot resume itself.
+    // Suspended by the operator; the job cannot resume itself, not from
+    // its cgroup and not through the daemon.
     let out = env
         .node
         .cli(&["identities", "suspend", &identity, "--reason", "incident"]);
     assert!(out.status.success(), "{}", text(&out));
-    let me = env.cgroup.run(
-        SLUICE,
-        &["--socket", &sock, "identities", "resume", &identity],
-    );
+    let me = env
+        .cgroup
+        .command(
+            SLUICE,
+            &["--socket", &sock, "identities", "resume", &identity],
+        )
+        .env("SLUICE_OPERATOR_KEY", &key)
+        .output()
+        .unwrap();
     assert!(
         !me.status.success() && text(&me).contains("watched cgroup"),
         "{}",
         text(&me)
     );
+    let out = raw(format!(
+        r#"{{"op":"identity_resume","identity":"{identity}"}}"#
+    ));
+    assert!(out.contains("needs a decision signed"), "{out}");
+    let out = daemon.ask(
+        env,
+        &format!(
+            "{SLUICE} --socket {sock} identities resume {identity} --key {}",
+            mallory.with_extension("key").display()
+        ),
+    );
+    assert!(out.contains("does not trust"), "{out}");
     let listed = env.node.cli_json(&["identities", "list", "--json"]);
     assert_eq!(listed["suspended"][0]["identity"], identity);
-    // Read-only calls are refused as well: records are evidence.
+    // Read-only calls are refused from the job as well: records are
+    // evidence.
     let me = env.cgroup.run(SLUICE, &["--socket", &sock, "status"]);
     assert!(!me.status.success(), "{}", text(&me));
 
+    // The operator's signed resume lifts it, and the record names them.
+    let out = env
+        .node
+        .cli(&["identities", "resume", &identity, "--by", "alice"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = env.node.cli_json(&["identities", "list", "--json"]);
+    assert_eq!(listed["suspended"], serde_json::json!([]));
+
     let audit = text(&env.node.cli(&["audit", "--kind", "control"]));
     assert!(
-        audit.matches("control.refused").count() >= 4
+        audit.matches("control.refused").count() >= 8
             && audit.contains("approval_decide")
-            && audit.contains("identity_resume"),
+            && audit.contains("identity_resume")
+            && audit.contains("does not trust"),
         "{audit}"
     );
+    let audit = text(&env.node.cli(&["audit", "--kind", "identity.resumed"]));
+    assert!(audit.contains("\"by\":\"alice\""), "{audit}");
+}
+
+/// `tests/fixtures/host_daemon.py serve`, outside the watched cgroups.
+struct HostDaemon {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl HostDaemon {
+    fn start(dir: &Path) -> Self {
+        let socket = dir.join("hostd.sock");
+        let mut child = Command::new("python3")
+            .arg(format!("{FIXTURES}/host_daemon.py"))
+            .args(["serve", socket.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
+        HostDaemon { child, socket }
+    }
+
+    /// The job (in its cgroup) has the daemon run `cmd`: its output.
+    fn ask(&self, env: &Env, cmd: &str) -> String {
+        let out = env.cgroup.run(
+            "python3",
+            &[
+                &format!("{FIXTURES}/host_daemon.py"),
+                "ask",
+                self.socket.to_str().unwrap(),
+                cmd,
+            ],
+        );
+        text(&out)
+    }
+}
+
+impl Drop for HostDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 // ---- the policy floor ---------------------------------------------------

@@ -273,8 +273,11 @@ fn approvals_approve_deny_and_timeout() {
             .is_some_and(|t| t.contains("DEPLOY-TO-PROD one"))
     });
     let detail = ex["decisions"][0]["detail"].as_str().unwrap();
+    // Signed by the operator's key, handed in by root.
     assert!(
-        detail.contains("approved") && detail.contains("\"by_uid\":0"),
+        detail.contains("approved")
+            && detail.contains("\"by_uid\":0")
+            && detail.contains("\"signer\":"),
         "{detail}"
     );
     let ex = wait_exchange(env, |e| {
