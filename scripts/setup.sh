@@ -14,7 +14,7 @@ need_apt=()
 # theirs on loopback).
 # libsqlite3-dev: the console's embedded store; chromium and chromium-driver:
 # the real browser the console's pages are tested in (headless).
-for pkg in libhyperscan-dev pkg-config bpftool iproute2 curl openssl ca-certificates python3 postgresql libclang-dev prometheus nats-server libsqlite3-dev chromium chromium-driver; do
+for pkg in libhyperscan-dev pkg-config gcc libc6-dev bpftool iproute2 curl openssl ca-certificates python3 postgresql libclang-dev prometheus nats-server libsqlite3-dev chromium chromium-driver; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

@@ -30,6 +30,9 @@ pub struct KernelLayout {
     pub sb_s_magic: u64,
     pub kn_parent: u64,
     pub kn_id: u64,
+    /// `task_struct.thread_info.status` (x86: TS_COMPAT there marks a
+    /// syscall made through the 32-bit entry), where the kernel has it.
+    pub task_ti_status: Option<u64>,
 }
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -59,6 +62,10 @@ impl KernelLayout {
             // Renamed `__parent` in 6.15 (RCU-protected).
             kn_parent: off("kernfs_node", &["__parent", "parent"])?,
             kn_id: off("kernfs_node", &["id"])?,
+            task_ti_status: btf
+                .member_offset("task_struct", "thread_info")
+                .zip(btf.member_offset("thread_info", "status"))
+                .map(|(a, b)| a + b),
         })
     }
 }
@@ -486,8 +493,29 @@ impl Guard {
         }
     }
 
+    /// Target entries or the proxy's address changed in the kernel's
+    /// maps: put back and on the record. Only root outside every watched
+    /// cgroup can write them (bpf() from a job is refused or kills it,
+    /// and that job is stopped on the kernel's event), so there is no job
+    /// to stop here: the record says what was found.
+    fn check_maps(&mut self) {
+        let wrong = self.redirector.restore_targets();
+        if wrong.is_empty() {
+            return;
+        }
+        tracing::error!(found = ?wrong, "the node's kernel maps were changed from outside: restored");
+        self.redirector
+            .maps_restored
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let body = serde_json::json!({ "found": wrong });
+        if let Err(e) = self.store.audit("containment.maps_restored", &body) {
+            tracing::error!(error = %e, "recording the map repair failed");
+        }
+    }
+
     pub fn check(&mut self) {
         self.check_links();
+        self.check_maps();
         if !self.detect_escapes {
             return;
         }

@@ -267,6 +267,13 @@ pub struct Status {
     /// Watched cgroups whose links were found detached and re-attached.
     #[serde(default)]
     pub links_restored: u64,
+    /// Times the kernel's target entries or proxy address were found
+    /// changed and put back.
+    #[serde(default)]
+    pub maps_restored: u64,
+    /// Connects straight to the proxy's port from a hooked cgroup.
+    #[serde(default)]
+    pub kernel_proxy_direct_refused: u64,
     /// `ok`, or `failing since <time>: <error>`: new connections are refused
     /// while the store does not take writes.
     #[serde(default)]
@@ -521,6 +528,8 @@ impl ControlServer {
             jobs_stopped: p.redirector.jobs_stopped.load(Ordering::Relaxed),
             jobs_quarantined: p.quarantine.len() as u64,
             links_restored: p.redirector.links_restored.load(Ordering::Relaxed),
+            maps_restored: p.redirector.maps_restored.load(Ordering::Relaxed),
+            kernel_proxy_direct_refused: k.get(14).copied().unwrap_or_default(),
         }
     }
 

@@ -72,7 +72,9 @@ pub struct CiSource {
     /// connecting one), `anchor-child` (the process that anchor started),
     /// `cgroup-top` (the topmost ancestor inside the watched cgroups: the
     /// process the runner put there), `cgroup-sole-job` (the connecting
-    /// process has no trusted ancestor; the only job running in its cgroup).
+    /// process has no trusted ancestor; the only job running in its cgroup),
+    /// `job-cgroup-first` (no runner process vouches for this one: the
+    /// identity its job cgroup was first attributed, from that process).
     pub how: String,
 }
 
@@ -152,10 +154,23 @@ struct Proc {
 pub type WatchedFn = Arc<dyn Fn() -> Vec<PathBuf> + Send + Sync>;
 
 /// What one connection's attribution found.
+#[derive(Clone)]
 struct Attribution {
     ci: Option<CiJob>,
     source: Option<CiSource>,
     unattributed: Option<String>,
+    /// Read from a configured runner job process (or what it started):
+    /// the runner says which job this is, whatever came before.
+    anchored: bool,
+}
+
+/// The identity first attributed in one job cgroup (a watched cgroup, by
+/// id; cgroup ids are not reused): connections from it and its
+/// sub-cgroups that no runner process vouches for get this one.
+#[derive(Clone)]
+struct Pin {
+    id: String,
+    att: Attribution,
 }
 
 struct Inner {
@@ -175,7 +190,16 @@ struct Inner {
     jobs: Mutex<Bounded<(u32, u64), Option<CiJob>>>,
     /// (trusted id, claimed job) pairs already audited as anomalies.
     audited: Mutex<Bounded<(String, CiJob), ()>>,
+    /// Anomalies audited per identity: beyond `AUDITS_PER_IDENTITY`, a
+    /// job varying its claims only counts (the log says it).
+    audits_by: Mutex<Bounded<String, u32>>,
+    /// Job cgroup id → the identity first attributed there.
+    pins: Mutex<Bounded<u64, Pin>>,
 }
+
+/// Distinct claims audited per identity (a job that keeps inventing new
+/// ones must not fill the chain).
+const AUDITS_PER_IDENTITY: u32 = 16;
 
 /// Attributes connections. Cheap to clone; `/proc` is read on tokio's
 /// blocking pool, never on the async workers.
@@ -207,6 +231,8 @@ impl IdentityResolver {
                 paths: Mutex::new(Bounded::new(CACHE_CAP)),
                 jobs: Mutex::new(Bounded::new(CACHE_CAP)),
                 audited: Mutex::new(Bounded::new(CACHE_CAP)),
+                audits_by: Mutex::new(Bounded::new(CACHE_CAP)),
+                pins: Mutex::new(Bounded::new(CACHE_CAP)),
             }),
         }
     }
@@ -244,6 +270,18 @@ impl IdentityResolver {
                 seen.insert(key, ());
                 fresh
             };
+            // A job inventing claim after claim is audited a bounded
+            // number of times.
+            let fresh = fresh && {
+                let mut by = self
+                    .inner
+                    .audits_by
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let n = by.get(&identity.id).unwrap_or(0);
+                by.insert(identity.id.clone(), n + 1);
+                n < AUDITS_PER_IDENTITY
+            };
             warn!(
                 session,
                 workload = %identity.id,
@@ -266,7 +304,7 @@ impl IdentityResolver {
                     "cgroup_id": identity.cgroup_id,
                     "cgroup_path": identity.cgroup_path,
                 });
-                if let Err(e) = store.audit("anomaly.identity", &body) {
+                if let Err(e) = store.audit_soon("anomaly.identity", &body) {
                     warn!(session, error = %e, "cannot record identity anomaly");
                 }
             }
@@ -287,23 +325,48 @@ impl IdentityResolver {
 impl Inner {
     fn resolve(&self, origin: &Origin) -> (WorkloadIdentity, ProcessInfo) {
         let proc_dir = self.proc_root.join(origin.tgid.to_string());
+        // Is /proc/<tgid> still the process that connected? It must sit in
+        // the cgroup the kernel recorded at connect(), and be the same
+        // process (start time) after we read it; else the pid was reused
+        // or the process moved, and only the recorded cgroup counts.
+        let first = read_stat(&self.proc_root, origin.tgid);
+        let live_path = read_cgroup_path(&proc_dir)
+            .filter(|p| cgroup_id_of(&self.cgroup_root, p) == Some(origin.cgroup_id));
+        let (exe, cmdline, claimed) = match &live_path {
+            Some(_) => (
+                std::fs::read_link(proc_dir.join("exe"))
+                    .ok()
+                    .map(|p| p.display().to_string()),
+                std::fs::read(proc_dir.join("cmdline"))
+                    .map(|b| redact_cmdline(split_nul(&b)))
+                    .unwrap_or_default(),
+                // What the connecting process itself says (it chose it).
+                std::fs::read(proc_dir.join("environ"))
+                    .ok()
+                    .and_then(|env| ci_from_environ(&env)),
+            ),
+            None => (None, Vec::new(), None),
+        };
+        let me = first.filter(|m| {
+            live_path.is_some()
+                && read_stat(&self.proc_root, origin.tgid).map(|n| n.start) == Some(m.start)
+        });
+        let (exe, cmdline, claimed) = if me.is_some() {
+            (exe, cmdline, claimed)
+        } else {
+            (None, Vec::new(), None)
+        };
         let mut process = ProcessInfo {
             pid: origin.pid,
             tgid: origin.tgid,
             uid: origin.uid,
             gid: origin.gid,
             comm: comm_str(&origin.comm),
-            exe: std::fs::read_link(proc_dir.join("exe"))
-                .ok()
-                .map(|p| p.display().to_string()),
-            cmdline: std::fs::read(proc_dir.join("cmdline"))
-                .map(|b| redact_cmdline(split_nul(&b)))
-                .unwrap_or_default(),
+            exe,
+            cmdline,
             claimed_ci: None,
         };
-
-        let live_path = read_cgroup_path(&proc_dir);
-        let path = match live_path {
+        let path = match live_path.filter(|_| me.is_some()) {
             Some(p) => {
                 self.paths
                     .lock()
@@ -313,17 +376,29 @@ impl Inner {
             }
             None => self.cgroup_path(origin.cgroup_id),
         };
-        // What the connecting process itself says (it chose it).
-        let claimed = std::fs::read(proc_dir.join("environ"))
-            .ok()
-            .and_then(|env| ci_from_environ(&env));
-        let me = read_stat(&self.proc_root, origin.tgid);
         let watched = self.watched_rel();
         let att = match &me {
             Some(me) => self.attribute_live(&watched, me, path.as_deref()),
-            // Gone before we looked: only its cgroup is left to go by.
-            None => self.attribute_by_cgroup(&watched, path.as_deref(), "process exited"),
+            // Gone (or not the one) before we looked: only its cgroup is
+            // left to go by.
+            None => self.attribute_by_cgroup(
+                &watched,
+                path.as_deref(),
+                "process exited, moved or its pid reused",
+            ),
         };
+        let own_id = stable_id(
+            att.ci.as_ref(),
+            path.as_deref(),
+            origin.cgroup_id,
+            origin.uid,
+        );
+        let job = self.job_cgroup(&watched, path.as_deref());
+        let (id, att, overridden) = self.settle(job, att, own_id);
+        // A claim: the connecting process's own environment, or what the
+        // topmost process of a later tree said, where it differs from the
+        // identity the job's cgroup has.
+        let claimed = claimed.or(overridden.and_then(|o| o.ci));
         if claimed.is_some() && claimed != att.ci {
             process.claimed_ci = claimed;
         }
@@ -334,12 +409,6 @@ impl Inner {
                 .find(|(_, pat)| pat.matches(p))
                 .map(|(n, _)| n.clone())
         });
-        let id = stable_id(
-            att.ci.as_ref(),
-            path.as_deref(),
-            origin.cgroup_id,
-            origin.uid,
-        );
         let identity = WorkloadIdentity {
             id,
             workload,
@@ -352,6 +421,55 @@ impl Inner {
             unattributed: att.unattributed,
         };
         (identity, process)
+    }
+
+    /// The job cgroup a connection from `path` belongs to: the deepest
+    /// watched cgroup holding it, by id.
+    fn job_cgroup(&self, watched: &[String], path: Option<&str>) -> Option<u64> {
+        let path = path?;
+        let job = watched
+            .iter()
+            .filter(|w| path_within(path, w))
+            .max_by_key(|w| w.len())?;
+        cgroup_id_of(&self.cgroup_root, job)
+    }
+
+    /// Holds the attribution to the job cgroup's first one: a runner
+    /// process's word replaces it (a runner runs one job after another in
+    /// its cgroup); anything else (a process with no runner above it, a
+    /// detached process, one in a sub-cgroup it made) gets the identity
+    /// the cgroup already has. Returns the identity id, the attribution,
+    /// and the one it overrode.
+    fn settle(
+        &self,
+        job: Option<u64>,
+        att: Attribution,
+        own_id: String,
+    ) -> (String, Attribution, Option<Attribution>) {
+        let Some(job) = job.filter(|_| att.unattributed.is_none()) else {
+            return (own_id, att, None);
+        };
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        if !att.anchored {
+            if let Some(pin) = pins.get(&job) {
+                if pin.id == own_id {
+                    return (own_id, att, None);
+                }
+                let mut held = pin.att.clone();
+                if let Some(src) = &mut held.source {
+                    src.how = "job-cgroup-first".into();
+                }
+                return (pin.id, held, Some(att));
+            }
+        }
+        pins.insert(
+            job,
+            Pin {
+                id: own_id.clone(),
+                att: att.clone(),
+            },
+        );
+        (own_id, att, None)
     }
 
     fn cgroup_path(&self, id: u64) -> Option<String> {
@@ -425,7 +543,7 @@ impl Inner {
         job
     }
 
-    fn trusted(&self, p: &Proc, how: &str) -> Attribution {
+    fn trusted(&self, p: &Proc, how: &str, anchored: bool) -> Attribution {
         Attribution {
             ci: self.job_of(p),
             source: Some(CiSource {
@@ -434,6 +552,7 @@ impl Inner {
                 how: how.into(),
             }),
             unattributed: None,
+            anchored,
         }
     }
 
@@ -473,11 +592,11 @@ impl Inner {
         let chain = self.ancestry(watched, me);
         if let Some(i) = chain.iter().rposition(|p| self.is_anchor(p)) {
             let anchor = &chain[i];
-            let from_anchor = self.trusted(anchor, "runner-anchor");
+            let from_anchor = self.trusted(anchor, "runner-anchor", true);
             if from_anchor.ci.is_some() || i == 0 {
                 return from_anchor;
             }
-            return self.trusted(&chain[i - 1], "anchor-child");
+            return self.trusted(&chain[i - 1], "anchor-child", true);
         }
         if !self.anchors.is_empty() {
             if let Some(path) = path {
@@ -488,11 +607,12 @@ impl Inner {
             }
         }
         match chain.last() {
-            Some(top) => self.trusted(top, "cgroup-top"),
+            Some(top) => self.trusted(top, "cgroup-top", false),
             None => Attribution {
                 ci: None,
                 source: None,
                 unattributed: None,
+                anchored: false,
             },
         }
     }
@@ -512,6 +632,7 @@ impl Inner {
                 ci: None,
                 source: None,
                 unattributed: Some(format!("{why}; cgroup unknown")),
+                anchored: false,
             },
         }
     }
@@ -524,6 +645,7 @@ impl Inner {
     fn sole_job(&self, watched: &[String], members: &[Proc], why: &str) -> Attribution {
         let pids: HashSet<u32> = members.iter().map(|p| p.pid).collect();
         let anchors: Vec<&Proc> = members.iter().filter(|p| self.is_anchor(p)).collect();
+        let anchored = !anchors.is_empty();
         let mut candidates: Vec<(Option<CiJob>, &Proc)> = Vec::new();
         if anchors.is_empty() {
             for p in members {
@@ -559,6 +681,7 @@ impl Inner {
                 ci: None,
                 source: None,
                 unattributed: None,
+                anchored: false,
             },
             1 => {
                 let (job, p) = jobs.remove(0);
@@ -570,12 +693,14 @@ impl Inner {
                         how: "cgroup-sole-job".into(),
                     }),
                     unattributed: None,
+                    anchored,
                 }
             }
             n => Attribution {
                 ci: None,
                 source: None,
                 unattributed: Some(format!("{why}, and its cgroup runs {n} CI jobs")),
+                anchored: false,
             },
         }
     }
@@ -715,6 +840,13 @@ fn read_cgroup_path(proc_dir: &Path) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(str::to_owned)
+}
+
+/// The id (directory inode) of the cgroup at `rel` (`/a/b`).
+fn cgroup_id_of(root: &Path, rel: &str) -> Option<u64> {
+    std::fs::metadata(root.join(rel.trim_start_matches('/')))
+        .ok()
+        .map(|m| m.ino())
 }
 
 /// On cgroup v2 a cgroup's id is its directory's inode number.
@@ -1059,13 +1191,25 @@ mod tests {
                 paths: Mutex::new(Bounded::new(16)),
                 jobs: Mutex::new(Bounded::new(16)),
                 audited: Mutex::new(Bounded::new(16)),
+                audits_by: Mutex::new(Bounded::new(16)),
+                pins: Mutex::new(Bounded::new(16)),
             };
-            r.paths.lock().unwrap().insert(7, "/runner".to_owned());
+            r.paths
+                .lock()
+                .unwrap()
+                .insert(self.runner_id(), "/runner".to_owned());
             r
+        }
+
+        /// The watched cgroup's id (its directory's inode).
+        fn runner_id(&self) -> u64 {
+            let d = self.cg_root().join("runner");
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::metadata(d).unwrap().ino()
         }
     }
 
-    fn origin(tgid: u32) -> Origin {
+    fn origin(h: &FakeHost, tgid: u32) -> Origin {
         Origin {
             dst_addr: [0; 16],
             dst_port: 443,
@@ -1075,7 +1219,7 @@ mod tests {
             tgid,
             uid: 0,
             gid: 0,
-            cgroup_id: 7,
+            cgroup_id: h.runner_id(),
             cookie: 0,
             comm: [0; 16],
         }
@@ -1113,7 +1257,7 @@ mod tests {
         h.process(24, 23, "curl", 240, "/runner", FORGED);
         let r = h.resolver();
         for pid in [22, 24] {
-            let (id, p) = r.resolve(&origin(pid));
+            let (id, p) = r.resolve(&origin(&h, pid));
             assert_eq!(repo(&id), Some("acme/a"), "pid {pid}");
             let src = id.ci_source.as_ref().unwrap();
             assert_eq!((src.pid, src.how.as_str()), (20, "runner-anchor"));
@@ -1123,13 +1267,13 @@ mod tests {
             );
         }
         // The step shell, honest: no claim recorded.
-        let (id, p) = r.resolve(&origin(21));
+        let (id, p) = r.resolve(&origin(&h, 21));
         assert_eq!(repo(&id), Some("acme/a"));
         assert!(p.claimed_ci.is_none());
         // A parent younger than its child is a reused pid: not followed.
         h.process(30, 31, "curl", 300, "/runner", FORGED);
         h.process(31, 1, "Runner.Worker", 400, "/runner", JOB_B);
-        let (id, _) = r.resolve(&origin(30));
+        let (id, _) = r.resolve(&origin(&h, 30));
         assert_ne!(repo(&id), Some("acme/b"));
     }
 
@@ -1140,10 +1284,10 @@ mod tests {
         h.process(20, 10, "Runner.Worker", 200, "/runner", JOB_A);
         h.process(22, 20, "curl", 220, "/runner", JOB_A);
         let r = h.resolver();
-        let (a, _) = r.resolve(&origin(22));
+        let (a, _) = r.resolve(&origin(&h, 22));
         assert_eq!(repo(&a), Some("acme/a"));
         // A process gone before we looked: its cgroup's only job.
-        let (gone, _) = r.resolve(&origin(99));
+        let (gone, _) = r.resolve(&origin(&h, 99));
         assert_eq!(repo(&gone), Some("acme/a"));
         assert_eq!(gone.ci_source.unwrap().how, "cgroup-sole-job");
         // Job A ends, job B starts in the same cgroup (the cache still
@@ -1151,17 +1295,17 @@ mod tests {
         h.exit(22, "/runner");
         h.exit(20, "/runner");
         h.process(40, 10, "Runner.Worker", 500, "/runner", JOB_B);
-        let (gone, _) = r.resolve(&origin(99));
+        let (gone, _) = r.resolve(&origin(&h, 99));
         assert_eq!(repo(&gone), Some("acme/b"));
         // Two jobs at once: a gone process is not guessed, it is refused.
         h.process(50, 10, "Runner.Worker", 600, "/runner", JOB_A);
-        let (gone, _) = r.resolve(&origin(99));
+        let (gone, _) = r.resolve(&origin(&h, 99));
         assert!(gone.ci.is_none());
         assert!(gone.unattributed.unwrap().contains("2 CI jobs"));
         // A detached process (reparented to init) with a forged env in a
         // cgroup running two jobs: refused as well, never its own claim.
         h.process(60, 1, "curl", 700, "/runner", FORGED);
-        let (orphan, p) = r.resolve(&origin(60));
+        let (orphan, p) = r.resolve(&origin(&h, 60));
         assert!(orphan.unattributed.is_some() && orphan.ci.is_none());
         assert_eq!(
             p.claimed_ci.and_then(|c| c.repository).as_deref(),
@@ -1184,7 +1328,7 @@ mod tests {
         h.process(10, 5, "sh", 100, "/runner", JOB_A);
         h.process(11, 10, "python3", 110, "/runner", FORGED);
         let r = h.resolver();
-        let (id, p) = r.resolve(&origin(11));
+        let (id, p) = r.resolve(&origin(&h, 11));
         assert_eq!(repo(&id), Some("acme/a"));
         assert_eq!(id.ci_source.unwrap().how, "cgroup-top");
         assert!(p.claimed_ci.is_some());

@@ -23,7 +23,7 @@ use ipnet::IpNet;
 use sluice_common::{
     ClientKey, Origin, ProxyConfig, TargetKeyV4, TargetKeyV6, TargetValue, AF_INET, AF_INET6,
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::addr::{ClientAddr, OrigDstAddr};
 
@@ -213,13 +213,21 @@ pub struct Redirector {
     pub jobs_stopped: std::sync::atomic::AtomicU64,
     /// Cgroup links found detached or unpinned and attached again.
     pub links_restored: std::sync::atomic::AtomicU64,
+    /// Times target entries or the proxy address were found changed in
+    /// the kernel's maps and put back.
+    pub maps_restored: std::sync::atomic::AtomicU64,
     /// What the kernel fallback did (`ContainEvent`s), taken by the guard.
     events: Mutex<Option<RingBuf<MapData>>>,
     targets_v4: Mutex<LpmTrie<MapData, TargetKeyV4, TargetValue>>,
     targets_v6: Mutex<LpmTrie<MapData, TargetKeyV6, TargetValue>>,
     addrs_v4: Mutex<LpmTrie<MapData, [u8; 4], TargetValue>>,
     addrs_v6: Mutex<LpmTrie<MapData, [u8; 16], TargetValue>>,
-    origins: HashMap<MapData, ClientKey, Origin>,
+    /// Taken once: the entry is removed when the proxy reads it.
+    origins: Mutex<HashMap<MapData, ClientKey, Origin>>,
+    /// The proxy's address as the kernel programs read it, and what it
+    /// must say (checked with the target entries: `restore_targets`).
+    proxy: Mutex<Array<MapData, ProxyConfig>>,
+    proxy_config: ProxyConfig,
     stats: PerCpuArray<MapData, u64>,
     installed: Mutex<BTreeSet<TargetEntry>>,
 }
@@ -343,6 +351,14 @@ impl Redirector {
                     .override_global("OFF_SB_S_MAGIC", &l.sb_s_magic, true)
                     .override_global("OFF_KN_PARENT", &l.kn_parent, true)
                     .override_global("OFF_KN_ID", &l.kn_id, true);
+                match &l.task_ti_status {
+                    Some(off) => {
+                        loader.override_global("OFF_TASK_TI_STATUS", off, true);
+                    }
+                    None => {
+                        warn!("kernel has no thread_info.status: syscalls through the 32-bit entry are judged by their i386-only numbers")
+                    }
+                }
             }
             Err(e) => {
                 error!(error = %e, "kernel struct layout unknown: a job leaving its watched cgroup will not be refused")
@@ -425,12 +441,15 @@ impl Redirector {
             escapes_detected: Default::default(),
             jobs_stopped: Default::default(),
             links_restored: Default::default(),
+            maps_restored: Default::default(),
             events: Mutex::new(take(&mut ebpf, "CONTAIN_EVENTS").ok()),
             targets_v4: Mutex::new(take(&mut ebpf, "TARGETS_V4")?),
             targets_v6: Mutex::new(take(&mut ebpf, "TARGETS_V6")?),
             addrs_v4: Mutex::new(take(&mut ebpf, "TARGET_ADDRS_V4")?),
             addrs_v6: Mutex::new(take(&mut ebpf, "TARGET_ADDRS_V6")?),
-            origins: take(&mut ebpf, "ORIGIN_BY_CLIENT")?,
+            origins: Mutex::new(take(&mut ebpf, "ORIGIN_BY_CLIENT")?),
+            proxy: Mutex::new(proxy),
+            proxy_config: cfg,
             stats: take(&mut ebpf, "STATS")?,
             installed: Mutex::new(BTreeSet::new()),
             ebpf: Mutex::new(ebpf),
@@ -573,6 +592,80 @@ impl Redirector {
         broken
     }
 
+    /// Checks the kernel's copy of what the node installed: every target
+    /// entry present with its target, and the proxy's address. What a
+    /// root process deleted or changed (a target no longer redirected, or
+    /// redirected as another target, the proxy switched off) is put back.
+    /// Returns what was wrong.
+    pub fn restore_targets(&self) -> Vec<String> {
+        let mut wrong = Vec::new();
+        {
+            let mut proxy = self.proxy.lock().unwrap_or_else(|e| e.into_inner());
+            if proxy.get(&0, 0).ok() != Some(self.proxy_config) {
+                wrong.push("PROXY configuration changed".to_owned());
+                if let Err(e) = proxy.set(0, self.proxy_config, 0) {
+                    wrong.push(format!("restoring PROXY failed: {e}"));
+                }
+            }
+        }
+        let installed = self.installed.lock().unwrap_or_else(|e| e.into_inner());
+        // Entries sharing a kernel key: any of their targets is right.
+        let ids_of = |net: &IpNet, port: u16| -> Vec<u32> {
+            installed
+                .iter()
+                .filter(|o| o.net == *net && o.port == port)
+                .map(|o| o.target_id)
+                .collect()
+        };
+        for e in installed.iter() {
+            let bits = u32::from(e.net.prefix_len());
+            let port = e.port.to_be_bytes();
+            let (entry, addr) = match e.net {
+                IpNet::V4(n) => {
+                    let addr = n.network().octets();
+                    let t = self.targets_v4.lock().unwrap_or_else(|e| e.into_inner());
+                    let a = self.addrs_v4.lock().unwrap_or_else(|e| e.into_inner());
+                    (
+                        t.get(&Key::new(16 + bits, TargetKeyV4 { port, addr }), 0)
+                            .ok(),
+                        bits == 0 || a.get(&Key::new(bits, addr), 0).is_ok(),
+                    )
+                }
+                IpNet::V6(n) => {
+                    let addr = n.network().octets();
+                    let t = self.targets_v6.lock().unwrap_or_else(|e| e.into_inner());
+                    let a = self.addrs_v6.lock().unwrap_or_else(|e| e.into_inner());
+                    (
+                        t.get(&Key::new(16 + bits, TargetKeyV6 { port, addr }), 0)
+                            .ok(),
+                        bits == 0 || a.get(&Key::new(bits, addr), 0).is_ok(),
+                    )
+                }
+            };
+            let right = entry.is_some_and(|v| ids_of(&e.net, e.port).contains(&v.target_id));
+            if !right || !addr {
+                wrong.push(format!(
+                    "target entry {} port {} {}",
+                    e.net,
+                    e.port,
+                    if entry.is_none() || !addr {
+                        "deleted"
+                    } else {
+                        "changed"
+                    }
+                ));
+            }
+        }
+        if wrong.iter().any(|w| w.starts_with("target entry")) {
+            for e in installed.iter() {
+                if let Err(err) = self.apply(e, true) {
+                    wrong.push(format!("restoring {} failed: {err}", e.net));
+                }
+            }
+        }
+        wrong
+    }
+
     /// The cgroups the programs are attached to now.
     pub fn cgroups(&self) -> Vec<PathBuf> {
         let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
@@ -679,7 +772,15 @@ impl Redirector {
                 key.family = AF_INET6;
             }
         }
-        let origin = self.origins.get(&key, 0).ok()?;
+        // One connection, one origin: removed as it is read, so a later
+        // connection from the same port (after this one closed, if the
+        // close went unseen) can never be taken for this one.
+        let origin = {
+            let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+            let o = origins.get(&key, 0).ok()?;
+            let _ = origins.remove(&key);
+            o
+        };
         let ip: IpAddr = if origin.family == AF_INET {
             let d = origin.dst_addr;
             Ipv4Addr::new(d[0], d[1], d[2], d[3]).into()

@@ -24,7 +24,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::{bpf_get_current_ancestor_cgroup_id, bpf_send_signal},
+        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_send_signal},
     },
     macros::{cgroup_sock, lsm, map, raw_tracepoint},
     maps::{HashMap, RingBuf},
@@ -70,6 +70,11 @@ static OFF_SB_S_MAGIC: u64 = 0;
 static OFF_KN_PARENT: u64 = 0;
 #[unsafe(no_mangle)]
 static OFF_KN_ID: u64 = 0;
+/// Offset of `thread_info.status` from the task (x86: `thread_info` is
+/// the task's first member); `u64::MAX`: unknown. `TS_COMPAT` there says
+/// the current syscall came through the 32-bit entry (`int $0x80`).
+#[unsafe(no_mangle)]
+static OFF_TASK_TI_STATUS: u64 = u64::MAX;
 
 /// What the fallback did, for the agent (see `ContainEvent`).
 #[map]
@@ -131,8 +136,9 @@ fn kill(kind: u32, counter: u32, watched_id: u64) {
 /// every trampoline program, and no kprobe PMU) raw tracepoints still
 /// work. On `sys_enter`, a watched task is sent SIGKILL when it calls
 ///
-/// * socket(AF_PACKET or AF_XDP): it dies on its way back to user space,
-///   before it can put a frame on the wire past the redirect;
+/// * socket(AF_PACKET or AF_XDP, or AF_INET with SOCK_PACKET): it dies on
+///   its way back to user space, before it can put a frame on the wire
+///   past the redirect;
 /// * bpf(): the call itself runs (nothing here can refuse it), but the
 ///   process dies on return, so what the call gave it (a link or map fd)
 ///   dies with it, and the agent stops the whole job at once;
@@ -143,34 +149,85 @@ fn kill(kind: u32, counter: u32, watched_id: u64) {
 ///   never exists;
 /// * pidfd_getfd(): taking the fd of a process dying for bpf().
 ///
-/// Threads share the kill (it is sent to the thread group). The agent
+/// The same calls through the 32-bit entry (`int $0x80` from a 64-bit
+/// process, i386 numbers, arguments in ebx/ecx) count the same: the task's
+/// TS_COMPAT says which table the number is from. Threads share the kill
+/// (it is sent to the thread group). The agent
 /// attaches this only where the LSM is unavailable: it runs on every
 /// syscall of the host, so it returns at the first compares for others.
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn sluice_sys_enter(ctx: RawTracePointContext) -> i32 {
-    let id: u64 = ctx.arg(1);
+    // x32 numbers carry a marker bit; the calls are the same.
+    let id: u64 = ctx.arg::<u64>(1) & !X32_SYSCALL_BIT;
     if id != SYS_BPF
         && id != SYS_SOCKET
         && id != SYS_CLONE
         && id != SYS_CLONE3
         && id != SYS_PIDFD_GETFD
+        && id != SYS32_BPF
+        && id != SYS32_SOCKET
+        && id != SYS32_SOCKETCALL
+        && id != SYS32_CLONE
     {
         return 0;
     }
+    // The numbers mean other calls through the 32-bit entry (i386 102 is
+    // x86_64 getuid): which table applies is the task's TS_COMPAT.
+    let compat = match compat_syscall() {
+        Some(c) => c,
+        // Layout unknown: the i386-only numbers (unused on x86_64) are
+        // still taken as i386 ones; 102 and 120 cannot be told apart.
+        None => id == SYS32_BPF || id == SYS32_SOCKET,
+    };
+    let call = match (compat, id) {
+        (false, SYS_BPF) | (true, SYS32_BPF) => Call::Bpf,
+        (false, SYS_SOCKET) | (true, SYS32_SOCKET) | (true, SYS32_SOCKETCALL) => Call::Socket,
+        (false, SYS_CLONE) | (true, SYS32_CLONE) => Call::Clone,
+        (_, SYS_CLONE3) => Call::Clone3,
+        (_, SYS_PIDFD_GETFD) => Call::FdTake,
+        _ => return 0,
+    };
     let (watched, _) = current_watched(0);
     if watched == 0 {
         return 0;
     }
     let regs: u64 = ctx.arg(0);
-    // SAFETY: `regs` is the syscall's `struct pt_regs *`; `di` (the first
-    // argument) is read with the probe helper, never dereferenced.
-    let arg0 = unsafe { bpf_probe_read_kernel((regs + PT_REGS_DI) as *const u64).unwrap_or(0) };
-    match id {
-        SYS_BPF => kill(contain_kind::BPF, stat::BPF_KILLED, watched),
-        SYS_PIDFD_GETFD => kill(contain_kind::FD_TAKE, stat::FD_TAKE_KILLED, watched),
-        SYS_SOCKET => {
-            let family = arg0 as i32;
-            if family == AF_PACKET || family == AF_XDP {
+    // Arguments: rdi, rsi on x86_64; ebx, ecx through the 32-bit entry.
+    let (a0, a1) = if compat {
+        (PT_REGS_BX, PT_REGS_CX)
+    } else {
+        (PT_REGS_DI, PT_REGS_SI)
+    };
+    // SAFETY: `regs` is the syscall's `struct pt_regs *`; its fields are
+    // read with the probe helper, never dereferenced.
+    let reg = |off: u64| unsafe { bpf_probe_read_kernel((regs + off) as *const u64).unwrap_or(0) };
+    let arg0 = reg(a0);
+    match call {
+        Call::Bpf => kill(contain_kind::BPF, stat::BPF_KILLED, watched),
+        Call::FdTake => kill(contain_kind::FD_TAKE, stat::FD_TAKE_KILLED, watched),
+        Call::Socket => {
+            let (family, ty) = if id == SYS32_SOCKETCALL {
+                // socketcall(SYS_SOCKET, u32 args[3]).
+                if arg0 as u32 != SOCKETCALL_SOCKET {
+                    return 0;
+                }
+                let args = reg(a1) as u32 as u64;
+                // SAFETY: user pointers read with the probe helper.
+                unsafe {
+                    (
+                        bpf_probe_read_user(args as *const u32).unwrap_or(0) as i32,
+                        bpf_probe_read_user((args + 4) as *const u32).unwrap_or(0) as i32,
+                    )
+                }
+            } else {
+                (arg0 as i32, reg(a1) as i32)
+            };
+            // socket(AF_INET, SOCK_PACKET) is a packet socket (the kernel
+            // turns it into AF_PACKET after this point).
+            let packet = family == AF_PACKET
+                || family == AF_XDP
+                || (family == AF_INET as i32 && ty & SOCK_TYPE_MASK == SOCK_PACKET);
+            if packet {
                 kill(
                     contain_kind::PACKET_SOCKET,
                     stat::PACKET_SOCKET_KILLED,
@@ -178,14 +235,19 @@ pub fn sluice_sys_enter(ctx: RawTracePointContext) -> i32 {
                 );
             }
         }
-        _ => {
+        Call::Clone | Call::Clone3 => {
             // clone(flags, ...) / clone3(struct clone_args *, size): flags
             // is the first u64 of clone_args.
-            let flags = if id == SYS_CLONE {
-                arg0
-            } else {
+            let flags = match call {
+                Call::Clone if compat => arg0 as u32 as u64,
+                Call::Clone => arg0,
                 // SAFETY: a user pointer read with the probe helper.
-                unsafe { bpf_probe_read_user(arg0 as *const u64).unwrap_or(0) }
+                _ => unsafe {
+                    bpf_probe_read_user(
+                        (if compat { arg0 as u32 as u64 } else { arg0 }) as *const u64,
+                    )
+                    .unwrap_or(0)
+                },
             };
             // Only root can get a link or map fd from bpf(); sanitizers'
             // CLONE_FILES helpers in unprivileged jobs are left alone.
@@ -202,6 +264,31 @@ pub fn sluice_sys_enter(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+#[derive(Clone, Copy)]
+enum Call {
+    Bpf,
+    Socket,
+    Clone,
+    Clone3,
+    FdTake,
+}
+
+/// Whether the current syscall came through the 32-bit entry (`None`:
+/// the layout is unknown).
+#[inline(always)]
+fn compat_syscall() -> Option<bool> {
+    let off = global(&OFF_TASK_TI_STATUS);
+    if off == u64::MAX {
+        return None;
+    }
+    // SAFETY: the current task pointer, read with the probe helper.
+    let status: u32 = unsafe {
+        let task = bpf_get_current_task();
+        bpf_probe_read_kernel((task + off) as *const u32).ok()?
+    };
+    Some(status & TS_COMPAT != 0)
+}
+
 const SIGKILL: u32 = 9;
 /// x86_64 syscall numbers.
 const SYS_SOCKET: u64 = 41;
@@ -209,9 +296,23 @@ const SYS_CLONE: u64 = 56;
 const SYS_BPF: u64 = 321;
 const SYS_CLONE3: u64 = 435;
 const SYS_PIDFD_GETFD: u64 = 438;
+/// i386 numbers (the 32-bit entry, `int $0x80`); clone3 and pidfd_getfd
+/// have the same numbers in both tables.
+const SYS32_SOCKETCALL: u64 = 102;
+const SYS32_CLONE: u64 = 120;
+const SYS32_BPF: u64 = 357;
+const SYS32_SOCKET: u64 = 359;
+const SOCKETCALL_SOCKET: u32 = 1;
+const X32_SYSCALL_BIT: u64 = 0x4000_0000;
+const TS_COMPAT: u32 = 0x0002;
+const SOCK_PACKET: i32 = 10;
 const CLONE_FILES: u64 = 0x400;
 const CLONE_THREAD: u64 = 0x10000;
-/// Offset of `di` in x86_64 `struct pt_regs` (r15 ... orig_ax: 21 u64s).
+/// Offsets in x86_64 `struct pt_regs` (r15 r14 r13 r12 bp bx r11 r10 r9
+/// r8 ax cx dx si di orig_ax ...).
+const PT_REGS_BX: u64 = 5 * 8;
+const PT_REGS_CX: u64 = 11 * 8;
+const PT_REGS_SI: u64 = 13 * 8;
 const PT_REGS_DI: u64 = 14 * 8;
 
 /// Attached to the watched cgroups: no raw IP sockets.

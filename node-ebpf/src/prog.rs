@@ -212,6 +212,12 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
     if ty != SOCK_STREAM {
         return ALLOW;
     }
+    if let Some(cfg) = PROXY.get(0) {
+        if addr == cfg.addr4 && port_be == cfg.port {
+            count(stat::PROXY_DIRECT_REFUSED);
+            return REFUSE;
+        }
+    }
     let Some(target) = target_v4(addr, port_be) else {
         return ALLOW;
     };
@@ -270,6 +276,16 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
     }
     if ty != SOCK_STREAM {
         return ALLOW;
+    }
+    if let Some(cfg) = PROXY.get(0) {
+        let direct = match mapped {
+            Some(v4) => v4.to_ne_bytes() == cfg.addr4,
+            None => bytes == cfg.addr6,
+        };
+        if direct && port_be == cfg.port {
+            count(stat::PROXY_DIRECT_REFUSED);
+            return REFUSE;
+        }
     }
     let target = match mapped {
         Some(v4) => target_v4(v4.to_ne_bytes(), port_be),

@@ -121,7 +121,11 @@ pub mod stat {
     pub const FD_TAKE_KILLED: u32 = 12;
     /// Containment events lost because the ring buffer was full.
     pub const EVENTS_LOST: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// TCP connects straight to the proxy's own address and port from a
+    /// hooked cgroup (only the redirect may bring a connection there: a
+    /// direct one could be taken for an earlier connection's origin).
+    pub const PROXY_DIRECT_REFUSED: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// What the kernel fallback (no BPF LSM) did to a watched task, sent to

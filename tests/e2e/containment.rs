@@ -498,3 +498,220 @@ fn a_detached_link_is_attached_again_and_its_job_stopped() {
         "nothing reached the target"
     );
 }
+
+/// `tests/fixtures/compat_calls.c`, built for this test.
+fn compat_calls(dir: &std::path::Path) -> String {
+    let bin = dir.join("compat_calls");
+    let out = std::process::Command::new("gcc")
+        .args(["-O1", "-o"])
+        .arg(&bin)
+        .arg(format!("{FIXTURES}/compat_calls.c"))
+        .output()
+        .expect("gcc (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin.display().to_string()
+}
+
+#[test]
+fn the_32_bit_syscall_entry_and_sock_packet_do_not_get_around_the_guard() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new();
+    let lsm = env.node.status()["containment"] == "bpf-lsm";
+    let bin = compat_calls(env.dir.path());
+    let before = env.node.status();
+    for mode in ["bpf32", "socket32", "socketcall32", "sock_packet"] {
+        let out = env.cgroup.run(&bin, &[mode]);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        if lsm {
+            // Refused by the LSM hooks whatever the entry: -EPERM.
+            assert!(stdout.contains("survived -1"), "{mode}: {stdout}");
+        } else {
+            assert_eq!(
+                out.status.signal(),
+                Some(9),
+                "{mode} from the watched cgroup must be killed: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!stdout.contains("survived"), "{mode}: {stdout}");
+        }
+    }
+    // i386 getpid, and x86_64 getuid (i386 socketcall's number): normal
+    // calls live.
+    for mode in ["getpid32", "getuid64"] {
+        let out = env.cgroup.run(&bin, &[mode]);
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("survived"),
+            "{mode}: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Outside the watched cgroups nothing is touched.
+    let out = std::process::Command::new(&bin)
+        .arg("socket32")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("survived"));
+    if !lsm {
+        let s = env.node.status();
+        let grew = |k: &str| s[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0);
+        assert!(grew("kernel_bpf_killed") >= 1, "{s:#}");
+        assert!(grew("kernel_packet_sockets_killed") >= 3, "{s:#}");
+        // The bpf() caller's job is stopped, and that is on the record.
+        let audit =
+            String::from_utf8_lossy(&env.node.cli(&["audit", "--kind", "containment"]).stdout)
+                .to_string();
+        assert!(audit.contains("bpf"), "{audit}");
+    }
+}
+
+/// The ids of the node's BPF maps, by name (from its fds' fdinfo).
+fn node_maps(pid: u64) -> std::collections::HashMap<String, u64> {
+    let mut out = std::collections::HashMap::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let show = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "id", &id.to_string()])
+            .output()
+            .expect("bpftool (scripts/setup.sh installs it)");
+        if let Ok(v) = serde_json::from_slice::<Value>(&show.stdout) {
+            if let Some(name) = v["name"].as_str() {
+                out.insert(name.to_owned(), id);
+            }
+        }
+    }
+    out
+}
+
+fn bpftool(args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// bpftool's hex byte list (`0x0a` strings) as arguments.
+fn hex_args(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn changed_kernel_maps_are_put_back_and_the_proxy_port_is_only_reached_by_redirect() {
+    let env = Env::new();
+    let port = HTTP_PORT.to_string();
+    let r = env.client(&["peer", &env.remote.remote, &port]);
+    assert_eq!(r["status"], 200);
+    let pid = env.node.status()["pid"].as_u64().unwrap();
+    let maps = node_maps(pid);
+    let targets = maps["TARGETS_V4"].to_string();
+    let proxy = maps["PROXY"].to_string();
+
+    // Root outside the watched cgroups deletes every target entry and
+    // switches the proxy off (its `enabled` byte).
+    let dump: Value =
+        serde_json::from_slice(&bpftool(&["-j", "map", "dump", "id", &targets]).stdout).unwrap();
+    let entries = dump.as_array().unwrap();
+    assert!(!entries.is_empty());
+    for e in entries {
+        let mut args = vec!["map", "delete", "id", &targets, "key", "hex"];
+        let key: Vec<String> = hex_args(&e["key"])
+            .iter()
+            .map(|b| b.trim_start_matches("0x").to_owned())
+            .collect();
+        args.extend(key.iter().map(String::as_str));
+        bpftool(&args);
+    }
+    let dump: Value =
+        serde_json::from_slice(&bpftool(&["-j", "map", "dump", "id", &proxy]).stdout).unwrap();
+    let mut value: Vec<String> = hex_args(&dump[0]["value"])
+        .iter()
+        .map(|b| b.trim_start_matches("0x").to_owned())
+        .collect();
+    value[22] = "00".into(); // addr4 (4) + addr6 (16) + port (2): enabled
+    let mut args = vec![
+        "map", "update", "id", &proxy, "key", "hex", "00", "00", "00", "00",
+    ];
+    args.push("value");
+    args.push("hex");
+    args.extend(value.iter().map(String::as_str));
+    bpftool(&args);
+
+    // The guard notices, puts both back and says so.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = env.node.status();
+        if s["maps_restored"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not restored: {s:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dump: Value =
+        serde_json::from_slice(&bpftool(&["-j", "map", "dump", "id", &targets]).stdout).unwrap();
+    assert_eq!(dump.as_array().unwrap().len(), entries.len(), "{dump}");
+    let audit = String::from_utf8_lossy(&env.node.cli(&["audit", "--kind", "containment"]).stdout)
+        .to_string();
+    assert!(
+        audit.contains("containment.maps_restored")
+            && audit.contains("deleted")
+            && audit.contains("PROXY configuration changed"),
+        "{audit}"
+    );
+    // ... and the job is intercepted again, not sent straight out.
+    let r = env.client(&["peer", &env.remote.remote, &port]);
+    assert_eq!(r["status"], 200);
+    assert_eq!(env.node.wait_sessions(2).len(), 2);
+
+    // A job connecting straight to the proxy's port (to be taken for an
+    // earlier connection from the same client port) is refused by the
+    // kernel; from outside the watched cgroups the port is reachable.
+    let node_port = env.node.port.to_string();
+    let connect = "import socket,sys\ntry:\n    socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=3).close(); print('connected')\nexcept OSError as e:\n    print('refused', e.errno)";
+    let out = env.cgroup.run("python3", &["-c", connect, &node_port]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "refused 1",
+        "EPERM from the kernel"
+    );
+    // Outside: it reaches the proxy (which drops a connection it has no
+    // origin for: connected, or reset at once).
+    let out = std::process::Command::new("python3")
+        .args(["-c", connect, &node_port])
+        .output()
+        .unwrap();
+    let outside = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        outside == "connected" || outside == "refused 104",
+        "port {node_port} from outside: {outside}"
+    );
+    assert!(
+        env.node.status()["kernel_proxy_direct_refused"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    );
+}

@@ -220,6 +220,62 @@ echo done
     assert!(audit.contains("acme/other"), "{audit}");
 }
 
+#[test]
+fn a_detached_process_in_a_sub_cgroup_gets_the_jobs_identity_not_its_own_claim() {
+    let env = Env::new();
+    // No runner process: the job's shell (put there by a CI system the
+    // node has no anchor for) connects first, with the real environment.
+    let out = with_job_env(env.cgroup.command(
+        "sh",
+        &[
+            "-c",
+            &format!("curl -sS --max-time 10 '{}'; true", url(&env, "first")),
+        ],
+    ))
+    .output()
+    .unwrap();
+    assert!(text(&out).contains("world"), "{}", text(&out));
+    let first = session_with_tag(&env, "tag=first");
+    let id = first["identity"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(first["identity"]["ci"]["repository"], "acme/widgets");
+    let out = env
+        .node
+        .cli(&["identities", "suspend", &id, "--reason", "incident 21"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The job makes a sub-cgroup, and a process there detaches (double
+    // fork: its parent is PID 1, outside the watched cgroups) with a
+    // forged environment, so nothing above it vouches for anything.
+    let sub = env.cgroup.path.join("detached");
+    std::fs::create_dir_all(&sub).unwrap();
+    let script = format!(
+        "echo $$ > {sub}/cgroup.procs; ( env -i PATH=$PATH GITHUB_ACTIONS=true GITHUB_REPOSITORY=acme/other GITHUB_RUN_ID=1 GITHUB_ACTOR=mallory setsid sh -c \"curl -sS --max-time 10 '{u}'; echo rc=\\$? > {out}\" & ); sleep 3",
+        sub = sub.display(),
+        u = url(&env, "detached"),
+        out = env.dir.path().join("detached.rc").display(),
+    );
+    let _ = with_job_env(env.cgroup.command("sh", &["-c", &script]))
+        .output()
+        .unwrap();
+    let rc = std::fs::read_to_string(env.dir.path().join("detached.rc")).unwrap_or_default();
+    assert!(!rc.contains("rc=0"), "the suspension must hold: {rc}");
+    assert!(!remote_saw(&env, "detached"), "reached the remote");
+    let s = session_with_tag(&env, "tag=detached");
+    assert_eq!(s["identity"]["id"], id, "the job's identity: {s:#}");
+    assert_eq!(
+        s["identity"]["ci_source"]["how"], "job-cgroup-first",
+        "{s:#}"
+    );
+    assert_eq!(s["outcome"]["status"], "refused", "{s:#}");
+    assert_eq!(s["process"]["claimed_ci"]["repository"], "acme/other");
+    let audit = text(&env.node.cli(&["audit", "--kind", "anomaly"]));
+    assert!(
+        audit.contains("acme/other") && audit.contains(&id),
+        "{audit}"
+    );
+    let _ = std::fs::remove_dir(&sub);
+}
+
 // ---- the control socket ------------------------------------------------
 
 const NODE_KEY: &str = "node-held-secret-hostile";

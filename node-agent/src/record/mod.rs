@@ -1009,6 +1009,13 @@ impl RecordStore {
         self.flush_blocking()
     }
 
+    /// An audit event on the chain now, on disk with the next flush: for
+    /// paths a job can drive (the accept path), which must not wait for
+    /// fsync.
+    pub fn audit_soon(&self, kind: &str, body: &serde_json::Value) -> Result<(), RecordError> {
+        self.audit_nowait(kind, body)
+    }
+
     fn audit_nowait(&self, kind: &str, body: &serde_json::Value) -> Result<(), RecordError> {
         let text = serde_json::to_vec(body).map_err(RecordError::Encode)?;
         self.s.append(0, kind, &text, View::None)?;
