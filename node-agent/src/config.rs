@@ -501,10 +501,54 @@ pub struct WatchConfig {
     /// detach` removes them.
     #[serde(default = "default_true")]
     pub fail_closed: bool,
+    /// The redirect on the root cgroup too: leaving a job cgroup, a host
+    /// daemon or a container engine then changes who a connection is
+    /// attributed to (a host identity), never whether it is intercepted.
+    #[serde(default)]
+    pub host: HostScope,
 }
 
 fn default_true() -> bool {
     true
+}
+
+/// Connections from every process of the host (`watch.host`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostScope {
+    /// Attach the redirect to the root cgroup (every process but the
+    /// node's own).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// cgroup subtrees never redirected (a container engine's own
+    /// traffic, a monitoring agent), relative to the cgroup2 mount or
+    /// absolute. A watched cgroup below one is still watched.
+    #[serde(default)]
+    pub exempt: Vec<PathBuf>,
+    /// What a host process (outside every watched cgroup) gets on a target
+    /// that carries rules or credentials: `refuse` (recorded), or `apply`
+    /// (the policy decides, as for a job). Targets without rules are
+    /// forwarded and recorded either way.
+    #[serde(default)]
+    pub ruled_targets: HostRuled,
+}
+
+impl Default for HostScope {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            exempt: Vec::new(),
+            ruled_targets: HostRuled::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostRuled {
+    #[default]
+    Refuse,
+    Apply,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -479,12 +479,18 @@ impl Guard {
     /// the job in that cgroup stopped.
     fn check_links(&mut self) {
         for (cgroup, wrong) in self.redirector.restore_links() {
-            let stopped = self.stop_job(&cgroup, "the node's kernel hooks were tampered with");
+            // The root cgroup's links (`watch.host`): no job to stop (and
+            // never the whole host); put back and on the record.
+            let stopped = if cgroup == self.cgroup_root {
+                Vec::new()
+            } else {
+                self.stop_job(&cgroup, "the node's kernel hooks were tampered with")
+            };
             tracing::error!(cgroup = %cgroup.display(), what = ?wrong, stopped = ?stopped, "kernel hooks of a watched cgroup were tampered with: attached again, job stopped");
             let body = serde_json::json!({
                 "cgroup": cgroup.display().to_string(),
                 "found": wrong,
-                "job_stopped": true,
+                "job_stopped": cgroup != self.cgroup_root,
                 "also_killed": stopped,
             });
             if let Err(e) = self.store.audit("containment.relinked", &body) {

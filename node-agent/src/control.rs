@@ -274,6 +274,10 @@ pub struct Status {
     /// Connects straight to the proxy's port from a hooked cgroup.
     #[serde(default)]
     pub kernel_proxy_direct_refused: u64,
+    /// `host` (the redirect also on the root cgroup: every process of the
+    /// host) or `jobs` (the watched cgroups only).
+    #[serde(default)]
+    pub redirect_scope: String,
     /// `ok`, or `failing since <time>: <error>`: new connections are refused
     /// while the store does not take writes.
     #[serde(default)]
@@ -530,6 +534,11 @@ impl ControlServer {
             links_restored: p.redirector.links_restored.load(Ordering::Relaxed),
             maps_restored: p.redirector.maps_restored.load(Ordering::Relaxed),
             kernel_proxy_direct_refused: k.get(14).copied().unwrap_or_default(),
+            redirect_scope: if p.redirector.host_scope() {
+                "host".into()
+            } else {
+                "jobs".into()
+            },
         }
     }
 

@@ -76,6 +76,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         cfg.proxy.listen_v4,
         cfg.proxy.listen_v6,
         cfg.proxy.port,
+        cfg.watch.host.enabled.then(|| redirect::HostAttach {
+            root: root.clone(),
+            exempt: cfg
+                .watch
+                .host
+                .exempt
+                .iter()
+                .map(|p| redirect::cgroup_path(&root, p))
+                .collect(),
+        }),
     )?);
     if !cfg.watch.patterns.is_empty() {
         // Attaches to the existing matches before we say ready.
@@ -186,6 +196,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         max_scan_request: cfg.policy.max_request_scan_bytes,
         websocket: cfg.policy.websocket,
         listen: listeners.iter().map(|(a, _)| ProxyAddr(*a)).collect(),
+        host_ruled: cfg.watch.host.ruled_targets,
         connect_timeout: Duration::from_secs(cfg.proxy.connect_timeout_secs),
         limits: cfg.proxy.limits.clone(),
         per_identity: Default::default(),

@@ -97,6 +97,11 @@ pub struct WorkloadIdentity {
     /// refuses such connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unattributed: Option<String>,
+    /// Outside every watched job cgroup (`watch.host`): a host process —
+    /// a unit, a container, a daemon, or a job that left its cgroup. No
+    /// CI identity is read for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host: bool,
 }
 
 /// A small map that forgets its oldest entries beyond `cap`.
@@ -377,7 +382,16 @@ impl Inner {
             None => self.cgroup_path(origin.cgroup_id),
         };
         let watched = self.watched_rel();
+        let host = path
+            .as_deref()
+            .is_some_and(|p| !Self::in_watched(&watched, p));
         let att = match &me {
+            _ if host => Attribution {
+                ci: None,
+                source: None,
+                unattributed: None,
+                anchored: false,
+            },
             Some(me) => self.attribute_live(&watched, me, path.as_deref()),
             // Gone (or not the one) before we looked: only its cgroup is
             // left to go by.
@@ -419,6 +433,7 @@ impl Inner {
             ci: att.ci,
             ci_source: att.source,
             unattributed: att.unattributed,
+            host,
         };
         (identity, process)
     }

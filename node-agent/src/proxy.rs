@@ -52,6 +52,10 @@ pub struct Counters {
     pub record_errors: AtomicU64,
 }
 
+/// Why a host process's connection to a target with rules is refused.
+const HOST_REFUSED: &str =
+    "a host process outside the watched job cgroups (watch.host.ruled_targets: refuse)";
+
 pub struct Proxy {
     pub redirector: Arc<Redirector>,
     pub identities: IdentityResolver,
@@ -70,6 +74,8 @@ pub struct Proxy {
     /// WebSocket upgrades on targets with rules: inspect or refuse.
     pub websocket: crate::http::WebSocketMode,
     pub listen: Vec<ProxyAddr>,
+    /// What host processes get on targets with rules (`watch.host`).
+    pub host_ruled: crate::config::HostRuled,
     pub connect_timeout: Duration,
     pub limits: crate::config::Limits,
     pub per_identity: ConnLimiter,
@@ -444,6 +450,18 @@ impl Proxy {
         };
         let protocol = targets.protocol(origin.target_id);
         let intercepting = mode == TlsMode::Intercept || protocol == Protocol::Postgres;
+        // A host process (outside every job cgroup: a daemon, a container,
+        // a job that left its cgroup) is kept away from what the policy
+        // guards: a database at once, an HTTPS target once its name says
+        // it is one (names spliced untouched stay open).
+        let host_refused = r.identity.host
+            && self.host_ruled == crate::config::HostRuled::Refuse
+            && r.target
+                .as_deref()
+                .is_some_and(|t| self.policy.current().target_has_rules(t));
+        if host_refused && protocol == Protocol::Postgres {
+            return self.refuse_recorded(r, client, HOST_REFUSED.into());
+        }
         // Intercepted HTTP gets a 403 per request and Postgres an error
         // per statement (clearer to the job); any other suspended
         // connection is refused outright.
@@ -503,8 +521,15 @@ impl Proxy {
             }
             (_, TlsMode::None) => splice(client, upstream, &[], self.idle()).await,
             (_, TlsMode::Intercept | TlsMode::Passthrough) => {
-                self.tls_path(&mut r, client, upstream, &targets, origin.target_id)
-                    .await
+                self.tls_path(
+                    &mut r,
+                    client,
+                    upstream,
+                    &targets,
+                    origin.target_id,
+                    host_refused,
+                )
+                .await
             }
         };
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
@@ -542,6 +567,7 @@ impl Proxy {
         upstream: TcpStream,
         targets: &crate::targets::TargetTable,
         target_id: u32,
+        host_refused: bool,
     ) -> Outcome {
         let counts = client.counts.clone();
         let (hello, prefix) = match tokio::time::timeout(
@@ -589,6 +615,15 @@ impl Proxy {
                 return Outcome::Refused { reason };
             }
         };
+        if host_refused {
+            r.tls = Some(tls_info("refused"));
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(sni = %name.as_str(), "host process refused on a target with rules");
+            refuse(client.inner);
+            return Outcome::Refused {
+                reason: HOST_REFUSED.into(),
+            };
+        }
         r.tls = Some(tls_info("intercepted"));
         let Some(tls) = self.tls.clone() else {
             refuse(client.inner);

@@ -186,6 +186,61 @@ fn unpin_dir(dir: &Path) -> usize {
     n
 }
 
+/// The redirect on the root cgroup (`watch.host`): every process of the
+/// host but the node's own and the exempt subtrees.
+#[derive(Clone, Debug)]
+pub struct HostAttach {
+    /// The cgroup2 mount (the root cgroup).
+    pub root: PathBuf,
+    /// Exempt subtrees (absolute).
+    pub exempt: Vec<PathBuf>,
+}
+
+/// The root cgroup's links are pinned in the node's directory under these
+/// names (`host_` + program).
+const HOST_PREFIX: &str = "host_";
+
+/// Attaches the redirect programs (the sock_addr hooks and sockops, not
+/// the job-only raw-socket refusal) to one cgroup file, pinned in `dir`
+/// as `prefix` + program name (not yet renamed into place).
+fn attach_redirect(
+    ebpf: &mut Ebpf,
+    f: &File,
+    dir: &Path,
+    prefix: &str,
+) -> Result<Vec<(PinnedLink, PathBuf)>, RedirectError> {
+    let mut fresh = Vec::new();
+    // bpf_link attachments always coexist with other programs on the
+    // cgroup (systemd's, another Sluice instance); the mode must be 0.
+    for name in SOCK_ADDR_PROGRAMS {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        let id = prog
+            .attach(f, CgroupAttachMode::Single)
+            .map_err(prog_err(name))?;
+        let link = prog.take_link(id).map_err(prog_err(name))?;
+        fresh.push(pin_new(
+            to_fd(link, name)?,
+            dir,
+            &format!("{prefix}{name}"),
+        )?);
+    }
+    let prog: &mut SockOps = program(ebpf, SOCKOPS_PROGRAM)?;
+    let id = prog
+        .attach(f, CgroupAttachMode::Single)
+        .map_err(prog_err(SOCKOPS_PROGRAM))?;
+    let link = prog.take_link(id).map_err(prog_err(SOCKOPS_PROGRAM))?;
+    fresh.push(pin_new(
+        to_fd(link, SOCKOPS_PROGRAM)?,
+        dir,
+        &format!("{prefix}{SOCKOPS_PROGRAM}"),
+    )?);
+    Ok(fresh)
+}
+
+fn redirect_programs() -> impl Iterator<Item = &'static str> {
+    SOCK_ADDR_PROGRAMS.iter().copied().chain([SOCKOPS_PROGRAM])
+}
+
 /// One entry of the kernel's target set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TargetEntry {
@@ -203,6 +258,12 @@ pub struct Redirector {
     /// instead of unwatched. `detach` removes them.
     links: Mutex<BTreeMap<PathBuf, Vec<PinnedLink>>>,
     _lsm_links: Vec<PinnedLink>,
+    /// The redirect on the root cgroup (`watch.host`), and where its
+    /// links are pinned (the node's directory).
+    host: Option<HostAttach>,
+    _exempt: HashMap<MapData, u64, u32>,
+    host_links: Mutex<Vec<PinnedLink>>,
+    node_dir: PathBuf,
     _packet_links: Vec<PinnedLink>,
     watched: Mutex<HashMap<MapData, u64, u32>>,
     pub containment: Containment,
@@ -339,6 +400,7 @@ impl Redirector {
         proxy_v4: Ipv4Addr,
         proxy_v6: Ipv6Addr,
         port: u16,
+        host: Option<HostAttach>,
     ) -> Result<Self, RedirectError> {
         let layout = crate::contain::KernelLayout::from_sys_fs();
         let mut loader = EbpfLoader::new();
@@ -373,9 +435,29 @@ impl Redirector {
             addr6: proxy_v6.octets(),
             port: port.to_be_bytes(),
             enabled: 1,
-            _pad: 0,
+            has_exempt: u8::from(host.as_ref().is_some_and(|h| !h.exempt.is_empty())),
             netns_cookie,
+            node_tgid: std::process::id(),
+            _pad2: 0,
         };
+        // Held for the node's life: the programs loaded below refer to it.
+        let mut exempt: HashMap<MapData, u64, u32> = take(&mut ebpf, "EXEMPT")?;
+        if let Some(h) = &host {
+            for dir in &h.exempt {
+                let id = std::fs::metadata(dir)
+                    .map_err(|source| RedirectError::Cgroup {
+                        path: dir.clone(),
+                        source,
+                    })?
+                    .ino();
+                exempt
+                    .insert(id, 1, 0)
+                    .map_err(|source| RedirectError::Map {
+                        name: "EXEMPT".into(),
+                        source,
+                    })?;
+            }
+        }
         proxy.set(0, cfg, 0).map_err(|source| RedirectError::Map {
             name: "PROXY".into(),
             source,
@@ -435,6 +517,10 @@ impl Redirector {
         let me = Self {
             links: Mutex::new(BTreeMap::new()),
             _lsm_links: lsm_links,
+            host,
+            _exempt: exempt,
+            host_links: Mutex::new(Vec::new()),
+            node_dir: node_dir.to_owned(),
             _packet_links: packet_links,
             watched: Mutex::new(watched),
             containment,
@@ -457,7 +543,32 @@ impl Redirector {
         for c in cgroups {
             me.attach_cgroup(c)?;
         }
+        if me.host.is_some() {
+            me.attach_host()?;
+        }
         Ok(me)
+    }
+
+    /// Attaches (again) the redirect to the root cgroup, pinned in the
+    /// node's directory in place of what was there.
+    fn attach_host(&self) -> Result<(), RedirectError> {
+        let Some(h) = &self.host else {
+            return Ok(());
+        };
+        let f = File::open(&h.root).map_err(|source| RedirectError::Cgroup {
+            path: h.root.clone(),
+            source,
+        })?;
+        std::fs::create_dir_all(&self.node_dir)
+            .map_err(|e| RedirectError::Pin(format!("{}: {e}", self.node_dir.display())))?;
+        let fresh = {
+            let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+            attach_redirect(&mut ebpf, &f, &self.node_dir, HOST_PREFIX)?
+        };
+        let links = retire_and_rename(fresh)?;
+        *self.host_links.lock().unwrap_or_else(|e| e.into_inner()) = links;
+        info!(root = %h.root.display(), exempt = ?h.exempt, "redirect attached to the root cgroup: every process of the host");
+        Ok(())
     }
 
     /// Attaches the cgroup programs to `cgroup` (pinned; a previous
@@ -496,29 +607,10 @@ impl Redirector {
                 name: "WATCHED".into(),
                 source,
             })?;
-        let mut fresh: Vec<(PinnedLink, PathBuf)> = Vec::new();
+        let mut fresh: Vec<(PinnedLink, PathBuf)>;
         {
             let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
-            // bpf_link attachments always coexist with other programs on the
-            // cgroup (systemd's, another Sluice instance); the mode must be 0.
-            for name in SOCK_ADDR_PROGRAMS {
-                let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-                let id = prog
-                    .attach(&f, CgroupAttachMode::Single)
-                    .map_err(prog_err(name))?;
-                let link = prog.take_link(id).map_err(prog_err(name))?;
-                fresh.push(pin_new(to_fd(link, name)?, &dir, name)?);
-            }
-            let prog: &mut SockOps = program(&mut ebpf, SOCKOPS_PROGRAM)?;
-            let id = prog
-                .attach(&f, CgroupAttachMode::Single)
-                .map_err(prog_err(SOCKOPS_PROGRAM))?;
-            let link = prog.take_link(id).map_err(prog_err(SOCKOPS_PROGRAM))?;
-            fresh.push(pin_new(
-                to_fd(link, SOCKOPS_PROGRAM)?,
-                &dir,
-                SOCKOPS_PROGRAM,
-            )?);
+            fresh = attach_redirect(&mut ebpf, &f, &dir, "")?;
             let prog: &mut CgroupSock = program(&mut ebpf, SOCK_PROGRAM)?;
             let id = prog
                 .attach(&f, CgroupAttachMode::Single)
@@ -558,6 +650,22 @@ impl Redirector {
     /// attached again. Returns the cgroups repaired, with what was wrong.
     pub fn restore_links(&self) -> Vec<(PathBuf, Vec<String>)> {
         let mut broken = Vec::new();
+        if let Some(h) = &self.host {
+            let mut wrong: Vec<String> = redirect_programs()
+                .filter(|name| !link_attached(&self.node_dir.join(format!("{HOST_PREFIX}{name}"))))
+                .map(|name| format!("root cgroup link {name} detached or unpinned"))
+                .collect();
+            if !wrong.is_empty() {
+                match self.attach_host() {
+                    Ok(()) => {
+                        self.links_restored
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => wrong.push(format!("re-attaching failed: {e}")),
+                }
+                broken.push((h.root.clone(), wrong));
+            }
+        }
         for cgroup in self.cgroups() {
             let dir = pin_dir(&cgroup);
             let mut wrong: Vec<String> = cgroup_programs()
@@ -664,6 +772,11 @@ impl Redirector {
             }
         }
         wrong
+    }
+
+    /// Whether the redirect is on the root cgroup too (`watch.host`).
+    pub fn host_scope(&self) -> bool {
+        self.host.is_some()
     }
 
     /// The cgroups the programs are attached to now.

@@ -55,6 +55,32 @@ const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
 #[map]
 static WATCHED: HashMap<u64, u32> = HashMap::with_max_entries(8192, 0);
 
+/// cgroup subtrees the redirect leaves alone (`watch.host.exempt`).
+#[map]
+static EXEMPT: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Whether the current task is in an exempt subtree with no watched
+/// cgroup on its path (a watched cgroup is never exempt).
+#[inline(always)]
+pub(crate) fn exempt() -> bool {
+    let mut exempt = false;
+    let mut level = 0;
+    while level < WATCHED_MAX_LEVEL {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        if unsafe { WATCHED.get(&id) }.is_some() {
+            return false;
+        }
+        if unsafe { EXEMPT.get(&id) }.is_some() {
+            exempt = true;
+        }
+        level += 1;
+    }
+    exempt
+}
+
 // Struct layout of this kernel, read from its BTF by the agent at load time
 // (read-only globals: the verifier sees them as constants). The cgroup
 // guard stays off unless all were found.

@@ -58,13 +58,43 @@ pub(crate) fn count(idx: u32) {
     }
 }
 
+/// What a connect to a target from this task gets: redirected to the
+/// proxy, let through (the node's own, an exempt subtree), or refused
+/// (no proxy configured: fail closed).
+enum Verdict {
+    Redirect(ProxyConfig),
+    LetThrough,
+    Refuse,
+}
+
 #[inline(always)]
-fn proxy() -> Option<ProxyConfig> {
-    let cfg = PROXY.get(0)?;
-    if cfg.enabled == 0 {
-        return None;
+fn verdict() -> Verdict {
+    let Some(cfg) = PROXY.get(0) else {
+        return Verdict::Refuse;
+    };
+    if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.node_tgid {
+        return Verdict::LetThrough;
     }
-    Some(*cfg)
+    if cfg.has_exempt != 0 && crate::contain::exempt() {
+        return Verdict::LetThrough;
+    }
+    if cfg.enabled == 0 {
+        return Verdict::Refuse;
+    }
+    Verdict::Redirect(*cfg)
+}
+
+/// A connect that reaches the proxy's own address: the redirect of a
+/// program attached lower in the hierarchy (this socket has an origin
+/// already) or the node; anything else is refused, so that no connection
+/// can be taken for another's origin.
+#[inline(always)]
+fn direct_to_proxy_allowed(ctx: &SockAddrContext, cfg: &ProxyConfig) -> bool {
+    if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.node_tgid {
+        return true;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    unsafe { ORIGIN_BY_COOKIE.get(&cookie) }.is_some()
 }
 
 #[inline(always)]
@@ -204,6 +234,9 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
     let port_be = (port as u16).to_ne_bytes();
     if ty == SOCK_DGRAM {
         if is_target_addr_v4(addr) || target_v4(addr, port_be).is_some() {
+            if matches!(verdict(), Verdict::LetThrough) {
+                return ALLOW;
+            }
             count(stat::UDP_REFUSED);
             return REFUSE;
         }
@@ -213,7 +246,7 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     if let Some(cfg) = PROXY.get(0) {
-        if addr == cfg.addr4 && port_be == cfg.port {
+        if addr == cfg.addr4 && port_be == cfg.port && !direct_to_proxy_allowed(&ctx, cfg) {
             count(stat::PROXY_DIRECT_REFUSED);
             return REFUSE;
         }
@@ -222,8 +255,10 @@ pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     // A target while no proxy is configured: fail closed.
-    let Some(cfg) = proxy() else {
-        return REFUSE;
+    let cfg = match verdict() {
+        Verdict::Redirect(cfg) => cfg,
+        Verdict::LetThrough => return ALLOW,
+        Verdict::Refuse => return REFUSE,
     };
     if !same_netns(&ctx, &cfg) {
         count(stat::FOREIGN_NETNS_REFUSED);
@@ -269,6 +304,9 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
     };
     if ty == SOCK_DGRAM {
         if is_target_addr {
+            if matches!(verdict(), Verdict::LetThrough) {
+                return ALLOW;
+            }
             count(stat::UDP_REFUSED);
             return REFUSE;
         }
@@ -282,7 +320,7 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
             Some(v4) => v4.to_ne_bytes() == cfg.addr4,
             None => bytes == cfg.addr6,
         };
-        if direct && port_be == cfg.port {
+        if direct && port_be == cfg.port && !direct_to_proxy_allowed(&ctx, cfg) {
             count(stat::PROXY_DIRECT_REFUSED);
             return REFUSE;
         }
@@ -294,8 +332,10 @@ pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
     let Some(target) = target else {
         return ALLOW;
     };
-    let Some(cfg) = proxy() else {
-        return REFUSE;
+    let cfg = match verdict() {
+        Verdict::Redirect(cfg) => cfg,
+        Verdict::LetThrough => return ALLOW,
+        Verdict::Refuse => return REFUSE,
     };
     if !same_netns(&ctx, &cfg) {
         count(stat::FOREIGN_NETNS_REFUSED);
@@ -348,7 +388,9 @@ pub fn sluice_sendmsg4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
     let (addr, port_be) = (ip.to_ne_bytes(), (port as u16).to_ne_bytes());
-    if is_target_addr_v4(addr) || target_v4(addr, port_be).is_some() {
+    if (is_target_addr_v4(addr) || target_v4(addr, port_be).is_some())
+        && !matches!(verdict(), Verdict::LetThrough)
+    {
         count(stat::UDP_REFUSED);
         return REFUSE;
     }
@@ -368,7 +410,7 @@ pub fn sluice_sendmsg6(ctx: SockAddrContext) -> i32 {
             is_target_addr_v6(bytes) || target_v6(bytes, port_be).is_some()
         }
     };
-    if hit {
+    if hit && !matches!(verdict(), Verdict::LetThrough) {
         count(stat::UDP_REFUSED);
         return REFUSE;
     }
@@ -460,6 +502,11 @@ pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
         if let Some(origin) = unsafe { ORIGIN_BY_COOKIE.get(&cookie) } {
             let origin = *origin;
             let key = client_key(&ctx);
+            // Attached to a job cgroup and the root, this runs twice for
+            // the job's sockets: once is enough.
+            if unsafe { ORIGIN_BY_CLIENT.get(&key) }.is_some_and(|o| o.cookie == cookie) {
+                return 0;
+            }
             if ORIGIN_BY_CLIENT.insert(&key, &origin, 0).is_ok() {
                 count(stat::REKEYED);
             }

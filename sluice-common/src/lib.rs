@@ -49,9 +49,14 @@ pub struct ProxyConfig {
     /// Listen port, network byte order.
     pub port: [u8; 2],
     pub enabled: u8,
-    pub _pad: u8,
+    /// 1 when the EXEMPT map holds any cgroup (skips the walk otherwise).
+    pub has_exempt: u8,
     /// `bpf_get_netns_cookie` of the proxy's namespace.
     pub netns_cookie: u64,
+    /// The node's own process (its connections to targets are never
+    /// redirected: with the programs on the root cgroup they would loop).
+    pub node_tgid: u32,
+    pub _pad2: u32,
 }
 
 /// What the kernel knew about a redirected connection when the client

@@ -331,6 +331,10 @@ pub struct Node {
     child: Child,
 }
 
+/// The tests' node configuration keeps the redirect to the watched
+/// cgroups (`Env::host_mode` puts it on the root cgroup too).
+pub const HOST_OFF: &str = "  host:\n    enabled: false\n";
+
 /// The test operator's private key in `dir` (made on first use; its
 /// `.pub` is what the node's `decisions.keys` lists).
 pub fn operator_key(dir: &Path) -> PathBuf {
@@ -604,7 +608,7 @@ impl Env {
         let cgroup = Cgroup::new(idx);
         // Each node its own metrics port (beside its proxy port).
         let config = format!(
-            "proxy:\n  port: {}\nmetrics:\n  listen: \"127.0.0.1:{}\"\nwatch:\n  cgroups:\n    - path: {}\ntargets:\n{}workloads:\n  - name: e2e-jobs\n    cgroup: \"/{}-*\"\n{}",
+            "proxy:\n  port: {}\nmetrics:\n  listen: \"127.0.0.1:{}\"\nwatch:\n{HOST_OFF}  cgroups:\n    - path: {}\ntargets:\n{}workloads:\n  - name: e2e-jobs\n    cgroup: \"/{}-*\"\n{}",
             16000 + 300 * slot() + idx,
             18000 + 300 * slot() + idx,
             cgroup.rel,
@@ -620,6 +624,16 @@ impl Env {
             config,
             dir,
         }
+    }
+
+    /// Restarts the node with the redirect on the root cgroup as well
+    /// (`watch.host`, the default outside the tests: here every other test
+    /// reaches the fake remotes straight from the test process).
+    pub fn host_mode(&mut self, extra: &str) {
+        self.config =
+            self.config
+                .replacen(HOST_OFF, &format!("  host:\n    enabled: true\n{extra}"), 1);
+        self.restart();
     }
 
     /// Starts a new node on the same state directory.
@@ -1070,5 +1084,52 @@ impl Nats {
 impl Drop for Nats {
     fn drop(&mut self) {
         self.down();
+    }
+}
+
+/// `tests/fixtures/host_daemon.py serve`, outside the watched cgroups.
+pub struct HostDaemon {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl HostDaemon {
+    pub fn start(dir: &Path) -> Self {
+        let socket = dir.join("hostd.sock");
+        let mut child = Command::new("python3")
+            .arg(format!("{FIXTURES}/host_daemon.py"))
+            .args(["serve", socket.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
+        HostDaemon { child, socket }
+    }
+
+    /// The job (in its cgroup) has the daemon run `cmd`: its output.
+    pub fn ask(&self, env: &Env, cmd: &str) -> String {
+        let out = env.cgroup.run(
+            "python3",
+            &[
+                &format!("{FIXTURES}/host_daemon.py"),
+                "ask",
+                self.socket.to_str().unwrap(),
+                cmd,
+            ],
+        );
+        text(&out)
+    }
+}
+
+impl Drop for HostDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -604,53 +604,6 @@ fn root_job_cannot_approve_its_own_request_or_lift_its_own_suspension() {
     assert!(audit.contains("\"by\":\"alice\""), "{audit}");
 }
 
-/// `tests/fixtures/host_daemon.py serve`, outside the watched cgroups.
-struct HostDaemon {
-    child: std::process::Child,
-    socket: PathBuf,
-}
-
-impl HostDaemon {
-    fn start(dir: &Path) -> Self {
-        let socket = dir.join("hostd.sock");
-        let mut child = Command::new("python3")
-            .arg(format!("{FIXTURES}/host_daemon.py"))
-            .args(["serve", socket.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready");
-        HostDaemon { child, socket }
-    }
-
-    /// The job (in its cgroup) has the daemon run `cmd`: its output.
-    fn ask(&self, env: &Env, cmd: &str) -> String {
-        let out = env.cgroup.run(
-            "python3",
-            &[
-                &format!("{FIXTURES}/host_daemon.py"),
-                "ask",
-                self.socket.to_str().unwrap(),
-                cmd,
-            ],
-        );
-        text(&out)
-    }
-}
-
-impl Drop for HostDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // ---- the policy floor ---------------------------------------------------
 
 #[test]

@@ -12,6 +12,7 @@ mod fleet;
 mod foundation;
 mod fronting;
 mod harness;
+mod host;
 mod hostile;
 mod masking;
 mod pg;

@@ -508,6 +508,18 @@ impl CompiledPolicy {
             .map_or("-", |w| w.name.as_str())
     }
 
+    /// Whether any rule or credential of the bundle concerns `target`
+    /// (whatever the workload): what a host process is kept away from
+    /// (`watch.host.ruled_targets: refuse`).
+    pub fn target_has_rules(&self, target: &str) -> bool {
+        self.credentials.contains_key(target)
+            || self
+                .bundle
+                .rules
+                .iter()
+                .any(|r| r.targets.is_empty() || r.targets.iter().any(|t| t == target))
+    }
+
     pub fn has_request_rules(&self, target: &str, identity: &WorkloadIdentity) -> bool {
         self.any_rule(Direction::Request, target, identity, |_| true)
     }
