@@ -221,8 +221,31 @@ fn a_nodes_sessions_are_searched_replayed_and_verified_in_the_console_in_a_real_
         &posted_body,
         "https://api.fake.test:443/echo",
     ]);
-    // And a connection of another repository, which the search must leave out.
-    env.get_ok(1);
+    // And a connection of another repository (the next job its runner
+    // runs in this cgroup), which the search must leave out.
+    let resolve = format!("api.fake.test:443:{}", env.remote.remote);
+    let out = env
+        .cgroup
+        .under_runner(
+            "Runner.Worker",
+            env.dir.path(),
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "30",
+                "--resolve",
+                &resolve,
+                "https://api.fake.test:443/json",
+            ],
+        )
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_REPOSITORY", "acme/other")
+        .env("GITHUB_RUN_ID", "5151")
+        .env("GITHUB_ACTOR", "carol")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
 
     let console = Console::start(&dir.path().join("console"), &nats.url());
     let sessions = console.wait_api("/api/sessions?repository=acme/widgets", |v| {

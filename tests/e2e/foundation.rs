@@ -106,10 +106,17 @@ fn curl_in_watched_cgroup_is_intercepted_attributed_and_recorded() {
         .cli_json(&["sessions", "list", "--json", "--identity", "other/repo"]);
     assert_eq!(none.as_array().unwrap().len(), 0);
 
-    // A GitLab job in the same cgroup gets its own identity.
+    // A GitLab job run next in the same cgroup by its runner gets its own
+    // identity (without a runner process it would be the cgroup's first
+    // job's: hostile.rs).
     let out = env
         .cgroup
-        .command("curl", &["-sS", "--max-time", "10", &url])
+        .under_runner(
+            "gitlab-runner",
+            env.dir.path(),
+            "curl",
+            &["-sS", "--max-time", "10", &url],
+        )
         .env("GITLAB_CI", "true")
         .env("CI_PROJECT_PATH", "group/project")
         .env("CI_PIPELINE_ID", "777")

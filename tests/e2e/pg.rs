@@ -111,6 +111,21 @@ impl PgServer {
         server
     }
 
+    /// Puts `line` first in pg_hba.conf and reloads: how the server asks
+    /// TCP clients to authenticate from now on.
+    pub fn hba_first(&self, line: &str) {
+        let hba = self
+            .sock
+            .parent()
+            .expect("server directory")
+            .join("data/pg_hba.conf");
+        let text = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(&hba, format!("{line}\n{text}")).unwrap();
+        self.admin("SELECT pg_reload_conf()", "postgres");
+        // The postmaster rereads it on SIGHUP, asynchronously.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     /// Runs SQL as the superuser over the server's own socket (not
     /// through the node): the test's view of the truth.
     pub fn admin(&self, sql: &str, db: &str) -> String {

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::{
     harness::text,
-    pg::{PgEnv, APP_ROLE, PG_BIN, READER_PASSWORD, READER_ROLE},
+    pg::{bundle, PgEnv, APP_ROLE, PG_BIN, READER_PASSWORD, READER_ROLE},
 };
 
 /// An AWS-access-key-shaped value, made up per run (never committed).
@@ -830,4 +830,32 @@ fn sql_rules_see_what_runs_inside_blocks_functions_and_the_search_path() {
         let out = ok(&p.psql(&ci, &["-c", sql]), sql, &p);
         assert_eq!(out.trim(), want, "{sql}");
     }
+}
+
+#[test]
+fn the_node_credential_is_not_sent_to_a_server_asking_for_it_in_clear() {
+    let p = PgEnv::new();
+    let ci = verify_full(&p, APP_ROLE);
+    ok(&p.psql(&ci, &["-c", "SELECT 1"]), "SCRAM login", &p);
+    // The server (a CIDR target's, or one reached with upstream TLS off)
+    // now asks for the password itself.
+    p.pg.hba_first("host all all 0.0.0.0/0 password");
+    let out = p.psql(&ci, &["-c", "SELECT 1"]);
+    assert!(!out.status.success(), "login must fail: {}", text(&out));
+    assert!(
+        text(&out).contains("cleartext password") && text(&out).contains("weak_auth"),
+        "the job is told why: {}",
+        text(&out)
+    );
+    // Allowed by the bundle, the same server gets it.
+    let yaml = bundle(11, p.env.dir.path()).replace(
+        &format!("    user: {APP_ROLE}\n"),
+        &format!("    user: {APP_ROLE}\n    weak_auth: true\n"),
+    );
+    assert!(yaml.contains("weak_auth: true"));
+    p.push_yaml(11, &yaml);
+    assert_eq!(
+        ok(&p.psql(&ci, &["-c", "SELECT 1"]), "cleartext allowed", &p).trim(),
+        "1"
+    );
 }

@@ -493,7 +493,7 @@ def main():
         keys = os.path.join(tmp, "team")
         subprocess.run([sluice, "policy", "keygen", keys], check=True, capture_output=True)
         with open(cfg, "w") as f:
-            f.write("proxy:\n  port: %d\n  limits: {max_connections_per_identity: %d, idle_timeout_secs: 600}\nwatch:\n  cgroups: [{path: %s}, {path: %s}]\n"
+            f.write("proxy:\n  port: %d\n  limits: {max_connections_per_identity: %d, idle_timeout_secs: 600}\nwatch:\n  host: {enabled: false}\n  cgroups: [{path: %s}, {path: %s}]\n"
                     "targets:\n  - name: hbench-api\n    addresses: [\"%s\"]\n    ports: [443, %d]\n"
                     "    tls: intercept\n    sni: [%s]\n"
                     "workloads:\n  - name: hbench\n    cgroup: \"/%s*\"\n"

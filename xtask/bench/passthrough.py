@@ -13,6 +13,13 @@ redirects every :443 connection (`addresses: [0.0.0.0/0, ::/0]`,
 speaks TLS to a server on :443 under a name that is *not* a target, so
 every connection pays redirect + ClientHello read + splice. Both sides
 (direct and via Sluice) do the same TLS handshake.
+
+--host-cost: what `watch.host` (the redirect on the root cgroup) costs a
+process of the host that is *not* in a job: the same client, outside every
+watched cgroup, with no node at all against a node with `watch.host` on.
+Without --all-egress the client's server is not a target (every connect
+only runs the hook's lookups); with it, every :443 connection of the host
+is redirected and spliced.
 """
 import argparse
 import json
@@ -192,6 +199,43 @@ def client(n_connects, bulk_bytes, bulk_rounds):
     }))
 
 
+# ---------------------------------------------------------------- host cost
+def host_cost(a, args, start_node, stop_node, node):
+    """The same client outside every job: no node (no hooks) against a node
+    with `watch.host` on, interleaved; CPU time of the whole machine per
+    connection from /proc/stat."""
+    def cpu():
+        f = open("/proc/stat").readline().split()[1:8]
+        return sum(int(x) for x in f) - int(f[3]) - int(f[4])  # busy jiffies
+
+    results = {"no node": [], "watch.host": []}
+    for _ in range(2):
+        for side in ["watch.host", "no node"]:
+            if side == "no node" and node is not None:
+                stop_node(node)
+                node = None
+            if side == "watch.host" and node is None:
+                node = start_node()
+            c0 = cpu()
+            r = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+            r["cpu_us_per_connect"] = (cpu() - c0) * 1e6 / os.sysconf("SC_CLK_TCK") / (a.connects + a.rounds)
+            results[side].append(r)
+    if node is not None:
+        stop_node(node)
+    title = ("every :443 connection of the host redirected and spliced"
+             if a.all_egress else "connections to addresses that are not targets")
+    print("\nSluice watch.host cost for a host process outside the jobs: %s "
+          "(%d connects x2, %d MiB x %d x2; best of runs)" % (title, a.connects, a.bulk_mb, a.rounds))
+    print("%-22s %12s %12s %8s" % ("metric", "no node", "watch.host", "ratio"))
+    for key, lower in [("connect_p50_us", True), ("connect_p99_us", True),
+                       ("connect_mean_us", True), ("bulk_mb_s", False),
+                       ("cpu_us_per_connect", True)]:
+        vals = {s: [r[key] for r in results[s]] for s in results}
+        pick = min if lower else max
+        dv, hv = pick(vals["no node"]), pick(vals["watch.host"])
+        print("%-22s %12.1f %12.1f %8.2f" % (key, dv, hv, hv / dv))
+
+
 # ---------------------------------------------------------------- driver
 def main():
     ap = argparse.ArgumentParser()
@@ -201,6 +245,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--all-egress", action="store_true",
                     help="redirect every :443 connection, TLS to a non-target name (spliced)")
+    ap.add_argument("--host-cost", action="store_true",
+                    help="a host process outside the jobs: no node vs watch.host on")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (eBPF, cgroups, network namespaces)")
@@ -227,8 +273,13 @@ def main():
     os.makedirs(cg, exist_ok=True)
     cfg = os.path.join(tmp, "bench.yaml")
     with open(cfg, "w") as f:
-        f.write("proxy:\n  port: 15999\nwatch:\n  cgroups: [{path: sluice-bench}]\n")
-        if a.all_egress:
+        f.write("proxy:\n  port: 15999\nwatch:\n  host: {enabled: %s}\n  cgroups: [{path: sluice-bench}]\n"
+                % ("true" if a.host_cost else "false"))
+        if a.host_cost and not a.all_egress:
+            # A target elsewhere: the client's own server is not one.
+            f.write("targets:\n  - name: bench\n    addresses: [\"10.213.0.3\"]\n    ports: [%d]\n"
+                    % PING_PORT)
+        elif a.all_egress:
             f.write("targets:\n  - name: saas\n    addresses: [\"0.0.0.0/0\", \"::/0\"]\n"
                     "    ports: [443]\n    tls: intercept\n    unknown_sni: splice\n"
                     "    sni: [api.bench.test]\n")
@@ -236,17 +287,25 @@ def main():
             f.write("targets:\n  - name: bench\n    addresses: [\"%s\"]\n    ports: [%d, %d]\n"
                     % (REMOTE_IP, PING_PORT, BULK_PORT))
     sock = os.path.join(tmp, "control.sock")
-    node = subprocess.Popen([a.sluice, "--socket", sock, "run", "--config", cfg,
-                             "--state-dir", os.path.join(tmp, "state")],
-                            stderr=open(os.path.join(tmp, "sluice.log"), "w"),
-                            env=dict(os.environ, SLUICE_LOG="warn"))
-    try:
+
+    def start_node():
+        n = subprocess.Popen([a.sluice, "--socket", sock, "run", "--config", cfg,
+                              "--state-dir", os.path.join(tmp, "state")],
+                             stderr=open(os.path.join(tmp, "sluice.log"), "a"),
+                             env=dict(os.environ, SLUICE_LOG="warn"))
         for _ in range(200):
             if subprocess.run([a.sluice, "--socket", sock, "status"], capture_output=True).returncode == 0:
-                break
+                return n
             time.sleep(0.1)
-        else:
-            sys.exit("sluice did not start; see %s/sluice.log" % tmp)
+        sys.exit("sluice did not start; see %s/sluice.log" % tmp)
+
+    def stop_node(n):
+        n.terminate()
+        n.wait()
+        subprocess.run([a.sluice, "detach", "--config", cfg], capture_output=True)
+
+    node = start_node()
+    try:
         for _ in range(100):
             port = TLS_PORT if a.all_egress else PING_PORT
             try:
@@ -256,6 +315,10 @@ def main():
                 time.sleep(0.1)
         mode = "--tls-client" if a.all_egress else "--client"
         args = [sys.executable, me, mode, str(a.connects), str(a.bulk_mb << 20), str(a.rounds)]
+        if a.host_cost:
+            host_cost(a, args, start_node, stop_node, node)
+            node = None
+            return
         # Interleave runs so that machine noise hits both sides alike.
         results = {"direct": [], "sluice": []}
         for _ in range(2):
@@ -286,8 +349,9 @@ def main():
         print("(latency ratio >1 = slower through Sluice; throughput ratio <1 = less throughput)")
         print("connections through sluice: %d" % st["connections_forwarded"])
     finally:
-        node.terminate()
-        node.wait()
+        if node is not None:
+            node.terminate()
+            node.wait()
         # The node leaves its hooks pinned (fail closed); remove them.
         subprocess.run([a.sluice, "detach", "--config", cfg], capture_output=True)
         server.kill()

@@ -163,7 +163,7 @@ def main():
             f.write(PASSWORD + "\n")
         cfg = os.path.join(tmp, "sluice.yaml")
         with open(cfg, "w") as f:
-            f.write("proxy:\n  port: %d\nwatch:\n  cgroups: [{path: %s}]\n"
+            f.write("proxy:\n  port: %d\nwatch:\n  host: {enabled: false}\n  cgroups: [{path: %s}]\n"
                     "targets:\n  - name: bench-db\n    addresses: [\"%s\"]\n    ports: [5432]\n"
                     "    tls: intercept\n    sni: [%s]\n"
                     "tls:\n  extra_upstream_roots: [\"%s/ca.pem\"]\n"

@@ -185,6 +185,16 @@ fn main() {
                     .arg("--sluice")
                     .arg(target.join("sluice")));
             }
+            if matches!(which, "host" | "all") {
+                for extra in [&[][..], &["--all-egress"][..]] {
+                    run(Command::new("python3")
+                        .arg(root().join("xtask/bench/passthrough.py"))
+                        .arg("--host-cost")
+                        .args(extra)
+                        .arg("--sluice")
+                        .arg(target.join("sluice")));
+                }
+            }
             if matches!(which, "scan" | "all") {
                 run(Command::new(target.join("examples/scan_bench")).arg("100"));
             }
