@@ -208,6 +208,11 @@ def host_cost(a, args, start_node, stop_node, node):
         f = open("/proc/stat").readline().split()[1:8]
         return sum(int(x) for x in f) - int(f[3]) - int(f[4])  # busy jiffies
 
+    def forwarded():
+        st = subprocess.run([a.sluice, "--socket", a.socket_path, "status", "--json"],
+                            capture_output=True, text=True, check=True).stdout
+        return json.loads(st)["connections_forwarded"]
+
     results = {"no node": [], "watch.host": []}
     for _ in range(2):
         for side in ["watch.host", "no node"]:
@@ -216,8 +221,11 @@ def host_cost(a, args, start_node, stop_node, node):
                 node = None
             if side == "watch.host" and node is None:
                 node = start_node()
+            before = forwarded() if node is not None else 0
             c0 = cpu()
             r = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+            if side == "watch.host" and a.all_egress and forwarded() - before < a.connects:
+                sys.exit("watch.host: the host's :443 connections did not go through the node")
             r["cpu_us_per_connect"] = (cpu() - c0) * 1e6 / os.sysconf("SC_CLK_TCK") / (a.connects + a.rounds)
             results[side].append(r)
     if node is not None:
@@ -316,6 +324,7 @@ def main():
         mode = "--tls-client" if a.all_egress else "--client"
         args = [sys.executable, me, mode, str(a.connects), str(a.bulk_mb << 20), str(a.rounds)]
         if a.host_cost:
+            a.socket_path = sock
             host_cost(a, args, start_node, stop_node, node)
             node = None
             return
