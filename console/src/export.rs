@@ -37,6 +37,34 @@ fn parts(store: &Store, node: &str, id: u64) -> Result<Option<Parts>, StoreError
         .filter(|e| e.connection == id && e.kind.starts_with("connection"))
         .find_map(|e| serde_json::from_slice(&e.body).ok())
         .unwrap_or(Value::Null);
+    // With a proof, what is shown is what it proves (events ingested
+    // between the reads above and the checkpoint's choice are in it).
+    if let Ok(ev) = &evidence {
+        let p = sluice_evidence::shown::proven(ev);
+        if !p.session.is_null() {
+            let row = |protocol: &str, record: Value| crate::store::ExchangeRow {
+                protocol: protocol.into(),
+                seq: record["seq"].as_u64().unwrap_or(0),
+                state: None,
+                started_at_ms: 0,
+                summary: String::new(),
+                status: None,
+                rules: Vec::new(),
+                record,
+            };
+            let exchanges = p
+                .exchanges
+                .into_values()
+                .map(|r| row("http", r))
+                .chain(p.statements.into_values().map(|r| row("sql", r)))
+                .collect();
+            return Ok(Some(Parts {
+                session: p.session,
+                exchanges,
+                evidence,
+            }));
+        }
+    }
     Ok(Some(Parts {
         session,
         exchanges,

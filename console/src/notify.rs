@@ -312,8 +312,13 @@ impl Alert {
         let reason = if family == "connection" {
             let o = &body["outcome"];
             let r = o["reason"].as_str()?;
-            (o["status"].as_str() == Some("refused") && r.starts_with("identity suspended"))
-                .then(|| r.to_owned())?
+            // By its kind where the node says it (`outcome.kind`), by
+            // its words for records of nodes that do not.
+            let suspended = match o["kind"].as_str() {
+                Some(kind) => kind == "suspended",
+                None => r.starts_with("identity suspended"),
+            };
+            (o["status"].as_str() == Some("refused") && suspended).then(|| r.to_owned())?
         } else {
             let d = body["decisions"]
                 .as_array()?

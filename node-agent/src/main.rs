@@ -639,6 +639,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Response::Evidence { evidence } => evidence,
                 _ => bail!("unexpected reply to session evidence"),
             };
+            // What the export shows is what the checkpoint proves: the
+            // session may have moved on (a response completed, the close)
+            // between the read above and the seal.
+            let (session, exchanges, statements) =
+                proven_records(&evidence).unwrap_or((session, exchanges, statements));
             match format {
                 ExportFormat::Jsonl => {
                     print!(
@@ -1068,6 +1073,32 @@ async fn sign_resume(
     Ok(signer.sign(sluice_fleet::suspension::RESUME_TYP, &resume)?)
 }
 
+/// The session's records as the evidence proves them (`None` when it
+/// holds no connection record).
+fn proven_records(
+    evidence: &node_agent::record::Evidence,
+) -> Option<(
+    ConnectionRecord,
+    Vec<record::Exchange>,
+    Vec<record::Statement>,
+)> {
+    let p = sluice_evidence::shown::proven(evidence);
+    let session = serde_json::from_value(p.session).ok()?;
+    let exchanges = p
+        .exchanges
+        .into_values()
+        .map(serde_json::from_value)
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    let statements = p
+        .statements
+        .into_values()
+        .map(serde_json::from_value)
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some((session, exchanges, statements))
+}
+
 async fn fetch_session(
     socket: &std::path::Path,
     id: u64,
@@ -1315,7 +1346,7 @@ fn print_sessions(sessions: &[ConnectionRecord]) {
             Outcome::Open => "open".to_string(),
             Outcome::Closed => "closed".to_string(),
             Outcome::Interrupted => "interrupted".to_string(),
-            Outcome::Refused { reason } => format!("refused: {reason}"),
+            Outcome::Refused { reason, .. } => format!("refused: {reason}"),
             Outcome::UpstreamFailed { error } => format!("upstream failed: {error}"),
             Outcome::Failed { error } => format!("failed: {error}"),
         };

@@ -227,34 +227,13 @@ pub fn workload_label(
         .unwrap_or_else(|| policy.workload_name(identity).to_owned())
 }
 
-/// A refusal reason as a bounded label.
-pub fn reason_class(reason: &str) -> &'static str {
-    let r = reason.to_ascii_lowercase();
-    [
-        ("no redirect origin", "no_origin"),
-        ("unattributable", "unattributable"),
-        ("quarantined", "quarantined"),
-        ("connections open (limit", "identity_limit"),
-        ("suspended", "suspended"),
-        ("proxy itself", "loop"),
-        ("record", "recording"),
-        ("sni", "tls"),
-        ("tls", "tls"),
-        ("clienthello", "tls"),
-        ("ech", "tls"),
-    ]
-    .iter()
-    .find(|(k, _)| r.contains(k))
-    .map_or("other", |(_, v)| v)
-}
-
 impl Metrics {
     /// A connection's final record.
     pub fn connection(&self, r: &ConnectionRecord, workload: &str) {
         let (outcome, reason) = match &r.outcome {
             Outcome::Open => return,
             Outcome::Closed => ("closed", ""),
-            Outcome::Refused { reason } => ("refused", reason_class(reason)),
+            Outcome::Refused { kind, .. } => ("refused", kind.as_str()),
             Outcome::UpstreamFailed { .. } => ("upstream_failed", ""),
             Outcome::Failed { .. } => ("failed", ""),
             Outcome::Interrupted => ("interrupted", ""),
@@ -435,6 +414,14 @@ mod tests {
         r.target = Some("db".into());
         r.outcome = Outcome::Refused {
             reason: "identity has 3 connections open (limit 3)".into(),
+            kind: crate::record::Refusal::IdentityLimit,
+        };
+        m.connection(&r, "ci-jobs");
+        // Counted by kind, never by the words (which said "tls" for any
+        // reason holding "check", "recording" for "…not a TLS record").
+        r.outcome = Outcome::Refused {
+            reason: "replication connections are not inspected (a check on the record)".into(),
+            kind: crate::record::Refusal::Other,
         };
         m.connection(&r, "ci-jobs");
         m.kernel_counter("redirected", 5);
@@ -445,6 +432,7 @@ mod tests {
             })
             .unwrap();
         assert!(text.contains(r#"sluice_connections_total{target="db",workload="ci-jobs",outcome="refused",reason="identity_limit"} 1"#), "{text}");
+        assert!(text.contains(r#"sluice_connections_total{target="db",workload="ci-jobs",outcome="refused",reason="other"} 1"#), "{text}");
         assert!(
             text.contains(r#"sluice_kernel_events_total{event="redirected"} 7"#),
             "{text}"

@@ -23,7 +23,7 @@ use crate::{
     config::{Protocol, TlsMode},
     http::{self, HttpSession},
     identity::IdentityResolver,
-    record::{now_ms, ConnectionRecord, Outcome, RecordStore, TlsInfo},
+    record::{now_ms, ConnectionRecord, Outcome, RecordStore, Refusal, TlsInfo},
     redirect::Redirector,
     session::Session,
     targets::SniVerdict,
@@ -302,10 +302,16 @@ impl Proxy {
     }
 
     /// Refuses (and records) a connection that has an open record.
-    fn refuse_recorded(&self, mut r: ConnectionRecord, client: TcpStream, reason: String) {
+    fn refuse_recorded(
+        &self,
+        mut r: ConnectionRecord,
+        client: TcpStream,
+        kind: Refusal,
+        reason: String,
+    ) {
         self.counters.refused.fetch_add(1, Ordering::Relaxed);
         warn!(%reason, "refusing connection");
-        r.outcome = Outcome::Refused { reason };
+        r.outcome = Outcome::Refused { reason, kind };
         r.ended_at_ms = Some(now_ms());
         self.record(&r, "connection.refused");
         refuse(client);
@@ -328,6 +334,7 @@ impl Proxy {
             r.ended_at_ms = Some(r.started_at_ms);
             r.outcome = Outcome::Refused {
                 reason: "no redirect origin (not redirected by Sluice)".into(),
+                kind: Refusal::NoOrigin,
             };
             self.record(&r, "connection.refused");
             refuse(client);
@@ -371,13 +378,20 @@ impl Proxy {
             // Fail closed: a connection that cannot be attributed to one
             // job is not forwarded (it could be a suspended one's).
             let refused = match (&r.identity.unattributed, loops) {
-                (_, true) => Some("original destination is the proxy itself".to_owned()),
-                (Some(why), false) => Some(format!("identity unattributable: {why}")),
+                (_, true) => Some((
+                    Refusal::Loop,
+                    "original destination is the proxy itself".to_owned(),
+                )),
+                (Some(why), false) => Some((
+                    Refusal::Unattributable,
+                    format!("identity unattributable: {why}"),
+                )),
                 (None, false) => None,
             };
-            if let Some(reason) = &refused {
+            if let Some((kind, reason)) = &refused {
                 r.outcome = Outcome::Refused {
                     reason: reason.clone(),
+                    kind: *kind,
                 };
                 r.ended_at_ms = Some(now_ms());
             }
@@ -427,6 +441,7 @@ impl Proxy {
             return self.refuse_recorded(
                 r,
                 client,
+                Refusal::Recording,
                 "evidence spool full (spool.when_full: fail-closed): recording cannot be shipped"
                     .into(),
             );
@@ -435,7 +450,12 @@ impl Proxy {
             .quarantine
             .reason_for(r.identity.cgroup_path.as_deref())
         {
-            return self.refuse_recorded(r, client, format!("job quarantined: {why}"));
+            return self.refuse_recorded(
+                r,
+                client,
+                Refusal::Quarantined,
+                format!("job quarantined: {why}"),
+            );
         }
         let max = self.limits.max_connections_per_identity;
         let _permit = match self.per_identity.acquire(&r.identity.id, max) {
@@ -444,6 +464,7 @@ impl Proxy {
                 return self.refuse_recorded(
                     r,
                     client,
+                    Refusal::IdentityLimit,
                     format!("identity has {n} connections open (limit {max})"),
                 )
             }
@@ -460,7 +481,7 @@ impl Proxy {
                 .as_deref()
                 .is_some_and(|t| self.policy.current().target_has_rules(t));
         if host_refused && protocol == Protocol::Postgres {
-            return self.refuse_recorded(r, client, HOST_REFUSED.into());
+            return self.refuse_recorded(r, client, Refusal::HostProcess, HOST_REFUSED.into());
         }
         // Intercepted HTTP gets a 403 per request and Postgres an error
         // per statement (clearer to the job); any other suspended
@@ -471,6 +492,7 @@ impl Proxy {
             warn!(reason = %susp.reason, "identity suspended; refusing connection");
             r.outcome = Outcome::Refused {
                 reason: format!("identity suspended: {}", susp.reason),
+                kind: Refusal::Suspended,
             };
             r.ended_at_ms = Some(now_ms());
             self.record(&r, "connection.refused");
@@ -584,12 +606,14 @@ impl Proxy {
                 refuse(client.inner);
                 return Outcome::Refused {
                     reason: e.to_string(),
+                    kind: Refusal::Tls,
                 };
             }
             Err(_) => {
                 refuse(client.inner);
                 return Outcome::Refused {
                     reason: "no TLS ClientHello within 10s".into(),
+                    kind: Refusal::Tls,
                 };
             }
         };
@@ -612,7 +636,10 @@ impl Proxy {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 warn!(sni = ?hello.sni, %reason, "TLS refused");
                 refuse(client.inner);
-                return Outcome::Refused { reason };
+                return Outcome::Refused {
+                    reason,
+                    kind: Refusal::Tls,
+                };
             }
         };
         if host_refused {
@@ -622,6 +649,7 @@ impl Proxy {
             refuse(client.inner);
             return Outcome::Refused {
                 reason: HOST_REFUSED.into(),
+                kind: Refusal::HostProcess,
             };
         }
         r.tls = Some(tls_info("intercepted"));
@@ -629,6 +657,7 @@ impl Proxy {
             refuse(client.inner);
             return Outcome::Refused {
                 reason: format!("`{name}` is a target name but this node has no CA"),
+                kind: Refusal::Tls,
             };
         };
         let sni = name.as_str().to_owned();
@@ -670,6 +699,7 @@ impl Proxy {
                 refuse(client.inner);
                 return Outcome::Refused {
                     reason: e.to_string(),
+                    kind: Refusal::Tls,
                 };
             }
         };

@@ -10,14 +10,16 @@ use serde_json::Value;
 use crate::checkpoint::Evidence;
 
 /// The proven records: the last own event per exchange or statement (the
-/// record as it completed), and the connection record.
-struct Proven {
-    session: Value,
-    exchanges: BTreeMap<u64, Value>,
-    statements: BTreeMap<u64, Value>,
+/// record as it completed), and the connection record. What an export
+/// shows is built from these, so that it is the proven state even when
+/// the session moved on between reading it and sealing the checkpoint.
+pub struct Proven {
+    pub session: Value,
+    pub exchanges: BTreeMap<u64, Value>,
+    pub statements: BTreeMap<u64, Value>,
 }
 
-fn proven(evidence: &Evidence) -> Proven {
+pub fn proven(evidence: &Evidence) -> Proven {
     let mut p = Proven {
         session: Value::Null,
         exchanges: BTreeMap::new(),

@@ -63,8 +63,8 @@ pub enum PgError {
     Io(std::io::Error),
     #[error("malformed Postgres message: {0}")]
     Protocol(String),
-    #[error("refused: {0}")]
-    Refused(String),
+    #[error("refused: {1}")]
+    Refused(crate::record::Refusal, String),
     #[error("client TLS handshake: {0}")]
     ClientTls(String),
     #[error("server: {0}")]
@@ -240,7 +240,7 @@ pub async fn serve<C: Io + 'static>(
     let mut opened = Opened::default();
     let outcome = match run(&ctx, client, upstream, &ep, &mut opened).await {
         Ok(()) => Outcome::Closed,
-        Err(PgError::Refused(reason)) => Outcome::Refused { reason },
+        Err(PgError::Refused(kind, reason)) => Outcome::Refused { reason, kind },
         Err(e @ (PgError::Upstream(_) | PgError::LoginRefused(_))) => Outcome::UpstreamFailed {
             error: e.to_string(),
         },
@@ -302,7 +302,7 @@ async fn run<C: Io + 'static>(
             "replication connections (replication={mode}) are not inspected: their rows would bypass statement rules and result masking"
         );
         fatal(&mut client, "42501", &format!("sluice: {reason}")).await;
-        return Err(PgError::Refused(reason));
+        return Err(PgError::Refused(crate::record::Refusal::Other, reason));
     }
     if let Some((_, reason)) = ctx.suspended() {
         let msg = codec::error_response(
@@ -312,7 +312,10 @@ async fn run<C: Io + 'static>(
             None,
         );
         let _ = client.get_mut().write_all(&msg.to_bytes()).await;
-        return Err(PgError::Refused(format!("identity suspended: {reason}")));
+        return Err(PgError::Refused(
+            crate::record::Refusal::Suspended,
+            format!("identity suspended: {reason}"),
+        ));
     }
     let connected = startup::connect_server(upstream, ep, &ep.server_name(sni.as_deref())).await;
     let (server, binding) = match connected {

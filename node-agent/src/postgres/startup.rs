@@ -113,7 +113,7 @@ async fn terminate<S: Io + 'static>(
     ep: &Endpoint,
 ) -> Result<(Box<dyn Io>, TlsInfo, Option<String>), PgError> {
     let tls = ep.client_tls.clone().ok_or_else(|| {
-        PgError::Refused("TLS from the client, but this target is not intercepted (tls: intercept) or the node has no CA".into())
+        PgError::Refused(crate::record::Refusal::Tls, "TLS from the client, but this target is not intercepted (tls: intercept) or the node has no CA".into())
     })?;
     let (hello, prefix) = tokio::time::timeout(HANDSHAKE, hello::read_client_hello(&mut stream))
         .await
@@ -131,12 +131,13 @@ async fn terminate<S: Io + 'static>(
         .or_else(|| names.first().cloned())
         .ok_or_else(|| {
             PgError::Refused(
+                crate::record::Refusal::Tls,
                 "the target has no name to present a certificate for (set `hosts` or `sni`)".into(),
             )
         })?;
     let cfg = tls
         .server_config(&name, Some(ALPN))
-        .map_err(|e| PgError::Refused(e.to_string()))?;
+        .map_err(|e| PgError::Refused(crate::record::Refusal::Tls, e.to_string()))?;
     let accept = TlsAcceptor::from(cfg).accept(hello::Rewind::new(prefix, stream));
     let down = tokio::time::timeout(HANDSHAKE, accept)
         .await

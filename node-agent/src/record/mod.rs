@@ -64,6 +64,52 @@ pub enum RecordError {
     Key(#[from] KeyError),
 }
 
+/// Why a connection was not forwarded, as a type (metrics count by it,
+/// the console alerts on it; records written before it was there read as
+/// `other`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// Not brought by the redirect (no origin for its client port).
+    NoOrigin,
+    /// Cannot be attributed to one job.
+    Unattributable,
+    /// Its original destination is the proxy itself.
+    Loop,
+    /// Its job was stopped for working against the node.
+    Quarantined,
+    /// Its identity has `limits.max_connections_per_identity` open.
+    IdentityLimit,
+    /// Its identity is suspended.
+    Suspended,
+    /// A host process on a target with rules (`watch.host`).
+    HostProcess,
+    /// The record could not be written, or the spool cannot ship it.
+    Recording,
+    /// TLS: no or bad ClientHello, a name that is not the target's, ECH.
+    Tls,
+    #[default]
+    Other,
+}
+
+impl Refusal {
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NoOrigin => "no_origin",
+            Refusal::Unattributable => "unattributable",
+            Refusal::Loop => "loop",
+            Refusal::Quarantined => "quarantined",
+            Refusal::IdentityLimit => "identity_limit",
+            Refusal::Suspended => "suspended",
+            Refusal::HostProcess => "host_process",
+            Refusal::Recording => "recording",
+            Refusal::Tls => "tls",
+            Refusal::Other => "other",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Outcome {
@@ -71,8 +117,13 @@ pub enum Outcome {
     Open,
     /// Forwarded and closed normally.
     Closed,
-    /// Not forwarded (no origin, loop, suspended...).
-    Refused { reason: String },
+    /// Not forwarded (no origin, loop, suspended...): the words for
+    /// people, and the kind for counting.
+    Refused {
+        reason: String,
+        #[serde(default)]
+        kind: Refusal,
+    },
     /// The original destination could not be reached.
     UpstreamFailed { error: String },
     /// Forwarding ended with an I/O error.
