@@ -169,6 +169,42 @@ mod tests {
         assert!(check(&extra, &ev).unwrap_err().contains("not among"));
     }
 
+    /// Timings as the node writes them (fractions of a millisecond): a
+    /// HAR written out and read back must still be the proven entry, for
+    /// every value (serde_json's default float parsing is off by one unit
+    /// in the last place for some; `float_roundtrip` reads them exactly).
+    #[test]
+    fn a_har_export_with_any_timings_checks() {
+        let session = json!({"id": 7, "identity": {"id": "x"}});
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            // xorshift: varied durations without a dependency.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let duration = (x % 5_000_000) as f64 / 1000.0 + (x % 997) as f64 / 1e7;
+            let ttfb = duration * ((x >> 20) % 1000) as f64 / 1000.0;
+            let done = json!({"seq": 0, "method": "GET", "path": "/", "authority": "a", "status": 200,
+                              "request_body": {"size": 0}, "response_body": {"size": 0},
+                              "duration_ms": duration, "ttfb_ms": ttfb});
+            let ev = Evidence {
+                node_key: PublicKey {
+                    kid: "k".into(),
+                    alg: "Ed25519".into(),
+                    ed25519: String::new(),
+                },
+                checkpoint: None,
+                prev: String::new(),
+                links: vec![link(1, "connection", &session), link(2, "exchange", &done)],
+            };
+            // The exporter builds from the records as it parsed them.
+            let parsed: Value = serde_json::from_str(&done.to_string()).unwrap();
+            let har = crate::har::build(&session, &[parsed], &Value::Null, "sluice");
+            let text = serde_json::to_string_pretty(&har).unwrap();
+            assert_eq!(check(&text, &ev), Ok(1), "duration {duration} ttfb {ttfb}");
+        }
+    }
+
     #[test]
     fn a_har_export_must_show_the_proven_records() {
         let (ev, session, done) = evidence();
