@@ -180,7 +180,7 @@ mod tests {
         assert_eq!(size_of::<TargetKeyV4>(), 6);
         assert_eq!(size_of::<TargetKeyV6>(), 18);
         assert_eq!(size_of::<TargetValue>(), 8);
-        assert_eq!(size_of::<ProxyConfig>(), 4 + 16 + 2 + 2 + 8);
+        assert_eq!(size_of::<ProxyConfig>(), 4 + 16 + 2 + 2 + 8 + 4 + 4);
         assert_eq!(size_of::<Origin>(), 16 + 2 + 2 + 4 * 5 + 8 + 8 + 16);
         assert_eq!(size_of::<ClientKey>(), 24);
         assert_eq!(size_of::<ContainEvent>(), 4 + 4 + 8 + 8 + 16);
