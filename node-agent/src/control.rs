@@ -15,6 +15,8 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+use sluice_common::stat;
+
 use crate::{
     approvals::{self, Pending},
     decision::{Deciders, DecisionRefused},
@@ -464,6 +466,7 @@ impl ControlServer {
     pub fn status(&self) -> Status {
         let p = &self.proxy;
         let k = p.redirector.kernel_stats();
+        let at = |i: u32| k.get(i as usize).copied().unwrap_or_default();
         let c = &p.counters;
         Status {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -511,29 +514,29 @@ impl ControlServer {
             policy_version: p.policy.current().version,
             policy_floor: p.policy.floor(),
             policy_expired: p.policy.current().expired_at(std::time::SystemTime::now()),
-            kernel_redirected: k.first().copied().unwrap_or_default(),
-            kernel_udp_refused: k.get(1).copied().unwrap_or_default(),
-            kernel_foreign_netns_refused: k.get(2).copied().unwrap_or_default(),
-            kernel_rekeyed: k.get(3).copied().unwrap_or_default(),
-            kernel_closed: k.get(4).copied().unwrap_or_default(),
+            kernel_redirected: at(stat::REDIRECTED),
+            kernel_udp_refused: at(stat::UDP_REFUSED),
+            kernel_foreign_netns_refused: at(stat::FOREIGN_NETNS_REFUSED),
+            kernel_rekeyed: at(stat::REKEYED),
+            kernel_closed: at(stat::CLOSED),
             containment: match &p.redirector.containment {
                 Containment::Lsm => "bpf-lsm".into(),
                 Containment::Degraded(why) => format!("degraded: {why}"),
             },
-            kernel_raw_sockets_refused: k.get(5).copied().unwrap_or_default(),
-            kernel_packet_sockets_refused: k.get(6).copied().unwrap_or_default(),
-            kernel_cgroup_escapes_refused: k.get(7).copied().unwrap_or_default(),
-            kernel_bpf_refused: k.get(8).copied().unwrap_or_default(),
-            kernel_packet_sockets_killed: k.get(9).copied().unwrap_or_default(),
-            kernel_bpf_killed: k.get(10).copied().unwrap_or_default(),
+            kernel_raw_sockets_refused: at(stat::RAW_SOCKET_REFUSED),
+            kernel_packet_sockets_refused: at(stat::PACKET_SOCKET_REFUSED),
+            kernel_cgroup_escapes_refused: at(stat::CGROUP_ESCAPE_REFUSED),
+            kernel_bpf_refused: at(stat::BPF_REFUSED),
+            kernel_packet_sockets_killed: at(stat::PACKET_SOCKET_KILLED),
+            kernel_bpf_killed: at(stat::BPF_KILLED),
             escapes_detected: p.redirector.escapes_detected.load(Ordering::Relaxed),
-            kernel_shared_files_killed: k.get(11).copied().unwrap_or_default(),
-            kernel_fd_take_killed: k.get(12).copied().unwrap_or_default(),
+            kernel_shared_files_killed: at(stat::SHARED_FILES_KILLED),
+            kernel_fd_take_killed: at(stat::FD_TAKE_KILLED),
             jobs_stopped: p.redirector.jobs_stopped.load(Ordering::Relaxed),
             jobs_quarantined: p.quarantine.len() as u64,
             links_restored: p.redirector.links_restored.load(Ordering::Relaxed),
             maps_restored: p.redirector.maps_restored.load(Ordering::Relaxed),
-            kernel_proxy_direct_refused: k.get(14).copied().unwrap_or_default(),
+            kernel_proxy_direct_refused: at(stat::PROXY_DIRECT_REFUSED),
             redirect_scope: if p.redirector.host_scope() {
                 "host".into()
             } else {

@@ -259,23 +259,10 @@ impl Proxy {
         let policy = self.policy.current();
         m.policy_version.set(gauge(policy.version));
         m.policy_applied_seconds.set(gauge(policy.loaded_ms / 1000));
-        const KERNEL: [&str; 14] = [
-            "redirected",
-            "udp_refused",
-            "foreign_netns_refused",
-            "rekeyed",
-            "closed",
-            "raw_sockets_refused",
-            "packet_sockets_refused",
-            "cgroup_escapes_refused",
-            "bpf_refused",
-            "packet_sockets_killed",
-            "bpf_killed",
-            "shared_files_killed",
-            "fd_take_killed",
-            "events_lost",
-        ];
-        for (name, v) in KERNEL.iter().zip(self.redirector.kernel_stats()) {
+        for (name, v) in sluice_common::stat::NAMES
+            .iter()
+            .zip(self.redirector.kernel_stats())
+        {
             m.kernel_counter(name, v);
         }
         if let Some(sp) = &self.spool {

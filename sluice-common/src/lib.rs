@@ -131,6 +131,27 @@ pub mod stat {
     /// direct one could be taken for an earlier connection's origin).
     pub const PROXY_DIRECT_REFUSED: u32 = 14;
     pub const COUNT: u32 = 15;
+
+    /// Each counter's name, by index: the metrics label (`event`) and,
+    /// prefixed `kernel_`, the status field. One list, so a new counter
+    /// cannot be missing from either.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "redirected",
+        "udp_refused",
+        "foreign_netns_refused",
+        "rekeyed",
+        "closed",
+        "raw_sockets_refused",
+        "packet_sockets_refused",
+        "cgroup_escapes_refused",
+        "bpf_refused",
+        "packet_sockets_killed",
+        "bpf_killed",
+        "shared_files_killed",
+        "fd_take_killed",
+        "events_lost",
+        "proxy_direct_refused",
+    ];
 }
 
 /// What the kernel fallback (no BPF LSM) did to a watched task, sent to

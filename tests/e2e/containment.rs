@@ -714,4 +714,12 @@ fn changed_kernel_maps_are_put_back_and_the_proxy_port_is_only_reached_by_redire
             .unwrap_or(0)
             >= 1
     );
+    // Every kernel counter is on the metrics page (one list of names).
+    let metrics = env.metrics();
+    for name in sluice_common::stat::NAMES {
+        assert!(
+            metrics.contains(&format!("sluice_kernel_events_total{{event=\"{name}\"}}")),
+            "{name} missing:\n{metrics}"
+        );
+    }
 }
