@@ -551,8 +551,7 @@ impl Guard {
                 continue;
             }
             // It and whatever it started since (they were born outside).
-            let mut victims = vec![*pid];
-            victims.extend(descendants(*pid));
+            let victims = stop_tree(*pid);
             for &v in &victims {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(v as i32),
@@ -578,6 +577,36 @@ impl Guard {
         }
         self.known = now;
     }
+}
+
+/// Stops `pid` and everything it started (SIGSTOP, rescanning until no
+/// new child appears), so that none forked while we looked is left out
+/// of the kill: once the parent dies its children belong to init and
+/// can no longer be found by parent. Returns them, `pid` first.
+fn stop_tree(pid: u32) -> Vec<u32> {
+    let stop = |p: u32| {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        );
+    };
+    stop(pid);
+    let mut all = vec![pid];
+    // Bounded: a fork bomb is stopped generation by generation.
+    for _ in 0..64 {
+        let fresh: Vec<u32> = descendants(pid)
+            .into_iter()
+            .filter(|d| !all.contains(d))
+            .collect();
+        if fresh.is_empty() {
+            break;
+        }
+        for &d in &fresh {
+            stop(d);
+        }
+        all.extend(fresh);
+    }
+    all
 }
 
 /// Every process descending from `pid` (by parent pid, from /proc).
