@@ -33,6 +33,9 @@ pub struct KernelLayout {
     /// `task_struct.thread_info.status` (x86: TS_COMPAT there marks a
     /// syscall made through the 32-bit entry), where the kernel has it.
     pub task_ti_status: Option<u64>,
+    /// `task_struct.group_leader` and `.start_boottime`: the node's own
+    /// process is told by pid *and* start time.
+    pub task_start: Option<(u64, u64)>,
 }
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -66,6 +69,10 @@ impl KernelLayout {
                 .member_offset("task_struct", "thread_info")
                 .zip(btf.member_offset("thread_info", "status"))
                 .map(|(a, b)| a + b),
+            task_start: btf.member_offset("task_struct", "group_leader").zip(
+                btf.member_offset("task_struct", "start_boottime")
+                    .or_else(|| btf.member_offset("task_struct", "real_start_time")),
+            ),
         })
     }
 }
@@ -675,7 +682,8 @@ fn is_zombie(pid: u32) -> bool {
 }
 
 /// Field 22 of /proc/PID/stat (after the parenthesised comm).
-fn start_time(pid: u32) -> Option<u64> {
+/// Field 22 of /proc/PID/stat: the start time, clock ticks after boot.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
@@ -694,6 +702,9 @@ mod tests {
             "{l:?}"
         );
         assert!(l.kn_id > l.kn_parent, "{l:?}");
+        // What tells the node's own process from one that got its pid.
+        assert!(l.task_start.is_some(), "{l:?}");
+        assert!(start_time(std::process::id()).is_some_and(|t| t > 0));
     }
 
     #[test]

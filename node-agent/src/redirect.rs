@@ -241,6 +241,15 @@ fn redirect_programs() -> impl Iterator<Item = &'static str> {
     SOCK_ADDR_PROGRAMS.iter().copied().chain([SOCKOPS_PROGRAM])
 }
 
+/// This process's start time, clock ticks after boot (`/proc/self/stat`
+/// field 22), when USER_HZ is the 100 the kernel programs divide by.
+fn own_start_ticks() -> Option<u64> {
+    if nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? != 100 {
+        return None;
+    }
+    crate::contain::start_time(std::process::id())
+}
+
 /// One entry of the kernel's target set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TargetEntry {
@@ -413,6 +422,11 @@ impl Redirector {
                     .override_global("OFF_SB_S_MAGIC", &l.sb_s_magic, true)
                     .override_global("OFF_KN_PARENT", &l.kn_parent, true)
                     .override_global("OFF_KN_ID", &l.kn_id, true);
+                if let Some((leader, start)) = &l.task_start {
+                    loader
+                        .override_global("OFF_TASK_GROUP_LEADER", leader, true)
+                        .override_global("OFF_TASK_START_BOOTTIME", start, true);
+                }
                 match &l.task_ti_status {
                     Some(off) => {
                         loader.override_global("OFF_TASK_TI_STATUS", off, true);
@@ -439,6 +453,10 @@ impl Redirector {
             netns_cookie,
             node_tgid: std::process::id(),
             _pad2: 0,
+            node_start: match &layout {
+                Ok(l) if l.task_start.is_some() => own_start_ticks().unwrap_or(0),
+                _ => 0,
+            },
         };
         // Held for the node's life: the programs loaded below refer to it.
         let mut exempt: HashMap<MapData, u64, u32> = take(&mut ebpf, "EXEMPT")?;

@@ -101,6 +101,36 @@ static OFF_KN_ID: u64 = 0;
 /// the current syscall came through the 32-bit entry (`int $0x80`).
 #[unsafe(no_mangle)]
 static OFF_TASK_TI_STATUS: u64 = u64::MAX;
+/// `task_struct.group_leader` and `.start_boottime`; `u64::MAX`: unknown.
+#[unsafe(no_mangle)]
+static OFF_TASK_GROUP_LEADER: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static OFF_TASK_START_BOOTTIME: u64 = u64::MAX;
+
+/// Nanoseconds per clock tick of `/proc/PID/stat` (USER_HZ 100).
+const NS_PER_TICK: u64 = 10_000_000;
+
+/// Whether the current task belongs to the process started at `ticks`
+/// (its thread group leader's `start_boottime`, as `/proc/PID/stat`
+/// field 22 gives it). `ticks` 0 or an unknown layout: not checked.
+#[inline(always)]
+pub(crate) fn started_at(ticks: u64) -> bool {
+    let (gl, sb) = (
+        global(&OFF_TASK_GROUP_LEADER),
+        global(&OFF_TASK_START_BOOTTIME),
+    );
+    if ticks == 0 || gl == u64::MAX || sb == u64::MAX {
+        return true;
+    }
+    // SAFETY: kernel pointers read with the probe helper.
+    let start: Option<u64> = unsafe {
+        let task = bpf_get_current_task();
+        bpf_probe_read_kernel((task + gl) as *const u64)
+            .ok()
+            .and_then(|leader| bpf_probe_read_kernel((leader + sb) as *const u64).ok())
+    };
+    start.is_some_and(|ns| ns / NS_PER_TICK == ticks)
+}
 
 /// What the fallback did, for the agent (see `ContainEvent`).
 #[map]

@@ -72,7 +72,7 @@ fn verdict() -> Verdict {
     let Some(cfg) = PROXY.get(0) else {
         return Verdict::Refuse;
     };
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.node_tgid {
+    if is_node(cfg) {
         return Verdict::LetThrough;
     }
     if cfg.has_exempt != 0 && crate::contain::exempt() {
@@ -84,13 +84,21 @@ fn verdict() -> Verdict {
     Verdict::Redirect(*cfg)
 }
 
+/// The node's own process: its pid and its start time (a process that
+/// gets a dead node's pid is not it).
+#[inline(always)]
+fn is_node(cfg: &ProxyConfig) -> bool {
+    (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.node_tgid
+        && crate::contain::started_at(cfg.node_start)
+}
+
 /// A connect that reaches the proxy's own address: the redirect of a
 /// program attached lower in the hierarchy (this socket has an origin
 /// already) or the node; anything else is refused, so that no connection
 /// can be taken for another's origin.
 #[inline(always)]
 fn direct_to_proxy_allowed(ctx: &SockAddrContext, cfg: &ProxyConfig) -> bool {
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.node_tgid {
+    if is_node(cfg) {
         return true;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

@@ -57,6 +57,11 @@ pub struct ProxyConfig {
     /// redirected: with the programs on the root cgroup they would loop).
     pub node_tgid: u32,
     pub _pad2: u32,
+    /// The node's start time (`/proc/self/stat` field 22, clock ticks
+    /// since boot): with the tgid it names the node's process, so a
+    /// process that gets the pid of a dead node is not taken for it.
+    /// 0: not checked (the kernel layout is unknown).
+    pub node_start: u64,
 }
 
 /// What the kernel knew about a redirected connection when the client
@@ -201,7 +206,7 @@ mod tests {
         assert_eq!(size_of::<TargetKeyV4>(), 6);
         assert_eq!(size_of::<TargetKeyV6>(), 18);
         assert_eq!(size_of::<TargetValue>(), 8);
-        assert_eq!(size_of::<ProxyConfig>(), 4 + 16 + 2 + 2 + 8 + 4 + 4);
+        assert_eq!(size_of::<ProxyConfig>(), 4 + 16 + 2 + 2 + 8 + 4 + 4 + 8);
         assert_eq!(size_of::<Origin>(), 16 + 2 + 2 + 4 * 5 + 8 + 8 + 16);
         assert_eq!(size_of::<ClientKey>(), 24);
         assert_eq!(size_of::<ContainEvent>(), 4 + 4 + 8 + 8 + 16);
