@@ -269,7 +269,7 @@ pub struct PolicySettings {
     /// WebSocket upgrades on targets with rules: `inspect` (frames are
     /// masked and judged) or `refuse` (403). Never relayed raw.
     #[serde(default)]
-    pub websocket: crate::http::WebSocketMode,
+    pub websocket: WebSocketMode,
 }
 
 impl Default for PolicySettings {
@@ -328,16 +328,6 @@ impl Default for RecordSettings {
             fsync_interval_ms: default_fsync_interval_ms(),
             checkpoint_every_events: default_checkpoint_every_events(),
             checkpoint_interval_secs: default_checkpoint_interval_secs(),
-        }
-    }
-}
-
-impl RecordSettings {
-    pub fn durability(&self) -> crate::record::Durability {
-        crate::record::Durability {
-            fsync_interval: std::time::Duration::from_millis(self.fsync_interval_ms),
-            checkpoint_every_events: self.checkpoint_every_events,
-            checkpoint_interval: std::time::Duration::from_secs(self.checkpoint_interval_secs),
         }
     }
 }
@@ -829,7 +819,7 @@ impl Config {
             ));
         }
         for (i, p) in self.watch.patterns.iter().enumerate() {
-            if let Err(m) = crate::watch::CgroupPattern::parse(p) {
+            if let Err(m) = CgroupPattern::parse(p) {
                 return Err(bad(format!("watch.patterns[{i}]"), m));
             }
         }
@@ -1018,6 +1008,54 @@ pub fn validate_targets(targets: &[Target], prefix: &str) -> Result<(), (String,
         }
     }
     Ok(())
+}
+
+/// A glob per path component, relative to the cgroup2 mount.
+#[derive(Debug, Clone)]
+pub struct CgroupPattern {
+    pub(crate) parts: Vec<glob::Pattern>,
+    pub(crate) text: String,
+}
+
+impl CgroupPattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let rel = text.trim_start_matches('/');
+        if rel.is_empty() {
+            return Err("must name cgroups below the cgroup2 root".into());
+        }
+        let mut parts = Vec::new();
+        for c in std::path::Path::new(rel).components() {
+            match c {
+                std::path::Component::Normal(s) => {
+                    let s = s.to_str().ok_or_else(|| format!("`{text}` is not UTF-8"))?;
+                    if s == "**" {
+                        return Err("`**` is not supported: one glob per path component".into());
+                    }
+                    parts.push(glob::Pattern::new(s).map_err(|e| format!("`{text}`: {e}"))?);
+                }
+                _ => return Err(format!("`{text}`: no `..` or `.` components")),
+            }
+        }
+        Ok(Self {
+            parts,
+            text: text.to_owned(),
+        })
+    }
+
+    pub(crate) fn matches_prefix(&self, comps: &[&str]) -> bool {
+        comps.len() <= self.parts.len() && comps.iter().zip(&self.parts).all(|(c, p)| p.matches(c))
+    }
+}
+
+/// What the node does with a WebSocket upgrade on a target with rules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebSocketMode {
+    /// Scan frames both ways (default).
+    #[default]
+    Inspect,
+    /// Refuse the upgrade (403) with the reason.
+    Refuse,
 }
 
 #[cfg(test)]

@@ -14,10 +14,10 @@ use tracing::{info, warn};
 use crate::{
     addr::ProxyAddr,
     approvals::Approvals,
+    attribution::IdentityResolver,
     config::{validate_targets, Config, Target, TlsMode},
     contain::{Guard, Quarantine},
     control::{self, ControlServer},
-    identity::IdentityResolver,
     policy::{PolicyEngine, TargetSink},
     proxy::{self, Counters, Proxy},
     record::RecordStore,
@@ -43,9 +43,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     restrict(&state_dir);
 
     raise_fd_limit();
+    let admin = admin_runtime()?;
     // Records first: nothing is intercepted unless it can be recorded.
     let store = Arc::new(
-        RecordStore::open_with(&state_dir, cfg.records.durability())
+        RecordStore::open_with(&state_dir, (&cfg.records).into())
             .with_context(|| format!("opening records in {}", state_dir.display()))?,
     );
 
@@ -124,7 +125,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         cfg.policy.max_scan_window_bytes,
         cfg.policy.watch_dir.as_deref(),
     )?);
-    tokio::spawn(policy.clone().watch_expiry());
+    admin.spawn(policy.clone().watch_expiry());
     // The target list: the policy bundle's when it names targets that
     // this node can serve, otherwise the node configuration's.
     let sink = Arc::new(NodeTargets {
@@ -144,7 +145,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     if let Some(dir) = &cfg.policy.watch_dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating policy watch directory {}", dir.display()))?;
-        tokio::spawn(policy.clone().watch(dir.clone()));
+        admin.spawn(policy.clone().watch(dir.clone()));
     }
     let suspensions = Arc::new(Suspensions::open(&store)?);
 
@@ -208,7 +209,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     for (_, l) in listeners {
         tokio::spawn(proxy.clone().serve(l));
     }
-    tokio::spawn(targets::maintain(
+    admin.spawn(targets::maintain(
         redirector.clone(),
         live,
         Duration::from_secs(cfg.dns.refresh_secs),
@@ -223,12 +224,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         sp.spawn(store.clone())
             .context("starting the spool thread")?;
         if let Some(n) = cfg.ship.nats.clone() {
-            tokio::spawn(crate::spool::ship::run(sp.clone(), n, store.clone()));
+            admin.spawn(crate::spool::ship::run(sp.clone(), n, store.clone()));
         }
     }
     if let Some(n) = &cfg.ship.nats {
         if let Some(bucket) = n.bundles_bucket.clone() {
-            tokio::spawn(crate::policy::fleet::watch(
+            admin.spawn(crate::policy::fleet::watch(
                 proxy.policy.clone(),
                 crate::spool::ship::Endpoint::from(n),
                 bucket,
@@ -254,7 +255,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         node: node.clone(),
         trusted: deciding,
     });
-    let control_listener = control::bind(&socket)?;
+    let control_listener = {
+        let _on = admin.enter();
+        control::bind(&socket)?
+    };
     let server = Arc::new(ControlServer {
         proxy: proxy.clone(),
         started: Instant::now(),
@@ -263,14 +267,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         deciders: deciders.clone(),
         console: cfg.console.is_some(),
     });
-    tokio::spawn(server.clone().serve(control_listener));
+    admin.spawn(server.clone().serve(control_listener));
     if let (Some(c), Some(n), Some(sp)) = (&cfg.console, &cfg.ship.nats, &spool) {
         let trusted = console_keys;
         let status = {
             let server = server.clone();
             Arc::new(move || serde_json::to_value(server.status()).unwrap_or_default())
         };
-        tokio::spawn(
+        admin.spawn(
             Arc::new(crate::console::Link {
                 node: sp.node.clone(),
                 endpoint: crate::spool::ship::Endpoint::from(n),
@@ -293,7 +297,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 .render(|m| p.refresh_metrics(m))
                 .unwrap_or_default()
         });
-        tokio::spawn(crate::metrics::serve(addr, render));
+        admin.spawn(crate::metrics::serve(addr, render));
     }
 
     info!(
@@ -317,6 +321,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     store.seal().await?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// The admin runtime (ztunnel's split): control calls, metrics scrapes,
+/// the policy watches, evidence shipping, the console link and DNS
+/// refreshes run on a thread of their own, so none of them holds a data
+/// worker while connections wait. Blocking work they start (a whole-chain
+/// verify, a policy compile) goes to this runtime's blocking pool.
+fn admin_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("sluice-admin")
+        .build()
+        .context("starting the admin runtime")?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("sluice-admin".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .context("starting the admin thread")?;
+    Ok(handle)
 }
 
 /// Where policy bundles' target lists land: checked against what this node

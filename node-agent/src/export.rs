@@ -1,14 +1,12 @@
 //! Rendering a recorded session for investigators: a readable replay
 //! timeline, JSON lines, and HAR 1.2 (what browser dev tools open).
-use std::{fmt::Write, time::UNIX_EPOCH};
+use std::fmt::Write;
 
 use serde_json::{json, Value};
 
 use crate::record::{BodyRecord, ConnectionRecord, Evidence, Exchange, Header, Statement};
 
-pub(crate) fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
-}
+use crate::record::rfc3339;
 
 /// Who made the session (the same line the HAR's comment carries).
 fn who(s: &ConnectionRecord) -> String {

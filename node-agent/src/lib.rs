@@ -2,6 +2,8 @@
 //! thin CLI over it, and benchmarks and examples use its parts directly.
 pub mod addr;
 pub mod approvals;
+pub mod attribution;
+pub mod btf;
 pub mod config;
 pub mod console;
 pub mod console_cli;
@@ -27,4 +29,5 @@ pub mod spool;
 pub mod suspend;
 pub mod targets;
 pub mod tls;
+pub mod verdict;
 pub mod watch;

@@ -721,7 +721,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .watch
                 .patterns
                 .iter()
-                .filter_map(|p| node_agent::watch::CgroupPattern::parse(p).ok())
+                .filter_map(|p| node_agent::config::CgroupPattern::parse(p).ok())
                 .collect();
             let mut cgroups = configured.clone();
             cgroups.extend(node_agent::watch::matching_cgroups(&root, &patterns));

@@ -19,7 +19,7 @@ use prometheus_client::{
 };
 use tracing::{error, info, warn};
 
-use crate::record::{ConnectionRecord, Decision, Exchange, Outcome, Statement};
+use crate::record::{Action, ConnectionRecord, Decision, Exchange, Outcome, Statement};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
@@ -279,7 +279,7 @@ impl Metrics {
             && st
                 .decisions
                 .iter()
-                .any(|d| d.action == "block" || d.action == "approve")
+                .any(|d| matches!(d.action, Action::Block | Action::Approve))
         {
             "refused"
         } else if st.error.is_some() {
@@ -305,7 +305,7 @@ impl Metrics {
 
     fn decided(&self, target: &str, decisions: &[Decision]) {
         for d in decisions {
-            if d.action == "approve" {
+            if d.action == Action::Approve {
                 // The approval's outcome, as recorded in the decision.
                 let detail = d.detail.as_deref().unwrap_or_default();
                 let decision = ["approved", "denied", "timed_out"]
@@ -325,7 +325,7 @@ impl Metrics {
                 .get_or_create(&DecisionLabels {
                     target: target.into(),
                     rule: d.rule.clone(),
-                    action: d.action.clone(),
+                    action: d.action.as_str().into(),
                 })
                 .inc();
         }

@@ -20,10 +20,10 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::{
     addr::{ClientAddr, OrigDstAddr, ProxyAddr},
+    attribution::IdentityResolver,
     config::{Protocol, TlsMode},
     http::{self, HttpSession},
-    identity::IdentityResolver,
-    record::{now_ms, ConnectionRecord, Outcome, RecordStore, Refusal, TlsInfo},
+    record::{now_ms, ConnectionRecord, Outcome, RecordHealth, RecordStore, Refusal, TlsInfo},
     redirect::Redirector,
     session::Session,
     targets::SniVerdict,
@@ -50,6 +50,24 @@ pub struct Counters {
     pub upstream_failed: AtomicU64,
     pub active: AtomicU64,
     pub record_errors: AtomicU64,
+}
+
+/// How a connection ended, for `Proxy::end`.
+enum Ended {
+    /// The record could not be written (nothing more can be).
+    Unrecorded(crate::record::RecordError),
+    /// Not forwarded.
+    Refused { kind: Refusal, reason: String },
+    /// The original destination could not be reached.
+    UpstreamFailed(String),
+    /// Forwarded; how the protocol module's relay ended.
+    Closed(Outcome),
+}
+
+impl Ended {
+    fn refused(kind: Refusal, reason: String) -> Self {
+        Ended::Refused { kind, reason }
+    }
 }
 
 /// Why a host process's connection to a target with rules is refused.
@@ -84,69 +102,6 @@ pub struct Proxy {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The evidence spool and shipping, when on.
     pub spool: Option<Arc<crate::spool::SpoolStatus>>,
-}
-
-/// Whether the store is taking writes. Set by any failed write or flush,
-/// cleared by a successful flush. While it is failing, a new connection
-/// first probes with a flush and is refused if that fails too (fail
-/// closed: a disk that is full or gone means nothing is forwarded).
-#[derive(Default)]
-pub struct RecordHealth {
-    failing: std::sync::Mutex<Option<(String, u64)>>,
-}
-
-impl RecordHealth {
-    pub fn failed(&self, error: &dyn std::fmt::Display) {
-        let mut f = self.failing.lock().unwrap_or_else(|e| e.into_inner());
-        if f.is_none() {
-            tracing::error!(error = %error, "RECORDING FAILING: new connections are refused until writes succeed");
-        }
-        *f = Some((
-            error.to_string(),
-            f.as_ref().map_or_else(now_ms, |(_, t)| *t),
-        ));
-    }
-
-    pub fn ok(&self) {
-        let mut f = self.failing.lock().unwrap_or_else(|e| e.into_inner());
-        if f.take().is_some() {
-            info!("recording works again");
-        }
-    }
-
-    /// `ok`, or `failing since <time>: <error>`.
-    pub fn describe(&self) -> String {
-        match &*self.failing.lock().unwrap_or_else(|e| e.into_inner()) {
-            None => "ok".into(),
-            Some((e, since)) => format!(
-                "failing since {}: {e}",
-                humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + Duration::from_millis(*since)
-                )
-            ),
-        }
-    }
-
-    pub fn is_failing(&self) -> bool {
-        self.failing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-    }
-
-    /// A flush whose outcome updates the state.
-    pub async fn flush(&self, store: &RecordStore) -> bool {
-        match store.flush().await {
-            Ok(()) => {
-                self.ok();
-                true
-            }
-            Err(e) => {
-                self.failed(&e);
-                false
-            }
-        }
-    }
 }
 
 /// Open connections per identity, capped.
@@ -185,24 +140,6 @@ impl Drop for ConnPermit {
             if *n == 0 {
                 open.remove(&self.identity);
             }
-        }
-    }
-}
-
-/// Resolves once `activity` (a byte count, both directions) has not moved
-/// for `idle`.
-pub(crate) async fn idle_for(idle: Duration, activity: impl Fn() -> u64) {
-    let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut last = activity();
-    let mut quiet_since = tokio::time::Instant::now();
-    loop {
-        tokio::time::sleep(tick).await;
-        let now = activity();
-        if now != last {
-            last = now;
-            quiet_since = tokio::time::Instant::now();
-        } else if quiet_since.elapsed() >= idle {
-            return;
         }
     }
 }
@@ -288,22 +225,6 @@ impl Proxy {
         self.metrics.connection(r, &workload);
     }
 
-    /// Refuses (and records) a connection that has an open record.
-    fn refuse_recorded(
-        &self,
-        mut r: ConnectionRecord,
-        client: TcpStream,
-        kind: Refusal,
-        reason: String,
-    ) {
-        self.counters.refused.fetch_add(1, Ordering::Relaxed);
-        warn!(%reason, "refusing connection");
-        r.outcome = Outcome::Refused { reason, kind };
-        r.ended_at_ms = Some(now_ms());
-        self.record(&r, "connection.refused");
-        refuse(client);
-    }
-
     async fn handle(self: Arc<Self>, client: TcpStream, peer: ClientAddr) {
         let id = match self.store.next_id() {
             Ok(id) => id,
@@ -315,17 +236,11 @@ impl Proxy {
             }
         };
         let Some((dst, origin)) = self.redirector.origin(peer) else {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(session = id, %peer, "no redirect origin for this connection; refusing");
-            let mut r = ConnectionRecord::new(id, peer);
-            r.ended_at_ms = Some(r.started_at_ms);
-            r.outcome = Outcome::Refused {
-                reason: "no redirect origin (not redirected by Sluice)".into(),
-                kind: Refusal::NoOrigin,
-            };
-            self.record(&r, "connection.refused");
             refuse(client);
-            return;
+            let reason = "no redirect origin (not redirected by Sluice)".to_owned();
+            let r = ConnectionRecord::new(id, peer);
+            let _span = tracing::info_span!("conn", session = id, %peer).entered();
+            return self.end(r, Ended::refused(Refusal::NoOrigin, reason));
         };
         let span = tracing::info_span!("conn", session = id, workload = tracing::field::Empty);
         self.forward(id, client, peer, dst, origin)
@@ -333,6 +248,8 @@ impl Proxy {
             .await
     }
 
+    /// A connection from admission to its end. Every exit goes through
+    /// `end`: recorded, counted and observed exactly once.
     async fn forward(
         &self,
         id: u64,
@@ -341,10 +258,67 @@ impl Proxy {
         dst: OrigDstAddr,
         origin: sluice_common::Origin,
     ) {
+        let (r, ended) = self.admit_and_serve(id, client, peer, dst, origin).await;
+        self.end(r, ended);
+    }
+
+    /// The one place a connection's result is written down: its outcome
+    /// on the record (one event), the node's counters, the metrics, the
+    /// log line, and the client reset when it was refused.
+    fn end(&self, mut r: ConnectionRecord, ended: Ended) {
+        let kind = match ended {
+            Ended::Unrecorded(e) => {
+                // Fail closed: what cannot be recorded is not forwarded,
+                // and nothing more can be written about it.
+                self.counters.record_errors.fetch_add(1, Ordering::Relaxed);
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                self.health.failed(&e);
+                warn!(error = %e, "cannot record the connection; refused");
+                r.outcome = Outcome::Refused {
+                    reason: format!("not recorded: {e}"),
+                    kind: Refusal::Recording,
+                };
+                self.observe(&r);
+                return;
+            }
+            Ended::Refused { kind, reason } => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                warn!(%reason, kind = kind.as_str(), "connection refused");
+                r.outcome = Outcome::Refused { reason, kind };
+                "connection.refused"
+            }
+            Ended::UpstreamFailed(error) => {
+                self.counters
+                    .upstream_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(dst = ?r.original_dst, %error, "upstream connect failed");
+                r.outcome = Outcome::UpstreamFailed { error };
+                "connection.close"
+            }
+            Ended::Closed(outcome) => {
+                debug!(up = r.bytes_up, down = r.bytes_down, outcome = ?outcome, "closed");
+                r.outcome = outcome;
+                "connection.close"
+            }
+        };
+        r.ended_at_ms = Some(now_ms());
+        self.record(&r, kind);
+    }
+
+    /// Attribution (overlapping the upstream connect), then admission,
+    /// then the protocol module. Returns the record and how it ended; a
+    /// refused client has been reset.
+    async fn admit_and_serve(
+        &self,
+        id: u64,
+        client: TcpStream,
+        peer: ClientAddr,
+        dst: OrigDstAddr,
+        origin: sluice_common::Origin,
+    ) -> (ConnectionRecord, Ended) {
         // One view of the targets for the whole connection, even if a
         // policy swaps them meanwhile.
         let targets = self.targets.current();
-        let mode = targets.mode(origin.target_id);
         // Never connect to ourselves: that would loop forever.
         let loops = self.listen.iter().any(|l| l.0 == dst.0);
         // The upstream handshake runs while we attribute and record; the
@@ -363,146 +337,143 @@ impl Proxy {
             r.original_dst = Some(dst);
             r.target = targets.name(origin.target_id).map(str::to_owned);
             // Fail closed: a connection that cannot be attributed to one
-            // job is not forwarded (it could be a suspended one's).
+            // job is not forwarded (it could be a suspended one's). Its
+            // one event is the refusal, written by `end`.
             let refused = match (&r.identity.unattributed, loops) {
-                (_, true) => Some((
+                (_, true) => Some(Ended::refused(
                     Refusal::Loop,
                     "original destination is the proxy itself".to_owned(),
                 )),
-                (Some(why), false) => Some((
+                (Some(why), false) => Some(Ended::refused(
                     Refusal::Unattributable,
                     format!("identity unattributable: {why}"),
                 )),
                 (None, false) => None,
             };
-            if let Some((kind, reason)) = &refused {
-                r.outcome = Outcome::Refused {
-                    reason: reason.clone(),
-                    kind: *kind,
-                };
-                r.ended_at_ms = Some(now_ms());
-            }
-            let recorded = self.store.put(
-                &r,
-                if refused.is_some() {
-                    "connection.refused"
-                } else {
-                    "connection.open"
-                },
-            );
+            let recorded = match refused {
+                Some(ended) => Err(ended),
+                None => self
+                    .store
+                    .put(&r, "connection.open")
+                    .map_err(Ended::Unrecorded),
+            };
             (r, recorded)
         };
         let (upstream, (mut r, recorded)) = tokio::join!(connect, attribute);
         tracing::Span::current().record("workload", r.identity.id.as_str());
-        if let Err(e) = recorded {
-            // Fail closed: what cannot be recorded is not forwarded.
-            self.counters.record_errors.fetch_add(1, Ordering::Relaxed);
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            self.health.failed(&e);
-            warn!(error = %e, "cannot record the connection; refusing");
+        if let Err(ended) = recorded {
             refuse(client);
-            return;
+            return (r, ended);
         }
-        // Refused at attribution (not attributable to one job, or a loop
-        // to the proxy itself): already recorded as such.
-        if r.outcome != Outcome::Open {
-            self.observe(&r);
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(outcome = ?r.outcome, "refusing connection");
+        if let Err(ended) = self.admit(&r, &targets, origin.target_id).await {
             refuse(client);
-            return;
+            return (r, ended);
         }
+        let max = self.limits.max_connections_per_identity;
+        let _permit = match self.per_identity.acquire(&r.identity.id, max) {
+            Ok(p) => p,
+            Err(n) => {
+                refuse(client);
+                let reason = format!("identity has {n} connections open (limit {max})");
+                return (r, Ended::refused(Refusal::IdentityLimit, reason));
+            }
+        };
+        let upstream = match upstream {
+            Some(Ok(Ok(s))) => s,
+            Some(Ok(Err(e))) => {
+                refuse(client);
+                return (r, Ended::UpstreamFailed(e.to_string()));
+            }
+            Some(Err(_)) => {
+                refuse(client);
+                return (r, Ended::UpstreamFailed("connect timed out".into()));
+            }
+            None => {
+                refuse(client);
+                let reason = "original destination is the proxy itself".to_owned();
+                return (r, Ended::refused(Refusal::Loop, reason));
+            }
+        };
+        info!(%peer, %dst, pid = r.process.tgid, comm = %r.process.comm, "intercepted");
+        let outcome = self
+            .serve_protocol(&mut r, client, upstream, dst, &targets, origin.target_id)
+            .await;
+        (r, Ended::Closed(outcome))
+    }
+
+    /// Admission checks after attribution: recording healthy and
+    /// shippable, the job not quarantined, a host process kept off a
+    /// database with rules, a suspended identity off connections the node
+    /// does not inspect per message.
+    async fn admit(
+        &self,
+        r: &ConnectionRecord,
+        targets: &crate::targets::TargetTable,
+        target_id: u32,
+    ) -> Result<(), Ended> {
         // The store has been failing (disk full, I/O errors): forward only
         // once a flush proves it takes writes again.
         if self.health.is_failing() && !self.health.flush(&self.store).await {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(recording = %self.health.describe(), "recording is failing; refusing");
-            refuse(client);
-            return;
+            let reason = format!("recording is failing: {}", self.health.describe());
+            return Err(Ended::refused(Refusal::Recording, reason));
         }
         if self
             .spool
             .as_ref()
             .is_some_and(|s| s.full.load(Ordering::Relaxed))
         {
-            return self.refuse_recorded(
-                r,
-                client,
+            return Err(Ended::refused(
                 Refusal::Recording,
                 "evidence spool full (spool.when_full: fail-closed): recording cannot be shipped"
                     .into(),
-            );
+            ));
         }
         if let Some(why) = self
             .quarantine
             .reason_for(r.identity.cgroup_path.as_deref())
         {
-            return self.refuse_recorded(
-                r,
-                client,
-                Refusal::Quarantined,
-                format!("job quarantined: {why}"),
-            );
+            let reason = format!("job quarantined: {why}");
+            return Err(Ended::refused(Refusal::Quarantined, reason));
         }
-        let max = self.limits.max_connections_per_identity;
-        let _permit = match self.per_identity.acquire(&r.identity.id, max) {
-            Ok(p) => p,
-            Err(n) => {
-                return self.refuse_recorded(
-                    r,
-                    client,
-                    Refusal::IdentityLimit,
-                    format!("identity has {n} connections open (limit {max})"),
-                )
-            }
-        };
-        let protocol = targets.protocol(origin.target_id);
-        let intercepting = mode == TlsMode::Intercept || protocol == Protocol::Postgres;
-        // A host process (outside every job cgroup: a daemon, a container,
-        // a job that left its cgroup) is kept away from what the policy
-        // guards: a database at once, an HTTPS target once its name says
-        // it is one (names spliced untouched stay open).
-        let host_refused = r.identity.host
-            && self.host_ruled == crate::config::HostRuled::Refuse
-            && r.target
-                .as_deref()
-                .is_some_and(|t| self.policy.current().target_has_rules(t));
-        if host_refused && protocol == Protocol::Postgres {
-            return self.refuse_recorded(r, client, Refusal::HostProcess, HOST_REFUSED.into());
+        let protocol = targets.protocol(target_id);
+        if self.host_refused(r) && protocol == Protocol::Postgres {
+            return Err(Ended::refused(Refusal::HostProcess, HOST_REFUSED.into()));
         }
         // Intercepted HTTP gets a 403 per request and Postgres an error
         // per statement (clearer to the job); any other suspended
         // connection is refused outright.
+        let intercepting =
+            targets.mode(target_id) == TlsMode::Intercept || protocol == Protocol::Postgres;
         if let (Some(susp), false) = (self.suspensions.get(&r.identity), intercepting) {
-            // Isolated during an incident: no new connections at all.
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(reason = %susp.reason, "identity suspended; refusing connection");
-            r.outcome = Outcome::Refused {
-                reason: format!("identity suspended: {}", susp.reason),
-                kind: Refusal::Suspended,
-            };
-            r.ended_at_ms = Some(now_ms());
-            self.record(&r, "connection.refused");
-            refuse(client);
-            return;
+            let reason = format!("identity suspended: {}", susp.reason);
+            return Err(Ended::refused(Refusal::Suspended, reason));
         }
-        let Some(upstream) = upstream else {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(%dst, "connection to the proxy itself refused");
-            refuse(client);
-            return;
-        };
-        info!(%peer, %dst, pid = r.process.tgid, comm = %r.process.comm, "intercepted");
+        Ok(())
+    }
 
-        let upstream = match upstream {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return self.upstream_failed(r, client, e.to_string()).await,
-            Err(_) => {
-                return self
-                    .upstream_failed(r, client, "connect timed out".into())
-                    .await
-            }
-        };
+    /// A host process (outside every job cgroup: a daemon, a container,
+    /// a job that left its cgroup) is kept away from what the policy
+    /// guards: a database at once, an HTTPS target once its name says it
+    /// is one (names spliced untouched stay open).
+    fn host_refused(&self, r: &ConnectionRecord) -> bool {
+        r.identity.host
+            && self.host_ruled == crate::config::HostRuled::Refuse
+            && r.target
+                .as_deref()
+                .is_some_and(|t| self.policy.current().target_has_rules(t))
+    }
+
+    /// Detect/negotiate: the target's protocol picks the module that
+    /// drives the connection's messages. Counts bytes both ways.
+    async fn serve_protocol(
+        &self,
+        r: &mut ConnectionRecord,
+        client: TcpStream,
+        upstream: TcpStream,
+        dst: OrigDstAddr,
+        targets: &crate::targets::TargetTable,
+        target_id: u32,
+    ) -> Outcome {
         let _ = upstream.set_nodelay(true);
         let _ = client.set_nodelay(true);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -512,41 +483,32 @@ impl Proxy {
             inner: client,
             counts: bytes.clone(),
         };
-        // Detect/negotiate: the target's protocol picks the module that
-        // drives the connection's messages.
-        r.outcome = match (protocol, mode) {
+        let mode = targets.mode(target_id);
+        let outcome = match (targets.protocol(target_id), mode) {
             (Protocol::Postgres, _) => {
                 let endpoint = crate::postgres::Endpoint {
                     client_tls: self.tls.clone().filter(|_| mode == TlsMode::Intercept),
                     upstream_tls: self.upstream_tls.clone(),
-                    target: targets.target(origin.target_id).cloned(),
+                    target: targets.target(target_id).cloned(),
                     dst,
                 };
                 let (outcome, opened) =
-                    crate::postgres::serve(self.session(&r), client, upstream, endpoint).await;
+                    crate::postgres::serve(self.session(r), client, upstream, endpoint).await;
                 r.tls = opened.tls;
                 r.database = opened.database;
                 outcome
             }
             (_, TlsMode::None) => splice(client, upstream, &[], self.idle()).await,
             (_, TlsMode::Intercept | TlsMode::Passthrough) => {
-                self.tls_path(
-                    &mut r,
-                    client,
-                    upstream,
-                    &targets,
-                    origin.target_id,
-                    host_refused,
-                )
-                .await
+                let host_refused = self.host_refused(r);
+                self.tls_path(r, client, upstream, targets, target_id, host_refused)
+                    .await
             }
         };
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
-        r.ended_at_ms = Some(now_ms());
         r.bytes_up = bytes.up.load(Ordering::Relaxed);
         r.bytes_down = bytes.down.load(Ordering::Relaxed);
-        debug!(up = r.bytes_up, down = r.bytes_down, outcome = ?r.outcome, "closed");
-        self.record(&r, "connection.close");
+        outcome
     }
 
     /// The per-connection context the protocol modules work through.
@@ -741,24 +703,13 @@ impl Proxy {
             },
             // Nothing in either direction (no request, no streamed byte)
             // for the idle limit.
-            _ = idle_for(idle, || counts.up.load(Ordering::Relaxed) + counts.down.load(Ordering::Relaxed)) => {
+            _ = crate::session::idle_for(idle, || counts.up.load(Ordering::Relaxed) + counts.down.load(Ordering::Relaxed)) => {
                 info!(idle_secs = idle.as_secs(), "intercepted connection idle; closed");
                 Outcome::Failed {
                     error: format!("idle for {}s (limits.idle_timeout_secs)", idle.as_secs()),
                 }
             }
         }
-    }
-
-    async fn upstream_failed(&self, mut r: ConnectionRecord, client: TcpStream, error: String) {
-        warn!(dst = ?r.original_dst, %error, "upstream connect failed");
-        self.counters
-            .upstream_failed
-            .fetch_add(1, Ordering::Relaxed);
-        r.outcome = Outcome::UpstreamFailed { error };
-        r.ended_at_ms = Some(now_ms());
-        self.record(&r, "connection.close");
-        refuse(client);
     }
 }
 
@@ -791,7 +742,7 @@ async fn splice(
                 error: e.to_string(),
             },
         },
-        _ = idle_for(idle, || counts.up.load(Ordering::Relaxed) + counts.down.load(Ordering::Relaxed)) => {
+        _ = crate::session::idle_for(idle, || counts.up.load(Ordering::Relaxed) + counts.down.load(Ordering::Relaxed)) => {
             info!(idle_secs = idle.as_secs(), "spliced connection idle; closed");
             Outcome::Failed {
                 error: format!("idle for {}s (limits.idle_timeout_secs)", idle.as_secs()),

@@ -247,7 +247,7 @@ fn own_start_ticks() -> Option<u64> {
     if nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? != 100 {
         return None;
     }
-    crate::contain::start_time(std::process::id())
+    crate::btf::start_time(std::process::id())
 }
 
 /// One entry of the kernel's target set.
@@ -411,7 +411,7 @@ impl Redirector {
         port: u16,
         host: Option<HostAttach>,
     ) -> Result<Self, RedirectError> {
-        let layout = crate::contain::KernelLayout::from_sys_fs();
+        let layout = crate::btf::KernelLayout::from_sys_fs();
         let mut loader = EbpfLoader::new();
         match &layout {
             Ok(l) => {

@@ -3,7 +3,7 @@
 //! policy, suspensions and approvals, and where its evidence goes. The
 //! admission stage in `proxy.rs` builds one per admitted connection; a
 //! protocol module (`http`, `postgres`) turns each message into a verdict
-//! and a record through it.
+//! (the stages in `verdict.rs`) and a record through it.
 use std::sync::{
     atomic::{AtomicU32, Ordering},
     Arc,
@@ -13,9 +13,8 @@ use crate::{
     approvals::Approvals,
     config::Limits,
     identity::WorkloadIdentity,
-    policy::{CompiledPolicy, Decision, PolicyEngine},
-    proxy::RecordHealth,
-    record::RecordStore,
+    policy::{CompiledPolicy, PolicyEngine},
+    record::{RecordHealth, RecordStore},
     suspend::Suspensions,
 };
 
@@ -84,16 +83,6 @@ impl Session {
         self.policy.current()
     }
 
-    /// Stage: suspension. `Some(decision)` when the identity is suspended
-    /// (checked per message: a suspension applies to open connections).
-    pub fn suspended(&self) -> Option<(Decision, String)> {
-        let s = self.suspensions.get(&self.identity)?;
-        Some((
-            Decision::node_block("identity-suspended", s.reason.clone()),
-            s.reason,
-        ))
-    }
-
     /// An exchange or statement completed: counted for metrics.
     pub fn observe_exchange(&self, ex: &crate::record::Exchange) {
         self.metrics.exchange(&self.target, &self.workload_name, ex);
@@ -109,5 +98,26 @@ impl Session {
     pub fn record_failed(&self, e: &dyn std::fmt::Display) {
         self.health.failed(e);
         tracing::warn!(session = self.id, workload = %self.identity.id, error = %e, "recording failed");
+    }
+}
+
+/// Resolves once `activity` (a byte count, both directions) has not moved
+/// for `idle`.
+pub async fn idle_for(idle: std::time::Duration, activity: impl Fn() -> u64) {
+    let tick = (idle / 4).clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(5),
+    );
+    let mut last = activity();
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = activity();
+        if now != last {
+            last = now;
+            quiet_since = tokio::time::Instant::now();
+        } else if quiet_since.elapsed() >= idle {
+            return;
+        }
     }
 }

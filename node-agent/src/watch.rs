@@ -18,49 +18,12 @@ use nix::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::redirect::Redirector;
+use crate::{config::CgroupPattern, redirect::Redirector};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error("inotify: {0}")]
     Inotify(nix::Error),
-}
-
-/// A glob per path component, relative to the cgroup2 mount.
-#[derive(Debug, Clone)]
-pub struct CgroupPattern {
-    parts: Vec<glob::Pattern>,
-    text: String,
-}
-
-impl CgroupPattern {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let rel = text.trim_start_matches('/');
-        if rel.is_empty() {
-            return Err("must name cgroups below the cgroup2 root".into());
-        }
-        let mut parts = Vec::new();
-        for c in Path::new(rel).components() {
-            match c {
-                Component::Normal(s) => {
-                    let s = s.to_str().ok_or_else(|| format!("`{text}` is not UTF-8"))?;
-                    if s == "**" {
-                        return Err("`**` is not supported: one glob per path component".into());
-                    }
-                    parts.push(glob::Pattern::new(s).map_err(|e| format!("`{text}`: {e}"))?);
-                }
-                _ => return Err(format!("`{text}`: no `..` or `.` components")),
-            }
-        }
-        Ok(Self {
-            parts,
-            text: text.to_owned(),
-        })
-    }
-
-    fn matches_prefix(&self, comps: &[&str]) -> bool {
-        comps.len() <= self.parts.len() && comps.iter().zip(&self.parts).all(|(c, p)| p.matches(c))
-    }
 }
 
 /// How the patterns judge a directory `comps` levels below the root.

@@ -96,7 +96,7 @@ fn raw_ip_sockets_are_refused_in_watched_cgroups_and_nowhere_else() {
 /// straight through bpf(2): the kernel's own answer, not bpftool's probe.
 fn kernel_loads_lsm_programs() -> Result<(), String> {
     let id =
-        node_agent::contain::vmlinux_func_id("bpf_lsm_socket_create").map_err(|e| e.to_string())?;
+        node_agent::btf::vmlinux_func_id("bpf_lsm_socket_create").map_err(|e| e.to_string())?;
     let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
     let license = b"GPL\0";
     let mut attr = [0u8; 152];

@@ -333,7 +333,7 @@ fn node_credential_is_injected_and_the_jobs_key_only_fingerprinted() {
         .any(|e| e.to_string().contains("offboarded-contractor")));
 
     let ex = wait_exchange(env, |e| e["path"] == "/json");
-    let fp = node_agent::http::fingerprint(job_key.as_bytes());
+    let fp = node_agent::record::fingerprint(job_key.as_bytes());
     assert_eq!(ex["injected"]["header"], "authorization");
     assert_eq!(
         ex["injected"]["client_presented"][0]["value"],

@@ -6,7 +6,7 @@
 //! (it uses a timer for nothing else), counts from the first byte the
 //! client sends after hyper starts waiting; the first head of a
 //! connection is counted from the start. Idle connections are closed by
-//! the connection's idle guard instead (`proxy::idle_for`).
+//! the connection's idle guard instead (`session::idle_for`).
 use std::{
     future::Future,
     pin::Pin,

@@ -21,7 +21,6 @@ use hyper::{
     Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::{oneshot, Mutex},
@@ -33,11 +32,13 @@ use crate::{
     record::{now_ms, BodyRecord, Exchange, ExchangeState, Header, Injection},
     scan::StreamMasker,
     session::Session,
+    verdict::{Denial, DenialKind},
 };
 
 mod body;
 pub mod clock;
 pub mod decode;
+pub mod deny;
 mod request;
 mod response;
 pub mod websocket;
@@ -357,21 +358,12 @@ impl HttpSession {
         let upgrade = matches!(up, Upstream::H1(_)) && req.headers().contains_key(UPGRADE);
         let durable_tx = self.wait_turn(up).await;
         let policy = self.policy();
-        if let Some((decision, reason)) = self.suspended() {
-            ex.decisions.push(decision);
+        if let Err(d) = self
+            .check_suspension(&mut ex.decisions)
+            .and_then(|()| self.check_authority(req.headers(), req.uri(), &mut ex))
+        {
             body::discard(req.into_body());
-            let body = serde_json::json!({
-                "error": "identity suspended",
-                "identity": self.identity.id,
-                "reason": reason,
-            });
-            return self
-                .refuse(ex, started, durable_tx, StatusCode::FORBIDDEN, body)
-                .await;
-        }
-        if let Err(r) = self.check_authority(req.headers(), req.uri(), &mut ex) {
-            body::discard(req.into_body());
-            return self.refuse(ex, started, durable_tx, r.status, r.body).await;
+            return self.refuse(ex, started, durable_tx, d).await;
         }
         let masks = policy.masks_responses(&self.target, &self.identity);
         let request_rules = policy.has_request_rules(&self.target, &self.identity);
@@ -392,14 +384,13 @@ impl HttpSession {
                 "upgrade-not-inspectable",
                 format!("`{proto}` upgrade on a target with rules"),
             ));
-            let body = serde_json::json!({
-                "error": "upgrade refused",
-                "reason": format!("policy rules apply to this target and `{proto}` streams are not inspected here (policy.websocket: {:?}); the upgrade would bypass them", self.websocket),
-            });
+            let d = Denial::new(
+                "upgrade-not-inspectable",
+                DenialKind::Blocked,
+                format!("policy rules apply to this target and `{proto}` streams are not inspected here (policy.websocket: {:?}); the upgrade would bypass them", self.websocket),
+            );
             body::discard(req.into_body());
-            return self
-                .refuse(ex, started, durable_tx, StatusCode::FORBIDDEN, body)
-                .await;
+            return self.refuse(ex, started, durable_tx, d).await;
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -407,7 +398,7 @@ impl HttpSession {
             // Prompts are judged whole before anything is forwarded.
             match self.judge_request(&parts, body, &mut ex).await {
                 Ok(bytes) => Full::new(bytes).map_err(|e| match e {}).boxed(),
-                Err(r) => return self.refuse(ex, started, durable_tx, r.status, r.body).await,
+                Err(d) => return self.refuse(ex, started, durable_tx, d).await,
             }
         } else {
             body.boxed()
@@ -416,9 +407,9 @@ impl HttpSession {
             // No compression extension: the frames must be readable.
             parts.headers.remove("sec-websocket-extensions");
         }
-        if let Err(r) = self.inject_credential(&policy, &mut parts, &mut ex) {
+        if let Err(d) = self.inject_credential(&policy, &mut parts, &mut ex) {
             body::discard(up_body);
-            return self.refuse(ex, started, durable_tx, r.status, r.body).await;
+            return self.refuse(ex, started, durable_tx, d).await;
         }
         if masks {
             // Ask for what the client will read uncompressed; a response
@@ -439,16 +430,12 @@ impl HttpSession {
         if let Err(e) = self.store.start_exchange(&ex) {
             warn!(session = self.id, error = %e, "cannot record the exchange; refusing");
             ex.error = Some(format!("not recorded: {e}"));
-            let body = serde_json::json!({ "error": "the node cannot record this request; not forwarded" });
-            return self
-                .refuse(
-                    ex,
-                    started,
-                    durable_tx,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    body,
-                )
-                .await;
+            let d = Denial::new(
+                "not-recorded",
+                DenialKind::NotRecorded,
+                format!("the node cannot record this request: {e}"),
+            );
+            return self.refuse(ex, started, durable_tx, d).await;
         }
         let (req_tap, req_rx) = Tap::new(up_body, self.body_cap);
         let up_req = Request::from_parts(parts, req_tap);
@@ -518,18 +505,14 @@ impl HttpSession {
             let (masker, decoder) = match prepared {
                 Ok(p) => p,
                 Err(e) => {
-                    let msg = format!("response cannot be inspected: {e}");
-                    ex.error = Some(msg.clone());
+                    let d = Denial::new(
+                        "response-uninspectable",
+                        DenialKind::UninspectableResponse,
+                        format!("response cannot be inspected: {e}"),
+                    );
+                    ex.error = Some(d.message.clone());
                     drop(body);
-                    return self
-                        .refuse(
-                            ex,
-                            started,
-                            durable_tx,
-                            StatusCode::BAD_GATEWAY,
-                            serde_json::json!({ "error": msg }),
-                        )
-                        .await;
+                    return self.refuse(ex, started, durable_tx, d).await;
                 }
             };
             // The record keeps what the client got, as for bodies.
@@ -630,7 +613,7 @@ impl HttpSession {
         headers: &HeaderMap,
         uri: &hyper::Uri,
         ex: &mut Exchange,
-    ) -> Result<(), request::Refusal> {
+    ) -> Result<(), Denial> {
         let mut named: Vec<String> = headers
             .get_all(HOST)
             .iter()
@@ -659,13 +642,11 @@ impl HttpSession {
         warn!(session = self.id, workload = %self.identity.id, %detail, "misdirected request refused");
         ex.decisions
             .push(Decision::node_block("authority-mismatch", detail.clone()));
-        Err(request::Refusal {
-            status: StatusCode::MISDIRECTED_REQUEST,
-            body: serde_json::json!({
-                "error": "misdirected request",
-                "reason": detail,
-            }),
-        })
+        Err(Denial::new(
+            "authority-mismatch",
+            DenialKind::Misdirected,
+            detail,
+        ))
     }
 
     /// Replaces the job's credential with the node's, recording the
@@ -675,7 +656,7 @@ impl HttpSession {
         policy: &crate::policy::CompiledPolicy,
         parts: &mut hyper::http::request::Parts,
         ex: &mut Exchange,
-    ) -> Result<(), request::Refusal> {
+    ) -> Result<(), Denial> {
         let Some(cred) = policy.credential(&self.target) else {
             return Ok(());
         };
@@ -687,7 +668,7 @@ impl HttpSession {
         if !for_this_name {
             ex.decisions.push(Decision {
                 rule: "credential-not-for-name".into(),
-                action: "log".into(),
+                action: crate::record::Action::Log,
                 patterns: vec![],
                 detail: Some(format!(
                     "`{}` matches the target only by a wildcard; the node credential is not injected (list it in credentials.hosts)",
@@ -701,7 +682,7 @@ impl HttpSession {
             for v in parts.headers.get_all(h.as_str()) {
                 presented.push(Header {
                     name: h.clone(),
-                    value: format!("sha256:{}", fingerprint(v.as_bytes())),
+                    value: format!("sha256:{}", crate::record::fingerprint(v.as_bytes())),
                 });
             }
             parts.headers.remove(h.as_str());
@@ -716,10 +697,11 @@ impl HttpSession {
             }
             _ => {
                 ex.error = Some("node credential is not a valid header".into());
-                return Err(request::Refusal {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    body: serde_json::json!({"error": "node credential misconfigured"}),
-                });
+                return Err(Denial::new(
+                    "credential-misconfigured",
+                    DenialKind::Misconfigured,
+                    "node credential misconfigured",
+                ));
             }
         }
         ex.injected = Some(Injection {
@@ -791,7 +773,7 @@ impl HttpSession {
                                 ex.error = Some(format!("upgraded stream: {e}"));
                             }
                         }
-                        _ = crate::proxy::idle_for(idle, activity) => {
+                        _ = crate::session::idle_for(idle, activity) => {
                             ex.error = Some(format!(
                                 "upgraded stream idle for {}s (limits.idle_timeout_secs)",
                                 idle.as_secs()
@@ -819,9 +801,9 @@ impl HttpSession {
         mut ex: Exchange,
         started: Instant,
         durable: Option<oneshot::Sender<()>>,
-        status: StatusCode,
-        body: serde_json::Value,
+        denial: Denial,
     ) -> Response<ProxyBody> {
+        let (status, body) = deny::render(&denial, &self.identity.id);
         let text = body.to_string();
         ex.status = Some(status.as_u16());
         ex.response_headers = vec![Header {
@@ -872,7 +854,7 @@ fn mask_decisions(
         .into_iter()
         .map(|(rule, (patterns, n))| Decision {
             rule: policy.rule(rule).id.clone(),
-            action: "mask".into(),
+            action: crate::record::Action::Mask,
             patterns,
             detail: Some(format!("{n} span(s) masked in the response")),
         })
@@ -921,7 +903,10 @@ pub fn headers(map: &HeaderMap) -> Vec<Header> {
             if CREDENTIAL_HEADERS.contains(&n) {
                 Header {
                     name: n.to_owned(),
-                    value: format!("[credential sha256:{}]", fingerprint(value.as_bytes())),
+                    value: format!(
+                        "[credential sha256:{}]",
+                        crate::record::fingerprint(value.as_bytes())
+                    ),
                 }
             } else {
                 Header {
@@ -931,12 +916,6 @@ pub fn headers(map: &HeaderMap) -> Vec<Header> {
             }
         })
         .collect()
-}
-
-/// First 16 hex digits of SHA-256: enough to tell keys apart, useless to
-/// recover them.
-pub fn fingerprint(secret: &[u8]) -> String {
-    hex::encode(&Sha256::digest(secret)[..8])
 }
 
 #[cfg(test)]
@@ -956,7 +935,10 @@ mod tests {
         assert!(!auth.value.contains("sk-secret"));
         assert_eq!(
             auth.value,
-            format!("[credential sha256:{}]", fingerprint(b"Bearer sk-secret"))
+            format!(
+                "[credential sha256:{}]",
+                crate::record::fingerprint(b"Bearer sk-secret")
+            )
         );
         assert_eq!(
             out.iter().find(|h| h.name == "accept").unwrap().value,

@@ -3,35 +3,20 @@
 //! the decoded body (Content-Encoding undone), the JSON-unescaped string
 //! values of a JSON body, the percent-decoded path and query, and header
 //! values (credentials excluded: they are handled by injection).
-use std::time::Duration;
-
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::{body::Incoming, http::request::Parts, StatusCode};
-use tracing::{info, warn};
+use hyper::{body::Incoming, http::request::Parts};
+use tracing::warn;
 
 use super::{
     decode::{decode_chain, Encoding},
     HttpSession, CREDENTIAL_HEADERS,
 };
 use crate::{
-    approvals::Pending,
-    policy::Verdict,
     record::Exchange,
     scan::{charset, json},
+    verdict::{Denial, DenialKind, Held, Judged},
 };
-
-/// A request the node answers itself.
-pub struct Refusal {
-    pub status: StatusCode,
-    pub body: serde_json::Value,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, body: serde_json::Value) -> Self {
-        Self { status, body }
-    }
-}
 
 /// Percent-decoding of a path or query (`+` is a space in queries).
 fn percent_decode(s: &str, plus_is_space: bool) -> Vec<u8> {
@@ -107,14 +92,15 @@ pub fn inspection_text(parts: &Parts, body: &[u8]) -> Vec<u8> {
 }
 
 impl HttpSession {
-    /// Reads the whole request body (bounded), judges it, and returns the
-    /// bytes to forward (unchanged), or the refusal.
+    /// Reads the whole request body (bounded), judges it through the
+    /// session's verdict stages, and returns the bytes to forward
+    /// (unchanged), or the denial.
     pub(super) async fn judge_request(
         &self,
         parts: &Parts,
         body: Incoming,
         ex: &mut Exchange,
-    ) -> Result<Bytes, Refusal> {
+    ) -> Result<Bytes, Denial> {
         let policy = self.policy.current();
         let bytes = match http_body_util::Limited::new(body, self.max_scan_request)
             .collect()
@@ -125,22 +111,24 @@ impl HttpSession {
                 let too_big = e
                     .downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some();
-                let (status, msg) = if too_big {
-                    (
-                        StatusCode::PAYLOAD_TOO_LARGE,
+                let d = if too_big {
+                    Denial::new(
+                        "request-too-large",
+                        DenialKind::TooLarge,
                         format!(
                             "request body larger than the {} bytes the policy can scan",
                             self.max_scan_request
                         ),
                     )
                 } else {
-                    (
-                        StatusCode::BAD_REQUEST,
+                    Denial::new(
+                        "request-unreadable",
+                        DenialKind::Unreadable,
                         format!("reading request body: {e}"),
                     )
                 };
-                ex.error = Some(msg.clone());
-                return Err(Refusal::new(status, serde_json::json!({ "error": msg })));
+                ex.error = Some(d.message.clone());
+                return Err(d);
             }
         };
         ex.request_body.size = bytes.len() as u64;
@@ -170,86 +158,39 @@ impl HttpSession {
         }) {
             Ok(d) => d,
             Err(e) => {
-                let msg = format!("request body cannot be inspected: {e}");
-                ex.error = Some(msg.clone());
-                return Err(Refusal::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    serde_json::json!({ "error": msg }),
-                ));
+                let d = Denial::new(
+                    "request-uninspectable",
+                    DenialKind::Uninspectable,
+                    format!("request body cannot be inspected: {e}"),
+                );
+                ex.error = Some(d.message.clone());
+                return Err(d);
             }
         };
         let text = inspection_text(parts, &decoded);
-        let (verdict, decisions) =
-            match policy.evaluate_request(&self.target, &self.identity, &text) {
-                Ok(v) => v,
-                Err(e) => {
-                    ex.error = Some(format!("policy scan failed: {e}"));
-                    return Err(Refusal::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        serde_json::json!({"error": "policy scan failed"}),
-                    ));
-                }
-            };
-        ex.decisions.extend(decisions);
-        match verdict {
-            Verdict::Allow => Ok(bytes),
-            Verdict::Block { rule, message } => {
-                warn!(session = self.id, workload = %self.identity.id, %rule, "request blocked by policy");
-                Err(Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    serde_json::json!({
-                        "error": "blocked by policy", "rule": rule, "message": message,
-                    }),
-                ))
-            }
-            Verdict::Approve {
-                rule,
-                message,
-                timeout_secs,
-            } => {
-                let pending = Pending {
-                    id: 0,
-                    session: self.id,
-                    workload: self.identity.id.clone(),
-                    rule: rule.clone(),
-                    message: message.clone(),
+        let evaluated = policy.evaluate_request(&self.target, &self.identity, &text);
+        let denial = match self.judge(evaluated, &mut ex.decisions) {
+            Judged::Allow => return Ok(bytes),
+            Judged::Deny(d) => d,
+            Judged::Hold(hold) => {
+                let held = Held {
                     method: ex.method.clone(),
                     authority: ex.authority.clone(),
                     path: ex.path.clone(),
                     preview: String::from_utf8_lossy(&decoded[..decoded.len().min(512)])
                         .into_owned(),
-                    created_ms: 0,
-                    expires_ms: 0,
-                    hold: String::new(),
-                    ci: self.identity.ci.clone(),
                 };
-                info!(session = self.id, workload = %self.identity.id, %rule, "request held for approval");
-                let outcome = self
-                    .approvals
-                    .request(pending, Duration::from_secs(timeout_secs))
-                    .await;
-                let detail = serde_json::to_string(&outcome).unwrap_or_default();
-                if let Some(d) = ex.decisions.iter_mut().find(|d| d.rule == rule) {
-                    d.detail = Some(detail);
-                }
-                let denial = outcome.denial(timeout_secs);
-                // A suspension while held also denies.
-                let denial = denial.or_else(|| {
-                    self.suspensions
-                        .get(&self.identity)
-                        .map(|s| format!("identity suspended: {}", s.reason))
-                });
-                match denial {
-                    Some(reason) => Err(Refusal::new(
-                        StatusCode::FORBIDDEN,
-                        serde_json::json!({
-                            "error": "not approved", "rule": rule, "message": message, "reason": reason,
-                        }),
-                    )),
-                    None => Ok(bytes),
+                match self.hold(hold, held, &mut ex.decisions).await {
+                    Ok(()) => return Ok(bytes),
+                    Err(d) => d,
                 }
             }
+        };
+        if denial.kind == DenialKind::ScanFailed {
+            ex.error = Some(format!("policy scan failed: {}", denial.message));
         }
+        warn!(session = self.id, workload = %self.identity.id, rule = %denial.rule, kind = denial.kind.as_str(), "request refused");
+        Err(denial)
     }
 }
 

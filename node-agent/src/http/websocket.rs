@@ -35,16 +35,7 @@ pub enum WsError {
     Io(#[from] std::io::Error),
 }
 
-/// What the node does with a WebSocket upgrade on a target with rules.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WebSocketMode {
-    /// Scan frames both ways (default).
-    #[default]
-    Inspect,
-    /// Refuse the upgrade (403) with the reason.
-    Refuse,
-}
+pub use crate::config::WebSocketMode;
 
 /// A close frame (1008: policy violation) as a server sends it (unmasked)
 /// or a client must (masked; the zero key is valid and keeps it readable).

@@ -87,18 +87,7 @@ pub struct SqlMatch {
     pub tables: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    /// Responses: redact matches (length-preserving).
-    Mask,
-    /// Requests: refuse with 403 before the upstream sees it.
-    Block,
-    /// Requests: hold until a human approves; no answer in time = deny.
-    Approve,
-    /// Record the match, change nothing (for alerting).
-    Log,
-}
+pub use crate::record::Action;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -559,18 +559,12 @@ impl CompiledPolicy {
         let mut verdict = Verdict::Allow;
         for (i, patterns) in by_rule {
             let r = &self.bundle.rules[i];
-            let action = match r.action {
-                Action::Block => "block",
-                Action::Approve => "approve",
-                Action::Log => "log",
-                Action::Mask => "mask",
-            };
             let decisive = matches!(verdict, Verdict::Allow)
                 && matches!(r.action, Action::Block | Action::Approve);
             if decisive || r.action == Action::Log {
                 decisions.push(Decision {
                     rule: r.id.clone(),
-                    action: action.into(),
+                    action: r.action,
                     patterns,
                     detail: r.message.clone(),
                 });
@@ -696,7 +690,7 @@ impl CompiledPolicy {
                     let message = format!("{why}; refused because blocking rules apply");
                     decisions.push(Decision {
                         rule: r.id.clone(),
-                        action: "block".into(),
+                        action: Action::Block,
                         patterns: vec![],
                         detail: Some(message.clone()),
                     });
@@ -745,11 +739,9 @@ impl CompiledPolicy {
             decisions.push(Decision {
                 rule: r.id.clone(),
                 action: match r.action {
-                    Action::Block => "block",
-                    Action::Approve => "approve",
-                    _ => "log",
-                }
-                .into(),
+                    Action::Block | Action::Approve => r.action,
+                    _ => Action::Log,
+                },
                 patterns,
                 detail: r.message.clone(),
             });

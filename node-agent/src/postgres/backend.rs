@@ -63,6 +63,10 @@ impl Backend {
     /// Handles one server message; returns the statements it ended (their
     /// records are written outside the lock).
     fn handle(&mut self, msg: Message) -> Result<Vec<InFlight>, PgError> {
+        if msg.tag == b'D' {
+            self.data_row(msg)?;
+            return Ok(Vec::new());
+        }
         let mut done = Vec::new();
         let mut f = lock(&self.flow);
         if matches!(f.queue.front(), Some(Entry::Probe { .. })) && probe(&mut f, &msg) {
@@ -102,39 +106,6 @@ impl Backend {
                     f.queue.pop_front();
                 }
                 msg.encode(&mut self.out);
-            }
-            b'D' => {
-                let super::Flow {
-                    queue,
-                    portal_desc,
-                    statement_desc,
-                    portal_statement,
-                    ..
-                } = &mut *f;
-                let rewritten = match queue.front_mut() {
-                    Some(Entry::Statement(s)) => {
-                        s.record.rows_returned += 1;
-                        if s.mask.is_some() && s.desc.is_none() {
-                            s.desc = describe((portal_desc, statement_desc, portal_statement), s);
-                        }
-                        let s = &mut **s;
-                        match &s.mask {
-                            Some(plan) => mask::data_row(
-                                &msg.body,
-                                s.desc.as_deref().map(|v| &v[..]),
-                                &s.result_formats,
-                                plan,
-                                &mut s.masked,
-                            )?,
-                            None => None,
-                        }
-                    }
-                    _ => None,
-                };
-                match rewritten {
-                    Some(body) => Message::new(b'D', body).encode(&mut self.out),
-                    None => msg.encode(&mut self.out),
-                }
             }
             b'H' => {
                 if let Some(Entry::Statement(s)) = f.queue.front_mut() {
@@ -290,6 +261,63 @@ impl Backend {
 }
 
 impl Backend {
+    /// A DataRow: counted, and masked under its statement's result rules
+    /// outside the lock the frontend also takes (it keeps judging and
+    /// pushing the next statements while a wide row is scanned). Only this
+    /// pump touches the front statement's mask, so it is lent out of the
+    /// queue for the scan and put back with the tally.
+    fn data_row(&mut self, msg: Message) -> Result<(), PgError> {
+        let lent = {
+            let mut f = lock(&self.flow);
+            if matches!(f.queue.front(), Some(Entry::Probe { .. })) && probe(&mut f, &msg) {
+                return Ok(());
+            }
+            let super::Flow {
+                queue,
+                portal_desc,
+                statement_desc,
+                portal_statement,
+                ..
+            } = &mut *f;
+            match queue.front_mut() {
+                Some(Entry::Statement(s)) => {
+                    s.record.rows_returned += 1;
+                    if s.mask.is_some() && s.desc.is_none() {
+                        s.desc = describe((portal_desc, statement_desc, portal_statement), s);
+                    }
+                    s.mask
+                        .take()
+                        .map(|plan| (plan, s.desc.clone(), std::mem::take(&mut s.result_formats)))
+                }
+                _ => None,
+            }
+        };
+        let Some((plan, desc, formats)) = lent else {
+            msg.encode(&mut self.out);
+            return Ok(());
+        };
+        let mut masked = std::collections::BTreeMap::new();
+        let rewritten = mask::data_row(
+            &msg.body,
+            desc.as_deref().map(|v| &v[..]),
+            &formats,
+            &plan,
+            &mut masked,
+        );
+        if let Some(Entry::Statement(s)) = lock(&self.flow).queue.front_mut() {
+            s.mask = Some(plan);
+            s.result_formats = formats;
+            for (rule, n) in masked {
+                *s.masked.entry(rule).or_default() += n;
+            }
+        }
+        match rewritten? {
+            Some(body) => Message::new(b'D', body).encode(&mut self.out),
+            None => msg.encode(&mut self.out),
+        }
+        Ok(())
+    }
+
     /// An error, notice or notification with the result rules' pattern
     /// matches masked: those of the statement it answers, else the rules
     /// in force (a notice or notification between statements). Matches
@@ -400,7 +428,7 @@ pub fn finish(ctx: &Session, s: &mut InFlight) {
     for (rule, n) in std::mem::take(&mut s.masked) {
         s.record.decisions.push(Decision {
             rule,
-            action: "mask".into(),
+            action: crate::record::Action::Mask,
             patterns: vec![],
             detail: Some(format!("{n} value(s) masked in the result")),
         });

@@ -12,11 +12,11 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::{
     classify,
@@ -25,10 +25,9 @@ use super::{
     MAX_NAMED,
 };
 use crate::{
-    approvals,
-    policy::Verdict,
-    record::{now_ms, Decision, ExchangeState, SqlFacts, Statement},
+    record::{now_ms, ExchangeState, SqlFacts, Statement},
     session::Session,
+    verdict::{Denial, DenialKind, Held, Judged},
 };
 
 /// Bind parameters kept per statement, and characters per value.
@@ -54,12 +53,6 @@ pub struct Frontend {
 /// How long a statement with a backslash waits for the statements before
 /// it to finish (`Frontend::lexed_differently`).
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// A refusal: the rule (or node reason) and what the client is told.
-struct Refusal {
-    rule: String,
-    message: String,
-}
 
 impl Frontend {
     pub fn new(ctx: Arc<Session>, db: DbSession, flow: Shared) -> Self {
@@ -306,18 +299,16 @@ impl Frontend {
         Ok(verdict)
     }
 
+    /// The verdict stages (`verdict.rs`) for one statement. On a hold,
+    /// what came before it goes to the server first; this one waits.
     async fn judge<W: AsyncWrite + Unpin>(
         &mut self,
         record: &mut Statement,
         sql: &str,
         server: &mut W,
-    ) -> Result<Result<(), Refusal>, PgError> {
-        if let Some((decision, reason)) = self.ctx.suspended() {
-            record.decisions.push(decision);
-            return Ok(Err(Refusal {
-                rule: "identity-suspended".into(),
-                message: format!("identity suspended: {reason}"),
-            }));
+    ) -> Result<Result<(), Denial>, PgError> {
+        if let Err(d) = self.ctx.check_suspension(&mut record.decisions) {
+            return Ok(Err(d));
         }
         let policy = self.ctx.policy();
         let evaluated = policy.evaluate_statement(
@@ -326,79 +317,30 @@ impl Frontend {
             &record.sql,
             sql.as_bytes(),
         );
-        let (verdict, decisions) = match evaluated {
-            Ok(v) => v,
-            Err(e) => {
-                // Fail closed: a statement that cannot be scanned is not run.
-                let detail = format!("statement could not be scanned: {e}");
-                record
-                    .decisions
-                    .push(Decision::node_block("scan-failed", detail.clone()));
-                return Ok(Err(Refusal {
-                    rule: "scan-failed".into(),
-                    message: detail,
-                }));
-            }
+        let hold = match self.ctx.judge(evaluated, &mut record.decisions) {
+            Judged::Allow => return Ok(Ok(())),
+            Judged::Deny(d) => return Ok(Err(d)),
+            Judged::Hold(h) => h,
         };
-        record.decisions.extend(decisions);
-        match verdict {
-            Verdict::Allow => Ok(Ok(())),
-            Verdict::Block { rule, message } => Ok(Err(Refusal { rule, message })),
-            Verdict::Approve {
-                rule,
-                message,
-                timeout_secs,
-            } => {
-                // What came before goes on; this statement waits.
-                self.out.send(server).await?;
-                let pending = approvals::Pending {
-                    id: 0,
-                    session: self.ctx.id,
-                    workload: self.ctx.workload().to_owned(),
-                    rule: rule.clone(),
-                    message: message.clone(),
-                    method: "SQL".into(),
-                    authority: self.ctx.target.clone(),
-                    path: self.db.database.clone(),
-                    preview: sql.chars().take(512).collect(),
-                    created_ms: 0,
-                    expires_ms: 0,
-                    hold: String::new(),
-                    ci: self.ctx.identity.ci.clone(),
-                };
-                info!(session = self.ctx.id, workload = %self.ctx.workload(), %rule, "statement held for approval");
-                let outcome = self
-                    .ctx
-                    .approvals
-                    .request(pending, Duration::from_secs(timeout_secs))
-                    .await;
-                if let Some(d) = record.decisions.iter_mut().find(|d| d.rule == rule) {
-                    d.detail = Some(serde_json::to_string(&outcome).unwrap_or_default());
-                }
-                let denial = outcome.denial(timeout_secs);
-                let denial = denial.or_else(|| {
-                    self.ctx
-                        .suspended()
-                        .map(|(_, r)| format!("identity suspended: {r}"))
-                });
-                Ok(match denial {
-                    None => Ok(()),
-                    Some(reason) => Err(Refusal {
-                        rule,
-                        message: format!("{message} (not approved: {reason})"),
-                    }),
-                })
-            }
-        }
+        self.out.send(server).await?;
+        let held = Held {
+            method: "SQL".into(),
+            authority: self.ctx.target.clone(),
+            path: self.db.database.clone(),
+            preview: sql.chars().take(512).collect(),
+        };
+        Ok(self.ctx.hold(hold, held, &mut record.decisions).await)
     }
 
-    fn error_for(&self, r: &Refusal) -> Message {
+    /// A denial as Postgres renders it: ErrorResponse 42501.
+    fn error_for(&self, r: &Denial) -> Message {
         codec::error_response(
             "ERROR",
             "42501",
             &format!(
                 "sluice: statement refused by policy rule `{}`: {}",
-                r.rule, r.message
+                r.rule,
+                r.text()
             ),
             Some(&format!(
                 "recorded in session {} for workload {}",
@@ -409,12 +351,12 @@ impl Frontend {
     }
 
     /// Records statements that did not run (refused, or beside a refused one).
-    fn record_refused(&self, mut records: Vec<Statement>, refused: usize, r: &Refusal) {
+    fn record_refused(&self, mut records: Vec<Statement>, refused: usize, r: &Denial) {
         for (i, mut st) in records.drain(..).enumerate() {
             st.state = ExchangeState::Complete;
             st.sqlstate = Some("42501".into());
             st.error = Some(if i == refused {
-                format!("refused by `{}`: {}", r.rule, r.message)
+                format!("refused by `{}`: {}", r.rule, r.text())
             } else {
                 format!(
                     "not run: statement {} of the same query string was refused",
@@ -426,7 +368,7 @@ impl Frontend {
                 self.ctx.record_failed(&e);
             }
         }
-        warn!(session = self.ctx.id, workload = %self.ctx.workload(), rule = %r.rule, "statement refused");
+        warn!(session = self.ctx.id, workload = %self.ctx.workload(), rule = %r.rule, kind = r.kind.as_str(), "statement refused");
     }
 
     async fn query<W: AsyncWrite + Unpin>(
@@ -471,10 +413,11 @@ impl Frontend {
             {
                 refusal = Some((
                     i,
-                    Refusal {
-                        rule: "binary-copy-masked".into(),
-                        message: "COPY in binary format of columns under masking rules is not masked by the node; use text or CSV format".into(),
-                    },
+                    Denial::new(
+                        "binary-copy-masked",
+                        DenialKind::Uninspectable,
+                        "COPY in binary format of columns under masking rules is not masked by the node; use text or CSV format",
+                    ),
                 ));
             }
         }
@@ -487,10 +430,11 @@ impl Frontend {
                 self.ctx.record_failed(&e);
                 refusal = Some((
                     0,
-                    Refusal {
-                        rule: "not-recorded".into(),
-                        message: format!("the node cannot record this statement: {e}"),
-                    },
+                    Denial::new(
+                        "not-recorded",
+                        DenialKind::NotRecorded,
+                        format!("the node cannot record this statement: {e}"),
+                    ),
                 ));
             }
         }
@@ -684,10 +628,11 @@ impl Frontend {
                 .policy()
                 .has_statement_rules(&self.ctx.target, &self.ctx.identity)
         {
-            let r = Refusal {
-                rule: "search-path-changed".into(),
-                message: "the search path changed after this statement was prepared; prepare it again so the node can judge the tables it reads".into(),
-            };
+            let r = Denial::new(
+                "search-path-changed",
+                DenialKind::Uninspectable,
+                "the search path changed after this statement was prepared; prepare it again so the node can judge the tables it reads",
+            );
             let record = self.new_record(
                 "extended",
                 (!statement.is_empty()).then(|| statement.clone()),
@@ -760,30 +705,27 @@ impl Frontend {
                 .policy()
                 .has_statement_rules(&self.ctx.target, &self.ctx.identity)
         {
-            let r = Refusal {
-                rule: "unparsable-statement".into(),
-                message: portal.facts.parse_error.clone().unwrap_or_default(),
-            };
+            let r = Denial::new(
+                "unparsable-statement",
+                DenialKind::Uninspectable,
+                portal.facts.parse_error.clone().unwrap_or_default(),
+            );
             self.discarding = Some(self.error_for(&r));
             self.record_refused(vec![st], 0, &r);
             return Ok(());
         }
-        if let Some((decision, reason)) = self.ctx.suspended() {
-            st.decisions.push(decision);
-            let r = Refusal {
-                rule: "identity-suspended".into(),
-                message: format!("identity suspended: {reason}"),
-            };
+        if let Err(r) = self.ctx.check_suspension(&mut st.decisions) {
             self.discarding = Some(self.error_for(&r));
             self.record_refused(vec![st], 0, &r);
             return Ok(());
         }
         if let Err(e) = self.ctx.store.start_statement(&st) {
             self.ctx.record_failed(&e);
-            let r = Refusal {
-                rule: "not-recorded".into(),
-                message: format!("the node cannot record this statement: {e}"),
-            };
+            let r = Denial::new(
+                "not-recorded",
+                DenialKind::NotRecorded,
+                format!("the node cannot record this statement: {e}"),
+            );
             self.discarding = Some(self.error_for(&r));
             self.record_refused(vec![st], 0, &r);
             return Ok(());
@@ -836,16 +778,18 @@ impl Frontend {
         );
         let policy = self.ctx.policy();
         let refusal = if policy.has_statement_rules(&self.ctx.target, &self.ctx.identity) {
-            Some(Refusal {
-                rule: "function-call".into(),
-                message: "fast-path function calls are not inspected; use SELECT".into(),
-            })
+            Some(Denial::new(
+                "function-call",
+                DenialKind::Uninspectable,
+                "fast-path function calls are not inspected; use SELECT",
+            ))
         } else if let Err(e) = self.ctx.store.start_statement(&st) {
             self.ctx.record_failed(&e);
-            Some(Refusal {
-                rule: "not-recorded".into(),
-                message: format!("the node cannot record this statement: {e}"),
-            })
+            Some(Denial::new(
+                "not-recorded",
+                DenialKind::NotRecorded,
+                format!("the node cannot record this statement: {e}"),
+            ))
         } else {
             None
         };
@@ -938,7 +882,7 @@ fn param_text(v: &[u8], binary: bool) -> String {
     let secretish = (v.len() >= 16 && !v.contains(&b' ') && crate::scan::entropy(v) >= 3.5)
         || !secret_spans(v).is_empty();
     if secretish {
-        return format!("[credential sha256:{}]", crate::http::fingerprint(v));
+        return format!("[credential sha256:{}]", crate::record::fingerprint(v));
     }
     let text = String::from_utf8_lossy(v);
     if text.chars().count() > MAX_PARAM_CHARS {

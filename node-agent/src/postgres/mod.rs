@@ -304,17 +304,12 @@ async fn run<C: Io + 'static>(
         fatal(&mut client, "42501", &format!("sluice: {reason}")).await;
         return Err(PgError::Refused(crate::record::Refusal::Other, reason));
     }
-    if let Some((_, reason)) = ctx.suspended() {
-        let msg = codec::error_response(
-            "FATAL",
-            "42501",
-            &format!("sluice: identity suspended: {reason}"),
-            None,
-        );
+    if let Err(d) = ctx.check_suspension(&mut Vec::new()) {
+        let msg = codec::error_response("FATAL", "42501", &format!("sluice: {}", d.text()), None);
         let _ = client.get_mut().write_all(&msg.to_bytes()).await;
         return Err(PgError::Refused(
             crate::record::Refusal::Suspended,
-            format!("identity suspended: {reason}"),
+            d.text(),
         ));
     }
     let connected = startup::connect_server(upstream, ep, &ep.server_name(sni.as_deref())).await;
@@ -381,7 +376,7 @@ async fn run<C: Io + 'static>(
     let result = tokio::select! {
         r = front.run(client_r, sw, a1) => r,
         r = back.run(server_r, cw, a2) => r,
-        _ = crate::proxy::idle_for(idle, || activity.load(std::sync::atomic::Ordering::Relaxed)) => {
+        _ = crate::session::idle_for(idle, || activity.load(std::sync::atomic::Ordering::Relaxed)) => {
             Err(PgError::Protocol(format!("idle for {}s (limits.idle_timeout_secs)", idle.as_secs())))
         }
     };

@@ -16,6 +16,8 @@
 //! chain head (`checkpoint.rs`). At start the index catches up with the
 //! log (`recover`) and whatever was open (connections, exchanges) is
 //! marked interrupted.
+mod health;
+pub use health::RecordHealth;
 mod chain;
 mod checkpoint;
 mod commit;
@@ -280,12 +282,44 @@ pub struct Exchange {
     pub injected: Option<Injection>,
 }
 
+/// What a rule does, as bundles write it and records keep it (the record
+/// owns the type: bundles are read into it, decisions carry it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Responses: redact matches (length-preserving).
+    Mask,
+    /// Requests: refuse with 403 before the upstream sees it.
+    Block,
+    /// Requests: hold until a human approves; no answer in time = deny.
+    Approve,
+    /// Record the match, change nothing (for alerting).
+    Log,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Mask => "mask",
+            Action::Block => "block",
+            Action::Approve => "approve",
+            Action::Log => "log",
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A decision taken on an exchange or statement, as recorded
 /// (the record owns the type: policy produces it, the record keeps it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     pub rule: String,
-    pub action: String,
+    pub action: Action,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patterns: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -297,7 +331,7 @@ impl Decision {
     pub fn node_block(rule: &str, detail: String) -> Self {
         Self {
             rule: rule.into(),
-            action: "block".into(),
+            action: Action::Block,
             patterns: vec![],
             detail: Some(detail),
         }
@@ -399,6 +433,16 @@ pub struct Durability {
     pub checkpoint_every_events: u64,
     /// ...or this long after it, whichever comes first (if the chain grew).
     pub checkpoint_interval: Duration,
+}
+
+impl From<&crate::config::RecordSettings> for Durability {
+    fn from(c: &crate::config::RecordSettings) -> Self {
+        Self {
+            fsync_interval: std::time::Duration::from_millis(c.fsync_interval_ms),
+            checkpoint_every_events: c.checkpoint_every_events,
+            checkpoint_interval: std::time::Duration::from_secs(c.checkpoint_interval_secs),
+        }
+    }
 }
 
 impl Default for Durability {
@@ -516,6 +560,18 @@ impl Drop for RecordStore {
     fn drop(&mut self) {
         drop(self.commit.take());
     }
+}
+
+/// First 16 hex digits of SHA-256: enough to tell keys apart, useless to
+/// recover them.
+pub fn fingerprint(secret: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(secret)[..8])
+}
+
+/// A record time (ms since the epoch) as people read it.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
 }
 
 pub fn now_ms() -> u64 {

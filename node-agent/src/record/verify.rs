@@ -175,7 +175,7 @@ fn truncated(cp: &Checkpoint, found_end: Option<u64>, chain_end: Option<u64>) ->
     let signed = format!(
         "signed checkpoint #{} (at {}) covers events up to {}",
         cp.n,
-        crate::export::rfc3339(cp.at_ms),
+        super::rfc3339(cp.at_ms),
         cp.seq
     );
     match found_end.or(chain_end) {
