@@ -307,7 +307,7 @@ fn request_rules_see_decoded_bodies_unescaped_json_and_the_url() {
 /// A WebSocket client in the watched cgroup (the `websockets` library):
 /// sends each message, prints what came back or how the connection ended.
 const WS_CLIENT: &str = r#"
-import asyncio, json, socket, ssl, sys
+import asyncio, json, os, socket, ssl, sys
 import websockets
 ip, port = sys.argv[1], sys.argv[2]
 real = socket.getaddrinfo
@@ -319,6 +319,11 @@ async def main():
         async with websockets.connect(f"wss://api.fake.test:{port}/ws", ssl=ctx) as ws:
             out["connected"] = True
             for m in sys.argv[3:]:
+                if m.startswith("wait:"):
+                    # Hold the socket open until the test says go.
+                    while not os.path.exists(m[5:]):
+                        await asyncio.sleep(0.05)
+                    continue
                 await ws.send(m)
                 if m.startswith("say:"):
                     out["replies"].append(await ws.recv())
@@ -343,6 +348,68 @@ fn ws_client(env: &Env, port: &str, messages: &[&str]) -> Value {
     args.extend_from_slice(messages);
     let out = env.cgroup.run("python3", &args);
     parse_json_output(&out, &env.node)
+}
+
+/// The verdict stages run per WebSocket message as per request: a
+/// suspension made while the socket is open ends it at the next message,
+/// which never reaches the upstream.
+#[test]
+fn a_suspension_ends_an_open_websocket_at_its_next_message() {
+    let ai = Ai::new();
+    let env = ai.env();
+    let go = env.dir.path().join("go");
+    let wait = format!("wait:{}", go.display());
+    let child = env
+        .cgroup
+        .command(
+            "python3",
+            &[
+                "-c",
+                WS_CLIENT,
+                env.remote.remote.as_str(),
+                "5443",
+                "before the incident",
+                &wait,
+                "after the suspension",
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the first message at the upstream", || {
+        env.remote
+            .ai_entries()
+            .iter()
+            .any(|e| e["received"] == "before the incident")
+    });
+    let id = env.node.wait_sessions(1)[0]["identity"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = env
+        .node
+        .cli(&["identities", "suspend", &id, "--reason", "incident 17"]);
+    assert!(out.status.success(), "{}", text_of(&out));
+    std::fs::write(&go, "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let v = parse_json_output(&out, &env.node);
+    assert_eq!(v["closed"]["code"], 1008, "{v:#}");
+    assert_eq!(v["closed"]["reason"], "identity suspended", "{v:#}");
+    let got = env.remote.ai_entries();
+    assert!(
+        !got.iter().any(|e| e["received"] == "after the suspension"),
+        "a suspended identity's message reached the upstream: {got:?}"
+    );
+    let ex = wait_exchange(env, |e| {
+        e["path"] == "/ws"
+            && e["decisions"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["rule"] == "identity-suspended"))
+    });
+    assert!(
+        ex["error"].as_str().unwrap_or("").contains("incident 17"),
+        "{ex:#}"
+    );
 }
 
 #[test]

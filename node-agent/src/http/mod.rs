@@ -478,8 +478,7 @@ impl HttpSession {
             if let Some(client_upgrade) = client_upgrade {
                 let inspect = inspect_ws.then(|| websocket::Judge {
                     policy: policy.clone(),
-                    target: self.target.clone(),
-                    identity: self.identity.clone(),
+                    session: self.ctx.clone(),
                     request_rules,
                     max_message: self.max_scan_request,
                 });
@@ -737,8 +736,8 @@ impl HttpSession {
                 (Ok(c), Ok(u), Some(judge)) => {
                     let (p, target, identity) = (
                         judge.policy.clone(),
-                        judge.target.clone(),
-                        judge.identity.clone(),
+                        judge.session.target.clone(),
+                        judge.session.identity.clone(),
                     );
                     let masker = StreamMasker::new(
                         judge.policy.clone(),

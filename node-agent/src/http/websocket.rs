@@ -3,9 +3,12 @@
 //! * server → client: text and binary payloads pass through the streaming
 //!   masker as one text (a secret split across frames is still caught);
 //!   masks are written in place, so frame lengths never change;
-//! * client → server: each message is judged by the request rules once it
-//!   is complete; a blocked message closes both sides with 1008 (policy
-//!   violation) and is never forwarded.
+//! * client → server: each message goes through the session's verdict
+//!   stages (`verdict.rs`) once it is complete: suspension, then the
+//!   request rules; a denied message closes both sides with 1008 (policy
+//!   violation) and is never forwarded. Without request rules, frames go
+//!   on as they come, each after the suspension check: a suspension made
+//!   while the socket is open ends it.
 //!
 //! The node removes `Sec-WebSocket-Extensions` from the upgrade request, so
 //! no compression is negotiated and payloads are plain text; a compressed
@@ -19,8 +22,10 @@ use tokio::{
 
 use super::body::IDLE_FLUSH;
 use crate::{
-    policy::{CompiledPolicy, Decision, Verdict},
+    policy::{CompiledPolicy, Decision},
     scan::{json, ws::parse_header, ScanError, StreamMasker},
+    session::Session,
+    verdict::{Denial, Judged},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -64,9 +69,9 @@ pub struct WsReport {
 }
 
 pub struct Judge {
+    /// The policy at the upgrade (the masker's too).
     pub policy: Arc<CompiledPolicy>,
-    pub target: String,
-    pub identity: crate::identity::WorkloadIdentity,
+    pub session: Arc<Session>,
     pub request_rules: bool,
     pub max_message: usize,
 }
@@ -214,6 +219,12 @@ where
             if let Ok(mut r) = report.lock() {
                 r.up_bytes += frame.len() as u64;
             }
+            let mut decisions = Vec::new();
+            if !h.is_control() {
+                if let Err(d) = judge.session.check_suspension(&mut decisions) {
+                    return refuse(cw, uw, judge, report, decisions, d).await;
+                }
+            }
             if h.is_control() || !judge.request_rules {
                 // Control frames (and everything, without request rules)
                 // go on at once; they may interleave a fragmented message.
@@ -236,42 +247,26 @@ where
             if !h.fin {
                 continue;
             }
-            let verdict = judge.policy.evaluate_request(
-                &judge.target,
-                &judge.identity,
+            let evaluated = judge.policy.evaluate_request(
+                &judge.session.target,
+                &judge.session.identity,
                 &judged_text(&message),
             );
-            let (verdict, decisions) = match verdict {
-                Ok(v) => v,
-                Err(e) => return Err(WsError::Scan(e)),
-            };
-            if let Ok(mut r) = report.lock() {
-                r.decisions.extend(decisions);
-            }
-            let refusal = match verdict {
-                Verdict::Allow => None,
-                Verdict::Block { rule, message } => Some(format!("{rule}: {message}")),
-                Verdict::Approve { rule, .. } => Some(format!(
-                    "{rule}: approval is not available for WebSocket messages"
+            let denial = match judge.session.judge(evaluated, &mut decisions) {
+                Judged::Allow => None,
+                Judged::Deny(d) => Some(d),
+                // A held message would hold every frame after it.
+                Judged::Hold(_) => Some(Denial::new(
+                    "websocket-approval",
+                    crate::verdict::DenialKind::Blocked,
+                    "approval is not available for WebSocket messages",
                 )),
             };
-            if let Some(reason) = refusal {
-                tracing::warn!(target = %judge.target, workload = %judge.identity.id, %reason, "WebSocket message blocked by policy");
-                {
-                    let mut w = cw.lock().await;
-                    let _ = w.write_all(&close_frame("blocked by policy", false)).await;
-                    let _ = w.flush().await;
-                }
-                {
-                    let mut w = uw.lock().await;
-                    let _ = w.write_all(&close_frame("blocked by policy", true)).await;
-                    let _ = w.flush().await;
-                }
-                let _ = cw.lock().await.shutdown().await;
-                if let Ok(mut r) = report.lock() {
-                    r.error = Some(format!("message blocked, connection closed: {reason}"));
-                }
-                return Ok(());
+            if let Some(d) = denial {
+                return refuse(cw, uw, judge, report, decisions, d).await;
+            }
+            if let Ok(mut r) = report.lock() {
+                r.decisions.extend(decisions);
             }
             {
                 let mut w = uw.lock().await;
@@ -290,6 +285,48 @@ where
             return Err(WsError::TooLarge(judge.max_message));
         }
     }
+}
+
+/// A denied client message: 1008 to both sides, the client's side shut,
+/// the denial on the exchange's record; the message is not forwarded.
+async fn refuse<W, C>(
+    cw: &Mutex<C>,
+    uw: &Mutex<W>,
+    judge: &Judge,
+    report: &std::sync::Mutex<WsReport>,
+    decisions: Vec<Decision>,
+    d: Denial,
+) -> Result<(), WsError>
+where
+    W: AsyncWrite + Unpin,
+    C: AsyncWrite + Unpin,
+{
+    let s = &judge.session;
+    tracing::warn!(session = s.id, workload = %s.identity.id, rule = %d.rule, kind = d.kind.as_str(), "WebSocket message refused; closed");
+    let why = match d.kind {
+        crate::verdict::DenialKind::Suspended => "identity suspended",
+        _ => "blocked by policy",
+    };
+    {
+        let mut w = cw.lock().await;
+        let _ = w.write_all(&close_frame(why, false)).await;
+        let _ = w.flush().await;
+    }
+    {
+        let mut w = uw.lock().await;
+        let _ = w.write_all(&close_frame(why, true)).await;
+        let _ = w.flush().await;
+    }
+    let _ = cw.lock().await.shutdown().await;
+    if let Ok(mut r) = report.lock() {
+        r.decisions.extend(decisions);
+        r.error = Some(format!(
+            "message refused, connection closed: {}: {}",
+            d.rule,
+            d.text()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
