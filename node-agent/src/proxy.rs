@@ -152,6 +152,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
     }
     .map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
+    // One listener per data thread on the same address (`daemon.rs`).
+    sock.set_reuseport(true).map_err(err)?;
     sock.bind(addr).map_err(err)?;
     sock.listen(4096).map_err(err)
 }

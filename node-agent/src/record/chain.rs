@@ -39,7 +39,55 @@ pub struct Link {
     pub legacy: bool,
 }
 
+/// A link whose content is encoded and digested, waiting for its place in
+/// the chain. The expensive part of an append (the body copied, SHA-256
+/// over it) is done here, outside the chain's lock; `seal` writes the
+/// sequence number, the previous hash and the link hash into the frame
+/// under it.
+pub struct Draft {
+    /// Where the link starts in `out`.
+    at: usize,
+    digest: Hash,
+}
+
+/// Appends the stored form of a new link to `out` with its sequence
+/// number and hashes left blank for `Draft::seal`.
+pub fn draft_into(
+    out: &mut Vec<u8>,
+    at_ms: u64,
+    connection: u64,
+    kind: &str,
+    body: &[u8],
+) -> Draft {
+    let digest = content_digest(at_ms, connection, kind, body);
+    let kind = &kind.as_bytes()[..kind.len().min(u16::MAX as usize)];
+    let at = out.len();
+    out.reserve(FIXED + kind.len() + body.len());
+    out.push(V1);
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&at_ms.to_be_bytes());
+    out.extend_from_slice(&connection.to_be_bytes());
+    out.extend_from_slice(&[0; 64]);
+    out.extend_from_slice(&(kind.len() as u16).to_be_bytes());
+    out.extend_from_slice(kind);
+    out.extend_from_slice(body);
+    Draft { at, digest }
+}
+
+impl Draft {
+    /// Puts the link after `prev` as number `seq`; returns its hash.
+    pub fn seal(&self, out: &mut [u8], seq: u64, prev: &Hash) -> Hash {
+        let hash = link_hash(prev, seq, &self.digest);
+        let b = &mut out[self.at..];
+        b[1..9].copy_from_slice(&seq.to_be_bytes());
+        b[25..57].copy_from_slice(prev);
+        b[57..89].copy_from_slice(&hash);
+        hash
+    }
+}
+
 /// Appends the stored form of a new link to `out`; returns its hash.
+#[cfg(test)]
 pub fn encode_into(
     out: &mut Vec<u8>,
     seq: u64,
@@ -49,19 +97,7 @@ pub fn encode_into(
     body: &[u8],
     prev: &Hash,
 ) -> Hash {
-    let hash = link_hash(prev, seq, &content_digest(at_ms, connection, kind, body));
-    let kind = &kind.as_bytes()[..kind.len().min(u16::MAX as usize)];
-    out.reserve(FIXED + kind.len() + body.len());
-    out.push(V1);
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&at_ms.to_be_bytes());
-    out.extend_from_slice(&connection.to_be_bytes());
-    out.extend_from_slice(prev);
-    out.extend_from_slice(&hash);
-    out.extend_from_slice(&(kind.len() as u16).to_be_bytes());
-    out.extend_from_slice(kind);
-    out.extend_from_slice(body);
-    hash
+    draft_into(out, at_ms, connection, kind, body).seal(out, seq, prev)
 }
 
 impl Link {

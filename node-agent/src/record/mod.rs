@@ -601,17 +601,12 @@ impl Shared {
         }
         let mut frame = Vec::with_capacity(4 + 96 + kind.len() + body.len());
         frame.extend_from_slice(&[0; 4]);
+        // Encoded and digested before the lock: appends from many
+        // connections only queue for the link hash and the write(2).
+        let draft = chain::draft_into(&mut frame, now_ms(), connection, kind, body);
         let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
         let seq = head.seq;
-        let hash = chain::encode_into(
-            &mut frame,
-            seq,
-            now_ms(),
-            connection,
-            kind,
-            body,
-            &head.hash,
-        );
+        let hash = draft.seal(&mut frame, seq, &head.hash);
         let at = head.log.append(&mut frame)?;
         head.seq = seq + 1;
         head.hash = hash;
