@@ -486,6 +486,24 @@ impl HttpSession {
             }
         }
 
+        self.respond(ex, started, durable_tx, resp, req_rx, policy, masks)
+            .await
+    }
+
+    /// Response stage: masking (`response.rs`, `MaskBody`) where rules
+    /// apply, a capped copy for the record (`Tap`), and the exchange
+    /// completed on the record once both bodies have ended.
+    #[allow(clippy::too_many_arguments)]
+    async fn respond(
+        self: &Arc<Self>,
+        mut ex: Exchange,
+        started: Instant,
+        durable_tx: Option<oneshot::Sender<()>>,
+        resp: Response<Incoming>,
+        req_rx: oneshot::Receiver<body::Captured>,
+        policy: Arc<crate::policy::CompiledPolicy>,
+        masks: bool,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
         let report = Arc::new(std::sync::Mutex::new(MaskReport::default()));
         let body: ProxyBody = if masks {
