@@ -64,6 +64,16 @@ pub struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub target: String,
+    pub workload: String,
+    /// `verdict::DenialKind`: suspended, blocked, not_approved,
+    /// scan_failed, uninspectable, too_large, unreadable, misdirected,
+    /// not_recorded, misconfigured, uninspectable_response
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApprovalLabels {
     pub target: String,
     pub rule: String,
@@ -85,6 +95,7 @@ pub struct Metrics {
     pub exchanges: Family<ExchangeLabels, Counter>,
     pub statements: Family<StatementLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
+    pub denials: Family<DenialLabels, Counter>,
     pub approvals_decided: Family<ApprovalLabels, Counter>,
     pub kernel: Family<KernelLabels, Counter>,
     pub connections_active: Gauge,
@@ -111,6 +122,7 @@ impl Default for Metrics {
             exchanges: Family::default(),
             statements: Family::default(),
             decisions: Family::default(),
+            denials: Family::default(),
             approvals_decided: Family::default(),
             kernel: Family::default(),
             connections_active: Gauge::default(),
@@ -129,6 +141,11 @@ impl Default for Metrics {
             "connections",
             "Connections ended, by target, workload, outcome and refusal reason",
             m.connections.clone(),
+        );
+        registry.register(
+            "denials",
+            "Requests, statements and WebSocket messages the node refused, by target, workload and kind",
+            m.denials.clone(),
         );
         registry.register(
             "bytes",

@@ -410,6 +410,14 @@ fn a_suspension_ends_an_open_websocket_at_its_next_message() {
         ex["error"].as_str().unwrap_or("").contains("incident 17"),
         "{ex:#}"
     );
+    // Counted by the denial's kind, for alerting.
+    let metrics = env.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sluice_denials_total{") && l.contains("kind=\"suspended\"")),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -463,6 +471,13 @@ fn websocket_frames_are_masked_and_judged_or_the_upgrade_refused() {
                 .is_some_and(|d| d.iter().any(|d| d["rule"] == "block-prod-creds"))
     });
     assert_eq!(ex["upgrade"], "websocket", "{ex:#}");
+    let metrics = env.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sluice_denials_total{") && l.contains("kind=\"blocked\"")),
+        "{metrics}"
+    );
     let ex = wait_exchange(env, |e| {
         e["path"] == "/ws"
             && e["decisions"]

@@ -820,6 +820,7 @@ impl HttpSession {
         durable: Option<oneshot::Sender<()>>,
         denial: Denial,
     ) -> Response<ProxyBody> {
+        self.denied(&denial);
         let (status, body) = deny::render(&denial, &self.identity.id);
         let text = body.to_string();
         ex.status = Some(status.as_u16());

@@ -302,6 +302,7 @@ where
     C: AsyncWrite + Unpin,
 {
     let s = &judge.session;
+    s.denied(&d);
     tracing::warn!(session = s.id, workload = %s.identity.id, rule = %d.rule, kind = d.kind.as_str(), "WebSocket message refused; closed");
     let why = match d.kind {
         crate::verdict::DenialKind::Suspended => "identity suspended",

@@ -352,6 +352,7 @@ impl Frontend {
 
     /// Records statements that did not run (refused, or beside a refused one).
     fn record_refused(&self, mut records: Vec<Statement>, refused: usize, r: &Denial) {
+        self.ctx.denied(r);
         for (i, mut st) in records.drain(..).enumerate() {
             st.state = ExchangeState::Complete;
             st.sqlstate = Some("42501".into());
