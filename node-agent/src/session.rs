@@ -93,18 +93,6 @@ impl Session {
             .statement(&self.target, &self.workload_name, st);
     }
 
-    /// A message refused (rendered by its protocol): counted by kind.
-    pub fn denied(&self, d: &crate::verdict::Denial) {
-        self.metrics
-            .denials
-            .get_or_create(&crate::metrics::DenialLabels {
-                target: self.target.clone(),
-                workload: self.workload_name.clone(),
-                kind: d.kind.as_str().into(),
-            })
-            .inc();
-    }
-
     /// A failed record write: the store's health goes to failing (new
     /// connections are refused until a flush succeeds).
     pub fn record_failed(&self, e: &dyn std::fmt::Display) {

@@ -117,6 +117,18 @@ pub struct Held {
 }
 
 impl Session {
+    /// A message refused (rendered by its protocol): counted by kind.
+    pub fn denied(&self, d: &Denial) {
+        self.metrics
+            .denials
+            .get_or_create(&crate::metrics::DenialLabels {
+                target: self.target.clone(),
+                workload: self.workload_name.clone(),
+                kind: d.kind.as_str().into(),
+            })
+            .inc();
+    }
+
     /// Stage: suspension, checked per message (a suspension applies to
     /// connections already open).
     pub fn check_suspension(&self, decisions: &mut Vec<Decision>) -> Result<(), Denial> {
