@@ -619,21 +619,7 @@ impl Proxy {
             Err(e) => {
                 let message = format!("upstream TLS with {sni} failed: {e}");
                 warn!(%sni, error = %e, "upstream TLS failed; answering the client with 502");
-                // Tell the client in its own protocol what went wrong.
-                let h1 = alpn.is_empty() || alpn.iter().any(|p| p == b"http/1.1");
-                let proto: Option<&[u8]> = if h1 && !alpn.is_empty() {
-                    Some(b"http/1.1")
-                } else if h1 {
-                    None
-                } else {
-                    Some(b"h2")
-                };
-                if let Ok(cfg) = tls.server_config(&sni, proto) {
-                    let accept = TlsAcceptor::from(cfg).accept(hello::Rewind::new(prefix, client));
-                    if let Ok(Ok(down)) = tokio::time::timeout(HELLO_TIMEOUT, accept).await {
-                        http::serve_error(down, !h1, message.clone()).await;
-                    }
-                }
+                answer_upstream_failure(&tls, &sni, &alpn, prefix, client, message.clone()).await;
                 return Outcome::UpstreamFailed { error: message };
             }
         };
@@ -674,9 +660,39 @@ impl Proxy {
                 }
             }
         };
+        let exact_name = targets.names_exactly(target_id, &sni);
+        self.serve_intercepted(
+            r,
+            down,
+            up,
+            tls,
+            sni,
+            exact_name,
+            negotiated,
+            upstream_addr,
+            counts,
+        )
+        .await
+    }
+
+    /// An intercepted TLS session: HTTP/1.1 or h2 (what the upstream
+    /// chose) through `http::serve`, until it ends or idles out.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_intercepted(
+        &self,
+        r: &ConnectionRecord,
+        down: tokio_rustls::server::TlsStream<hello::Rewind<Counted<TcpStream>>>,
+        up: tokio_rustls::client::TlsStream<TcpStream>,
+        tls: Arc<TlsContext>,
+        sni: String,
+        exact_name: bool,
+        negotiated: Option<Vec<u8>>,
+        upstream_addr: Option<SocketAddr>,
+        counts: Arc<ByteCounts>,
+    ) -> Outcome {
         let session = Arc::new(HttpSession {
             ctx: self.session(r),
-            exact_name: targets.names_exactly(target_id, &sni),
+            exact_name,
             authority: sni.clone(),
             body_cap: self.body_cap,
             prev_durable: Default::default(),
@@ -711,6 +727,32 @@ impl Proxy {
                     error: format!("idle for {}s (limits.idle_timeout_secs)", idle.as_secs()),
                 }
             }
+        }
+    }
+}
+
+/// The upstream's TLS failed: the client is told in its own protocol (a
+/// 502 over a TLS session with the node's leaf), not by a reset.
+async fn answer_upstream_failure(
+    tls: &TlsContext,
+    sni: &str,
+    alpn: &[Vec<u8>],
+    prefix: Vec<u8>,
+    client: Counted<TcpStream>,
+    message: String,
+) {
+    let h1 = alpn.is_empty() || alpn.iter().any(|p| p == b"http/1.1");
+    let proto: Option<&[u8]> = if h1 && !alpn.is_empty() {
+        Some(b"http/1.1")
+    } else if h1 {
+        None
+    } else {
+        Some(b"h2")
+    };
+    if let Ok(cfg) = tls.server_config(sni, proto) {
+        let accept = TlsAcceptor::from(cfg).accept(hello::Rewind::new(prefix, client));
+        if let Ok(Ok(down)) = tokio::time::timeout(HELLO_TIMEOUT, accept).await {
+            http::serve_error(down, !h1, message).await;
         }
     }
 }

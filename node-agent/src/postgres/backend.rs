@@ -79,26 +79,7 @@ impl Backend {
         }
         match msg.tag {
             b'T' => {
-                let fields = Arc::new(mask::row_description(&msg.body)?);
-                match f.queue.front_mut() {
-                    Some(Entry::Describe { portal, name }) => {
-                        let (portal, name) = (*portal, std::mem::take(name));
-                        let map = if portal {
-                            &mut f.portal_desc
-                        } else {
-                            &mut f.statement_desc
-                        };
-                        // Bounded: a job describing without end only loses
-                        // descriptions (its rows are then masked whole).
-                        if map.len() >= super::MAX_NAMED && !map.contains_key(&name) {
-                            map.clear();
-                        }
-                        map.insert(name, fields);
-                        f.queue.pop_front();
-                    }
-                    Some(Entry::Statement(s)) => s.desc = Some(fields),
-                    _ => {}
-                }
+                row_description(&mut f, &msg)?;
                 msg.encode(&mut self.out);
             }
             b'n' => {
@@ -113,41 +94,12 @@ impl Backend {
                 }
                 msg.encode(&mut self.out);
             }
-            b'd' => {
-                let rewritten = match f.queue.front_mut() {
-                    Some(Entry::Statement(s)) if s.copy_out => {
-                        s.record.rows_returned += 1;
-                        let s = &mut **s;
-                        match s.mask.as_ref() {
-                            Some(plan) => s.copy.get_or_insert_with(Default::default).row(
-                                &msg.body,
-                                plan,
-                                &mut s.masked,
-                            )?,
-                            None => None,
-                        }
-                    }
-                    _ => None,
-                };
-                match rewritten {
-                    Some(body) => Message::new(b'd', body).encode(&mut self.out),
-                    None => msg.encode(&mut self.out),
-                }
-            }
+            b'd' => match copy_data(&mut f, &msg)? {
+                Some(body) => Message::new(b'd', body).encode(&mut self.out),
+                None => msg.encode(&mut self.out),
+            },
             b'C' | b's' => {
-                if matches!(f.queue.front(), Some(Entry::Statement(_))) {
-                    if let Some(Entry::Statement(mut s)) = f.queue.pop_front() {
-                        if msg.tag == b'C' {
-                            let tag = codec::cstr(&mut &msg.body[..])?;
-                            s.record.rows_affected =
-                                tag.rsplit(' ').next().and_then(|n| n.parse().ok());
-                            s.record.command_tag = Some(tag);
-                        } else {
-                            s.record.command_tag = Some("PORTAL SUSPENDED".into());
-                        }
-                        done.push(*s);
-                    }
-                }
+                command_complete(&mut f, &msg, &mut done)?;
                 msg.encode(&mut self.out);
             }
             b'I' => match f.queue.front() {
@@ -169,54 +121,11 @@ impl Backend {
                 // Masked before anything reads it: the record keeps what
                 // the client sees.
                 let msg = self.masked_text(&mut f, msg, notice::fields)?;
-                let fields = codec::error_fields(&msg.body);
-                let field = |c: u8| fields.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone());
-                match f.queue.front() {
-                    Some(Entry::Statement(_)) => {
-                        if let Some(Entry::Statement(mut s)) = f.queue.pop_front() {
-                            s.record.sqlstate = field(b'C');
-                            s.record.error = field(b'M');
-                            done.push(*s);
-                        }
-                    }
-                    Some(Entry::Describe { .. }) => {
-                        f.queue.pop_front();
-                    }
-                    _ => {}
-                }
-                // The server skips the rest of the query string, or of the
-                // pipeline until Sync.
-                while matches!(
-                    f.queue.front(),
-                    Some(Entry::Statement(_) | Entry::Describe { .. })
-                ) {
-                    if let Some(Entry::Statement(mut s)) = f.queue.pop_front() {
-                        s.record.error = Some("not run: an earlier statement failed".into());
-                        done.push(*s);
-                    }
-                }
+                error_ends(&mut f, &msg, &mut done);
                 msg.encode(&mut self.out);
             }
             // FunctionCallResponse: the call's result (length, bytes).
-            b'V' => {
-                let mut body = msg.body.to_vec();
-                let answers = matches!(f.queue.front(), Some(Entry::Statement(_)));
-                if let Some(Entry::Statement(mut s)) =
-                    answers.then(|| f.queue.pop_front()).flatten()
-                {
-                    s.record.command_tag = Some("FUNCTION CALL".into());
-                    if let (Some(plan), Some(v)) = (s.mask.as_ref(), body.get_mut(4..)) {
-                        if plan.scans() {
-                            for (a, b) in mask::spans(v, plan, &mut s.masked)? {
-                                v[a..b].fill(crate::scan::MASK);
-                            }
-                        }
-                    }
-                    s.record.rows_returned = 1;
-                    done.push(*s);
-                }
-                Message::new(b'V', body).encode(&mut self.out);
-            }
+            b'V' => function_call_response(&mut f, msg, &mut done)?.encode(&mut self.out),
             b'N' => self
                 .masked_text(&mut f, msg, notice::fields)?
                 .encode(&mut self.out),
@@ -224,22 +133,8 @@ impl Backend {
                 .masked_text(&mut f, msg, notice::notification)?
                 .encode(&mut self.out),
             b'Z' => {
-                while let Some(e) = f.queue.pop_front() {
-                    match e {
-                        Entry::Statement(mut s) => {
-                            s.record.error.get_or_insert_with(|| {
-                                "not run: the server ended the group without running it".into()
-                            });
-                            done.push(*s);
-                        }
-                        Entry::Describe { .. } | Entry::Probe { .. } => {}
-                        Entry::GroupEnd { inject, .. } => {
-                            if let Some(err) = inject {
-                                err.encode(&mut self.out);
-                            }
-                            break;
-                        }
-                    }
+                if let Some(err) = ready_for_query(&mut f, &mut done) {
+                    err.encode(&mut self.out);
                 }
                 msg.encode(&mut self.out);
             }
@@ -437,4 +332,142 @@ pub fn finish(ctx: &Session, s: &mut InFlight) {
     if let Err(e) = ctx.store.put_statement(&s.record) {
         ctx.record_failed(&e);
     }
+}
+
+/// RowDescription: the columns of a described statement or portal, or of
+/// the statement running (what its rows are masked by).
+fn row_description(f: &mut super::Flow, msg: &Message) -> Result<(), PgError> {
+    let fields = Arc::new(mask::row_description(&msg.body)?);
+    match f.queue.front_mut() {
+        Some(Entry::Describe { portal, name }) => {
+            let (portal, name) = (*portal, std::mem::take(name));
+            let map = if portal {
+                &mut f.portal_desc
+            } else {
+                &mut f.statement_desc
+            };
+            // Bounded: a job describing without end only loses
+            // descriptions (its rows are then masked whole).
+            if map.len() >= super::MAX_NAMED && !map.contains_key(&name) {
+                map.clear();
+            }
+            map.insert(name, fields);
+            f.queue.pop_front();
+        }
+        Some(Entry::Statement(s)) => s.desc = Some(fields),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// CopyData of a COPY TO STDOUT: a row, rewritten when columns are masked.
+fn copy_data(f: &mut super::Flow, msg: &Message) -> Result<Option<bytes::Bytes>, PgError> {
+    Ok(match f.queue.front_mut() {
+        Some(Entry::Statement(s)) if s.copy_out => {
+            s.record.rows_returned += 1;
+            let s = &mut **s;
+            match s.mask.as_ref() {
+                Some(plan) => s.copy.get_or_insert_with(Default::default).row(
+                    &msg.body,
+                    plan,
+                    &mut s.masked,
+                )?,
+                None => None,
+            }
+        }
+        _ => None,
+    })
+}
+
+/// CommandComplete or PortalSuspended: the statement at the front ends.
+fn command_complete(
+    f: &mut super::Flow,
+    msg: &Message,
+    done: &mut Vec<InFlight>,
+) -> Result<(), PgError> {
+    if let Some(Entry::Statement(_)) = f.queue.front() {
+        if let Some(Entry::Statement(mut s)) = f.queue.pop_front() {
+            if msg.tag == b'C' {
+                let tag = codec::cstr(&mut &msg.body[..])?;
+                s.record.rows_affected = tag.rsplit(' ').next().and_then(|n| n.parse().ok());
+                s.record.command_tag = Some(tag);
+            } else {
+                s.record.command_tag = Some("PORTAL SUSPENDED".into());
+            }
+            done.push(*s);
+        }
+    }
+    Ok(())
+}
+
+/// ErrorResponse (already masked): the statement it answers ends with
+/// its SQLSTATE, and the server skips the rest of the query string, or
+/// of the pipeline until Sync.
+fn error_ends(f: &mut super::Flow, msg: &Message, done: &mut Vec<InFlight>) {
+    let fields = codec::error_fields(&msg.body);
+    let field = |c: u8| fields.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone());
+    match f.queue.front() {
+        Some(Entry::Statement(_)) => {
+            if let Some(Entry::Statement(mut s)) = f.queue.pop_front() {
+                s.record.sqlstate = field(b'C');
+                s.record.error = field(b'M');
+                done.push(*s);
+            }
+        }
+        Some(Entry::Describe { .. }) => {
+            f.queue.pop_front();
+        }
+        _ => {}
+    }
+    while matches!(
+        f.queue.front(),
+        Some(Entry::Statement(_) | Entry::Describe { .. })
+    ) {
+        if let Some(Entry::Statement(mut s)) = f.queue.pop_front() {
+            s.record.error = Some("not run: an earlier statement failed".into());
+            done.push(*s);
+        }
+    }
+}
+
+/// FunctionCallResponse: the fast-path call's result (length, bytes),
+/// masked by the result rules.
+fn function_call_response(
+    f: &mut super::Flow,
+    msg: Message,
+    done: &mut Vec<InFlight>,
+) -> Result<Message, PgError> {
+    let mut body = msg.body.to_vec();
+    let answers = matches!(f.queue.front(), Some(Entry::Statement(_)));
+    if let Some(Entry::Statement(mut s)) = answers.then(|| f.queue.pop_front()).flatten() {
+        s.record.command_tag = Some("FUNCTION CALL".into());
+        if let (Some(plan), Some(v)) = (s.mask.as_ref(), body.get_mut(4..)) {
+            if plan.scans() {
+                for (a, b) in mask::spans(v, plan, &mut s.masked)? {
+                    v[a..b].fill(crate::scan::MASK);
+                }
+            }
+        }
+        s.record.rows_returned = 1;
+        done.push(*s);
+    }
+    Ok(Message::new(b'V', body))
+}
+
+/// ReadyForQuery: whatever of the group the server did not answer ends
+/// unrun; a refusal's ErrorResponse, if the group had one, goes before it.
+fn ready_for_query(f: &mut super::Flow, done: &mut Vec<InFlight>) -> Option<Message> {
+    while let Some(e) = f.queue.pop_front() {
+        match e {
+            Entry::Statement(mut s) => {
+                s.record.error.get_or_insert_with(|| {
+                    "not run: the server ended the group without running it".into()
+                });
+                done.push(*s);
+            }
+            Entry::Describe { .. } | Entry::Probe { .. } => {}
+            Entry::GroupEnd { inject, .. } => return inject,
+        }
+    }
+    None
 }
