@@ -322,82 +322,48 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 }
 
 /// The data path, thread per core (nginx's model): each thread runs a
-/// current-thread runtime with its own `SO_REUSEPORT` listeners on the
-/// proxy's addresses, and the kernel spreads connections over them. A
-/// connection's tasks (client side, upstream side, its record) then wake
-/// on one thread and never hop to another: no work stealing, no
-/// cross-thread wake-ups per request (the profile's largest cost after
-/// TLS). The first thread serves the listeners bound before the programs
-/// were attached; the others bind theirs before this returns.
+/// current-thread runtime that accepts from its own handle (`dup`) of the
+/// proxy's listening sockets; whichever thread's accept wins keeps the
+/// connection. A connection's tasks (client side, upstream side, its
+/// record) then wake on one thread and never hop to another: no work
+/// stealing, no cross-thread wake-ups per request (the profile's largest
+/// cost after TLS). Not `SO_REUSEPORT`: see `proxy::bind`.
 fn data_threads(
     proxy: &Arc<Proxy>,
-    first: Vec<(SocketAddr, tokio::net::TcpListener)>,
+    listeners: Vec<(SocketAddr, tokio::net::TcpListener)>,
 ) -> anyhow::Result<()> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let addrs: Vec<SocketAddr> = first.iter().map(|(a, _)| *a).collect();
-    let mut first = Some(
-        first
-            .into_iter()
-            .map(|(_, l)| l.into_std())
-            .collect::<std::io::Result<Vec<_>>>()
-            .context("handing the proxy listeners to the data threads")?,
-    );
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let shared = listeners
+        .into_iter()
+        .map(|(_, l)| l.into_std())
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("handing the proxy listeners to the data threads")?;
     for i in 0..n {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting a data runtime")?;
-        let bound = first.take();
-        let (proxy, addrs, ready) = (proxy.clone(), addrs.clone(), ready_tx.clone());
+        // Registered with this thread's reactor before it starts.
+        let own = {
+            let _on = rt.enter();
+            shared
+                .iter()
+                .map(|l| l.try_clone().and_then(tokio::net::TcpListener::from_std))
+                .collect::<std::io::Result<Vec<_>>>()
+                .context("sharing the proxy listeners")?
+        };
+        let proxy = proxy.clone();
         std::thread::Builder::new()
             .name(format!("sluice-data-{i}"))
             .spawn(move || {
                 rt.block_on(async move {
-                    let listeners = match bound {
-                        Some(std) => std
-                            .into_iter()
-                            .map(tokio::net::TcpListener::from_std)
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(|e| e.to_string()),
-                        None => {
-                            let mut out = Vec::new();
-                            for a in &addrs {
-                                match proxy::bind(*a).await {
-                                    Ok(l) => out.push(l),
-                                    Err(e) => {
-                                        out.clear();
-                                        let _ = ready.send(Err(e.to_string()));
-                                        return;
-                                    }
-                                }
-                            }
-                            Ok(out)
-                        }
-                    };
-                    match listeners {
-                        Ok(ls) => {
-                            for l in ls {
-                                tokio::spawn(proxy.clone().serve(l));
-                            }
-                            let _ = ready.send(Ok(()));
-                        }
-                        Err(e) => {
-                            let _ = ready.send(Err(e));
-                            return;
-                        }
+                    for l in own {
+                        tokio::spawn(proxy.clone().serve(l));
                     }
                     std::future::pending::<()>().await
                 })
             })
             .context("starting a data thread")?;
-    }
-    for _ in 0..n {
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => anyhow::bail!("a data thread could not listen: {e}"),
-            Err(_) => anyhow::bail!("a data thread ended before listening"),
-        }
     }
     Ok(())
 }

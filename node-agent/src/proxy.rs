@@ -152,8 +152,9 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
     }
     .map_err(err)?;
     sock.set_reuseaddr(true).map_err(err)?;
-    // One listener per data thread on the same address (`daemon.rs`).
-    sock.set_reuseport(true).map_err(err)?;
+    // Never SO_REUSEPORT: a root job could bind the same port into the
+    // reuse group and be handed other jobs' redirected connections. The
+    // data threads share this one socket instead (`daemon::data_threads`).
     sock.bind(addr).map_err(err)?;
     sock.listen(4096).map_err(err)
 }
@@ -265,8 +266,8 @@ impl Proxy {
     }
 
     /// The one place a connection's result is written down: its outcome
-    /// on the record (one event), the node's counters, the metrics, the
-    /// log line, and the client reset when it was refused.
+    /// on the record (one event), the node's counters, the metrics and the
+    /// log line (a refused client was reset where it was refused).
     fn end(&self, mut r: ConnectionRecord, ended: Ended) {
         let kind = match ended {
             Ended::Unrecorded(e) => {

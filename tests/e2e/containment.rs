@@ -711,6 +711,17 @@ fn changed_kernel_maps_are_put_back_and_the_proxy_port_is_only_reached_by_redire
         "refused 1",
         "EPERM from the kernel"
     );
+    // Nor can a root job join the proxy's port (SO_REUSEPORT) to be
+    // handed other jobs' redirected connections: the node's sockets do
+    // not take part in a reuse group, so the bind fails.
+    let join = "import socket,sys\nfor fam, ip in ((socket.AF_INET, '127.0.0.1'), (socket.AF_INET6, '::1')):\n    s = socket.socket(fam)\n    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n    try:\n        s.bind((ip, int(sys.argv[1]))); s.listen(); print('bound', ip)\n    except OSError as e:\n        print('refused', e.errno)";
+    let out = env.cgroup.run("python3", &["-c", join, &node_port]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "refused 98\nrefused 98",
+        "EADDRINUSE for both listeners: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Outside: it reaches the proxy (which drops a connection it has no
     // origin for: connected, or reset at once).
     let out = std::process::Command::new("python3")

@@ -343,6 +343,18 @@ async def main():
 asyncio.run(main())
 "#;
 
+/// `/metrics` counts a denial of this kind (`sluice_denials_total`).
+fn assert_denial_counted(env: &Env, kind: &str) {
+    let metrics = env.metrics();
+    let label = format!("kind=\"{kind}\"");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sluice_denials_total{") && l.contains(&label)),
+        "{metrics}"
+    );
+}
+
 fn ws_client(env: &Env, port: &str, messages: &[&str]) -> Value {
     let mut args = vec!["-c", WS_CLIENT, env.remote.remote.as_str(), port];
     args.extend_from_slice(messages);
@@ -411,13 +423,7 @@ fn a_suspension_ends_an_open_websocket_at_its_next_message() {
         "{ex:#}"
     );
     // Counted by the denial's kind, for alerting.
-    let metrics = env.metrics();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("sluice_denials_total{") && l.contains("kind=\"suspended\"")),
-        "{metrics}"
-    );
+    assert_denial_counted(env, "suspended");
 }
 
 #[test]
@@ -471,13 +477,7 @@ fn websocket_frames_are_masked_and_judged_or_the_upgrade_refused() {
                 .is_some_and(|d| d.iter().any(|d| d["rule"] == "block-prod-creds"))
     });
     assert_eq!(ex["upgrade"], "websocket", "{ex:#}");
-    let metrics = env.metrics();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("sluice_denials_total{") && l.contains("kind=\"blocked\"")),
-        "{metrics}"
-    );
+    assert_denial_counted(env, "blocked");
     let ex = wait_exchange(env, |e| {
         e["path"] == "/ws"
             && e["decisions"]
