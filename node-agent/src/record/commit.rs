@@ -128,6 +128,25 @@ fn run(s: &Shared, st: &mut State, rx: Receiver<Req>) {
     }
 }
 
+/// Free space below which sled is not written: far more than a flush of
+/// checkpoints and node state takes.
+const SLED_HEADROOM_BYTES: u64 = 256 << 10;
+
+fn headroom(dir: &std::path::Path) -> Result<(), RecordError> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    if free < SLED_HEADROOM_BYTES {
+        return Err(RecordError::Io(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!(
+                "No space left on device: {free} bytes free, {} kept for node state",
+                SLED_HEADROOM_BYTES
+            ),
+        )));
+    }
+    Ok(())
+}
+
 fn commit(s: &Shared, st: &mut State, force_checkpoint: bool) -> Result<(), RecordError> {
     let (next, hash) = s.head();
     let d = &s.durability;
@@ -135,8 +154,14 @@ fn commit(s: &Shared, st: &mut State, force_checkpoint: bool) -> Result<(), Reco
     let due = force_checkpoint
         || next - st.checkpointed.min(next) >= d.checkpoint_every_events
         || st.checkpointed_at.elapsed() >= d.checkpoint_interval;
-    let mut signed = false;
-    if grown && due {
+    // sled's IO errors are sticky until it is reopened (0.34: a global
+    // error every later call returns), so a disk that filled up would
+    // need a restart to record again. sled is written only with room to
+    // spare; short of it the commit fails (recording is failing, new
+    // connections are refused) and recovers by itself once space is back.
+    let room = headroom(&s.log_dir);
+    let want = grown && due;
+    if want && room.is_ok() {
         let cp = s.key.sign(st.next_n, next - 1, &hash, now_ms());
         let bytes = serde_json::to_vec(&cp).map_err(RecordError::Encode)?;
         s.checkpoints.insert(cp.n.to_be_bytes(), bytes)?;
@@ -145,9 +170,8 @@ fn commit(s: &Shared, st: &mut State, force_checkpoint: bool) -> Result<(), Reco
         st.next_n += 1;
         st.checkpointed = next;
         st.checkpointed_at = Instant::now();
-        signed = true;
     }
-    if next == st.flushed && !signed {
+    if next == st.flushed && !want {
         return Ok(());
     }
     // The queue is indexed and the files to sync are taken in one step,
@@ -172,6 +196,7 @@ fn commit(s: &Shared, st: &mut State, force_checkpoint: bool) -> Result<(), Reco
             .store(durable, std::sync::atomic::Ordering::Release);
         ix.persist()?;
     }
+    room?;
     // Checkpoints (and node state) in sled.
     s.db.flush()?;
     st.flushed = next;
