@@ -14,7 +14,12 @@ need_apt=()
 # theirs on loopback).
 # libsqlite3-dev: the console's embedded store; chromium and chromium-driver:
 # the real browser the console's pages are tested in (headless).
-for pkg in libhyperscan-dev pkg-config gcc libc6-dev bpftool iproute2 curl openssl ca-certificates python3 postgresql libclang-dev prometheus nats-server libsqlite3-dev chromium chromium-driver; do
+# The secret and personal-data packs' precision corpus (node-agent/tests/
+# pack.rs): code and data in the languages and formats an AI answer
+# carries — Go (golang-src), Java (openjdk-17-source), TypeScript
+# (node-typescript), minified JS with source maps (libjs-*), SVG
+# (adwaita-icon-theme), C headers, CA certificates.
+for pkg in libhyperscan-dev pkg-config gcc libc6-dev bpftool iproute2 curl openssl ca-certificates python3 postgresql libclang-dev prometheus nats-server libsqlite3-dev chromium chromium-driver golang-src openjdk-17-source node-typescript libjs-jquery libjs-bootstrap4 libjs-d3 adwaita-icon-theme unzip; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

@@ -127,8 +127,19 @@ pub struct PatternDef {
     pub regex: String,
     #[serde(default)]
     pub caseless: bool,
-    #[serde(default)]
+    /// Old spelling of `validate: luhn`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub luhn: bool,
+    /// What the format allows to check beyond the regex (a checksum, an
+    /// issuer, a parser's verdict).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validate: Option<crate::scan::Validator>,
+    /// ISO 3166 country that `validate: phone` reads national numbers in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Left out of the pack unless a rule names it (`pack/id` or `pack/*`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub opt_in: bool,
     /// Optional cheaper Hyperscan expression implied by `regex`.
     #[serde(default)]
     pub prefilter: Option<String>,

@@ -226,21 +226,70 @@ pub fn builtin_pack_scanner(name: &str, max_window: usize) -> Result<Scanner, Po
         .ok_or_else(|| PolicyError::Parse(format!("no built-in pack `{name}`")))?;
     let pack: Pack = serde_yaml::from_str(yaml)
         .map_err(|e| PolicyError::Parse(format!("built-in pack {name}: {e}")))?;
-    let specs = pack.patterns.into_iter().map(|d| spec(d, 0)).collect();
+    let specs = pack
+        .patterns
+        .into_iter()
+        .filter(|d| !d.opt_in)
+        .map(|d| spec(d, 0, "pack"))
+        .collect::<Result<_, _>>()?;
     Ok(Scanner::compile(specs, max_window)?)
 }
 
-/// A bundle pattern as the scanner takes it, for rule `rule`.
-fn spec(d: bundle::PatternDef, rule: usize) -> PatternSpec {
-    PatternSpec {
+/// A bundle pattern as the scanner takes it, for rule `rule` (`field`
+/// names where it was written, for errors).
+fn spec(d: bundle::PatternDef, rule: usize, field: &str) -> Result<PatternSpec, PolicyError> {
+    let bad = |message: String| PolicyError::Invalid {
+        field: format!("{field}: pattern `{}`", d.id),
+        message,
+    };
+    let validate = match (d.luhn, d.validate) {
+        (true, Some(v)) if v != crate::scan::Validator::Luhn => {
+            return Err(bad("`luhn: true` and `validate` both given".into()))
+        }
+        (true, _) => Some(crate::scan::Validator::Luhn),
+        (false, v) => v,
+    };
+    let region = match (&d.region, validate) {
+        (None, _) => None,
+        (Some(r), Some(crate::scan::Validator::Phone)) => {
+            Some(crate::scan::validate::region(r).map_err(bad)?)
+        }
+        (Some(_), _) => return Err(bad("`region` is read only by `validate: phone`".into())),
+    };
+    Ok(PatternSpec {
         id: d.id,
         rule,
         regex: d.regex,
         caseless: d.caseless,
-        luhn: d.luhn,
+        validate,
+        region,
         prefilter: d.prefilter,
         min_entropy: d.min_entropy,
         deny: d.deny,
+    })
+}
+
+/// The patterns a rule's `packs:` entry names: `pack` (its patterns but
+/// the opt-in ones), `pack/id` (one pattern, opt-in or not) or `pack/*`.
+fn select_pack(
+    packs: &HashMap<String, Vec<bundle::PatternDef>>,
+    entry: &str,
+) -> Result<Vec<bundle::PatternDef>, String> {
+    let (name, id) = match entry.split_once('/') {
+        Some((n, i)) => (n, Some(i)),
+        None => (entry, None),
+    };
+    let pack = packs
+        .get(name)
+        .ok_or_else(|| format!("no pack named `{name}`"))?;
+    match id {
+        None => Ok(pack.iter().filter(|d| !d.opt_in).cloned().collect()),
+        Some("*") => Ok(pack.clone()),
+        Some(id) => pack
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| vec![d.clone()])
+            .ok_or_else(|| format!("pack `{name}` has no pattern `{id}`")),
     }
 }
 
@@ -356,10 +405,14 @@ impl CompiledPolicy {
             }
             let mut defs = r.patterns.clone();
             for p in &r.packs {
-                let pack = packs.get(p).ok_or_else(|| {
-                    bad(format!("rules[{i}].packs"), format!("no pack named `{p}`"))
-                })?;
-                defs.extend(pack.iter().cloned());
+                let selected =
+                    select_pack(&packs, p).map_err(|m| bad(format!("rules[{i}].packs"), m))?;
+                for d in selected {
+                    // `pii` and `pii/card-number` in one rule: once.
+                    if !defs.iter().any(|x| x.id == d.id) {
+                        defs.push(d);
+                    }
+                }
             }
             if defs.is_empty() && r.sql.is_none() && r.columns.is_empty() {
                 return Err(bad(
@@ -377,7 +430,7 @@ impl CompiledPolicy {
                 Direction::Result => &mut res,
             };
             for d in defs {
-                target.push(spec(d, i));
+                target.push(spec(d, i, &format!("rules[{i}]"))?);
             }
         }
         let mut bundle = bundle;

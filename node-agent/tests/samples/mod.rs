@@ -147,8 +147,13 @@ pub struct Samples {
     pub also: Vec<String>,
 }
 
+/// The `secrets` pack's samples.
 pub fn samples() -> BTreeMap<String, Samples> {
-    let v: serde_yaml::Value = serde_yaml::from_str(SAMPLES).expect("samples parse");
+    samples_of(SAMPLES)
+}
+
+pub fn samples_of(text: &str) -> BTreeMap<String, Samples> {
+    let v: serde_yaml::Value = serde_yaml::from_str(text).expect("samples parse");
     let strings = |m: &serde_yaml::Value, k: &str| -> Vec<String> {
         m.get(k)
             .and_then(|x| x.as_sequence())
