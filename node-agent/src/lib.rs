@@ -4,6 +4,7 @@ pub mod addr;
 pub mod approvals;
 pub mod attribution;
 pub mod btf;
+pub mod bundle_check;
 pub mod config;
 pub mod console;
 pub mod console_cli;

@@ -169,6 +169,61 @@ enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run a bundle's rules offline over sample files (or stdin) exactly
+    /// as a node would for the chosen shape; print each hit (masked) and
+    /// the output. Exit 0 when the expectations hold, 1 when not, 2 when
+    /// the bundle or an input cannot be read.
+    Test {
+        /// The bundle (YAML, as signed).
+        bundle: PathBuf,
+        /// Sample files; `-` or none: standard input.
+        files: Vec<PathBuf>,
+        /// What the samples are.
+        #[arg(long, value_enum, default_value = "response")]
+        on: node_agent::bundle_check::On,
+        /// How a response body is framed.
+        #[arg(long, value_enum, default_value = "plain")]
+        shape: node_agent::bundle_check::Shape,
+        /// Characters per streamed delta (`--shape sse`).
+        #[arg(long, default_value_t = 5)]
+        delta: usize,
+        /// Apply the rules for this target only (default: any target).
+        #[arg(long)]
+        target: Option<String>,
+        /// Apply the rules for a job of this bundle workload (default: any).
+        #[arg(long)]
+        workload: Option<String>,
+        /// The hold-back window of the node (`policy.max_scan_window_bytes`).
+        #[arg(long, default_value_t = 8192)]
+        max_window: usize,
+        #[arg(long)]
+        json: bool,
+        /// Fail unless every sample had something masked.
+        #[arg(long)]
+        expect_masked: bool,
+        /// Fail unless no rule acted on any sample.
+        #[arg(long)]
+        expect_clean: bool,
+        /// Fail unless every sample was blocked.
+        #[arg(long)]
+        expect_blocked: bool,
+        /// Fail unless every sample was held for approval.
+        #[arg(long)]
+        expect_held: bool,
+    },
+    /// Report what in a bundle cannot work: it does not compile, patterns
+    /// that match the empty string, rules that miss their own `examples`
+    /// or are always decided first by an earlier block, unknown targets,
+    /// an expiry passed. Exit 1 on errors (and on warnings with --strict).
+    Lint {
+        bundle: PathBuf,
+        #[arg(long, default_value_t = 8192)]
+        max_window: usize,
+        #[arg(long)]
+        strict: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1207,8 +1262,197 @@ fn ca_command(cmd: CaCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A bundle as written: YAML, or the payload of a signed JWS (its
+/// signature is the node's business, not the test's).
+fn read_bundle(path: &std::path::Path) -> anyhow::Result<String> {
+    use base64::Engine;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let t = text.trim();
+    let parts: Vec<&str> = t.split('.').collect();
+    if parts.len() == 3 && !t.contains(char::is_whitespace) {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[1])
+            .with_context(|| format!("{}: not a JWS", path.display()))?;
+        return String::from_utf8(payload).context("the JWS payload is not UTF-8");
+    }
+    Ok(text)
+}
+
+fn policy_test(
+    bundle: &std::path::Path,
+    files: &[PathBuf],
+    o: &node_agent::bundle_check::Options,
+    max_window: usize,
+    json: bool,
+    expect: [bool; 4],
+) -> anyhow::Result<ExitCode> {
+    use node_agent::bundle_check;
+    let text = read_bundle(bundle)?;
+    let policy = match policy::CompiledPolicy::compile_offline(&text, max_window) {
+        Ok(p) => std::sync::Arc::new(p),
+        Err(e) => {
+            eprintln!("{}: {e}", bundle.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let stdin = [PathBuf::from("-")];
+    let files = if files.is_empty() { &stdin[..] } else { files };
+    let [masked, clean, blocked, held] = expect;
+    let mut failed = Vec::new();
+    let mut outcomes = Vec::new();
+    for f in files {
+        let (name, input) = if f.as_os_str() == "-" {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)?;
+            ("-".to_owned(), b)
+        } else {
+            match std::fs::read(f) {
+                Ok(b) => (f.display().to_string(), b),
+                Err(e) => {
+                    eprintln!("{}: {e}", f.display());
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        };
+        let out = match bundle_check::test(&policy, &name, &input, o) {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("{name}: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        for (want, got, what) in [
+            (masked, out.masked_any(), "nothing was masked"),
+            (clean, out.clean(), "a rule acted on it"),
+            (blocked, out.blocked(), "it was not blocked"),
+            (held, out.held(), "it was not held for approval"),
+        ] {
+            if want && !got {
+                failed.push(format!("{name}: {what}"));
+            }
+        }
+        if !json {
+            print_outcome(&out);
+        }
+        outcomes.push(out);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+    }
+    for f in &failed {
+        eprintln!("expectation failed: {f}");
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_outcome(o: &node_agent::bundle_check::Outcome) {
+    println!("== {}", o.name);
+    for h in &o.hits {
+        println!(
+            "hit   {}/{}  {}..{}  {}",
+            h.rule, h.pattern, h.start, h.end, h.preview
+        );
+    }
+    if let Some(v) = &o.verdict {
+        match (&o.rule, &o.message) {
+            (Some(r), Some(m)) => println!("verdict: {v} by rule `{r}`: {m}"),
+            _ => println!("verdict: {v}"),
+        }
+    }
+    for d in &o.decisions {
+        println!(
+            "decision: {} {:?} [{}]",
+            d.rule,
+            d.action,
+            d.patterns.join(", ")
+        );
+    }
+    for m in &o.masked {
+        println!("masked {}/{} x{}", m.rule, m.pattern, m.count);
+    }
+    if let Some(out) = &o.output {
+        println!("--- output");
+        println!("{out}");
+    }
+}
+
+fn policy_lint(
+    bundle: &std::path::Path,
+    max_window: usize,
+    strict: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use node_agent::bundle_check::{lint, Severity};
+    let text = read_bundle(bundle)?;
+    let findings = lint(&text, max_window);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&findings)?);
+    } else {
+        for f in &findings {
+            let sev = match f.severity {
+                Severity::Error => "error",
+                Severity::Warning => "warning",
+            };
+            println!("{sev}: {}: {}", f.at, f.message);
+        }
+        if findings.is_empty() {
+            println!("{}: no findings", bundle.display());
+        }
+    }
+    let fail = findings
+        .iter()
+        .any(|f| f.severity == Severity::Error || strict);
+    Ok(if fail {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 async fn policy_command(cmd: PolicyCmd, socket: &std::path::Path) -> anyhow::Result<ExitCode> {
     match cmd {
+        PolicyCmd::Test {
+            bundle,
+            files,
+            on,
+            shape,
+            delta,
+            target,
+            workload,
+            max_window,
+            json,
+            expect_masked,
+            expect_clean,
+            expect_blocked,
+            expect_held,
+        } => {
+            let o = node_agent::bundle_check::Options {
+                on,
+                shape,
+                delta,
+                target,
+                workload,
+            };
+            return policy_test(
+                &bundle,
+                &files,
+                &o,
+                max_window,
+                json,
+                [expect_masked, expect_clean, expect_blocked, expect_held],
+            );
+        }
+        PolicyCmd::Lint {
+            bundle,
+            max_window,
+            strict,
+            json,
+        } => return policy_lint(&bundle, max_window, strict, json),
         PolicyCmd::Keygen { prefix } => {
             let kid = policy::sign::keygen(&prefix)?;
             println!(

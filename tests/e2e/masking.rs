@@ -592,6 +592,29 @@ fn every_pack_sample_is_masked_through_the_proxy_plain_and_streamed() {
         if how.starts_with("streamed") {
             assert_eq!(got.chars().count(), text.chars().count(), "{how}");
         }
+        // `sluice policy test` offline gives exactly what the client got.
+        let (shape, delta) = match extra {
+            [.., "--step", n, "--delay", _] => ("sse", *n),
+            _ => ("plain", "1"),
+        };
+        if shape == "sse" {
+            let bundle_file = ai.env().dir.path().join("bundle.yaml");
+            std::fs::write(&bundle_file, bundle(1, ai.env().dir.path())).unwrap();
+            let offline = std::process::Command::new(SLUICE)
+                .args([
+                    "policy", "test", "--json", "--shape", shape, "--delta", delta,
+                ])
+                .arg(&bundle_file)
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert!(offline.status.success(), "{}", text_of(&offline));
+            let v: Value = serde_json::from_slice(&offline.stdout).unwrap();
+            assert!(
+                v[0]["output"].as_str() == Some(got),
+                "{how}: `policy test` differs from the node"
+            );
+        }
         for (id, _) in &secrets {
             let marker = format!("sample {id} #0:\n");
             assert!(

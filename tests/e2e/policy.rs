@@ -621,3 +621,253 @@ fn bundle_targets_replace_the_configured_ones_live() {
     );
     assert_eq!(p.version(), 20);
 }
+
+/// `sluice policy test` and `lint` on files and stdin, with no node: what a
+/// security team runs in its own CI before a bundle reaches the fleet.
+const OFFLINE_BUNDLE: &str = r#"version: 3
+name: offline
+workloads:
+  - name: ci
+    cgroup: "/ci-*"
+rules:
+  - id: mask-secrets
+    on: response
+    targets: [ai]
+    packs: [secrets, pii/iban]
+    action: mask
+    examples:
+      hit: ["key AKIAIOSFODNN7EXAMPLE"]
+      clean: ["golang.org/x/sys v0.0.0-20220319035150-800ac71e25c2"]
+  - id: block-prod
+    on: request
+    patterns: [{id: prod, regex: '(?i)production password'}]
+    action: block
+    message: No production passwords.
+    examples:
+      hit: ["the production password is x"]
+      clean: ["staging password"]
+  - id: hold-deploys
+    on: request
+    workloads: [ci]
+    patterns: [{id: deploy, regex: 'deploy to prod'}]
+    action: approve
+    examples:
+      hit: ["please deploy to prod"]
+  - id: no-deletes
+    on: statement
+    sql: {shapes: [delete_without_where]}
+    action: block
+    examples:
+      hit: ["DELETE FROM users"]
+      clean: ["DELETE FROM users WHERE id = 1"]
+"#;
+
+fn sluice_in(dir: &Path, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(SLUICE)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn policy_test_and_lint_judge_a_bundle_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("b.yaml"), OFFLINE_BUNDLE).unwrap();
+    // A key and an IBAN in a streamed answer, 3 characters per delta.
+    let key = "AKIAQ5TESTKEYSLUICE7";
+    std::fs::write(
+        d.join("answer.txt"),
+        format!("use {key} and pay DE89 3704 0044 0532 0130 00 today\n"),
+    )
+    .unwrap();
+    let (code, out, err) = sluice_in(
+        d,
+        &[
+            "policy",
+            "test",
+            "b.yaml",
+            "answer.txt",
+            "--shape",
+            "sse",
+            "--delta",
+            "3",
+            "--expect-masked",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("hit   mask-secrets/aws-access-key-id"),
+        "{out}"
+    );
+    assert!(out.contains("hit   mask-secrets/iban"), "{out}");
+    assert!(
+        out.contains("use ******************** and pay *************************** today"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(key) && !out.contains("3704"),
+        "a secret printed: {out}"
+    );
+    // The same answer is not clean; another target's rules do not apply.
+    let (code, _, err) = sluice_in(
+        d,
+        &["policy", "test", "b.yaml", "answer.txt", "--expect-clean"],
+        None,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("expectation failed: answer.txt: a rule acted on it"),
+        "{err}"
+    );
+    let (code, out, err) = sluice_in(
+        d,
+        &[
+            "policy",
+            "test",
+            "b.yaml",
+            "answer.txt",
+            "--target",
+            "other",
+            "--expect-clean",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+
+    // Requests from stdin, as JSON: blocked; held only for the workload.
+    let (code, out, err) = sluice_in(
+        d,
+        &[
+            "policy",
+            "test",
+            "b.yaml",
+            "--on",
+            "request",
+            "--json",
+            "--expect-blocked",
+        ],
+        Some("what is the production password?"),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["verdict"], "block");
+    assert_eq!(v[0]["rule"], "block-prod");
+    assert_eq!(v[0]["message"], "No production passwords.");
+    for (workload, code_want) in [("ci", 0), ("other", 1)] {
+        let (code, out, err) = sluice_in(
+            d,
+            &[
+                "policy",
+                "test",
+                "b.yaml",
+                "-",
+                "--on",
+                "request",
+                "--workload",
+                workload,
+                "--expect-held",
+            ],
+            Some("deploy to prod now"),
+        );
+        assert_eq!(code, code_want, "{workload}: {out}{err}");
+    }
+    // SQL through the real Postgres parser.
+    let (code, out, err) = sluice_in(
+        d,
+        &[
+            "policy",
+            "test",
+            "b.yaml",
+            "--on",
+            "statement",
+            "--expect-blocked",
+        ],
+        Some("SELECT 1; DELETE FROM users"),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("verdict: block by rule `no-deletes`"), "{out}");
+
+    // Unreadable input or bundle: exit 2, said clearly.
+    let (code, _, err) = sluice_in(d, &["policy", "test", "b.yaml", "missing.txt"], None);
+    assert_eq!(code, 2);
+    assert!(err.contains("missing.txt"), "{err}");
+    std::fs::write(
+        d.join("bad.yaml"),
+        "version: 1\nname: x\nrules:\n  - {id: r, on: request, packs: [nope], action: block}\n",
+    )
+    .unwrap();
+    let (code, _, err) = sluice_in(d, &["policy", "test", "bad.yaml"], Some("x"));
+    assert_eq!(code, 2);
+    assert!(err.contains("no pack named `nope`"), "{err}");
+
+    // Lint: this bundle is clean; the shipped default too.
+    let (code, out, err) = sluice_in(d, &["policy", "lint", "b.yaml", "--strict"], None);
+    assert_eq!(code, 0, "{out}{err}");
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default-policy.yaml");
+    let (code, out, err) = sluice_in(
+        d,
+        &["policy", "lint", default.to_str().unwrap(), "--strict"],
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // A rule that misses its example is an error; one an earlier block
+    // always decides first is a warning (an error with --strict); an
+    // empty-matching pattern and an unknown pack are refused, named.
+    let broken = OFFLINE_BUNDLE
+        .replace("the production password is x", "prod pw")
+        .replace(
+            "  - id: no-deletes",
+            "  - id: block-prod-again\n    on: request\n    patterns: [{id: p2, regex: 'production'}]\n    action: block\n    examples:\n      hit: [\"production password\"]\n  - id: no-deletes",
+        );
+    std::fs::write(d.join("broken.yaml"), &broken).unwrap();
+    let (code, out, _) = sluice_in(d, &["policy", "lint", "broken.yaml"], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("error: rules[1] block-prod: misses its own example \"prod pw\""),
+        "{out}"
+    );
+    let warned = OFFLINE_BUNDLE.replace(
+        "  - id: no-deletes",
+        "  - id: block-prod-again\n    on: request\n    patterns: [{id: p2, regex: 'production'}]\n    action: block\n    examples:\n      hit: [\"production password\"]\n  - id: no-deletes",
+    );
+    std::fs::write(d.join("warned.yaml"), &warned).unwrap();
+    let (code, out, _) = sluice_in(d, &["policy", "lint", "warned.yaml", "--json"], None);
+    assert_eq!(code, 0, "{out}");
+    let f: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        f.as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["severity"] == "warning"
+                && x["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("decided first by rules[1] block-prod")),
+        "{out}"
+    );
+    let (code, _, _) = sluice_in(d, &["policy", "lint", "warned.yaml", "--strict"], None);
+    assert_eq!(code, 1);
+    std::fs::write(d.join("empty.yaml"), "version: 1\nname: x\nrules:\n  - {id: r, on: request, patterns: [{id: maybe-a, regex: 'a{0,3}'}], action: block}\n").unwrap();
+    let (code, out, _) = sluice_in(d, &["policy", "lint", "empty.yaml"], None);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("maybe-a") && out.contains("empty string"),
+        "{out}"
+    );
+}

@@ -118,6 +118,28 @@ pub struct Rule {
     /// values are masked whole, e.g. `*email*`, `ssn`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
+    /// Texts the rule must catch and texts it must leave alone, checked by
+    /// `sluice policy lint` (a rule that misses its own examples, or that
+    /// an earlier rule always decides first, is reported).
+    #[serde(default, skip_serializing_if = "Examples::is_empty")]
+    pub examples: Examples,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Examples {
+    /// Each must be hit by the rule (masked, blocked, held or logged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hit: Vec<String>,
+    /// None may be hit by the rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clean: Vec<String>,
+}
+
+impl Examples {
+    pub fn is_empty(&self) -> bool {
+        self.hit.is_empty() && self.clean.is_empty()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

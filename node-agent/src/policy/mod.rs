@@ -295,6 +295,21 @@ fn select_pack(
 
 impl CompiledPolicy {
     pub fn compile(text: &str, signer: &str, max_window: usize) -> Result<Self, PolicyError> {
+        Self::compile_with(text, signer, max_window, true)
+    }
+
+    /// As the node compiles it, but without reading the credentials it
+    /// names (their files are on nodes): what `policy test`/`lint` run.
+    pub fn compile_offline(text: &str, max_window: usize) -> Result<Self, PolicyError> {
+        Self::compile_with(text, "offline", max_window, false)
+    }
+
+    fn compile_with(
+        text: &str,
+        signer: &str,
+        max_window: usize,
+        read_credentials: bool,
+    ) -> Result<Self, PolicyError> {
         let bundle: Bundle =
             serde_yaml::from_str(text).map_err(|e| PolicyError::Parse(e.to_string()))?;
         let bad = |field: String, message: String| PolicyError::Invalid { field, message };
@@ -436,7 +451,7 @@ impl CompiledPolicy {
         let mut bundle = bundle;
         let mut credentials = HashMap::new();
         let mut secrets = Vec::new();
-        for c in &bundle.credentials {
+        for c in bundle.credentials.iter().filter(|_| read_credentials) {
             if !c.format.contains("{}") {
                 return Err(bad(
                     "credentials.format".into(),
@@ -481,6 +496,7 @@ impl CompiledPolicy {
                 timeout_secs: None,
                 sql: None,
                 columns: vec![],
+                examples: Default::default(),
             });
             resp.push(PatternSpec::new(
                 "node-credential",
@@ -536,6 +552,31 @@ impl CompiledPolicy {
                         .iter()
                         .any(|m| &m.name == w && m.matches(identity))
                 }))
+    }
+
+    /// Whether rule `rule` applies offline: to `target` and to a job of
+    /// the workload named `workload`, each `None` meaning any.
+    pub fn rule_applies_offline(
+        &self,
+        rule: usize,
+        target: Option<&str>,
+        workload: Option<&str>,
+    ) -> bool {
+        let Some(r) = self.bundle.rules.get(rule) else {
+            return false;
+        };
+        target.is_none_or(|t| r.targets.is_empty() || r.targets.iter().any(|x| x == t))
+            && workload.is_none_or(|w| r.workloads.is_empty() || r.workloads.iter().any(|x| x == w))
+    }
+
+    /// The request scanner (`on: request` patterns).
+    pub fn request_scanner(&self) -> &Scanner {
+        &self.request
+    }
+
+    /// The statement scanner (`on: statement` patterns).
+    pub fn statement_scanner(&self) -> &Scanner {
+        &self.statement
     }
 
     fn any_rule(
@@ -597,10 +638,20 @@ impl CompiledPolicy {
         identity: &WorkloadIdentity,
         body: &[u8],
     ) -> Result<(Verdict, Vec<Decision>), ScanError> {
+        self.evaluate_request_where(body, |i| self.rule_applies(i, target, identity))
+    }
+
+    /// `evaluate_request` for the rules `applies` selects (`policy test`
+    /// chooses them offline, without a workload identity).
+    pub fn evaluate_request_where(
+        &self,
+        body: &[u8],
+        applies: impl Fn(usize) -> bool,
+    ) -> Result<(Verdict, Vec<Decision>), ScanError> {
         let hits = self.request.find(body)?;
         let mut by_rule: std::collections::BTreeMap<usize, Vec<String>> = Default::default();
         for h in hits {
-            if self.rule_applies(h.rule, target, identity) {
+            if applies(h.rule) {
                 let id = self.request.pattern(h.pattern).id.clone();
                 let v = by_rule.entry(h.rule).or_default();
                 if !v.contains(&id) {
@@ -724,11 +775,21 @@ impl CompiledPolicy {
         facts: &SqlFacts,
         sql: &[u8],
     ) -> Result<(Verdict, Vec<Decision>), ScanError> {
+        self.evaluate_statement_where(facts, sql, |i| self.rule_applies(i, target, identity))
+    }
+
+    /// `evaluate_statement` for the rules `applies` selects.
+    pub fn evaluate_statement_where(
+        &self,
+        facts: &SqlFacts,
+        sql: &[u8],
+        applies: impl Fn(usize) -> bool,
+    ) -> Result<(Verdict, Vec<Decision>), ScanError> {
         let hits = self.statement.find(sql)?;
         let mut decisions = Vec::new();
         let mut verdict = Verdict::Allow;
         for (i, r) in self.bundle.rules.iter().enumerate() {
-            if r.on != Direction::Statement || !self.rule_applies(i, target, identity) {
+            if r.on != Direction::Statement || !applies(i) {
                 continue;
             }
             let decisive = matches!(verdict, Verdict::Allow)

@@ -244,10 +244,14 @@ impl Scanner {
             };
             // Built once to validate and find the secret group, then
             // dropped: kept only once a candidate needs it.
-            let secret = build_regex(&spec)
-                .map_err(|e| bad(&e))?
-                .capture_names()
-                .position(|n| n == Some(SECRET_GROUP));
+            let re = build_regex(&spec).map_err(|e| bad(&e))?;
+            if re.is_match(b"") {
+                // Hyperscan refuses these without naming them.
+                return Err(bad(
+                    &"matches the empty string, so it matches everywhere; require at least one character",
+                ));
+            }
+            let secret = re.capture_names().position(|n| n == Some(SECRET_GROUP));
             build_deny(&spec).map_err(|e| bad(&format!("deny: {e}")))?;
             if let Some(min) = spec.min_entropy {
                 if !(0.0..=8.0).contains(&min) {
