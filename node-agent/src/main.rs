@@ -1365,10 +1365,11 @@ fn print_outcome(o: &node_agent::bundle_check::Outcome) {
         }
     }
     for d in &o.decisions {
+        let action = serde_json::to_value(d.action).unwrap_or_default();
         println!(
-            "decision: {} {:?} [{}]",
+            "decision: {} {} [{}]",
             d.rule,
-            d.action,
+            action.as_str().unwrap_or("?"),
             d.patterns.join(", ")
         );
     }
