@@ -135,6 +135,9 @@ impl Compiled {
 
     /// The post-filters, over the secret span.
     fn accepts(&self, secret: &[u8]) -> bool {
+        if self.spec.validate.is_none() && placeholder(secret) {
+            return false;
+        }
         if let Some(min) = self.spec.min_entropy {
             if entropy(secret) < min {
                 return false;
@@ -152,6 +155,35 @@ impl Compiled {
         }
         true
     }
+}
+
+/// A token-sized value written as a placeholder: a run of eight of the
+/// same character (`xxxxxxxx`, `XXXXXXXX`, `00000000`) or mostly `x`.
+/// Random tokens of this size practically never hold such a run; key
+/// material (PEM bodies, longer than this) may, so it is left alone.
+fn placeholder(secret: &[u8]) -> bool {
+    const RUN: usize = 8;
+    if secret.len() > 256 || secret.len() < RUN {
+        return false;
+    }
+    let xs = secret.iter().filter(|b| matches!(b, b'x' | b'X')).count();
+    if xs * 2 > secret.len() {
+        return true;
+    }
+    let mut run = 1;
+    for w in secret.windows(2) {
+        // `A` runs are base64 of zero bytes: structured tokens (Twitter's
+        // bearer tokens) begin with them.
+        run = if w[0] == w[1] && w[0] != b'A' {
+            run + 1
+        } else {
+            1
+        };
+        if run >= RUN {
+            return true;
+        }
+    }
+    false
 }
 
 /// Shannon entropy in bits per byte.
@@ -521,6 +553,21 @@ mod tests {
             .find(b"valid 4111 1111 1111 1111 invalid 4111 1111 1111 1112")
             .unwrap();
         assert_eq!(hits.len(), 1);
+    }
+
+    #[test]
+    fn placeholders_are_not_secrets() {
+        assert!(placeholder(b"ghp_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"));
+        assert!(placeholder(
+            b"glsa_XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX_AAAAAAAA"
+        ));
+        assert!(!placeholder(
+            b"AAAAAAAAAAAAAAAAAAAAAARvt42mCFrmEtDKLhTraUbYO"
+        ));
+        assert!(placeholder(b"AIzaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"));
+        assert!(!placeholder(b"ghp_k3J9xQz7Lw2Pm4Rt8Yv1Bn6Hc5Ds0Fg2Ja9K"));
+        // Key material is longer than a token: left to its pattern.
+        assert!(!placeholder(&[b'A'; 300]));
     }
 
     #[test]

@@ -1,0 +1,339 @@
+#!/usr/bin/env python3
+"""Recall and false positives of Sluice's packs on other scanners' own
+published test cases: gitleaks' rule tests, trufflehog's detector tests and
+Yelp detect-secrets' plugin tests.
+
+Their repositories are read where `--gitleaks`, `--trufflehog` and
+`--detect-secrets` point (checkouts fetched at measurement time; none of
+their material is committed here). Only literal cases are taken: strings
+their tests spell out, not ones their generators make at run time.
+
+Every case goes through `sluice policy test`, which runs the node's own
+scanner and stream masker (tests/e2e checks that its output is what a
+client gets through a node): plain, and as an OpenAI-style stream of
+5-character deltas. A true positive counts as found when the secret the
+suite expects (or, without one, the case) no longer appears whole in the
+output; a false-positive case counts as changed when the output differs.
+
+    python3 xtask/recall/peers.py --sluice target/release/sluice \\
+        --gitleaks DIR --trufflehog DIR --detect-secrets DIR [--misses]
+"""
+import argparse
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+
+BUNDLE = """version: 1
+name: recall
+rules:
+  - id: mask
+    on: response
+    packs: [secrets, pii]
+    action: mask
+"""
+
+SEP = "\n\n#=#=#\n\n"
+
+
+# ------------------------------------------------------------- Go literals
+
+def go_string(tok):
+    if tok.startswith("`"):
+        return tok[1:-1]
+    try:
+        return ast.literal_eval(tok)
+    except Exception:
+        return None
+
+
+LIT = re.compile(r'"(?:[^"\\\n]|\\.)*"|`[^`]*`', re.S)
+
+
+def literal_at(src, i):
+    m = LIT.match(src, i)
+    return m
+
+
+def block_end(src, i):
+    """Index after the bracket that closes the one opened before `i`."""
+    depth = 1
+    while i < len(src) and depth:
+        c = src[i]
+        if c in "\"`":
+            m = literal_at(src, i)
+            if m:
+                i = m.end()
+                continue
+        if c == "/" and src.startswith("//", i):
+            j = src.find("\n", i)
+            i = len(src) if j < 0 else j
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        i += 1
+    return i
+
+
+def top_literals(src, start, end):
+    """String literals directly in src[start:end] (not inside a call),
+    joining `"a" + "b"`; and (name, args) of calls with literal args."""
+    out, calls = [], []
+    i, depth = start, 0
+    while i < end:
+        c = src[i]
+        if c == "/" and src.startswith("//", i):
+            j = src.find("\n", i)
+            i = end if j < 0 else j
+            continue
+        if c in "\"`":
+            m = literal_at(src, i)
+            if m:
+                if depth == 0:
+                    s = go_string(m.group(0))
+                    j = m.end()
+                    # A literal joined (`+`) with something made at run
+                    # time is not a literal case; before or after it.
+                    back = src[start:i].rstrip()
+                    if back.endswith("+"):
+                        s = None
+                    while True:
+                        k = j
+                        while k < end and src[k] in " \t\n":
+                            k += 1
+                        if k < end and src[k] == "+":
+                            k += 1
+                            while k < end and src[k] in " \t\n":
+                                k += 1
+                            m2 = literal_at(src, k)
+                            if m2 and s is not None:
+                                s2 = go_string(m2.group(0))
+                                s = None if s2 is None else s + s2
+                                j = m2.end()
+                                continue
+                            s = None
+                            j = k
+                        break
+                    if s is not None:
+                        out.append(s)
+                    i = j
+                    continue
+                i = m.end()
+                continue
+        if c == "(" and depth == 0:
+            name = re.search(r"([\w.]+)\s*$", src[max(start, i - 80):i])
+            close = block_end(src, i + 1)
+            inner = src[i + 1:close - 1]
+            args = [go_string(m.group(0)) for m in LIT.finditer(src, i + 1, close - 1)]
+            # Only calls whose arguments are all literals (no generator).
+            if name and "(" not in LIT.sub("", inner) and "+" not in LIT.sub("", inner):
+                calls.append((name.group(1), args))
+            i = close
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        i += 1
+    return out, calls
+
+
+# ------------------------------------------------------------- gitleaks
+
+def gitleaks_cases(root):
+    d = os.path.join(root, "cmd/generate/config/rules")
+    tps, fps = [], []
+    head = re.compile(r"\b(tps|fps)\s*(?::=|=)\s*(\[\]string\s*\{|append\(\s*(?:tps|fps)\s*,)")
+    for f in sorted(os.listdir(d)):
+        if not f.endswith(".go"):
+            continue
+        src = open(os.path.join(d, f), encoding="utf-8").read()
+        for m in head.finditer(src):
+            kind = m.group(1)
+            end = block_end(src, m.end())
+            lits, calls = top_literals(src, m.end(), end - 1)
+            cases = [s for s in lits if s.strip()]
+            for name, args in calls:
+                args = [a for a in args if a is not None]
+                if name.endswith("GenerateSampleSecret") and len(args) == 2:
+                    cases.append(f'{args[0]}_api_token = "{args[1]}"')
+                elif name.endswith("GenerateSampleSecrets") and len(args) == 2:
+                    i, s = args
+                    cases += [f'{i}Token = "{s}"', f"{i}_token: {s}", f'var {i}Token string = "{s}"']
+            rule = f[:-3]
+            (tps if kind == "tps" else fps).extend((rule, c, None) for c in cases)
+    return tps, fps
+
+
+# ------------------------------------------------------------- trufflehog
+
+def trufflehog_cases(root):
+    d = os.path.join(root, "pkg/detectors")
+    tps, fps = [], []
+    var = re.compile(r"\b(\w+)\s*=\s*(\"(?:[^\"\\\n]|\\.)*\"|`[^`]*`)")
+    for dirpath, _, files in os.walk(d):
+        for f in files:
+            if not f.endswith("_test.go") or f.endswith("_integration_test.go"):
+                continue
+            src = open(os.path.join(dirpath, f), encoding="utf-8", errors="replace").read()
+            if "_Pattern" not in src:
+                continue
+            names = {m.group(1): go_string(m.group(2)) for m in var.finditer(src)}
+            rule = os.path.relpath(dirpath, d)
+            for m in re.finditer(r"\binput:\s*", src):
+                i = m.end()
+                lm = literal_at(src, i)
+                if lm:
+                    inp = go_string(lm.group(0))
+                else:
+                    idm = re.match(r"(\w+)\s*,", src[i:])
+                    inp = names.get(idm.group(1)) if idm else None
+                if not inp:
+                    continue
+                w = re.search(r"\bwant:\s*", src[i:i + 4000])
+                if not w:
+                    continue
+                j = i + w.end()
+                want = None
+                if src.startswith("[]string{", j):
+                    end = block_end(src, j + len("[]string{"))
+                    want = []
+                    for lm2 in LIT.finditer(src, j, end):
+                        want.append(go_string(lm2.group(0)))
+                    for idm in re.finditer(r"\b([A-Za-z_]\w*)\b", src[j + 9:end - 1]):
+                        if idm.group(1) in names and names[idm.group(1)]:
+                            want.append(names[idm.group(1)])
+                    want = [x for x in want if x]
+                if want:
+                    tps.append((rule, inp, want))
+                else:
+                    fps.append((rule, inp, None))
+    return tps, fps
+
+
+# ------------------------------------------------------------- detect-secrets
+
+def detect_secrets_cases(root):
+    d = os.path.join(root, "tests/plugins")
+    tps, fps = [], []
+    for f in sorted(os.listdir(d)):
+        if not f.endswith("_test.py"):
+            continue
+        src = open(os.path.join(d, f), encoding="utf-8").read()
+        tree = ast.parse(src)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            fn = node.func
+            if not (isinstance(fn, ast.Attribute) and fn.attr == "parametrize"):
+                continue
+            if len(node.args) < 2:
+                continue
+            try:
+                names = ast.literal_eval(node.args[0])
+                values = ast.literal_eval(node.args[1])
+            except Exception:
+                continue
+            if isinstance(names, str):
+                names = [n.strip() for n in names.split(",")]
+            if "should_flag" not in names:
+                continue
+            ti = 0
+            fi = names.index("should_flag")
+            for v in values:
+                if not isinstance(v, (tuple, list)) or not isinstance(v[ti], str):
+                    continue
+                (tps if v[fi] else fps).append((f[:-8], v[ti], None))
+    return tps, fps
+
+
+# ------------------------------------------------------------- measuring
+
+def run(sluice, bundle, cases, shape):
+    """Outputs of `cases` through `sluice policy test` in one batch."""
+    text = SEP.join(c for _, c, _ in cases)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(text)
+        path = f.name
+    args = [sluice, "policy", "test", bundle, path, "--json", "--shape", shape]
+    if shape == "sse":
+        args += ["--delta", "5"]
+    out = subprocess.run(args, capture_output=True, text=True)
+    os.unlink(path)
+    if out.returncode not in (0, 1):
+        sys.exit(f"policy test failed: {out.stderr}")
+    got = json.loads(out.stdout)[0]["output"]
+    parts = got.split(SEP.strip("\n")) if shape == "sse" else None
+    # Streamed output keeps characters (a masked escape is one `*`);
+    # split on the separator, which holds nothing a rule masks.
+    pieces = got.split(SEP)
+    if len(pieces) != len(cases):
+        sys.exit(f"{shape}: {len(pieces)} outputs for {len(cases)} cases")
+    del parts
+    return pieces
+
+
+def found(case, want, out):
+    if want:
+        return all(w not in out for w in want)
+    return out != case
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sluice", required=True)
+    ap.add_argument("--gitleaks")
+    ap.add_argument("--trufflehog")
+    ap.add_argument("--detect-secrets")
+    ap.add_argument("--misses", action="store_true", help="list the cases missed")
+    a = ap.parse_args()
+    bundle = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    bundle.write(BUNDLE)
+    bundle.close()
+    suites = []
+    if a.gitleaks:
+        suites.append(("gitleaks", *gitleaks_cases(a.gitleaks)))
+    if a.trufflehog:
+        suites.append(("trufflehog", *trufflehog_cases(a.trufflehog)))
+    if a.detect_secrets:
+        suites.append(("detect-secrets", *detect_secrets_cases(a.detect_secrets)))
+    total_tp = total_found = 0
+    for name, tps, fps in suites:
+        # A case must not run into its neighbour: the separator is fixed.
+        tps = [c for c in tps if SEP.strip() not in c[1]]
+        fps = [c for c in fps if SEP.strip() not in c[1]]
+        line = [f"{name}: {len(tps)} true-positive cases ({len({r for r, _, _ in tps})} rules)"]
+        for shape in ("plain", "sse"):
+            outs = run(a.sluice, bundle.name, tps, shape)
+            ok = [found(c, w, o) for (_, c, w), o in zip(tps, outs)]
+            n = sum(ok)
+            line.append(f"{shape} {n}/{len(tps)} = {100 * n / max(1, len(tps)):.1f}%")
+            if shape == "plain":
+                total_tp += len(tps)
+                total_found += n
+                missed = defaultdict(list)
+                for (r, c, _), k in zip(tps, ok):
+                    if not k:
+                        missed[r].append(c)
+        fouts = run(a.sluice, bundle.name, fps, "plain") if fps else []
+        changed = [(r, c) for (r, c, _), o in zip(fps, fouts) if o != c]
+        line.append(f"false-positive cases changed {len(changed)}/{len(fps)}")
+        print("; ".join(line))
+        if a.misses:
+            for r, cs in sorted(missed.items()):
+                for c in cs:
+                    print(f"  miss {name}/{r}: {c[:160]!r}")
+            for r, c in changed:
+                print(f"  changed {name}/{r}: {c[:160]!r}")
+    print(f"all: {total_found}/{total_tp} = {100 * total_found / max(1, total_tp):.1f}% (plain)")
+    os.unlink(bundle.name)
+
+
+if __name__ == "__main__":
+    main()
