@@ -263,4 +263,22 @@ fn main() {
         mbs(best),
         specs.len()
     );
+    // With every opt-in personal-data pattern too (phone numbers, IBANs,
+    // national identifiers, IP addresses): digit-heavy, validated.
+    let all = "version: 1\nname: bench\nrules:\n  - id: all\n    on: response\n    packs: [secrets, \"pii/*\"]\n    action: mask\n";
+    let policy = CompiledPolicy::compile(all, "bench", 8192).expect("packs compile");
+    let scanner: &Scanner = policy.as_ref();
+    let mut best = f64::MAX;
+    for _round in 0..3 {
+        let t = Cpu::now();
+        for c in data.chunks(chunk) {
+            scanner.find(c).expect("scan");
+        }
+        best = best.min(t.elapsed());
+    }
+    println!(
+        "scan: {:.0} MB/s per core with {} patterns (secrets + every pii pattern)",
+        mbs(best),
+        scanner.len()
+    );
 }
