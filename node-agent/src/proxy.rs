@@ -534,77 +534,31 @@ impl Proxy {
         Duration::from_secs(self.limits.idle_timeout_secs)
     }
 
+    /// A TLS target: the ClientHello read, its name judged (intercept,
+    /// splice or refuse), then the upstream's TLS verified first and the
+    /// client's terminated with a leaf for the ALPN the upstream chose.
     async fn tls_path(
         &self,
         r: &mut ConnectionRecord,
-        mut client: Counted<TcpStream>,
+        client: Counted<TcpStream>,
         upstream: TcpStream,
         targets: &crate::targets::TargetTable,
         target_id: u32,
         host_refused: bool,
     ) -> Outcome {
         let counts = client.counts.clone();
-        let (hello, prefix) = match tokio::time::timeout(
-            HELLO_TIMEOUT,
-            hello::read_client_hello(&mut client),
-        )
-        .await
-        {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => {
-                // Fail closed: a TLS target that does not speak TLS
-                // is not forwarded.
-                warn!(error = %e, "refusing connection to a TLS target");
+        let (hello, prefix, client) = match read_hello(client).await {
+            Ok(read) => read,
+            Err(outcome) => return outcome,
+        };
+        let name = match self.judge_sni(r, &hello, targets, target_id, host_refused) {
+            TlsVerdict::Intercept(name) => name,
+            TlsVerdict::Splice => return splice(client, upstream, &prefix, self.idle()).await,
+            TlsVerdict::Refuse(outcome) => {
                 refuse(client.inner);
-                return Outcome::Refused {
-                    reason: e.to_string(),
-                    kind: Refusal::Tls,
-                };
-            }
-            Err(_) => {
-                refuse(client.inner);
-                return Outcome::Refused {
-                    reason: "no TLS ClientHello within 10s".into(),
-                    kind: Refusal::Tls,
-                };
+                return outcome;
             }
         };
-        // The SNI is recorded as the client sent it; decisions use its
-        // normal form.
-        let tls_info = |mode: &str| TlsInfo {
-            sni: hello.sni.clone(),
-            mode: mode.into(),
-            alpn: None,
-        };
-        let name = match targets.classify(target_id, &hello) {
-            SniVerdict::Intercept(name) => name,
-            SniVerdict::Splice(why) => {
-                r.tls = Some(tls_info("spliced"));
-                info!(sni = ?hello.sni, %why, "TLS spliced");
-                return splice(client, upstream, &prefix, self.idle()).await;
-            }
-            SniVerdict::Refuse(reason) => {
-                r.tls = Some(tls_info("refused"));
-                self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                warn!(sni = ?hello.sni, %reason, "TLS refused");
-                refuse(client.inner);
-                return Outcome::Refused {
-                    reason,
-                    kind: Refusal::Tls,
-                };
-            }
-        };
-        if host_refused {
-            r.tls = Some(tls_info("refused"));
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(sni = %name.as_str(), "host process refused on a target with rules");
-            refuse(client.inner);
-            return Outcome::Refused {
-                reason: HOST_REFUSED.into(),
-                kind: Refusal::HostProcess,
-            };
-        }
-        r.tls = Some(tls_info("intercepted"));
         let Some(tls) = self.tls.clone() else {
             refuse(client.inner);
             return Outcome::Refused {
@@ -630,36 +584,9 @@ impl Proxy {
                 .as_deref()
                 .map(|p| String::from_utf8_lossy(p).into_owned());
         }
-        let cfg = match tls.server_config(&sni, negotiated.as_deref()) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(%sni, error = %e, "cannot serve this name; refusing");
-                refuse(client.inner);
-                return Outcome::Refused {
-                    reason: e.to_string(),
-                    kind: Refusal::Tls,
-                };
-            }
-        };
-        let down = match tokio::time::timeout(
-            HELLO_TIMEOUT,
-            TlsAcceptor::from(cfg).accept(hello::Rewind::new(prefix, client)),
-        )
-        .await
-        {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                // Typically: the client does not trust the node's CA.
-                warn!(%sni, error = %e, "client TLS handshake failed");
-                return Outcome::Failed {
-                    error: format!("client TLS handshake: {e}"),
-                };
-            }
-            Err(_) => {
-                return Outcome::Failed {
-                    error: "client TLS handshake timed out".into(),
-                }
-            }
+        let down = match accept_client(&tls, &sni, negotiated.as_deref(), prefix, client).await {
+            Ok(d) => d,
+            Err(outcome) => return outcome,
         };
         let exact_name = targets.names_exactly(target_id, &sni);
         self.serve_intercepted(
@@ -674,6 +601,53 @@ impl Proxy {
             counts,
         )
         .await
+    }
+
+    /// The SNI verdict for a TLS target, with a host process refused on a
+    /// target with rules; the record's TLS mode set to match.
+    fn judge_sni(
+        &self,
+        r: &mut ConnectionRecord,
+        hello: &hello::ClientHello,
+        targets: &crate::targets::TargetTable,
+        target_id: u32,
+        host_refused: bool,
+    ) -> TlsVerdict {
+        // The SNI is recorded as the client sent it; decisions use its
+        // normal form.
+        let tls_info = |mode: &str| TlsInfo {
+            sni: hello.sni.clone(),
+            mode: mode.into(),
+            alpn: None,
+        };
+        let name = match targets.classify(target_id, hello) {
+            SniVerdict::Intercept(name) => name,
+            SniVerdict::Splice(why) => {
+                r.tls = Some(tls_info("spliced"));
+                info!(sni = ?hello.sni, %why, "TLS spliced");
+                return TlsVerdict::Splice;
+            }
+            SniVerdict::Refuse(reason) => {
+                r.tls = Some(tls_info("refused"));
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                warn!(sni = ?hello.sni, %reason, "TLS refused");
+                return TlsVerdict::Refuse(Outcome::Refused {
+                    reason,
+                    kind: Refusal::Tls,
+                });
+            }
+        };
+        if host_refused {
+            r.tls = Some(tls_info("refused"));
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(sni = %name.as_str(), "host process refused on a target with rules");
+            return TlsVerdict::Refuse(Outcome::Refused {
+                reason: HOST_REFUSED.into(),
+                kind: Refusal::HostProcess,
+            });
+        }
+        r.tls = Some(tls_info("intercepted"));
+        TlsVerdict::Intercept(name)
     }
 
     /// An intercepted TLS session: HTTP/1.1 or h2 (what the upstream
@@ -729,6 +703,83 @@ impl Proxy {
                 }
             }
         }
+    }
+}
+
+/// What the ClientHello's name decides for a TLS target (`judge_sni`).
+enum TlsVerdict {
+    /// Terminate TLS for this target name.
+    Intercept(crate::names::DnsName),
+    /// Relay byte for byte.
+    Splice,
+    /// Reset the client; the connection ends so.
+    Refuse(Outcome),
+}
+
+/// Reads the client's ClientHello (and the bytes it came in); a client
+/// that sends none in time is refused.
+async fn read_hello(
+    mut client: Counted<TcpStream>,
+) -> Result<(hello::ClientHello, Vec<u8>, Counted<TcpStream>), Outcome> {
+    match tokio::time::timeout(HELLO_TIMEOUT, hello::read_client_hello(&mut client)).await {
+        Ok(Ok((hello, prefix))) => Ok((hello, prefix, client)),
+        Ok(Err(e)) => {
+            // Fail closed: a TLS target that does not speak TLS
+            // is not forwarded.
+            warn!(error = %e, "refusing connection to a TLS target");
+            refuse(client.inner);
+            Err(Outcome::Refused {
+                reason: e.to_string(),
+                kind: Refusal::Tls,
+            })
+        }
+        Err(_) => {
+            refuse(client.inner);
+            Err(Outcome::Refused {
+                reason: "no TLS ClientHello within 10s".into(),
+                kind: Refusal::Tls,
+            })
+        }
+    }
+}
+
+/// Terminates the client's TLS with a leaf for `sni` and the ALPN the
+/// upstream chose.
+async fn accept_client(
+    tls: &TlsContext,
+    sni: &str,
+    negotiated: Option<&[u8]>,
+    prefix: Vec<u8>,
+    client: Counted<TcpStream>,
+) -> Result<tokio_rustls::server::TlsStream<hello::Rewind<Counted<TcpStream>>>, Outcome> {
+    let cfg = match tls.server_config(sni, negotiated) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%sni, error = %e, "cannot serve this name; refusing");
+            refuse(client.inner);
+            return Err(Outcome::Refused {
+                reason: e.to_string(),
+                kind: Refusal::Tls,
+            });
+        }
+    };
+    match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        TlsAcceptor::from(cfg).accept(hello::Rewind::new(prefix, client)),
+    )
+    .await
+    {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => {
+            // Typically: the client does not trust the node's CA.
+            warn!(%sni, error = %e, "client TLS handshake failed");
+            Err(Outcome::Failed {
+                error: format!("client TLS handshake: {e}"),
+            })
+        }
+        Err(_) => Err(Outcome::Failed {
+            error: "client TLS handshake timed out".into(),
+        }),
     }
 }
 

@@ -343,6 +343,45 @@ pub fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> 
     resp
 }
 
+/// Sends the request upstream (HTTP/1.1: on the connection, opened again
+/// if it was let go; h2: a new stream).
+async fn forward(
+    up: &Upstream,
+    up_req: Request<Tap<UpBody>>,
+) -> Result<Response<Incoming>, String> {
+    match up {
+        Upstream::H1(h1) => {
+            let mut h1 = h1.lock().await;
+            match h1.ready().await {
+                Ok(sender) => sender.send_request(up_req).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            }
+        }
+        Upstream::H2(sender) => sender
+            .clone()
+            .send_request(up_req)
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Where responses are masked: asks for what the client will read
+/// uncompressed, and for the whole representation.
+fn ask_for_whole_identity(headers: &mut HeaderMap) {
+    // Ask for what the client will read uncompressed; a response
+    // compressed anyway is decoded before it is scanned.
+    headers.insert(
+        hyper::header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    // A masked value must not come back in pieces: each 206 part
+    // would be scanned alone, and two ranges put the value back
+    // together. The whole representation (200) is valid for a
+    // range request.
+    headers.remove(hyper::header::RANGE);
+    headers.remove(hyper::header::IF_RANGE);
+}
+
 impl HttpSession {
     /// One request/response pair, stage by stage: record skeleton →
     /// ordering (HTTP/1.1 durability) → suspension → authority (421) →
@@ -367,31 +406,14 @@ impl HttpSession {
         }
         let masks = policy.masks_responses(&self.target, &self.identity);
         let request_rules = policy.has_request_rules(&self.target, &self.identity);
-        let proto = req
-            .headers()
-            .get(UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("unknown")
-            .to_owned();
-        let inspect_ws = upgrade
-            && (masks || request_rules)
-            && proto.eq_ignore_ascii_case("websocket")
-            && self.websocket == WebSocketMode::Inspect;
-        if upgrade && (masks || request_rules) && !inspect_ws {
-            // Where rules apply an upgraded stream is inspected (WebSocket)
-            // or refused; it is never relayed raw.
-            ex.decisions.push(Decision::node_block(
-                "upgrade-not-inspectable",
-                format!("`{proto}` upgrade on a target with rules"),
-            ));
-            let d = Denial::new(
-                "upgrade-not-inspectable",
-                DenialKind::Blocked,
-                format!("policy rules apply to this target and `{proto}` streams are not inspected here (policy.websocket: {:?}); the upgrade would bypass them", self.websocket),
-            );
-            body::discard(req.into_body());
-            return self.refuse(ex, started, durable_tx, d).await;
-        }
+        let inspect_ws =
+            match self.upgrade_gate(req.headers(), upgrade, masks || request_rules, &mut ex) {
+                Ok(inspect) => inspect,
+                Err(d) => {
+                    body::discard(req.into_body());
+                    return self.refuse(ex, started, durable_tx, d).await;
+                }
+            };
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let up_body: UpBody = if request_rules {
@@ -412,63 +434,16 @@ impl HttpSession {
             return self.refuse(ex, started, durable_tx, d).await;
         }
         if masks {
-            // Ask for what the client will read uncompressed; a response
-            // compressed anyway is decoded before it is scanned.
-            parts.headers.insert(
-                hyper::header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            );
-            // A masked value must not come back in pieces: each 206 part
-            // would be scanned alone, and two ranges put the value back
-            // together. The whole representation (200) is valid for a
-            // range request.
-            parts.headers.remove(hyper::header::RANGE);
-            parts.headers.remove(hyper::header::IF_RANGE);
+            ask_for_whole_identity(&mut parts.headers);
         }
-        // Recorded (in the kernel) before a byte goes upstream; what cannot
-        // be recorded is not forwarded.
-        if let Err(e) = self.store.start_exchange(&ex) {
-            warn!(session = self.id, error = %e, "cannot record the exchange; refusing");
-            ex.error = Some(format!("not recorded: {e}"));
-            let d = Denial::new(
-                "not-recorded",
-                DenialKind::NotRecorded,
-                format!("the node cannot record this request: {e}"),
-            );
+        if let Err(d) = self.record_start(&mut ex) {
             return self.refuse(ex, started, durable_tx, d).await;
         }
         let (req_tap, req_rx) = Tap::new(up_body, self.body_cap);
         let up_req = Request::from_parts(parts, req_tap);
-        let result = match up {
-            Upstream::H1(h1) => {
-                let mut h1 = h1.lock().await;
-                match h1.ready().await {
-                    Ok(sender) => sender.send_request(up_req).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e),
-                }
-            }
-            Upstream::H2(sender) => sender
-                .clone()
-                .send_request(up_req)
-                .await
-                .map_err(|e| e.to_string()),
-        };
-        let resp = match result {
+        let resp = match forward(up, up_req).await {
             Ok(r) => r,
-            Err(e) => {
-                warn!(session = self.id, workload = %self.identity.id, error = %e, "upstream request failed");
-                ex.error = Some(format!("upstream: {e}"));
-                ex.duration_ms = ms(started);
-                let this = self.clone();
-                tokio::spawn(async move {
-                    ex.request_body = req_rx.await.unwrap_or_default().body;
-                    this.finish(ex, durable_tx).await;
-                });
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("upstream request failed: {e}"),
-                );
-            }
+            Err(e) => return self.upstream_failed(ex, started, durable_tx, req_rx, e),
         };
         ex.ttfb_ms = Some(ms(started));
         ex.status = Some(resp.status().as_u16());
@@ -488,6 +463,81 @@ impl HttpSession {
 
         self.respond(ex, started, durable_tx, resp, req_rx, policy, masks)
             .await
+    }
+
+    /// Upgrade gate: on a target with rules (`ruled`) an upgrade is
+    /// inspected (WebSocket, when configured) or refused. `Ok(true)`: the
+    /// upgraded stream is inspected.
+    fn upgrade_gate(
+        &self,
+        headers: &HeaderMap,
+        upgrade: bool,
+        ruled: bool,
+        ex: &mut Exchange,
+    ) -> Result<bool, Denial> {
+        let proto = headers
+            .get(UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown")
+            .to_owned();
+        let inspect_ws = upgrade
+            && ruled
+            && proto.eq_ignore_ascii_case("websocket")
+            && self.websocket == WebSocketMode::Inspect;
+        if upgrade && ruled && !inspect_ws {
+            // Where rules apply an upgraded stream is inspected (WebSocket)
+            // or refused; it is never relayed raw.
+            ex.decisions.push(Decision::node_block(
+                "upgrade-not-inspectable",
+                format!("`{proto}` upgrade on a target with rules"),
+            ));
+            return Err(Denial::new(
+                "upgrade-not-inspectable",
+                DenialKind::Blocked,
+                format!("policy rules apply to this target and `{proto}` streams are not inspected here (policy.websocket: {:?}); the upgrade would bypass them", self.websocket),
+            ));
+        }
+        Ok(inspect_ws)
+    }
+
+    /// Records the exchange as started; a refusal if it cannot be.
+    fn record_start(&self, ex: &mut Exchange) -> Result<(), Denial> {
+        // Recorded (in the kernel) before a byte goes upstream; what cannot
+        // be recorded is not forwarded.
+        let Err(e) = self.store.start_exchange(ex) else {
+            return Ok(());
+        };
+        warn!(session = self.id, error = %e, "cannot record the exchange; refusing");
+        ex.error = Some(format!("not recorded: {e}"));
+        Err(Denial::new(
+            "not-recorded",
+            DenialKind::NotRecorded,
+            format!("the node cannot record this request: {e}"),
+        ))
+    }
+
+    /// The upstream request failed: 502 to the client, the exchange
+    /// recorded once the request body's copy is in.
+    fn upstream_failed(
+        self: &Arc<Self>,
+        mut ex: Exchange,
+        started: Instant,
+        durable_tx: Option<oneshot::Sender<()>>,
+        req_rx: oneshot::Receiver<body::Captured>,
+        e: String,
+    ) -> Response<ProxyBody> {
+        warn!(session = self.id, workload = %self.identity.id, error = %e, "upstream request failed");
+        ex.error = Some(format!("upstream: {e}"));
+        ex.duration_ms = ms(started);
+        let this = self.clone();
+        tokio::spawn(async move {
+            ex.request_body = req_rx.await.unwrap_or_default().body;
+            this.finish(ex, durable_tx).await;
+        });
+        error_response(
+            StatusCode::BAD_GATEWAY,
+            &format!("upstream request failed: {e}"),
+        )
     }
 
     /// Response stage: masking (`response.rs`, `MaskBody`) where rules

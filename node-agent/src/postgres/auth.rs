@@ -72,131 +72,28 @@ pub async fn login(
         .write_all(&startup)
         .await
         .map_err(PgError::Io)?;
-    let mut login = Login {
-        mode: if credential.is_some() {
-            "node-credential"
-        } else {
-            "relay"
+    let mut hs = Handshake {
+        client,
+        server,
+        login: Login {
+            mode: if credential.is_some() {
+                "node-credential"
+            } else {
+                "relay"
+            },
+            method: "trust".into(),
+            backslash_escapes: false,
         },
-        method: "trust".into(),
-        backslash_escapes: false,
+        scram: None,
     };
-    let mut scram: Option<ScramSha256> = None;
     loop {
-        let msg = server.next().await?.ok_or_else(|| {
+        let msg = hs.server.next().await?.ok_or_else(|| {
             PgError::Upstream("the server closed the connection during login".into())
         })?;
         match msg.tag {
             b'R' => {
-                let mut body = &msg.body[..];
-                let code = codec::take_i32(&mut body)?;
-                match (code, &credential) {
-                    (0, _) => send(client, &codec::auth_ok()).await?,
-                    (3 | 5, Some(c)) if !c.weak_auth => {
-                        return Err(refuse_weak(if code == 3 { "cleartext password" } else { "MD5" }))
-                    }
-                    (3, Some(c)) => {
-                        login.method = "password".into();
-                        let mut b = BytesMut::new();
-                        frontend::password_message(c.password.as_bytes(), &mut b)
-                            .map_err(PgError::Io)?;
-                        server.get_mut().write_all(&b).await.map_err(PgError::Io)?;
-                    }
-                    (5, Some(c)) => {
-                        login.method = "md5".into();
-                        let salt: [u8; 4] = codec::take_bytes(&mut body, 4)?
-                            .try_into()
-                            .map_err(|_| PgError::Protocol("MD5 salt".into()))?;
-                        let hash = md5_hash(c.user.as_bytes(), c.password.as_bytes(), salt);
-                        let mut b = BytesMut::new();
-                        frontend::password_message(hash.as_bytes(), &mut b).map_err(PgError::Io)?;
-                        server.get_mut().write_all(&b).await.map_err(PgError::Io)?;
-                    }
-                    (10, Some(c)) => {
-                        let mechanisms = mechanisms(body)?;
-                        let (mechanism, cb) = match binding {
-                            Some(hash) if mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS) => (
-                                SCRAM_SHA_256_PLUS,
-                                ChannelBinding::tls_server_end_point(hash.to_vec()),
-                            ),
-                            // Over TLS without PLUS on offer: say we could
-                            // bind (`y`), so a stripped offer is detected.
-                            Some(_) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
-                            None => (SCRAM_SHA_256, ChannelBinding::unsupported()),
-                        };
-                        if !mechanisms.iter().any(|m| m == SCRAM_SHA_256 || m == SCRAM_SHA_256_PLUS) {
-                            return Err(PgError::Upstream(format!(
-                                "the server offers no SCRAM mechanism the node speaks ({})",
-                                mechanisms.join(", ")
-                            )));
-                        }
-                        login.method = mechanism.into();
-                        let s = ScramSha256::new(c.password.as_bytes(), cb);
-                        let mut b = BytesMut::new();
-                        frontend::sasl_initial_response(mechanism, s.message(), &mut b)
-                            .map_err(PgError::Io)?;
-                        server.get_mut().write_all(&b).await.map_err(PgError::Io)?;
-                        scram = Some(s);
-                    }
-                    (11, Some(_)) => {
-                        let s = scram
-                            .as_mut()
-                            .ok_or_else(|| PgError::Protocol("SASLContinue before SASL".into()))?;
-                        s.update(body)
-                            .map_err(|e| PgError::Upstream(format!("SCRAM: {e}")))?;
-                        let mut b = BytesMut::new();
-                        frontend::sasl_response(s.message(), &mut b).map_err(PgError::Io)?;
-                        server.get_mut().write_all(&b).await.map_err(PgError::Io)?;
-                    }
-                    (12, Some(_)) => {
-                        // Verifies the server's signature: a server that
-                        // does not know the password is not logged in to.
-                        let s = scram
-                            .as_mut()
-                            .ok_or_else(|| PgError::Protocol("SASLFinal before SASL".into()))?;
-                        s.finish(body)
-                            .map_err(|e| PgError::Upstream(format!("SCRAM server proof: {e}")))?;
-                    }
-                    (10, None) => {
-                        let mechanisms = mechanisms(body)?;
-                        login.method = SCRAM_SHA_256.into();
-                        if client_tls && mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS) {
-                            return Err(PgError::ChannelBinding);
-                        }
-                        // A plaintext client cannot bind (and libpq refuses
-                        // a PLUS offer without TLS): it is offered what it
-                        // can do, and answers `n`, which the server takes.
-                        let offer: Vec<&String> = mechanisms
-                            .iter()
-                            .filter(|m| *m != SCRAM_SHA_256_PLUS)
-                            .collect();
-                        let mut body = BytesMut::new();
-                        body.put_i32(10);
-                        for m in offer {
-                            body.put_slice(m.as_bytes());
-                            body.put_u8(0);
-                        }
-                        body.put_u8(0);
-                        relay_challenge(client, server, &Message::new(b'R', body.freeze())).await?;
-                    }
-                    (3 | 5 | 11 | 12, None) => {
-                        if code == 3 {
-                            login.method = "password".into();
-                        } else if code == 5 {
-                            login.method = "md5".into();
-                        }
-                        if code == 12 {
-                            send(client, &msg).await?;
-                        } else {
-                            relay_challenge(client, server, &msg).await?;
-                        }
-                    }
-                    (code, _) => {
-                        return Err(PgError::Upstream(format!(
-                            "the server asks for an authentication method the node cannot take part in (code {code}: Kerberos, GSSAPI or SSPI)"
-                        )))
-                    }
-                }
+                hs.authentication(&msg, credential.as_ref(), client_tls, binding)
+                    .await?
             }
             b'E' => {
                 let fields = codec::error_fields(&msg.body);
@@ -205,23 +102,216 @@ pub async fn login(
                     .find(|(c, _)| *c == b'M')
                     .map(|(_, m)| m.clone())
                     .unwrap_or_default();
-                send(client, &msg).await?;
+                send(hs.client, &msg).await?;
                 return Err(PgError::LoginRefused(text));
             }
             b'Z' => {
-                send(client, &msg).await?;
-                return Ok(login);
+                send(hs.client, &msg).await?;
+                return Ok(hs.login);
             }
             b'S' => {
                 if let Some(on) = super::backslash_escapes(&msg.body) {
-                    login.backslash_escapes = on;
+                    hs.login.backslash_escapes = on;
                 }
-                send(client, &msg).await?;
+                send(hs.client, &msg).await?;
             }
             // BackendKeyData, notices, NegotiateProtocolVersion.
-            _ => send(client, &msg).await?,
+            _ => send(hs.client, &msg).await?,
         }
     }
+}
+
+/// Both ends of a login under way and what it has learnt so far.
+struct Handshake<'a> {
+    client: &'a mut Reader<Box<dyn Io>>,
+    server: &'a mut Reader<Box<dyn Io>>,
+    login: Login,
+    /// The node's own SCRAM exchange, once the server has asked for it.
+    scram: Option<ScramSha256>,
+}
+
+impl Handshake<'_> {
+    /// One Authentication message: answered by the node with its
+    /// credential, or relayed to the client.
+    async fn authentication(
+        &mut self,
+        msg: &Message,
+        credential: Option<&NodeCredential<'_>>,
+        client_tls: bool,
+        binding: Option<&[u8]>,
+    ) -> Result<(), PgError> {
+        let mut body = &msg.body[..];
+        let code = codec::take_i32(&mut body)?;
+        match (code, credential) {
+            (0, _) => send(self.client, &codec::auth_ok()).await,
+            (_, Some(c)) => self.answer(code, body, c, binding).await,
+            (_, None) => self.relay(code, body, msg, client_tls).await,
+        }
+    }
+
+    /// The node answers the server's challenge with its credential.
+    async fn answer(
+        &mut self,
+        code: i32,
+        body: &[u8],
+        c: &NodeCredential<'_>,
+        binding: Option<&[u8]>,
+    ) -> Result<(), PgError> {
+        match code {
+            3 | 5 if !c.weak_auth => Err(refuse_weak(if code == 3 {
+                "cleartext password"
+            } else {
+                "MD5"
+            })),
+            3 => {
+                self.login.method = "password".into();
+                let mut b = BytesMut::new();
+                frontend::password_message(c.password.as_bytes(), &mut b).map_err(PgError::Io)?;
+                self.write_server(&b).await
+            }
+            5 => {
+                self.login.method = "md5".into();
+                let mut body = body;
+                let salt: [u8; 4] = codec::take_bytes(&mut body, 4)?
+                    .try_into()
+                    .map_err(|_| PgError::Protocol("MD5 salt".into()))?;
+                let hash = md5_hash(c.user.as_bytes(), c.password.as_bytes(), salt);
+                let mut b = BytesMut::new();
+                frontend::password_message(hash.as_bytes(), &mut b).map_err(PgError::Io)?;
+                self.write_server(&b).await
+            }
+            10 => self.scram_start(body, c, binding).await,
+            11 => {
+                let s = self
+                    .scram
+                    .as_mut()
+                    .ok_or_else(|| PgError::Protocol("SASLContinue before SASL".into()))?;
+                s.update(body)
+                    .map_err(|e| PgError::Upstream(format!("SCRAM: {e}")))?;
+                let mut b = BytesMut::new();
+                frontend::sasl_response(s.message(), &mut b).map_err(PgError::Io)?;
+                self.write_server(&b).await
+            }
+            12 => {
+                // Verifies the server's signature: a server that
+                // does not know the password is not logged in to.
+                let s = self
+                    .scram
+                    .as_mut()
+                    .ok_or_else(|| PgError::Protocol("SASLFinal before SASL".into()))?;
+                s.finish(body)
+                    .map_err(|e| PgError::Upstream(format!("SCRAM server proof: {e}")))
+            }
+            code => Err(unsupported(code)),
+        }
+    }
+
+    /// SASL with the node's credential: the mechanism chosen (PLUS,
+    /// bound to the server's certificate, when offered over TLS) and the
+    /// first SCRAM message sent.
+    async fn scram_start(
+        &mut self,
+        body: &[u8],
+        c: &NodeCredential<'_>,
+        binding: Option<&[u8]>,
+    ) -> Result<(), PgError> {
+        let mechanisms = mechanisms(body)?;
+        let (mechanism, cb) = match binding {
+            Some(hash) if mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS) => (
+                SCRAM_SHA_256_PLUS,
+                ChannelBinding::tls_server_end_point(hash.to_vec()),
+            ),
+            // Over TLS without PLUS on offer: say we could
+            // bind (`y`), so a stripped offer is detected.
+            Some(_) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+            None => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+        };
+        if !mechanisms
+            .iter()
+            .any(|m| m == SCRAM_SHA_256 || m == SCRAM_SHA_256_PLUS)
+        {
+            return Err(PgError::Upstream(format!(
+                "the server offers no SCRAM mechanism the node speaks ({})",
+                mechanisms.join(", ")
+            )));
+        }
+        self.login.method = mechanism.into();
+        let s = ScramSha256::new(c.password.as_bytes(), cb);
+        let mut b = BytesMut::new();
+        frontend::sasl_initial_response(mechanism, s.message(), &mut b).map_err(PgError::Io)?;
+        self.write_server(&b).await?;
+        self.scram = Some(s);
+        Ok(())
+    }
+
+    /// No node credential: the challenge goes to the client and its
+    /// answer back.
+    async fn relay(
+        &mut self,
+        code: i32,
+        body: &[u8],
+        msg: &Message,
+        client_tls: bool,
+    ) -> Result<(), PgError> {
+        match code {
+            10 => {
+                let mechanisms = mechanisms(body)?;
+                self.login.method = SCRAM_SHA_256.into();
+                if client_tls && mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS) {
+                    return Err(PgError::ChannelBinding);
+                }
+                let offer = offer_without_plus(&mechanisms);
+                relay_challenge(self.client, self.server, &offer).await
+            }
+            3 | 5 | 11 | 12 => {
+                if code == 3 {
+                    self.login.method = "password".into();
+                } else if code == 5 {
+                    self.login.method = "md5".into();
+                }
+                if code == 12 {
+                    send(self.client, msg).await
+                } else {
+                    relay_challenge(self.client, self.server, msg).await
+                }
+            }
+            code => Err(unsupported(code)),
+        }
+    }
+
+    /// Writes one of the node's own login messages to the server.
+    async fn write_server(&mut self, b: &[u8]) -> Result<(), PgError> {
+        self.server
+            .get_mut()
+            .write_all(b)
+            .await
+            .map_err(PgError::Io)
+    }
+}
+
+/// A plaintext client cannot bind (and libpq refuses a PLUS offer
+/// without TLS): it is offered what it can do, and answers `n`, which
+/// the server takes.
+fn offer_without_plus(mechanisms: &[String]) -> Message {
+    let offer: Vec<&String> = mechanisms
+        .iter()
+        .filter(|m| *m != SCRAM_SHA_256_PLUS)
+        .collect();
+    let mut body = BytesMut::new();
+    body.put_i32(10);
+    for m in offer {
+        body.put_slice(m.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    Message::new(b'R', body.freeze())
+}
+
+/// An authentication method the node can neither answer nor relay.
+fn unsupported(code: i32) -> PgError {
+    PgError::Upstream(format!(
+        "the server asks for an authentication method the node cannot take part in (code {code}: Kerberos, GSSAPI or SSPI)"
+    ))
 }
 
 /// Relays one challenge to the client and its answer to the server.

@@ -372,135 +372,38 @@ impl Frontend {
         warn!(session = self.ctx.id, workload = %self.ctx.workload(), rule = %r.rule, kind = r.kind.as_str(), "statement refused");
     }
 
+    /// A simple query string: its statements judged together; refused as
+    /// one (an empty query in its place) or forwarded with their in-flight
+    /// entries, after any COPY column probes.
     async fn query<W: AsyncWrite + Unpin>(
         &mut self,
         msg: Message,
         server: &mut W,
     ) -> Result<(), PgError> {
         let (sql, utf8) = codec::cstr_exact(&mut &msg.body[..])?;
-        let mut parts = classify::split(&sql);
-        if let Some(why) = self.lexed_differently(&sql, utf8, server).await? {
-            for p in &mut parts {
-                p.facts.parse_error = Some(why.clone());
-            }
-        }
-        // In order: a SET early in the string applies to what follows.
-        for p in &mut parts {
-            self.search_path.follow(&mut p.facts);
-        }
+        let parts = self.split_query(&sql, utf8, server).await?;
         let mut records: Vec<Statement> = parts
             .iter()
             .map(|p| self.new_record("simple", None, &p.text, p.facts.clone()))
             .collect();
-        let mut refusal = None;
-        for (i, p) in parts.iter().enumerate() {
-            if let Err(r) = self.judge(&mut records[i], &p.text, server).await? {
-                refusal = Some((i, r));
-                break;
-            }
-        }
+        let mut refusal = self.judge_each(&parts, &mut records, server).await?;
         let policy = self.ctx.policy();
         let mask = policy.result_mask(&self.ctx.target, &self.ctx.identity);
         let mut copies: Vec<Option<copy::CopyOut>> = parts
             .iter()
             .map(|p| copy_out(&mask, &p.facts, &p.text))
             .collect();
-        // Binary rows are not rewritten: a binary COPY a column rule may
-        // apply to is refused (fail closed), the query string with it.
         if let (None, Some(plan)) = (&refusal, &mask) {
-            if let Some(i) = copies
-                .iter()
-                .position(|c| c.as_ref().is_some_and(|c| c.binary_needs_masking(plan)))
-            {
-                refusal = Some((
-                    i,
-                    Denial::new(
-                        "binary-copy-masked",
-                        DenialKind::Uninspectable,
-                        "COPY in binary format of columns under masking rules is not masked by the node; use text or CSV format",
-                    ),
-                ));
-            }
+            refusal = binary_copy_refusal(&copies, plan);
         }
         if refusal.is_none() {
-            if let Err(e) = records
-                .iter()
-                .try_for_each(|r| self.ctx.store.start_statement(r))
-            {
-                // Fail closed: what cannot be recorded is not run.
-                self.ctx.record_failed(&e);
-                refusal = Some((
-                    0,
-                    Denial::new(
-                        "not-recorded",
-                        DenialKind::NotRecorded,
-                        format!("the node cannot record this statement: {e}"),
-                    ),
-                ));
-            }
+            refusal = self.start_records(&records);
         }
         if let Some((i, r)) = refusal {
-            let err = self.error_for(&r);
-            self.record_refused(records, i, &r);
-            self.push(Entry::GroupEnd {
-                inject: Some(err),
-                swallow_empty: true,
-            })?;
-            // An empty query in its place: the server answers it with
-            // EmptyQueryResponse (swallowed) and ReadyForQuery, in order.
-            self.forward(&Message::new(b'Q', &b"\0"[..]));
-            return Ok(());
+            return self.refuse_query(records, i, &r);
         }
-        // A `COPY ... TO STDOUT` under column rules whose statement names
-        // no columns: the node asks the server first (the catalog for a
-        // table, a description for a query), once everything before is
-        // answered (nothing unsynced of the extended protocol in the way
-        // of a query of its own). One probe per such COPY of the string,
-        // all before it: a COPY whose table the string itself changes
-        // first gets rows that do not fit the columns, masked whole.
-        let settled = matches!(
-            lock(&self.flow).queue.back(),
-            None | Some(Entry::GroupEnd { .. })
-        );
-        if let (true, Some(plan)) = (settled, &mask) {
-            for i in 0..copies.len() {
-                // A table the same string creates first: its columns are
-                // in the CREATE TABLE (no catalog has it yet).
-                if let Some(c) = copies[i].as_mut().filter(|c| c.needs_probe(plan)) {
-                    if let Some((schema, table)) = c.table.clone() {
-                        c.columns = parts[..i].iter().rev().find_map(|p| {
-                            copy::created_columns(&p.text, schema.as_deref(), &table)
-                        });
-                    }
-                }
-                // Only text the node read as the server will: a probe
-                // wraps the job's query in one of its own.
-                let Some(c) = copies[i]
-                    .as_ref()
-                    .filter(|c| c.needs_probe(plan) && parts[i].facts.parse_error.is_none())
-                else {
-                    continue;
-                };
-                let (sql, described) = match (&c.table, &c.query) {
-                    (Some((schema, table)), _) => {
-                        (copy::probe_sql(schema.as_deref(), table), false)
-                    }
-                    (None, Some(q)) if !q.contains('\\') => (copy::describe_sql(q), true),
-                    _ => continue,
-                };
-                if sql.contains('\0') {
-                    continue;
-                }
-                let mut probe = sql.into_bytes();
-                probe.push(0);
-                self.push(Entry::Probe {
-                    columns: Vec::new(),
-                    failed: false,
-                    described,
-                    statement: i,
-                })?;
-                self.forward(&Message::new(b'Q', probe));
-            }
+        if let Some(plan) = &mask {
+            self.probe_copies(&parts, &mut copies, plan)?;
         }
         for (st, copy) in records.into_iter().zip(copies) {
             self.push(Entry::Statement(Box::new(InFlight {
@@ -520,6 +423,143 @@ impl Frontend {
             swallow_empty: false,
         })?;
         self.forward(&msg);
+        Ok(())
+    }
+
+    /// A query string cut into its statements, classified, with the
+    /// search path followed through them.
+    async fn split_query<W: AsyncWrite + Unpin>(
+        &mut self,
+        sql: &str,
+        utf8: bool,
+        server: &mut W,
+    ) -> Result<Vec<classify::Classified>, PgError> {
+        let mut parts = classify::split(sql);
+        if let Some(why) = self.lexed_differently(sql, utf8, server).await? {
+            for p in &mut parts {
+                p.facts.parse_error = Some(why.clone());
+            }
+        }
+        // In order: a SET early in the string applies to what follows.
+        for p in &mut parts {
+            self.search_path.follow(&mut p.facts);
+        }
+        Ok(parts)
+    }
+
+    /// Judges the statements of a query string in order, up to the first
+    /// refused: its index and the denial.
+    async fn judge_each<W: AsyncWrite + Unpin>(
+        &mut self,
+        parts: &[classify::Classified],
+        records: &mut [Statement],
+        server: &mut W,
+    ) -> Result<Option<(usize, Denial)>, PgError> {
+        for (i, p) in parts.iter().enumerate() {
+            if let Err(r) = self.judge(&mut records[i], &p.text, server).await? {
+                return Ok(Some((i, r)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records the statements as started; a refusal if they cannot be.
+    fn start_records(&self, records: &[Statement]) -> Option<(usize, Denial)> {
+        let Err(e) = records
+            .iter()
+            .try_for_each(|r| self.ctx.store.start_statement(r))
+        else {
+            return None;
+        };
+        // Fail closed: what cannot be recorded is not run.
+        self.ctx.record_failed(&e);
+        Some((
+            0,
+            Denial::new(
+                "not-recorded",
+                DenialKind::NotRecorded,
+                format!("the node cannot record this statement: {e}"),
+            ),
+        ))
+    }
+
+    /// A refused query string: recorded, its ErrorResponse queued, and an
+    /// empty query sent in its place.
+    fn refuse_query(
+        &mut self,
+        records: Vec<Statement>,
+        refused: usize,
+        r: &Denial,
+    ) -> Result<(), PgError> {
+        let err = self.error_for(r);
+        self.record_refused(records, refused, r);
+        self.push(Entry::GroupEnd {
+            inject: Some(err),
+            swallow_empty: true,
+        })?;
+        // An empty query in its place: the server answers it with
+        // EmptyQueryResponse (swallowed) and ReadyForQuery, in order.
+        self.forward(&Message::new(b'Q', &b"\0"[..]));
+        Ok(())
+    }
+
+    /// A `COPY ... TO STDOUT` under column rules whose statement names
+    /// no columns: the node asks the server first (the catalog for a
+    /// table, a description for a query), once everything before is
+    /// answered (nothing unsynced of the extended protocol in the way
+    /// of a query of its own). One probe per such COPY of the string,
+    /// all before it: a COPY whose table the string itself changes
+    /// first gets rows that do not fit the columns, masked whole.
+    fn probe_copies(
+        &mut self,
+        parts: &[classify::Classified],
+        copies: &mut [Option<copy::CopyOut>],
+        plan: &crate::policy::ResultMask,
+    ) -> Result<(), PgError> {
+        let settled = matches!(
+            lock(&self.flow).queue.back(),
+            None | Some(Entry::GroupEnd { .. })
+        );
+        if !settled {
+            return Ok(());
+        }
+        for i in 0..copies.len() {
+            // A table the same string creates first: its columns are
+            // in the CREATE TABLE (no catalog has it yet).
+            if let Some(c) = copies[i].as_mut().filter(|c| c.needs_probe(plan)) {
+                if let Some((schema, table)) = c.table.clone() {
+                    c.columns = parts[..i]
+                        .iter()
+                        .rev()
+                        .find_map(|p| copy::created_columns(&p.text, schema.as_deref(), &table));
+                }
+            }
+            // Only text the node read as the server will: a probe
+            // wraps the job's query in one of its own.
+            let Some(c) = copies[i]
+                .as_ref()
+                .filter(|c| c.needs_probe(plan) && parts[i].facts.parse_error.is_none())
+            else {
+                continue;
+            };
+            let (sql, described) = match (&c.table, &c.query) {
+                (Some((schema, table)), _) => (copy::probe_sql(schema.as_deref(), table), false),
+                (None, Some(q)) if !q.contains('\\') => (copy::describe_sql(q), true),
+                _ => continue,
+            };
+            if sql.contains('\0') {
+                continue;
+            }
+            let mut probe = sql.into_bytes();
+            probe.push(0);
+            self.push(Entry::Probe {
+                columns: Vec::new(),
+                failed: false,
+                described,
+                statement: i,
+            })?;
+            self.forward(&Message::new(b'Q', probe));
+        }
         Ok(())
     }
 
@@ -579,34 +619,7 @@ impl Frontend {
         let mut body = &msg.body[..];
         let portal = codec::cstr(&mut body)?;
         let statement = codec::cstr(&mut body)?;
-        let nformats = codec::take_i16(&mut body)?.max(0) as usize;
-        let mut formats = Vec::with_capacity(nformats.min(1024));
-        for _ in 0..nformats {
-            formats.push(codec::take_i16(&mut body)?);
-        }
-        let nparams = codec::take_i16(&mut body)?.max(0) as usize;
-        let mut params = Vec::new();
-        for i in 0..nparams {
-            let len = codec::take_i32(&mut body)?;
-            let value = if len < 0 {
-                None
-            } else {
-                Some(codec::take_bytes(&mut body, len as usize)?)
-            };
-            if i < MAX_PARAMS {
-                let binary = match formats.len() {
-                    0 => false,
-                    1 => formats[0] == 1,
-                    _ => formats.get(i) == Some(&1),
-                };
-                params.push(value.map(|v| param_text(v, binary)));
-            }
-        }
-        let nresults = codec::take_i16(&mut body)?.max(0) as usize;
-        let mut result_formats = Vec::with_capacity(nresults.min(1024));
-        for _ in 0..nresults {
-            result_formats.push(codec::take_i16(&mut body)?);
-        }
+        let (params, result_formats) = bind_values(&mut body)?;
         let prepared = self
             .statements
             .get(&statement)
@@ -813,6 +826,59 @@ impl Frontend {
         self.forward(&msg);
         Ok(())
     }
+}
+
+/// A Bind's parameters (the first `MAX_PARAMS`, as text for the record)
+/// and its result formats.
+fn bind_values(body: &mut &[u8]) -> Result<(Vec<Option<String>>, Vec<i16>), PgError> {
+    let nformats = codec::take_i16(body)?.max(0) as usize;
+    let mut formats = Vec::with_capacity(nformats.min(1024));
+    for _ in 0..nformats {
+        formats.push(codec::take_i16(body)?);
+    }
+    let nparams = codec::take_i16(body)?.max(0) as usize;
+    let mut params = Vec::new();
+    for i in 0..nparams {
+        let len = codec::take_i32(body)?;
+        let value = if len < 0 {
+            None
+        } else {
+            Some(codec::take_bytes(body, len as usize)?)
+        };
+        if i < MAX_PARAMS {
+            let binary = match formats.len() {
+                0 => false,
+                1 => formats[0] == 1,
+                _ => formats.get(i) == Some(&1),
+            };
+            params.push(value.map(|v| param_text(v, binary)));
+        }
+    }
+    let nresults = codec::take_i16(body)?.max(0) as usize;
+    let mut result_formats = Vec::with_capacity(nresults.min(1024));
+    for _ in 0..nresults {
+        result_formats.push(codec::take_i16(body)?);
+    }
+    Ok((params, result_formats))
+}
+
+/// Binary rows are not rewritten: a binary COPY a column rule may
+/// apply to is refused (fail closed), the query string with it.
+fn binary_copy_refusal(
+    copies: &[Option<copy::CopyOut>],
+    plan: &crate::policy::ResultMask,
+) -> Option<(usize, Denial)> {
+    let i = copies
+        .iter()
+        .position(|c| c.as_ref().is_some_and(|c| c.binary_needs_masking(plan)))?;
+    Some((
+        i,
+        Denial::new(
+            "binary-copy-masked",
+            DenialKind::Uninspectable,
+            "COPY in binary format of columns under masking rules is not masked by the node; use text or CSV format",
+        ),
+    ))
 }
 
 /// For a COPY TO STDOUT under result masking: how it writes its rows.

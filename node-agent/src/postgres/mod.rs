@@ -251,6 +251,8 @@ pub async fn serve<C: Io + 'static>(
     (outcome, opened)
 }
 
+/// The connection's phases: startup, admission, login, then the two
+/// pumps until either side ends.
 async fn run<C: Io + 'static>(
     ctx: &Arc<Session>,
     client: C,
@@ -264,7 +266,7 @@ async fn run<C: Io + 'static>(
     )
     .await
     .map_err(|_| PgError::Protocol("no startup packet in time".into()))??;
-    let (client, version, params, sni) = match opening {
+    let mut start = match opening {
         startup::Opening::Cancel { packet } => {
             info!(session = ctx.id, workload = %ctx.workload(), "cancel request forwarded");
             startup::forward_cancel(upstream, ep, &ep.server_name(None), &packet).await?;
@@ -278,78 +280,25 @@ async fn run<C: Io + 'static>(
             sni,
         } => {
             opened.tls = tls;
-            (client, version, params, sni)
-        }
-    };
-    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let user = param("user").unwrap_or_default();
-    let db = DbSession {
-        database: param("database").unwrap_or_else(|| user.clone()),
-        user: user.clone(),
-        application: param("application_name"),
-    };
-    let mut client = Reader::new(client, MAX_MESSAGE);
-    // A replication connection streams table contents as CopyData in its
-    // own grammar: neither statement rules nor result masking could see
-    // it. Refused (fail closed).
-    if let Some(mode) = param("replication").filter(|v| {
-        !matches!(
-            v.to_ascii_lowercase().as_str(),
-            "false" | "off" | "no" | "0"
-        )
-    }) {
-        let reason = format!(
-            "replication connections (replication={mode}) are not inspected: their rows would bypass statement rules and result masking"
-        );
-        fatal(&mut client, "42501", &format!("sluice: {reason}")).await;
-        return Err(PgError::Refused(crate::record::Refusal::Other, reason));
-    }
-    if let Err(d) = ctx.check_suspension(&mut Vec::new()) {
-        let msg = codec::error_response("FATAL", "42501", &format!("sluice: {}", d.text()), None);
-        let _ = client.get_mut().write_all(&msg.to_bytes()).await;
-        return Err(PgError::Refused(
-            crate::record::Refusal::Suspended,
-            d.text(),
-        ));
-    }
-    let connected = startup::connect_server(upstream, ep, &ep.server_name(sni.as_deref())).await;
-    let (server, binding) = match connected {
-        Ok(s) => s,
-        Err(e) => {
-            fatal(&mut client, "08001", &format!("sluice: {e}")).await;
-            return Err(e);
-        }
-    };
-    let mut server = Reader::new(server, MAX_MESSAGE);
-    let policy = ctx.policy();
-    let cred = policy
-        .credential(&ctx.target)
-        .filter(|c| c.user.as_deref().is_none_or(|u| u == user));
-    let node_cred = cred.map(|c| auth::NodeCredential {
-        user: c.user.as_deref().unwrap_or(&user),
-        password: c.secret.expose(),
-        weak_auth: c.weak_auth,
-    });
-    let startup = codec::startup_message(version, &params);
-    let login = auth::login(
-        &mut client,
-        &mut server,
-        startup,
-        node_cred,
-        opened.tls.is_some(),
-        binding.as_deref(),
-    )
-    .await;
-    let login = match login {
-        Ok(l) => l,
-        Err(e) => {
-            if !matches!(e, PgError::LoginRefused(_)) {
-                fatal(&mut client, "28000", &format!("sluice: {e}")).await;
+            Startup {
+                client: Reader::new(client, MAX_MESSAGE),
+                version,
+                params,
+                sni,
             }
-            warn!(session = ctx.id, workload = %ctx.workload(), error = %e, "database login failed");
-            return Err(e);
         }
     };
+    let db = start.db_session();
+    admit(ctx, &mut start).await?;
+    let (server, login) = log_in(
+        ctx,
+        &mut start,
+        upstream,
+        ep,
+        &db.user,
+        opened.tls.is_some(),
+    )
+    .await?;
     info!(session = ctx.id, workload = %ctx.workload(), database = %db.database, user = %db.user,
         login = login.mode, method = %login.method, "database session open");
     opened.database = Some(DbLogin {
@@ -360,8 +309,130 @@ async fn run<C: Io + 'static>(
         login: login.mode.into(),
         method: login.method.clone(),
     });
+    pump(ctx, start.client, server, db, login.backslash_escapes).await
+}
+
+/// A session's startup packet as the client sent it.
+struct Startup {
+    client: Reader<Box<dyn Io>>,
+    version: u32,
+    params: Vec<(String, String)>,
+    /// The client's normalised SNI, when it is one of the target's names.
+    sni: Option<String>,
+}
+
+impl Startup {
+    /// A startup parameter's value.
+    fn param(&self, k: &str) -> Option<String> {
+        self.params
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// The database session the client asks for.
+    fn db_session(&self) -> DbSession {
+        let user = self.param("user").unwrap_or_default();
+        DbSession {
+            database: self.param("database").unwrap_or_else(|| user.clone()),
+            user,
+            application: self.param("application_name"),
+        }
+    }
+}
+
+/// Admission before the server is logged in to: no replication stream,
+/// no suspended identity.
+async fn admit(ctx: &Session, start: &mut Startup) -> Result<(), PgError> {
+    // A replication connection streams table contents as CopyData in its
+    // own grammar: neither statement rules nor result masking could see
+    // it. Refused (fail closed).
+    if let Some(mode) = start.param("replication").filter(|v| {
+        !matches!(
+            v.to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        )
+    }) {
+        let reason = format!(
+            "replication connections (replication={mode}) are not inspected: their rows would bypass statement rules and result masking"
+        );
+        fatal(&mut start.client, "42501", &format!("sluice: {reason}")).await;
+        return Err(PgError::Refused(crate::record::Refusal::Other, reason));
+    }
+    if let Err(d) = ctx.check_suspension(&mut Vec::new()) {
+        let msg = codec::error_response("FATAL", "42501", &format!("sluice: {}", d.text()), None);
+        let _ = start.client.get_mut().write_all(&msg.to_bytes()).await;
+        return Err(PgError::Refused(
+            crate::record::Refusal::Suspended,
+            d.text(),
+        ));
+    }
+    Ok(())
+}
+
+/// Connects to the server and logs in (node credential or relay); a
+/// failure is told to the client.
+async fn log_in(
+    ctx: &Session,
+    start: &mut Startup,
+    upstream: TcpStream,
+    ep: &Endpoint,
+    user: &str,
+    client_tls: bool,
+) -> Result<(Reader<Box<dyn Io>>, auth::Login), PgError> {
+    let client = &mut start.client;
+    let connected =
+        startup::connect_server(upstream, ep, &ep.server_name(start.sni.as_deref())).await;
+    let (server, binding) = match connected {
+        Ok(s) => s,
+        Err(e) => {
+            fatal(client, "08001", &format!("sluice: {e}")).await;
+            return Err(e);
+        }
+    };
+    let mut server = Reader::new(server, MAX_MESSAGE);
+    let policy = ctx.policy();
+    let cred = policy
+        .credential(&ctx.target)
+        .filter(|c| c.user.as_deref().is_none_or(|u| u == user));
+    let node_cred = cred.map(|c| auth::NodeCredential {
+        user: c.user.as_deref().unwrap_or(user),
+        password: c.secret.expose(),
+        weak_auth: c.weak_auth,
+    });
+    let startup = codec::startup_message(start.version, &start.params);
+    let login = auth::login(
+        client,
+        &mut server,
+        startup,
+        node_cred,
+        client_tls,
+        binding.as_deref(),
+    )
+    .await;
+    match login {
+        Ok(l) => Ok((server, l)),
+        Err(e) => {
+            if !matches!(e, PgError::LoginRefused(_)) {
+                fatal(client, "28000", &format!("sluice: {e}")).await;
+            }
+            warn!(session = ctx.id, workload = %ctx.workload(), error = %e, "database login failed");
+            Err(e)
+        }
+    }
+}
+
+/// The two pumps (client → server, server → client) over one shared
+/// flow, until either side ends or the connection idles out.
+async fn pump(
+    ctx: &Arc<Session>,
+    client: Reader<Box<dyn Io>>,
+    server: Reader<Box<dyn Io>>,
+    db: DbSession,
+    backslash_escapes: bool,
+) -> Result<(), PgError> {
     let flow: Shared = Default::default();
-    lock(&flow).backslash_escapes = login.backslash_escapes;
+    lock(&flow).backslash_escapes = backslash_escapes;
     let (client_io, client_buf) = client.into_parts();
     let (server_io, server_buf) = server.into_parts();
     let (cr, cw) = tokio::io::split(client_io);
@@ -380,8 +451,13 @@ async fn run<C: Io + 'static>(
             Err(PgError::Protocol(format!("idle for {}s (limits.idle_timeout_secs)", idle.as_secs())))
         }
     };
-    // Statements still in flight when either side went away.
-    let left: Vec<Entry> = lock(&flow).queue.drain(..).collect();
+    unanswered(ctx, &flow);
+    result
+}
+
+/// Records the statements still in flight when either side went away.
+fn unanswered(ctx: &Session, flow: &Shared) {
+    let left: Vec<Entry> = lock(flow).queue.drain(..).collect();
     for e in left {
         if let Entry::Statement(mut f) = e {
             f.record
@@ -390,7 +466,6 @@ async fn run<C: Io + 'static>(
             backend::finish(ctx, &mut f);
         }
     }
-    result
 }
 
 /// A fatal error to the client before the session is up.

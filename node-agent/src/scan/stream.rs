@@ -382,12 +382,7 @@ impl StreamMasker {
                     applies: &self.applies,
                     masked: &mut self.masked,
                 };
-                let keys: Vec<String> = u.streams.keys().cloned().collect();
-                let mut r = Ok(());
-                for k in keys {
-                    r = r.and_then(|_| u.settle_stream(&mut ctx, &k, true));
-                }
-                r.and_then(|_| u.emit())
+                u.settle_all(&mut ctx).and_then(|_| u.emit())
             }
         };
         if let Err(e) = &res {
@@ -442,6 +437,142 @@ impl StreamMasker {
     }
 }
 
+/// A unit cut from the stream: its body, how it goes out, its segments,
+/// and whether it ends every text (a WebSocket message's last piece).
+type Cut = (Vec<u8>, Option<Reframe>, Vec<Segment>, bool);
+
+impl Framer {
+    /// Takes in a chunk and cuts out the units it completes (all that is
+    /// left, at the end of the stream).
+    fn cut(&mut self, chunk: &[u8], last: bool) -> Result<Vec<Cut>, ScanError> {
+        let mut new_units = Vec::new();
+        match self {
+            Framer::Sse(f) => sse_units(f, chunk, last, &mut new_units)?,
+            Framer::Ws(f) => ws_units(f, chunk, last, &mut new_units)?,
+            Framer::Whole(buf) => whole_unit(buf, chunk, last, &mut new_units),
+            Framer::Lines(buf) => line_units(buf, chunk, last, &mut new_units)?,
+            Framer::Envelope {
+                framer,
+                payload,
+                codec,
+            } => envelope_units(framer, *payload, *codec, chunk, last, &mut new_units)?,
+        }
+        Ok(new_units)
+    }
+}
+
+/// Server-sent events: one unit per event.
+fn sse_units(
+    f: &mut SseFramer,
+    chunk: &[u8],
+    last: bool,
+    new_units: &mut Vec<Cut>,
+) -> Result<(), ScanError> {
+    f.push(chunk);
+    while let Some(ev) = f.next_event() {
+        let segs = sse::segments(&ev);
+        new_units.push((ev, None, segs, false));
+    }
+    if last {
+        let rest = f.take_rest();
+        if !rest.is_empty() {
+            let segs = sse::segments(&rest);
+            new_units.push((rest, None, segs, false));
+        }
+    } else if f.buffered() > MAX_UNIT {
+        return Err(ScanError::TooLarge {
+            what: "server-sent event",
+            limit: MAX_UNIT,
+        });
+    }
+    Ok(())
+}
+
+/// WebSocket frames: one unit per piece of a message.
+fn ws_units(
+    f: &mut super::ws::WsFramer,
+    chunk: &[u8],
+    last: bool,
+    new_units: &mut Vec<Cut>,
+) -> Result<(), ScanError> {
+    f.push(chunk);
+    let mut pieces = Vec::new();
+    f.pieces(MAX_UNIT, &mut pieces)?;
+    for p in pieces {
+        let reframe = p.original.map(|original| Reframe::WsText { original });
+        new_units.push((p.body, reframe, p.segs, p.ends));
+    }
+    if last {
+        f.finish()?;
+    }
+    Ok(())
+}
+
+/// One JSON document: a single unit at the end of the stream.
+fn whole_unit(buf: &mut Vec<u8>, chunk: &[u8], last: bool, new_units: &mut Vec<Cut>) {
+    buf.extend_from_slice(chunk);
+    if last {
+        let doc = std::mem::take(buf);
+        let segs = match super::json::texts(&doc) {
+            Ok(texts) => document_segments(texts),
+            Err(_) => line_segments(&doc),
+        };
+        new_units.push((doc, None, segs, false));
+    }
+}
+
+/// Newline-delimited JSON: one unit per line.
+fn line_units(
+    buf: &mut Vec<u8>,
+    chunk: &[u8],
+    last: bool,
+    new_units: &mut Vec<Cut>,
+) -> Result<(), ScanError> {
+    buf.extend_from_slice(chunk);
+    while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = buf.drain(..=i).collect();
+        let segs = line_segments(&line);
+        new_units.push((line, None, segs, false));
+    }
+    if last && !buf.is_empty() {
+        let line = std::mem::take(buf);
+        let segs = line_segments(&line);
+        new_units.push((line, None, segs, false));
+    } else if buf.len() > MAX_UNIT {
+        return Err(ScanError::TooLarge {
+            what: "JSON line",
+            limit: MAX_UNIT,
+        });
+    }
+    Ok(())
+}
+
+/// gRPC/Connect envelopes: one unit per message, decompressed.
+fn envelope_units(
+    framer: &mut EnvelopeFramer,
+    payload: Payload,
+    codec: Codec,
+    chunk: &[u8],
+    last: bool,
+    new_units: &mut Vec<Cut>,
+) -> Result<(), ScanError> {
+    framer.push(chunk);
+    while let Some((flags, body)) = framer.next_message(MAX_UNIT)? {
+        let (body, original) = if flags & envelope::COMPRESSED != 0 {
+            (codec.decode(&body, MAX_UNIT)?, body)
+        } else {
+            (body, Vec::new())
+        };
+        let segs = envelope::segments(&body, payload, flags);
+        let reframe = Reframe::Envelope { flags, original };
+        new_units.push((body, Some(reframe), segs, false));
+    }
+    if last {
+        framer.finish()?;
+    }
+    Ok(())
+}
+
 impl Units {
     fn new(framer: Framer) -> Self {
         Self {
@@ -466,103 +597,15 @@ impl Units {
             masked,
         };
         // Cut the stream into units and take in each one's segments.
-        let mut new_units = Vec::new();
-        match &mut self.framer {
-            Framer::Sse(f) => {
-                f.push(chunk);
-                while let Some(ev) = f.next_event() {
-                    let segs = sse::segments(&ev);
-                    new_units.push((ev, None, segs, false));
-                }
-                if last {
-                    let rest = f.take_rest();
-                    if !rest.is_empty() {
-                        let segs = sse::segments(&rest);
-                        new_units.push((rest, None, segs, false));
-                    }
-                } else if f.buffered() > MAX_UNIT {
-                    return Err(ScanError::TooLarge {
-                        what: "server-sent event",
-                        limit: MAX_UNIT,
-                    });
-                }
-            }
-            Framer::Ws(f) => {
-                f.push(chunk);
-                let mut pieces = Vec::new();
-                f.pieces(MAX_UNIT, &mut pieces)?;
-                for p in pieces {
-                    let reframe = p.original.map(|original| Reframe::WsText { original });
-                    new_units.push((p.body, reframe, p.segs, p.ends));
-                }
-                if last {
-                    f.finish()?;
-                }
-            }
-            Framer::Whole(buf) => {
-                buf.extend_from_slice(chunk);
-                if last {
-                    let doc = std::mem::take(buf);
-                    let segs = match super::json::texts(&doc) {
-                        Ok(texts) => document_segments(texts),
-                        Err(_) => line_segments(&doc),
-                    };
-                    new_units.push((doc, None, segs, false));
-                }
-            }
-            Framer::Lines(buf) => {
-                buf.extend_from_slice(chunk);
-                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=i).collect();
-                    let segs = line_segments(&line);
-                    new_units.push((line, None, segs, false));
-                }
-                if last && !buf.is_empty() {
-                    let line = std::mem::take(buf);
-                    let segs = line_segments(&line);
-                    new_units.push((line, None, segs, false));
-                } else if buf.len() > MAX_UNIT {
-                    return Err(ScanError::TooLarge {
-                        what: "JSON line",
-                        limit: MAX_UNIT,
-                    });
-                }
-            }
-            Framer::Envelope {
-                framer,
-                payload,
-                codec,
-            } => {
-                framer.push(chunk);
-                while let Some((flags, body)) = framer.next_message(MAX_UNIT)? {
-                    let (body, original) = if flags & envelope::COMPRESSED != 0 {
-                        (codec.decode(&body, MAX_UNIT)?, body)
-                    } else {
-                        (body, Vec::new())
-                    };
-                    let segs = envelope::segments(&body, *payload, flags);
-                    let reframe = Reframe::Envelope { flags, original };
-                    new_units.push((body, Some(reframe), segs, false));
-                }
-                if last {
-                    framer.finish()?;
-                }
-            }
-        }
+        let new_units = self.framer.cut(chunk, last)?;
         for (body, reframe, segs, ends_text) in new_units {
             self.take_unit(&mut ctx, body, reframe, segs)?;
             if ends_text {
-                let keys: Vec<String> = self.streams.keys().cloned().collect();
-                for k in keys {
-                    self.settle_stream(&mut ctx, &k, true)?;
-                }
+                self.settle_all(&mut ctx)?;
             }
         }
         if last {
-            let keys: Vec<String> = self.streams.keys().cloned().collect();
-            for k in keys {
-                self.settle_stream(&mut ctx, &k, true)?;
-            }
+            self.settle_all(&mut ctx)?;
         }
         let held: usize = self.queue.iter().map(Unit::held).sum();
         if held > MAX_HELD {
@@ -572,6 +615,15 @@ impl Units {
             });
         }
         self.emit()
+    }
+
+    /// Settles every followed text as if it ended here.
+    fn settle_all(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ScanError> {
+        let keys: Vec<String> = self.streams.keys().cloned().collect();
+        for k in keys {
+            self.settle_stream(ctx, &k, true)?;
+        }
+        Ok(())
     }
 
     fn take_unit(
