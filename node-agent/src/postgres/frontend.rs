@@ -219,8 +219,6 @@ impl Frontend {
         }
     }
 
-    /// Judges one statement: suspension, then the policy's statement rules
-    /// (holding for a human on `approve`). `Err` is the refusal.
     /// Whether the server may cut this text into tokens otherwise than
     /// the node's parser did, and why. With `standard_conforming_strings`
     /// off, a backslash escapes a quote inside '...': `SELECT '\', 'x;
