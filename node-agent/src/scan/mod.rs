@@ -163,7 +163,9 @@ impl Compiled {
 /// material (PEM bodies, longer than this) may, so it is left alone.
 fn placeholder(secret: &[u8]) -> bool {
     const RUN: usize = 8;
-    if secret.len() > 256 || secret.len() < RUN {
+    // Numbers repeat digits (`4111111111111111` is a card); only tokens
+    // with letters are judged by their runs.
+    if secret.len() > 256 || secret.len() < RUN || !secret.iter().any(u8::is_ascii_alphabetic) {
         return false;
     }
     let xs = secret.iter().filter(|b| matches!(b, b'x' | b'X')).count();
