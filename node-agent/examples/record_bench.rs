@@ -45,6 +45,7 @@ fn exchange(session: u64, seq: u32) -> Exchange {
         error: None,
         decisions: vec![],
         injected: None,
+        tool_calls: Vec::new(),
     }
 }
 

@@ -383,6 +383,9 @@ pub fn lint(text: &str, max_window: usize) -> Vec<Finding> {
             // Result rules mask column values: their examples are values,
             // read as response text by the same patterns.
             Direction::Result => continue,
+            // Tool-call rules read calls, not text: `policy test` takes
+            // them in a later version.
+            Direction::ToolCall => continue,
         };
         if r.examples.is_empty() {
             if matches!(r.action, Action::Block | Action::Approve) {

@@ -129,6 +129,23 @@ pub fn replay(s: &ConnectionRecord, exchanges: &[Exchange], statements: &[Statem
             let _ = writeln!(out, "      upgraded to {u}");
         }
         decision_lines(&ex.decisions, &mut out);
+        for t in &ex.tool_calls {
+            let _ = writeln!(
+                out,
+                "      tool call {:?} `{}` {} {}{}",
+                t.call.api,
+                t.call.name,
+                t.call.arguments,
+                match t.verdict {
+                    crate::record::ToolVerdict::Allowed => "allowed",
+                    crate::record::ToolVerdict::Blocked => "BLOCKED",
+                },
+                t.rule
+                    .as_deref()
+                    .map(|r| format!(" by {r}"))
+                    .unwrap_or_default()
+            );
+        }
         if let Some(i) = &ex.injected {
             let _ = writeln!(
                 out,

@@ -30,5 +30,6 @@ pub mod spool;
 pub mod suspend;
 pub mod targets;
 pub mod tls;
+pub mod tools;
 pub mod verdict;
 pub mod watch;

@@ -42,6 +42,8 @@ pub enum DenialKind {
     Misconfigured,
     /// The upstream's answer cannot be read to be masked.
     UninspectableResponse,
+    /// A tool call (an MCP `tools/call`) a `block` rule matched.
+    ToolCall,
 }
 
 impl DenialKind {
@@ -59,6 +61,7 @@ impl DenialKind {
             DenialKind::NotRecorded => "not_recorded",
             DenialKind::Misconfigured => "misconfigured",
             DenialKind::UninspectableResponse => "uninspectable_response",
+            DenialKind::ToolCall => "tool_call",
         }
     }
 }
@@ -72,6 +75,9 @@ pub struct Denial {
     pub kind: DenialKind,
     pub message: String,
     pub reason: Option<String>,
+    /// The JSON-RPC id of a refused MCP call: the answer is a JSON-RPC
+    /// error for it, which MCP clients raise.
+    pub rpc_id: Option<serde_json::Value>,
 }
 
 impl Denial {
@@ -81,6 +87,7 @@ impl Denial {
             kind,
             message: message.into(),
             reason: None,
+            rpc_id: None,
         }
     }
 
@@ -222,6 +229,7 @@ impl Session {
                 kind: DenialKind::NotApproved,
                 message: hold.message,
                 reason: Some(reason),
+                rpc_id: None,
             }),
         }
     }

@@ -15,14 +15,19 @@ use tokio::sync::oneshot;
 
 use super::{decode::Decoder, headers, BoxError};
 use crate::{
-    record::{BodyRecord, Header},
+    record::{BodyRecord, Decision, Header, ToolCallRecord},
     scan::StreamMasker,
+    tools::stream::{Step, ToolGuard},
 };
 
 #[derive(Default)]
 pub struct MaskReport {
     pub masked: std::collections::BTreeMap<(usize, String), u64>,
     pub error: Option<String>,
+    /// Tool calls the answer carried, as judged, and the decisions of
+    /// the rules that matched them.
+    pub tool_calls: Vec<ToolCallRecord>,
+    pub tool_decisions: Vec<Decision>,
 }
 
 /// A response body passed through a decoder (when the upstream compressed
@@ -43,6 +48,8 @@ pub struct MaskBody<B> {
     /// Masked spans already in the shared report (it is copied only when
     /// this changes, not on every frame).
     reported: u64,
+    /// Tool calls in a streamed answer, held until judged whole.
+    guard: Option<ToolGuard>,
 }
 
 /// How long held-back text may wait for more of the stream before it is
@@ -65,6 +72,56 @@ impl<B> MaskBody<B> {
             done: false,
             idle: None,
             reported: 0,
+            guard: None,
+        }
+    }
+
+    /// Judges the tool calls of the (masked) stream before they go out.
+    pub fn with_guard(mut self, guard: ToolGuard) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// Masked bytes through the tool-call guard: what may go out now. A
+    /// blocked call ends the stream after the API's error event.
+    fn guarded(&mut self, out: Vec<u8>, last: bool) -> Vec<u8> {
+        let Some(g) = &mut self.guard else {
+            return out;
+        };
+        let mut step = g.push(&out);
+        if last {
+            if let Step::Pass(mut b) = step {
+                match g.finish() {
+                    Step::Pass(rest) => {
+                        b.extend(rest);
+                        step = Step::Pass(b);
+                    }
+                    Step::Blocked {
+                        out: mut e,
+                        call,
+                        rule,
+                        message,
+                    } => {
+                        b.append(&mut e);
+                        step = Step::Blocked {
+                            out: b,
+                            call,
+                            rule,
+                            message,
+                        };
+                    }
+                }
+            }
+        }
+        match step {
+            Step::Pass(b) => b,
+            Step::Blocked { out, .. } => {
+                // The rest of the upstream's answer is not read or sent.
+                self.done = true;
+                self.trailers = None;
+                self.report(None);
+                out
+            }
         }
     }
 
@@ -129,6 +186,7 @@ where
                             Ok(o) => o,
                             Err(e) => return this.fail(e),
                         };
+                        let out = this.guarded(out, false);
                         if !out.is_empty() {
                             this.report_masks();
                             return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
@@ -166,6 +224,7 @@ where
                         Ok(t) => tail.extend(t),
                         Err(e) => return this.fail(e),
                     }
+                    let tail = this.guarded(tail, true);
                     this.report(None);
                     this.done = true;
                     if !tail.is_empty() {
@@ -183,7 +242,7 @@ where
                         return Poll::Pending;
                     }
                     this.idle = None;
-                    match this.masker.flush_idle() {
+                    match this.masker.flush_idle().map(|o| this.guarded(o, false)) {
                         Ok(out) if !out.is_empty() => {
                             this.report_masks();
                             return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
@@ -201,7 +260,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.decoder.is_none() && self.masker.preserves_length() {
+        if self.decoder.is_none() && self.masker.preserves_length() && self.guard.is_none() {
             self.inner.size_hint()
         } else {
             // Decoded, or masks written into JSON escapes: the length is

@@ -56,6 +56,21 @@ pub fn render(d: &Denial, identity: &str) -> (StatusCode, Value) {
         DenialKind::UninspectableResponse => {
             (StatusCode::BAD_GATEWAY, json!({ "error": d.message }))
         }
+        // MCP: a JSON-RPC error for the call's id, as a server answers it.
+        DenialKind::ToolCall => match &d.rpc_id {
+            Some(id) => (
+                StatusCode::OK,
+                json!({
+                    "jsonrpc": "2.0",
+                    "id": id,
+                    "error": { "code": crate::tools::mcp::BLOCKED, "message": d.message },
+                }),
+            ),
+            None => (
+                StatusCode::FORBIDDEN,
+                json!({ "error": "tool call blocked by policy", "rule": d.rule, "message": d.message }),
+            ),
+        },
     }
 }
 

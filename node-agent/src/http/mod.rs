@@ -406,6 +406,7 @@ impl HttpSession {
         }
         let masks = policy.masks_responses(&self.target, &self.identity);
         let request_rules = policy.has_request_rules(&self.target, &self.identity);
+        let tool_rules = policy.has_tool_rules(&self.target, &self.identity);
         let inspect_ws =
             match self.upgrade_gate(req.headers(), upgrade, masks || request_rules, &mut ex) {
                 Ok(inspect) => inspect,
@@ -416,7 +417,7 @@ impl HttpSession {
             };
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let up_body: UpBody = if request_rules {
+        let up_body: UpBody = if request_rules || tool_rules {
             // Prompts are judged whole before anything is forwarded.
             match self.judge_request(&parts, body, &mut ex).await {
                 Ok(bytes) => Full::new(bytes).map_err(|e| match e {}).boxed(),
@@ -433,7 +434,7 @@ impl HttpSession {
             body::discard(up_body);
             return self.refuse(ex, started, durable_tx, d).await;
         }
-        if masks {
+        if masks || tool_rules {
             ask_for_whole_identity(&mut parts.headers);
         }
         if let Err(d) = self.record_start(&mut ex) {
@@ -461,8 +462,10 @@ impl HttpSession {
             }
         }
 
-        self.respond(ex, started, durable_tx, resp, req_rx, policy, masks)
-            .await
+        self.respond(
+            ex, started, durable_tx, resp, req_rx, policy, masks, tool_rules,
+        )
+        .await
     }
 
     /// Upgrade gate: on a target with rules (`ruled`) an upgrade is
@@ -553,10 +556,11 @@ impl HttpSession {
         req_rx: oneshot::Receiver<body::Captured>,
         policy: Arc<crate::policy::CompiledPolicy>,
         masks: bool,
+        tool_rules: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
         let report = Arc::new(std::sync::Mutex::new(MaskReport::default()));
-        let body: ProxyBody = if masks {
+        let body: ProxyBody = if masks || tool_rules {
             let (p, target, identity) =
                 (policy.clone(), self.target.clone(), self.identity.clone());
             let applies: crate::scan::stream::Applies = Box::new(move |rule| {
@@ -567,9 +571,9 @@ impl HttpSession {
             let prepared = response::prepare(&mut parts.headers).and_then(|(framing, decoder)| {
                 let mut masker = StreamMasker::new(policy.clone(), framing, applies);
                 response::mask_headers(&mut parts.headers, &mut masker)?;
-                Ok((masker, decoder))
+                Ok((masker, decoder, framing))
             });
-            let (masker, decoder) = match prepared {
+            let (masker, decoder, framing) = match prepared {
                 Ok(p) => p,
                 Err(e) => {
                     let d = Denial::new(
@@ -584,7 +588,21 @@ impl HttpSession {
             };
             // The record keeps what the client got, as for bodies.
             ex.response_headers = headers(&parts.headers);
-            MaskBody::new(body, decoder, masker, report.clone()).boxed()
+            let body = MaskBody::new(body, decoder, masker, report.clone());
+            // Tool calls come in event streams and JSON answers.
+            match framing {
+                crate::scan::Framing::Sse if tool_rules => {
+                    let judge = self.tool_judge(&policy, &report);
+                    body.with_guard(crate::tools::stream::ToolGuard::new(judge))
+                        .boxed()
+                }
+                crate::scan::Framing::Json if tool_rules => {
+                    let judge = self.tool_judge(&policy, &report);
+                    body.with_guard(crate::tools::stream::ToolGuard::document(judge))
+                        .boxed()
+                }
+                _ => body.boxed(),
+            }
         } else {
             body.map_err(|e| Box::new(e) as BoxError).boxed()
         };
@@ -604,6 +622,8 @@ impl HttpSession {
             ex.response_body = rs.body;
             let report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
             ex.decisions.extend(mask_decisions(&policy, report.masked));
+            ex.decisions.extend(report.tool_decisions);
+            ex.tool_calls = report.tool_calls;
             if let Some(e) = report.error {
                 ex.error = Some(format!("response scan failed, stream cut: {e}"));
             }
@@ -611,6 +631,59 @@ impl HttpSession {
             this.finish(ex, durable_tx).await;
         });
         Response::from_parts(parts, resp_tap.boxed())
+    }
+
+    /// The judge of the tool calls in this session's answers: the
+    /// `on: tool_call` rules that apply here; what it decides goes into
+    /// the exchange's report (a scan failure blocks: fail closed).
+    fn tool_judge(
+        &self,
+        policy: &Arc<crate::policy::CompiledPolicy>,
+        report: &Arc<std::sync::Mutex<MaskReport>>,
+    ) -> crate::tools::stream::Judge {
+        use crate::{
+            policy::Verdict,
+            record::{ToolCallRecord, ToolVerdict},
+            tools::stream::Ruling,
+        };
+        let (p, target, identity, report) = (
+            policy.clone(),
+            self.target.clone(),
+            self.identity.clone(),
+            report.clone(),
+        );
+        let (session, workload) = (self.id, self.identity.id.clone());
+        Box::new(move |call| {
+            let judged =
+                p.evaluate_tool_call_where(call, |i| p.rule_applies(i, &target, &identity));
+            let (ruling, decisions) = match judged {
+                Ok((Verdict::Allow, d)) => (Ruling::Allow, d),
+                Ok((Verdict::Block { rule, message }, d)) => (Ruling::Block { rule, message }, d),
+                // Tool-call rules neither hold nor approve (refused at load).
+                Ok((Verdict::Approve { rule, message, .. }, d)) => {
+                    (Ruling::Block { rule, message }, d)
+                }
+                Err(e) => (
+                    Ruling::Block {
+                        rule: "scan-failed".into(),
+                        message: format!("the tool call could not be judged: {e}"),
+                    },
+                    Vec::new(),
+                ),
+            };
+            let (verdict, rule) = match &ruling {
+                Ruling::Allow => (ToolVerdict::Allowed, None),
+                Ruling::Block { rule, .. } => {
+                    warn!(session, workload = %workload, rule = %rule, tool = %call.name, "tool call blocked");
+                    (ToolVerdict::Blocked, Some(rule.clone()))
+                }
+            };
+            let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+            r.tool_calls
+                .push(ToolCallRecord::new(call.clone(), verdict, rule));
+            r.tool_decisions.extend(decisions);
+            ruling
+        })
     }
 
     fn new_exchange(&self, req: &Request<Incoming>) -> Exchange {
@@ -652,6 +725,7 @@ impl HttpSession {
             error: None,
             decisions: Vec::new(),
             injected: None,
+            tool_calls: Vec::new(),
         }
     }
 

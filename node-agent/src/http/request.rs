@@ -170,7 +170,7 @@ impl HttpSession {
         let text = inspection_text(parts, &decoded);
         let evaluated = policy.evaluate_request(&self.target, &self.identity, &text);
         let denial = match self.judge(evaluated, &mut ex.decisions) {
-            Judged::Allow => return Ok(bytes),
+            Judged::Allow => return self.judge_tool_calls(&policy, &decoded, ex).map(|()| bytes),
             Judged::Deny(d) => d,
             Judged::Hold(hold) => {
                 let held = Held {
@@ -181,7 +181,7 @@ impl HttpSession {
                         .into_owned(),
                 };
                 match self.hold(hold, held, &mut ex.decisions).await {
-                    Ok(()) => return Ok(bytes),
+                    Ok(()) => return self.judge_tool_calls(&policy, &decoded, ex).map(|()| bytes),
                     Err(d) => d,
                 }
             }
@@ -191,6 +191,56 @@ impl HttpSession {
         }
         warn!(session = self.id, workload = %self.identity.id, rule = %denial.rule, kind = denial.kind.as_str(), "request refused");
         Err(denial)
+    }
+}
+
+impl HttpSession {
+    /// MCP: each `tools/call` in the (JSON-RPC) body judged by the
+    /// `on: tool_call` rules; the first blocked call refuses the request
+    /// with a JSON-RPC error for its id. Every call is recorded.
+    fn judge_tool_calls(
+        &self,
+        policy: &crate::policy::CompiledPolicy,
+        body: &[u8],
+        ex: &mut Exchange,
+    ) -> Result<(), Denial> {
+        use crate::record::{ToolCallRecord, ToolVerdict};
+        if !policy.has_tool_rules(&self.target, &self.identity) {
+            return Ok(());
+        }
+        for (id, call) in crate::tools::mcp::calls(body) {
+            let judged = policy.evaluate_tool_call_where(&call, |i| {
+                policy.rule_applies(i, &self.target, &self.identity)
+            });
+            let (rule, message) = match judged {
+                Ok((crate::policy::Verdict::Allow, decisions)) => {
+                    ex.decisions.extend(decisions);
+                    ex.tool_calls
+                        .push(ToolCallRecord::new(call, ToolVerdict::Allowed, None));
+                    continue;
+                }
+                Ok((crate::policy::Verdict::Block { rule, message }, decisions))
+                | Ok((crate::policy::Verdict::Approve { rule, message, .. }, decisions)) => {
+                    ex.decisions.extend(decisions);
+                    (rule, message)
+                }
+                Err(e) => (
+                    "scan-failed".to_owned(),
+                    format!("the tool call could not be judged: {e}"),
+                ),
+            };
+            warn!(session = self.id, workload = %self.identity.id, rule = %rule, tool = %call.name, "MCP tool call blocked");
+            let mut d = Denial::new(
+                &rule,
+                DenialKind::ToolCall,
+                format!("Sluice blocked the tool call `{}`: {message}", call.name),
+            );
+            d.rpc_id = Some(id);
+            ex.tool_calls
+                .push(ToolCallRecord::new(call, ToolVerdict::Blocked, Some(rule)));
+            return Err(d);
+        }
+        Ok(())
     }
 }
 

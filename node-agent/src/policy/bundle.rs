@@ -11,6 +11,7 @@ pub const BUILTIN_PACKS: &[(&str, &str)] = &[
         include_str!("../../../policies/packs/secrets.yaml"),
     ),
     ("pii", include_str!("../../../policies/packs/pii.yaml")),
+    ("agent", include_str!("../../../policies/packs/agent.yaml")),
 ];
 
 /// The example policy in force until a signed bundle is pushed.
@@ -68,6 +69,9 @@ pub enum Direction {
     Statement,
     /// Rows a database statement returns (Postgres targets), masked.
     Result,
+    /// A tool call in a model answer or an MCP request, judged whole
+    /// before the agent (or the MCP server) sees it.
+    ToolCall,
 }
 
 pub use crate::record::statement::{Shape, StatementClass};
@@ -118,6 +122,10 @@ pub struct Rule {
     /// values are masked whole, e.g. `*email*`, `ssn`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
+    /// `on: tool_call`: globs over the tool's name (`run_terminal_cmd`,
+    /// `*shell*`); empty = every tool. With patterns, both must match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
     /// Texts the rule must catch and texts it must leave alone, checked by
     /// `sluice policy lint` (a rule that misses its own examples, or that
     /// an earlier rule always decides first, is reported).

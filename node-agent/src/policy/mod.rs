@@ -181,6 +181,10 @@ pub struct CompiledPolicy {
     /// `on: result` rules (over column values).
     statement: Scanner,
     result: Scanner,
+    /// Patterns of `on: tool_call` rules, over `ToolCall::judged_text`.
+    tool: Scanner,
+    /// Per rule: compiled `tools` name globs.
+    tool_globs: HashMap<usize, Vec<glob::Pattern>>,
     /// Per rule: compiled `sql.tables` and `columns` globs.
     table_globs: HashMap<usize, Vec<glob::Pattern>>,
     column_globs: HashMap<usize, Vec<glob::Pattern>>,
@@ -361,8 +365,9 @@ impl CompiledPolicy {
         }
         let names: HashSet<&str> = bundle.workloads.iter().map(|w| w.name.as_str()).collect();
         let mut ids = HashSet::new();
-        let (mut req, mut resp, mut stmt, mut res) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut req, mut resp, mut stmt, mut res, mut tool) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut tool_globs = HashMap::new();
         let (mut table_globs, mut column_globs) = (HashMap::new(), HashMap::new());
         let globs = |list: &[String], field: String| -> Result<Vec<glob::Pattern>, PolicyError> {
             list.iter()
@@ -376,6 +381,27 @@ impl CompiledPolicy {
                     format!("rules[{i}].id"),
                     format!("`{}` is used twice", r.id),
                 ));
+            }
+            if !r.tools.is_empty() && r.on != Direction::ToolCall {
+                return Err(bad(
+                    format!("rules[{i}].tools"),
+                    "only `on: tool_call` rules select tools".into(),
+                ));
+            }
+            if r.on == Direction::ToolCall {
+                if !matches!(r.action, Action::Block | Action::Log) {
+                    return Err(bad(
+                        format!("rules[{i}].action"),
+                        "tool_call rules block or log".into(),
+                    ));
+                }
+                let g = r
+                    .tools
+                    .iter()
+                    .map(|g| glob::Pattern::new(g))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad(format!("rules[{i}].tools"), e.to_string()))?;
+                tool_globs.insert(i, g);
             }
             match (r.on, r.action) {
                 (Direction::Response | Direction::Result, Action::Block | Action::Approve) => {
@@ -429,11 +455,11 @@ impl CompiledPolicy {
                     }
                 }
             }
-            if defs.is_empty() && r.sql.is_none() && r.columns.is_empty() {
+            if defs.is_empty() && r.sql.is_none() && r.columns.is_empty() && r.tools.is_empty() {
                 return Err(bad(
                     format!("rules[{i}]"),
                     format!(
-                        "rule `{}` has no patterns or packs (nor `sql` / `columns`)",
+                        "rule `{}` has no patterns or packs (nor `sql` / `columns` / `tools`)",
                         r.id
                     ),
                 ));
@@ -443,6 +469,7 @@ impl CompiledPolicy {
                 Direction::Response => &mut resp,
                 Direction::Statement => &mut stmt,
                 Direction::Result => &mut res,
+                Direction::ToolCall => &mut tool,
             };
             for d in defs {
                 target.push(spec(d, i, &format!("rules[{i}]"))?);
@@ -497,6 +524,7 @@ impl CompiledPolicy {
                 sql: None,
                 columns: vec![],
                 examples: Default::default(),
+                tools: vec![],
             });
             resp.push(PatternSpec::new(
                 "node-credential",
@@ -508,6 +536,7 @@ impl CompiledPolicy {
         let response = Scanner::compile(resp, max_window)?;
         let statement = Scanner::compile(stmt, max_window)?;
         let result = Scanner::compile(res, max_window)?;
+        let tool = Scanner::compile(tool, max_window)?;
         Ok(Self {
             version: bundle.version,
             loaded_ms: crate::record::now_ms(),
@@ -520,6 +549,8 @@ impl CompiledPolicy {
             response,
             statement,
             result,
+            tool,
+            tool_globs,
             table_globs,
             column_globs,
             workloads,
@@ -567,6 +598,71 @@ impl CompiledPolicy {
         };
         target.is_none_or(|t| r.targets.is_empty() || r.targets.iter().any(|x| x == t))
             && workload.is_none_or(|w| r.workloads.is_empty() || r.workloads.iter().any(|x| x == w))
+    }
+
+    /// Whether any `on: tool_call` rule applies here.
+    pub fn has_tool_rules(&self, target: &str, identity: &WorkloadIdentity) -> bool {
+        self.any_rule(Direction::ToolCall, target, identity, |_| true)
+    }
+
+    /// The tool-call scanner (`on: tool_call` patterns).
+    pub fn tool_scanner(&self) -> &Scanner {
+        &self.tool
+    }
+
+    /// Judges one whole tool call: rules in bundle order, the first block
+    /// decides, log rules are all recorded. A rule matches when the tool's
+    /// name matches one of its `tools` globs (or it has none) and, if it
+    /// has patterns, one of them hits the call's judged text.
+    pub fn evaluate_tool_call_where(
+        &self,
+        call: &crate::record::ToolCall,
+        applies: impl Fn(usize) -> bool,
+    ) -> Result<(Verdict, Vec<Decision>), ScanError> {
+        let text = call.judged_text();
+        let hits = self.tool.find(text.as_bytes())?;
+        let mut decisions = Vec::new();
+        let mut verdict = Verdict::Allow;
+        for (i, r) in self.bundle.rules.iter().enumerate() {
+            if r.on != Direction::ToolCall || !applies(i) {
+                continue;
+            }
+            let name_ok = self
+                .tool_globs
+                .get(&i)
+                .is_none_or(|g| g.is_empty() || g.iter().any(|p| p.matches(&call.name)));
+            let mut patterns: Vec<String> = hits
+                .iter()
+                .filter(|h| h.rule == i)
+                .map(|h| self.tool.pattern(h.pattern).id.clone())
+                .collect();
+            patterns.dedup();
+            let has_patterns = !r.patterns.is_empty() || !r.packs.is_empty();
+            if !name_ok || (has_patterns && patterns.is_empty()) {
+                continue;
+            }
+            let decisive = matches!(verdict, Verdict::Allow) && r.action == Action::Block;
+            if !(decisive || r.action == Action::Log) {
+                continue;
+            }
+            decisions.push(Decision {
+                rule: r.id.clone(),
+                action: r.action,
+                patterns,
+                detail: Some(format!(
+                    "tool call `{}`{}",
+                    call.name,
+                    r.message
+                        .as_deref()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
+                )),
+            });
+            if decisive {
+                verdict = Verdict::of(r);
+            }
+        }
+        Ok((verdict, decisions))
     }
 
     /// The request scanner (`on: request` patterns).

@@ -945,6 +945,7 @@ mod tests {
             error: None,
             decisions: vec![],
             injected: None,
+            tool_calls: Vec::new(),
         };
         s.put_exchange(&ex).unwrap();
         assert_eq!(s.verify(Some(r.id)).unwrap(), Ok(2));
@@ -991,6 +992,7 @@ mod tests {
             error: None,
             decisions: vec![],
             injected: None,
+            tool_calls: Vec::new(),
         }
     }
 

@@ -223,6 +223,73 @@ pub struct Exchange {
     /// Set when the node injected its own credential.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub injected: Option<Injection>,
+    /// Tool calls the answer (or an MCP request) carried, as judged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallRecord>,
+}
+
+/// Which wire format a tool call came in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ToolApi {
+    OpenaiChat,
+    OpenaiResponses,
+    Anthropic,
+    Mcp,
+}
+
+/// One tool call, whole (the record owns the type: `tools` reassembles
+/// it, policy judges it, the record keeps it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub api: ToolApi,
+    /// The call's id as the API gave it (`call_…`, `toolu_…`, a JSON-RPC id).
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text (what the agent parses).
+    pub arguments: String,
+}
+
+/// What became of a tool call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolVerdict {
+    /// Passed to the agent (or the MCP server).
+    Allowed,
+    /// Not delivered: the client got an error in its API's format.
+    Blocked,
+}
+
+/// A tool call as recorded: the call, its verdict and the rule that
+/// decided it (arguments capped at `TOOL_ARGUMENTS_CAP` bytes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallRecord {
+    #[serde(flatten)]
+    pub call: ToolCall,
+    pub verdict: ToolVerdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+/// Arguments kept per recorded tool call.
+pub const TOOL_ARGUMENTS_CAP: usize = 4096;
+
+impl ToolCallRecord {
+    pub fn new(mut call: ToolCall, verdict: ToolVerdict, rule: Option<String>) -> Self {
+        if call.arguments.len() > TOOL_ARGUMENTS_CAP {
+            let mut end = TOOL_ARGUMENTS_CAP;
+            while !call.arguments.is_char_boundary(end) {
+                end -= 1;
+            }
+            call.arguments.truncate(end);
+            call.arguments.push('…');
+        }
+        Self {
+            call,
+            verdict,
+            rule,
+        }
+    }
 }
 
 /// What a rule does, as bundles write it and records keep it (the record
