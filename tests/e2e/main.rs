@@ -23,3 +23,4 @@ mod postgres;
 #[path = "../../node-agent/tests/samples/mod.rs"]
 mod samples;
 mod tls;
+mod tools;

@@ -1,0 +1,150 @@
+//! Tool calls in model answers, judged on the wire before the agent sees
+//! them: the real `openai` (chat, streamed and not; Responses) and
+//! `anthropic` clients asking the fake API (in the test's namespace) for an
+//! answer that is a tool call, its arguments streamed a few characters a
+//! delta. The `agent` pack blocks `rm -rf ~`; `ls -la` passes untouched.
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+fn bundle(version: u64, _dir: &Path) -> String {
+    format!(
+        r#"version: {version}
+name: e2e-tools
+rules:
+  - id: agent-guard
+    on: tool_call
+    targets: [fake-api]
+    packs: [agent]
+    action: block
+    message: Not on a CI runner.
+  - id: every-tool-call
+    on: tool_call
+    targets: [fake-api]
+    tools: ["*"]
+    action: log
+"#
+    )
+}
+
+struct Agent {
+    _trust: TrustGuard,
+    p: PolicyEnv,
+}
+
+impl Agent {
+    fn new() -> Self {
+        let mut p = PolicyEnv::with_policy(bundle);
+        p.env.remote.start_ai();
+        let _trust = p.env.trust_node_ca();
+        Agent { _trust, p }
+    }
+
+    fn call(&self, mode: &str, tool: &str, args: &str, stream: bool) -> Value {
+        let script = format!("{FIXTURES}/ai_client.py");
+        let ip = self.p.env.remote.remote.clone();
+        let spec = format!("{tool}={args}");
+        let mut argv = vec![
+            script.as_str(),
+            "--ip",
+            ip.as_str(),
+            mode,
+            "",
+            "--tool",
+            spec.as_str(),
+            "--step",
+            "3",
+            "--delay",
+            "0",
+        ];
+        if stream {
+            argv.push("--stream");
+        }
+        let out = self.p.env.cgroup.run("python3", &argv);
+        parse_json_output(&out, &self.p.env.node)
+    }
+}
+
+const RM: &str = r#"{"command": "rm -rf ~"}"#;
+const LS: &str = r#"{"command": "ls -la"}"#;
+
+#[test]
+fn tool_calls_are_judged_whole_before_the_agent_sees_them() {
+    let a = Agent::new();
+    for (mode, stream) in [
+        ("openai-chat", true),
+        ("openai-chat", false),
+        ("openai-responses", true),
+        ("anthropic", true),
+        ("anthropic", false),
+    ] {
+        let how = format!("{mode} stream={stream}");
+        // Harmless: the agent gets the call exactly as the model sent it.
+        let ok = a.call(mode, "run_terminal_cmd", LS, stream);
+        assert!(ok["error"].is_null(), "{how}: {ok:#}");
+        assert_eq!(
+            ok["tool_calls"][0]["name"], "run_terminal_cmd",
+            "{how}: {ok:#}"
+        );
+        let args: Value =
+            serde_json::from_str(ok["tool_calls"][0]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args["command"], "ls -la", "{how}");
+
+        // Destructive: no part of the call reaches the agent.
+        let bad = a.call(mode, "run_terminal_cmd", RM, stream);
+        let calls = bad["tool_calls"].as_array().cloned().unwrap_or_default();
+        assert!(
+            calls
+                .iter()
+                .all(|c| !c["arguments"].as_str().unwrap_or("").contains("rm")),
+            "{how}: the call reached the agent: {bad:#}"
+        );
+        if stream {
+            // The library raises the API's own error, naming the reason.
+            let err = bad["error"].as_str().unwrap_or_default();
+            assert!(
+                err.contains("Sluice blocked the tool call `run_terminal_cmd`")
+                    && err.contains("Not on a CI runner."),
+                "{how}: {bad:#}"
+            );
+        } else {
+            // A whole answer: the call is replaced by a refusal it reads.
+            assert!(bad["error"].is_null(), "{how}: {bad:#}");
+            assert!(
+                bad["text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("Sluice blocked the tool call"),
+                "{how}: {bad:#}"
+            );
+            assert!(calls.is_empty(), "{how}: {bad:#}");
+        }
+    }
+    // The text before a blocked call in a stream still arrived.
+    let bad = a.call("openai-chat", "run_terminal_cmd", RM, true);
+    assert_eq!(bad["text"], "On it. ", "{bad:#}");
+
+    // Records: every call with its verdict, the blocking rule, the log rule.
+    let exchanges = exchanges(&a.p.env);
+    let calls: Vec<&Value> = exchanges
+        .iter()
+        .flat_map(|e| e["tool_calls"].as_array().into_iter().flatten())
+        .collect();
+    let blocked: Vec<&&Value> = calls.iter().filter(|c| c["verdict"] == "blocked").collect();
+    let allowed: Vec<&&Value> = calls.iter().filter(|c| c["verdict"] == "allowed").collect();
+    assert_eq!(blocked.len(), 6, "{calls:#?}");
+    assert_eq!(allowed.len(), 5, "{calls:#?}");
+    assert!(blocked.iter().all(|c| c["rule"] == "agent-guard"
+        && c["name"] == "run_terminal_cmd"
+        && c["arguments"].as_str().unwrap().contains("rm -rf ~")));
+    assert!(exchanges.iter().any(|e| e["decisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|d| d["rule"] == "every-tool-call" && d["action"] == "log")));
+    let id = a.p.env.node.sessions()[0]["id"].to_string();
+    let replay = text(&a.p.env.node.cli(&["sessions", "replay", &id]));
+    assert!(replay.contains("tool call"), "{replay}");
+}
