@@ -43,8 +43,10 @@ fi
 # own libpq). Pinned so a fresh machine tests the same.
 # selenium: the WebDriver client that drives Chromium (through Debian's
 # chromedriver, never a downloaded one) in the console's tests.
-PY_PKGS=(openai==3.57.0 anthropic==2.14.0 grpcio==1.85.3 websockets==17.4 brotli==1.2.1 zstandard==0.25.0 psycopg[binary]==3.2.13 selenium==4.38.0)
-if ! python3 -c 'import openai, anthropic, grpc, websockets, brotli, zstandard, psycopg, selenium' >/dev/null 2>&1; then
+# mcp: the Model Context Protocol SDK (a real MCP server and client over
+# streamable HTTP, for the tool-call guard's end-to-end test).
+PY_PKGS=(openai==3.57.0 anthropic==2.14.0 grpcio==1.85.3 websockets==17.4 brotli==1.2.1 zstandard==0.25.0 psycopg[binary]==3.2.13 selenium==4.38.0 mcp==1.27.0)
+if ! python3 -c 'import openai, anthropic, grpc, websockets, brotli, zstandard, psycopg, selenium, mcp' >/dev/null 2>&1; then
   echo "setup: installing Python packages: ${PY_PKGS[*]}"
   python3 -m pip install --quiet --disable-pip-version-check "${PY_PKGS[@]}"
 fi

@@ -580,7 +580,7 @@ impl Env {
         Self::https_targets(
             |r| {
                 format!(
-                    "  - name: fake-api\n    addresses: [\"{}\"]\n    ports: [443, 8443, 9443, 7443, 6443, 5443]\n    tls: intercept\n    sni: [api.fake.test, h2only.fake.test, untrusted.fake.test]\n",
+                    "  - name: fake-api\n    addresses: [\"{}\"]\n    ports: [443, 8443, 9443, 7443, 6443, 5443, 4443]\n    tls: intercept\n    sni: [api.fake.test, h2only.fake.test, untrusted.fake.test]\n",
                     r.remote
                 )
             },

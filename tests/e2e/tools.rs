@@ -148,3 +148,116 @@ fn tool_calls_are_judged_whole_before_the_agent_sees_them() {
     let replay = text(&a.p.env.node.cli(&["sessions", "replay", &id]));
     assert!(replay.contains("tool call"), "{replay}");
 }
+
+/// The MCP server, killed with the test.
+struct McpServer(std::process::Child);
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const MCP_PORT: u16 = 4443;
+
+fn start_mcp(env: &Env, log: &Path) -> McpServer {
+    let dir = env.remote.https_ca.parent().unwrap().to_owned();
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &env.remote.ns, "python3"])
+        .arg(format!("{FIXTURES}/mcp_server.py"))
+        .args([
+            "--bind",
+            &env.remote.remote,
+            "--port",
+            &MCP_PORT.to_string(),
+        ])
+        .arg("--cert")
+        .arg(dir.join("api.crt"))
+        .arg("--key")
+        .arg(dir.join("api.key"))
+        .arg("--log")
+        .arg(log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start the MCP server");
+    let ip = env.remote.remote.clone();
+    wait_for("MCP server", || {
+        std::net::TcpStream::connect((ip.as_str(), MCP_PORT)).is_ok()
+    });
+    McpServer(child)
+}
+
+/// A real MCP client and server (the `mcp` SDK, streamable HTTP): a
+/// `tools/call` of `shell` with `rm -rf ~` is answered by the node with a
+/// JSON-RPC error the client raises, and the server never sees it; a
+/// harmless call, and listing the tools, pass.
+#[test]
+fn mcp_tool_calls_are_judged_before_the_server_runs_them() {
+    let a = Agent::new();
+    let env = &a.p.env;
+    let log = env.dir.path().join("mcp.log");
+    std::fs::write(&log, "").unwrap();
+    let _server = start_mcp(env, &log);
+    let call = |tool: &str, args: &str| {
+        let script = format!("{FIXTURES}/mcp_client.py");
+        let ip = env.remote.remote.clone();
+        let port = MCP_PORT.to_string();
+        let out = env.cgroup.run(
+            "python3",
+            &[&script, "--ip", &ip, "--port", &port, tool, args],
+        );
+        parse_json_output(&out, &env.node)
+    };
+    let ran = || -> Vec<Value> {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+
+    let ok = call("shell", LS);
+    assert!(ok["error"].is_null(), "{ok:#}");
+    assert_eq!(ok["tools"], serde_json::json!(["echo", "shell"]), "{ok:#}");
+    assert_eq!(ok["result"], "ran: ls -la", "{ok:#}");
+    assert_eq!(ran().len(), 1);
+
+    let bad = call("shell", RM);
+    let said = format!(
+        "{} {}",
+        bad["error"].as_str().unwrap_or_default(),
+        bad["result"].as_str().unwrap_or_default()
+    );
+    assert!(
+        said.contains("Sluice blocked the tool call `shell`")
+            && said.contains("Not on a CI runner."),
+        "the client must see the refusal: {bad:#}"
+    );
+    assert_eq!(
+        ran().len(),
+        1,
+        "the server ran the blocked call: {:?}",
+        ran()
+    );
+
+    // Recorded: the call, blocked by the agent pack's rule.
+    let calls: Vec<Value> = exchanges(env)
+        .iter()
+        .flat_map(|e| e["tool_calls"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert!(
+        calls.iter().any(|c| c["api"] == "mcp"
+            && c["name"] == "shell"
+            && c["verdict"] == "blocked"
+            && c["rule"] == "agent-guard"),
+        "{calls:#?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|c| c["api"] == "mcp" && c["verdict"] == "allowed"),
+        "{calls:#?}"
+    );
+}

@@ -623,7 +623,7 @@ impl HttpSession {
             let report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
             ex.decisions.extend(mask_decisions(&policy, report.masked));
             ex.decisions.extend(report.tool_decisions);
-            ex.tool_calls = report.tool_calls;
+            ex.tool_calls.extend(report.tool_calls);
             if let Some(e) = report.error {
                 ex.error = Some(format!("response scan failed, stream cut: {e}"));
             }
