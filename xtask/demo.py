@@ -11,8 +11,11 @@
    stream an answer that contains a GitHub token and an AWS key, a few
    characters per event. It was not reconfigured: it trusts the system
    store and connects to the API's address.
-4. The masked answer is printed as it arrives, then the session is listed,
-   replayed and verified. Everything is removed at the end.
+4. The masked answer is printed as it arrives. Then the model answers with
+   a tool call, `rm -rf ~` streamed a few characters a delta: the node
+   holds it back whole, the agent pack blocks it and the openai library
+   raises the error the node sent. The sessions are listed, replayed and
+   verified. Everything is removed at the end.
 Needs root.
 """
 import argparse
@@ -172,6 +175,20 @@ tls:
         print(f"events received:   {out['events']}")
         leaked = token in out["text"] or aws in out["text"]
         print(f"token reached the job: {'YES (bug!)' if leaked else 'no'}")
+
+        step("The model tells the job's agent to run `rm -rf ~` (a streamed tool call)")
+        job = subprocess.run(
+            ["sh", "-c", f"echo $$ > {cg}/cgroup.procs && exec \"$@\"", "sh", sys.executable,
+             f"{ROOT}/tests/fixtures/ai_client.py", "--ip", API_IP, "--port", "7443", "--host", NAME,
+             "openai-chat", "", "--stream", "--step", "3",
+             "--tool", 'run_terminal_cmd={"command": "rm -rf ~"}'],
+            stdout=subprocess.PIPE, text=True)
+        out = json.loads(job.stdout.strip().splitlines()[-1])
+        got = [c for c in out.get("tool_calls", []) if "rm" in c.get("arguments", "")]
+        print(f"the openai library raised: {out.get('error')}")
+        print(f"the call reached the agent: {'YES (bug!)' if got else 'no'}")
+        if got or not out.get("error"):
+            sys.exit(1)
 
         step("What the node recorded")
         time.sleep(0.5)

@@ -132,8 +132,11 @@ pub fn replay(s: &ConnectionRecord, exchanges: &[Exchange], statements: &[Statem
         for t in &ex.tool_calls {
             let _ = writeln!(
                 out,
-                "      tool call {:?} `{}` {} {}{}",
-                t.call.api,
+                "      tool call ({}) `{}` {} {}{}",
+                serde_json::to_value(t.call.api)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
                 t.call.name,
                 t.call.arguments,
                 match t.verdict {
