@@ -48,6 +48,9 @@ struct Building {
 /// Most bytes held while calls are open; past it the stream fails
 /// (a call that never ends must not buffer without bound).
 const MAX_HELD: usize = 4 << 20;
+/// Most bytes of a JSON answer held to be judged whole; past it the
+/// answer is refused, not passed unjudged (padding must not hide a call).
+const MAX_DOCUMENT: usize = 16 << 20;
 
 pub struct ToolGuard {
     judge: Judge,
@@ -94,7 +97,7 @@ impl ToolGuard {
         }
         self.partial.extend_from_slice(bytes);
         if self.document {
-            if self.partial.len() > MAX_HELD {
+            if self.partial.len() > MAX_DOCUMENT {
                 return self.fail("a JSON answer grew past the node's limit for tool calls");
             }
             return Step::Pass(Vec::new());
@@ -248,8 +251,18 @@ impl ToolGuard {
         self.blocked = true;
         self.held.clear();
         self.open.clear();
+        self.partial.clear();
+        // Nothing of a document went out: the body is the error alone.
+        let out = if self.document {
+            json!({"error": {"message": format!("Sluice: {message}"), "type": "tool_call_blocked",
+                "code": "sluice_policy"}})
+            .to_string()
+            .into_bytes()
+        } else {
+            error_event(call.api, &call, message, self.seq + 1)
+        };
         Step::Blocked {
-            out: error_event(call.api, &call, message, self.seq + 1),
+            out,
             call,
             rule: "tool-call-too-large".into(),
             message: message.into(),
