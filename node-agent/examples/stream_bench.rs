@@ -160,7 +160,9 @@ fn tool_calls() {
                 out += match &mut guard {
                     Some(g) => match g.push(e) {
                         Step::Pass(b) => b.len(),
-                        Step::Blocked { .. } => panic!("an everyday call was blocked"),
+                        Step::Blocked { .. } | Step::Wait(_) => {
+                            panic!("an everyday call was blocked or held")
+                        }
                     },
                     None => std::hint::black_box(e.clone()).len(),
                 };

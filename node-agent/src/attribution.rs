@@ -836,6 +836,7 @@ pub fn ci_from_environ(env: &[u8]) -> Option<CiJob> {
             git_ref: get("GITHUB_REF"),
             sha: get("GITHUB_SHA"),
             pipeline_id: None,
+            workspace: get("GITHUB_WORKSPACE"),
         });
     }
     if get("GITLAB_CI").as_deref() == Some("true") {
@@ -850,6 +851,7 @@ pub fn ci_from_environ(env: &[u8]) -> Option<CiJob> {
             git_ref: get("CI_COMMIT_REF_NAME"),
             sha: get("CI_COMMIT_SHA"),
             pipeline_id: get("CI_PIPELINE_ID"),
+            workspace: get("CI_PROJECT_DIR"),
         });
     }
     None

@@ -22,6 +22,10 @@ pub struct CiJob {
     pub sha: Option<String>,
     /// GitLab pipeline id.
     pub pipeline_id: Option<String>,
+    /// The job's checkout (`GITHUB_WORKSPACE`, `CI_PROJECT_DIR`): where
+    /// its agents' file tools belong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
 }
 
 /// The process that called `connect()`.

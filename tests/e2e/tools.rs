@@ -29,6 +29,20 @@ rules:
     )
 }
 
+/// The same, and deployments held for a human (5 s to decide).
+fn approve_bundle(version: u64, dir: &Path) -> String {
+    format!(
+        r#"{}  - id: hold-deploys
+    on: tool_call
+    targets: [fake-api]
+    tools: ["deploy_*"]
+    action: approve
+    timeout_secs: 5
+"#,
+        bundle(version, dir)
+    )
+}
+
 struct Agent {
     _trust: TrustGuard,
     p: PolicyEnv,
@@ -36,6 +50,10 @@ struct Agent {
 
 impl Agent {
     fn new() -> Self {
+        Self::with(bundle)
+    }
+
+    fn with(bundle: fn(u64, &Path) -> String) -> Self {
         let mut p = PolicyEnv::with_policy(bundle);
         p.env.remote.start_ai();
         let _trust = p.env.trust_node_ca();
@@ -43,6 +61,12 @@ impl Agent {
     }
 
     fn call(&self, mode: &str, tool: &str, args: &str, stream: bool) -> Value {
+        let out = self.command(mode, tool, args, stream).output().unwrap();
+        parse_json_output(&out, &self.p.env.node)
+    }
+
+    /// The client as a job, not yet waited for.
+    fn command(&self, mode: &str, tool: &str, args: &str, stream: bool) -> std::process::Command {
         let script = format!("{FIXTURES}/ai_client.py");
         let ip = self.p.env.remote.remote.clone();
         let spec = format!("{tool}={args}");
@@ -62,8 +86,10 @@ impl Agent {
         if stream {
             argv.push("--stream");
         }
-        let out = self.p.env.cgroup.run("python3", &argv);
-        parse_json_output(&out, &self.p.env.node)
+        let mut cmd = self.p.env.cgroup.command("python3", &argv);
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
     }
 }
 
@@ -258,6 +284,94 @@ fn mcp_tool_calls_are_judged_before_the_server_runs_them() {
         calls
             .iter()
             .any(|c| c["api"] == "mcp" && c["verdict"] == "allowed"),
+        "{calls:#?}"
+    );
+}
+
+fn pending(env: &Env, tool: &str) -> Option<Value> {
+    env.node
+        .cli_json(&["approvals", "list", "--json"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|a| a["path"] == tool)
+}
+
+/// An `approve` rule holds a streamed tool call (the stream waits, the
+/// call is not delivered) until a human decides from the CLI: approved,
+/// the agent gets the call exactly; denied, the library raises the error;
+/// no decision in time is a denial. MCP calls are held the same way.
+#[test]
+fn tool_calls_held_for_approval_wait_for_a_human() {
+    let a = Agent::with(approve_bundle);
+    let env = &a.p.env;
+    let args = r#"{"command": "helm upgrade api ./chart"}"#;
+    for (decision, mode) in [("approve", "openai-chat"), ("deny", "anthropic")] {
+        let child = a
+            .command(mode, "deploy_service", args, true)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        let held = loop {
+            if let Some(p) = pending(env, "deploy_service") {
+                break p;
+            }
+            assert!(std::time::Instant::now() < deadline, "{mode}: never held");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert_eq!(held["rule"], "hold-deploys");
+        assert!(
+            held["preview"].as_str().unwrap().contains("helm upgrade"),
+            "{held:#}"
+        );
+        let id = held["id"].to_string();
+        let out = if decision == "approve" {
+            env.node.cli(&["approvals", "approve", &id])
+        } else {
+            env.node
+                .cli(&["approvals", "deny", &id, "--reason", "change freeze"])
+        };
+        assert!(out.status.success(), "{}", text(&out));
+        let got = parse_json_output(&child.wait_with_output().unwrap(), &env.node);
+        if decision == "approve" {
+            assert!(got["error"].is_null(), "{mode}: {got:#}");
+            assert_eq!(got["tool_calls"][0]["name"], "deploy_service", "{got:#}");
+            let v: Value =
+                serde_json::from_str(got["tool_calls"][0]["arguments"].as_str().unwrap()).unwrap();
+            assert_eq!(v["command"], "helm upgrade api ./chart");
+        } else {
+            let err = got["error"].as_str().unwrap_or_default();
+            assert!(err.contains("change freeze"), "{mode}: {got:#}");
+            assert!(got["tool_calls"].as_array().unwrap().is_empty(), "{got:#}");
+        }
+    }
+    // Nobody decides: denied after the rule's 5 s.
+    let got = a.call("openai-chat", "deploy_service", args, true);
+    assert!(
+        got["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no approval within 5s"),
+        "{got:#}"
+    );
+    let calls: Vec<Value> = exchanges(env)
+        .iter()
+        .flat_map(|e| e["tool_calls"].as_array().cloned().unwrap_or_default())
+        .filter(|c| c["name"] == "deploy_service")
+        .collect();
+    let verdicts: Vec<&str> = calls
+        .iter()
+        .map(|c| c["verdict"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        verdicts.iter().filter(|v| **v == "allowed").count(),
+        1,
+        "{calls:#?}"
+    );
+    assert_eq!(
+        verdicts.iter().filter(|v| **v == "blocked").count(),
+        2,
         "{calls:#?}"
     );
 }

@@ -50,6 +50,8 @@ pub struct MaskBody<B> {
     reported: u64,
     /// Tool calls in a streamed answer, held until judged whole.
     guard: Option<ToolGuard>,
+    /// The upstream's body ended (a held call may still be waited on).
+    upstream_done: bool,
 }
 
 /// How long held-back text may wait for more of the stream before it is
@@ -73,6 +75,7 @@ impl<B> MaskBody<B> {
             idle: None,
             reported: 0,
             guard: None,
+            upstream_done: false,
         }
     }
 
@@ -83,38 +86,52 @@ impl<B> MaskBody<B> {
     }
 
     /// Masked bytes through the tool-call guard: what may go out now. A
-    /// blocked call ends the stream after the API's error event.
+    /// blocked call ends the stream after the API's error event; a held
+    /// one makes the body wait (`poll_frame` polls the guard first).
     fn guarded(&mut self, out: Vec<u8>, last: bool) -> Vec<u8> {
         let Some(g) = &mut self.guard else {
             return out;
         };
-        let mut step = g.push(&out);
-        if last {
-            if let Step::Pass(mut b) = step {
-                match g.finish() {
-                    Step::Pass(rest) => {
-                        b.extend(rest);
-                        step = Step::Pass(b);
-                    }
+        let step = g.push(&out);
+        let step = match step {
+            Step::Pass(mut b) if last => match g.finish() {
+                Step::Pass(rest) => {
+                    b.extend(rest);
+                    Step::Pass(b)
+                }
+                Step::Wait(rest) => {
+                    b.extend(rest);
+                    Step::Wait(b)
+                }
+                Step::Blocked {
+                    out: e,
+                    call,
+                    rule,
+                    message,
+                } => {
+                    b.extend(e);
                     Step::Blocked {
-                        out: mut e,
+                        out: b,
                         call,
                         rule,
                         message,
-                    } => {
-                        b.append(&mut e);
-                        step = Step::Blocked {
-                            out: b,
-                            call,
-                            rule,
-                            message,
-                        };
                     }
                 }
+            },
+            Step::Wait(b) if last => {
+                // The end comes once the held call is decided.
+                let _ = g.finish();
+                Step::Wait(b)
             }
-        }
+            other => other,
+        };
+        self.after(step)
+    }
+
+    /// The bytes of a guard step; a block ends the body.
+    fn after(&mut self, step: Step) -> Vec<u8> {
         match step {
-            Step::Pass(b) => b,
+            Step::Pass(b) | Step::Wait(b) => b,
             Step::Blocked { out, .. } => {
                 // The rest of the upstream's answer is not read or sent.
                 self.done = true;
@@ -167,6 +184,27 @@ where
         loop {
             if this.done {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            // A tool call held for a human: nothing moves until decided.
+            if let Some(g) = this.guard.as_mut().filter(|g| g.is_waiting()) {
+                let step = match g.poll_wait(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(step) => step,
+                };
+                let out = this.after(step);
+                let waits = this.guard.as_ref().is_some_and(ToolGuard::is_waiting);
+                if this.upstream_done && !waits {
+                    this.report(None);
+                    this.done = true;
+                }
+                if !out.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                }
+                continue;
+            }
+            if this.upstream_done {
+                this.done = true;
+                continue;
             }
             let polled = Pin::new(&mut this.inner).poll_frame(cx);
             if !matches!(polled, Poll::Pending) {
@@ -225,8 +263,11 @@ where
                         Err(e) => return this.fail(e),
                     }
                     let tail = this.guarded(tail, true);
-                    this.report(None);
-                    this.done = true;
+                    this.upstream_done = true;
+                    if !this.guard.as_ref().is_some_and(ToolGuard::is_waiting) {
+                        this.report(None);
+                        this.done = true;
+                    }
                     if !tail.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))));
                     }

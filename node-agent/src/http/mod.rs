@@ -653,15 +653,64 @@ impl HttpSession {
             report.clone(),
         );
         let (session, workload) = (self.id, self.identity.id.clone());
+        let ctx = self.ctx.clone();
         Box::new(move |call| {
+            let workspace = identity.ci.as_ref().and_then(|c| c.workspace.as_deref());
             let judged =
-                p.evaluate_tool_call_where(call, |i| p.rule_applies(i, &target, &identity));
+                p.evaluate_tool_call_in(call, workspace, |i| p.rule_applies(i, &target, &identity));
             let (ruling, decisions) = match judged {
                 Ok((Verdict::Allow, d)) => (Ruling::Allow, d),
                 Ok((Verdict::Block { rule, message }, d)) => (Ruling::Block { rule, message }, d),
-                // Tool-call rules neither hold nor approve (refused at load).
-                Ok((Verdict::Approve { rule, message, .. }, d)) => {
-                    (Ruling::Block { rule, message }, d)
+                Ok((
+                    Verdict::Approve {
+                        rule,
+                        message,
+                        timeout_secs,
+                    },
+                    d,
+                )) => {
+                    // Held for a human through the session's approvals;
+                    // the stream waits on this.
+                    let (ctx, report, call, target) =
+                        (ctx.clone(), report.clone(), call.clone(), target.clone());
+                    return Ruling::Wait(Box::pin(async move {
+                        let mut decisions = d;
+                        let approve = Ok((
+                            Verdict::Approve {
+                                rule: rule.clone(),
+                                message: message.clone(),
+                                timeout_secs,
+                            },
+                            Vec::new(),
+                        ));
+                        let crate::verdict::Judged::Hold(hold) =
+                            ctx.judge(approve, &mut Vec::new())
+                        else {
+                            return Ruling::Block { rule, message };
+                        };
+                        let held = crate::verdict::Held {
+                            method: "TOOL CALL".into(),
+                            authority: target,
+                            path: call.name.clone(),
+                            preview: call.arguments.chars().take(512).collect(),
+                        };
+                        let outcome = ctx.hold(hold, held, &mut decisions).await;
+                        let (ruling, verdict) = match outcome {
+                            Ok(()) => (Ruling::Allow, ToolVerdict::Allowed),
+                            Err(d) => (
+                                Ruling::Block {
+                                    rule: d.rule.clone(),
+                                    message: d.text(),
+                                },
+                                ToolVerdict::Blocked,
+                            ),
+                        };
+                        let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+                        r.tool_calls
+                            .push(ToolCallRecord::new(call, verdict, Some(rule)));
+                        r.tool_decisions.extend(decisions);
+                        ruling
+                    }));
                 }
                 Err(e) => (
                     Ruling::Block {
@@ -672,7 +721,7 @@ impl HttpSession {
                 ),
             };
             let (verdict, rule) = match &ruling {
-                Ruling::Allow => (ToolVerdict::Allowed, None),
+                Ruling::Allow | Ruling::Wait(_) => (ToolVerdict::Allowed, None),
                 Ruling::Block { rule, .. } => {
                     warn!(session, workload = %workload, rule = %rule, tool = %call.name, "tool call blocked");
                     (ToolVerdict::Blocked, Some(rule.clone()))

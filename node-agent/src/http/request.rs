@@ -170,7 +170,12 @@ impl HttpSession {
         let text = inspection_text(parts, &decoded);
         let evaluated = policy.evaluate_request(&self.target, &self.identity, &text);
         let denial = match self.judge(evaluated, &mut ex.decisions) {
-            Judged::Allow => return self.judge_tool_calls(&policy, &decoded, ex).map(|()| bytes),
+            Judged::Allow => {
+                return self
+                    .judge_tool_calls(&policy, &decoded, ex)
+                    .await
+                    .map(|()| bytes)
+            }
             Judged::Deny(d) => d,
             Judged::Hold(hold) => {
                 let held = Held {
@@ -181,7 +186,12 @@ impl HttpSession {
                         .into_owned(),
                 };
                 match self.hold(hold, held, &mut ex.decisions).await {
-                    Ok(()) => return self.judge_tool_calls(&policy, &decoded, ex).map(|()| bytes),
+                    Ok(()) => {
+                        return self
+                            .judge_tool_calls(&policy, &decoded, ex)
+                            .await
+                            .map(|()| bytes)
+                    }
                     Err(d) => d,
                 }
             }
@@ -196,9 +206,11 @@ impl HttpSession {
 
 impl HttpSession {
     /// MCP: each `tools/call` in the (JSON-RPC) body judged by the
-    /// `on: tool_call` rules; the first blocked call refuses the request
-    /// with a JSON-RPC error for its id. Every call is recorded.
-    fn judge_tool_calls(
+    /// `on: tool_call` rules through the session's verdict stages (an
+    /// `approve` rule holds it for a human); the first refused call
+    /// refuses the request with a JSON-RPC error for its id. Every call is
+    /// recorded.
+    async fn judge_tool_calls(
         &self,
         policy: &crate::policy::CompiledPolicy,
         body: &[u8],
@@ -209,36 +221,61 @@ impl HttpSession {
             return Ok(());
         }
         for (id, call) in crate::tools::mcp::calls(body) {
-            let judged = policy.evaluate_tool_call_where(&call, |i| {
+            let workspace = self
+                .identity
+                .ci
+                .as_ref()
+                .and_then(|c| c.workspace.as_deref());
+            let evaluated = policy.evaluate_tool_call_in(&call, workspace, |i| {
                 policy.rule_applies(i, &self.target, &self.identity)
             });
-            let (rule, message) = match judged {
-                Ok((crate::policy::Verdict::Allow, decisions)) => {
-                    ex.decisions.extend(decisions);
-                    ex.tool_calls
-                        .push(ToolCallRecord::new(call, ToolVerdict::Allowed, None));
-                    continue;
+            let refused = match self.judge(evaluated, &mut ex.decisions) {
+                Judged::Allow => None,
+                Judged::Deny(d) => Some(d),
+                Judged::Hold(hold) => {
+                    let rule = ex
+                        .decisions
+                        .iter()
+                        .rev()
+                        .find(|d| d.action == crate::record::Action::Approve)
+                        .map(|d| d.rule.clone());
+                    let held = Held {
+                        method: "MCP tools/call".into(),
+                        authority: ex.authority.clone(),
+                        path: call.name.clone(),
+                        preview: call.arguments.chars().take(512).collect(),
+                    };
+                    match self.hold(hold, held, &mut ex.decisions).await {
+                        Ok(()) => {
+                            ex.tool_calls.push(ToolCallRecord::new(
+                                call,
+                                ToolVerdict::Allowed,
+                                rule,
+                            ));
+                            continue;
+                        }
+                        Err(d) => Some(d),
+                    }
                 }
-                Ok((crate::policy::Verdict::Block { rule, message }, decisions))
-                | Ok((crate::policy::Verdict::Approve { rule, message, .. }, decisions)) => {
-                    ex.decisions.extend(decisions);
-                    (rule, message)
-                }
-                Err(e) => (
-                    "scan-failed".to_owned(),
-                    format!("the tool call could not be judged: {e}"),
-                ),
             };
-            warn!(session = self.id, workload = %self.identity.id, rule = %rule, tool = %call.name, "MCP tool call blocked");
-            let mut d = Denial::new(
-                &rule,
+            let Some(d) = refused else {
+                ex.tool_calls
+                    .push(ToolCallRecord::new(call, ToolVerdict::Allowed, None));
+                continue;
+            };
+            warn!(session = self.id, workload = %self.identity.id, rule = %d.rule, tool = %call.name, "MCP tool call refused");
+            let mut denial = Denial::new(
+                &d.rule,
                 DenialKind::ToolCall,
-                format!("Sluice blocked the tool call `{}`: {message}", call.name),
+                format!("Sluice blocked the tool call `{}`: {}", call.name, d.text()),
             );
-            d.rpc_id = Some(id);
-            ex.tool_calls
-                .push(ToolCallRecord::new(call, ToolVerdict::Blocked, Some(rule)));
-            return Err(d);
+            denial.rpc_id = Some(id);
+            ex.tool_calls.push(ToolCallRecord::new(
+                call,
+                ToolVerdict::Blocked,
+                Some(d.rule),
+            ));
+            return Err(denial);
         }
         Ok(())
     }

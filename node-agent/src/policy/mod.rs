@@ -389,10 +389,10 @@ impl CompiledPolicy {
                 ));
             }
             if r.on == Direction::ToolCall {
-                if !matches!(r.action, Action::Block | Action::Log) {
+                if r.action == Action::Mask {
                     return Err(bad(
                         format!("rules[{i}].action"),
-                        "tool_call rules block or log".into(),
+                        "tool_call rules block, approve or log".into(),
                     ));
                 }
                 let g = r
@@ -619,7 +619,18 @@ impl CompiledPolicy {
         call: &crate::record::ToolCall,
         applies: impl Fn(usize) -> bool,
     ) -> Result<(Verdict, Vec<Decision>), ScanError> {
-        let text = call.judged_text();
+        self.evaluate_tool_call_in(call, None, applies)
+    }
+
+    /// As `evaluate_tool_call_where`, knowing the job's checkout (file
+    /// tools' paths outside it are named in the judged text).
+    pub fn evaluate_tool_call_in(
+        &self,
+        call: &crate::record::ToolCall,
+        workspace: Option<&str>,
+        applies: impl Fn(usize) -> bool,
+    ) -> Result<(Verdict, Vec<Decision>), ScanError> {
+        let text = call.judged_text_in(workspace);
         let hits = self.tool.find(text.as_bytes())?;
         let mut decisions = Vec::new();
         let mut verdict = Verdict::Allow;
@@ -641,7 +652,8 @@ impl CompiledPolicy {
             if !name_ok || (has_patterns && patterns.is_empty()) {
                 continue;
             }
-            let decisive = matches!(verdict, Verdict::Allow) && r.action == Action::Block;
+            let decisive = matches!(verdict, Verdict::Allow)
+                && matches!(r.action, Action::Block | Action::Approve);
             if !(decisive || r.action == Action::Log) {
                 continue;
             }

@@ -20,6 +20,14 @@ impl ToolCall {
     /// a shell-word parser and joined by one space, `sh -c`/`bash -c`
     /// bodies unwrapped (so `bash -lc "rm  -rf  ~"` reads `rm -rf ~`).
     pub fn judged_text(&self) -> String {
+        self.judged_text_in(None)
+    }
+
+    /// `judged_text`, and when the job's checkout is known, a line
+    /// `outside-workspace <path>=<value>` for each path argument of a tool
+    /// that writes, edits, moves or deletes files, resolved (`..`, `~`,
+    /// relative to the checkout) to a place outside it.
+    pub fn judged_text_in(&self, workspace: Option<&str>) -> String {
         let mut out = format!("name {}\n{}\n", self.name, self.arguments);
         let value: serde_json::Value =
             serde_json::from_str(&self.arguments).unwrap_or(serde_json::Value::Null);
@@ -40,8 +48,77 @@ impl ToolCall {
                 out.push_str(&format!("command {cmd}\n"));
             }
         }
+        if let Some(ws) = workspace.filter(|_| writes_files(&self.name)) {
+            for (path, s, _) in &strings {
+                let last = path.rsplit('.').next().unwrap_or(path);
+                if PATH_FIELDS.contains(&last) && outside(ws, s) {
+                    out.push_str(&format!("outside-workspace {path}={s}\n"));
+                }
+            }
+        }
         out
     }
+}
+
+/// Argument fields that name a file or directory in file tools.
+const PATH_FIELDS: &[&str] = &[
+    "path",
+    "file_path",
+    "filepath",
+    "target_file",
+    "filename",
+    "file",
+    "dest",
+    "destination",
+    "target",
+    "directory",
+    "dir",
+    "new_path",
+    "old_path",
+    "source",
+];
+
+/// Tools that change files, by their name (`write_file`, `Edit`,
+/// `delete_file`, `str_replace_editor`, `apply_patch`, `move`…).
+fn writes_files(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "write", "edit", "create", "delete", "remove", "move", "rename", "patch", "replace",
+        "append", "save", "mkdir", "touch", "upload",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+}
+
+/// Whether `p` resolves outside the checkout `ws`: `~`/`$HOME` and
+/// absolute paths elsewhere are; relative ones are read from the
+/// checkout; `..` is resolved lexically (links cannot be seen from here).
+fn outside(ws: &str, p: &str) -> bool {
+    let p = p.trim();
+    if p.is_empty() {
+        return false;
+    }
+    if p.starts_with('~') || p.starts_with("$HOME") || p.starts_with("${HOME}") {
+        return true;
+    }
+    let joined = if p.starts_with('/') {
+        p.to_owned()
+    } else {
+        format!("{}/{p}", ws.trim_end_matches('/'))
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for c in joined.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    let resolved = format!("/{}", parts.join("/"));
+    let ws = ws.trim_end_matches('/');
+    !(resolved == ws || resolved.starts_with(&format!("{ws}/")))
 }
 
 /// Every string in the arguments with its path; an array of strings is
@@ -188,6 +265,43 @@ mod tests {
         );
         assert_eq!(commands("sudo -E env A=1 rm -rf /", 0), ["rm -rf /"]);
         assert_eq!(commands("echo 'a; rm -rf /'", 0), ["echo a; rm -rf /"]);
+    }
+
+    #[test]
+    fn file_tools_outside_the_checkout_are_named() {
+        let ws = Some("/home/runner/work/app/app");
+        let call = |name: &str, args: &str| ToolCall {
+            api: Api::Anthropic,
+            id: "t".into(),
+            name: name.into(),
+            arguments: args.into(),
+        };
+        for (name, args, out) in [
+            ("Write", r#"{"file_path":"src/main.rs"}"#, false),
+            ("Write", r#"{"file_path":"../../../../.bashrc"}"#, true),
+            (
+                "Edit",
+                r#"{"file_path":"/home/runner/work/app/app/README.md"}"#,
+                false,
+            ),
+            (
+                "Edit",
+                r#"{"file_path":"/home/runner/work/app/app-evil/x"}"#,
+                true,
+            ),
+            ("delete_file", r#"{"target_file":"~/.gitconfig"}"#, true),
+            ("Read", r#"{"file_path":"/etc/hosts"}"#, false),
+        ] {
+            let t = call(name, args).judged_text_in(ws);
+            assert_eq!(
+                t.contains("\noutside-workspace "),
+                out,
+                "{name} {args}: {t}"
+            );
+        }
+        assert!(!call("Write", r#"{"file_path":"/tmp/x"}"#)
+            .judged_text_in(None)
+            .contains("outside-workspace"));
     }
 
     #[test]

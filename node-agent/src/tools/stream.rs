@@ -8,17 +8,36 @@
 //! whole and judged. Allowed: what was held goes out unchanged. Blocked:
 //! what was held is dropped and the stream ends with an error event in the
 //! API's own format, which its client library raises.
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
 use serde_json::{json, Value};
 
 use super::{Api, ToolCall};
 
 /// What a judge says of one whole call.
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ruling {
     Allow,
-    Block { rule: String, message: String },
+    Block {
+        rule: String,
+        message: String,
+    },
+    /// Held for a human: the stream waits for this to say allow or block.
+    Wait(Pin<Box<dyn Future<Output = Ruling> + Send>>),
+}
+
+impl std::fmt::Debug for Ruling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ruling::Allow => f.write_str("Allow"),
+            Ruling::Block { rule, message } => write!(f, "Block({rule}: {message})"),
+            Ruling::Wait(_) => f.write_str("Wait"),
+        }
+    }
 }
 
 pub type Judge = Box<dyn FnMut(&ToolCall) -> Ruling + Send + Sync>;
@@ -28,6 +47,9 @@ pub type Judge = Box<dyn FnMut(&ToolCall) -> Ruling + Send + Sync>;
 pub enum Step {
     /// Bytes to send now (possibly none, while a call is held).
     Pass(Vec<u8>),
+    /// A call is held for a human: send these bytes, then wait with
+    /// `poll_wait` before pushing more.
+    Wait(Vec<u8>),
     /// A call was blocked: send these bytes (the error event) and end.
     Blocked {
         out: Vec<u8>,
@@ -61,8 +83,18 @@ pub struct ToolGuard {
     /// Whole events held while a call is open, in order.
     held: Vec<u8>,
     open: BTreeMap<String, Building>,
-    /// Calls judged (and how), in order: for the record.
-    pub judged: Vec<(ToolCall, Ruling)>,
+    /// Calls judged, in order.
+    pub judged: Vec<ToolCall>,
+    /// A call held for a human (the wait, the call, the calls still to
+    /// judge after it); std's Mutex makes the guard Sync for hyper.
+    #[allow(clippy::type_complexity)]
+    waiting: Option<(
+        std::sync::Mutex<Pin<Box<dyn Future<Output = Ruling> + Send>>>,
+        ToolCall,
+        Vec<String>,
+    )>,
+    /// The stream ended while a call waited: finish once it is decided.
+    finish_after: bool,
     api: Option<Api>,
     blocked: bool,
     seq: u64,
@@ -85,6 +117,8 @@ impl ToolGuard {
             held: Vec::new(),
             open: BTreeMap::new(),
             judged: Vec::new(),
+            waiting: None,
+            finish_after: false,
             api: None,
             blocked: false,
             seq: 0,
@@ -96,6 +130,9 @@ impl ToolGuard {
             return Step::Pass(Vec::new());
         }
         self.partial.extend_from_slice(bytes);
+        if self.waiting.is_some() {
+            return Step::Pass(Vec::new());
+        }
         if self.document {
             if self.partial.len() > MAX_DOCUMENT {
                 return self.fail("a JSON answer grew past the node's limit for tool calls");
@@ -118,6 +155,10 @@ impl ToolGuard {
     /// End of the stream: calls still open are whole now.
     pub fn finish(&mut self) -> Step {
         if self.blocked {
+            return Step::Pass(Vec::new());
+        }
+        if self.waiting.is_some() {
+            self.finish_after = true;
             return Step::Pass(Vec::new());
         }
         if self.document {
@@ -169,7 +210,7 @@ impl ToolGuard {
     /// Judges the calls in `keys` (now whole); when none is left open,
     /// releases what was held.
     fn close(&mut self, keys: &[String], out: &mut Vec<u8>) -> Option<Step> {
-        for k in keys {
+        for (n, k) in keys.iter().enumerate() {
             let Some(b) = self.open.remove(k) else {
                 continue;
             };
@@ -185,25 +226,108 @@ impl ToolGuard {
                 arguments,
             };
             let ruling = (self.judge)(&call);
-            self.judged.push((call.clone(), ruling.clone()));
-            if let Ruling::Block { rule, message } = ruling {
+            if let Some(step) = self.apply(call, ruling, &keys[n + 1..], out) {
+                return Some(step);
+            }
+        }
+        if self.open.is_empty() && self.waiting.is_none() {
+            out.append(&mut self.held);
+        }
+        None
+    }
+
+    /// What a ruling on `call` means for the stream; `rest`: the calls
+    /// still to judge after it (kept while it waits).
+    fn apply(
+        &mut self,
+        call: ToolCall,
+        ruling: Ruling,
+        rest: &[String],
+        out: &mut Vec<u8>,
+    ) -> Option<Step> {
+        match ruling {
+            Ruling::Allow => {
+                self.judged.push(call);
+                None
+            }
+            Ruling::Wait(f) => {
+                self.waiting = Some((std::sync::Mutex::new(f), call, rest.to_vec()));
+                Some(Step::Wait(std::mem::take(out)))
+            }
+            Ruling::Block { rule, message } => {
+                self.judged.push(call.clone());
                 self.blocked = true;
                 self.held.clear();
                 self.open.clear();
                 let mut bytes = std::mem::take(out);
                 bytes.extend(error_event(call.api, &call, &message, self.seq + 1));
-                return Some(Step::Blocked {
+                Some(Step::Blocked {
                     out: bytes,
                     call,
                     rule,
                     message,
-                });
+                })
             }
         }
-        if self.open.is_empty() {
-            out.append(&mut self.held);
+    }
+
+    /// Whether a call waits for a human (`poll_wait` before more).
+    pub fn is_waiting(&self) -> bool {
+        self.waiting.is_some()
+    }
+
+    /// Waits for the held call's decision, then goes on as `push` would.
+    pub fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        let ruling = match &self.waiting {
+            None => return Poll::Ready(Step::Pass(Vec::new())),
+            Some((f, _, _)) => {
+                let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+                match f.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(r) => r,
+                }
+            }
+        };
+        let Some((_, call, rest)) = self.waiting.take() else {
+            return Poll::Ready(Step::Pass(Vec::new()));
+        };
+        let mut out = Vec::new();
+        if let Some(step) = self.apply(call, ruling, &rest, &mut out) {
+            return Poll::Ready(step);
         }
-        None
+        if let Some(step) = self.close(&rest, &mut out) {
+            return Poll::Ready(step);
+        }
+        // What arrived while it waited, then the end if it came.
+        let mut steps = vec![self.push(&[])];
+        if self.finish_after && self.waiting.is_none() {
+            self.finish_after = false;
+            steps.push(self.finish());
+        }
+        for step in steps {
+            match step {
+                Step::Pass(b) => out.extend(b),
+                Step::Wait(b) => {
+                    out.extend(b);
+                    return Poll::Ready(Step::Wait(out));
+                }
+                Step::Blocked {
+                    out: b,
+                    call,
+                    rule,
+                    message,
+                } => {
+                    out.extend(b);
+                    return Poll::Ready(Step::Blocked {
+                        out,
+                        call,
+                        rule,
+                        message,
+                    });
+                }
+            }
+        }
+        Poll::Ready(Step::Pass(out))
     }
 
     /// A whole JSON answer: its tool calls judged; a blocked one is
@@ -215,8 +339,16 @@ impl ToolGuard {
         };
         let mut blocked = None;
         for (call, at) in document_calls(&v) {
-            let ruling = (self.judge)(&call);
-            self.judged.push((call.clone(), ruling.clone()));
+            let ruling = match (self.judge)(&call) {
+                // A whole answer is not held for a human (its client
+                // waits on one response): approval refuses it here.
+                Ruling::Wait(_) => Ruling::Block {
+                    rule: "approval-needs-a-stream".into(),
+                    message: "this tool call needs an approval, which only a streamed answer can wait for".into(),
+                },
+                r => r,
+            };
+            self.judged.push(call.clone());
             if let Ruling::Block { rule, message } = ruling {
                 refuse_in_document(&mut v, &at, &call, &message);
                 blocked.get_or_insert((call, rule, message));
@@ -608,6 +740,7 @@ mod tests {
         for piece in all.chunks(cut) {
             match g.push(piece) {
                 Step::Pass(b) => out.extend(b),
+                Step::Wait(_) => panic!("nothing waits in these tests"),
                 Step::Blocked { out: b, rule, .. } => {
                     out.extend(b);
                     return (out, Some(rule));
@@ -616,6 +749,7 @@ mod tests {
         }
         match g.finish() {
             Step::Pass(b) => out.extend(b),
+            Step::Wait(_) => panic!("nothing waits in these tests"),
             Step::Blocked { out: b, rule, .. } => {
                 out.extend(b);
                 return (out, Some(rule));
@@ -643,8 +777,58 @@ mod tests {
         let (out, blocked) = run(&mut g, &ev, 5);
         assert_eq!(blocked, None);
         assert_eq!(out, ev.concat().into_bytes());
-        assert_eq!(g.judged[0].0.arguments, r#"{"command":"ls -la"}"#);
-        assert_eq!(g.judged[0].0.name, "run_terminal_cmd");
+        assert_eq!(g.judged[0].arguments, r#"{"command":"ls -la"}"#);
+        assert_eq!(g.judged[0].name, "run_terminal_cmd");
+    }
+
+    #[test]
+    fn a_held_call_waits_then_goes_out_whole() {
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        let rx = std::sync::Mutex::new(rx);
+        let mut g = ToolGuard::new(Box::new(move |_c: &ToolCall| {
+            let allow = rx.lock().unwrap().recv().unwrap();
+            Ruling::Wait(Box::pin(async move {
+                if allow {
+                    Ruling::Allow
+                } else {
+                    Ruling::Block {
+                        rule: "hold".into(),
+                        message: "denied".into(),
+                    }
+                }
+            }))
+        }));
+        let ev = chat_stream(r#"{"command":"helm upgrade"}"#);
+        let all = ev.concat().into_bytes();
+        tx.send(true).unwrap();
+        let mut out = Vec::new();
+        let mut waited = false;
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for piece in all.chunks(6) {
+            if g.is_waiting() {
+                waited = true;
+                match g.poll_wait(&mut cx) {
+                    Poll::Ready(Step::Pass(b)) => out.extend(b),
+                    other => panic!("{other:?}"),
+                }
+            }
+            match g.push(piece) {
+                Step::Pass(b) | Step::Wait(b) => out.extend(b),
+                Step::Blocked { .. } => panic!("blocked"),
+            }
+        }
+        if let Step::Pass(b) | Step::Wait(b) = g.finish() {
+            out.extend(b);
+        }
+        if g.is_waiting() {
+            waited = true;
+            match g.poll_wait(&mut cx) {
+                Poll::Ready(Step::Pass(b)) => out.extend(b),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(waited);
+        assert_eq!(out, all, "everything, in order, once allowed");
     }
 
     #[test]
@@ -749,7 +933,7 @@ mod tests {
         let (out, blocked) = run(&mut g, &ev, 11);
         assert_eq!(blocked, None);
         assert_eq!(out, ev.concat().into_bytes());
-        assert_eq!(g.judged[0].0.id, "call_9");
-        assert_eq!(g.judged[0].0.api, Api::OpenaiResponses);
+        assert_eq!(g.judged[0].id, "call_9");
+        assert_eq!(g.judged[0].api, Api::OpenaiResponses);
     }
 }
