@@ -20,6 +20,13 @@ rules:
     packs: [agent]
     action: block
     message: Not on a CI runner.
+  - id: no-publishing
+    on: tool_call
+    targets: [fake-api]
+    tools: ["publish_*"]
+    action: block
+    refusal: text
+    message: Publishing is for the release pipeline.
   - id: every-tool-call
     on: tool_call
     targets: [fake-api]
@@ -152,6 +159,22 @@ fn tool_calls_are_judged_whole_before_the_agent_sees_them() {
     let bad = a.call("openai-chat", "run_terminal_cmd", RM, true);
     assert_eq!(bad["text"], "On it. ", "{bad:#}");
 
+    // `refusal: text`: the stream ends normally with a refusal the agent
+    // reads, no exception, no call.
+    for mode in ["openai-chat", "anthropic"] {
+        let got = a.call(mode, "publish_package", LS, true);
+        assert!(got["error"].is_null(), "{mode}: {got:#}");
+        assert!(
+            got["tool_calls"].as_array().unwrap().is_empty(),
+            "{mode}: {got:#}"
+        );
+        let text = got["text"].as_str().unwrap_or_default();
+        assert!(
+            text.contains("Sluice blocked the tool call `publish_package`: Publishing is for the release pipeline."),
+            "{mode}: {got:#}"
+        );
+    }
+
     // Records: every call with its verdict, the blocking rule, the log rule.
     let exchanges = exchanges(&a.p.env);
     let calls: Vec<&Value> = exchanges
@@ -160,11 +183,22 @@ fn tool_calls_are_judged_whole_before_the_agent_sees_them() {
         .collect();
     let blocked: Vec<&&Value> = calls.iter().filter(|c| c["verdict"] == "blocked").collect();
     let allowed: Vec<&&Value> = calls.iter().filter(|c| c["verdict"] == "allowed").collect();
-    assert_eq!(blocked.len(), 6, "{calls:#?}");
+    assert_eq!(blocked.len(), 8, "{calls:#?}");
     assert_eq!(allowed.len(), 5, "{calls:#?}");
-    assert!(blocked.iter().all(|c| c["rule"] == "agent-guard"
-        && c["name"] == "run_terminal_cmd"
-        && c["arguments"].as_str().unwrap().contains("rm -rf ~")));
+    assert!(blocked
+        .iter()
+        .filter(|c| c["name"] == "run_terminal_cmd")
+        .all(
+            |c| c["rule"] == "agent-guard" && c["arguments"].as_str().unwrap().contains("rm -rf ~")
+        ));
+    assert_eq!(
+        blocked
+            .iter()
+            .filter(|c| c["rule"] == "no-publishing")
+            .count(),
+        2,
+        "{calls:#?}"
+    );
     assert!(exchanges.iter().any(|e| e["decisions"]
         .as_array()
         .into_iter()

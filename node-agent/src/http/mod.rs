@@ -660,6 +660,9 @@ impl HttpSession {
                 p.evaluate_tool_call_in(call, workspace, |i| p.rule_applies(i, &target, &identity));
             let (ruling, decisions) = match judged {
                 Ok((Verdict::Allow, d)) => (Ruling::Allow, d),
+                Ok((Verdict::Block { rule, message }, d)) if p.refuses_with_text(&rule) => {
+                    (Ruling::Refuse { rule, message }, d)
+                }
                 Ok((Verdict::Block { rule, message }, d)) => (Ruling::Block { rule, message }, d),
                 Ok((
                     Verdict::Approve {
@@ -722,7 +725,7 @@ impl HttpSession {
             };
             let (verdict, rule) = match &ruling {
                 Ruling::Allow | Ruling::Wait(_) => (ToolVerdict::Allowed, None),
-                Ruling::Block { rule, .. } => {
+                Ruling::Block { rule, .. } | Ruling::Refuse { rule, .. } => {
                     warn!(session, workload = %workload, rule = %rule, tool = %call.name, "tool call blocked");
                     (ToolVerdict::Blocked, Some(rule.clone()))
                 }

@@ -126,11 +126,23 @@ pub struct Rule {
     /// `*shell*`); empty = every tool. With patterns, both must match.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tools: Vec<String>,
+    /// `on: tool_call`: how a blocked call in a streamed answer is
+    /// refused: `error` (the API's error event, which its library raises)
+    /// or `text` (the answer ends with a refusal the agent reads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Refusal>,
     /// Texts the rule must catch and texts it must leave alone, checked by
     /// `sluice policy lint` (a rule that misses its own examples, or that
     /// an earlier rule always decides first, is reported).
     #[serde(default, skip_serializing_if = "Examples::is_empty")]
     pub examples: Examples,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    Error,
+    Text,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

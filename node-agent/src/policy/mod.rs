@@ -382,6 +382,12 @@ impl CompiledPolicy {
                     format!("`{}` is used twice", r.id),
                 ));
             }
+            if r.refusal.is_some() && r.on != Direction::ToolCall {
+                return Err(bad(
+                    format!("rules[{i}].refusal"),
+                    "only `on: tool_call` rules have a refusal".into(),
+                ));
+            }
             if !r.tools.is_empty() && r.on != Direction::ToolCall {
                 return Err(bad(
                     format!("rules[{i}].tools"),
@@ -525,6 +531,7 @@ impl CompiledPolicy {
                 columns: vec![],
                 examples: Default::default(),
                 tools: vec![],
+                refusal: None,
             });
             resp.push(PatternSpec::new(
                 "node-credential",
@@ -603,6 +610,14 @@ impl CompiledPolicy {
     /// Whether any `on: tool_call` rule applies here.
     pub fn has_tool_rules(&self, target: &str, identity: &WorkloadIdentity) -> bool {
         self.any_rule(Direction::ToolCall, target, identity, |_| true)
+    }
+
+    /// Whether the rule named `id` refuses tool calls with a text.
+    pub fn refuses_with_text(&self, id: &str) -> bool {
+        self.bundle
+            .rules
+            .iter()
+            .any(|r| r.id == id && r.refusal == Some(bundle::Refusal::Text))
     }
 
     /// The tool-call scanner (`on: tool_call` patterns).

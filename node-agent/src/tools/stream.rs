@@ -26,6 +26,12 @@ pub enum Ruling {
         rule: String,
         message: String,
     },
+    /// As `Block`, the answer ending with a refusal text instead of an
+    /// error (OpenAI chat and Anthropic streams; others get the error).
+    Refuse {
+        rule: String,
+        message: String,
+    },
     /// Held for a human: the stream waits for this to say allow or block.
     Wait(Pin<Box<dyn Future<Output = Ruling> + Send>>),
 }
@@ -35,6 +41,7 @@ impl std::fmt::Debug for Ruling {
         match self {
             Ruling::Allow => f.write_str("Allow"),
             Ruling::Block { rule, message } => write!(f, "Block({rule}: {message})"),
+            Ruling::Refuse { rule, message } => write!(f, "Refuse({rule}: {message})"),
             Ruling::Wait(_) => f.write_str("Wait"),
         }
     }
@@ -98,6 +105,9 @@ pub struct ToolGuard {
     api: Option<Api>,
     blocked: bool,
     seq: u64,
+    /// Anthropic: the content block index of the last tool call opened
+    /// (a refusal text takes its place).
+    block_index: Option<u64>,
 }
 
 impl ToolGuard {
@@ -122,6 +132,7 @@ impl ToolGuard {
             api: None,
             blocked: false,
             seq: 0,
+            block_index: None,
         }
     }
 
@@ -245,6 +256,10 @@ impl ToolGuard {
         rest: &[String],
         out: &mut Vec<u8>,
     ) -> Option<Step> {
+        let ruling_kind = match &ruling {
+            Ruling::Refuse { .. } => RulingKind::Refuse,
+            _ => RulingKind::Other,
+        };
         match ruling {
             Ruling::Allow => {
                 self.judged.push(call);
@@ -254,13 +269,17 @@ impl ToolGuard {
                 self.waiting = Some((std::sync::Mutex::new(f), call, rest.to_vec()));
                 Some(Step::Wait(std::mem::take(out)))
             }
-            Ruling::Block { rule, message } => {
+            Ruling::Block { rule, message } | Ruling::Refuse { rule, message } => {
+                let text = matches!(ruling_kind, RulingKind::Refuse);
                 self.judged.push(call.clone());
                 self.blocked = true;
                 self.held.clear();
                 self.open.clear();
                 let mut bytes = std::mem::take(out);
-                bytes.extend(error_event(call.api, &call, &message, self.seq + 1));
+                match refusal_events(call.api, &call, &message, self.block_index).filter(|_| text) {
+                    Some(r) => bytes.extend(r),
+                    None => bytes.extend(error_event(call.api, &call, &message, self.seq + 1)),
+                }
                 Some(Step::Blocked {
                     out: bytes,
                     call,
@@ -349,7 +368,7 @@ impl ToolGuard {
                 r => r,
             };
             self.judged.push(call.clone());
-            if let Ruling::Block { rule, message } = ruling {
+            if let Ruling::Block { rule, message } | Ruling::Refuse { rule, message } = ruling {
                 refuse_in_document(&mut v, &at, &call, &message);
                 blocked.get_or_insert((call, rule, message));
             }
@@ -417,6 +436,7 @@ impl ToolGuard {
                 if matches!(block["type"].as_str(), Some("tool_use" | "server_tool_use")) {
                     self.api = Some(Api::Anthropic);
                     let idx = v["index"].as_u64().unwrap_or(0);
+                    self.block_index.get_or_insert(idx);
                     let initial = block
                         .get("input")
                         .filter(|i| i.as_object().is_none_or(|o| !o.is_empty()))
@@ -536,6 +556,59 @@ impl ToolGuard {
             }
         }
     }
+}
+
+enum RulingKind {
+    Refuse,
+    Other,
+}
+
+/// A refusal the agent reads as the answer's last text, closing the
+/// stream as the API does: OpenAI chat (a content delta, `stop`,
+/// `[DONE]`) and Anthropic (a text block where the call's block was,
+/// `end_turn`). Other APIs: `None` (they get the error event).
+fn refusal_events(api: Api, call: &ToolCall, message: &str, index: Option<u64>) -> Option<Vec<u8>> {
+    let text = format!("Sluice blocked the tool call `{}`: {message}", call.name);
+    let out = match api {
+        Api::OpenaiChat => format!(
+            "data: {}\n\ndata: {}\n\ndata: [DONE]\n\n",
+            json!({"id": "sluice-refusal", "object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]}),
+            json!({"id": "sluice-refusal", "object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        ),
+        Api::Anthropic => {
+            let i = index.unwrap_or(0);
+            [
+                (
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": i,
+                    "content_block": {"type": "text", "text": ""}}),
+                ),
+                (
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": i,
+                    "delta": {"type": "text_delta", "text": text}}),
+                ),
+                (
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": i}),
+                ),
+                (
+                    "message_delta",
+                    json!({"type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                    "usage": {"output_tokens": 0}}),
+                ),
+                ("message_stop", json!({"type": "message_stop"})),
+            ]
+            .iter()
+            .map(|(e, d)| format!("event: {e}\ndata: {d}\n\n"))
+            .collect()
+        }
+        Api::OpenaiResponses | Api::Mcp => return None,
+    };
+    Some(out.into_bytes())
 }
 
 /// Where a call sits in a JSON answer.
@@ -779,6 +852,27 @@ mod tests {
         assert_eq!(out, ev.concat().into_bytes());
         assert_eq!(g.judged[0].arguments, r#"{"command":"ls -la"}"#);
         assert_eq!(g.judged[0].name, "run_terminal_cmd");
+    }
+
+    #[test]
+    fn a_refusal_text_ends_the_stream_as_the_api_would() {
+        let mut g = ToolGuard::new(Box::new(|_c: &ToolCall| Ruling::Refuse {
+            rule: "r".into(),
+            message: "not here".into(),
+        }));
+        let ev = chat_stream(r#"{"command":"npm publish"}"#);
+        let (out, blocked) = run(&mut g, &ev, 8);
+        assert_eq!(blocked.as_deref(), Some("r"));
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("\"error\""), "{text}");
+        assert!(
+            text.contains("Sluice blocked the tool call `run_terminal_cmd`: not here"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"finish_reason\":\"stop\"") && text.ends_with("data: [DONE]\n\n"),
+            "{text}"
+        );
     }
 
     #[test]
