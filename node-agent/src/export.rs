@@ -148,6 +148,9 @@ pub fn replay(s: &ConnectionRecord, exchanges: &[Exchange], statements: &[Statem
                     .map(|r| format!(" by {r}"))
                     .unwrap_or_default()
             );
+            if let Some(r) = &t.result {
+                let _ = writeln!(out, "        result: {r}");
+            }
         }
         if let Some(i) = &ex.injected {
             let _ = writeln!(

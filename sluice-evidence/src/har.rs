@@ -135,6 +135,11 @@ fn entry(ex: &Value, server_ip: &str, session: u64) -> Value {
     if let Some(e) = ex["error"].as_str() {
         entry["comment"] = json!(e);
     }
+    // Custom field (HAR allows `_`-prefixed ones): the tool calls the
+    // exchange carried, with their verdicts.
+    if let Some(t) = ex.get("tool_calls").filter(|t| t.is_array()) {
+        entry["_toolCalls"] = t.clone();
+    }
     entry
 }
 

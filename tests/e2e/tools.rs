@@ -315,11 +315,25 @@ fn mcp_tool_calls_are_judged_before_the_server_runs_them() {
         "{calls:#?}"
     );
     assert!(
-        calls
-            .iter()
-            .any(|c| c["api"] == "mcp" && c["verdict"] == "allowed"),
-        "{calls:#?}"
+        calls.iter().any(|c| c["api"] == "mcp"
+            && c["verdict"] == "allowed"
+            && c["result"] == "ran: ls -la"),
+        "the allowed call's result is recorded: {calls:#?}"
     );
+    // And exported: the HAR carries the calls.
+    let exported = env.node.sessions().iter().any(|s| {
+        let id = s["id"].to_string();
+        let har = env
+            .node
+            .cli(&["sessions", "export", &id, "--format", "har"]);
+        let har: Value = serde_json::from_slice(&har.stdout).unwrap_or_default();
+        har["log"]["entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["_toolCalls"][0]["verdict"] == "blocked")
+    });
+    assert!(exported, "no HAR export carries the blocked call");
 }
 
 fn pending(env: &Env, tool: &str) -> Option<Value> {

@@ -620,6 +620,23 @@ impl HttpSession {
                     Some("response body did not complete (client or upstream went away)".into());
             }
             ex.response_body = rs.body;
+            // MCP: each allowed call's result, from what the client got.
+            if ex
+                .tool_calls
+                .iter()
+                .any(|t| t.call.api == crate::record::ToolApi::Mcp)
+            {
+                for (id, text) in crate::tools::mcp::results(&ex.response_body.bytes()) {
+                    let id = crate::tools::mcp::id_text(&id);
+                    if let Some(t) = ex
+                        .tool_calls
+                        .iter_mut()
+                        .find(|t| t.call.api == crate::record::ToolApi::Mcp && t.call.id == id)
+                    {
+                        t.set_result(text);
+                    }
+                }
+            }
             let report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
             ex.decisions.extend(mask_decisions(&policy, report.masked));
             ex.decisions.extend(report.tool_decisions);

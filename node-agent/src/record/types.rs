@@ -269,6 +269,10 @@ pub struct ToolCallRecord {
     pub verdict: ToolVerdict,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// MCP: the text the server answered the call with (as the client got
+    /// it, masked where rules mask; capped like the arguments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
 }
 
 /// Arguments kept per recorded tool call.
@@ -288,7 +292,21 @@ impl ToolCallRecord {
             call,
             verdict,
             rule,
+            result: None,
         }
+    }
+
+    /// Sets the result text, capped like the arguments.
+    pub fn set_result(&mut self, mut text: String) {
+        if text.len() > TOOL_ARGUMENTS_CAP {
+            let mut end = TOOL_ARGUMENTS_CAP;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            text.push('…');
+        }
+        self.result = Some(text);
     }
 }
 
