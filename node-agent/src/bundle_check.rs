@@ -42,6 +42,9 @@ pub enum On {
     Response,
     /// SQL sent to a database: statement rules.
     Statement,
+    /// A tool call, as JSON `{"name": …, "arguments": {…} or "…"}`:
+    /// `on: tool_call` rules.
+    ToolCall,
 }
 
 /// How a response body is framed.
@@ -224,6 +227,17 @@ pub fn test(
             let (a, b, c) = verdict_fields(first_denial.as_ref().unwrap_or(&Verdict::Allow));
             (out.verdict, out.rule, out.message) = (Some(a), b, c);
         }
+        On::ToolCall => {
+            let call = tool_call(name, input)?;
+            let text = call.judged_text();
+            out.hits = hits_of(policy, policy.tool_scanner(), text.as_bytes(), &scoped)?;
+            let (v, decisions) = policy.evaluate_tool_call_where(&call, scoped)?;
+            (out.verdict, out.rule, out.message) = {
+                let (a, b, c) = verdict_fields(&v);
+                (Some(a), b, c)
+            };
+            out.decisions = decisions;
+        }
         On::Response => {
             out.shape = Some(o.shape);
             let masks = |i: usize| policy.rule(i).action == Action::Mask && scoped(i);
@@ -270,6 +284,31 @@ pub fn test(
         }
     }
     Ok(out)
+}
+
+/// A tool call from its JSON sample: `name`, and `arguments` as an
+/// object or as the JSON text an API sends.
+fn tool_call(name: &str, input: &[u8]) -> Result<crate::record::ToolCall, CheckError> {
+    let bad = |m: String| CheckError::Input(format!("{name}: {m}"));
+    let v: serde_json::Value = serde_json::from_slice(input).map_err(|e| {
+        bad(format!(
+            "a tool call is JSON {{\"name\", \"arguments\"}}: {e}"
+        ))
+    })?;
+    let tool = v["name"]
+        .as_str()
+        .ok_or_else(|| bad("the tool call has no \"name\"".into()))?;
+    let arguments = match &v["arguments"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "{}".into(),
+        other => other.to_string(),
+    };
+    Ok(crate::record::ToolCall {
+        api: crate::record::ToolApi::OpenaiChat,
+        id: "policy-test".into(),
+        name: tool.into(),
+        arguments,
+    })
 }
 
 /// `text` as an OpenAI chat completion stream: one event per `delta`
@@ -383,9 +422,8 @@ pub fn lint(text: &str, max_window: usize) -> Vec<Finding> {
             // Result rules mask column values: their examples are values,
             // read as response text by the same patterns.
             Direction::Result => continue,
-            // Tool-call rules read calls, not text: `policy test` takes
-            // them in a later version.
-            Direction::ToolCall => continue,
+            // Examples are tool calls as JSON (`policy test --on tool_call`).
+            Direction::ToolCall => On::ToolCall,
         };
         if r.examples.is_empty() {
             if matches!(r.action, Action::Block | Action::Approve) {
@@ -466,6 +504,11 @@ fn rule_hits(
             .find(text)?
             .iter()
             .any(|h| only(h.rule)),
+        On::ToolCall => {
+            let call = tool_call("example", text)?;
+            let (_, d) = policy.evaluate_tool_call_where(&call, only)?;
+            !d.is_empty()
+        }
         On::Statement => {
             let sql = String::from_utf8_lossy(text);
             let mut any = false;
@@ -560,6 +603,36 @@ rules:
         .unwrap();
         assert!(o.blocked());
         assert_eq!(o.rule.as_deref(), Some("block-prod"));
+    }
+
+    #[test]
+    fn tool_calls_are_judged_offline_and_their_examples_linted() {
+        let b = r#"
+version: 1
+name: t
+rules:
+  - id: agent
+    on: tool_call
+    packs: [agent]
+    action: block
+    examples:
+      hit: ['{"name": "Bash", "arguments": {"command": "rm -rf ~"}}']
+      clean: ['{"name": "Bash", "arguments": {"command": "ls"}}']
+"#;
+        let p = Arc::new(CompiledPolicy::compile_offline(b, 8192).unwrap());
+        let o = test(
+            &p,
+            "t",
+            br#"{"name": "run_terminal_cmd", "arguments": "{\"command\": \"sudo rm -rf /\"}"}"#,
+            &opts(On::ToolCall, Shape::Plain),
+        )
+        .unwrap();
+        assert!(o.blocked(), "{o:?}");
+        assert!(lint(b, 8192).is_empty(), "{:?}", lint(b, 8192));
+        let missed = b.replace("rm -rf ~", "rm -rf ./build");
+        assert!(lint(&missed, 8192)
+            .iter()
+            .any(|f| f.message.contains("misses its own example")));
     }
 
     #[test]

@@ -803,6 +803,23 @@ fn policy_test_and_lint_judge_a_bundle_offline() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("verdict: block by rule `no-deletes`"), "{out}");
 
+    // A tool call, judged by the default policy's agent rule.
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default-policy.yaml");
+    let (code, out, err) = sluice_in(
+        d,
+        &[
+            "policy",
+            "test",
+            default.to_str().unwrap(),
+            "--on",
+            "tool-call",
+            "--expect-blocked",
+        ],
+        Some(r#"{"name": "Bash", "arguments": {"command": "sudo rm -rf --no-preserve-root /"}}"#),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("block-dangerous-tool-calls"), "{out}");
+
     // Unreadable input or bundle: exit 2, said clearly.
     let (code, _, err) = sluice_in(d, &["policy", "test", "b.yaml", "missing.txt"], None);
     assert_eq!(code, 2);
