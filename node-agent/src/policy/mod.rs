@@ -608,8 +608,14 @@ impl CompiledPolicy {
     }
 
     /// Whether any `on: tool_call` rule applies here.
+    /// Only rules that can stop a call count: holding a stream or reading
+    /// a request whole changes the traffic, which `log` rules must not (a
+    /// log-only bundle gives the client what a direct connection gives;
+    /// its tool_call log rules are recorded where a blocking rule runs).
     pub fn has_tool_rules(&self, target: &str, identity: &WorkloadIdentity) -> bool {
-        self.any_rule(Direction::ToolCall, target, identity, |_| true)
+        self.any_rule(Direction::ToolCall, target, identity, |a| {
+            matches!(a, Action::Block | Action::Approve)
+        })
     }
 
     /// Whether the rule named `id` refuses tool calls with a text.
@@ -1417,6 +1423,22 @@ fn jws_files(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     files.sort();
     files
+}
+
+#[cfg(test)]
+mod tool_rule_tests {
+    use super::*;
+
+    #[test]
+    fn log_only_tool_rules_do_not_engage_the_guard() {
+        let log =
+            "version: 1\nname: t\nrules:\n  - {id: l, on: tool_call, tools: ['*'], action: log}\n";
+        let p = CompiledPolicy::compile(log, "t", 4096).unwrap();
+        assert!(!p.has_tool_rules("any", &WorkloadIdentity::default()));
+        let block = log.replace("action: log", "action: block");
+        let p = CompiledPolicy::compile(&block, "t", 4096).unwrap();
+        assert!(p.has_tool_rules("any", &WorkloadIdentity::default()));
+    }
 }
 
 #[cfg(test)]
