@@ -127,11 +127,36 @@ fn run(
         for (t, mut c) in children {
             let status = c.wait().unwrap();
             // psql exits 0 through errors in a file (no ON_ERROR_STOP);
-            // anything else is the harness's failure, not a difference.
-            assert!(
-                status.success() || status.code() == Some(3),
-                "psql for `{t}` exited with {status}"
-            );
+            // anything else is the harness's failure, not a difference:
+            // say what psql printed last and what the node recorded of
+            // the connections that did not end cleanly.
+            if !(status.success() || status.code() == Some(3)) {
+                let printed =
+                    std::fs::read_to_string(out.join(format!("{t}.out"))).unwrap_or_default();
+                let tail: Vec<&str> = printed.lines().rev().take(15).collect();
+                let (unclean, log): (Vec<String>, String) = if through_node {
+                    let node = &p.env.node;
+                    let log = node.log_text();
+                    let warnings: Vec<&str> = log
+                        .lines()
+                        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                        .collect();
+                    (
+                        node.sessions()
+                            .into_iter()
+                            .filter(|s| s["outcome"]["status"] != "closed")
+                            .map(|s| s["outcome"].to_string())
+                            .collect(),
+                        warnings[warnings.len().saturating_sub(30)..].join("\n"),
+                    )
+                } else {
+                    Default::default()
+                };
+                panic!(
+                    "psql for `{t}` exited with {status}; its last lines:\n{}\nsessions not closed cleanly: {unclean:#?}\nthe node's last warnings:\n{log}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
         }
     }
     started.elapsed()
