@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -402,8 +403,21 @@ def tools_bench(a, tmp, cg, cg_enf, sluice, sock, upstream_ca, node_pid):
                         proxy_pid = {"sluice": node_pid, "enforced": node_pid,
                                      "nginx-proxy": peer.pid}.get(v)
                         cpu0 = tree_cpu(proxy_pid) if proxy_pid else 0.0
+                        perf = None
+                        if a.perf_dir and i == 0 and v in ("sluice", "enforced"):
+                            # A profile of the node under this load
+                            # (perf report -i <file>); its sampling
+                            # costs the run a few per cent.
+                            os.makedirs(a.perf_dir, exist_ok=True)
+                            out = os.path.join(a.perf_dir, "%s-%s.data" % (v, name.replace(" ", "_")))
+                            how = os.environ.get("SLUICE_BENCH_PERF", "record -q -g -F 999").split()
+                            perf = subprocess.Popen(["perf"] + how + ["-p", str(node_pid), "-o", out],
+                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                         r = subprocess.run(place, capture_output=True, text=True,
                                            timeout=a.duration_secs + 30)
+                        if perf is not None:
+                            perf.send_signal(signal.SIGINT)
+                            perf.wait()
                         cpu = tree_cpu(proxy_pid) - cpu0 if proxy_pid else None
                         res = parse(r.stdout) if r.returncode == 0 else {"failed": (r.stderr or r.stdout)[-500:]}
                         if cpu is not None and res.get("rps"):
@@ -491,6 +505,7 @@ def main():
     ap.add_argument("--tool-variants", default="direct,sluice,enforced,nginx-proxy",
                     help="variants in the nginx/wrk/h2load part (e.g. only sluice, to profile it)")
     ap.add_argument("--no-client", action="store_true", help="skip the Rust client part")
+    ap.add_argument("--perf-dir", help="record a perf profile of the node for each load of the first run here")
     ap.add_argument("--hold", type=int, default=1000,
                     help="measure the node's memory holding this many intercepted connections (0: skip)")
     a = ap.parse_args()

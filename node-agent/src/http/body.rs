@@ -318,6 +318,77 @@ pub struct Captured {
     pub trailers: Vec<Header>,
 }
 
+/// Which body of an exchange a `Tap` copies.
+#[derive(Clone, Copy)]
+pub enum Side {
+    Request,
+    Response,
+}
+
+/// What runs once an exchange's bodies are in: the request's copy and,
+/// when it was asked for, the response's.
+pub type Completion = Box<dyn FnOnce(Captured, Option<Captured>) + Send>;
+
+/// Where the copies of an exchange's two bodies meet. Whichever comes
+/// last runs the completion in place, in the poll (or drop) that ended
+/// its body: no task and no wake-up per exchange just to write its record.
+#[derive(Default)]
+pub struct Meet(std::sync::Mutex<MeetState>);
+
+#[derive(Default)]
+struct MeetState {
+    request: Option<Captured>,
+    response: Option<Captured>,
+    with_response: bool,
+    then: Option<Completion>,
+}
+
+impl Meet {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    fn deliver(&self, side: Side, c: Captured) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match side {
+            Side::Request => st.request = Some(c),
+            Side::Response => st.response = Some(c),
+        }
+        Self::run_if_ready(st);
+    }
+
+    /// Sets what runs once the request's copy (and, `with_response`, the
+    /// response's) is in; at once if they already are.
+    pub fn then(&self, with_response: bool, f: Completion) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        st.with_response = with_response;
+        st.then = Some(f);
+        Self::run_if_ready(st);
+    }
+
+    fn run_if_ready(mut st: std::sync::MutexGuard<'_, MeetState>) {
+        let ready = st.then.is_some()
+            && st.request.is_some()
+            && (!st.with_response || st.response.is_some());
+        if !ready {
+            return;
+        }
+        let (Some(f), Some(rq)) = (st.then.take(), st.request.take()) else {
+            return;
+        };
+        let rs = st.response.take();
+        // Run without the lock: the completion writes the record.
+        drop(st);
+        f(rq, rs);
+    }
+}
+
+/// Where a `Tap` hands its copy.
+enum Sink {
+    Channel(oneshot::Sender<Captured>),
+    Meet(Arc<Meet>, Side),
+}
+
 /// A body that passes every frame through unchanged and keeps the first
 /// `cap` bytes for the record.
 pub struct Tap<B> {
@@ -325,7 +396,7 @@ pub struct Tap<B> {
     cap: usize,
     seen: Captured,
     captured: Vec<u8>,
-    tx: Option<oneshot::Sender<Captured>>,
+    tx: Option<Sink>,
     /// The declared length (Content-Length), when there is one: hyper
     /// may drop a body once that many bytes are written, without polling
     /// it to its end.
@@ -335,17 +406,23 @@ pub struct Tap<B> {
 impl<B: Body> Tap<B> {
     pub fn new(inner: B, cap: usize) -> (Self, oneshot::Receiver<Captured>) {
         let (tx, rx) = oneshot::channel();
-        (
-            Tap {
-                expected: inner.size_hint().exact(),
-                inner,
-                cap,
-                seen: Captured::default(),
-                captured: Vec::new(),
-                tx: Some(tx),
-            },
-            rx,
-        )
+        (Self::with_sink(inner, cap, Sink::Channel(tx)), rx)
+    }
+
+    /// A tap whose copy goes to the exchange's meeting point.
+    pub fn meeting(inner: B, cap: usize, meet: Arc<Meet>, side: Side) -> Self {
+        Self::with_sink(inner, cap, Sink::Meet(meet, side))
+    }
+
+    fn with_sink(inner: B, cap: usize, sink: Sink) -> Self {
+        Tap {
+            expected: inner.size_hint().exact(),
+            inner,
+            cap,
+            seen: Captured::default(),
+            captured: Vec::new(),
+            tx: Some(sink),
+        }
     }
 }
 
@@ -355,7 +432,12 @@ impl<B> Tap<B> {
             let mut seen = std::mem::take(&mut self.seen);
             seen.body.set_bytes(std::mem::take(&mut self.captured));
             seen.body.complete = complete;
-            let _ = tx.send(seen);
+            match tx {
+                Sink::Channel(tx) => {
+                    let _ = tx.send(seen);
+                }
+                Sink::Meet(meet, side) => meet.deliver(side, seen),
+            }
         }
     }
 }
@@ -460,6 +542,77 @@ where
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full};
+
+    /// The completion runs once, with both copies, whichever of the two
+    /// bodies (and the completion itself) comes last.
+    #[tokio::test]
+    async fn meet_completes_once_both_bodies_are_in_whatever_the_order() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for order in 0..3 {
+            let meet = Meet::new();
+            let runs = Arc::new(AtomicUsize::new(0));
+            let seen = Arc::new(std::sync::Mutex::new((0u64, 0u64)));
+            let (r2, s2) = (runs.clone(), seen.clone());
+            let then: Completion = Box::new(move |rq, rs| {
+                r2.fetch_add(1, Ordering::SeqCst);
+                *s2.lock().unwrap() = (rq.body.size, rs.map_or(0, |r| r.body.size));
+            });
+            let req = Tap::meeting(
+                Full::new(Bytes::from_static(b"abc")),
+                10,
+                meet.clone(),
+                Side::Request,
+            );
+            let resp = Tap::meeting(
+                Full::new(Bytes::from_static(b"hello")),
+                10,
+                meet.clone(),
+                Side::Response,
+            );
+            match order {
+                0 => {
+                    meet.then(true, then);
+                    req.collect().await.unwrap();
+                    assert_eq!(runs.load(Ordering::SeqCst), 0, "not before the response");
+                    resp.collect().await.unwrap();
+                }
+                1 => {
+                    resp.collect().await.unwrap();
+                    meet.then(true, then);
+                    assert_eq!(runs.load(Ordering::SeqCst), 0, "not before the request");
+                    req.collect().await.unwrap();
+                }
+                _ => {
+                    req.collect().await.unwrap();
+                    resp.collect().await.unwrap();
+                    meet.then(true, then);
+                }
+            }
+            assert_eq!(runs.load(Ordering::SeqCst), 1, "order {order}");
+            assert_eq!(*seen.lock().unwrap(), (3, 5), "order {order}");
+        }
+        // Request only (the upstream failed): no response is waited for;
+        // a body dropped unread still delivers its copy.
+        let meet = Meet::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r2 = runs.clone();
+        let req = Tap::meeting(
+            Full::new(Bytes::from_static(b"abc")),
+            10,
+            meet.clone(),
+            Side::Request,
+        );
+        meet.then(
+            false,
+            Box::new(move |rq, rs| {
+                assert!(rs.is_none());
+                assert_eq!(rq.body.size, 0, "dropped unread");
+                r2.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        drop(req);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
 
     #[tokio::test]
     async fn tap_passes_everything_and_caps_the_copy() {

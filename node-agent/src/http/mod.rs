@@ -45,7 +45,7 @@ pub mod websocket;
 
 pub use websocket::WebSocketMode;
 
-pub use body::{Captured, MaskBody, MaskReport, Tap};
+pub use body::{Captured, MaskBody, MaskReport, Meet, Side, Tap};
 
 type UpBody = BoxBody<Bytes, hyper::Error>;
 
@@ -440,11 +440,12 @@ impl HttpSession {
         if let Err(d) = self.record_start(&mut ex) {
             return self.refuse(ex, started, durable_tx, d).await;
         }
-        let (req_tap, req_rx) = Tap::new(up_body, self.body_cap);
+        let meet = Meet::new();
+        let req_tap = Tap::meeting(up_body, self.body_cap, meet.clone(), Side::Request);
         let up_req = Request::from_parts(parts, req_tap);
         let resp = match forward(up, up_req).await {
             Ok(r) => r,
-            Err(e) => return self.upstream_failed(ex, started, durable_tx, req_rx, e),
+            Err(e) => return self.upstream_failed(ex, started, durable_tx, &meet, e),
         };
         ex.ttfb_ms = Some(ms(started));
         ex.status = Some(resp.status().as_u16());
@@ -463,7 +464,7 @@ impl HttpSession {
         }
 
         self.respond(
-            ex, started, durable_tx, resp, req_rx, policy, masks, tool_rules,
+            ex, started, durable_tx, resp, meet, policy, masks, tool_rules,
         )
         .await
     }
@@ -526,17 +527,20 @@ impl HttpSession {
         mut ex: Exchange,
         started: Instant,
         durable_tx: Option<oneshot::Sender<()>>,
-        req_rx: oneshot::Receiver<body::Captured>,
+        meet: &Meet,
         e: String,
     ) -> Response<ProxyBody> {
         warn!(session = self.id, workload = %self.identity.id, error = %e, "upstream request failed");
         ex.error = Some(format!("upstream: {e}"));
         ex.duration_ms = ms(started);
         let this = self.clone();
-        tokio::spawn(async move {
-            ex.request_body = req_rx.await.unwrap_or_default().body;
-            this.finish(ex, durable_tx).await;
-        });
+        meet.then(
+            false,
+            Box::new(move |rq, _| {
+                ex.request_body = rq.body;
+                this.finish(ex, durable_tx);
+            }),
+        );
         error_response(
             StatusCode::BAD_GATEWAY,
             &format!("upstream request failed: {e}"),
@@ -553,7 +557,7 @@ impl HttpSession {
         started: Instant,
         durable_tx: Option<oneshot::Sender<()>>,
         resp: Response<Incoming>,
-        req_rx: oneshot::Receiver<body::Captured>,
+        meet: Arc<Meet>,
         policy: Arc<crate::policy::CompiledPolicy>,
         masks: bool,
         tool_rules: bool,
@@ -606,47 +610,49 @@ impl HttpSession {
         } else {
             body.map_err(|e| Box::new(e) as BoxError).boxed()
         };
-        let (resp_tap, resp_rx) = Tap::new(body, self.body_cap);
+        let resp_tap = Tap::meeting(body, self.body_cap, meet.clone(), Side::Response);
         let this = self.clone();
-        tokio::spawn(async move {
-            let (rq, rs) = tokio::join!(req_rx, resp_rx);
-            let rq = rq.unwrap_or_default();
-            let rs = rs.unwrap_or_default();
-            ex.request_trailers = rq.trailers.clone();
-            ex.response_trailers = rs.trailers.clone();
-            ex.request_body = rq.body;
-            if !rs.body.complete && ex.error.is_none() {
-                ex.error =
-                    Some("response body did not complete (client or upstream went away)".into());
-            }
-            ex.response_body = rs.body;
-            // MCP: each allowed call's result, from what the client got.
-            if ex
-                .tool_calls
-                .iter()
-                .any(|t| t.call.api == crate::record::ToolApi::Mcp)
-            {
-                for (id, text) in crate::tools::mcp::results(&ex.response_body.bytes()) {
-                    let id = crate::tools::mcp::id_text(&id);
-                    if let Some(t) = ex
-                        .tool_calls
-                        .iter_mut()
-                        .find(|t| t.call.api == crate::record::ToolApi::Mcp && t.call.id == id)
-                    {
-                        t.set_result(text);
+        meet.then(
+            true,
+            Box::new(move |rq, rs| {
+                let rs = rs.unwrap_or_default();
+                ex.request_trailers = rq.trailers.clone();
+                ex.response_trailers = rs.trailers.clone();
+                ex.request_body = rq.body;
+                if !rs.body.complete && ex.error.is_none() {
+                    ex.error = Some(
+                        "response body did not complete (client or upstream went away)".into(),
+                    );
+                }
+                ex.response_body = rs.body;
+                // MCP: each allowed call's result, from what the client got.
+                if ex
+                    .tool_calls
+                    .iter()
+                    .any(|t| t.call.api == crate::record::ToolApi::Mcp)
+                {
+                    for (id, text) in crate::tools::mcp::results(&ex.response_body.bytes()) {
+                        let id = crate::tools::mcp::id_text(&id);
+                        if let Some(t) = ex
+                            .tool_calls
+                            .iter_mut()
+                            .find(|t| t.call.api == crate::record::ToolApi::Mcp && t.call.id == id)
+                        {
+                            t.set_result(text);
+                        }
                     }
                 }
-            }
-            let report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
-            ex.decisions.extend(mask_decisions(&policy, report.masked));
-            ex.decisions.extend(report.tool_decisions);
-            ex.tool_calls.extend(report.tool_calls);
-            if let Some(e) = report.error {
-                ex.error = Some(format!("response scan failed, stream cut: {e}"));
-            }
-            ex.duration_ms = ms(started);
-            this.finish(ex, durable_tx).await;
-        });
+                let report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
+                ex.decisions.extend(mask_decisions(&policy, report.masked));
+                ex.decisions.extend(report.tool_decisions);
+                ex.tool_calls.extend(report.tool_calls);
+                if let Some(e) = report.error {
+                    ex.error = Some(format!("response scan failed, stream cut: {e}"));
+                }
+                ex.duration_ms = ms(started);
+                this.finish(ex, durable_tx);
+            }),
+        );
         Response::from_parts(parts, resp_tap.boxed())
     }
 
@@ -996,7 +1002,7 @@ impl HttpSession {
                 _ => ex.error = Some("upgrade did not complete".into()),
             }
             ex.duration_ms = ms(started);
-            this.finish(ex, durable_tx).await;
+            this.finish(ex, durable_tx);
         });
         let (parts, _) = resp.into_parts();
         Response::from_parts(
@@ -1027,7 +1033,7 @@ impl HttpSession {
         ex.ttfb_ms = Some(ms(started));
         ex.duration_ms = ms(started);
         // The refusal is recorded before the client hears about it.
-        self.finish(ex, durable).await;
+        self.finish(ex, durable);
         let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
         *resp.status_mut() = status;
         resp.headers_mut()
@@ -1035,7 +1041,7 @@ impl HttpSession {
         resp
     }
 
-    async fn finish(&self, mut ex: Exchange, durable: Option<oneshot::Sender<()>>) {
+    fn finish(&self, mut ex: Exchange, durable: Option<oneshot::Sender<()>>) {
         ex.state = ExchangeState::Complete;
         self.observe_exchange(&ex);
         // In the kernel when this returns (survives kill -9); on disk

@@ -52,6 +52,7 @@ pub struct Draft {
 
 /// Appends the stored form of a new link to `out` with its sequence
 /// number and hashes left blank for `Draft::seal`.
+#[cfg(test)]
 pub fn draft_into(
     out: &mut Vec<u8>,
     at_ms: u64,
@@ -59,19 +60,41 @@ pub fn draft_into(
     kind: &str,
     body: &[u8],
 ) -> Draft {
-    let digest = content_digest(at_ms, connection, kind, body);
-    let kind = &kind.as_bytes()[..kind.len().min(u16::MAX as usize)];
+    let write = |out: &mut Vec<u8>| {
+        out.extend_from_slice(body);
+        Ok::<(), std::convert::Infallible>(())
+    };
+    match draft_with(out, at_ms, connection, kind, write) {
+        Ok(d) => d,
+        Err(e) => match e {},
+    }
+}
+
+/// `draft_into` with the body written in place by `write` (the record
+/// serialised straight into the frame: no copy, no buffer of its own).
+pub fn draft_with<E>(
+    out: &mut Vec<u8>,
+    at_ms: u64,
+    connection: u64,
+    kind: &str,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<Draft, E> {
+    let kind_bytes = &kind.as_bytes()[..kind.len().min(u16::MAX as usize)];
     let at = out.len();
-    out.reserve(FIXED + kind.len() + body.len());
     out.push(V1);
     out.extend_from_slice(&[0; 8]);
     out.extend_from_slice(&at_ms.to_be_bytes());
     out.extend_from_slice(&connection.to_be_bytes());
     out.extend_from_slice(&[0; 64]);
-    out.extend_from_slice(&(kind.len() as u16).to_be_bytes());
-    out.extend_from_slice(kind);
-    out.extend_from_slice(body);
-    Draft { at, digest }
+    out.extend_from_slice(&(kind_bytes.len() as u16).to_be_bytes());
+    out.extend_from_slice(kind_bytes);
+    let body_at = out.len();
+    if let Err(e) = write(out) {
+        out.truncate(at);
+        return Err(e);
+    }
+    let digest = content_digest(at_ms, connection, kind, &out[body_at..]);
+    Ok(Draft { at, digest })
 }
 
 impl Draft {
@@ -222,6 +245,28 @@ fn legacy_hash(prev: &str, seq: u64, at_ms: u64, connection: u64, kind: &str, bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body serialised in place gives the frame and digest a copied
+    /// one gives; a failed serialisation leaves nothing behind.
+    #[test]
+    fn draft_with_matches_draft_into_and_undoes_a_failure() {
+        let body = br#"{"a":"b\"c"}"#;
+        let (mut a, mut b) = (vec![9u8; 3], vec![9u8; 3]);
+        let da = draft_into(&mut a, 5, 6, "exchange", body);
+        let db = draft_with(&mut b, 5, 6, "exchange", |o| {
+            serde_json::to_writer(o, &serde_json::json!({"a": "b\"c"}))
+        })
+        .unwrap();
+        assert_eq!(da.seal(&mut a, 1, &GENESIS), db.seal(&mut b, 1, &GENESIS));
+        assert_eq!(a, b);
+        let mut c = vec![9u8; 3];
+        let r = draft_with(&mut c, 5, 6, "exchange", |o| {
+            o.extend_from_slice(b"partial");
+            Err("no")
+        });
+        assert!(r.is_err());
+        assert_eq!(c, vec![9u8; 3]);
+    }
 
     #[test]
     fn encode_decode_roundtrip_and_hash() {

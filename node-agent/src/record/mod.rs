@@ -174,12 +174,50 @@ impl Drop for RecordStore {
 impl Shared {
     /// Appends an event: chain hash, one `write(2)` to the log (from then
     /// on it survives `kill -9`), queued for the index.
-    fn append(
+    /// A record serialised straight into its frame.
+    fn append_json<T: Serialize + ?Sized>(
         &self,
         connection: u64,
         kind: &str,
-        body: &[u8],
+        record: &T,
         view: View,
+    ) -> Result<u64, RecordError> {
+        self.append_with(connection, kind, view, |out| {
+            serde_json::to_writer(out, record).map_err(RecordError::Encode)
+        })
+    }
+
+    /// Appends an event whose body `write` puts into the frame.
+    fn append_with(
+        &self,
+        connection: u64,
+        kind: &str,
+        view: View,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), RecordError>,
+    ) -> Result<u64, RecordError> {
+        // The frame buffer is the thread's, reused: an append then costs
+        // no allocation (a record's JSON grown by doubling used to be
+        // several, and a copy into the frame).
+        thread_local! {
+            static FRAME: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut frame = FRAME.with(|f| f.take());
+        frame.clear();
+        let res = self.append_frame(&mut frame, connection, kind, view, write);
+        // A huge record's buffer is not kept for the thread's lifetime.
+        if frame.capacity() <= 256 << 10 {
+            FRAME.with(|f| f.set(frame));
+        }
+        res
+    }
+
+    fn append_frame(
+        &self,
+        frame: &mut Vec<u8>,
+        connection: u64,
+        kind: &str,
+        view: View,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), RecordError>,
     ) -> Result<u64, RecordError> {
         if let Some(e) = self
             .index_failing
@@ -189,15 +227,14 @@ impl Shared {
         {
             return Err(RecordError::Log(format!("indexing records failed: {e}")));
         }
-        let mut frame = Vec::with_capacity(4 + 96 + kind.len() + body.len());
         frame.extend_from_slice(&[0; 4]);
         // Encoded and digested before the lock: appends from many
         // connections only queue for the link hash and the write(2).
-        let draft = chain::draft_into(&mut frame, now_ms(), connection, kind, body);
+        let draft = chain::draft_with(frame, now_ms(), connection, kind, write)?;
         let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
         let seq = head.seq;
-        let hash = draft.seal(&mut frame, seq, &head.hash);
-        let at = head.log.append(&mut frame)?;
+        let hash = draft.seal(frame, seq, &head.hash);
+        let at = head.log.append(frame)?;
         head.seq = seq + 1;
         head.hash = hash;
         let end = head.log.end();
@@ -478,11 +515,10 @@ impl RecordStore {
     /// Appends the record's current state to the chain. In the kernel
     /// (survives `kill -9`) when this returns.
     pub fn put(&self, r: &ConnectionRecord, kind: &str) -> Result<(), RecordError> {
-        let body = serde_json::to_vec(r).map_err(RecordError::Encode)?;
-        self.s.append(
+        self.s.append_json(
             r.id,
             kind,
-            &body,
+            r,
             View::Connection {
                 open: r.outcome == Outcome::Open,
             },
@@ -505,8 +541,7 @@ impl RecordStore {
     }
 
     fn audit_nowait(&self, kind: &str, body: &serde_json::Value) -> Result<(), RecordError> {
-        let text = serde_json::to_vec(body).map_err(RecordError::Encode)?;
-        self.s.append(0, kind, &text, View::None)?;
+        self.s.append_json(0, kind, body, View::None)?;
         Ok(())
     }
 
@@ -549,11 +584,10 @@ impl RecordStore {
         state: ExchangeState,
         kind: &str,
     ) -> Result<(), RecordError> {
-        let body = serde_json::to_vec(record).map_err(RecordError::Encode)?;
-        self.s.append(
+        self.s.append_json(
             session,
             kind,
-            &body,
+            record,
             View::Exchange {
                 seq,
                 open: state == ExchangeState::Started,
