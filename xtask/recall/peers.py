@@ -292,9 +292,16 @@ def main():
     ap.add_argument("--trufflehog")
     ap.add_argument("--detect-secrets")
     ap.add_argument("--misses", action="store_true", help="list the cases missed")
+    ap.add_argument("--extra-patterns", help="a YAML list of candidate patterns (pack shape) "
+                    "added to the packs: try one before it goes into a pack")
     a = ap.parse_args()
+    text = BUNDLE
+    if a.extra_patterns:
+        import yaml
+        extra = yaml.safe_load(open(a.extra_patterns))
+        text += "    patterns: %s\n" % json.dumps(extra)
     bundle = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    bundle.write(BUNDLE)
+    bundle.write(text)
     bundle.close()
     suites = []
     if a.gitleaks:
