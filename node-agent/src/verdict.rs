@@ -115,6 +115,13 @@ pub struct Hold {
     timeout_secs: u64,
 }
 
+impl Hold {
+    /// The `approve` rule that holds the message.
+    pub fn rule(&self) -> &str {
+        &self.rule
+    }
+}
+
 /// What an approver is shown of a held message.
 pub struct Held {
     pub method: String,

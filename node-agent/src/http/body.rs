@@ -11,7 +11,6 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::header::HeaderMap;
-use tokio::sync::oneshot;
 
 use super::{decode::Decoder, headers, BoxError};
 use crate::{
@@ -383,12 +382,6 @@ impl Meet {
     }
 }
 
-/// Where a `Tap` hands its copy.
-enum Sink {
-    Channel(oneshot::Sender<Captured>),
-    Meet(Arc<Meet>, Side),
-}
-
 /// A body that passes every frame through unchanged and keeps the first
 /// `cap` bytes for the record.
 pub struct Tap<B> {
@@ -396,7 +389,8 @@ pub struct Tap<B> {
     cap: usize,
     seen: Captured,
     captured: Vec<u8>,
-    tx: Option<Sink>,
+    /// Where the copy goes, once.
+    tx: Option<(Arc<Meet>, Side)>,
     /// The declared length (Content-Length), when there is one: hyper
     /// may drop a body once that many bytes are written, without polling
     /// it to its end.
@@ -404,40 +398,26 @@ pub struct Tap<B> {
 }
 
 impl<B: Body> Tap<B> {
-    pub fn new(inner: B, cap: usize) -> (Self, oneshot::Receiver<Captured>) {
-        let (tx, rx) = oneshot::channel();
-        (Self::with_sink(inner, cap, Sink::Channel(tx)), rx)
-    }
-
     /// A tap whose copy goes to the exchange's meeting point.
     pub fn meeting(inner: B, cap: usize, meet: Arc<Meet>, side: Side) -> Self {
-        Self::with_sink(inner, cap, Sink::Meet(meet, side))
-    }
-
-    fn with_sink(inner: B, cap: usize, sink: Sink) -> Self {
         Tap {
             expected: inner.size_hint().exact(),
             inner,
             cap,
             seen: Captured::default(),
             captured: Vec::new(),
-            tx: Some(sink),
+            tx: Some((meet, side)),
         }
     }
 }
 
 impl<B> Tap<B> {
     fn finish(&mut self, complete: bool) {
-        if let Some(tx) = self.tx.take() {
+        if let Some((meet, side)) = self.tx.take() {
             let mut seen = std::mem::take(&mut self.seen);
             seen.body.set_bytes(std::mem::take(&mut self.captured));
             seen.body.complete = complete;
-            match tx {
-                Sink::Channel(tx) => {
-                    let _ = tx.send(seen);
-                }
-                Sink::Meet(meet, side) => meet.deliver(side, seen),
-            }
+            meet.deliver(side, seen);
         }
     }
 }
@@ -614,13 +594,25 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
+    /// A request-side tap whose copy lands in the returned slot.
+    fn tapped<B: Body>(body: B) -> (Tap<B>, Arc<std::sync::Mutex<Option<Captured>>>) {
+        let meet = Meet::new();
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        let into = slot.clone();
+        meet.then(
+            false,
+            Box::new(move |rq, _| *into.lock().unwrap() = Some(rq)),
+        );
+        (Tap::meeting(body, 100, meet, Side::Request), slot)
+    }
+
     #[tokio::test]
     async fn tap_passes_everything_and_caps_the_copy() {
         let data = Bytes::from(vec![b'a'; 1000]);
-        let (tap, rx) = Tap::new(Full::new(data.clone()), 100);
+        let (tap, copy) = tapped(Full::new(data.clone()));
         let out = tap.collect().await.unwrap().to_bytes();
         assert_eq!(out, data, "the body is forwarded unchanged");
-        let c = rx.await.unwrap();
+        let c = copy.lock().unwrap().take().unwrap();
         assert_eq!(c.body.size, 1000);
         assert!(c.body.truncated);
         assert!(c.body.complete);
@@ -651,14 +643,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_dropped_after_its_declared_length_is_complete() {
-        let (mut tap, rx) = Tap::new(Chunks(vec![b"abc", b"def"]), 100);
+        let (mut tap, copy) = tapped(Chunks(vec![b"abc", b"def"]));
         tap.frame().await.unwrap().unwrap();
         tap.frame().await.unwrap().unwrap();
         drop(tap); // the server stopped polling: Content-Length reached
-        assert!(rx.await.unwrap().body.complete);
-        let (mut tap, rx) = Tap::new(Chunks(vec![b"abc", b"def"]), 100);
+        assert!(copy.lock().unwrap().take().unwrap().body.complete);
+        let (mut tap, copy) = tapped(Chunks(vec![b"abc", b"def"]));
         tap.frame().await.unwrap().unwrap();
         drop(tap); // cut short
-        assert!(!rx.await.unwrap().body.complete);
+        assert!(!copy.lock().unwrap().take().unwrap().body.complete);
     }
 }

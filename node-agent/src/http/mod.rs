@@ -665,9 +665,9 @@ impl HttpSession {
         report: &Arc<std::sync::Mutex<MaskReport>>,
     ) -> crate::tools::stream::Judge {
         use crate::{
-            policy::Verdict,
             record::{ToolCallRecord, ToolVerdict},
             tools::stream::Ruling,
+            verdict::Judged,
         };
         let (p, target, identity, report) = (
             policy.clone(),
@@ -679,41 +679,26 @@ impl HttpSession {
         let ctx = self.ctx.clone();
         Box::new(move |call| {
             let workspace = identity.ci.as_ref().and_then(|c| c.workspace.as_deref());
-            let judged =
+            let evaluated =
                 p.evaluate_tool_call_in(call, workspace, |i| p.rule_applies(i, &target, &identity));
-            let (ruling, decisions) = match judged {
-                Ok((Verdict::Allow, d)) => (Ruling::Allow, d),
-                Ok((Verdict::Block { rule, message }, d)) if p.refuses_with_text(&rule) => {
-                    (Ruling::Refuse { rule, message }, d)
-                }
-                Ok((Verdict::Block { rule, message }, d)) => (Ruling::Block { rule, message }, d),
-                Ok((
-                    Verdict::Approve {
-                        rule,
-                        message,
-                        timeout_secs,
-                    },
-                    d,
-                )) => {
+            let mut decisions = Vec::new();
+            let ruling = match ctx.judge(evaluated, &mut decisions) {
+                Judged::Allow => Ruling::Allow,
+                Judged::Deny(d) if p.refuses_with_text(&d.rule) => Ruling::Refuse {
+                    rule: d.rule,
+                    message: d.message,
+                },
+                Judged::Deny(d) => Ruling::Block {
+                    rule: d.rule,
+                    message: d.message,
+                },
+                Judged::Hold(hold) => {
                     // Held for a human through the session's approvals;
                     // the stream waits on this.
                     let (ctx, report, call, target) =
                         (ctx.clone(), report.clone(), call.clone(), target.clone());
                     return Ruling::Wait(Box::pin(async move {
-                        let mut decisions = d;
-                        let approve = Ok((
-                            Verdict::Approve {
-                                rule: rule.clone(),
-                                message: message.clone(),
-                                timeout_secs,
-                            },
-                            Vec::new(),
-                        ));
-                        let crate::verdict::Judged::Hold(hold) =
-                            ctx.judge(approve, &mut Vec::new())
-                        else {
-                            return Ruling::Block { rule, message };
-                        };
+                        let rule = hold.rule().to_owned();
                         let held = crate::verdict::Held {
                             method: "TOOL CALL".into(),
                             authority: target,
@@ -738,13 +723,6 @@ impl HttpSession {
                         ruling
                     }));
                 }
-                Err(e) => (
-                    Ruling::Block {
-                        rule: "scan-failed".into(),
-                        message: format!("the tool call could not be judged: {e}"),
-                    },
-                    Vec::new(),
-                ),
             };
             let (verdict, rule) = match &ruling {
                 Ruling::Allow | Ruling::Wait(_) => (ToolVerdict::Allowed, None),

@@ -233,12 +233,7 @@ impl HttpSession {
                 Judged::Allow => None,
                 Judged::Deny(d) => Some(d),
                 Judged::Hold(hold) => {
-                    let rule = ex
-                        .decisions
-                        .iter()
-                        .rev()
-                        .find(|d| d.action == crate::record::Action::Approve)
-                        .map(|d| d.rule.clone());
+                    let rule = Some(hold.rule().to_owned());
                     let held = Held {
                         method: "MCP tools/call".into(),
                         authority: ex.authority.clone(),

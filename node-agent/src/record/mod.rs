@@ -172,28 +172,15 @@ impl Drop for RecordStore {
 }
 
 impl Shared {
-    /// Appends an event: chain hash, one `write(2)` to the log (from then
-    /// on it survives `kill -9`), queued for the index.
-    /// A record serialised straight into its frame.
+    /// Appends a record as an event: its JSON serialised straight into
+    /// the frame, chain hash, one `write(2)` to the log (from then on it
+    /// survives `kill -9`), queued for the index.
     fn append_json<T: Serialize + ?Sized>(
         &self,
         connection: u64,
         kind: &str,
         record: &T,
         view: View,
-    ) -> Result<u64, RecordError> {
-        self.append_with(connection, kind, view, |out| {
-            serde_json::to_writer(out, record).map_err(RecordError::Encode)
-        })
-    }
-
-    /// Appends an event whose body `write` puts into the frame.
-    fn append_with(
-        &self,
-        connection: u64,
-        kind: &str,
-        view: View,
-        write: impl FnOnce(&mut Vec<u8>) -> Result<(), RecordError>,
     ) -> Result<u64, RecordError> {
         // The frame buffer is the thread's, reused: an append then costs
         // no allocation (a record's JSON grown by doubling used to be
@@ -203,7 +190,7 @@ impl Shared {
         }
         let mut frame = FRAME.with(|f| f.take());
         frame.clear();
-        let res = self.append_frame(&mut frame, connection, kind, view, write);
+        let res = self.append_frame(&mut frame, connection, kind, record, view);
         // A huge record's buffer is not kept for the thread's lifetime.
         if frame.capacity() <= 256 << 10 {
             FRAME.with(|f| f.set(frame));
@@ -211,13 +198,13 @@ impl Shared {
         res
     }
 
-    fn append_frame(
+    fn append_frame<T: Serialize + ?Sized>(
         &self,
         frame: &mut Vec<u8>,
         connection: u64,
         kind: &str,
+        record: &T,
         view: View,
-        write: impl FnOnce(&mut Vec<u8>) -> Result<(), RecordError>,
     ) -> Result<u64, RecordError> {
         if let Some(e) = self
             .index_failing
@@ -230,7 +217,9 @@ impl Shared {
         frame.extend_from_slice(&[0; 4]);
         // Encoded and digested before the lock: appends from many
         // connections only queue for the link hash and the write(2).
-        let draft = chain::draft_with(frame, now_ms(), connection, kind, write)?;
+        let draft = chain::draft_with(frame, now_ms(), connection, kind, |out| {
+            serde_json::to_writer(out, record).map_err(RecordError::Encode)
+        })?;
         let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
         let seq = head.seq;
         let hash = draft.seal(frame, seq, &head.hash);
