@@ -428,10 +428,28 @@ impl ToolGuard {
         closing: &mut Vec<String>,
         done: &mut bool,
     ) {
-        let kind = v.get("type").and_then(Value::as_str).or(name);
+        match v.get("type").and_then(Value::as_str).or(name) {
+            Some(
+                k @ ("content_block_start"
+                | "content_block_delta"
+                | "content_block_stop"
+                | "message_stop"),
+            ) => self.follow_anthropic(k, v, closing, done),
+            Some(k) if k.starts_with("response.") => self.follow_responses(k, v, closing, done),
+            _ => self.follow_chat(v, closing),
+        }
+    }
+
+    /// Anthropic Messages: `content_block_*` events by block index.
+    fn follow_anthropic(
+        &mut self,
+        kind: &str,
+        v: &Value,
+        closing: &mut Vec<String>,
+        done: &mut bool,
+    ) {
         match kind {
-            // Anthropic Messages.
-            Some("content_block_start") => {
+            "content_block_start" => {
                 let block = &v["content_block"];
                 if matches!(block["type"].as_str(), Some("tool_use" | "server_tool_use")) {
                     self.api = Some(Api::Anthropic);
@@ -452,7 +470,7 @@ impl ToolGuard {
                     );
                 }
             }
-            Some("content_block_delta") => {
+            "content_block_delta" => {
                 let key = format!("a{}", v["index"].as_u64().unwrap_or(0));
                 if let (Some(b), Some(piece)) =
                     (self.open.get_mut(&key), v["delta"]["partial_json"].as_str())
@@ -460,15 +478,27 @@ impl ToolGuard {
                     b.arguments.push_str(piece);
                 }
             }
-            Some("content_block_stop") => {
+            "content_block_stop" => {
                 let key = format!("a{}", v["index"].as_u64().unwrap_or(0));
                 if self.open.contains_key(&key) {
                     closing.push(key);
                 }
             }
-            Some("message_stop") => *done = true,
-            // OpenAI Responses.
-            Some("response.output_item.added") => {
+            "message_stop" => *done = true,
+            _ => {}
+        }
+    }
+
+    /// OpenAI Responses: `response.*` events by item id.
+    fn follow_responses(
+        &mut self,
+        kind: &str,
+        v: &Value,
+        closing: &mut Vec<String>,
+        done: &mut bool,
+    ) {
+        match kind {
+            "response.output_item.added" => {
                 let item = &v["item"];
                 if matches!(
                     item["type"].as_str(),
@@ -495,15 +525,13 @@ impl ToolGuard {
                     );
                 }
             }
-            Some(
-                "response.function_call_arguments.delta" | "response.custom_tool_call_input.delta",
-            ) => {
+            "response.function_call_arguments.delta" | "response.custom_tool_call_input.delta" => {
                 let key = format!("r{}", v["item_id"].as_str().unwrap_or_default());
                 if let (Some(b), Some(piece)) = (self.open.get_mut(&key), v["delta"].as_str()) {
                     b.arguments.push_str(piece);
                 }
             }
-            Some("response.function_call_arguments.done") => {
+            "response.function_call_arguments.done" => {
                 let key = format!("r{}", v["item_id"].as_str().unwrap_or_default());
                 if let Some(b) = self.open.get_mut(&key) {
                     if let Some(a) = v["arguments"].as_str() {
@@ -512,47 +540,48 @@ impl ToolGuard {
                     closing.push(key);
                 }
             }
-            Some("response.output_item.done") => {
+            "response.output_item.done" => {
                 let key = format!("r{}", v["item"]["id"].as_str().unwrap_or_default());
                 if self.open.contains_key(&key) {
                     closing.push(key);
                 }
             }
-            Some("response.completed" | "response.failed" | "response.incomplete") => *done = true,
-            // OpenAI chat completions: no `type`, `choices[].delta`.
-            _ => {
-                let Some(choices) = v["choices"].as_array() else {
-                    return;
-                };
-                for ch in choices {
-                    let c = ch["index"].as_u64().unwrap_or(0);
-                    if let Some(calls) = ch["delta"]["tool_calls"].as_array() {
-                        self.api = Some(Api::OpenaiChat);
-                        for (n, t) in calls.iter().enumerate() {
-                            let i = t["index"].as_u64().unwrap_or(n as u64);
-                            let b = self.open.entry(format!("c{c}.{i}")).or_insert(Building {
-                                id: String::new(),
-                                name: String::new(),
-                                arguments: String::new(),
-                                initial: None,
-                            });
-                            if let Some(id) = t["id"].as_str() {
-                                b.id = id.into();
-                            }
-                            if let Some(name) = t["function"]["name"].as_str() {
-                                b.name.push_str(name);
-                            }
-                            if let Some(a) = t["function"]["arguments"].as_str() {
-                                b.arguments.push_str(a);
-                            }
-                        }
+            "response.completed" | "response.failed" | "response.incomplete" => *done = true,
+            _ => {}
+        }
+    }
+
+    /// OpenAI chat completions: no `type`, `choices[].delta`.
+    fn follow_chat(&mut self, v: &Value, closing: &mut Vec<String>) {
+        let Some(choices) = v["choices"].as_array() else {
+            return;
+        };
+        for ch in choices {
+            let c = ch["index"].as_u64().unwrap_or(0);
+            if let Some(calls) = ch["delta"]["tool_calls"].as_array() {
+                self.api = Some(Api::OpenaiChat);
+                for (n, t) in calls.iter().enumerate() {
+                    let i = t["index"].as_u64().unwrap_or(n as u64);
+                    let b = self.open.entry(format!("c{c}.{i}")).or_insert(Building {
+                        id: String::new(),
+                        name: String::new(),
+                        arguments: String::new(),
+                        initial: None,
+                    });
+                    if let Some(id) = t["id"].as_str() {
+                        b.id = id.into();
                     }
-                    if !ch["finish_reason"].is_null() {
-                        let prefix = format!("c{c}.");
-                        closing
-                            .extend(self.open.keys().filter(|k| k.starts_with(&prefix)).cloned());
+                    if let Some(name) = t["function"]["name"].as_str() {
+                        b.name.push_str(name);
+                    }
+                    if let Some(a) = t["function"]["arguments"].as_str() {
+                        b.arguments.push_str(a);
                     }
                 }
+            }
+            if !ch["finish_reason"].is_null() {
+                let prefix = format!("c{c}.");
+                closing.extend(self.open.keys().filter(|k| k.starts_with(&prefix)).cloned());
             }
         }
     }
