@@ -284,18 +284,15 @@ def detect_secrets_cases(root):
         # Tables of (line, expected secret): a line is a true positive when
         # any table (one per file type the plugin knows) expects a secret
         # in it, a false-positive case when none does.
-        table = case_tables(tree)
-        secret_of = {}
-        for line, secret in table:
-            if secret is not None:
-                secret_of.setdefault(line, secret)
-        for line, secret in dict.fromkeys(table):
-            if secret is not None and secret_of.get(line) == secret:
-                tps.append((f[:-8], line, [secret]))
-                secret_of[line] = object()  # once per line
-            elif line not in secret_of:
+        expected = {}
+        for line, secret in case_tables(tree):
+            if expected.get(line) is None:
+                expected[line] = secret
+        for line, secret in expected.items():
+            if secret is None:
                 fps.append((f[:-8], line, None))
-                secret_of[line] = None
+            else:
+                tps.append((f[:-8], line, [secret]))
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
                 continue
@@ -321,8 +318,10 @@ def detect_secrets_cases(root):
                 (tps if v[fi] else fps).append((f[:-8], v[ti], None))
     # A case in both a table and a parametrize list counts once.
     def once(cases):
-        seen = set()
-        return [c for c in cases if (c[0], c[1]) not in seen and not seen.add((c[0], c[1]))]
+        first = {}
+        for c in cases:
+            first.setdefault((c[0], c[1]), c)
+        return list(first.values())
     return once(tps), once(fps)
 
 

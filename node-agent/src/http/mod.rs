@@ -625,23 +625,7 @@ impl HttpSession {
                     );
                 }
                 ex.response_body = rs.body;
-                // MCP: each allowed call's result, from what the client got.
-                if ex
-                    .tool_calls
-                    .iter()
-                    .any(|t| t.call.api == crate::record::ToolApi::Mcp)
-                {
-                    for (id, text) in crate::tools::mcp::results(&ex.response_body.bytes()) {
-                        let id = crate::tools::mcp::id_text(&id);
-                        if let Some(t) = ex
-                            .tool_calls
-                            .iter_mut()
-                            .find(|t| t.call.api == crate::record::ToolApi::Mcp && t.call.id == id)
-                        {
-                            t.set_result(text);
-                        }
-                    }
-                }
+                mcp_results_into(&mut ex);
                 let report = std::mem::take(&mut *report.lock().unwrap_or_else(|e| e.into_inner()));
                 ex.decisions.extend(mask_decisions(&policy, report.masked));
                 ex.decisions.extend(report.tool_decisions);
@@ -1030,6 +1014,24 @@ impl HttpSession {
         }
         if let Some(tx) = durable {
             let _ = tx.send(());
+        }
+    }
+}
+
+/// MCP: each allowed call's result, from the response the client got.
+fn mcp_results_into(ex: &mut Exchange) {
+    use crate::{record::ToolApi, tools::mcp};
+    if !ex.tool_calls.iter().any(|t| t.call.api == ToolApi::Mcp) {
+        return;
+    }
+    for (id, text) in mcp::results(&ex.response_body.bytes()) {
+        let id = mcp::id_text(&id);
+        if let Some(t) = ex
+            .tool_calls
+            .iter_mut()
+            .find(|t| t.call.api == ToolApi::Mcp && t.call.id == id)
+        {
+            t.set_result(text);
         }
     }
 }

@@ -429,12 +429,9 @@ impl ToolGuard {
         done: &mut bool,
     ) {
         match v.get("type").and_then(Value::as_str).or(name) {
-            Some(
-                k @ ("content_block_start"
-                | "content_block_delta"
-                | "content_block_stop"
-                | "message_stop"),
-            ) => self.follow_anthropic(k, v, closing, done),
+            Some(k) if k.starts_with("content_block_") || k == "message_stop" => {
+                self.follow_anthropic(k, v, closing, done)
+            }
             Some(k) if k.starts_with("response.") => self.follow_responses(k, v, closing, done),
             _ => self.follow_chat(v, closing),
         }
