@@ -190,7 +190,7 @@ fn commit(s: &Shared, st: &mut State, force_checkpoint: bool) -> Result<(), Reco
         };
         s.apply(&mut ix, batch)?;
         for f in files {
-            f.sync_data()?;
+            f.sync_and_release()?;
         }
         s.durable
             .store(durable, std::sync::atomic::Ordering::Release);

@@ -152,10 +152,46 @@ pub struct LogWriter {
     segment: u64,
     size: u64,
     /// Closed segments not yet fsync'd (the commit thread does it).
-    unsynced: Vec<File>,
+    unsynced: Vec<Unsynced>,
     /// Anything written since the last `take_unsynced`.
     dirty: bool,
+    /// Bytes of this segment already handed over to leave the page cache.
+    released: u64,
 }
+
+/// A log file holding writes not yet fsync'd, and the range of it that may
+/// leave the page cache once they are.
+///
+/// Why drop it: the log is written once and read rarely (replay, export,
+/// verify read it back from disk), so keeping it cached only pushes the
+/// build's own files out of memory on a runner, and every new cached page
+/// is memory the kernel has to find and zero on the write path. Pages
+/// released after each group commit return to the allocator and serve the
+/// next appends.
+pub struct Unsynced {
+    pub file: File,
+    /// Page-aligned byte range that is complete: no later append touches it.
+    pub settled: std::ops::Range<u64>,
+}
+
+impl Unsynced {
+    /// fsyncs the file, then drops its settled range from the page cache
+    /// (advice only: a failure costs memory, never data).
+    pub fn sync_and_release(&self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        if !self.settled.is_empty() {
+            let _ = nix::fcntl::posix_fadvise(
+                &self.file,
+                self.settled.start as i64,
+                (self.settled.end - self.settled.start) as i64,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
+        Ok(())
+    }
+}
+
+const PAGE: u64 = 4096;
 
 impl LogWriter {
     /// Continues segment `n` at `size` (cutting anything after it: a torn
@@ -175,6 +211,7 @@ impl LogWriter {
             size,
             unsynced: Vec::new(),
             dirty: false,
+            released: 0,
         })
     }
 
@@ -185,8 +222,11 @@ impl LogWriter {
             let next = Self::open(&self.dir, self.segment + 1, 0)?;
             let old = std::mem::replace(self, next);
             self.unsynced = old.unsynced;
-            if old.dirty {
-                self.unsynced.push(old.file);
+            if old.dirty || old.released < old.size {
+                self.unsynced.push(Unsynced {
+                    settled: old.released..old.size.next_multiple_of(PAGE),
+                    file: old.file,
+                });
             }
         }
         let len = (frame.len() - 4) as u32;
@@ -209,10 +249,17 @@ impl LogWriter {
 
     /// Files holding writes not yet fsync'd (clones: the commit thread
     /// syncs them without holding the head lock).
-    pub fn take_unsynced(&mut self) -> std::io::Result<Vec<File>> {
+    pub fn take_unsynced(&mut self) -> std::io::Result<Vec<Unsynced>> {
         let mut files = std::mem::take(&mut self.unsynced);
         if self.dirty {
-            files.push(self.file.try_clone()?);
+            // The page holding the end stays: the next append writes into
+            // it, and would otherwise read it back from disk first.
+            let settled = self.released..(self.size / PAGE * PAGE).max(self.released);
+            files.push(Unsynced {
+                file: self.file.try_clone()?,
+                settled: settled.clone(),
+            });
+            self.released = settled.end;
             self.dirty = false;
         }
         Ok(files)
@@ -283,5 +330,79 @@ mod tests {
         }
         assert_eq!(segments(dir.path(), "log").unwrap().len(), 3);
         assert_eq!(w.take_unsynced().unwrap().len(), 3);
+    }
+
+    /// Which of `file`'s pages are in the page cache.
+    fn resident(file: &File) -> Vec<bool> {
+        use std::os::fd::AsRawFd;
+        let len = file.metadata().unwrap().len() as usize;
+        let pages = len.div_ceil(PAGE as usize);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: a shared read-only mapping of a file we hold open, of
+        // its current length, unmapped before return; mincore writes one
+        // byte per page into `vec`, which has that many.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0);
+            libc::munmap(p, len);
+        }
+        vec.iter().map(|b| b & 1 == 1).collect()
+    }
+
+    #[test]
+    fn synced_log_leaves_the_page_cache_but_the_page_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LogWriter::open(dir.path(), 0, 0).unwrap();
+        let mut prev = GENESIS;
+        let mut locs = Vec::new();
+        for seq in 0..100 {
+            let (mut f, h) = frame(seq, &prev, &[b'x'; 3000]);
+            prev = h;
+            locs.push(w.append(&mut f).unwrap());
+        }
+        let file = File::open(segment_path(dir.path(), 0, "log")).unwrap();
+        assert!(
+            resident(&file).iter().all(|r| *r),
+            "written pages start cached"
+        );
+        let taken = w.take_unsynced().unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].settled.start, 0);
+        assert_eq!(taken[0].settled.end % PAGE, 0);
+        for u in &taken {
+            u.sync_and_release().unwrap();
+        }
+        let r = resident(&file);
+        let last = r.len() - 1;
+        assert!(
+            r[..last].iter().all(|r| !*r),
+            "settled pages released: {r:?}"
+        );
+        assert!(r[last], "the page the next append writes into stays");
+        // The next commit releases from where the last one stopped, and
+        // everything reads back whole.
+        let (mut f, _) = frame(100, &prev, &[b'y'; 9000]);
+        locs.push(w.append(&mut f).unwrap());
+        let taken = w.take_unsynced().unwrap();
+        assert_eq!(taken[0].settled.start, last as u64 * PAGE);
+        for u in &taken {
+            u.sync_and_release().unwrap();
+        }
+        for (seq, loc) in locs.iter().enumerate() {
+            assert_eq!(
+                Link::decode(&read_at(dir.path(), *loc).unwrap())
+                    .unwrap()
+                    .seq,
+                seq as u64
+            );
+        }
     }
 }

@@ -190,7 +190,7 @@ pub(super) fn migrate_legacy(db: &sled::Db, dir: &Path, log_dir: &Path) -> Resul
             }
         }
         for f in c.w.take_unsynced()? {
-            f.sync_all()?;
+            f.file.sync_all()?;
         }
         let next = c.next;
         std::fs::rename(&tmp, log_dir)?;
