@@ -13,7 +13,8 @@ scanner and stream masker (tests/e2e checks that its output is what a
 client gets through a node): plain, and as an OpenAI-style stream of
 5-character deltas. A true positive counts as found when the secret the
 suite expects (or, without one, the case) no longer appears whole in the
-output; a false-positive case counts as changed when the output differs.
+output (host names and separators among what it expects are context, not
+secrets); a false-positive case counts as changed when the output differs.
 
     python3 xtask/recall/peers.py --sluice target/release/sluice \\
         --gitleaks DIR --trufflehog DIR --detect-secrets DIR [--misses]
@@ -351,9 +352,20 @@ def run(sluice, bundle, cases, shape):
     return pieces
 
 
+# A host name (`rwxtOp.jfrog.io`) or a separator in what a suite expects is
+# the detector's context, not its secret: trufflehog's detectors report
+# `key + host` or `id + ":" + secret`, and a host left in the output
+# leaks nothing.
+HOST = re.compile(r"^(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,12}$")
+
+
+def secret_parts(want):
+    return [w for w in want if len(w) >= 4 and not HOST.match(w)] or want
+
+
 def found(case, want, out):
     if want:
-        return all(w not in out for w in want)
+        return all(w not in out for w in secret_parts(want))
     return out != case
 
 
