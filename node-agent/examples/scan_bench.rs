@@ -9,6 +9,8 @@
 //! patterns match, then exact spans; no post-filters), for comparison.
 //! `PER_PATTERN=1`: each pattern alone. `PROFILE=1`: the Hyperscan pass
 //! alone, and in how many chunks each pattern needed confirming.
+//! `SKIP=id,id`: the packs without those patterns (what one costs, in the
+//! same run as the whole, e.g. `SKIP=none` then `SKIP=generic-x`).
 
 use node_agent::{
     policy::CompiledPolicy,
@@ -130,9 +132,15 @@ fn main() {
     let bundle = "version: 1\nname: bench\nrules:\n  - id: all\n    on: response\n    packs: [secrets, pii]\n    action: mask\n";
     let policy = CompiledPolicy::compile(bundle, "bench", 8192).expect("packs compile");
     let scanner: &Scanner = policy.as_ref();
+    let skip = std::env::var("SKIP").unwrap_or_default();
+    let skip: Vec<&str> = skip.split(',').collect();
     let specs: Vec<PatternSpec> = (0..scanner.len())
         .map(|i| scanner.pattern(i).clone())
+        .filter(|s| !skip.contains(&s.id.as_str()))
         .collect();
+    let fewer = (specs.len() < scanner.len())
+        .then(|| Scanner::compile(specs.clone(), 8192).expect("packs compile"));
+    let scanner: &Scanner = fewer.as_ref().unwrap_or(scanner);
     let data = corpus(mb);
     if let Ok(path) = std::env::var("DUMP_CORPUS") {
         std::fs::write(path, &data).unwrap();
