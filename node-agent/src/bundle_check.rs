@@ -450,6 +450,16 @@ pub fn lint(text: &str, max_window: usize) -> Vec<Finding> {
                     message: format!("example {:?} could not be scanned: {err}", clip(e)),
                 }),
             }
+            for id in narrow_prefilters(&policy, i, on, e.as_bytes()) {
+                out.push(Finding {
+                    severity: Severity::Error,
+                    at: at(i),
+                    message: format!(
+                        "pattern `{id}`: its prefilter does not match example {:?} where its regex does; a prefilter must match wherever the regex can, or the pattern is found only when something else wakes its chunk",
+                        clip(e)
+                    ),
+                });
+            }
             // Shadowed: an earlier block/approve rule decides it first.
             if matches!(r.action, Action::Block | Action::Approve) {
                 if let Some(j) = earlier_decider(&policy, i, on, e.as_bytes()) {
@@ -520,6 +530,21 @@ fn rule_hits(
             any
         }
     })
+}
+
+/// Ids of rule `i`'s patterns whose prefilter misses `text` where their
+/// regex matches it.
+fn narrow_prefilters(policy: &CompiledPolicy, i: usize, on: On, text: &[u8]) -> Vec<String> {
+    let scanner = match on {
+        On::Request => policy.request_scanner(),
+        On::Response => response_scanner(policy),
+        On::Statement => policy.statement_scanner(),
+        On::ToolCall => policy.tool_scanner(),
+    };
+    (0..scanner.len())
+        .filter(|&p| scanner.pattern(p).rule == i && scanner.prefilter_narrower(p, text))
+        .map(|p| scanner.pattern(p).id.clone())
+        .collect()
 }
 
 /// The earlier rule that blocks or holds `text` before rule `i` is
@@ -662,5 +687,24 @@ rules:
             8192,
         );
         assert!(f[0].message.contains("no pack named `nope`"), "{f:?}");
+    }
+
+    #[test]
+    fn lint_names_a_prefilter_narrower_than_its_regex() {
+        // The regex takes a subscript (`key"] = …`), the prefilter forgot it.
+        let bundle = |pre: &str| {
+            format!(
+                "version: 1\nname: x\nrules:\n  - id: r\n    on: response\n    action: mask\n    patterns:\n      - id: k\n        regex: 'key\"?\\]?\\s?=\\s?\"(?P<secret>[a-z0-9]{{8}})\"'\n        prefilter: '{pre}'\n    examples:\n      hit: ['env[\"key\"] = \"abcd1234\"']\n"
+            )
+        };
+        let f = lint(&bundle(r#"key"?\s?=\s?"[a-z0-9]{8}"#), 8192);
+        assert!(
+            f.iter().any(|x| x.severity == Severity::Error
+                && x.message
+                    .contains("pattern `k`: its prefilter does not match")),
+            "{f:?}"
+        );
+        let f = lint(&bundle(r#"key"?\]?\s?=\s?"[a-z0-9]{8}"#), 8192);
+        assert!(f.is_empty(), "{f:?}");
     }
 }

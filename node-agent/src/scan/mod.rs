@@ -371,6 +371,29 @@ impl Scanner {
         &self.patterns[i].spec
     }
 
+    /// Whether pattern `i`'s regex matches `text` where its prefilter does
+    /// not. A prefilter narrower than its regex makes the pattern found
+    /// only when something else in the same chunk wakes it: masked in one
+    /// body, left whole in the next, plain and streamed disagreeing (a
+    /// bundle author's error `policy lint` names).
+    pub fn prefilter_narrower(&self, i: usize, text: &[u8]) -> bool {
+        let spec = &self.patterns[i].spec;
+        let Some(pre) = spec.prefilter.as_deref() else {
+            return false;
+        };
+        if pre == DIGIT_GROUPS {
+            return false;
+        }
+        let pre = PatternSpec {
+            regex: pre.to_owned(),
+            ..spec.clone()
+        };
+        match (build_regex(spec), build_regex(&pre)) {
+            (Ok(re), Ok(pf)) => re.is_match(text) && !pf.is_match(text),
+            _ => false,
+        }
+    }
+
     /// All confirmed hits in `data`, with exact spans.
     pub fn find(&self, data: &[u8]) -> Result<Vec<Hit>, ScanError> {
         let seen = self.candidates(data)?;
