@@ -352,15 +352,16 @@ def run(sluice, bundle, cases, shape):
     return pieces
 
 
-# A host name (`rwxtOp.jfrog.io`) or a separator in what a suite expects is
-# the detector's context, not its secret: trufflehog's detectors report
-# `key + host` or `id + ":" + secret`, and a host left in the output
-# leaks nothing.
+# A host name (`rwxtOp.jfrog.io`), a separator or a piece of prose or JSON
+# structure (anything with a space in it) in what a suite expects is the
+# detector's context, not its secret: trufflehog's detectors report
+# `key + host` or `id + ":" + secret`, and a host left in the output leaks
+# nothing.
 HOST = re.compile(r"^(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,12}$")
 
 
 def secret_parts(want):
-    return [w for w in want if len(w) >= 4 and not HOST.match(w)] or want
+    return [w for w in want if len(w) >= 4 and not HOST.match(w) and not re.search(r"\s", w)] or want
 
 
 def found(case, want, out):
