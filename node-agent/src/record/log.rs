@@ -359,7 +359,9 @@ mod tests {
 
     #[test]
     fn synced_log_leaves_the_page_cache_but_the_page_being_written() {
-        let dir = tempfile::tempdir().unwrap();
+        // On disk: tmpfs pages cannot leave the page cache (/tmp may be
+        // tmpfs; /var/tmp is disk-backed by convention).
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let mut w = LogWriter::open(dir.path(), 0, 0).unwrap();
         let mut prev = GENESIS;
         let mut locs = Vec::new();
