@@ -189,8 +189,13 @@ fn commit(s: &Shared, st: &mut State, force_checkpoint: bool) -> Result<(), Reco
             )
         };
         s.apply(&mut ix, batch)?;
+        let followed = s.followed.load(std::sync::atomic::Ordering::Relaxed);
         for f in files {
-            f.sync_and_release()?;
+            if followed {
+                f.file.sync_data()?;
+            } else {
+                f.sync_and_release()?;
+            }
         }
         s.durable
             .store(durable, std::sync::atomic::Ordering::Release);

@@ -167,7 +167,9 @@ pub struct LogWriter {
 /// build's own files out of memory on a runner, and every new cached page
 /// is memory the kernel has to find and zero on the write path. Pages
 /// released after each group commit return to the allocator and serve the
-/// next appends.
+/// next appends. When a follower reads every event back (the spool), it
+/// releases what it has read instead (`release_read`): dropped at the
+/// fsync, each of its reads would go to disk.
 pub struct Unsynced {
     pub file: File,
     /// Page-aligned byte range that is complete: no later append touches it.
@@ -192,6 +194,39 @@ impl Unsynced {
 }
 
 const PAGE: u64 = 4096;
+
+/// Drops the log between `from` and `to` (events a follower has read back,
+/// all fsync'd) from the page cache, whole pages only: the page holding
+/// `to` may still be written into. Advice only, like `sync_and_release`.
+pub fn release_read(dir: &Path, from: Loc, to: Loc) {
+    for (n, path) in segments(dir, "log").unwrap_or_default() {
+        if n < from.segment || n > to.segment {
+            continue;
+        }
+        let start = if n == from.segment {
+            from.offset / PAGE * PAGE
+        } else {
+            0
+        };
+        // Length 0: to the end of a segment the follower has read past.
+        let len = if n == to.segment {
+            match (to.offset / PAGE * PAGE).checked_sub(start) {
+                Some(l) if l > 0 => l,
+                _ => continue,
+            }
+        } else {
+            0
+        };
+        if let Ok(f) = File::open(&path) {
+            let _ = nix::fcntl::posix_fadvise(
+                &f,
+                start as i64,
+                len as i64,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+}
 
 impl LogWriter {
     /// Continues segment `n` at `size` (cutting anything after it: a torn
@@ -275,7 +310,7 @@ impl LogWriter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::record::chain::{encode_into, Link, GENESIS};
 
@@ -333,7 +368,7 @@ mod tests {
     }
 
     /// Which of `file`'s pages are in the page cache.
-    fn resident(file: &File) -> Vec<bool> {
+    pub(crate) fn resident(file: &File) -> Vec<bool> {
         use std::os::fd::AsRawFd;
         let len = file.metadata().unwrap().len() as usize;
         let pages = len.div_ceil(PAGE as usize);
@@ -406,5 +441,36 @@ mod tests {
                 seq as u64
             );
         }
+    }
+
+    #[test]
+    fn what_a_follower_has_read_leaves_the_page_cache() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let mut w = LogWriter::open(dir.path(), 0, 0).unwrap();
+        let mut prev = GENESIS;
+        let mut end = Loc {
+            segment: 0,
+            offset: 0,
+        };
+        for seq in 0..50 {
+            let (mut f, h) = frame(seq, &prev, &[b'x'; 3000]);
+            prev = h;
+            w.append(&mut f).unwrap();
+            end = w.end();
+        }
+        for u in w.take_unsynced().unwrap() {
+            u.file.sync_data().unwrap();
+        }
+        let file = File::open(segment_path(dir.path(), 0, "log")).unwrap();
+        assert!(resident(&file).iter().all(|r| *r));
+        let start = Loc {
+            segment: 0,
+            offset: 0,
+        };
+        release_read(dir.path(), start, end);
+        let r = resident(&file);
+        let last = r.len() - 1;
+        assert!(r[..last].iter().all(|r| !*r), "read pages released: {r:?}");
+        assert!(r[last], "the page holding the end stays");
     }
 }

@@ -155,6 +155,9 @@ struct Shared {
     /// Sequence number below which every event is fsync'd (set by the
     /// commit thread): what may leave the node (spool, shipping).
     durable: AtomicU64,
+    /// A follower reads every durable event back (the spool): it, not the
+    /// commit, lets the log's pages leave the page cache.
+    followed: std::sync::atomic::AtomicBool,
 }
 
 pub struct RecordStore {
@@ -415,6 +418,7 @@ impl RecordStore {
             durability,
             // Recovery leaves the log as it finds it on disk.
             durable: AtomicU64::new(head.0),
+            followed: Default::default(),
         });
         let commit = commit::spawn(s.clone())?;
         let store = Self {
@@ -597,6 +601,29 @@ impl RecordStore {
 
     fn write_statement(&self, st: &Statement, kind: &str) -> Result<(), RecordError> {
         self.write_numbered(st, st.session, st.seq, st.state, kind)
+    }
+
+    /// From now on a follower reads every durable event back with
+    /// `read_events` and calls `release_read` after: the commit leaves the
+    /// log's pages cached for it.
+    pub fn follow(&self) {
+        self.s
+            .followed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The follower has read the log from `from` (its start when `None`) to
+    /// `to`: those pages may leave the page cache.
+    pub fn release_read(&self, from: Option<LogPos>, to: LogPos) {
+        let loc = |p: LogPos| log::Loc {
+            segment: p.segment,
+            offset: p.offset,
+        };
+        let from = from.map(loc).unwrap_or(log::Loc {
+            segment: 0,
+            offset: 0,
+        });
+        log::release_read(&self.s.log_dir, from, loc(to));
     }
 
     /// Every event below this sequence number is on disk (fsync'd).
@@ -1039,6 +1066,53 @@ mod tests {
             checkpoint_every_events: 1,
             checkpoint_interval: Duration::from_secs(3600),
         }
+    }
+
+    /// The commit drops the fsync'd log from the page cache, unless a
+    /// follower (the spool) is going to read it back: then the follower
+    /// releases it once read, so its reads do not go to disk.
+    #[test]
+    fn the_log_stays_cached_until_its_follower_has_read_it() {
+        use log::tests::resident;
+        let pages = |dir: &Path| {
+            let (_, seg) = log::segments(&dir.join("records.log"), "log")
+                .unwrap()
+                .pop()
+                .unwrap();
+            resident(&std::fs::File::open(seg).unwrap())
+        };
+        let write = |s: &RecordStore| {
+            for seq in 0..200 {
+                s.put_exchange(&exchange(1, seq, ExchangeState::Complete))
+                    .unwrap();
+            }
+            s.flush_blocking().unwrap();
+        };
+        let alone = tempfile::tempdir_in("/var/tmp").unwrap();
+        let s = RecordStore::open_with(alone.path(), never_flush()).unwrap();
+        write(&s);
+        let r = pages(alone.path());
+        assert!(
+            r[..r.len() - 1].iter().all(|r| !*r),
+            "released at the commit: {r:?}"
+        );
+
+        let followed = tempfile::tempdir_in("/var/tmp").unwrap();
+        let s = RecordStore::open_with(followed.path(), never_flush()).unwrap();
+        s.follow();
+        write(&s);
+        assert!(
+            pages(followed.path()).iter().all(|r| *r),
+            "kept for the follower"
+        );
+        let (events, next) = s.read_events(None, s.durable_seq(), usize::MAX).unwrap();
+        assert!(events.len() >= 200);
+        s.release_read(None, next.unwrap());
+        let r = pages(followed.path());
+        assert!(
+            r[..r.len() - 1].iter().all(|r| !*r),
+            "released once read: {r:?}"
+        );
     }
 
     #[test]

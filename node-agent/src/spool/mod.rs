@@ -217,6 +217,7 @@ impl Spool {
         std::thread::Builder::new()
             .name("sluice-spool".into())
             .spawn(move || {
+                store.follow();
                 let mut cur = this.cursor();
                 // Lines already spooled past the cursor (a crash between
                 // the segment's fsync and the cursor's rename) are skipped.
@@ -305,6 +306,9 @@ impl Spool {
             }
         }
         self.status.full.store(false, Ordering::Relaxed);
+        if let Some(to) = next {
+            store.release_read(cur.pos, to);
+        }
         cur.pos = next;
         cur.next_seq = last_seq;
         let c = serde_json::to_vec(cur).unwrap_or_default();
