@@ -13,8 +13,8 @@ scanner and stream masker (tests/e2e checks that its output is what a
 client gets through a node): plain, and as an OpenAI-style stream of
 5-character deltas. A true positive counts as found when the secret the
 suite expects (or, without one, the case) no longer appears whole in the
-output (host names and separators among what it expects are context, not
-secrets); a false-positive case counts as changed when the output differs.
+output (host names, separators and pieces with a space among what it
+expects are context, not secrets); a false-positive case counts as changed when the output differs.
 
     python3 xtask/recall/peers.py --sluice target/release/sluice \\
         --gitleaks DIR --trufflehog DIR --detect-secrets DIR [--misses]
