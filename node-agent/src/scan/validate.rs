@@ -37,6 +37,9 @@ pub enum Validator {
     Ipv4,
     /// An IPv6 address, as `std` parses it.
     Ipv6,
+    /// A hard-coded password written with symbols (`P@ss:w0rd!`), not
+    /// code, a template or a pattern: see [`password`].
+    Password,
 }
 
 impl Validator {
@@ -54,6 +57,7 @@ impl Validator {
             Validator::CaSin => "ca-sin",
             Validator::Ipv4 => "ipv4",
             Validator::Ipv6 => "ipv6",
+            Validator::Password => "password",
         }
     }
 
@@ -84,6 +88,7 @@ impl Validator {
                     && (t.contains("::") || t.matches(':').count() == 7)
                     && t.bytes().any(|b| b.is_ascii_digit())
             }),
+            Validator::Password => password(s),
             Validator::Iban => return shortest_valid(data, start, end, iban),
             Validator::Phone => {
                 return shortest_valid(data, start, end, |t| phone(t, region))
@@ -378,6 +383,60 @@ fn phone(t: &str, region: Option<phonenumber::country::Id>) -> bool {
     phonenumber::parse(region, t).is_ok_and(|n| n.is_valid())
 }
 
+/// A password a person typed, told from code by its symbols: at least one
+/// letter or digit, three or more kinds of symbol (`_` is part of names,
+/// not one), and brackets that do not nest. Code, templates (`{{x}}`,
+/// `${x}`), regular expressions (`[a-z]+`) and JSON all nest theirs; a
+/// password such as `m{{h}o)p${e]nob(` does not, and one without brackets
+/// needs the symbols alone (`A,.:-@*?!`). What else looks like this
+/// (addresses, paths, globs, format strings) the pattern's `deny` names.
+fn password(s: &[u8]) -> bool {
+    let Ok(t) = std::str::from_utf8(s) else {
+        return false;
+    };
+    let chars = t.chars().count();
+    if !(8..=128).contains(&chars) || t.chars().any(char::is_whitespace) {
+        return false;
+    }
+    if !t.chars().any(char::is_alphanumeric) {
+        return false;
+    }
+    let mut kinds: Vec<char> = t
+        .chars()
+        .filter(|c| !c.is_alphanumeric() && *c != '_')
+        .collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    kinds.len() >= 3 && !brackets_nest(t)
+}
+
+/// Whether `t` has brackets and every one closes the last one opened.
+fn brackets_nest(t: &str) -> bool {
+    let mut open = Vec::new();
+    let mut any = false;
+    for c in t.chars() {
+        match c {
+            '(' | '[' | '{' => {
+                any = true;
+                open.push(c);
+            }
+            ')' | ']' | '}' => {
+                any = true;
+                let want = match c {
+                    ')' => '(',
+                    ']' => '[',
+                    _ => '{',
+                };
+                if open.pop() != Some(want) {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    any && open.is_empty()
+}
+
 /// A country for `phone`, as ISO 3166 alpha-2 (`US`, `DE`).
 pub fn region(code: &str) -> Result<phonenumber::country::Id, String> {
     code.to_ascii_uppercase()
@@ -511,5 +570,37 @@ mod tests {
         assert!(ok(Validator::Ipv6, "fe80:0:0:0:0:0:0:1"));
         assert!(!ok(Validator::Ipv6, "12:34:56"));
         assert!(!ok(Validator::Ipv6, "ab::cd"));
+    }
+
+    #[test]
+    fn passwords_by_their_symbols_not_code() {
+        for good in [
+            "m{{h}o)p${e]nob(ody[finds>-_$#thisone}}",
+            "A,.:-\u{a8}@*\u{bf}?!",
+            "P@ss:w0rd!",
+            "Tr0ub4dor&3#!",
+            "k3J9(x!Qz#",
+        ] {
+            assert!(ok(Validator::Password, good), "{good}");
+        }
+        for bad in [
+            // Templates, patterns and code nest their brackets.
+            "{{ .Values.password }}",
+            "${DB_PASSWORD:-secret1}",
+            "^[A-Za-z0-9!@#]{8,}$",
+            "os.environ[\"X\"]",
+            "get_password(user)",
+            // Too few kinds of symbol: names, versions, dates.
+            "my_password_field",
+            "v1.2.3-beta.4",
+            "2024-01-02",
+            // No letter or digit at all.
+            "!@#$%^&*()",
+            // Short, or with spaces.
+            "a!b@c#",
+            "value with quotes and spaces",
+        ] {
+            assert!(!ok(Validator::Password, bad), "{bad}");
+        }
     }
 }
