@@ -11,6 +11,7 @@
 //! alone, and in how many chunks each pattern needed confirming.
 //! `SKIP=id,id`: the packs without those patterns (what one costs, in the
 //! same run as the whole, e.g. `SKIP=none` then `SKIP=generic-x`).
+//! `ALT=file`: lines `id<TAB>prefilter` price other prefilters the same way.
 
 use node_agent::{
     policy::CompiledPolicy,
@@ -134,11 +135,27 @@ fn main() {
     let scanner: &Scanner = policy.as_ref();
     let skip = std::env::var("SKIP").unwrap_or_default();
     let skip: Vec<&str> = skip.split(',').collect();
+    // `ALT=file`: lines `id<TAB>prefilter` replace those patterns'
+    // prefilters (what another prefilter costs, in the same binary).
+    let alt: Vec<(String, String)> = std::env::var("ALT")
+        .ok()
+        .map(|path| std::fs::read_to_string(path).expect("ALT file"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(id, pre)| (id.to_owned(), pre.to_owned()))
+        .collect();
     let specs: Vec<PatternSpec> = (0..scanner.len())
         .map(|i| scanner.pattern(i).clone())
         .filter(|s| !skip.contains(&s.id.as_str()))
+        .map(|mut s| {
+            if let Some((_, pre)) = alt.iter().find(|(id, _)| *id == s.id) {
+                s.prefilter = Some(pre.clone());
+            }
+            s
+        })
         .collect();
-    let fewer = (specs.len() < scanner.len())
+    let fewer = (specs.len() < scanner.len() || !alt.is_empty())
         .then(|| Scanner::compile(specs.clone(), 8192).expect("packs compile"));
     let scanner: &Scanner = fewer.as_ref().unwrap_or(scanner);
     let data = corpus(mb);
