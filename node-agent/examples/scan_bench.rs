@@ -12,6 +12,7 @@
 //! `SKIP=id,id`: the packs without those patterns (what one costs, in the
 //! same run as the whole, e.g. `SKIP=none` then `SKIP=generic-x`).
 //! `ALT=file`: lines `id<TAB>prefilter` price other prefilters the same way.
+//! `CORPUS=file`: scan that file instead of the generated text.
 
 use node_agent::{
     policy::CompiledPolicy,
@@ -158,7 +159,11 @@ fn main() {
     let fewer = (specs.len() < scanner.len() || !alt.is_empty())
         .then(|| Scanner::compile(specs.clone(), 8192).expect("packs compile"));
     let scanner: &Scanner = fewer.as_ref().unwrap_or(scanner);
-    let data = corpus(mb);
+    // `CORPUS=file`: scan that file (real code, say) instead.
+    let data = match std::env::var("CORPUS") {
+        Ok(path) => std::fs::read(path).expect("CORPUS file"),
+        Err(_) => corpus(mb),
+    };
     if let Ok(path) = std::env::var("DUMP_CORPUS") {
         std::fs::write(path, &data).unwrap();
     }

@@ -10,6 +10,7 @@
 use std::sync::Mutex;
 
 use hyperscan::prelude::*;
+use regex_automata::{meta, util::syntax, Input};
 
 pub mod charset;
 pub mod envelope;
@@ -97,9 +98,19 @@ struct Compiled {
     /// Built on the first Hyperscan candidate: most patterns of a pack
     /// never fire on a given node, and a built regex costs ~100 KB
     /// (validated at load, so building again cannot fail).
-    re: std::sync::OnceLock<regex::bytes::Regex>,
+    re: std::sync::OnceLock<meta::Regex>,
     /// Index of the `secret` group, if the pattern has one.
     secret: Option<usize>,
+    /// Longest match of `regex`: how far around a prefilter hit a match
+    /// can lie.
+    max_len: usize,
+    /// Confirmed only around where Hyperscan saw the prefilter: a
+    /// prefilter is a narrow expression (a literal and a few characters)
+    /// that every match contains, reported once per place it occurs.
+    /// Patterns without one are gated in Hyperscan by their whole regex,
+    /// which may report at every length of a repeat, so they are gated
+    /// once per chunk and confirmed over all of it.
+    windowed: bool,
     /// The deny list, built like `re` on first need.
     deny: std::sync::OnceLock<Option<regex::bytes::RegexSet>>,
 }
@@ -121,14 +132,32 @@ fn build_regex(spec: &PatternSpec) -> Result<regex::bytes::Regex, regex::Error> 
         .build()
 }
 
+/// The regex as the scanner runs it: the `regex` crate's engine with the
+/// same syntax, reached directly because a search there can be bounded to
+/// a range of the data while `^`, `$` and `\b` still see the bytes around
+/// it (`Input::range`).
+fn build_meta(spec: &PatternSpec) -> Result<meta::Regex, Box<meta::BuildError>> {
+    meta::Regex::builder()
+        .syntax(
+            syntax::Config::new()
+                .case_insensitive(spec.caseless)
+                .unicode(false)
+                .utf8(false),
+        )
+        .configure(meta::Regex::config().utf8_empty(false))
+        .build(&spec.regex)
+        .map_err(Box::new)
+}
+
 impl Compiled {
-    fn re(&self) -> &regex::bytes::Regex {
+    fn re(&self) -> &meta::Regex {
         self.re.get_or_init(|| {
-            build_regex(&self.spec).unwrap_or_else(|e| {
+            build_meta(&self.spec).unwrap_or_else(|e| {
                 // Unreachable (the same build passed at load); fail closed:
                 // the whole candidate region counts as the match.
                 tracing::error!(pattern = %self.spec.id, error = %e, "pattern no longer builds; masking whole candidates");
-                regex::bytes::Regex::new(r"(?s-u).+").expect("a constant pattern builds")
+                build_meta(&PatternSpec::new("fallback", 0, r"(?s-u).+"))
+                    .expect("a constant pattern builds")
             })
         })
     }
@@ -279,6 +308,7 @@ impl Scanner {
             // Built once to validate and find the secret group, then
             // dropped: kept only once a candidate needs it.
             let re = build_regex(&spec).map_err(|e| bad(&e))?;
+            build_meta(&spec).map_err(|e| bad(&e))?;
             if re.is_match(b"") {
                 // Hyperscan refuses these without naming them.
                 return Err(bad(
@@ -292,10 +322,13 @@ impl Scanner {
                     return Err(bad(&"min_entropy must be between 0 and 8 bits per byte"));
                 }
             }
+            let windowed = spec.prefilter.as_deref().is_some_and(|p| p != DIGIT_GROUPS);
             patterns.push(Compiled {
                 spec,
                 re: std::sync::OnceLock::new(),
                 secret,
+                max_len: len,
+                windowed,
                 deny: std::sync::OnceLock::new(),
             });
         }
@@ -313,7 +346,13 @@ impl Scanner {
                 .enumerate()
                 .filter(|(i, _)| !digit_groups.contains(i))
                 .map(|(i, c)| {
-                    let mut flags = CompileFlags::SINGLEMATCH;
+                    // A windowed pattern reports every place its prefilter
+                    // ends; the others once.
+                    let mut flags = if c.windowed {
+                        CompileFlags::empty()
+                    } else {
+                        CompileFlags::SINGLEMATCH
+                    };
                     if c.spec.caseless {
                         flags |= CompileFlags::CASELESS;
                     }
@@ -396,10 +435,14 @@ impl Scanner {
 
     /// All confirmed hits in `data`, with exact spans.
     pub fn find(&self, data: &[u8]) -> Result<Vec<Hit>, ScanError> {
-        let seen = self.candidates(data)?;
+        let seen = self.candidate_ends(data)?;
         let mut hits = Vec::new();
-        for i in seen {
+        for (i, ends) in seen {
             let c = &self.patterns[i];
+            let ranges = match ends {
+                Some(ends) => windows(&ends, c.max_len, data.len()),
+                None => std::iter::once(0..data.len()).collect(),
+            };
             let mut push = |start: usize, end: usize, mask_start: usize, mask_end: usize| {
                 let (end, mask_end) = match c.spec.validate {
                     None => (end, mask_end),
@@ -421,19 +464,22 @@ impl Scanner {
                     });
                 }
             };
-            match c.secret {
-                Some(g) => {
-                    for caps in c.re().captures_iter(data) {
-                        let Some(m) = caps.get(0) else { continue };
-                        let (ms, me) = caps
-                            .get(g)
-                            .map_or((m.start(), m.end()), |s| (s.start(), s.end()));
-                        push(m.start(), m.end(), ms, me);
+            for range in ranges {
+                let input = Input::new(data).range(range);
+                match c.secret {
+                    Some(g) => {
+                        for caps in c.re().captures_iter(input) {
+                            let Some(m) = caps.get_match() else { continue };
+                            let (ms, me) = caps
+                                .get_group(g)
+                                .map_or((m.start(), m.end()), |s| (s.start, s.end));
+                            push(m.start(), m.end(), ms, me);
+                        }
                     }
-                }
-                None => {
-                    for m in c.re().find_iter(data) {
-                        push(m.start(), m.end(), m.start(), m.end());
+                    None => {
+                        for m in c.re().find_iter(input) {
+                            push(m.start(), m.end(), m.start(), m.end());
+                        }
                     }
                 }
             }
@@ -444,13 +490,32 @@ impl Scanner {
     /// The patterns Hyperscan reports in `data` (sorted, deduplicated):
     /// the candidates that `find` confirms with the regex crate.
     pub fn candidates(&self, data: &[u8]) -> Result<Vec<usize>, ScanError> {
-        let mut seen = Vec::new();
-        if !self.digit_groups.is_empty() && has_digit_groups(data) {
-            seen.extend_from_slice(&self.digit_groups);
+        Ok(self
+            .candidate_ends(data)?
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect())
+    }
+
+    /// The candidates with where their prefilter ended in `data` (sorted),
+    /// or `None` where the regex must look at all of it: a pattern that is
+    /// not windowed, or one reported in more than `MAX_ENDS` places.
+    fn candidate_ends(&self, data: &[u8]) -> Result<Vec<Candidate>, ScanError> {
+        let mut out: Vec<Candidate> = Vec::new();
+        if !self.digit_groups.is_empty() {
+            // Where digit groups start is as good as where a prefilter
+            // ends: every match holds one, so it lies within its length.
+            let mut starts = Vec::new();
+            if digit_group_starts(data, MAX_ENDS + 1, &mut starts) {
+                let at = (starts.len() <= MAX_ENDS).then_some(starts);
+                out.extend(self.digit_groups.iter().map(|&i| (i, at.clone())));
+            }
         }
         let Some(db) = &self.db else {
-            return Ok(seen);
+            return Ok(out);
         };
+        let mut seen: Vec<(usize, usize)> = Vec::new();
+        let mut counts = vec![0u16; self.patterns.len()];
         let scratch = {
             let mut pool = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
             pool.pop()
@@ -464,8 +529,16 @@ impl Scanner {
         let res = db.scan(
             data,
             &scratch,
-            |id: u32, _from: u64, _to: u64, _flags: u32| {
-                seen.push(id as usize);
+            |id: u32, _from: u64, to: u64, _flags: u32| {
+                let i = id as usize;
+                let n = &mut counts[i];
+                // Past the cap the pattern is confirmed over all the data;
+                // further reports cost a comparison, not memory.
+                if usize::from(*n) < MAX_ENDS {
+                    *n += 1;
+                    let whole = usize::from(*n) == MAX_ENDS || !self.patterns[i].windowed;
+                    seen.push((i, if whole { usize::MAX } else { to as usize }));
+                }
                 Matching::Continue
             },
         );
@@ -476,8 +549,41 @@ impl Scanner {
         res.map_err(|e| ScanError::Hyperscan(e.to_string()))?;
         seen.sort_unstable();
         seen.dedup();
-        Ok(seen)
+        for group in seen.chunk_by(|a, b| a.0 == b.0) {
+            let i = group[0].0;
+            let ends: Vec<usize> = group.iter().map(|&(_, e)| e).collect();
+            // `usize::MAX` sorts last: present when the whole data is due.
+            let whole = ends.last() == Some(&usize::MAX);
+            out.push((i, (!whole).then_some(ends)));
+        }
+        out.sort_unstable_by_key(|(i, _)| *i);
+        Ok(out)
     }
+}
+
+/// A pattern to confirm, with where its prefilter ended (`None`: all of
+/// the data).
+type Candidate = (usize, Option<Vec<usize>>);
+
+/// Reports of one windowed pattern kept per scan; past this the pattern
+/// is confirmed over all the data (one pass is then cheaper than many
+/// windows).
+const MAX_ENDS: usize = 64;
+
+/// The ranges of `0..len` within `max_len` of an end (sorted), merged where
+/// they overlap: every match of a pattern contains a match of its
+/// prefilter, so it lies within `max_len` of where that one ended, and the
+/// matches in merged ranges are those of the whole data.
+fn windows(ends: &[usize], max_len: usize, len: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for &e in ends {
+        let r = e.saturating_sub(max_len)..e.saturating_add(max_len).min(len);
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// A prefilter that `Scanner` evaluates natively instead of in Hyperscan,
@@ -519,27 +625,37 @@ fn digit_masks(block: &[u8]) -> (u64, u64) {
 
 /// Whether `data` contains a match of `DIGIT_GROUPS`, 64 bytes at a time.
 pub fn has_digit_groups(data: &[u8]) -> bool {
+    digit_group_starts(data, 1, &mut Vec::new())
+}
+
+/// Where matches of `DIGIT_GROUPS` start in `data`, into `starts`, up to
+/// `cap` of them; whether there is any (all of them or not).
+fn digit_group_starts(data: &[u8], cap: usize, starts: &mut Vec<usize>) -> bool {
     let mut blocks = data.chunks(64);
     let Some(first) = blocks.next() else {
         return false;
     };
     let (mut d, mut s) = digit_masks(first);
-    loop {
+    let mut any = false;
+    for base in (0..).step_by(64) {
         let next = blocks.next();
         let (nd, ns) = next.map_or((0, 0), digit_masks);
         // Bits 0..64: this block; 64..128: the next one (look-ahead).
         let d2 = u128::from(d) | u128::from(nd) << 64;
         let s2 = u128::from(s) | u128::from(ns) << 64;
         let four = d2 & d2 >> 1 & d2 >> 2 & d2 >> 3;
-        let hit = four & (four >> 4 | (s2 >> 4 & four >> 5));
-        if hit as u64 != 0 {
-            return true;
+        let mut hit = (four & (four >> 4 | (s2 >> 4 & four >> 5))) as u64;
+        any |= hit != 0;
+        while hit != 0 && starts.len() < cap {
+            starts.push(base + hit.trailing_zeros() as usize);
+            hit &= hit - 1;
         }
-        if next.is_none() {
-            return false;
+        if next.is_none() || (any && starts.len() >= cap) {
+            return any;
         }
         (d, s) = (nd, ns);
     }
+    any
 }
 
 impl AsRef<Scanner> for Scanner {
@@ -569,6 +685,85 @@ mod tests {
             )
             .unwrap(),
         )
+    }
+
+    /// Confirming around the prefilter's reports finds exactly what the
+    /// regex finds in the whole data: line anchors and word boundaries at
+    /// a window's edge see the bytes beyond it, close hits share a window,
+    /// hits at either end of the data, and a pattern reported more often
+    /// than `MAX_ENDS` (confirmed over everything).
+    #[test]
+    fn windowed_confirmation_finds_what_the_whole_data_holds() {
+        let specs = vec![
+            PatternSpec {
+                prefilter: Some(r"TOKEN_[A-Z]{0,10}=[a-z0-9]{12}".into()),
+                ..PatternSpec::new(
+                    "line",
+                    0,
+                    r"(?m)^[ \t]{0,4}(?:export )?TOKEN_[A-Z]{0,10}=(?P<secret>[a-z0-9]{12,40})\b",
+                )
+            },
+            PatternSpec {
+                prefilter: Some(r"kx_[a-z0-9]{8}".into()),
+                ..PatternSpec::new("word", 1, r"\bkx_[a-z0-9]{8,30}\b")
+            },
+            PatternSpec {
+                prefilter: Some(DIGIT_GROUPS.into()),
+                ..PatternSpec::new("digits", 2, r"\b(?:\d[ \-]?){12,18}\d\b")
+            },
+        ];
+        let s = Scanner::compile(specs.clone(), 4096).unwrap();
+        let mut r = 0x2545f4914f6cdd1du64;
+        let mut next = move |n: u64| {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            r % n
+        };
+        for (round, count) in [(0, 3usize), (1, 20), (2, 200)] {
+            let mut data = Vec::new();
+            data.extend_from_slice(b"TOKEN_A=abcdef0123456789 kx_0a9b8c7d\n");
+            for _ in 0..count {
+                let filler = next(3000) as usize;
+                data.extend(std::iter::repeat_n(b'w', filler));
+                match next(8) {
+                    6 => data.extend_from_slice(b" 4929 1234 5678 9012 "),
+                    7 => data.extend_from_slice(b"x1234567890123456789012 "),
+                    0 => data.extend_from_slice(b"\nTOKEN_DB=q1w2e3r4t5y6u7i8\n"),
+                    1 => data.extend_from_slice(b"xTOKEN_DB=q1w2e3r4t5y6u7i8\n"),
+                    2 => data.extend_from_slice(b"\n  export TOKEN_X=0a1b2c3d4e5f6a7b8c9d tail\n"),
+                    3 => data.extend_from_slice(b" kx_a1b2c3d4e5 "),
+                    4 => data.extend_from_slice(b"wkx_a1b2c3d4e5 "),
+                    _ => data.extend_from_slice(b"\nTOKEN_A=short1\n"),
+                }
+            }
+            data.extend_from_slice(b"\nTOKEN_Z=z9y8x7w6v5u4t3");
+            let got: Vec<(usize, usize, usize, usize)> = {
+                let mut h: Vec<_> = s
+                    .find(&data)
+                    .unwrap()
+                    .iter()
+                    .map(|h| (h.start, h.end, h.mask_start, h.mask_end))
+                    .collect();
+                h.sort_unstable();
+                h
+            };
+            let mut want = Vec::new();
+            for spec in &specs {
+                let re = build_regex(spec).unwrap();
+                for c in re.captures_iter(&data) {
+                    let (m, g) = (
+                        c.get(0).unwrap(),
+                        c.name(SECRET_GROUP).or(c.get(0)).unwrap(),
+                    );
+                    want.push((m.start(), m.end(), g.start(), g.end()));
+                }
+            }
+            want.sort_unstable();
+            assert!(!want.is_empty(), "round {round}");
+            assert_eq!(got, want, "round {round}");
+        }
+        assert_eq!(windows(&[5, 10, 100], 8, 104), vec![0..18, 92..104]);
     }
 
     #[test]
@@ -671,5 +866,17 @@ mod tests {
             &[b"x".repeat(60), b"4111-1111".to_vec()].concat()
         ));
         assert!(!has_digit_groups(b"2026-11-21T23:59:59Z 123 4567"));
+        // Every start, as the expression finds them one after another.
+        let text = [
+            b"x".repeat(70),
+            b"4111 1111 1111 1111 and 5555555555554444".to_vec(),
+        ]
+        .concat();
+        let mut starts = Vec::new();
+        assert!(digit_group_starts(&text, 100, &mut starts));
+        let want: Vec<usize> = (0..text.len())
+            .filter(|&i| re.find_at(&text, i).is_some_and(|m| m.start() == i))
+            .collect();
+        assert_eq!(starts, want);
     }
 }
