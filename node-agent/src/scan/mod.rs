@@ -104,13 +104,6 @@ struct Compiled {
     /// Longest match of `regex`: how far around a prefilter hit a match
     /// can lie.
     max_len: usize,
-    /// Confirmed only around where Hyperscan saw the prefilter: a
-    /// prefilter is a narrow expression (a literal and a few characters)
-    /// that every match contains, reported once per place it occurs.
-    /// Patterns without one are gated in Hyperscan by their whole regex,
-    /// which may report at every length of a repeat, so they are gated
-    /// once per chunk and confirmed over all of it.
-    windowed: bool,
     /// The deny list, built like `re` on first need.
     deny: std::sync::OnceLock<Option<regex::bytes::RegexSet>>,
 }
@@ -322,13 +315,11 @@ impl Scanner {
                     return Err(bad(&"min_entropy must be between 0 and 8 bits per byte"));
                 }
             }
-            let windowed = spec.prefilter.as_deref().is_some_and(|p| p != DIGIT_GROUPS);
             patterns.push(Compiled {
                 spec,
                 re: std::sync::OnceLock::new(),
                 secret,
                 max_len: len,
-                windowed,
                 deny: std::sync::OnceLock::new(),
             });
         }
@@ -346,13 +337,10 @@ impl Scanner {
                 .enumerate()
                 .filter(|(i, _)| !digit_groups.contains(i))
                 .map(|(i, c)| {
-                    // A windowed pattern reports every place its prefilter
-                    // ends; the others once.
-                    let mut flags = if c.windowed {
-                        CompileFlags::empty()
-                    } else {
-                        CompileFlags::SINGLEMATCH
-                    };
+                    // Every place it ends is reported (up to `MAX_ENDS` are
+                    // kept): the regex confirms only around them, since
+                    // every match contains a match of this expression.
+                    let mut flags = CompileFlags::empty();
                     if c.spec.caseless {
                         flags |= CompileFlags::CASELESS;
                     }
@@ -536,7 +524,7 @@ impl Scanner {
                 // further reports cost a comparison, not memory.
                 if usize::from(*n) < MAX_ENDS {
                     *n += 1;
-                    let whole = usize::from(*n) == MAX_ENDS || !self.patterns[i].windowed;
+                    let whole = usize::from(*n) == MAX_ENDS;
                     seen.push((i, if whole { usize::MAX } else { to as usize }));
                 }
                 Matching::Continue
@@ -711,6 +699,9 @@ mod tests {
                 prefilter: Some(DIGIT_GROUPS.into()),
                 ..PatternSpec::new("digits", 2, r"\b(?:\d[ \-]?){12,18}\d\b")
             },
+            // No prefilter: Hyperscan runs the regex itself, reporting an
+            // end at every length the repeat allows.
+            PatternSpec::new("plain", 3, r"\bzq[0-9]{6,12}\b"),
         ];
         let s = Scanner::compile(specs.clone(), 4096).unwrap();
         let mut r = 0x2545f4914f6cdd1du64;
@@ -726,7 +717,9 @@ mod tests {
             for _ in 0..count {
                 let filler = next(3000) as usize;
                 data.extend(std::iter::repeat_n(b'w', filler));
-                match next(8) {
+                match next(10) {
+                    8 => data.extend_from_slice(b" zq0123456789 "),
+                    9 => data.extend_from_slice(b" zq01234567890123 "),
                     6 => data.extend_from_slice(b" 4929 1234 5678 9012 "),
                     7 => data.extend_from_slice(b"x1234567890123456789012 "),
                     0 => data.extend_from_slice(b"\nTOKEN_DB=q1w2e3r4t5y6u7i8\n"),
