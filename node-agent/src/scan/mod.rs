@@ -256,7 +256,9 @@ pub struct Scanner {
     /// Patterns whose prefilter is `DIGIT_GROUPS`: checked natively, not
     /// in Hyperscan (a class-only expression costs Hyperscan a full pass).
     digit_groups: Vec<usize>,
-    scratch: Mutex<Vec<Scratch>>,
+    /// Hyperscan scratch space with a table of reports per pattern, reused
+    /// (zeroed again after each scan) so a scan allocates neither.
+    scratch: Mutex<Vec<(Scratch, Vec<u16>)>>,
     /// Longest possible match over all patterns (the hold-back window).
     pub window: usize,
     /// Which stream tails could still become a match.
@@ -300,8 +302,8 @@ impl Scanner {
             };
             // Built once to validate and find the secret group, then
             // dropped: kept only once a candidate needs it.
+            // The same syntax as `build_meta`'s: what builds here builds there.
             let re = build_regex(&spec).map_err(|e| bad(&e))?;
-            build_meta(&spec).map_err(|e| bad(&e))?;
             if re.is_match(b"") {
                 // Hyperscan refuses these without naming them.
                 return Err(bad(
@@ -503,16 +505,17 @@ impl Scanner {
             return Ok(out);
         };
         let mut seen: Vec<(usize, usize)> = Vec::new();
-        let mut counts = vec![0u16; self.patterns.len()];
-        let scratch = {
+        let pooled = {
             let mut pool = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
             pool.pop()
         };
-        let scratch = match scratch {
+        let (scratch, mut counts) = match pooled {
             Some(s) => s,
-            None => db
-                .alloc_scratch()
-                .map_err(|e| ScanError::Hyperscan(e.to_string()))?,
+            None => (
+                db.alloc_scratch()
+                    .map_err(|e| ScanError::Hyperscan(e.to_string()))?,
+                vec![0u16; self.patterns.len()],
+            ),
         };
         let res = db.scan(
             data,
@@ -530,10 +533,13 @@ impl Scanner {
                 Matching::Continue
             },
         );
+        for &(i, _) in &seen {
+            counts[i] = 0;
+        }
         self.scratch
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(scratch);
+            .push((scratch, counts));
         res.map_err(|e| ScanError::Hyperscan(e.to_string()))?;
         seen.sort_unstable();
         seen.dedup();
