@@ -487,9 +487,10 @@ impl Scanner {
             .collect())
     }
 
-    /// The candidates with where their prefilter ended in `data` (sorted),
-    /// or `None` where the regex must look at all of it: a pattern that is
-    /// not windowed, or one reported in more than `MAX_ENDS` places.
+    /// The candidates with where Hyperscan saw their expression end in
+    /// `data` (digit groups: where they start), sorted, or `None` where the
+    /// regex must look at all of it: reported in more than `MAX_ENDS`
+    /// places.
     fn candidate_ends(&self, data: &[u8]) -> Result<Vec<Candidate>, ScanError> {
         let mut out: Vec<Candidate> = Vec::new();
         if !self.digit_groups.is_empty() {
@@ -555,8 +556,8 @@ impl Scanner {
     }
 }
 
-/// A pattern to confirm, with where its prefilter ended (`None`: all of
-/// the data).
+/// A pattern to confirm, with where its Hyperscan expression ended
+/// (`None`: all of the data).
 type Candidate = (usize, Option<Vec<usize>>);
 
 /// Reports of one windowed pattern kept per scan; past this the pattern
@@ -617,13 +618,8 @@ fn digit_masks(block: &[u8]) -> (u64, u64) {
     (d, s)
 }
 
-/// Whether `data` contains a match of `DIGIT_GROUPS`, 64 bytes at a time.
-pub fn has_digit_groups(data: &[u8]) -> bool {
-    digit_group_starts(data, 1, &mut Vec::new())
-}
-
-/// Where matches of `DIGIT_GROUPS` start in `data`, into `starts`, up to
-/// `cap` of them; whether there is any (all of them or not).
+/// Where matches of `DIGIT_GROUPS` start in `data`, 64 bytes at a time,
+/// into `starts`, up to `cap` of them; whether there is any.
 fn digit_group_starts(data: &[u8], cap: usize, starts: &mut Vec<usize>) -> bool {
     let mut blocks = data.chunks(64);
     let Some(first) = blocks.next() else {
@@ -644,7 +640,7 @@ fn digit_group_starts(data: &[u8], cap: usize, starts: &mut Vec<usize>) -> bool 
             starts.push(base + hit.trailing_zeros() as usize);
             hit &= hit - 1;
         }
-        if next.is_none() || (any && starts.len() >= cap) {
+        if next.is_none() || starts.len() >= cap {
             return any;
         }
         (d, s) = (nd, ns);
@@ -841,6 +837,7 @@ mod tests {
 
     #[test]
     fn digit_groups_match_their_expression() {
+        let has_digit_groups = |t: &[u8]| digit_group_starts(t, 1, &mut Vec::new());
         let re = regex::bytes::Regex::new(DIGIT_GROUPS).unwrap();
         let mut rng = 0x2545F4914F6CDD1Du64;
         for n in 0..20_000 {
