@@ -140,6 +140,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     targets::install_static(&redirector, &sink.live.list())?;
+    if sink
+        .live
+        .list()
+        .iter()
+        .any(|t| t.protocol() == crate::config::Protocol::Postgres)
+    {
+        admin.spawn(crate::postgres::warm());
+    }
     let live = sink.live.clone();
     policy.set_target_sink(sink);
     if let Some(dir) = &cfg.policy.watch_dir {

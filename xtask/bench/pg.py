@@ -27,6 +27,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,7 @@ def main():
     ap.add_argument("--workloads", default="select-only,tpc-b")
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--variants", default="direct,sluice,pgbouncer")
+    ap.add_argument("--perf-dir", help="record a perf profile of the node and the peer for each load of the first run here")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("pg bench needs root (network namespace, cgroup, eBPF)")
@@ -225,10 +227,23 @@ def main():
                     else:
                         pid = node.pid if variant == "sluice" else bouncer_pid
                         before = cpu_secs(pid)
+                        perf = None
+                        if a.perf_dir and run == 0:
+                            # A profile of the proxy under this load
+                            # (perf report -i <file>); sampling costs
+                            # the run a few per cent.
+                            os.makedirs(a.perf_dir, exist_ok=True)
+                            out = os.path.join(a.perf_dir, "%s-%s-%d.data" % (variant, w, c))
+                            how = os.environ.get("SLUICE_BENCH_PERF", "record -q -g -F 999").split()
+                            perf = subprocess.Popen(["perf"] + how + ["-p", str(pid), "-o", out],
+                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                         if variant == "sluice":
                             tps = pgbench(via, c, w == "select-only", a.secs, cgroup=cg)
                         else:
                             tps = pgbench(peer, c, w == "select-only", a.secs, env=env)
+                        if perf is not None:
+                            perf.send_signal(signal.SIGINT)
+                            perf.wait()
                         # CPU per transaction (connection set-up included).
                         used = cpu_secs(pid) - before
                         k = (w, c, variant)

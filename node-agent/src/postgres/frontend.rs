@@ -891,27 +891,54 @@ fn copy_out(
     copy::copy_out(sql)
 }
 
-/// The built-in `secrets` pack, compiled on first need: credentials are
-/// kept out of statement records whatever the bundle says.
-fn secrets() -> Option<&'static crate::scan::Scanner> {
-    static SCANNER: std::sync::OnceLock<Option<crate::scan::Scanner>> = std::sync::OnceLock::new();
-    SCANNER
-        .get_or_init(
-            || match crate::policy::builtin_pack_scanner("secrets", 64 * 1024) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    warn!(error = %e, "secrets pack unusable: statement records are not redacted");
-                    None
-                }
-            },
-        )
-        .as_ref()
+/// The built-in `secrets` pack that keeps credentials out of statement
+/// records whatever the bundle says. Compiling it takes about a second of
+/// CPU: done once, on a blocking thread, never on a data thread (where it
+/// would stall every connection of that thread).
+static REDACTION: tokio::sync::OnceCell<Option<crate::scan::Scanner>> =
+    tokio::sync::OnceCell::const_new();
+
+/// Compiles the redaction scanner if it is not yet; a session awaits this
+/// before its first statement (`super::pump`), the daemon at start when it
+/// has a Postgres target.
+pub async fn redaction_ready() {
+    warm(&REDACTION, || {
+        crate::policy::builtin_pack_scanner("secrets", 64 * 1024)
+            .inspect_err(
+                |e| warn!(error = %e, "secrets pack unusable: statement records are not redacted"),
+            )
+            .ok()
+    })
+    .await;
+}
+
+/// `cell`'s value, built by `build` on the blocking pool: the runtime
+/// thread that awaits it goes on serving its other tasks meanwhile.
+async fn warm<T: Send + Sync + 'static>(
+    cell: &'static tokio::sync::OnceCell<Option<T>>,
+    build: fn() -> Option<T>,
+) -> Option<&'static T> {
+    cell.get_or_init(|| async {
+        tokio::task::spawn_blocking(build)
+            .await
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "building a scanner failed");
+                None
+            })
+    })
+    .await
+    .as_ref()
 }
 
 /// Spans of credentials in `text` (the secret part of each match).
 fn secret_spans(text: &[u8]) -> Vec<(usize, usize)> {
-    let Some(s) = secrets() else {
-        return Vec::new();
+    let s = match REDACTION.get() {
+        Some(Some(s)) => s,
+        // The pack did not compile (warned): nothing to redact with.
+        Some(None) => return Vec::new(),
+        // Not compiled yet (a statement before `redaction_ready`, which
+        // `pump` rules out): redacted whole, fail closed.
+        None => return vec![(0, text.len())],
     };
     // Unscannable text is redacted whole (fail closed).
     match s.find(text) {
@@ -955,5 +982,54 @@ fn param_text(v: &[u8], binary: bool) -> String {
         format!("{cut}… [{} bytes]", v.len())
     } else {
         text.into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A scanner built on first need must not stall the data thread that
+    /// needs it: on a current-thread runtime (as each data thread is),
+    /// another task keeps running while the build is in progress. With the
+    /// build done in place, the ticker would not run once before it ended.
+    #[test]
+    fn a_first_build_leaves_the_data_thread_serving() {
+        static CELL: tokio::sync::OnceCell<Option<u32>> = tokio::sync::OnceCell::const_new();
+        static BUILDING: AtomicUsize = AtomicUsize::new(0);
+        static TICKS_DURING: AtomicUsize = AtomicUsize::new(0);
+        fn slow() -> Option<u32> {
+            BUILDING.store(1, Ordering::SeqCst);
+            // Stands for the pack's compile; ends once the ticker has run
+            // while it was in progress (or after 10 s, and the test fails).
+            for _ in 0..1000 {
+                if TICKS_DURING.load(Ordering::SeqCst) >= 3 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            BUILDING.store(2, Ordering::SeqCst);
+            Some(7)
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ticker = tokio::spawn(async {
+                loop {
+                    if BUILDING.load(Ordering::SeqCst) == 1 {
+                        TICKS_DURING.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            });
+            assert_eq!(super::warm(&CELL, slow).await, Some(&7));
+            ticker.abort();
+        });
+        assert!(
+            TICKS_DURING.load(Ordering::SeqCst) >= 3,
+            "the runtime thread was blocked while the scanner was built"
+        );
     }
 }

@@ -229,6 +229,13 @@ pub struct Opened {
     pub database: Option<DbLogin>,
 }
 
+/// Builds what the Postgres path compiles once (the scanner that redacts
+/// statement records), off the data threads; the daemon spawns this at
+/// start when a target speaks Postgres.
+pub async fn warm() {
+    frontend::redaction_ready().await;
+}
+
 /// Drives one intercepted Postgres connection; returns how it ended and
 /// what the connection record should show of it.
 pub async fn serve<C: Io + 'static>(
@@ -431,6 +438,9 @@ async fn pump(
     db: DbSession,
     backslash_escapes: bool,
 ) -> Result<(), PgError> {
+    // Statement records are redacted with the secrets pack: compiled off
+    // this thread if the daemon has not done it yet.
+    frontend::redaction_ready().await;
     let flow: Shared = Default::default();
     lock(&flow).backslash_escapes = backslash_escapes;
     let (client_io, client_buf) = client.into_parts();
