@@ -180,11 +180,17 @@ impl Compiled {
 }
 
 /// A token-sized value written as a placeholder: a run of eight of the
-/// same character (`xxxxxxxx`, `XXXXXXXX`, `00000000`) or mostly `x`.
-/// Random tokens of this size practically never hold such a run; key
-/// material (PEM bodies, longer than this) may, so it is left alone.
+/// same character (`xxxxxxxx`, `XXXXXXXX`, `00000000`) or mostly `x`, or a
+/// short unit repeated over twelve characters (`123123123123`). Random
+/// tokens of this size practically never hold either (twelve characters of
+/// a period-4 unit in random hex: 16^-8 per position); key material (PEM
+/// bodies, longer than this) may, so it is left alone. Typed filler
+/// (`abc123`) is not judged: the other scanners' suites use it in their
+/// true cases as often as in their false ones. Nor are AWS's documented
+/// `…EXAMPLE` keys: they are what users paste to see masking work.
 fn placeholder(secret: &[u8]) -> bool {
     const RUN: usize = 8;
+    const PERIODIC: usize = 12;
     // Numbers repeat digits (`4111111111111111` is a card); only tokens
     // with letters are judged by their runs.
     if secret.len() > 256 || secret.len() < RUN || !secret.iter().any(u8::is_ascii_alphabetic) {
@@ -205,6 +211,25 @@ fn placeholder(secret: &[u8]) -> bool {
         };
         if run >= RUN {
             return true;
+        }
+    }
+    // A unit of 2-4 characters repeated; runs of one character are judged
+    // above (with their `A` exception), so a span of one character is not
+    // counted here.
+    for p in 2..=4 {
+        let mut span = p;
+        for i in p..secret.len() {
+            span = if secret[i] == secret[i - p] {
+                span + 1
+            } else {
+                p
+            };
+            if span >= PERIODIC {
+                let unit = &secret[i + 1 - span..i + 1];
+                if unit.iter().any(|b| *b != unit[0]) {
+                    return true;
+                }
+            }
         }
     }
     false
@@ -781,6 +806,14 @@ mod tests {
         ));
         assert!(placeholder(b"AIzaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"));
         assert!(!placeholder(b"ghp_k3J9xQz7Lw2Pm4Rt8Yv1Bn6Hc5Ds0Fg2Ja9K"));
+        // A repeated unit; not AWS's documented key.
+        assert!(!placeholder(b"AKIAIOSFODNN7EXAMPLE"));
+        assert!(placeholder(b"GR134894112312312312312312312"));
+        assert!(placeholder(b"token_abababababab"));
+        // Eleven characters of a unit are not yet a placeholder; base64
+        // of zero bytes (a run of `A`) is not one either.
+        assert!(!placeholder(b"k3J9xQz7Lw2P1231231231"));
+        assert!(!placeholder(b"AAAAAAAAAAAAAAAAAAAAAMLheAAAAAAA0"));
         // Key material is longer than a token: left to its pattern.
         assert!(!placeholder(&[b'A'; 300]));
     }
