@@ -193,6 +193,10 @@ pub struct PatternDef {
     /// hit (placeholders, code).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// Post-filter: a hit whose whole match (the name before the value
+    /// included) matches any of these is not a hit (a public key's name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_match: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

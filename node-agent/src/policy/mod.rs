@@ -270,6 +270,7 @@ fn spec(d: bundle::PatternDef, rule: usize, field: &str) -> Result<PatternSpec, 
         prefilter: d.prefilter,
         min_entropy: d.min_entropy,
         deny: d.deny,
+        deny_match: d.deny_match,
     })
 }
 

@@ -71,6 +71,10 @@ pub struct PatternSpec {
     /// A hit whose secret span matches any of these regexes is dropped
     /// (placeholders such as `${VAR}`, `<token>`, `changeme`, or code).
     pub deny: Vec<String>,
+    /// A hit whose whole match (the name before the value included)
+    /// matches any of these is dropped: `vapidPublicKey = "…"` names a
+    /// public key, which the same shape under `apiKey` is not.
+    pub deny_match: Vec<String>,
 }
 
 impl PatternSpec {
@@ -86,6 +90,7 @@ impl PatternSpec {
             prefilter: None,
             min_entropy: None,
             deny: Vec::new(),
+            deny_match: Vec::new(),
         }
     }
 }
@@ -104,15 +109,21 @@ struct Compiled {
     /// Longest match of `regex`: how far around a prefilter hit a match
     /// can lie.
     max_len: usize,
-    /// The deny list, built like `re` on first need.
+    /// The deny lists (`deny`, `deny_match`), built like `re` on first
+    /// need.
     deny: std::sync::OnceLock<Option<regex::bytes::RegexSet>>,
+    deny_match: std::sync::OnceLock<Option<regex::bytes::RegexSet>>,
 }
 
 fn build_deny(spec: &PatternSpec) -> Result<Option<regex::bytes::RegexSet>, regex::Error> {
-    if spec.deny.is_empty() {
+    build_set(&spec.deny)
+}
+
+fn build_set(list: &[String]) -> Result<Option<regex::bytes::RegexSet>, regex::Error> {
+    if list.is_empty() {
         return Ok(None);
     }
-    regex::bytes::RegexSetBuilder::new(&spec.deny)
+    regex::bytes::RegexSetBuilder::new(list)
         .unicode(false)
         .build()
         .map(Some)
@@ -155,8 +166,8 @@ impl Compiled {
         })
     }
 
-    /// The post-filters, over the secret span.
-    fn accepts(&self, secret: &[u8]) -> bool {
+    /// The post-filters, over the secret span and the whole match.
+    fn accepts(&self, secret: &[u8], whole: &[u8]) -> bool {
         if self.spec.validate.is_none() && placeholder(secret) {
             return false;
         }
@@ -175,7 +186,10 @@ impl Compiled {
                 return false;
             }
         }
-        true
+        let deny_match = self
+            .deny_match
+            .get_or_init(|| build_set(&self.spec.deny_match).unwrap_or(None));
+        !deny_match.as_ref().is_some_and(|d| d.is_match(whole))
     }
 }
 
@@ -337,6 +351,7 @@ impl Scanner {
             }
             let secret = re.capture_names().position(|n| n == Some(SECRET_GROUP));
             build_deny(&spec).map_err(|e| bad(&format!("deny: {e}")))?;
+            build_set(&spec.deny_match).map_err(|e| bad(&format!("deny_match: {e}")))?;
             if let Some(min) = spec.min_entropy {
                 if !(0.0..=8.0).contains(&min) {
                     return Err(bad(&"min_entropy must be between 0 and 8 bits per byte"));
@@ -348,6 +363,7 @@ impl Scanner {
                 secret,
                 max_len: len,
                 deny: std::sync::OnceLock::new(),
+                deny_match: std::sync::OnceLock::new(),
             });
         }
         let digit_groups: Vec<usize> = patterns
@@ -468,7 +484,7 @@ impl Scanner {
                         None => return,
                     },
                 };
-                if c.accepts(&data[mask_start..mask_end]) {
+                if c.accepts(&data[mask_start..mask_end], &data[start..end]) {
                     hits.push(Hit {
                         pattern: i,
                         rule: c.spec.rule,
@@ -831,6 +847,38 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("broken"), "{e}");
+    }
+
+    #[test]
+    fn deny_match_judges_the_name_before_the_value() {
+        let spec = PatternSpec {
+            deny_match: vec![r"(?i)public[_.-]?key".into()],
+            ..PatternSpec::new(
+                "named",
+                0,
+                r#"\w{1,40}Key\s{0,4}=\s{0,4}"(?P<secret>[A-Za-z0-9]{16,64})""#,
+            )
+        };
+        let s = Scanner::compile(vec![spec], 4096).unwrap();
+        let text = br#"vapidPublicKey = "k3J9xQz7Lw2Pm4Rt8Yv1" deployKey = "Bn6Hc5Ds0Fg2Ja9Kq7Wz""#;
+        let hits = s.find(text).unwrap();
+        assert_eq!(hits.len(), 1, "{hits:?}");
+        assert_eq!(
+            &text[hits[0].mask_start..hits[0].mask_end],
+            b"Bn6Hc5Ds0Fg2Ja9Kq7Wz"
+        );
+        // The secret alone says nothing of the name: `deny` could not
+        // have told the two apart.
+        let e = Scanner::compile(
+            vec![PatternSpec {
+                deny_match: vec!["(".into()],
+                ..PatternSpec::new("bad-deny-match", 0, "x{3}")
+            }],
+            4096,
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("deny_match"), "{e}");
     }
 
     #[test]
