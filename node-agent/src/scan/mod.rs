@@ -239,8 +239,10 @@ fn placeholder(secret: &[u8]) -> bool {
                 p
             };
             if span >= PERIODIC {
-                let unit = &secret[i + 1 - span..i + 1];
-                if unit.iter().any(|b| *b != unit[0]) {
+                // The repeating stretch, not its unit: one character
+                // throughout is a run, left to the rule above.
+                let stretch = &secret[i + 1 - span..i + 1];
+                if stretch.iter().any(|b| *b != stretch[0]) {
                     return true;
                 }
             }
